@@ -1,0 +1,416 @@
+"""Class-incremental image data: sources, task splits, model-ready tensors and streaming.
+
+Every source ends up as either
+
+* a :class:`LabeledImages` (uint8 ``[N, C, H, W]`` images and int64 ``[N]`` labels held in memory) — MNIST,
+  Fashion-MNIST, CIFAR-10, the builtin ``digits`` and anything else that fits in RAM; or
+* a streamed :class:`datasets.IterableDataset` of model-ready examples (:func:`stream_task`) — ImageNet 32x32.
+
+Model inputs are float tensors in ``[-1, 1]``. Images smaller than ``resolution`` are zero-padded (black, i.e.
+``-1`` after scaling) symmetrically, as the paper pads 28x28 MNIST to 32x32; resizing happens only when asked.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BUILTIN_DIGITS = "digits"
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "picture")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "class", "class_label", "fine_label", "target", "y")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+
+class DataError(ValueError):
+    """Bad data input, raised before any training starts. The message names the problem and the fix."""
+
+
+@dataclass
+class LabeledImages:
+    """An in-memory split: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
+            raise DataError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted(int(c) for c in torch.unique(self.labels))
+
+    def subset(self, classes: Iterable[int]) -> "LabeledImages":
+        """The examples whose label is in ``classes``, in their original order."""
+        mask = torch.isin(self.labels, torch.as_tensor(list(classes), dtype=self.labels.dtype))
+        return LabeledImages(self.images[mask], self.labels[mask])
+
+    def head_per_class(self, n: int | None) -> "LabeledImages":
+        """The first ``n`` examples of every class (all when ``n`` is None): smaller, still balanced, deterministic."""
+        if n is None:
+            return self
+        keep = torch.zeros_like(self.labels, dtype=torch.bool)
+        for c in self.classes:
+            keep[torch.nonzero(self.labels == c).flatten()[:n]] = True
+        return LabeledImages(self.images[keep], self.labels[keep])
+
+    def to_model_input(self, resolution: int | None = None, resize: bool = False) -> torch.utils.data.TensorDataset:
+        """A ``TensorDataset`` of ``(pixel_values float [C, R, R] in [-1, 1], label)`` pairs."""
+        return torch.utils.data.TensorDataset(images_to_model_input(self.images, resolution, resize), self.labels)
+
+
+def images_to_model_input(images: torch.Tensor, resolution: int | None = None, resize: bool = False) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` -> float32 ``[N, C, R, R]`` in ``[-1, 1]``; zero-padded up to ``R`` (or resized if asked)."""
+    x = images.float().div_(127.5).sub_(1.0)
+    size = images.shape[-1]
+    if resolution is None or resolution == size:
+        return x
+    if resize:
+        return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    if resolution < size:
+        raise DataError(
+            f"images are {size}x{size} but --resolution is {resolution}: padding cannot shrink images. "
+            f"Pass --resolution {size} (or larger), or --resize to rescale them."
+        )
+    before = (resolution - size) // 2
+    after = resolution - size - before
+    return F.pad(x, (before, after, before, after), value=-1.0)
+
+
+def default_resolution(image_size: int) -> int:
+    """The paper's rule: 28x28 (MNIST, Fashion-MNIST) is padded to 32x32; other sizes are kept."""
+    return 32 if image_size == 28 else image_size
+
+
+# ----------------------------------------------------------------------------------------------------- sources
+
+
+def load_labeled_images(
+    source: str,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> LabeledImages:
+    """Load a whole split into memory.
+
+    ``source`` is ``"digits"`` (scikit-learn's 8x8 digits), a local folder (raw IDX files, a ``save_to_disk``
+    folder, an imagefolder or parquet files) or a Hub dataset id. ``split`` is ``"train"`` or ``"test"``.
+    """
+    if source == BUILTIN_DIGITS:
+        return _load_digits(split)
+    path = Path(source)
+    if path.is_dir() and _idx_files(path, split) is not None:
+        return _load_idx(path, split)
+    dataset = load_hf_dataset(source, split, streaming=False)
+    image_column, label_column = resolve_columns(dataset.column_names, image_column, label_column)
+    dataset = dataset.select_columns([image_column, label_column])
+    images = [_to_chw_uint8(img) for img in dataset[image_column]]
+    channels = {img.shape[0] for img in images}
+    if len(channels) > 1:  # mixed grayscale / colour: promote to RGB
+        images = [img.expand(3, -1, -1) if img.shape[0] == 1 else img for img in images]
+    if len({img.shape for img in images}) > 1:
+        raise DataError(f"{source!r} ({split}) holds images of different sizes; pass --resize to rescale them.")
+    return LabeledImages(torch.stack(images), torch.as_tensor(dataset[label_column], dtype=torch.int64))
+
+
+def load_hf_dataset(source: str, split: str, streaming: bool = False, **config_kwargs):
+    """A ``datasets`` split from a local folder (``save_to_disk``, imagefolder, parquet) or a Hub id."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = _pick_split(loaded, split, source)
+            return loaded.to_iterable_dataset() if streaming else loaded
+        try:
+            return datasets.load_dataset(str(path), split=split, streaming=streaming, **config_kwargs)
+        except (ValueError, FileNotFoundError) as err:
+            raise DataError(
+                f"could not read split {split!r} from folder {source!r}: {err}. Expected raw IDX files "
+                f"(train-images-idx3-ubyte[.gz], ...), a save_to_disk folder, an imagefolder or parquet files."
+            ) from err
+    if path.exists():
+        raise DataError(f"{source!r} is a file; pass the folder that holds the dataset instead.")
+    if not _REPO_ID.match(source):
+        raise DataError(
+            f"unknown dataset {source!r}: not an existing folder, not the builtin 'digits', and not a Hub id of "
+            f"the form 'owner/name' (e.g. zalando-datasets/fashion_mnist). Check the spelling or the path."
+        )
+    try:
+        return datasets.load_dataset(source, split=split, streaming=streaming, **config_kwargs)
+    except Exception as err:  # the Hub client raises many kinds; all mean the same to the user
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise DataError(
+            f"could not load Hub dataset {source!r} split {split!r}{hint}: {type(err).__name__}: {err}. If this "
+            f"machine is offline, download it elsewhere with `datasets.load_dataset(...).save_to_disk(DIR)` and "
+            f"pass --train_data_dir DIR."
+        ) from err
+
+
+def _pick_split(dataset_dict, split: str, source: str):
+    if split in dataset_dict:
+        return dataset_dict[split]
+    raise DataError(f"{source!r} has splits {sorted(dataset_dict)} but not {split!r}.")
+
+
+def resolve_columns(
+    column_names: Sequence[str], image_column: str | None = None, label_column: str | None = None
+) -> tuple[str, str]:
+    """Pick the image and label columns (explicit names win); a clear error lists the available columns."""
+
+    def pick(explicit: str | None, candidates: Sequence[str], what: str, flag: str) -> str:
+        if explicit is not None:
+            if explicit not in column_names:
+                raise DataError(
+                    f"{what} column {explicit!r} not found; available columns: {list(column_names)}. Fix {flag}."
+                )
+            return explicit
+        for name in candidates:
+            if name in column_names:
+                return name
+        raise DataError(
+            f"no {what} column found among {list(column_names)}; name it with {flag} (tried {list(candidates)})."
+        )
+
+    return (
+        pick(image_column, IMAGE_COLUMN_CANDIDATES, "image", "--image_column"),
+        pick(label_column, LABEL_COLUMN_CANDIDATES, "label", "--label_column"),
+    )
+
+
+def _to_chw_uint8(image) -> torch.Tensor:
+    """A PIL image or array (H, W[, C]) -> uint8 ``[C, H, W]`` with 1 (grayscale) or 3 (RGB) channels."""
+    if hasattr(image, "mode"):
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
+        image = np.asarray(image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise DataError(f"cannot read an image of shape {array.shape}")
+    if array.shape[-1] == 4:
+        array = array[..., :3]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def _load_digits(split: str) -> LabeledImages:
+    """scikit-learn's 1,797 8x8 digits; a fixed split: every 5th image of each class is held out for test."""
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "test"):
+        raise DataError(f"the builtin digits data has splits 'train' and 'test', not {split!r}.")
+    bunch = load_digits()
+    images = torch.from_numpy((bunch.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    rank_in_class = torch.zeros_like(labels)
+    for c in range(10):
+        idx = torch.nonzero(labels == c).flatten()
+        rank_in_class[idx] = torch.arange(len(idx))
+    held_out = rank_in_class % 5 == 4
+    keep = held_out if split == "test" else ~held_out
+    return LabeledImages(images[keep].contiguous(), labels[keep].contiguous())
+
+
+def _idx_files(folder: Path, split: str) -> tuple[Path, Path] | None:
+    prefix = _IDX_PREFIX.get(split)
+    if prefix is None:
+        return None
+    found = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [folder / f"{prefix}-{kind}{ext}" for ext in ("", ".gz")]
+        hit = next((p for p in candidates if p.exists()), None)
+        if hit is None:
+            return None
+        found.append(hit)
+    return found[0], found[1]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}. The file is corrupt or truncated.") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number).")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: header says {dims} but holds {data.size} bytes of data.")
+    return data.reshape(dims)
+
+
+def _load_idx(folder: Path, split: str) -> LabeledImages:
+    image_path, label_path = _idx_files(folder, split)
+    images = _read_idx(image_path)
+    labels = _read_idx(label_path)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{image_path.name} has {images.shape[0]} images but {label_path.name} {labels.shape[0]} labels.")
+    return LabeledImages(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
+
+
+# ------------------------------------------------------------------------------------------------ task splits
+
+
+def parse_tasks(
+    tasks: str | None,
+    classes_per_task: int | None,
+    available_classes: Sequence[int],
+    num_class_embeds: int | None = None,
+) -> list[list[int]]:
+    """The class-incremental task list.
+
+    ``tasks`` like ``"0,1;2,3;4,5"`` wins; otherwise contiguous groups of ``classes_per_task`` labels in label order
+    (the paper's splits). Validates: no empty or overlapping tasks, every label present in the data, every label
+    inside the model's class embedding (``0 <= label < num_class_embeds``).
+    """
+    available = sorted(int(c) for c in available_classes)
+    if tasks:
+        try:
+            parsed = [[int(c) for c in group.split(",") if c.strip()] for group in tasks.split(";")]
+        except ValueError as err:
+            raise DataError(f"cannot parse --tasks {tasks!r}: use integers like '0,1;2,3;4,5'.") from err
+        if any(len(group) == 0 for group in parsed):
+            raise DataError(f"--tasks {tasks!r} has an empty task; every task needs at least one class.")
+    else:
+        if not classes_per_task or classes_per_task < 1:
+            raise DataError("pass --classes_per_task N (N >= 1) or an explicit --tasks '0,1;2,3;...'.")
+        if len(available) % classes_per_task:
+            raise DataError(
+                f"{len(available)} classes do not split into tasks of {classes_per_task}; "
+                f"choose a divisor or give --tasks explicitly."
+            )
+        parsed = [available[i : i + classes_per_task] for i in range(0, len(available), classes_per_task)]
+    seen: dict[int, int] = {}
+    for index, group in enumerate(parsed):
+        for c in group:
+            if c in seen:
+                raise DataError(
+                    f"class {c} appears in task {seen[c] + 1} and task {index + 1}: class-incremental tasks must "
+                    f"not overlap. Fix --tasks."
+                )
+            seen[c] = index
+    absent = sorted(set(seen) - set(available))
+    if absent:
+        raise DataError(f"--tasks names classes {absent} that are absent from the data (present: {available}).")
+    if num_class_embeds is not None:
+        outside = sorted(c for c in seen if not 0 <= c < num_class_embeds)
+        if outside:
+            raise DataError(
+                f"classes {outside} lie outside the model's class embedding (num_class_embeds={num_class_embeds}); "
+                f"use a model config with num_class_embeds > {max(outside)}."
+            )
+    return parsed
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def stream_task(
+    source: str,
+    split: str,
+    classes: Sequence[int],
+    *,
+    resolution: int,
+    num_channels: int,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    resize: bool = False,
+    shuffle_buffer_size: int = 10_000,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """A streamed, label-filtered, shuffled and sharded task: an ``IterableDataset`` of
+    ``{"pixel_values": float [C, R, R] in [-1, 1], "class_labels": int}``.
+
+    Parquet sources get the label filter pushed down to the reader; every source is also filtered per example.
+    The stream is split across processes here with ``datasets.distributed.split_dataset_by_node``: build the
+    ``DataLoader`` from it directly and do NOT pass that loader through ``accelerator.prepare`` (that would shard
+    it a second time). Call ``.set_epoch(epoch)`` each epoch to reseed the shuffle buffer.
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    wanted = [int(c) for c in classes]
+    try:
+        dataset = load_hf_dataset(source, split, streaming=True, filters=[(label_column or "label", "in", wanted)])
+    except (DataError, TypeError, ValueError):
+        dataset = load_hf_dataset(source, split, streaming=True)
+    image_column, label_column = resolve_columns(list(dataset.features or {}) or dataset.column_names,
+                                                 image_column, label_column)
+    wanted_set = set(wanted)
+    dataset = dataset.select_columns([image_column, label_column])
+    dataset = dataset.filter(lambda label: int(label) in wanted_set, input_columns=[label_column])
+    dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+
+    def to_model_input(example):
+        image = _to_chw_uint8(example[image_column])
+        if image.shape[0] != num_channels:
+            image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:1]
+        pixels = images_to_model_input(image[None], resolution, resize)[0]
+        return {"pixel_values": pixels, "class_labels": int(example[label_column])}
+
+    return dataset.map(to_model_input, remove_columns=[image_column, label_column])
+
+
+# ---------------------------------------------------------------------------------------------------- preview
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m hf_r1ewc.data``: print a dataset's class-incremental split and save a sample grid per task."""
+    import argparse
+
+    from .plots import save_image_grid
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--dataset_name", default=BUILTIN_DIGITS, help="'digits', a Hub id or a local folder")
+    parser.add_argument("--tasks", default=None, help="explicit tasks, e.g. '0,1;2,3'")
+    parser.add_argument("--classes_per_task", type=int, default=2)
+    parser.add_argument("--output", default="data_preview.png")
+    args = parser.parse_args(argv)
+    train = load_labeled_images(args.dataset_name, "train")
+    test = load_labeled_images(args.dataset_name, "test")
+    tasks = parse_tasks(args.tasks, args.classes_per_task, train.classes)
+    rows = []
+    for index, classes in enumerate(tasks, start=1):
+        task_train, task_test = train.subset(classes), test.subset(classes)
+        print(f"task {index}: classes {classes}  train {len(task_train)}  test {len(task_test)}")
+        rows.append(images_to_model_input(task_train.head_per_class(4).images, default_resolution(train.image_size)))
+    save_image_grid(torch.cat(rows), args.output, nrow=len(rows[0]))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
