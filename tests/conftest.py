@@ -21,3 +21,27 @@ def fashion_mnist_dir() -> Path:
             f"(setup.sh does this) or set FASHION_MNIST_DIR"
         )
     return FASHION_MNIST_DIR
+
+
+def make_tiny_unet(channels: int = 1, num_classes: int = 4, sample_size: int = 8, seed: int = 0):
+    """A ~5k-parameter class-conditional UNet2DModel with an attention block in each direction."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(4, 4),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=2,
+        attention_head_dim=4,
+        num_class_embeds=num_classes,
+    )
+
+
+@pytest.fixture
+def tiny_unet():
+    return make_tiny_unet()

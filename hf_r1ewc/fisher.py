@@ -1,0 +1,406 @@
+"""Exact rank-1 and diagonal empirical Fisher statistics of a diffusion UNet's denoising loss.
+
+Per-sample loss (the authors' normalisation, kept so that the paper's lambda carries over)::
+
+    l_i(theta) = mean over pixels of (eps_i - eps_theta(x_t_i, t_i, y_i))^2,   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+
+with one uniform t and one eps per sample. With g_i = grad_theta l_i, over N samples::
+
+    mu   = (1/N) sum_i g_i                      (exactly the gradient of the batch-mean loss: one backward pass)
+    c*   = (1/N) sum_i (mu^T g_i)^2 / ||mu||^4   (every mu^T g_i from ONE batched forward-mode JVP along mu)
+    diag = (1/N) sum_i g_i * g_i                 (vmapped per-sample gradients, in chunks; never a squared batch mean)
+
+Sums are accumulated in float64 and are mergeable (``FisherSums``), so processes can all-reduce them. Estimation
+runs the UNet in float32 with a forward-AD-safe attention processor (the fused SDPA kernel has no forward-AD
+formula) and contiguous GroupNorm inputs (group_norm's forward AD rejects the non-contiguous tangent that follows
+the skip-connection concatenation); both are undone afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+from tqdm.auto import tqdm
+
+KINDS = ("rank1", "diag")
+LOSS_NORMALIZATION = "mean_over_pixels"
+
+
+@dataclass
+class FisherStatistics:
+    """Fisher statistics of one task. ``mu`` and ``diag`` map parameter names (as in ``named_parameters()``) to
+    float32 tensors of the parameter's shape; ``c_star`` is E[(mu^T g)^2] / ||mu||^4."""
+
+    mu: dict[str, torch.Tensor] | None
+    diag: dict[str, torch.Tensor] | None
+    c_star: float | None
+    num_samples: int
+    timestep_range: tuple[int, int] = (0, 1000)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k, v in (("rank1", self.mu), ("diag", self.diag)) if v is not None)
+
+    def mu_norm(self) -> float:
+        return math.sqrt(sum(float(v.double().pow(2).sum()) for v in self.mu.values())) if self.mu else 0.0
+
+
+@dataclass
+class FisherSums:
+    """Mergeable float64 partial sums over samples: add two (or all-reduce each field) to merge processes."""
+
+    count: int = 0
+    grad_sum: dict[str, torch.Tensor] | None = None  # sum_i g_i
+    proj_sq_sum: float = 0.0  # sum_i (mu^T g_i)^2, for a fixed mu
+    grad_sq_sum: dict[str, torch.Tensor] | None = None  # sum_i g_i * g_i
+
+    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> "FisherSums":
+        """Sum every field across processes with ``reduce_sum`` (e.g. ``lambda t: accelerator.reduce(t, "sum")``)."""
+        def reduce_dict(d):
+            return None if d is None else {k: reduce_sum(v) for k, v in d.items()}
+
+        scalars = reduce_sum(torch.tensor([float(self.count), self.proj_sq_sum], dtype=torch.float64,
+                                          device=_any_device(self.grad_sum, self.grad_sq_sum)))
+        return FisherSums(int(round(float(scalars[0]))), reduce_dict(self.grad_sum), float(scalars[1]),
+                          reduce_dict(self.grad_sq_sum))
+
+
+def _any_device(*dicts) -> torch.device:
+    for d in dicts:
+        if d:
+            return next(iter(d.values())).device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------- model plumbing
+
+
+@contextlib.contextmanager
+def forward_ad_safe(unet: nn.Module) -> Iterator[None]:
+    """Within the block the UNet supports forward-mode AD and vmap: plain attention, contiguous GroupNorm inputs."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    attention = [m for m in unet.modules() if isinstance(m, Attention)]
+    saved_processors = [m.processor for m in attention]
+    for module in attention:
+        module.set_processor(AttnProcessor())
+    hooks = [
+        module.register_forward_pre_hook(_contiguous_input)
+        for module in unet.modules()
+        if isinstance(module, nn.GroupNorm)
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, processor in zip(attention, saved_processors):
+            module.set_processor(processor)
+
+
+def _contiguous_input(_module: nn.Module, args: tuple) -> tuple:
+    # A copy (not .contiguous(), a no-op on a contiguous primal) gives the tangent a contiguous layout too.
+    return (args[0].clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
+
+
+def trainable_parameters(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached views of the parameters that require grad, keyed as in ``named_parameters()``."""
+    return {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
+
+
+def per_sample_losses(
+    unet: nn.Module,
+    params: dict[str, torch.Tensor],
+    noisy_images: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """``[B]`` pixel-mean squared errors of the noise prediction, computed with ``params`` substituted."""
+    pred = functional_call(unet, params, (noisy_images, timesteps), {"class_labels": class_labels,
+                                                                       "return_dict": False})[0]
+    return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+
+
+def _batch_grad_sum(unet, params, x_t, t, y, noise) -> dict[str, torch.Tensor]:
+    """sum_i g_i over the batch (one backward pass of the summed loss)."""
+    def total(p):
+        return per_sample_losses(unet, p, x_t, t, y, noise).sum()
+
+    return grad(total)(params)
+
+
+def _projections(unet, params, mu, x_t, t, y, noise) -> torch.Tensor:
+    """``[B]`` float64 mu^T g_i from one forward-mode JVP of the per-sample losses along ``mu``."""
+    tangent = {name: mu[name].to(params[name].dtype) for name in params}
+    _, directional = jvp(lambda p: per_sample_losses(unet, p, x_t, t, y, noise), (params,), (tangent,))
+    return directional.double()
+
+
+def _per_sample_grads(unet, params, x_t, t, y, noise) -> dict[str, torch.Tensor]:
+    """``{name: [B, *shape]}`` per-sample gradients by ``vmap(grad(.))``."""
+    def one(p, xi, ti, yi, ni):
+        return per_sample_losses(unet, p, xi[None], ti[None], yi[None], ni[None])[0]
+
+    return vmap(grad(one), in_dims=(None, 0, 0, 0, 0))(params, x_t, t, y, noise)
+
+
+def _chunks(batch_size: int, chunk_size: int | None) -> Iterable[slice]:
+    step = chunk_size or batch_size
+    return (slice(i, min(i + step, batch_size)) for i in range(0, batch_size, step))
+
+
+def accumulate_first_pass(unet, params, sums: FisherSums, x_t, t, y, noise) -> None:
+    """Pass 1: add sum_i g_i of this batch to ``sums`` (float64)."""
+    batch = _batch_grad_sum(unet, params, x_t, t, y, noise)
+    if sums.grad_sum is None:
+        sums.grad_sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in batch.items()}
+    for k, v in batch.items():
+        sums.grad_sum[k] += v
+    sums.count += int(x_t.shape[0])
+
+
+def accumulate_second_pass(
+    unet, params, mu, sums: FisherSums, x_t, t, y, noise, kinds: Sequence[str], chunk_size: int | None = None
+) -> None:
+    """Pass 2 with mu fixed: add sum_i (mu^T g_i)^2 (if rank1) and sum_i g_i*g_i (if diag) to ``sums``."""
+    if "diag" in kinds:
+        if sums.grad_sq_sum is None:
+            sums.grad_sq_sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
+        for s in _chunks(x_t.shape[0], chunk_size):
+            per_sample = _per_sample_grads(unet, params, x_t[s], t[s], y[s], noise[s])
+            if "rank1" in kinds:  # the per-sample gradients are at hand: project them instead of a JVP
+                proj = sum((g.flatten(1).double() @ mu[k].flatten().double()) for k, g in per_sample.items())
+                sums.proj_sq_sum += float(proj.pow(2).sum())
+            for k, g in per_sample.items():
+                sums.grad_sq_sum[k] += g.double().pow(2).sum(0)
+    elif "rank1" in kinds:
+        for s in _chunks(x_t.shape[0], chunk_size):
+            sums.proj_sq_sum += float(_projections(unet, params, mu, x_t[s], t[s], y[s], noise[s]).pow(2).sum())
+
+
+def _mean(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    return {k: (v / count).float() for k, v in sums.items()}
+
+
+def finalize(sums: FisherSums, kinds: Sequence[str], timestep_range=(0, 1000)) -> FisherStatistics:
+    """Turn the merged sums of both passes into ``FisherStatistics``."""
+    if sums.count == 0:
+        raise ValueError("no samples: the Fisher estimate needs at least one example")
+    mu64 = {k: v / sums.count for k, v in sums.grad_sum.items()}
+    mu_norm_sq = sum(float(v.pow(2).sum()) for v in mu64.values())
+    c_star = None
+    if "rank1" in kinds:
+        c_star = (sums.proj_sq_sum / sums.count) / mu_norm_sq**2 if mu_norm_sq > 0 else 0.0
+    return FisherStatistics(
+        mu={k: v.float() for k, v in mu64.items()} if "rank1" in kinds else None,
+        diag=_mean(sums.grad_sq_sum, sums.count) if "diag" in kinds else None,
+        c_star=c_star,
+        num_samples=sums.count,
+        timestep_range=tuple(timestep_range),
+    )
+
+
+def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown Fisher kinds {unknown or kinds}; choose from {KINDS}")
+    return kinds
+
+
+def fisher_statistics(
+    unet: nn.Module,
+    noisy_images: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor,
+    noise: torch.Tensor,
+    kinds: Sequence[str] = KINDS,
+    chunk_size: int | None = None,
+) -> FisherStatistics:
+    """Exact statistics on exactly these B inputs (``noisy_images``/``noise`` ``[B, C, H, W]``, ``timesteps`` and
+    ``class_labels`` ``[B]``). ``chunk_size`` bounds the samples per vmap/JVP call (memory)."""
+    kinds = _check_kinds(kinds)
+    params = trainable_parameters(unet)
+    sums = FisherSums()
+    with forward_ad_safe(unet):
+        accumulate_first_pass(unet, params, sums, noisy_images, timesteps, class_labels, noise)
+        mu = {k: (v / sums.count).to(params[k].dtype) for k, v in sums.grad_sum.items()}
+        accumulate_second_pass(unet, params, mu, sums, noisy_images, timesteps, class_labels, noise, kinds, chunk_size)
+    return finalize(sums, kinds)
+
+
+def _noised_batches(
+    dataloader: Iterable,
+    noise_scheduler,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_samples: int | None,
+    timestep_range: tuple[int, int],
+    seed: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(x_t, t, y, eps)`` per batch, with t and eps from a per-batch seed so that both passes see the same draws."""
+    seen = 0
+    for index, batch in enumerate(dataloader):
+        x0, y = (batch["pixel_values"], batch["class_labels"]) if isinstance(batch, dict) else batch[:2]
+        if num_samples is not None:
+            if seen >= num_samples:
+                return
+            x0, y = x0[: num_samples - seen], y[: num_samples - seen]
+        seen += x0.shape[0]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        t = torch.randint(timestep_range[0], timestep_range[1], (x0.shape[0],), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        x0, t, y, eps = x0.to(device, dtype), t.to(device), y.to(device), eps.to(device, dtype)
+        yield noise_scheduler.add_noise(x0, eps, t), t, y, eps
+
+
+def estimate_fisher(
+    unet: nn.Module,
+    noise_scheduler,
+    dataloader: Iterable,
+    kinds: Sequence[str] = KINDS,
+    num_samples: int | None = None,
+    timestep_range: tuple[int, int] = (0, 1000),
+    generator: torch.Generator | None = None,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_size: int | None = 64,
+    show_progress: bool = True,
+) -> FisherStatistics:
+    """Exact Fisher statistics over a task's samples in two passes over ``dataloader``.
+
+    The loader must yield ``(pixel_values, class_labels)`` (or dicts with those keys) in the same order on both
+    passes (no shuffling). t ~ U{timestep_range[0], ..., timestep_range[1] - 1} and eps ~ N(0, I) are drawn per
+    sample from ``generator``'s seed. ``num_samples`` caps the samples of this process. ``reduce_sum`` all-reduces
+    the partial sums across processes (identity when None), so every process ends with the global estimate.
+    """
+    kinds = _check_kinds(kinds)
+    if not 0 <= timestep_range[0] < timestep_range[1] <= noise_scheduler.config.num_train_timesteps:
+        raise ValueError(f"timestep_range {timestep_range} must lie in [0, {noise_scheduler.config.num_train_timesteps}]")
+    seed = int(generator.initial_seed()) if generator is not None else 0
+    reduce_sum = reduce_sum or (lambda tensor: tensor)
+    params = trainable_parameters(unet)
+    device, dtype = next(iter(params.values())).device, next(iter(params.values())).dtype
+
+    def batches(desc: str):
+        stream = _noised_batches(dataloader, noise_scheduler, device, dtype, num_samples, timestep_range, seed)
+        return tqdm(stream, desc=desc, disable=not show_progress, leave=False)
+
+    was_training = unet.training
+    unet.eval()
+    try:
+        with forward_ad_safe(unet):
+            first = FisherSums()
+            labels_first = []
+            for x_t, t, y, eps in batches("Fisher pass 1/2 (mean gradient)"):
+                accumulate_first_pass(unet, params, first, x_t, t, y, eps)
+                labels_first.append(y.cpu())
+            first = first.all_reduce(reduce_sum)
+            mu = {k: (v / first.count).to(dtype) for k, v in first.grad_sum.items()}
+            second = FisherSums(count=first.count, grad_sum=first.grad_sum)
+            labels_second = []
+            for x_t, t, y, eps in batches("Fisher pass 2/2 (" + " + ".join(kinds) + ")"):
+                accumulate_second_pass(unet, params, mu, second, x_t, t, y, eps, kinds, chunk_size)
+                labels_second.append(y.cpu())
+            if not torch.equal(torch.cat(labels_first), torch.cat(labels_second)):
+                raise ValueError("the dataloader yielded different samples on the two Fisher passes; "
+                                 "pass a loader without shuffling")
+            local = FisherSums(proj_sq_sum=second.proj_sq_sum, grad_sq_sum=second.grad_sq_sum)
+            reduced = local.all_reduce(reduce_sum)
+            merged = FisherSums(first.count, first.grad_sum, reduced.proj_sq_sum, reduced.grad_sq_sum)
+    finally:
+        unet.train(was_training)
+    return finalize(merged, kinds, timestep_range)
+
+
+# ------------------------------------------------------------------------------------------------ file format
+
+
+def save_fisher(
+    path: str,
+    stats: FisherStatistics,
+    task_index: int | None = None,
+    classes: Sequence[int] | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``fisher.safetensors`` atomically: tensors ``mu.<param>`` / ``diag.<param>`` and string metadata."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    tensors = {}
+    for prefix, store in (("mu", stats.mu), ("diag", stats.diag)):
+        for name, value in (store or {}).items():
+            tensors[f"{prefix}.{name}"] = value.detach().float().cpu().contiguous()
+    metadata = {
+        **stats.metadata,
+        **(extra_metadata or {}),
+        "kinds": ",".join(stats.kinds),
+        "c_star": json.dumps(stats.c_star),
+        "num_samples": str(stats.num_samples),
+        "timestep_range": json.dumps(list(stats.timestep_range)),
+        "loss_normalization": LOSS_NORMALIZATION,
+        "task_index": json.dumps(task_index),
+        "classes": json.dumps(list(classes) if classes is not None else None),
+        "hf_r1ewc_version": __version__,
+    }
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_fisher(path: str, model: nn.Module | None = None, device: str | torch.device = "cpu") -> FisherStatistics:
+    """Read ``fisher.safetensors``; with ``model``, check every name and shape against its trainable parameters."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read Fisher file {path}: {err}. The file is truncated or corrupt; "
+                         f"re-estimate it or copy it again.") from err
+    for key in ("kinds", "c_star", "num_samples", "loss_normalization"):
+        if key not in metadata:
+            raise ValueError(f"{path} is not an hf_r1ewc Fisher file: metadata key {key!r} is missing")
+    if metadata["loss_normalization"] != LOSS_NORMALIZATION:
+        raise ValueError(f"{path} was estimated with loss normalisation {metadata['loss_normalization']!r}, "
+                         f"this version uses {LOSS_NORMALIZATION!r}")
+    kinds = [k for k in metadata["kinds"].split(",") if k]
+    stores = {kind: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+              for kind, prefix in (("rank1", "mu"), ("diag", "diag"))}
+    if model is not None:
+        expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        for kind in kinds:
+            found = {n: tuple(v.shape) for n, v in stores[kind].items()}
+            missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+            if missing or unexpected or wrong:
+                detail = "; ".join(
+                    f"{label}: {names[:3]}{' ...' if len(names) > 3 else ''}"
+                    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                    if names
+                )
+                raise ValueError(f"{path} does not match this model ({kind} statistics) — {detail}. "
+                                 f"Was it estimated for another UNet config?")
+    known = {"kinds", "c_star", "num_samples", "timestep_range", "loss_normalization"}
+    return FisherStatistics(
+        mu=stores["rank1"] if "rank1" in kinds else None,
+        diag=stores["diag"] if "diag" in kinds else None,
+        c_star=json.loads(metadata["c_star"]),
+        num_samples=int(metadata["num_samples"]),
+        timestep_range=tuple(json.loads(metadata.get("timestep_range", "[0, 1000]"))),
+        metadata={k: v for k, v in metadata.items() if k not in known},
+    )
