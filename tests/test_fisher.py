@@ -108,7 +108,7 @@ def test_partial_sums_merge_like_one_process(tiny_unet):
     with forward_ad_safe(tiny_unet):
         parts = [FisherSums(), FisherSums()]
         for part, s in zip(parts, halves):
-            accumulate_first_pass(tiny_unet, params, part, x_t[s], t[s], y[s], noise[s])
+            accumulate_first_pass(tiny_unet, part, x_t[s], t[s], y[s], noise[s])
         merged = add(*parts)
         mu = {k: (v / merged.count).float() for k, v in merged.grad_sum.items()}
         seconds = [FisherSums(), FisherSums()]

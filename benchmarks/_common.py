@@ -1,0 +1,81 @@
+"""Shared helpers for the benchmark scripts: models by size, interleaved timing, JSON output with machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def unet(block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=32, channels=1, num_classes=10, seed=0):
+    """A class-conditional UNet2DModel with attention in the last down block and the first up block."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        norm_num_groups=min(8, block_out_channels[0]), num_class_embeds=num_classes,
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device=torch.device("cpu")) -> dict[str, float]:
+    """Median seconds of each fn, run round-robin ``repeats`` times (after one warm-up each) so drift hits all."""
+    for fn in fns.values():
+        fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "commit": commit, "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_results(name: str, results: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": machine(), **results}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    for key, value, note in rows:
+        print(f"{key:<{width}}  {value:>10}  {note}")

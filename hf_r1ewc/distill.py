@@ -1,0 +1,246 @@
+"""Generative distillation (paper section 3.4): a frozen teacher, its replay pool, and the training loss.
+
+After task k a frozen copy of the model (the teacher) generates a replay pool for every class seen so far with DDIM
+(50 steps, eta 0). Each training step draws a replay batch, noises it ONCE at uniform t, and that single noising
+serves both terms, so the student sees the replay batch once per step:
+
+* the replay images join the real batch in the ordinary denoising loss (generative replay, as in the authors' code;
+  ``replay_in_denoise=False`` turns this off);
+* distillation: ``distill_weight * mean_pixels (eps_student(x~_t) - eps_teacher(x~_t))^2``.
+
+``replay_mode="online"`` (Masip et al.) skips the pool and samples a fresh replay batch from the teacher every step
+with a few DDIM steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+POOL_CHUNK = 250  # images per pool chunk: the unit of generation, of resume and of multi-process sharing
+
+
+def frozen_teacher(unet: nn.Module) -> nn.Module:
+    """A frozen copy of ``unet`` (eval mode, no gradients) to generate replay and to distil from."""
+    teacher = copy.deepcopy(unet).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _class_list(classes: Sequence[int], num_class_embeds: int | None) -> list[int]:
+    classes = [int(c) for c in classes]
+    if not classes:
+        raise ValueError("the replay pool needs at least one class; pass the classes of the tasks seen so far.")
+    if num_class_embeds is not None:
+        bad = [c for c in classes if not 0 <= c < num_class_embeds]
+        if bad:
+            raise ValueError(f"replay classes {bad} are outside the teacher's classes 0..{num_class_embeds - 1}.")
+    return classes
+
+
+@torch.inference_mode()
+def ddim_sample(
+    unet: nn.Module,
+    scheduler: DDIMScheduler,
+    class_labels: torch.Tensor,
+    num_inference_steps: int = 50,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) samples ``[N, C, H, W]`` in [-1, 1] (float32) for ``class_labels`` ``[N]``.
+
+    The lean loop the replay pool uses: inference mode, optional autocast, the DDIM update written out (identical
+    to ``DDIMScheduler.step`` with eta 0, without its per-step Python overhead)."""
+    device = next(unet.parameters()).device
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    x = torch.randn((class_labels.shape[0], unet.config.in_channels, *size), generator=generator).to(device)
+    labels = class_labels.to(device)
+    scheduler = DDIMScheduler.from_config(scheduler.config)
+    if scheduler.config.prediction_type != "epsilon" or scheduler.config.thresholding:
+        raise ValueError("ddim_sample supports epsilon prediction without thresholding only")
+    scheduler.set_timesteps(num_inference_steps)
+    alphas = scheduler.alphas_cumprod.to(device)
+    final_alpha = scheduler.final_alpha_cumprod.to(device)
+    step = scheduler.config.num_train_timesteps // num_inference_steps
+    use_autocast = autocast_dtype is not None
+    for t in scheduler.timesteps:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
+            eps = unet(x, t.to(device), class_labels=labels).sample.float()
+        alpha_t = alphas[t]
+        prev = int(t) - step
+        alpha_prev = alphas[prev] if prev >= 0 else final_alpha
+        x0 = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+        if scheduler.config.clip_sample:  # as DDIMScheduler.step: clip x0, keep the model's eps
+            x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+        x = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+    return x.clamp(-1, 1).float()
+
+
+@dataclass
+class ReplayPool:
+    """Teacher-generated replay images: ``images`` float16 ``[M, C, H, W]`` in [-1, 1], ``labels`` int64 ``[M]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted(int(c) for c in torch.unique(self.labels))
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """A uniformly drawn replay batch: (float32 images ``[B, C, H, W]``, labels ``[B]``) on ``device``."""
+        index = torch.randint(0, len(self), (batch_size,), generator=generator)
+        return self.images[index].to(device, torch.float32), self.labels[index].to(device)
+
+    @classmethod
+    def generate(
+        cls,
+        teacher: nn.Module,
+        scheduler: DDIMScheduler,
+        classes: Sequence[int],
+        per_class: int,
+        directory: str | os.PathLike,
+        num_inference_steps: int = 50,
+        seed: int = 0,
+        batch_size: int = POOL_CHUNK,
+        autocast_dtype: torch.dtype | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] | None = None,
+        show_progress: bool = True,
+    ) -> "ReplayPool":
+        """Generate (or finish generating) ``per_class`` images of every class into ``directory`` and load them.
+
+        The pool is cut into chunks of ``POOL_CHUNK`` images, each with its own seed, written atomically as
+        safetensors: a resumed run generates only the missing chunks, the result depends on ``seed`` alone (not on
+        the number of processes), and process ``rank`` of ``world_size`` generates chunks rank, rank + world_size,
+        ... then waits at ``barrier`` so that every process loads the whole pool.
+        """
+        from safetensors.torch import save_file
+
+        classes = _class_list(classes, getattr(teacher.config, "num_class_embeds", None))
+        if per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {per_class}")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        spec = {"classes": classes, "per_class": per_class, "num_inference_steps": num_inference_steps,
+                "seed": seed, "chunk": POOL_CHUNK, "eta": 0.0}
+        spec_path = directory / "pool.json"
+        if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+            raise ValueError(f"{directory} holds a replay pool made with other settings "
+                             f"({spec_path.read_text().strip()}); delete it or choose another folder.")
+        if rank == 0:
+            _atomic_write_text(spec_path, json.dumps(spec))
+        labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
+        num_chunks = -(-len(labels) // POOL_CHUNK)
+        mine = [c for c in range(rank, num_chunks, world_size) if not (directory / f"chunk-{c:05d}.safetensors").exists()]
+        for chunk in tqdm(mine, desc=f"replay pool ({len(classes)} classes x {per_class})", disable=not show_progress):
+            chunk_labels = labels[chunk * POOL_CHUNK : (chunk + 1) * POOL_CHUNK]
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+            parts = [
+                ddim_sample(teacher, scheduler, chunk_labels[i : i + batch_size], num_inference_steps, generator,
+                            autocast_dtype)
+                for i in range(0, len(chunk_labels), batch_size)
+            ]
+            path = directory / f"chunk-{chunk:05d}.safetensors"
+            save_file({"images": torch.cat(parts).half().cpu().contiguous(), "labels": chunk_labels.contiguous()},
+                      f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
+        if barrier is not None:
+            barrier()
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ReplayPool":
+        """Load a complete pool written by ``generate`` (safetensors chunks + ``pool.json``)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        spec = json.loads((directory / "pool.json").read_text())
+        total = len(spec["classes"]) * spec["per_class"]
+        num_chunks = -(-total // spec["chunk"])
+        paths = [directory / f"chunk-{c:05d}.safetensors" for c in range(num_chunks)]
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise ValueError(f"replay pool in {directory} is incomplete: missing {missing[:3]}; run generate again.")
+        chunks = [load_file(str(p)) for p in paths]
+        return cls(torch.cat([c["images"] for c in chunks]), torch.cat([c["labels"] for c in chunks]))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def online_replay_batch(
+    teacher: nn.Module,
+    scheduler: DDIMScheduler,
+    classes: Sequence[int],
+    batch_size: int,
+    num_inference_steps: int = 2,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh replay batch from the teacher (Masip et al.): uniform labels over ``classes``, few-step DDIM."""
+    classes = torch.tensor(_class_list(classes, getattr(teacher.config, "num_class_embeds", None)))
+    labels = classes[torch.randint(0, len(classes), (batch_size,), generator=generator)]
+    images = ddim_sample(teacher, scheduler, labels, num_inference_steps, generator, autocast_dtype)
+    return images.clone(), labels.to(images.device)
+
+
+def distillation_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
+    """mean over samples and pixels of (eps_student - eps_teacher)^2, in float32."""
+    return (student_eps.float() - teacher_eps.float()).pow(2).mean()
+
+
+def continual_loss(
+    unet: nn.Module,
+    noise_scheduler,
+    images: torch.Tensor,
+    class_labels: torch.Tensor,
+    replay: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 1.0,
+    replay_in_denoise: bool = True,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One step's loss: ``{"loss", "denoise", "distill"}`` (scalars; ``loss = denoise + distill_weight * distill``).
+
+    The real batch ``[B, C, H, W]`` and the replay batch ``[R, C, H, W]`` are noised once at uniform t and go
+    through the student in ONE forward pass; the teacher sees the same noised replay batch.
+    """
+    device = images.device
+    num_real = images.shape[0]
+    x0, labels = images, class_labels
+    if replay is not None:
+        x0 = torch.cat([images, replay[0].to(device, images.dtype)])
+        labels = torch.cat([class_labels, replay[1].to(device)])
+    noise = torch.randn(x0.shape, generator=generator, device="cpu" if generator is not None else device,
+                        dtype=x0.dtype).to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator,
+                      device="cpu" if generator is not None else device).to(device)
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    pred = unet(noisy, t, class_labels=labels).sample
+    per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+    denoise = per_sample.mean() if (replay is None or replay_in_denoise) else per_sample[:num_real].mean()
+    distill = torch.zeros((), device=device)
+    if replay is not None and teacher is not None and distill_weight > 0:
+        with torch.no_grad():
+            teacher_eps = teacher(noisy[num_real:], t[num_real:], class_labels=labels[num_real:]).sample
+        distill = distillation_loss(pred[num_real:], teacher_eps)
+    return {"loss": denoise + distill_weight * distill, "denoise": denoise.detach(), "distill": distill.detach()}

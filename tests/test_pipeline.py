@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+
+from conftest import make_tiny_unet
+from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+
+
+@pytest.fixture
+def pipe():
+    pipe = ClassConditionalDDIMPipeline(make_tiny_unet(), DDPMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_scheduler_becomes_ddim(pipe):
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+
+
+def test_deterministic_with_generator_and_output_types(pipe):
+    a = pipe([0, 1, 2], num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    b = pipe([0, 1, 2], num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    c = pipe([0, 1, 2], num_inference_steps=5, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert a.shape == (3, 1, 8, 8) and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    arr = pipe([0], num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert isinstance(arr, np.ndarray) and arr.shape == (1, 8, 8, 1)
+    np.testing.assert_allclose(arr[0, :, :, 0], a[0, 0].numpy(), atol=1e-5)  # batch of 1 vs 3
+    pil = pipe([0, 3], num_inference_steps=2, output_type="pil").images
+    assert len(pil) == 2 and pil[0].size == (8, 8)
+    (tuple_out,) = pipe([1], num_inference_steps=2, output_type="pt", return_dict=False)
+    assert tuple_out.shape == (1, 1, 8, 8)
+
+
+def test_labels_respected(pipe):
+    """Same noise, different labels -> different images; the class embedding is really used."""
+    outs = [pipe([label], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+            for label in (0, 1)]
+    with torch.no_grad():
+        pipe.unet.class_embedding.weight[1] = pipe.unet.class_embedding.weight[0]
+    same = pipe([1], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert not torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], same)
+
+
+def test_bad_labels_are_clear_errors(pipe):
+    with pytest.raises(ValueError, match="class_labels is empty"):
+        pipe([], num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"class labels \[4, 9\] are outside this UNet's classes 0..3"):
+        pipe([0, 4, 9], num_inference_steps=2)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe([0], num_inference_steps=2, output_type="latent")
+
+
+def test_save_load_round_trip_and_custom_pipeline(pipe, tmp_path):
+    folder = tmp_path / "task_01"
+    pipe.unet.eval()  # from_pretrained returns eval-mode models; the fused attention kernel differs in train mode
+    pipe.save_pretrained(folder)
+    assert (folder / "pipeline.py").exists() and (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    ref = pipe([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    loaded = ClassConditionalDDIMPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.equal(ref, out)
+    generic = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    assert type(generic).__name__ == "ClassConditionalDDIMPipeline"
+    generic.set_progress_bar_config(disable=True)
+    out2 = generic([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.equal(ref, out2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights(pipe, dtype):
+    pipe.to(dtype=dtype)
+    out = pipe([0, 1], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert pipe.unet.dtype == dtype and out.dtype == torch.float32 and torch.isfinite(out).all()
