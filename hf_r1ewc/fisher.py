@@ -239,6 +239,15 @@ def fisher_statistics(
     return finalize(sums, kinds)
 
 
+def sample_noise(index: int, seed: int, shape: Sequence[int], timestep_range: tuple[int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, eps) of the sample with global ``index``: drawn from its own seed, so that the draws do not depend on
+    batching or on how the samples are sharded across processes."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    t = torch.randint(timestep_range[0], timestep_range[1], (1,), generator=generator)
+    return t, torch.randn(tuple(shape), generator=generator)
+
+
 def _noised_batches(
     dataloader: Iterable,
     noise_scheduler,
@@ -248,18 +257,24 @@ def _noised_batches(
     timestep_range: tuple[int, int],
     seed: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(x_t, t, y, eps)`` per batch, with t and eps from a per-batch seed so that both passes see the same draws."""
+    """``(x_t, t, y, eps)`` per batch. Batches are ``(x0, y)`` or ``(x0, y, global_index)`` (or dicts with keys
+    ``pixel_values``, ``class_labels``, ``index``); without indices, samples are numbered in loader order."""
     seen = 0
-    for index, batch in enumerate(dataloader):
-        x0, y = (batch["pixel_values"], batch["class_labels"]) if isinstance(batch, dict) else batch[:2]
+    for batch in dataloader:
+        if isinstance(batch, dict):
+            x0, y, index = batch["pixel_values"], batch["class_labels"], batch.get("index")
+        else:
+            x0, y, index = batch[0], batch[1], batch[2] if len(batch) > 2 else None
+        if index is None:
+            index = torch.arange(seen, seen + x0.shape[0])
         if num_samples is not None:
             if seen >= num_samples:
                 return
-            x0, y = x0[: num_samples - seen], y[: num_samples - seen]
+            x0, y, index = x0[: num_samples - seen], y[: num_samples - seen], index[: num_samples - seen]
         seen += x0.shape[0]
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        t = torch.randint(timestep_range[0], timestep_range[1], (x0.shape[0],), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        draws = [sample_noise(int(i), seed, x0.shape[1:], timestep_range) for i in index]
+        t = torch.cat([d[0] for d in draws])
+        eps = torch.stack([d[1] for d in draws])
         x0, t, y, eps = x0.to(device, dtype), t.to(device), y.to(device), eps.to(device, dtype)
         yield noise_scheduler.add_noise(x0, eps, t), t, y, eps
 
@@ -278,9 +293,10 @@ def estimate_fisher(
 ) -> FisherStatistics:
     """Exact Fisher statistics over a task's samples in two passes over ``dataloader``.
 
-    The loader must yield ``(pixel_values, class_labels)`` (or dicts with those keys) in the same order on both
+    The loader must yield ``(pixel_values, class_labels[, global_index])`` (or dicts) in the same order on both
     passes (no shuffling). t ~ U{timestep_range[0], ..., timestep_range[1] - 1} and eps ~ N(0, I) are drawn per
-    sample from ``generator``'s seed. ``num_samples`` caps the samples of this process. ``reduce_sum`` all-reduces
+    sample from ``generator``'s seed and the sample's global index (``sample_noise``), so processes that each hold
+    a shard with its global indices reproduce the one-process draws. ``num_samples`` caps this process's samples. ``reduce_sum`` all-reduces
     the partial sums across processes (identity when None), so every process ends with the global estimate.
     """
     kinds = _check_kinds(kinds)

@@ -18,6 +18,7 @@ from hf_r1ewc.fisher import (
     fisher_statistics,
     forward_ad_safe,
     load_fisher,
+    sample_noise,
     save_fisher,
     trainable_parameters,
 )
@@ -132,13 +133,17 @@ def test_estimate_fisher_draws_and_matches_explicit_inputs(tiny_unet):
     stats = estimate_fisher(tiny_unet, scheduler, loader, num_samples=9, timestep_range=(300, 700),
                             generator=torch.Generator().manual_seed(11), show_progress=False)
     assert stats.num_samples == 9 and stats.timestep_range == (300, 700)
-    # rebuild the same draws: per-batch generator seeded from (seed, batch index), batches of 5 then 4
-    xs, ts, ys, ns = [], [], [], []
-    for index, (start, stop) in enumerate(((0, 5), (5, 9))):
-        gen = torch.Generator().manual_seed(11 * 1_000_003 + index)
-        t = torch.randint(300, 700, (stop - start,), generator=gen)
-        eps = torch.randn(stop - start, 1, 8, 8, generator=gen)
-        xs.append(scheduler.add_noise(x0[start:stop], eps, t)), ts.append(t), ys.append(y[start:stop]), ns.append(eps)
+    # a shard with explicit global indices reproduces the same draws (what each process of a multi-GPU run does)
+    shard = [(x0[i : i + 3], y[i : i + 3], torch.arange(i, i + 3)) for i in (6, 3, 0)]
+    reordered = estimate_fisher(tiny_unet, scheduler, shard, timestep_range=(300, 700),
+                                generator=torch.Generator().manual_seed(11),
+                                show_progress=False)
+    assert abs(reordered.c_star - stats.c_star) / stats.c_star <= 1e-6
+    # rebuild the same draws: one generator per sample, seeded from (seed, sample index)
+    draws = [sample_noise(i, 11, (1, 8, 8), (300, 700)) for i in range(9)]
+    ts = [torch.cat([d[0] for d in draws])]
+    ns = [torch.stack([d[1] for d in draws])]
+    xs, ys = [scheduler.add_noise(x0[:9], ns[0], ts[0])], [y[:9]]
     assert all(300 <= int(t) < 700 for t in torch.cat(ts))
     explicit = fisher_statistics(tiny_unet, torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(ns))
     assert abs(stats.c_star - explicit.c_star) / explicit.c_star <= 1e-6

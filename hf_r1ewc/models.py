@@ -1,0 +1,64 @@
+"""UNet configurations and training defaults by preset.
+
+``paper``: the continual-learning UNet of the paper (block_out_channels 128/256/256/256, 2 layers per block,
+attention in one down and one up block, ~34M parameters at 32x32) with its hyperparameters (Adam 2e-4, batch 128,
+200 epochs per task, lambda 15000, 5000 replay images per class). ``cpu-small`` (~1.1M parameters) and ``demo``
+(~0.2M, for 8x8 digits) are scaled down to run on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+
+@dataclass(frozen=True)
+class Preset:
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    attention_block: int  # index of the down block (and mirrored up block) with self-attention
+    defaults: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "paper": Preset((128, 256, 256, 256), 2, 1, dict(
+        learning_rate=2e-4, train_batch_size=128, num_epochs_per_task=200, replay_per_class=5000,
+        fisher_num_samples=None, fid_num_samples=None)),
+    "cpu-small": Preset((32, 64, 64), 1, 2, dict(
+        learning_rate=1e-3, train_batch_size=64, num_epochs_per_task=10, replay_per_class=200,
+        fisher_num_samples=1024, fid_num_samples=500)),
+    "demo": Preset((32, 64), 1, 1, dict(
+        learning_rate=2e-3, train_batch_size=64, num_epochs_per_task=60, replay_per_class=150,
+        fisher_num_samples=None, fid_num_samples=None)),
+}
+
+
+def unet_from_preset(preset: str, resolution: int, channels: int, num_classes: int) -> UNet2DModel:
+    """A fresh label-conditioned ``UNet2DModel`` of the preset's shape."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    levels = len(spec.block_out_channels)
+    if resolution % 2 ** (levels - 1):
+        raise ValueError(f"--resolution {resolution} is not divisible by {2 ** (levels - 1)}, which the "
+                         f"{preset!r} UNet's {levels} levels need; pad or resize to a multiple.")
+    down = ["DownBlock2D"] * levels
+    down[spec.attention_block] = "AttnDownBlock2D"
+    up = list(reversed(["AttnUpBlock2D" if t.startswith("Attn") else "UpBlock2D" for t in down]))
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=min(32, spec.block_out_channels[0] // 4),
+        num_class_embeds=num_classes,
+    )
+
+
+def training_noise_scheduler() -> DDPMScheduler:
+    """The paper's DDPM schedule: 1000 steps, linear betas 1e-4 .. 0.02."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
