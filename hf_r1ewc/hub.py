@@ -1,0 +1,226 @@
+"""Task folders: their layout, atomic writing, model cards, and their trip to and from the Hub.
+
+A task folder ``OUTPUT_DIR/task_XX/`` is a loadable pipeline (``model_index.json``, ``unet/``, ``scheduler/``,
+``pipeline.py``) plus ``fisher.safetensors``, ``ewc_penalty.safetensors`` (the penalty over tasks 1..XX),
+``training_state.json``, ``metrics.json``, ``samples.png`` and ``README.md`` (the model card).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "task_card.md"
+REQUIRED_FILES = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "training_state.json")
+SAFE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "pipeline.py"]
+
+
+def task_folder_name(task_index: int) -> str:
+    return f"task_{task_index:02d}"
+
+
+def is_complete_task_folder(path: str | os.PathLike) -> bool:
+    return all((Path(path) / f).exists() for f in REQUIRED_FILES)
+
+
+def write_folder_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Call ``fill(tmp_dir)`` then move ``tmp_dir`` to ``target`` in one rename: a crash leaves either the old
+    folder or the new one, never a half-written one."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def fid_markdown_table(matrix: dict[int, dict[int, float]], upto: int) -> str:
+    """Rows: model after task k; columns: FID on task i."""
+    tasks = list(range(1, upto + 1))
+    lines = ["| model after | " + " | ".join(f"FID task {i}" for i in tasks) + " |",
+             "| --- |" + " --- |" * len(tasks)]
+    for k in sorted(matrix):
+        cells = [f"{matrix[k][i]:.2f}" if i in matrix[k] else "" for i in tasks]
+        lines.append(f"| task {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    *,
+    task_index: int,
+    num_tasks: int,
+    seen_classes: list[int],
+    dataset_name: str,
+    method_description: str,
+    hyperparameters: dict,
+    command: str,
+    matrix: dict[int, dict[int, float]],
+    summary: dict,
+    fid_backend: str,
+    fid_comparable: bool,
+    fid_num_samples: int | str,
+    hub_model_id: str | None = None,
+) -> None:
+    """``README.md`` from ``model_cards/task_card.md`` through ``ModelCard.from_template`` with ``eval_results``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    row = matrix.get(task_index, {})
+    eval_results = [
+        EvalResult(task_type="image-generation", dataset_type=dataset_name, dataset_name=f"{dataset_name} task {i}",
+                   metric_type="fid", metric_value=round(value, 4),
+                   metric_name=f"FID task {i} after task {task_index} ({fid_backend}, N={fid_num_samples})")
+        for i, value in sorted(row.items())
+    ]
+    afid = summary.get("afid", {}).get(task_index)
+    if afid is not None:
+        eval_results.append(EvalResult(task_type="image-generation", dataset_type=dataset_name,
+                                       dataset_name=f"{dataset_name} tasks 1-{task_index}", metric_type="afid",
+                                       metric_value=round(afid, 4),
+                                       metric_name=f"AFID@{task_index} ({fid_backend})"))
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        license="apache-2.0",
+        tags=["continual-learning", "ewc", "rank-1-fisher", "generative-distillation", "class-conditional",
+              "diffusers", "hf-r1ewc"],
+        datasets=[dataset_name] if "/" in dataset_name and not Path(dataset_name).exists() else None,
+        model_name=hub_model_id or f"hf-r1ewc {task_folder_name(task_index)}",
+        eval_results=eval_results or None,
+    )
+    load_target = f'"{hub_model_id}", revision="{task_folder_name(task_index).replace("_", "-")}"' if hub_model_id \
+        else '"path/to/' + task_folder_name(task_index) + '"'
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        title=f"Continual diffusion on {dataset_name}: after task {task_index}/{num_tasks}",
+        method_description=method_description,
+        task_index=task_index,
+        num_tasks=num_tasks,
+        seen_classes=", ".join(map(str, seen_classes)),
+        fid_backend=fid_backend,
+        fid_comparable=fid_comparable,
+        fid_num_samples=fid_num_samples,
+        fid_table=fid_markdown_table(matrix, task_index) if matrix else "(not evaluated)",
+        afid=afid,
+        forgetting=summary.get("forgetting"),
+        plasticity=summary.get("plasticity"),
+        hyperparameters=hyperparameters,
+        command=command,
+        load_target=load_target,
+        custom_target=f'"{hub_model_id}"' if hub_model_id else '"path/to/' + task_folder_name(task_index) + '"',
+        example_labels=seen_classes[:4],
+    )
+    card.save(str(Path(folder) / "README.md"))
+
+
+def resolve_task_source(spec: str) -> Path:
+    """A local task folder, or ``REPO_ID@REVISION`` fetched from the Hub (safetensors, JSON, card, pipeline.py only)."""
+    path = Path(spec)
+    if path.exists():
+        if not is_complete_task_folder(path):
+            missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
+            raise ValueError(f"{spec} is not a complete task folder: missing {missing}")
+        return path
+    if "@" not in spec:
+        raise ValueError(f"--resume_from_task {spec!r}: no such folder; for the Hub write REPO_ID@REVISION, "
+                         f"e.g. user/model@task-03")
+    repo_id, revision = spec.rsplit("@", 1)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SAFE_PATTERNS))
+    except RevisionNotFoundError as err:
+        raise ValueError(f"{repo_id} has no revision {revision!r}; task revisions are named task-01, task-02, ...") from err
+    except LocalEntryNotFoundError as err:
+        raise ValueError(f"{repo_id}@{revision} is not in the local Hub cache and the Hub cannot be reached "
+                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): connect, or pass a local "
+                         f"task folder") from err
+    except HfHubHTTPError as err:
+        raise ValueError(f"cannot fetch {repo_id}@{revision}: {err}") from err
+    if not is_complete_task_folder(folder):
+        raise ValueError(f"{repo_id}@{revision} is not an hf-r1ewc task folder (missing files)")
+    return folder
+
+
+class TaskUploader:
+    """Pushes task folders to branches of one Hub model repo from a background thread, with retries.
+
+    ``submit(folder, task_index)`` returns at once; ``close()`` waits for the queue. A failed upload is retried
+    ``retries`` times, then logged and recorded in ``failures`` — local results are never touched.
+    """
+
+    def __init__(self, repo_id: str, api=None, retries: int = 3, backoff_seconds: float = 5.0,
+                 private: bool | None = None) -> None:
+        from huggingface_hub import HfApi
+
+        self.repo_id = repo_id
+        self.api = api or HfApi()
+        self.retries = retries
+        self.backoff_seconds = backoff_seconds
+        self.failures: list[dict] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._repo_ready = False
+        self._private = private
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+
+    def submit(self, folder: str | os.PathLike, task_index: int) -> None:
+        self._queue.put((Path(folder), task_index))
+
+    def close(self) -> list[dict]:
+        self._queue.put(None)
+        self._thread.join()
+        return self.failures
+
+    def _upload(self, folder: Path, task_index: int) -> None:
+        if not self._repo_ready:
+            self.api.create_repo(self.repo_id, repo_type="model", exist_ok=True, private=self._private)
+            self._repo_ready = True
+        branch = f"task-{task_index:02d}"
+        self.api.create_branch(self.repo_id, branch=branch, exist_ok=True)
+        message = f"hf-r1ewc: model after task {task_index}"
+        self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision=branch, commit_message=message,
+                               allow_patterns=SAFE_PATTERNS)
+        self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision="main",
+                               commit_message=message, allow_patterns=SAFE_PATTERNS, delete_patterns=["*"])
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            folder, task_index = item
+            for attempt in range(1, self.retries + 1):
+                try:
+                    self._upload(folder, task_index)
+                    logger.info("pushed %s to %s (branch task-%02d and main)", folder, self.repo_id, task_index)
+                    break
+                except Exception as err:  # network, auth, server: report and retry, never crash training
+                    logger.warning("upload of %s failed (attempt %d/%d): %s", folder, attempt, self.retries, err)
+                    if attempt == self.retries:
+                        self.failures.append({"folder": str(folder), "task": task_index, "error": repr(err)})
+                    else:
+                        time.sleep(self.backoff_seconds * attempt)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
