@@ -207,12 +207,12 @@ class InceptionFeatures(FeatureExtractor):
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
+        if weights_path is not None and not Path(weights_path).exists():
+            raise FileNotFoundError(f"--fid_weights {weights_path} does not exist")
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
         except (ImportError, ModuleNotFoundError) as err:
             raise ImportError("the inception backend needs torch-fidelity: pip install 'hf-r1ewc[inception]'") from err
-        if weights_path is not None and not Path(weights_path).exists():
-            raise FileNotFoundError(f"--fid_weights {weights_path} does not exist")
         try:
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                           feature_extractor_weights_path=weights_path)

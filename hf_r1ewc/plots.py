@@ -36,3 +36,50 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     tmp = Path(f"{path}.tmp")
     grid.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_afid_curves(curves: dict[str, dict[int, tuple[float, float]]], path: str | os.PathLike,
+                     backend: str = "classifier") -> None:
+    """AFID@k over tasks, one line per method with a standard-error band (paper fig. 4).
+    ``curves[method][k] = (mean, standard_error)``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, points in sorted(curves.items()):
+        ks = sorted(points)
+        mean = np.array([points[k][0] for k in ks])
+        se = np.nan_to_num(np.array([points[k][1] for k in ks]))
+        ax.plot(ks, mean, marker="o", label=method)
+        ax.fill_between(ks, mean - se, mean + se, alpha=0.2)
+    ax.set_xlabel("task k")
+    ax.set_ylabel(f"AFID@k ({backend} features)")
+    ax.set_xticks(sorted({k for points in curves.values() for k in points}))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_task_fid_curves(matrix: dict[int, dict[int, float]], path: str | os.PathLike, title: str = "") -> None:
+    """FID_i(m_k) against k for every task i (paper figs. 7-14)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    tasks = sorted({i for row in matrix.values() for i in row})
+    for i in tasks:
+        ks = sorted(k for k in matrix if i in matrix[k])
+        ax.plot(ks, [matrix[k][i] for k in ks], marker="o", label=f"task {i}")
+    ax.set_xlabel("model after task k")
+    ax.set_ylabel("FID on task i")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

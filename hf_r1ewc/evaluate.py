@@ -1,0 +1,215 @@
+"""Evaluate and aggregate continual-learning runs.
+
+    python -m hf_r1ewc.evaluate --run_dir runs/a runs/b ... [--complete] [--output_dir DIR]
+    python -m hf_r1ewc.evaluate train-classifier --dataset_name DATA --output_dir DIR
+
+The first form reads each run's ``results.json`` (completing missing FID_i(m_k) entries from the task folders with
+``--complete``, e.g. every i instead of i <= k with ``--all_tasks``), groups runs by method, and writes AFID@T,
+forgetting F and plasticity P as mean +- standard error over runs (seeds) to ``summary.md``, ``summary.csv`` and
+``summary.json``, plus the AFID@k plot, per-run FID curves and a class x task sample grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .data import default_resolution, images_to_model_input, load_labeled_images
+from .hub import is_complete_task_folder, resolve_task_source, task_folder_name
+from .metrics import (
+    FeatureStatistics,
+    classifier_accuracy,
+    fid_from_statistics,
+    labels_in_test_proportions,
+    load_feature_extractor,
+    matrix_from_json,
+    mean_and_standard_error,
+    real_statistics,
+    summarize,
+    train_classifier,
+    write_json,
+)
+from .plots import plot_afid_curves, plot_task_fid_curves, save_image_grid
+
+
+def train_classifier_main(argv) -> None:
+    p = argparse.ArgumentParser(prog="python -m hf_r1ewc.evaluate train-classifier",
+                                description="Train the offline FID feature classifier on a dataset's training split.")
+    p.add_argument("--dataset_name", required=True, help="'digits', a Hub id or a local folder")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--feature_dim", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    train = load_labeled_images(args.dataset_name, "train")
+    test = load_labeled_images(args.dataset_name, "test")
+    resolution = args.resolution or default_resolution(train.image_size)
+    model = train_classifier(images_to_model_input(train.images, resolution), train.labels, max(train.classes) + 1,
+                             feature_dim=args.feature_dim, epochs=args.epochs, seed=args.seed)
+    accuracy = classifier_accuracy(model, images_to_model_input(test.images, resolution), test.labels)
+    model.save_pretrained(args.output_dir)
+    (Path(args.output_dir) / "accuracy.json").write_text(json.dumps({"test_accuracy": accuracy}))
+    print(f"test accuracy {accuracy:.4f}; saved to {args.output_dir}")
+
+
+def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None = None) -> dict:
+    """Fill the missing FID_i(m_k) of a run from its task folders; returns the updated results."""
+    from .pipeline import ClassConditionalDDIMPipeline
+
+    results = json.loads((run_dir / "results.json").read_text())
+    args = json.loads((run_dir / "args.json").read_text())
+    source = args["dataset_name"] or args["train_data_dir"]
+    test = load_labeled_images(source, "test", args.get("image_column"), args.get("label_column"))
+    resolution = args.get("resolution") or default_resolution(test.image_size)
+    test_inputs = images_to_model_input(test.images, resolution, args.get("resize", False))
+    extractor = load_feature_extractor(results["fid_backend"],
+                                       classifier_path=args.get("fid_classifier") or str(run_dir / "fid_classifier"),
+                                       fid_weights=args.get("fid_weights"),
+                                       dinov2_model=args.get("dinov2_model", "facebook/dinov2-base"))
+    matrix = matrix_from_json(results["fid"])
+    tasks = results["tasks"]
+    for k in range(1, len(tasks) + 1):
+        folder = run_dir / task_folder_name(k)
+        if not is_complete_task_folder(folder):
+            continue
+        wanted = range(1, len(tasks) + 1) if all_tasks else range(1, k + 1)
+        missing = [i for i in wanted if i not in matrix.get(k, {})]
+        if not missing:
+            continue
+        pipe = ClassConditionalDDIMPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        for i in missing:
+            mask = torch.isin(test.labels, torch.tensor(tasks[i - 1]))
+            real = real_statistics(extractor, test_inputs[mask],
+                                   run_dir / "fid_reference" / f"{extractor.name}_task{i:02d}.safetensors")
+            labels = labels_in_test_proportions(test.labels[mask], num_samples or int(mask.sum()))
+            images = torch.cat([pipe(labels[j : j + 500], args.get("num_inference_steps", 50),
+                                     generator=torch.Generator().manual_seed(j + i), output_type="pt").images
+                                for j in range(0, len(labels), 500)]) * 2 - 1
+            fake = FeatureStatistics.from_features(extractor.features(images), extractor.name)
+            matrix.setdefault(k, {})[i] = fid_from_statistics(real, fake)
+            print(f"{run_dir.name}: FID_{i}(m_{k}) = {matrix[k][i]:.3f}")
+    results["fid"] = {str(k): {str(i): v for i, v in row.items()} for k, row in matrix.items()}
+    s = summarize({k: {i: v for i, v in row.items() if i <= k} for k, row in matrix.items()})
+    results.update(afid={str(k): v for k, v in s.get("afid", {}).items()}, forgetting=s.get("forgetting"),
+                   plasticity=s.get("plasticity"))
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def aggregate(results_by_run: dict[str, dict]) -> dict:
+    """Group runs by method: mean +- standard error of AFID@T, F, P and of AFID@k for each k."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run, results in results_by_run.items():
+        groups[results.get("label") or results["method"]].append(results)
+    table = {}
+    for method, runs in groups.items():
+        final = [r["afid_final"] if r.get("joint") else r["afid"][str(len(r["tasks"]))] for r in runs
+                 if r.get("afid_final") is not None or str(len(r["tasks"])) in r.get("afid", {})]
+        row = {"runs": len(runs), "afid": mean_and_standard_error(final) if final else None}
+        for key in ("forgetting", "plasticity"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = mean_and_standard_error(values) if values else None
+        curve = defaultdict(list)
+        for r in runs:
+            for k, v in r.get("afid", {}).items():
+                curve[int(k)].append(v)
+        row["afid_at_k"] = {k: mean_and_standard_error(v) for k, v in sorted(curve.items())}
+        row["fid_backend"] = runs[0]["fid_backend"]
+        table[method] = row
+    return table
+
+
+def _fmt(pair) -> str:
+    if pair is None:
+        return "—"
+    mean, se = pair
+    return f"{mean:.2f} ± {se:.2f}" if se == se else f"{mean:.2f}"
+
+
+def write_summary(table: dict, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ |", "| --- | --- | --- | --- | --- |"]
+    for method, row in table.items():
+        lines.append(f"| {method} | {row['runs']} | {_fmt(row['afid'])} | {_fmt(row['forgetting'])} | "
+                     f"{_fmt(row['plasticity'])} |")
+    backends = sorted({row["fid_backend"] for row in table.values()})
+    note = ("\nFID backend: " + ", ".join(backends) + (" (a classifier trained on the dataset's training split: NOT "
+            "comparable to Inception FID)" if "classifier" in backends else "") + ". Mean ± standard error over runs.\n")
+    (output_dir / "summary.md").write_text("\n".join(lines) + "\n" + note)
+    with open(output_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "runs", "afid_mean", "afid_se", "forgetting_mean", "forgetting_se",
+                         "plasticity_mean", "plasticity_se", "fid_backend"])
+        for method, row in table.items():
+            cells = []
+            for key in ("afid", "forgetting", "plasticity"):
+                cells += list(row[key]) if row[key] else ["", ""]
+            writer.writerow([method, row["runs"], *cells, row["fid_backend"]])
+    write_json(output_dir / "summary.json", {m: {**row, "afid_at_k": {str(k): v for k, v in row["afid_at_k"].items()}}
+                                            for m, row in table.items()})
+    plot_afid_curves({m: row["afid_at_k"] for m, row in table.items() if row["afid_at_k"]},
+                     output_dir / "afid_at_k.png", backend=", ".join(backends))
+
+
+@torch.no_grad()
+def sample_grid_across_tasks(run_dir: Path, classes: list[int], path: Path, steps: int = 50, seed: int = 0) -> None:
+    """Rows: classes; columns: the model after each task (paper fig. 5). Same noise in every column."""
+    from .pipeline import ClassConditionalDDIMPipeline
+
+    columns = []
+    for k in range(1, 100):
+        folder = run_dir / task_folder_name(k)
+        if not is_complete_task_folder(folder):
+            break
+        pipe = ClassConditionalDDIMPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        columns.append(pipe(classes, steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images)
+    if not columns:
+        raise ValueError(f"{run_dir} has no finished task folder")
+    grid = torch.stack(columns, dim=1).flatten(0, 1) * 2 - 1  # class-major: row = class, column = task
+    save_image_grid(grid, path, nrow=len(columns))
+
+
+def main(argv=None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train-classifier":
+        return train_classifier_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m hf_r1ewc.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_dir", nargs="+", required=True, help="run output folders (each with results.json)")
+    p.add_argument("--output_dir", default=None, help="where the summary goes (default: the first run's parent)")
+    p.add_argument("--complete", action="store_true", help="compute missing FID_i(m_k) from the task folders")
+    p.add_argument("--all_tasks", action="store_true", help="with --complete: FID of every task, also i > k")
+    p.add_argument("--fid_num_samples", type=int, default=None)
+    p.add_argument("--grid_classes", default=None, help="with one run: classes for the class x task sample grid")
+    args = p.parse_args(argv)
+    runs = {}
+    for run in args.run_dir:
+        run_dir = Path(run)
+        if not (run_dir / "results.json").exists():
+            raise SystemExit(f"error: {run_dir} has no results.json (is it a train_continual_ddpm.py output_dir?)")
+        runs[str(run_dir)] = complete_run(run_dir, args.all_tasks, args.fid_num_samples) if args.complete \
+            else json.loads((run_dir / "results.json").read_text())
+    output_dir = Path(args.output_dir or Path(args.run_dir[0]).parent)
+    table = aggregate(runs)
+    write_summary(table, output_dir)
+    for run, results in runs.items():
+        plot_task_fid_curves(matrix_from_json(results["fid"]), output_dir / f"fid_curves_{Path(run).name}.png",
+                             title=results["method"])
+    if args.grid_classes:
+        sample_grid_across_tasks(Path(args.run_dir[0]), [int(c) for c in args.grid_classes.split(",")],
+                                 output_dir / "samples_across_tasks.png")
+    print((output_dir / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hf_r1ewc.metrics import (
+    ClassifierFeatures,
+    FeatureStatistics,
+    afid_at,
+    classifier_accuracy,
+    forgetting,
+    frechet_distance,
+    labels_in_test_proportions,
+    load_feature_extractor,
+    plasticity,
+    summarize,
+    train_classifier,
+)
+
+
+def test_distance_of_a_feature_set_to_itself_is_zero():
+    feats = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    s = FeatureStatistics.from_features(feats, "x")
+    assert abs(frechet_distance(s.mu, s.sigma, s.mu, s.sigma)) < 1e-8
+
+
+def test_two_gaussians_match_the_closed_form():
+    g = torch.Generator().manual_seed(1)
+    d = 6
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    b = torch.randn(d, d, generator=g, dtype=torch.float64)
+    s1, s2 = a @ a.T + 0.1 * torch.eye(d, dtype=torch.float64), b @ b.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    m1, m2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    # closed form via scipy's general matrix square root
+    import numpy as np
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(s1.numpy() @ s2.numpy()).real
+    expected = float(((m1 - m2) ** 2).sum()) + float(np.trace(s1.numpy() + s2.numpy() - 2 * covmean))
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    # commuting (diagonal) case: sum of (sqrt(a) - sqrt(b))^2
+    da, db = torch.rand(d, dtype=torch.float64) + 0.5, torch.rand(d, dtype=torch.float64) + 0.5
+    closed = float(((m1 - m2) ** 2).sum() + ((da.sqrt() - db.sqrt()) ** 2).sum())
+    assert frechet_distance(m1, torch.diag(da), m2, torch.diag(db)) == pytest.approx(closed, rel=1e-10)
+
+
+def test_agrees_with_torchmetrics_fid_on_the_same_features():
+    """torchmetrics' FrechetInceptionDistance with a custom feature module gives the same number."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Identity(torch.nn.Module):
+        num_features = 8
+
+        def forward(self, x):
+            return x.flatten(1).double()
+
+    g = torch.Generator().manual_seed(2)
+    real, fake = torch.randn(300, 8, 1, 1, generator=g), torch.randn(300, 8, 1, 1, generator=g) * 1.3 + 0.2
+    fid = FrechetInceptionDistance(feature=Identity(), normalize=True)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    r = FeatureStatistics.from_features(real.flatten(1), "id")
+    f = FeatureStatistics.from_features(fake.flatten(1), "id")
+    assert frechet_distance(r.mu, r.sigma, f.mu, f.sigma) == pytest.approx(float(fid.compute()), rel=1e-5)
+
+
+def test_small_n_warns_and_statistics_round_trip(tmp_path):
+    with pytest.warns(UserWarning, match="singular"):
+        FeatureStatistics.from_features(torch.randn(10, 16), "classifier")
+    s = FeatureStatistics.from_features(torch.randn(40, 4), "classifier")
+    s.save(tmp_path / "s.safetensors")
+    t = FeatureStatistics.load(tmp_path / "s.safetensors")
+    assert torch.equal(s.mu, t.mu) and torch.equal(s.sigma, t.sigma) and t.num_samples == 40
+
+
+def test_afid_forgetting_plasticity_on_a_hand_made_matrix():
+    m = {1: {1: 10.0}, 2: {1: 14.0, 2: 20.0}, 3: {1: 16.0, 2: 21.0, 3: 30.0}}
+    assert afid_at(m, 1) == 10.0 and afid_at(m, 2) == 17.0 and afid_at(m, 3) == pytest.approx(67 / 3)
+    assert forgetting(m, 3) == pytest.approx(((16 - 10) + (21 - 20) + 0) / 3)
+    assert plasticity(m, 3) == pytest.approx(20.0)
+    s = summarize(m)
+    assert s["afid"] == {1: 10.0, 2: 17.0, 3: pytest.approx(67 / 3)} and s["forgetting"] == pytest.approx(7 / 3)
+
+
+def test_labels_in_test_proportions():
+    test = torch.tensor([0] * 30 + [1] * 10)
+    labels = labels_in_test_proportions(test, 9)
+    assert labels.tolist().count(0) == 7 and labels.tolist().count(1) == 2  # 6.75 -> 7, 2.25 -> 2
+
+
+def test_classifier_reaches_85_percent_on_real_fashion_mnist(fashion_mnist_dir, tmp_path):
+    from hf_r1ewc.data import load_labeled_images
+
+    train = load_labeled_images(str(fashion_mnist_dir), "train")
+    test = load_labeled_images(str(fashion_mnist_dir), "test")
+    x_train, x_test = (d.to_model_input(32).tensors[0] for d in (train, test))
+    model = train_classifier(x_train, train.labels, 10, epochs=2, batch_size=256, lr=3e-3, show_progress=False)
+    accuracy = classifier_accuracy(model, x_test, test.labels)
+    assert accuracy >= 0.85, accuracy
+    model.save_pretrained(tmp_path / "clf")
+    loaded = load_feature_extractor("classifier", classifier_path=str(tmp_path / "clf"))
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["feature_dim"] == 64
+    assert torch.equal(loaded.features(x_test[:8]), model.features(x_test[:8]))
+
+
+def test_missing_weights_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs --fid_classifier"):
+        load_feature_extractor("classifier")
+    with pytest.raises(FileNotFoundError, match="train-classifier"):
+        ClassifierFeatures.from_pretrained(tmp_path)
+    with pytest.raises((RuntimeError, ImportError, FileNotFoundError)) as info:
+        load_feature_extractor("inception", fid_weights=str(tmp_path / "nope.pth"))
+    assert "nope.pth" in str(info.value) or "torch-fidelity" in str(info.value)
+    with pytest.raises(ValueError, match="unknown FID backend"):
+        load_feature_extractor("clip")
+
+
+def test_plots_are_written(tmp_path):
+    from hf_r1ewc.plots import plot_afid_curves, plot_task_fid_curves
+
+    plot_afid_curves({"rank-1 + GD": {1: (10.0, 1.0), 2: (12.0, 0.5)}, "GD": {1: (11.0, math.nan), 2: (15.0, 1.0)}},
+                     tmp_path / "afid.png")
+    plot_task_fid_curves({1: {1: 10.0}, 2: {1: 12.0, 2: 20.0}}, tmp_path / "curves.png")
+    for name in ("afid.png", "curves.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -1,0 +1,151 @@
+"""The training script, launched for real with `accelerate launch` (tiny preset, builtin digits data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "train_continual_ddpm.py")
+FAST = ["--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1;2,3", "--num_epochs_per_task", "2",
+        "--train_batch_size", "32", "--replay_per_class", "16", "--num_inference_steps", "4",
+        "--fisher_num_samples", "64", "--max_train_per_class", "48", "--checkpointing_steps", "1000"]
+
+
+def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def two_task_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    launch([*FAST, "--output_dir", str(out), "--ewc_type", "rank1", "--fid_num_samples", "40"])
+    return out
+
+
+def test_layout_fisher_pipeline_and_results(two_task_run):
+    from hf_r1ewc.fisher import load_fisher
+    from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+
+    for k in (1, 2):
+        folder = two_task_run / f"task_{k:02d}"
+        for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "pipeline.py",
+                     "fisher.safetensors", "ewc_penalty.safetensors", "metrics.json", "samples.png", "README.md",
+                     "training_state.json"):
+            assert (folder / name).exists(), f"{folder}/{name} missing"
+        pipe = ClassConditionalDDIMPipeline.from_pretrained(folder)
+        stats = load_fisher(str(folder / "fisher.safetensors"), model=pipe.unet)
+        assert stats.kinds == ("rank1",) and stats.num_samples == 64 and stats.c_star > 0
+        assert stats.metadata["task_index"] == str(k)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe([0, 1], num_inference_steps=3, output_type="np").images
+        assert images.shape == (2, 8, 8, 1)
+    results = json.loads((two_task_run / "results.json").read_text())
+    assert set(results["fid"]) == {"1", "2"} and set(results["fid"]["2"]) == {"1", "2"}
+    assert all(v > 0 for row in results["fid"].values() for v in row.values())
+    assert results["afid"]["2"] == pytest.approx((results["fid"]["2"]["1"] + results["fid"]["2"]["2"]) / 2)
+    assert results["forgetting"] == pytest.approx((results["fid"]["2"]["1"] - results["fid"]["1"]["1"]) / 2)
+    assert results["fid_backend"] == "classifier" and results["fid_comparable_to_inception"] is False
+    metrics = json.loads((two_task_run / "task_02" / "metrics.json").read_text())
+    assert metrics["fid_num_samples"] == {"1": 40, "2": 40} and len(metrics["loss_per_epoch"]) == 2
+    penalty_state = json.loads((two_task_run / "task_02" / "training_state.json").read_text())
+    assert penalty_state["seen_classes"] == [0, 1, 2, 3]
+    card = (two_task_run / "task_02" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "AFID@2" in card
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path):
+    common = [*FAST, "--fid_backend", "none", "--ewc_type", "rank1", "--checkpointing_steps", "2"]
+    launch([*common, "--output_dir", str(tmp_path / "whole")])
+    # stop in the middle of task 2 (task 1 has 3 steps per epoch x 2 epochs = 6 steps), then resume
+    launch([*common, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "8"])
+    assert (tmp_path / "cut" / "task_01").exists() and not (tmp_path / "cut" / "task_02").exists()
+    resumed = launch([*common, "--output_dir", str(tmp_path / "cut"), "--resume_from_checkpoint", "latest"])
+    assert "checkpoint-8 (task 2, epoch 0, step 2)" in resumed.stderr  # continued mid-task, not from scratch
+    a, b = unet_weights(tmp_path / "whole" / "task_02"), unet_weights(tmp_path / "cut" / "task_02")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    # the penalty state after task 2 matches too
+    from safetensors.torch import load_file
+
+    pa = load_file(str(tmp_path / "whole" / "task_02" / "ewc_penalty.safetensors"))
+    pb = load_file(str(tmp_path / "cut" / "task_02" / "ewc_penalty.safetensors"))
+    assert torch.allclose(pa["b"], pb["b"], rtol=1e-5) and torch.allclose(pa["c"], pb["c"], rtol=1e-5)
+
+
+def test_resume_from_task_folder_alone(two_task_run, tmp_path):
+    """A new output_dir continues after task 1 from the task folder alone."""
+    launch([*FAST, "--fid_backend", "none", "--ewc_type", "rank1", "--output_dir", str(tmp_path / "next"),
+            "--resume_from_task", str(two_task_run / "task_01")])
+    assert not (tmp_path / "next" / "task_01").exists() and (tmp_path / "next" / "task_02").exists()
+    state = json.loads((tmp_path / "next" / "task_02" / "training_state.json").read_text())
+    assert state["task_index"] == 2
+
+
+def test_two_processes(tmp_path):
+    """accelerate launch --num_processes 2 on CPU (gloo): the Fisher is all-reduced and equals the one-process
+    estimate on the same samples; only the main process writes."""
+    from hf_r1ewc.fisher import estimate_fisher, load_fisher
+    from hf_r1ewc.data import images_to_model_input, load_labeled_images
+    from hf_r1ewc.models import training_noise_scheduler
+    from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+
+    launch([*FAST, "--tasks", "0,1", "--fid_backend", "none", "--ewc_type", "rank1",
+            "--output_dir", str(tmp_path / "ddp")], num_processes=2)
+    folder = tmp_path / "ddp" / "task_01"
+    pipe = ClassConditionalDDIMPipeline.from_pretrained(folder)
+    two_proc = load_fisher(str(folder / "fisher.safetensors"), model=pipe.unet)
+    data = load_labeled_images("digits", "train").head_per_class(48).subset([0, 1])
+    x = images_to_model_input(data.images)[:64]
+    loader = [(x[i : i + 16], data.labels[:64][i : i + 16], torch.arange(i, i + 16)) for i in range(0, 64, 16)]
+    one_proc = estimate_fisher(pipe.unet, training_noise_scheduler(), loader, kinds=("rank1",),
+                               generator=torch.Generator().manual_seed(0 + 1), show_progress=False)
+    assert two_proc.num_samples == one_proc.num_samples == 64
+    assert two_proc.c_star == pytest.approx(one_proc.c_star, rel=1e-5)
+    for name in one_proc.mu:
+        torch.testing.assert_close(two_proc.mu[name], one_proc.mu[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("ewc_type", ["none", "diag", "rank1", "rank1_unscaled"])
+@pytest.mark.parametrize("replay", ["on", "off"])
+@pytest.mark.parametrize("ewc_mode", ["loss", "decoupled"])
+def test_every_method_runs(tmp_path, ewc_type, replay, ewc_mode):
+    """Each penalty (in the loss and decoupled) with distillation on and off: a short in-process run of main()."""
+    if ewc_type == "none" and ewc_mode == "decoupled":
+        pytest.skip("no penalty to decouple")
+    sys.path.insert(0, str(ROOT))
+    import train_continual_ddpm
+
+    out = tmp_path / "m"
+    train_continual_ddpm.main([*FAST, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type", ewc_type,
+                               "--replay", replay, "--ewc_mode", ewc_mode, "--gradient_accumulation_steps", "2",
+                               "--output_dir", str(out)])
+    assert (out / "task_02" / "model_index.json").exists()
+    assert (out / "task_02" / "fisher.safetensors").exists() == (ewc_type != "none")
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    proc = launch(["--dataset_name", "digits", "--tasks", "0,1;1,2", "--output_dir", str(tmp_path / "x")], check=False)
+    assert proc.returncode != 0 and "class 1 appears in task 1 and task 2" in proc.stderr
+    proc = launch(["--dataset_name", "digits", "--ewc_lambda", "-1", "--output_dir", str(tmp_path / "x")], check=False)
+    assert proc.returncode != 0 and "--ewc_lambda must be a finite number >= 0" in proc.stderr
+    proc = launch(["--dataset_name", "nobody/nothing", "--output_dir", str(tmp_path / "x")], check=False)
+    assert proc.returncode != 0 and "could not load Hub dataset 'nobody/nothing'" in proc.stderr
+    assert not (tmp_path / "x").exists()
