@@ -1,0 +1,128 @@
+"""Replay-pool sampling and distillation-step speed, as ratios measured in one run.
+
+    python benchmarks/bench_sampling.py [--quick] [--device cpu|cuda]
+
+Keys written to benchmarks/results/bench_sampling.json (``--quick``: bench_sampling_quick.json):
+
+* sampling_speedup_vs_reference: DDIM-50 images per second of ``hf_r1ewc.distill.ddim_sample`` (what ReplayPool
+  uses) over a plain fp32 ``torch.no_grad`` loop over diffusers' ``DDIMScheduler.step`` (the authors' approach), same
+  model and batch. Also each ingredient alone (inference mode + lean update, channels_last, bf16 autocast).
+* gd_step_vs_arithmetic: one training step with generative distillation (``continual_loss``: student forward +
+  backward on real + replay, teacher forward on replay, Adam) over the sum of those parts timed alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import interleaved_medians, print_table, sync, unet, write_results  # noqa: E402
+
+from hf_r1ewc.distill import continual_loss, ddim_sample, frozen_teacher  # noqa: E402
+
+
+@torch.no_grad()
+def reference_sampling(model, scheduler, labels, steps, seed):
+    """The plain loop: fp32, no_grad, diffusers' DDIMScheduler.step."""
+    sched = DDIMScheduler.from_config(scheduler.config)
+    sched.set_timesteps(steps)
+    size = model.config.sample_size
+    x = torch.randn((len(labels), model.config.in_channels, size, size),
+                    generator=torch.Generator().manual_seed(seed)).to(labels.device)
+    for t in sched.timesteps:
+        eps = model(x, t, class_labels=labels).sample
+        x = sched.step(eps, t, x).prev_sample
+    return x
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller model, batch and step count: < 60 s on 2 cores")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.quick:
+        channels, batch, steps, repeats = (16, 32, 32), 100, 10, 2
+    else:
+        channels, batch, steps, repeats = (32, 64, 64), 500, 50, 2
+    model = unet(block_out_channels=channels).to(device).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    labels = (torch.arange(batch) % 10).to(device)
+    print(f"UNet {channels}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, batch {batch}, "
+          f"DDIM {steps} steps, {device}")
+    lean_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    variants = {
+        "reference": lambda: reference_sampling(model, scheduler, labels, steps, 0),
+        "ours_fp32": lambda: ddim_sample(model, scheduler, labels, steps, torch.Generator().manual_seed(0)),
+        "ours_channels_last": lambda: ddim_sample(lean_cl, scheduler, labels, steps, torch.Generator().manual_seed(0)),
+        "ours_bf16": lambda: ddim_sample(model, scheduler, labels, steps, torch.Generator().manual_seed(0),
+                                         torch.bfloat16),
+    }
+    med = interleaved_medians(variants, repeats, device)
+    ref_out = reference_sampling(model, scheduler, labels, steps, 0).clamp(-1, 1)
+    ours_out = ddim_sample(model, scheduler, labels, steps, torch.Generator().manual_seed(0))
+    results = {"batch": batch, "steps": steps, "device": str(device),
+               "images_per_second": {k: batch / v for k, v in med.items()},
+               "max_abs_diff_ours_fp32_vs_reference": float((ref_out - ours_out).abs().max())}
+    for k in variants:
+        if k != "reference":
+            results[f"speedup_{k}"] = med["reference"] / med[k]
+    default = "ours_bf16" if device.type == "cuda" else "ours_fp32"
+    results["pool_default"] = default
+    results["sampling_speedup_vs_reference"] = med["reference"] / med[default]
+
+    # distillation step vs the sum of its parts
+    student = unet(block_out_channels=channels).to(device)
+    teacher = frozen_teacher(student)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
+    train_batch = 32 if args.quick else 128
+    g = torch.Generator().manual_seed(0)
+    real = (torch.rand(train_batch, 1, 32, 32, generator=g).to(device) * 2 - 1,
+            torch.randint(0, 10, (train_batch,), generator=g).to(device))
+    replay = (torch.rand(train_batch, 1, 32, 32, generator=g).to(device) * 2 - 1,
+              torch.randint(0, 10, (train_batch,), generator=g).to(device))
+    both = (torch.cat([real[0], replay[0]]), torch.cat([real[1], replay[1]]))
+    t_all = torch.randint(0, 1000, (2 * train_batch,), device=device)
+
+    def full_step():
+        loss = continual_loss(student, scheduler, *real, replay=replay, teacher=teacher)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def student_part():
+        noise = torch.randn_like(both[0])
+        loss = (student(scheduler.add_noise(both[0], noise, t_all), t_all, class_labels=both[1]).sample
+                - noise).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def teacher_part():
+        with torch.no_grad():
+            teacher(replay[0], t_all[train_batch:], class_labels=replay[1])
+
+    parts = interleaved_medians({"full": full_step, "student": student_part, "teacher": teacher_part},
+                                repeats * 3 + 1, device)
+    results["gd_step_seconds"] = parts
+    results["gd_step_vs_arithmetic"] = parts["full"] / (parts["student"] + parts["teacher"])
+
+    targets = {"sampling_speedup_vs_reference": ">= 1.2 (CPU), >= 2.5 (GPU)",
+               "speedup_ours_fp32": "(inference mode + lean DDIM update)",
+               "speedup_ours_channels_last": "(channels_last alone)", "speedup_ours_bf16": "(bf16 autocast)",
+               "gd_step_vs_arithmetic": "<= 1.05"}
+    print_table([(k, f"{results[k]:.3f}", v) for k, v in targets.items()])
+    print(f"pool default on {device.type}: {default}; max |ours - reference| = "
+          f"{results['max_abs_diff_ours_fp32_vs_reference']:.2e}")
+    print(f"wrote {write_results('bench_sampling' + ('_quick' if args.quick else ''), results)}")
+
+
+if __name__ == "__main__":
+    main()
