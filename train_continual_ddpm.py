@@ -403,7 +403,6 @@ def main(argv=None) -> None:
                     output_dir / "replay" / task_folder_name(task_index), args.num_inference_steps,
                     seed=args.seed * 100 + task_index, rank=accelerator.process_index,
                     world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
-                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
                     show_progress=accelerator.is_local_main_process)
 
         # a fresh optimizer per task (the penalty and the teacher carry what earlier tasks taught)
@@ -569,7 +568,8 @@ def main(argv=None) -> None:
                 save_image_grid(grid, tmp / "samples.png", nrow=8)
                 write_json(tmp / "training_state.json", {
                     "task_index": task_index, "tasks": training_tasks, "seen_classes": seen,
-                    "run_config": run_config(args), "global_step": global_step, "hf_r1ewc_version": __version__})
+                    "run_config": run_config(args), "global_step": global_step, "method": method_description(args),
+                    "hf_r1ewc_version": __version__})
                 write_model_card(
                     tmp, task_index=task_index, num_tasks=num_tasks, seen_classes=seen,
                     dataset_name=source, method_description=method_description(args),

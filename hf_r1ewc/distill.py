@@ -30,10 +30,20 @@ POOL_CHUNK = 250  # images per pool chunk: the unit of generation, of resume and
 
 
 def frozen_teacher(unet: nn.Module) -> nn.Module:
-    """A frozen copy of ``unet`` (eval mode, no gradients) to generate replay and to distil from."""
-    teacher = copy.deepcopy(unet).eval()
+    """A frozen copy of ``unet`` (eval mode, no gradients, channels_last) to generate replay and to distil from."""
+    teacher = copy.deepcopy(unet).eval().to(memory_format=torch.channels_last)
     teacher.requires_grad_(False)
     return teacher
+
+
+def default_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else None (fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
 
 
 def _class_list(classes: Sequence[int], num_class_embeds: int | None) -> list[int]:
@@ -64,6 +74,7 @@ def ddim_sample(
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     x = torch.randn((class_labels.shape[0], unet.config.in_channels, *size), generator=generator).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
     labels = class_labels.to(device)
     scheduler = DDIMScheduler.from_config(scheduler.config)
     if scheduler.config.prediction_type != "epsilon" or scheduler.config.thresholding:
@@ -117,7 +128,7 @@ class ReplayPool:
         num_inference_steps: int = 50,
         seed: int = 0,
         batch_size: int = POOL_CHUNK,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | None | str = "auto",
         rank: int = 0,
         world_size: int = 1,
         barrier: Callable[[], None] | None = None,
@@ -127,12 +138,16 @@ class ReplayPool:
 
         The pool is cut into chunks of ``POOL_CHUNK`` images, each with its own seed, written atomically as
         safetensors: a resumed run generates only the missing chunks, the result depends on ``seed`` alone (not on
-        the number of processes), and process ``rank`` of ``world_size`` generates chunks rank, rank + world_size,
-        ... then waits at ``barrier`` so that every process loads the whole pool.
+        the number of processes on the same hardware), and process ``rank`` of ``world_size`` generates chunks rank,
+        rank + world_size, ... then waits at ``barrier`` so that every process loads the whole pool.
+        ``autocast_dtype="auto"`` samples under bf16 autocast where the hardware runs bf16 fast
+        (``default_autocast_dtype``); pass None for fp32.
         """
         from safetensors.torch import save_file
 
         classes = _class_list(classes, getattr(teacher.config, "num_class_embeds", None))
+        if autocast_dtype == "auto":
+            autocast_dtype = default_autocast_dtype(next(teacher.parameters()).device)
         if per_class < 1:
             raise ValueError(f"per_class must be >= 1, got {per_class}")
         directory = Path(directory)

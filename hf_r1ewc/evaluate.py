@@ -1,6 +1,7 @@
 """Evaluate and aggregate continual-learning runs.
 
     python -m hf_r1ewc.evaluate --run_dir runs/a runs/b ... [--complete] [--output_dir DIR]
+    python -m hf_r1ewc.evaluate --hub_repo USER/NAME [--revisions task-01,...,task-05]
     python -m hf_r1ewc.evaluate train-classifier --dataset_name DATA --output_dir DIR
 
 The first form reads each run's ``results.json`` (completing missing FID_i(m_k) entries from the task folders with
@@ -103,6 +104,23 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
     return results
 
 
+def results_from_revisions(repo_id: str, revisions: list[str]) -> dict:
+    """A run's results rebuilt from the ``metrics.json`` of each task revision of a Hub repo (or local folders)."""
+    matrix, method, backend, tasks = {}, None, None, None
+    for revision in revisions:
+        folder = resolve_task_source(f"{repo_id}@{revision}" if not Path(revision).exists() else revision)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        state = json.loads((folder / "training_state.json").read_text())
+        matrix[int(metrics["task"])] = {int(i): float(v) for i, v in metrics["fid"].items()}
+        backend, tasks = metrics["fid_backend"], state["tasks"]
+        method = state.get("method") or repo_id
+    s = summarize(matrix)
+    return {"method": method, "fid_backend": backend, "tasks": tasks, "joint": False,
+            "fid": {str(k): {str(i): v for i, v in row.items()} for k, row in matrix.items()},
+            "afid": {str(k): v for k, v in s.get("afid", {}).items()}, "forgetting": s.get("forgetting"),
+            "plasticity": s.get("plasticity")}
+
+
 def aggregate(results_by_run: dict[str, dict]) -> dict:
     """Group runs by method: mean +- standard error of AFID@T, F, P and of AFID@k for each k."""
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -185,7 +203,11 @@ def main(argv=None) -> None:
         return train_classifier_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m hf_r1ewc.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dir", nargs="+", required=True, help="run output folders (each with results.json)")
+    p.add_argument("--run_dir", nargs="+", default=[], help="run output folders (each with results.json)")
+    p.add_argument("--hub_repo", action="append", default=[],
+                   help="a Hub model repo pushed with --push_to_hub (repeatable): read from its task revisions")
+    p.add_argument("--revisions", default="task-01,task-02,task-03,task-04,task-05",
+                   help="with --hub_repo: the task revisions to read")
     p.add_argument("--output_dir", default=None, help="where the summary goes (default: the first run's parent)")
     p.add_argument("--complete", action="store_true", help="compute missing FID_i(m_k) from the task folders")
     p.add_argument("--all_tasks", action="store_true", help="with --complete: FID of every task, also i > k")
@@ -199,11 +221,16 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: {run_dir} has no results.json (is it a train_continual_ddpm.py output_dir?)")
         runs[str(run_dir)] = complete_run(run_dir, args.all_tasks, args.fid_num_samples) if args.complete \
             else json.loads((run_dir / "results.json").read_text())
-    output_dir = Path(args.output_dir or Path(args.run_dir[0]).parent)
+    for repo in args.hub_repo:
+        runs[repo] = results_from_revisions(repo, args.revisions.split(","))
+    if not runs:
+        raise SystemExit("error: pass --run_dir DIR [DIR ...] and/or --hub_repo REPO_ID")
+    output_dir = Path(args.output_dir or (Path(args.run_dir[0]).parent if args.run_dir else "."))
     table = aggregate(runs)
     write_summary(table, output_dir)
     for run, results in runs.items():
-        plot_task_fid_curves(matrix_from_json(results["fid"]), output_dir / f"fid_curves_{Path(run).name}.png",
+        plot_task_fid_curves(matrix_from_json(results["fid"]),
+                             output_dir / f"fid_curves_{Path(run).name.replace('/', '_')}.png",
                              title=results["method"])
     if args.grid_classes:
         sample_grid_across_tasks(Path(args.run_dir[0]), [int(c) for c in args.grid_classes.split(",")],

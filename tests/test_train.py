@@ -149,3 +149,36 @@ def test_bad_input_fails_before_training(tmp_path):
     proc = launch(["--dataset_name", "nobody/nothing", "--output_dir", str(tmp_path / "x")], check=False)
     assert proc.returncode != 0 and "could not load Hub dataset 'nobody/nothing'" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_cli_completes_and_aggregates(two_task_run, tmp_path):
+    """python -m hf_r1ewc.evaluate: completes FID_i(m_k) for every i, aggregates, plots, draws the class x task grid."""
+    run = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(two_task_run, run)
+    proc = subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "--run_dir", str(run), "--complete",
+                           "--all_tasks", "--fid_num_samples", "40", "--grid_classes", "0,2",
+                           "--output_dir", str(tmp_path / "summary")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert "2" in results["fid"]["1"]  # FID of task 2 under the model after task 1 (i > k) was added
+    assert results["fid"]["2"] == json.loads((two_task_run / "results.json").read_text())["fid"]["2"]
+    summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
+    (method, row), = summary.items()
+    assert row["runs"] == 1 and row["afid"][0] == pytest.approx(results["afid"]["2"])
+    assert "| " + method in (tmp_path / "summary" / "summary.md").read_text()
+    assert (tmp_path / "summary" / "summary.csv").read_text().startswith("method,runs,afid_mean")
+    for png in ("afid_at_k.png", "fid_curves_copy.png", "samples_across_tasks.png"):
+        assert (tmp_path / "summary" / png).stat().st_size > 1000
+
+
+def test_ema_run_and_resume(tmp_path):
+    common = [*FAST, "--fid_backend", "none", "--use_ema", "--checkpointing_steps", "2", "--tasks", "0,1"]
+    launch([*common, "--output_dir", str(tmp_path / "whole")])
+    launch([*common, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "3"])
+    launch([*common, "--output_dir", str(tmp_path / "cut"), "--resume_from_checkpoint", "latest"])
+    a, b = unet_weights(tmp_path / "whole" / "task_01"), unet_weights(tmp_path / "cut" / "task_01")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

@@ -1,0 +1,172 @@
+"""Hub artifacts without network.
+
+Pulling goes through huggingface_hub's own offline code path: a pre-populated local cache in the standard layout
+(models--OWNER--NAME/refs/<revision> -> snapshots/<commit>/...) with HF_HUB_OFFLINE=1. Pushing cannot reach a server
+from these machines, so it goes through a recording stand-in for HfApi that checks the exact repo, branches and
+file lists (the stand-in is the only fake here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from conftest import make_tiny_unet
+from hf_r1ewc.hub import TaskUploader, fid_markdown_table, write_folder_atomically, write_model_card
+from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+
+REPO = "someone/continual-digits"
+
+
+def _task_folder(path: Path, task_index: int = 1) -> Path:
+    pipe = ClassConditionalDDIMPipeline(make_tiny_unet(), DDPMScheduler())
+    pipe.save_pretrained(path)
+    (path / "training_state.json").write_text(json.dumps({"task_index": task_index, "tasks": [[0, 1], [2, 3]],
+                                                          "run_config": {}, "method": "rank1 EWC + GD"}))
+    fid = {1: {"1": 10.0}, 2: {"1": 13.0, "2": 20.0}}[task_index]
+    (path / "metrics.json").write_text(json.dumps({"task": task_index, "fid": fid, "fid_backend": "classifier"}))
+    (path / "fisher.safetensors").write_bytes(b"")  # name only: the pull test checks which files arrive
+    (path / "evil.pkl").write_bytes(b"not to be fetched")
+    return path
+
+
+def _populate_cache(cache: Path, folder: Path, revision: str, commit: str = "a" * 40) -> None:
+    repo_dir = cache / f"models--{REPO.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+
+
+def _offline_python(code: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_pull_task_revision_from_local_cache_offline(tmp_path):
+    _populate_cache(tmp_path / "cache", _task_folder(tmp_path / "task_01"), "task-01")
+    _populate_cache(tmp_path / "cache", _task_folder(tmp_path / "task_02", 2), "task-02", commit="b" * 40)
+    code = f"""
+import torch
+from hf_r1ewc.hub import resolve_task_source
+from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+from diffusers import DiffusionPipeline
+folder = resolve_task_source("{REPO}@task-01")
+names = sorted(p.name for p in folder.iterdir())
+print("FILES", names)
+pipe = ClassConditionalDDIMPipeline.from_pretrained("{REPO}", revision="task-01")
+pipe.set_progress_bar_config(disable=True)
+print("SHAPE", tuple(pipe([0, 3], num_inference_steps=2, output_type="pt").images.shape))
+try:
+    resolve_task_source("{REPO}@task-07")
+except ValueError as err:
+    print("MISSING", err)
+from hf_r1ewc.evaluate import main
+main(["--hub_repo", "{REPO}", "--revisions", "task-01,task-02", "--output_dir", "{tmp_path / 'summary'}"])
+"""
+    proc = _offline_python(code, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SHAPE (2, 1, 8, 8)" in proc.stdout
+    assert "MISSING" in proc.stdout and "HF_HUB_OFFLINE=1" in proc.stdout
+    files = proc.stdout.split("FILES", 1)[1].splitlines()[0]
+    summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
+    assert summary["rank1 EWC + GD"]["afid"][0] == 16.5 and summary["rank1 EWC + GD"]["forgetting"][0] == 1.5
+    assert "model_index.json" in files and "pipeline.py" in files
+
+
+class RecordingHfApi:
+    """Stand-in for huggingface_hub.HfApi: records calls; optionally fails the first uploads."""
+
+    def __init__(self, fail_uploads: int = 0):
+        self.calls: list[tuple] = []
+        self.fail_uploads = fail_uploads
+
+    def create_repo(self, repo_id, repo_type=None, exist_ok=False, private=None):
+        self.calls.append(("create_repo", repo_id, repo_type, exist_ok))
+
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        self.calls.append(("create_branch", repo_id, branch, exist_ok))
+
+    def upload_folder(self, repo_id, folder_path, revision, commit_message, allow_patterns=None, delete_patterns=None):
+        if self.fail_uploads:
+            self.fail_uploads -= 1
+            raise ConnectionError("simulated network failure")
+        import fnmatch
+
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
+                       and any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns))
+        self.calls.append(("upload_folder", repo_id, revision, files, delete_patterns))
+
+
+def test_push_each_task_to_its_branch_and_main(tmp_path):
+    api = RecordingHfApi()
+    uploader = TaskUploader(REPO, api=api, backoff_seconds=0)
+    for k in (1, 2):
+        uploader.submit(_task_folder(tmp_path / f"task_{k:02d}", k), k)
+    assert uploader.close() == []
+    assert api.calls[0] == ("create_repo", REPO, "model", True)
+    assert [c[:3] for c in api.calls if c[0] == "create_branch"] == [("create_branch", REPO, "task-01"),
+                                                                     ("create_branch", REPO, "task-02")]
+    uploads = [c for c in api.calls if c[0] == "upload_folder"]
+    assert [c[2] for c in uploads] == ["task-01", "main", "task-02", "main"]
+    files = uploads[0][3]
+    assert "unet/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
+    assert "pipeline.py" in files and "evil.pkl" not in files
+    assert uploads[1][4] == ["*"]  # main mirrors the latest task exactly
+
+
+def test_failed_upload_is_retried_then_reported_without_raising(tmp_path):
+    api = RecordingHfApi(fail_uploads=10)
+    uploader = TaskUploader(REPO, api=api, retries=3, backoff_seconds=0)
+    uploader.submit(_task_folder(tmp_path / "task_01"), 1)
+    failures = uploader.close()
+    assert len(failures) == 1 and "simulated network failure" in failures[0]["error"]
+    assert api.fail_uploads == 7  # three attempts
+    assert (tmp_path / "task_01" / "model_index.json").exists()  # local results untouched
+
+
+def test_model_card_parses_and_metadata_round_trips(tmp_path):
+    from huggingface_hub import ModelCard
+
+    matrix = {1: {1: 12.5}, 2: {1: 14.0, 2: 20.25}}
+    summary = {"afid": {1: 12.5, 2: 17.125}, "forgetting": 0.75, "plasticity": 16.375}
+    write_model_card(tmp_path, task_index=2, num_tasks=5, seen_classes=[0, 1, 2, 3],
+                     dataset_name="zalando-datasets/fashion_mnist", method_description="rank1 EWC + GD",
+                     hyperparameters={"ewc_lambda": 15000}, command="accelerate launch train_continual_ddpm.py",
+                     matrix=matrix, summary=summary, fid_backend="classifier", fid_comparable=False,
+                     fid_num_samples=2000, hub_model_id=REPO)
+    card = ModelCard.load(tmp_path / "README.md")
+    data = card.data
+    assert data.library_name == "diffusers" and "continual-learning" in data.tags and "ewc" in data.tags
+    assert data.datasets == ["zalando-datasets/fashion_mnist"]
+    by_name = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert by_name["FID task 2 after task 2 (classifier, N=2000)"] == 20.25
+    assert by_name["AFID@2 (classifier)"] == 17.125
+    assert "NOT comparable to Inception FID" in card.text and 'revision="task-02"' in card.text
+    assert "forgetting F = 0.75" in card.text
+    again = ModelCard(str(card))
+    assert again.data.to_dict() == data.to_dict()
+    assert "| task 2 | 14.00 | 20.25 |" in fid_markdown_table(matrix, 2)
+
+
+def test_atomic_folder_write_keeps_old_folder_on_failure(tmp_path):
+    target = tmp_path / "task_01"
+    write_folder_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+
+    def broken(d):
+        (d / "a.txt").write_text("new")
+        raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError):
+        write_folder_atomically(target, broken)
+    assert (target / "a.txt").read_text() == "old"
+    write_folder_atomically(target, lambda d: (d / "a.txt").write_text("new"))
+    assert (target / "a.txt").read_text() == "new" and not (tmp_path / "task_01.partial").exists()
