@@ -7,4 +7,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null
 fi
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-pip install -q -e ".[test]"
+pip install -q -e ".[test,dinov2]"

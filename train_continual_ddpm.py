@@ -54,6 +54,7 @@ from hf_r1ewc.metrics import (
     load_feature_extractor,
     matrix_from_json,
     real_statistics,
+    reference_cache_path,
     summarize,
     train_classifier,
     write_json,
@@ -119,7 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping (default: none, as the paper)")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: Accelerate's config / no")
+                   help="default: the accelerate config's fp16/bf16 if it sets one, else bf16 on a CUDA GPU that "
+                        "supports it and no (fp32) on CPU (benchmarks/results/bench_train.json)")
     g.add_argument("--use_ema", action="store_true", help="EMA of the weights (diffusers EMAModel)")
     g.add_argument("--ema_decay", type=float, default=0.999)
     g.add_argument("--seed", type=int, default=0)
@@ -132,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a trained feature classifier folder; default: train one into OUTPUT_DIR/fid_classifier")
     g.add_argument("--fid_weights", default=None, help="Inception FID weights file for offline use")
     g.add_argument("--dinov2_model", default="facebook/dinov2-base")
+    g.add_argument("--fid_reference_dir", default=None,
+                   help="cache of real-image FID statistics (default OUTPUT_DIR/fid_reference); share one folder "
+                        "across runs of other methods and seeds to compute each task's statistics once")
     g.add_argument("--fid_num_samples", type=int, default=None,
                    help="generated images per task for FID (default: the preset's; None = the task's test set size)")
     g = p.add_argument_group("checkpoints, resume and logging")
@@ -226,6 +231,18 @@ def build_unet(args, resolution: int, channels: int, num_classes: int) -> UNet2D
     return unet
 
 
+def resolve_mixed_precision(flag: str | None) -> str:
+    """The fastest safe default per device: bf16 autocast on CUDA GPUs with bf16 (weights, optimizer, penalty and
+    Fisher stay fp32); fp32 on CPU, where bf16 autocast was 1.19x faster on an AVX512-BF16 machine but would make CPU
+    results depend on the processor. An explicit flag or an accelerate config's fp16/bf16 wins."""
+    if flag is not None:
+        return flag
+    configured = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if configured != "no":
+        return configured
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.exists():
@@ -260,7 +277,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -514,7 +531,8 @@ def main(argv=None) -> None:
         if extractor is not None and accelerator.is_main_process:
             for i, task_classes in enumerate(eval_tasks, start=1):
                 test_mask = torch.isin(test.labels, torch.tensor(task_classes))
-                cache = output_dir / "fid_reference" / f"{args.fid_backend}_task{i:02d}.safetensors"
+                cache = reference_cache_path(args.fid_reference_dir or output_dir / "fid_reference", extractor,
+                                             task_classes, test_inputs[test_mask])
                 real = real_statistics(extractor, test_inputs[test_mask], cache)
                 n = args.fid_num_samples or int(test_mask.sum())
                 labels = labels_in_test_proportions(test.labels[test_mask], n)

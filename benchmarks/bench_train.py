@@ -59,7 +59,8 @@ def main() -> None:
 
     base = unet(block_out_channels=channels).to(device)
     accelerator = Accelerator(cpu=device.type == "cpu")
-    ours_model, ours_opt = accelerator.prepare(copy.deepcopy(base), torch.optim.Adam(base.parameters(), lr=1e-4))
+    ours_model = copy.deepcopy(base)
+    ours_model, ours_opt = accelerator.prepare(ours_model, torch.optim.Adam(ours_model.parameters(), lr=1e-4))
     counter = [0]
 
     def ours_step():

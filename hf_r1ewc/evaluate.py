@@ -31,6 +31,7 @@ from .metrics import (
     matrix_from_json,
     mean_and_standard_error,
     real_statistics,
+    reference_cache_path,
     summarize,
     train_classifier,
     write_json,
@@ -87,8 +88,9 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
         pipe.set_progress_bar_config(disable=True)
         for i in missing:
             mask = torch.isin(test.labels, torch.tensor(tasks[i - 1]))
+            cache_dir = args.get("fid_reference_dir") or run_dir / "fid_reference"
             real = real_statistics(extractor, test_inputs[mask],
-                                   run_dir / "fid_reference" / f"{extractor.name}_task{i:02d}.safetensors")
+                                   reference_cache_path(cache_dir, extractor, tasks[i - 1], test_inputs[mask]))
             labels = labels_in_test_proportions(test.labels[mask], num_samples or int(mask.sum()))
             images = torch.cat([pipe(labels[j : j + 500], args.get("num_inference_steps", 50),
                                      generator=torch.Generator().manual_seed(j + i), output_type="pt").images

@@ -286,9 +286,25 @@ def labels_in_test_proportions(test_labels: torch.Tensor, num_samples: int) -> t
     return classes.repeat_interleave(base)
 
 
+def reference_cache_path(cache_dir: str | os.PathLike, extractor: FeatureExtractor, classes: Sequence[int],
+                         images: torch.Tensor) -> Path:
+    """Cache file for the real statistics of one task, keyed by backend, feature weights, classes and the exact
+    images (a content hash), so that runs of other methods and seeds can share one ``cache_dir`` safely."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    digest.update(json.dumps({"backend": extractor.name, "classes": [int(c) for c in classes],
+                              "shape": list(images.shape)}).encode())
+    digest.update(images.contiguous().cpu().numpy().tobytes())
+    for tensor in extractor.state_dict().values():
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes()[:65536])
+    return Path(cache_dir) / f"{extractor.name}_{digest.hexdigest()[:16]}.safetensors"
+
+
 def real_statistics(extractor: FeatureExtractor, images: torch.Tensor, cache_path: str | os.PathLike | None = None
                     ) -> FeatureStatistics:
-    """Statistics of real images ``[N, C, H, W]`` in [-1, 1], cached as safetensors when ``cache_path`` is given."""
+    """Statistics of real images ``[N, C, H, W]`` in [-1, 1], cached as safetensors when ``cache_path`` is given
+    (see ``reference_cache_path`` for a key that is safe to share across runs)."""
     if cache_path is not None and Path(cache_path).exists():
         stats = FeatureStatistics.load(cache_path)
         if stats.backend == extractor.name and stats.num_samples == images.shape[0]:

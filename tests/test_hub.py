@@ -65,6 +65,10 @@ print("FILES", names)
 pipe = ClassConditionalDDIMPipeline.from_pretrained("{REPO}", revision="task-01")
 pipe.set_progress_bar_config(disable=True)
 print("SHAPE", tuple(pipe([0, 3], num_inference_steps=2, output_type="pt").images.shape))
+# offline, diffusers still asks the Hub API for custom_pipeline=REPO_ID, so point it at the cached snapshot folder
+generic = DiffusionPipeline.from_pretrained("{REPO}", revision="task-01", custom_pipeline=str(folder),
+                                            trust_remote_code=True)
+print("GENERIC", type(generic).__name__)
 try:
     resolve_task_source("{REPO}@task-07")
 except ValueError as err:
@@ -75,6 +79,7 @@ main(["--hub_repo", "{REPO}", "--revisions", "task-01,task-02", "--output_dir", 
     proc = _offline_python(code, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SHAPE (2, 1, 8, 8)" in proc.stdout
+    assert "GENERIC ClassConditionalDDIMPipeline" in proc.stdout
     assert "MISSING" in proc.stdout and "HF_HUB_OFFLINE=1" in proc.stdout
     files = proc.stdout.split("FILES", 1)[1].splitlines()[0]
     summary = json.loads((tmp_path / "summary" / "summary.json").read_text())

@@ -127,3 +127,35 @@ def test_plots_are_written(tmp_path):
     for name in ("afid.png", "curves.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_reference_cache_is_keyed_by_images_classes_and_weights(tmp_path):
+    from hf_r1ewc.metrics import real_statistics, reference_cache_path
+
+    extractor = ClassifierFeatures(feature_dim=8).eval()
+    images = torch.rand(20, 1, 32, 32) * 2 - 1
+    path = reference_cache_path(tmp_path, extractor, [0, 1], images)
+    assert path == reference_cache_path(tmp_path, extractor, [0, 1], images.clone())
+    assert path != reference_cache_path(tmp_path, extractor, [2, 3], images)
+    assert path != reference_cache_path(tmp_path, extractor, [0, 1], images[:19])
+    other = ClassifierFeatures(feature_dim=8).eval()
+    assert path != reference_cache_path(tmp_path, other, [0, 1], images)
+    first = real_statistics(extractor, images, path)
+    assert path.exists()
+    again = real_statistics(extractor, images, path)
+    assert torch.equal(first.mu, again.mu) and torch.equal(first.sigma, again.sigma)
+
+
+def test_dinov2_backend_from_a_local_folder(tmp_path):
+    """The dinov2 backend loads transformers' Dinov2Model from a local folder (a tiny random one: the real weights
+    cannot be downloaded here) and maps [-1, 1] images of any channel count to its hidden size."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          patch_size=14, image_size=224)
+    Dinov2Model(config).save_pretrained(tmp_path / "dino")
+    extractor = load_feature_extractor("dinov2", dinov2_model=str(tmp_path / "dino"))
+    features = extractor.features(torch.rand(3, 1, 32, 32) * 2 - 1)
+    assert extractor.dim == 32 and features.shape == (3, 32) and torch.isfinite(features).all()
+    with pytest.raises(RuntimeError, match="cannot load DINOv2"):
+        load_feature_extractor("dinov2", dinov2_model=str(tmp_path / "missing"))

@@ -99,6 +99,15 @@ def test_resume_from_task_folder_alone(two_task_run, tmp_path):
     assert state["task_index"] == 2
 
 
+def test_incompatible_resume_folder_is_refused(two_task_run, tmp_path):
+    proc = launch([*FAST, "--fid_backend", "none", "--ewc_type", "diag", "--output_dir", str(tmp_path / "next"),
+                   "--resume_from_task", str(two_task_run / "task_01")], check=False)
+    assert proc.returncode != 0 and "'ewc_type': ('rank1', 'diag')" in proc.stderr
+    proc = launch([*FAST, "--fid_backend", "none", "--resolution", "16", "--output_dir", str(tmp_path / "next"),
+                   "--resume_from_task", str(two_task_run / "task_01")], check=False)
+    assert proc.returncode != 0 and "--resolution is 16" in proc.stderr
+
+
 def test_two_processes(tmp_path):
     """accelerate launch --num_processes 2 on CPU (gloo): the Fisher is all-reduced and equals the one-process
     estimate on the same samples; only the main process writes."""

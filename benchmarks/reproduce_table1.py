@@ -1,0 +1,236 @@
+"""Reproduce the paper's table 1 at CPU scale on real Fashion-MNIST (5 tasks of 2 classes), with standard errors.
+
+    python benchmarks/reproduce_table1.py [--smoke] [--jobs 2] [--data_dir /usr/share/datasets/fashion-mnist]
+
+1. a lambda sweep (10, 100, 1000, 15000) for diag, rank-1 and rank-1-unscaled, each with GD, in the loss (paper) and
+   for rank-1 and diag also decoupled, on a separate seed (100);
+2. every table-1 method on seeds 0, 1, 2 at the paper's lambda (15000), and the EWC + GD methods again at their best
+   sweep lambda (by AFID@5 on seed 100, never on the reported seeds);
+3. aggregates AFID@5, forgetting F and plasticity P (mean +- standard error) into
+   benchmarks/results/table1_fmnist_cpu.{md,json} and the AFID@k plot.
+
+Every run is one ``train_continual_ddpm.py`` process writing its own output folder; a finished run (results.json
+with task 5) is skipped, an interrupted one continues from its checkpoints: rerunning the same command resumes.
+The CPU scale (stated in the output): 16x16 images (28x28 resized with --resize), 300 training images per class, a 2-level UNet (32, 64), 40 epochs per task, 150 replay images per class, Fisher on every training image of
+the task, FID with a classifier trained on the full training split on 500 generated images per task against the
+task's 2,000 test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+LAMBDAS = (10.0, 100.0, 1000.0, 15000.0)
+PAPER_LAMBDA = 15000.0
+SWEEP_SEED = 100
+SEEDS = (0, 1, 2)
+# name -> flags (lambda added where the method has a penalty)
+METHODS = {
+    "non-continual": ["--joint", "--ewc_type", "none"],
+    "diag w/o GD": ["--ewc_type", "diag", "--replay", "off"],
+    "rank-1 w/o GD": ["--ewc_type", "rank1", "--replay", "off"],
+    "GD": ["--ewc_type", "none"],
+    "diag + GD": ["--ewc_type", "diag"],
+    "rank-1 + GD": ["--ewc_type", "rank1"],
+    "rank-1-unscaled + GD": ["--ewc_type", "rank1_unscaled"],
+    "decoupled diag + GD": ["--ewc_type", "diag", "--ewc_mode", "decoupled"],
+    "decoupled rank-1 + GD": ["--ewc_type", "rank1", "--ewc_mode", "decoupled"],
+}
+SWEPT = ["diag + GD", "rank-1 + GD", "rank-1-unscaled + GD", "decoupled diag + GD", "decoupled rank-1 + GD"]
+HAS_PENALTY = {m for m, flags in METHODS.items() if "none" not in flags}
+
+UNET_CONFIG = {
+    "_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 1, "out_channels": 1,
+    "block_out_channels": [32, 64], "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "num_class_embeds": 10,
+}
+
+
+def scale(smoke: bool) -> dict:
+    if smoke:
+        return dict(per_class=100, epochs=4, replay=40, fid=200, steps=20)
+    return dict(per_class=300, epochs=40, replay=150, fid=500, steps=50)
+
+
+def run_flags(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict) -> list[str]:
+    flags = [
+        "--train_data_dir", data_dir, "--classes_per_task", "2", "--resolution", "16", "--resize",
+        "--model_config_name_or_path", str(work / "unet_config.json"),
+        "--max_train_per_class", str(sc["per_class"]), "--num_epochs_per_task", str(sc["epochs"]),
+        "--train_batch_size", "64", "--learning_rate", "1e-3", "--replay_per_class", str(sc["replay"]),
+        "--fisher_num_samples", str(2 * sc["per_class"]), "--fid_num_samples", str(sc["fid"]),
+        "--num_inference_steps", str(sc["steps"]), "--fid_classifier", str(work / "fid_classifier"),
+        "--fid_reference_dir", str(work / "fid_reference"), "--checkpointing_steps", "200",
+        "--seed", str(seed), *METHODS[name],
+    ]
+    if lam is not None:
+        flags += ["--ewc_lambda", str(lam)]
+    return flags
+
+
+def run_dir_name(name: str, lam: float | None, seed: int) -> str:
+    slug = name.replace(" + ", "+").replace(" ", "_").replace("/", "")
+    return f"{slug}{'' if lam is None else f'_lam{lam:g}'}_seed{seed}"
+
+
+def finished(out: Path) -> bool:
+    path = out / "results.json"
+    if not path.exists():
+        return False
+    results = json.loads(path.read_text())
+    return results.get("joint") and "afid_final" in results or "5" in results.get("afid", {})
+
+
+def launch(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, log: Path) -> Path:
+    out = work / "runs" / run_dir_name(name, lam, seed)
+    if finished(out):
+        return out
+    cmd = [sys.executable, str(ROOT / "train_continual_ddpm.py"), *run_flags(name, lam, seed, work, data_dir, sc),
+           "--output_dir", str(out)]
+    if (out / "checkpoints").exists():
+        cmd += ["--resume_from_checkpoint", "latest"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    start = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
+    print(f"[{time.strftime('%H:%M:%S')}] {out.name}: {status} in {time.time() - start:.0f} s", flush=True)
+    return out
+
+
+def best_lambdas(work: Path) -> dict[str, float]:
+    best = {}
+    for name in SWEPT:
+        scores = {}
+        for lam in LAMBDAS:
+            out = work / "runs" / run_dir_name(name, lam, SWEEP_SEED)
+            if finished(out):
+                scores[lam] = json.loads((out / "results.json").read_text())["afid"]["5"]
+        if scores:
+            best[name] = min(scores, key=scores.get)
+    return best
+
+
+def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> None:
+    from hf_r1ewc.metrics import mean_and_standard_error
+    from hf_r1ewc.plots import plot_afid_curves
+
+    def collect(name, lam):
+        runs = []
+        for seed in SEEDS:
+            out = work / "runs" / run_dir_name(name, lam, seed)
+            if finished(out):
+                runs.append(json.loads((out / "results.json").read_text()))
+        return runs
+
+    rows, curves = [], {}
+    table = {"paper_lambda": {}, "best_lambda": {}, "sweep": {}, "scale": sc, "best_lambdas": best}
+    for section, lam_of in (("paper_lambda", lambda m: PAPER_LAMBDA), ("best_lambda", lambda m: best.get(m))):
+        for name in METHODS:
+            if section == "best_lambda" and name not in best:
+                continue
+            lam = lam_of(name) if name in HAS_PENALTY else None
+            runs = collect(name, lam)
+            if not runs:
+                continue
+            afid = [r.get("afid_final") if r.get("joint") else r["afid"]["5"] for r in runs]
+            entry = {"lambda": lam, "seeds": len(runs), "afid": mean_and_standard_error(afid)}
+            if not runs[0].get("joint"):
+                entry["forgetting"] = mean_and_standard_error([r["forgetting"] for r in runs])
+                entry["plasticity"] = mean_and_standard_error([r["plasticity"] for r in runs])
+                if section == "paper_lambda":
+                    curves[name] = {k: mean_and_standard_error([r["afid"][str(k)] for r in runs])
+                                    for k in range(1, 6)}
+            table[section][name] = entry
+    for name in SWEPT:
+        table["sweep"][name] = {}
+        for lam in LAMBDAS:
+            out = work / "runs" / run_dir_name(name, lam, SWEEP_SEED)
+            if finished(out):
+                r = json.loads((out / "results.json").read_text())
+                table["sweep"][name][str(lam)] = {"afid": r["afid"]["5"], "forgetting": r["forgetting"],
+                                                  "plasticity": r["plasticity"]}
+
+    def fmt(pair):
+        if pair is None:
+            return "—"
+        mean, se = pair
+        return f"{mean:.1f} ± {se:.1f}" if se == se else f"{mean:.1f}"
+
+    lines = [f"# Table 1 at CPU scale: Fashion-MNIST, 5 tasks of 2 classes\n",
+             f"Scale: {json.dumps(sc)} (per_class = training images per class, epochs per task, replay images "
+             f"per class, fid = generated images per task, DDIM steps). FID features: a CNN classifier trained on "
+             f"the Fashion-MNIST training split — NOT comparable to the paper's Inception FID. Mean ± standard "
+             f"error over seeds {list(SEEDS)}.\n"]
+    for section, title in (("paper_lambda", f"At the paper's λ = {PAPER_LAMBDA:g}"),
+                           ("best_lambda", "At each method's best λ (chosen on seed 100)")):
+        lines += [f"\n## {title}\n", "| method | λ | seeds | AFID@5 ↓ | forgetting F ↓ | plasticity P ↓ |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, e in table[section].items():
+            lam = "—" if e["lambda"] is None else f"{e['lambda']:g}"
+            lines.append(f"| {name} | {lam} | {e['seeds']} | {fmt(e['afid'])} | {fmt(e.get('forgetting'))} | "
+                         f"{fmt(e.get('plasticity'))} |")
+    lines += ["\n## λ sweep (seed 100): AFID@5 / F / P\n", "| method | " + " | ".join(f"λ={l:g}" for l in LAMBDAS)
+              + " |", "| --- |" + " --- |" * len(LAMBDAS)]
+    for name, by_lam in table["sweep"].items():
+        cells = [(lambda r: f"{r['afid']:.1f} / {r['forgetting']:.1f} / {r['plasticity']:.1f}")(by_lam[str(l)])
+                 if str(l) in by_lam else "" for l in LAMBDAS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    output.mkdir(parents=True, exist_ok=True)
+    stem = "table1_fmnist_cpu" + ("_smoke" if sc["epochs"] < 10 else "")
+    (output / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (output / f"{stem}.json").write_text(json.dumps(table, indent=2))
+    if curves:
+        plot_afid_curves(curves, output / f"{stem}_afid_at_k.png")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="a ~10-minute version (fewer images, epochs and samples)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
+    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--work_dir", default=None, help="default: runs/table1[_smoke]")
+    p.add_argument("--phase", choices=["all", "sweep", "table"], default="all")
+    args = p.parse_args()
+    sc = scale(args.smoke)
+    work = Path(args.work_dir or ROOT / "runs" / ("table1_smoke" if args.smoke else "table1"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
+    log = work / "runs.log"
+    if not (work / "fid_classifier" / "model.safetensors").exists():
+        subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name", args.data_dir,
+                        "--output_dir", str(work / "fid_classifier"), "--resolution", "16", "--epochs", "2"],
+                       check=True, cwd=ROOT)
+    sweep = [(m, lam, SWEEP_SEED) for m in SWEPT for lam in LAMBDAS]
+    if args.smoke:  # one sweep point per family and one seed keep the smoke run short
+        sweep = [(m, lam, SWEEP_SEED) for m in ("rank-1 + GD",) for lam in (100.0, 15000.0)]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        if args.phase in ("all", "sweep"):
+            list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log), sweep))
+        if args.phase in ("all", "table"):
+            best = best_lambdas(work)
+            seeds = SEEDS[:1] if args.smoke else SEEDS
+            jobs = [(m, PAPER_LAMBDA if m in HAS_PENALTY else None, s) for s in seeds for m in METHODS]
+            jobs += [(m, best[m], s) for s in seeds for m in best if best[m] != PAPER_LAMBDA]
+            list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log), jobs))
+    aggregate(work, sc, best_lambdas(work), RESULTS)
+    print(f"command: {' '.join(sys.argv)}; commit: "
+          f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}")
+
+
+if __name__ == "__main__":
+    main()
