@@ -37,7 +37,14 @@ from hf_r1ewc.data import (
     load_labeled_images,
     parse_tasks,
 )
-from hf_r1ewc.distill import ReplayPool, continual_loss, frozen_teacher, online_replay_batch
+from hf_r1ewc.distill import (
+    ReplayPool,
+    continual_loss,
+    ddim_sample,
+    default_autocast_dtype,
+    frozen_teacher,
+    online_replay_batch,
+)
 from hf_r1ewc.fisher import estimate_fisher, save_fisher
 from hf_r1ewc.hub import (
     TaskUploader,
@@ -518,12 +525,12 @@ def main(argv=None) -> None:
         if ema is not None:
             ema.copy_to(unet.parameters())
         unet.eval()
-        sampler = ClassConditionalDDIMPipeline(unet, noise_scheduler)
-        sampler.set_progress_bar_config(disable=True)
+        pipeline = ClassConditionalDDIMPipeline(unet, noise_scheduler)
+        eval_model = frozen_teacher(unet)  # the same fast sampler as the replay pool (bf16 where fast)
 
         def sample_fn(labels: torch.Tensor, seed: int) -> torch.Tensor:
-            gen = torch.Generator(device=device).manual_seed(seed)
-            return sampler(labels, args.num_inference_steps, generator=gen, output_type="pt").images * 2 - 1
+            return ddim_sample(eval_model, noise_scheduler, labels, args.num_inference_steps,
+                               torch.Generator().manual_seed(seed), default_autocast_dtype(device))
 
         eval_tasks = tasks if args.joint else tasks[:task_index]
         row = {}
@@ -574,7 +581,7 @@ def main(argv=None) -> None:
             folder = output_dir / task_folder_name(task_index)
 
             def fill(tmp: Path) -> None:
-                sampler.save_pretrained(tmp)
+                pipeline.save_pretrained(tmp)
                 if stats is not None:
                     save_fisher(str(tmp / "fisher.safetensors"), stats, task_index=task_index, classes=classes)
                 if penalty is not None:

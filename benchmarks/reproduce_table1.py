@@ -59,7 +59,7 @@ UNET_CONFIG = {
 
 def scale(smoke: bool) -> dict:
     if smoke:
-        return dict(per_class=100, epochs=4, replay=40, fid=200, steps=20)
+        return dict(per_class=100, epochs=4, replay=40, fid=150, steps=20)
     return dict(per_class=300, epochs=40, replay=150, fid=500, steps=50)
 
 
@@ -213,7 +213,7 @@ def main() -> None:
     log = work / "runs.log"
     if not (work / "fid_classifier" / "model.safetensors").exists():
         subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name", args.data_dir,
-                        "--output_dir", str(work / "fid_classifier"), "--resolution", "16", "--epochs", "2"],
+                        "--output_dir", str(work / "fid_classifier"), "--resolution", "16", "--resize", "--epochs", "2"],
                        check=True, cwd=ROOT)
     sweep = [(m, lam, SWEEP_SEED) for m in SWEPT for lam in LAMBDAS]
     if args.smoke:  # one sweep point per family and one seed keep the smoke run short

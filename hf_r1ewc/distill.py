@@ -173,8 +173,8 @@ class ReplayPool:
             ]
             path = directory / f"chunk-{chunk:05d}.safetensors"
             save_file({"images": torch.cat(parts).half().cpu().contiguous(), "labels": chunk_labels.contiguous()},
-                      f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+                      f"{path}.{os.getpid()}.tmp")
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
         if barrier is not None:
             barrier()
         return cls.load(directory)
@@ -197,7 +197,7 @@ class ReplayPool:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 

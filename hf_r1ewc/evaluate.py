@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .data import default_resolution, images_to_model_input, load_labeled_images
+from .distill import ddim_sample, default_autocast_dtype, frozen_teacher
 from .hub import is_complete_task_folder, resolve_task_source, task_folder_name
 from .metrics import (
     FeatureStatistics,
@@ -36,6 +37,7 @@ from .metrics import (
     train_classifier,
     write_json,
 )
+from .models import training_noise_scheduler
 from .plots import plot_afid_curves, plot_task_fid_curves, save_image_grid
 
 
@@ -44,7 +46,8 @@ def train_classifier_main(argv) -> None:
                                 description="Train the offline FID feature classifier on a dataset's training split.")
     p.add_argument("--dataset_name", required=True, help="'digits', a Hub id or a local folder")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--resolution", type=int, default=None, help="default: 28x28 padded to 32, else native")
+    p.add_argument("--resize", action="store_true", help="resize to --resolution instead of padding")
     p.add_argument("--feature_dim", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -52,9 +55,9 @@ def train_classifier_main(argv) -> None:
     train = load_labeled_images(args.dataset_name, "train")
     test = load_labeled_images(args.dataset_name, "test")
     resolution = args.resolution or default_resolution(train.image_size)
-    model = train_classifier(images_to_model_input(train.images, resolution), train.labels, max(train.classes) + 1,
-                             feature_dim=args.feature_dim, epochs=args.epochs, seed=args.seed)
-    accuracy = classifier_accuracy(model, images_to_model_input(test.images, resolution), test.labels)
+    model = train_classifier(images_to_model_input(train.images, resolution, args.resize), train.labels,
+                             max(train.classes) + 1, feature_dim=args.feature_dim, epochs=args.epochs, seed=args.seed)
+    accuracy = classifier_accuracy(model, images_to_model_input(test.images, resolution, args.resize), test.labels)
     model.save_pretrained(args.output_dir)
     (Path(args.output_dir) / "accuracy.json").write_text(json.dumps({"test_accuracy": accuracy}))
     print(f"test accuracy {accuracy:.4f}; saved to {args.output_dir}")
@@ -84,17 +87,17 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
         missing = [i for i in wanted if i not in matrix.get(k, {})]
         if not missing:
             continue
-        pipe = ClassConditionalDDIMPipeline.from_pretrained(folder)
-        pipe.set_progress_bar_config(disable=True)
+        model = frozen_teacher(ClassConditionalDDIMPipeline.from_pretrained(folder).unet)
         for i in missing:
             mask = torch.isin(test.labels, torch.tensor(tasks[i - 1]))
             cache_dir = args.get("fid_reference_dir") or run_dir / "fid_reference"
             real = real_statistics(extractor, test_inputs[mask],
                                    reference_cache_path(cache_dir, extractor, tasks[i - 1], test_inputs[mask]))
             labels = labels_in_test_proportions(test.labels[mask], num_samples or int(mask.sum()))
-            images = torch.cat([pipe(labels[j : j + 500], args.get("num_inference_steps", 50),
-                                     generator=torch.Generator().manual_seed(j + i), output_type="pt").images
-                                for j in range(0, len(labels), 500)]) * 2 - 1
+            images = torch.cat([ddim_sample(model, training_noise_scheduler(), labels[j : j + 500],
+                                            args.get("num_inference_steps", 50), torch.Generator().manual_seed(j + i),
+                                            default_autocast_dtype("cpu"))
+                                for j in range(0, len(labels), 500)])
             fake = FeatureStatistics.from_features(extractor.features(images), extractor.name)
             matrix.setdefault(k, {})[i] = fid_from_statistics(real, fake)
             print(f"{run_dir.name}: FID_{i}(m_{k}) = {matrix[k][i]:.3f}")

@@ -372,7 +372,7 @@ def save_fisher(
         "classes": json.dumps(list(classes) if classes is not None else None),
         "hf_r1ewc_version": __version__,
     }
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: runs may share a folder
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
 

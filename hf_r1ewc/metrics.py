@@ -72,7 +72,7 @@ class FeatureStatistics:
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: runs may share a folder
         save_file({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, tmp,
                   metadata={"num_samples": str(self.num_samples), "backend": self.backend})
         os.replace(tmp, path)
@@ -359,7 +359,7 @@ def fid_for_task(
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Atomic JSON write (keys converted to strings)."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: runs may share a folder
     Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

@@ -33,7 +33,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     grid = Image.fromarray(image_grid(images, nrow))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     grid.save(tmp, format="PNG")
     os.replace(tmp, path)
 
