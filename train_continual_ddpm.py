@@ -302,23 +302,19 @@ def main(argv=None) -> None:
         if args.max_train_per_class:
             train = train.head_per_class(args.max_train_per_class)
         resolution = args.resolution or default_resolution(train.image_size)
-        tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, train.classes)
-        all_classes = sorted(c for task in tasks for c in task)
         num_classes = max(train.classes) + 1  # the class embedding covers every label of the dataset
+        unet = build_unet(args, resolution, train.num_channels, num_classes)
+        tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, train.classes,
+                            unet.config.num_class_embeds)
+        all_classes = sorted(c for task in tasks for c in task)
         train_inputs = images_to_model_input(train.images, resolution, args.resize)
         test_inputs = images_to_model_input(test.images, resolution, args.resize)
-    except DataError as err:
+    except ValueError as err:  # DataError and model-shape errors: stop before any training
         raise SystemExit(f"error: {err}") from None
     missing_test = [c for c in all_classes if c not in test.classes]
     if missing_test and args.fid_backend != "none":
         raise SystemExit(f"error: the test split has no images of classes {missing_test}: FID needs them "
                          f"(or pass --fid_backend none)")
-
-    unet = build_unet(args, resolution, train.num_channels, num_classes)
-    try:
-        parse_tasks(";".join(",".join(map(str, t)) for t in tasks), None, train.classes, unet.config.num_class_embeds)
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
     noise_scheduler = training_noise_scheduler()
     training_tasks = [all_classes] if args.joint else tasks
     num_tasks = len(training_tasks)

@@ -157,6 +157,13 @@ def test_bad_input_fails_before_training(tmp_path):
     assert proc.returncode != 0 and "--ewc_lambda must be a finite number >= 0" in proc.stderr
     proc = launch(["--dataset_name", "nobody/nothing", "--output_dir", str(tmp_path / "x")], check=False)
     assert proc.returncode != 0 and "could not load Hub dataset 'nobody/nothing'" in proc.stderr
+    config = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
+              "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "num_class_embeds": 4,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    (tmp_path / "unet.json").write_text(json.dumps(config))
+    proc = launch(["--dataset_name", "digits", "--tasks", "0,1;8,9", "--model_config_name_or_path",
+                   str(tmp_path / "unet.json"), "--output_dir", str(tmp_path / "x")], check=False)
+    assert proc.returncode != 0 and "classes [8, 9] lie outside the model's class embedding" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
