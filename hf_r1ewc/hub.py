@@ -84,7 +84,7 @@ def write_model_card(
 
     row = matrix.get(task_index, {})
     eval_results = [
-        EvalResult(task_type="image-generation", dataset_type=dataset_name, dataset_name=f"{dataset_name} task {i}",
+        EvalResult(task_type="image-generation", dataset_type=dataset_name, dataset_name=dataset_name,
                    metric_type="fid", metric_value=round(value, 4),
                    metric_name=f"FID task {i} after task {task_index} ({fid_backend}, N={fid_num_samples})")
         for i, value in sorted(row.items())
@@ -92,7 +92,7 @@ def write_model_card(
     afid = summary.get("afid", {}).get(task_index)
     if afid is not None:
         eval_results.append(EvalResult(task_type="image-generation", dataset_type=dataset_name,
-                                       dataset_name=f"{dataset_name} tasks 1-{task_index}", metric_type="afid",
+                                       dataset_name=dataset_name, metric_type="afid",
                                        metric_value=round(afid, 4),
                                        metric_name=f"AFID@{task_index} ({fid_backend})"))
     card_data = ModelCardData(
