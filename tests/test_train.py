@@ -198,3 +198,15 @@ def test_ema_run_and_resume(tmp_path):
     launch([*common, "--output_dir", str(tmp_path / "cut"), "--resume_from_checkpoint", "latest"])
     a, b = unet_weights(tmp_path / "whole" / "task_01"), unet_weights(tmp_path / "cut" / "task_01")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_non_finite_loss_stops_with_last_good_state(tmp_path):
+    """A penalty that overflows float32 at task 2 stops the run with a clear message; task 1 stays intact."""
+    sys.path.insert(0, str(ROOT))
+    import train_continual_ddpm
+
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="non-finite loss .* at task 2"):
+        train_continual_ddpm.main([*FAST, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type",
+                                   "rank1_unscaled", "--ewc_lambda", "1e300", "--output_dir", str(out)])
+    assert (out / "task_01" / "model_index.json").exists() and not (out / "task_02").exists()
