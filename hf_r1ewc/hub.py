@@ -19,7 +19,17 @@ from typing import Callable
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "task_card.md"
+def _template_path() -> Path:
+    """model_cards/task_card.md of the source tree, or its copy inside an installed wheel."""
+    source = Path(__file__).resolve().parent.parent / "model_cards" / "task_card.md"
+    if source.exists():
+        return source
+    from importlib.resources import files
+
+    return Path(str(files("hf_r1ewc.model_cards") / "task_card.md"))
+
+
+TEMPLATE = _template_path()
 REQUIRED_FILES = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "training_state.json")
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "pipeline.py"]
 
