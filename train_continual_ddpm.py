@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from hf_r1ewc import __version__
 from hf_r1ewc.data import (
-    DataError,
     default_resolution,
     images_to_model_input,
     load_labeled_images,

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians, print_table, sync, unet, write_results  # noqa: E402
+from _common import interleaved_medians, print_table, unet, write_results  # noqa: E402
 
 from hf_r1ewc.distill import continual_loss, ddim_sample, default_autocast_dtype, frozen_teacher  # noqa: E402
 

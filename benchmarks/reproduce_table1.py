@@ -140,7 +140,7 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
                 runs.append(json.loads((out / "results.json").read_text()))
         return runs
 
-    rows, curves = [], {}
+    curves = {}
     table = {"paper_lambda": {}, "best_lambda": {}, "sweep": {}, "scale": sc, "best_lambdas": best}
     for section, lam_of in (("paper_lambda", lambda m: PAPER_LAMBDA), ("best_lambda", lambda m: best.get(m))):
         for name in METHODS:
@@ -174,7 +174,7 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
         mean, se = pair
         return f"{mean:.1f} ± {se:.1f}" if se == se else f"{mean:.1f}"
 
-    lines = [f"# Table 1 at CPU scale: Fashion-MNIST, 5 tasks of 2 classes\n",
+    lines = ["# Table 1 at CPU scale: Fashion-MNIST, 5 tasks of 2 classes\n",
              f"Scale: {json.dumps(sc)} (per_class = training images per class, epochs per task, replay images "
              f"per class, fid = generated images per task, DDIM steps). FID features: a CNN classifier trained on "
              f"the Fashion-MNIST training split — NOT comparable to the paper's Inception FID. Mean ± standard "

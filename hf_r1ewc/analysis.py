@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from .fisher import forward_ad_safe, per_sample_losses
@@ -213,7 +213,7 @@ def plot_analysis(result: dict, output_dir: Path) -> None:
 
 
 def main(argv=None) -> None:
-    from .data import default_resolution, images_to_model_input, load_labeled_images, parse_tasks
+    from .data import images_to_model_input, load_labeled_images, parse_tasks
     from .hub import resolve_task_source
     from .pipeline import ClassConditionalDDIMPipeline
 

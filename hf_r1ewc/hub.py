@@ -7,7 +7,6 @@ A task folder ``OUTPUT_DIR/task_XX/`` is a loadable pipeline (``model_index.json
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -231,6 +230,3 @@ class TaskUploader:
                     else:
                         time.sleep(self.backoff_seconds * attempt)
 
-
-def read_json(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())

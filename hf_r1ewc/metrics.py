@@ -20,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -339,22 +339,6 @@ def summarize(matrix: Mapping[int, Mapping[int, float]]) -> dict:
         out["forgetting"] = forgetting(matrix, done[-1])
         out["plasticity"] = plasticity(matrix, done[-1])
     return out
-
-
-def fid_for_task(
-    sample_fn: Callable[[torch.Tensor], torch.Tensor],
-    extractor: FeatureExtractor,
-    real: FeatureStatistics,
-    test_labels: torch.Tensor,
-    num_samples: int,
-    batch_size: int = 250,
-) -> float:
-    """FID between ``num_samples`` generated images (labels in the test set's proportions; ``sample_fn(labels)``
-    returns images in [-1, 1]) and the cached real statistics of the task's test images."""
-    labels = labels_in_test_proportions(test_labels, num_samples)
-    features = torch.cat([extractor.features(sample_fn(labels[i : i + batch_size]))
-                          for i in range(0, len(labels), batch_size)])
-    return fid_from_statistics(real, FeatureStatistics.from_features(features, extractor.name))
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from conftest import make_tiny_unet
 from hf_r1ewc.distill import (

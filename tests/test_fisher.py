@@ -9,7 +9,6 @@ import torch
 from diffusers import DDPMScheduler
 
 from hf_r1ewc.fisher import (
-    FisherStatistics,
     FisherSums,
     accumulate_first_pass,
     accumulate_second_pass,

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import DDPMScheduler
 
 from conftest import make_tiny_unet

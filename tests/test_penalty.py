@@ -40,6 +40,15 @@ def _random_task(model, seed):
     return stats, _unflat(theta_star, model), (mu, diag, theta_star, c_star)
 
 
+def _penalty_with_tasks(model, kind, ewc_lambda, seeds):
+    """A penalty over random tasks (one per seed), and those tasks."""
+    tasks = [_random_task(model, seed) for seed in seeds]
+    penalty = EWCPenalty(kind, ewc_lambda=ewc_lambda)
+    for stats, theta_star, _ in tasks:
+        penalty.add_task(stats, theta_star)
+    return penalty, tasks
+
+
 def _dense_terms(kind, tasks):
     """[(F_k dense, theta*_k)] with F_k as stored in float32 (the penalty keeps float32 tensors)."""
     out = []
@@ -56,10 +65,7 @@ def _dense_terms(kind, tasks):
 @pytest.mark.parametrize("kind", KINDS)
 def test_value_and_gradient_equal_explicit_quadratic(kind):
     model = _model()
-    tasks = [_random_task(model, seed) for seed in (1, 2, 3)]
-    penalty = EWCPenalty(kind, ewc_lambda=37.0)
-    for stats, theta_star, _ in tasks:
-        penalty.add_task(stats, theta_star)
+    penalty, tasks = _penalty_with_tasks(model, kind, 37.0, (1, 2, 3))
     theta = _flat(model).requires_grad_(True)
     explicit = sum(0.5 * (theta - ts) @ F @ (theta - ts) for F, ts in _dense_terms(kind, tasks)) * 37.0
     (explicit_grad,) = torch.autograd.grad(explicit, theta)
@@ -164,10 +170,7 @@ def _dense_minimiser(theta_tilde, step, lam, terms):
 @pytest.mark.parametrize("kind", KINDS)
 def test_proximal_step_equals_dense_minimiser(kind):
     model = _model()
-    tasks = [_random_task(model, seed) for seed in (4, 5, 6)]
-    penalty = EWCPenalty(kind, ewc_lambda=50.0)
-    for stats, theta_star, _ in tasks:
-        penalty.add_task(stats, theta_star)
+    penalty, tasks = _penalty_with_tasks(model, kind, 50.0, (4, 5, 6))
     theta_tilde = _flat(model)
     expected = _dense_minimiser(theta_tilde, 0.01, 50.0, _dense_terms(kind, tasks))
     before = float(penalty(model))
@@ -180,10 +183,7 @@ def test_proximal_step_equals_dense_minimiser(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_proximal_step_limits(kind):
     model = _model()
-    tasks = [_random_task(model, seed) for seed in (7, 8, 9)]
-    penalty = EWCPenalty(kind, ewc_lambda=0.0)
-    for stats, theta_star, _ in tasks:
-        penalty.add_task(stats, theta_star)
+    penalty, tasks = _penalty_with_tasks(model, kind, 0.0, (7, 8, 9))
     theta_tilde = _flat(model)
     penalty.proximal_step(model, step_size=0.1)
     assert torch.equal(_flat(model), theta_tilde)  # lambda = 0 leaves theta unchanged
