@@ -442,14 +442,14 @@ def main(argv=None) -> None:
         progress = tqdm(total=args.num_epochs_per_task * steps_per_epoch,
                         initial=first_epoch * steps_per_epoch + skip_batches // args.gradient_accumulation_steps,
                         desc=f"task {task_index}/{num_tasks}", disable=not accelerator.is_local_main_process)
-        loss_curve = []
+        loss_curve, denoise_curve = [], []
         for epoch in range(first_epoch, args.num_epochs_per_task):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
             step_in_epoch = skip_batches
             skip_batches = 0
-            epoch_losses = []
+            epoch_losses, epoch_denoise = [], []
             model.train()
             for images, labels in batches:
                 step_seed = (args.seed * 1_000_003 + global_step) * 8 + accelerator.process_index
@@ -482,6 +482,7 @@ def main(argv=None) -> None:
                     optimizer.zero_grad(set_to_none=True)
                 step_in_epoch += 1
                 epoch_losses.append(float(loss.detach()))
+                epoch_denoise.append(float(parts["denoise"]))
                 if not accelerator.sync_gradients:
                     continue
                 if penalty is not None and args.ewc_mode == "decoupled":
@@ -508,6 +509,7 @@ def main(argv=None) -> None:
             if stopped_early:
                 break
             loss_curve.append(sum(epoch_losses) / max(len(epoch_losses), 1))
+            denoise_curve.append(sum(epoch_denoise) / max(len(epoch_denoise), 1))
         progress.close()
         if stopped_early:
             logger.info("stopped after %d steps as asked; continue with --resume_from_checkpoint latest",
@@ -569,6 +571,7 @@ def main(argv=None) -> None:
             summary = summarize(matrix) if not args.joint else {}
             metrics = {"task": task_index, "classes": classes, "fid": row, "fid_num_samples": fid_n,
                        "fid_backend": args.fid_backend, "loss_per_epoch": loss_curve,
+                       "denoise_loss_per_epoch": denoise_curve,
                        "c_star": stats.c_star if stats else None,
                        "mu_norm": stats.mu_norm() if stats and stats.mu else None, **summary}
             grid_labels = torch.tensor(seen).repeat_interleave(8)

@@ -83,3 +83,24 @@ def plot_task_fid_curves(matrix: dict[int, dict[int, float]], path: str | os.Pat
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_loss_curves(curves: dict[str, dict[int, list[float]]], path: str | os.PathLike) -> None:
+    """Per-epoch training loss of every task, one panel per run: ``curves[run][task] = [loss at epoch 1, ...]``."""
+    plt = _pyplot()
+    cols = min(3, len(curves))
+    rows = math.ceil(len(curves) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for ax, (run, by_task) in zip(axes.flat, sorted(curves.items())):
+        for task, losses in sorted(by_task.items()):
+            ax.plot(range(1, len(losses) + 1), losses, label=f"task {task}")
+        ax.set_title(run, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch", fontsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("denoising loss (epoch mean)")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -66,6 +66,7 @@ def test_layout_fisher_pipeline_and_results(two_task_run):
     assert results["fid_backend"] == "classifier" and results["fid_comparable_to_inception"] is False
     metrics = json.loads((two_task_run / "task_02" / "metrics.json").read_text())
     assert metrics["fid_num_samples"] == {"1": 40, "2": 40} and len(metrics["loss_per_epoch"]) == 2
+    assert len(metrics["denoise_loss_per_epoch"]) == 2 and all(v > 0 for v in metrics["denoise_loss_per_epoch"])
     penalty_state = json.loads((two_task_run / "task_02" / "training_state.json").read_text())
     assert penalty_state["seen_classes"] == [0, 1, 2, 3]
     card = (two_task_run / "task_02" / "README.md").read_text()
