@@ -11,6 +11,11 @@ The rank-1 family stores mu_k stacked per parameter (``[K, *shape]``), so one st
 parameter tensor for all K tasks together, with b_k fixed once: no concatenation of all parameters. The diagonal
 family is ONE merged quadratic (A, m, const) whose memory does not grow with K. Values are computed in float32
 (autocast off) and summed over parameters in float64.
+
+FSDP2: with DTensor (sharded) parameters each process uses the matching slices of the statistics and all-reduces the
+K projections (rank-1) or the one partial sum (diagonal) per step, so the value is exact and every shard gets its
+exact gradient; the statistics themselves may stay on the CPU (``penalty.to("cpu")``): only the local slices are
+moved next to the parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from .fisher import FisherStatistics
+from .sharding import all_reduce_keeping_local_grad, local_slice, local_tensor, shard_groups
 
 PENALTY_KINDS = ("rank1", "rank1_unscaled", "diag")
 
@@ -144,8 +150,9 @@ class EWCPenalty:
 
     # ------------------------------------------------------------------------------------------------ value
 
-    def _pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """(parameter, stored tensor, anchor) for every stored parameter, cached per model."""
+    def _pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple]]:
+        """(parameter, stored tensor, anchor, shard groups) per stored parameter, cached per model; the stored
+        tensors are cut to the parameter's local shard and moved to its device."""
         if self._bound is not None and self._bound[0] == id(model):
             return self._bound[1]
         named = dict(model.named_parameters())
@@ -153,33 +160,41 @@ class EWCPenalty:
         missing = sorted(set(store) - set(named))
         if missing:
             raise ValueError(f"the model has no parameters {missing[:5]} that the penalty constrains")
-        pairs = [(named[n], store[n], self.anchor.get(n)) for n in store]
+        lead = 0 if self.kind == "diag" else 1
+        pairs = [(named[n], local_slice(store[n], named[n], lead),
+                  local_slice(self.anchor[n], named[n]) if n in self.anchor else None, shard_groups(named[n]))
+                 for n in store]
         self._bound = (id(model), pairs)
         return pairs
 
+    @staticmethod
+    def _sum_over_shards(parts: list[tuple[torch.Tensor, tuple]]) -> torch.Tensor:
+        """Sum per-parameter partial results; the parts of sharded parameters are all-reduced (one call per group)."""
+        by_groups: dict[tuple, torch.Tensor] = {}
+        for part, groups in parts:
+            by_groups[groups] = part if groups not in by_groups else by_groups[groups] + part
+        return sum(all_reduce_keeping_local_grad(part, groups) for groups, part in by_groups.items())
+
     def projections(self, model: nn.Module) -> torch.Tensor:
-        """``[K]`` float64 mu_k^T theta for the rank-1 family (differentiable)."""
-        total = None
-        for param, mu, _ in self._pairs(model):
-            part = (mu.flatten(1).float() @ param.flatten().float()).double()
-            total = part if total is None else total + part
-        return total
+        """``[K]`` float64 mu_k^T theta for the rank-1 family (differentiable; summed over shards)."""
+        return self._sum_over_shards([
+            ((mu.flatten(1).float() @ local_tensor(param).flatten().float()).double(), groups)
+            for param, mu, _, groups in self._pairs(model)])
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """The scalar penalty (already multiplied by lambda), float32, differentiable w.r.t. the model."""
-        params = list(model.parameters())
-        zero = torch.zeros((), device=params[0].device)
+        device = local_tensor(next(model.parameters())).device
         if self.num_tasks == 0 or self.ewc_lambda == 0:
-            return zero
-        with torch.autocast(device_type=params[0].device.type, enabled=False):
+            return torch.zeros((), device=device)
+        with torch.autocast(device_type=device.type, enabled=False):
             if self.kind == "diag":
-                total = sum(
-                    (a * (p.float() - m).pow(2)).sum(dtype=torch.float64) for p, a, m in self._pairs(model)
-                )
+                total = self._sum_over_shards([
+                    ((a * (local_tensor(p).float() - m).pow(2)).sum(dtype=torch.float64), groups)
+                    for p, a, m, groups in self._pairs(model)])
                 value = 0.5 * total + self.constant
             else:
-                residual = self.projections(model) - self.b.to(params[0].device)
-                value = 0.5 * (self.c.to(params[0].device) * residual.pow(2)).sum()
+                residual = self.projections(model) - self.b.to(device)
+                value = 0.5 * (self.c.to(device) * residual.pow(2)).sum()
         return (self.ewc_lambda * value).float()
 
     # ---------------------------------------------------------------------------------------- proximal step
@@ -200,7 +215,8 @@ class EWCPenalty:
             raise ValueError(f"step_size must be >= 0, got {step_size}")
         pairs = self._pairs(model)
         if self.kind == "diag":
-            for p, a, m in pairs:
+            for p, a, m, _ in pairs:
+                p = local_tensor(p)
                 weight = step_size * self.ewc_lambda * a.float()
                 p.copy_(((p.float() + weight * m) / (1.0 + weight)).to(p.dtype))
             return
@@ -212,7 +228,8 @@ class EWCPenalty:
         residual = (self.projections(model).cpu() - self.b)[index]
         system = torch.diag(1.0 / scale[index]) + self.gram[index][:, index]
         weights = torch.linalg.solve(system, residual)  # [K_active] float64
-        for p, mu, _ in pairs:
+        for p, mu, _, _ in pairs:
+            p = local_tensor(p)
             w = weights.to(mu.device, torch.float32)
             update = (w @ mu[index.to(mu.device)].flatten(1).float()).view_as(p)
             p.sub_(update.to(p.dtype))
