@@ -24,17 +24,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from hf_r1ewc import __version__
 from hf_r1ewc.data import (
+    StreamedTaskLoader,
+    count_task_examples,
     default_resolution,
     images_to_model_input,
     load_labeled_images,
     parse_tasks,
+    stream_task,
 )
 from hf_r1ewc.distill import (
     ReplayPool,
@@ -69,6 +72,7 @@ from hf_r1ewc.models import PRESETS, training_noise_scheduler, unet_from_preset
 from hf_r1ewc.penalty import EWCPenalty
 from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
 from hf_r1ewc.plots import save_image_grid
+from hf_r1ewc.sharding import full_model_copy
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -91,6 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resize", action="store_true", help="resize images to --resolution instead of padding")
     g.add_argument("--max_train_per_class", type=int, default=None,
                    help="use only the first N training images of each class (small CPU runs)")
+    g.add_argument("--streaming", action="store_true",
+                   help="stream the training split with `datasets` instead of reading it into memory (ImageNet): each "
+                        "task reads only its classes (label filter pushed down to parquet), a shuffle buffer "
+                        "reseeded per epoch, one shard per process. The --eval_split is still read into memory.")
+    g.add_argument("--eval_split", default="test",
+                   help="the split that FID and the class list come from (ImageNet 32x32: validation)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="UNet shape and default hyperparameters: paper (~34M params, the paper's protocol), "
@@ -194,6 +204,12 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--joint trains all classes at once; it cannot continue from a task folder")
     if args.fid_backend == "inception" and args.fid_weights and not Path(args.fid_weights).exists():
         fail(f"--fid_weights {args.fid_weights} does not exist")
+    if args.streaming and args.max_train_per_class:
+        fail("--max_train_per_class reads the whole training split into memory; drop it with --streaming")
+    if args.streaming and args.fid_backend == "classifier" and not args.fid_classifier:
+        fail("--streaming never holds the training split in memory, so the FID classifier cannot be trained here: "
+             "train it with `python -m hf_r1ewc.evaluate train-classifier` and pass --fid_classifier DIR, or use "
+             "--fid_backend inception, dinov2 or none")
     if args.fid_classifier and not (Path(args.fid_classifier) / "model.safetensors").exists():
         fail(f"--fid_classifier {args.fid_classifier} holds no model.safetensors")
 
@@ -292,21 +308,30 @@ def main(argv=None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     set_seed(args.seed)
     device = accelerator.device
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not accelerator.is_fsdp2:
+        raise SystemExit("error: the EWC penalty works on FSDP2's DTensor shards; set fsdp_version: 2 in the "
+                         "accelerate config (accelerate_configs/fsdp.yaml)")
+    if fsdp and args.use_ema:
+        raise SystemExit("error: --use_ema keeps a full copy of the weights per process, which FSDP is meant to "
+                         "avoid; train without --use_ema under FSDP or use DDP (accelerate_configs/multi_gpu_ddp.yaml)")
 
     # ---- data and tasks: validated before any model is built
     source = args.dataset_name or args.train_data_dir
     try:
-        train = load_labeled_images(source, "train", args.image_column, args.label_column)
-        test = load_labeled_images(source, "test", args.image_column, args.label_column)
+        test = load_labeled_images(source, args.eval_split, args.image_column, args.label_column)
+        train = None if args.streaming else load_labeled_images(source, "train", args.image_column,
+                                                                  args.label_column)
         if args.max_train_per_class:
             train = train.head_per_class(args.max_train_per_class)
-        resolution = args.resolution or default_resolution(train.image_size)
-        num_classes = max(train.classes) + 1  # the class embedding covers every label of the dataset
-        unet = build_unet(args, resolution, train.num_channels, num_classes)
-        tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, train.classes,
+        known = test if args.streaming else train  # streamed: the eval split names the classes and the image shape
+        resolution = args.resolution or default_resolution(known.image_size)
+        num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
+        unet = build_unet(args, resolution, known.num_channels, num_classes)
+        tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, known.classes,
                             unet.config.num_class_embeds)
         all_classes = sorted(c for task in tasks for c in task)
-        train_inputs = images_to_model_input(train.images, resolution, args.resize)
+        train_inputs = None if args.streaming else images_to_model_input(train.images, resolution, args.resize)
         test_inputs = images_to_model_input(test.images, resolution, args.resize)
     except ValueError as err:  # DataError and model-shape errors: stop before any training
         raise SystemExit(f"error: {err}") from None
@@ -397,8 +422,9 @@ def main(argv=None) -> None:
         if args.push_to_hub and accelerator.is_main_process else None
 
     unet.to(device)
+    penalty_device = "cpu" if fsdp else device  # under FSDP only each shard's slice of the statistics goes to the GPU
     if penalty is not None:
-        penalty.to(device)
+        penalty.to(penalty_device)
     global_step = resume_position["global_step"] if resume_position else 0
     steps_this_process = 0
     stopped_early = False
@@ -407,15 +433,27 @@ def main(argv=None) -> None:
         classes = training_tasks[task_index - 1]
         seen = sorted({c for t in training_tasks[:task_index] for c in t})
         old_classes = sorted({c for t in training_tasks[: task_index - 1] for c in t})
-        task_mask = torch.isin(train.labels, torch.tensor(classes))
-        task_data = torch.utils.data.TensorDataset(train_inputs[task_mask], train.labels[task_mask])
+
+        def streamed(shuffle: bool, seed: int = 0):
+            return stream_task(source, "train", classes, resolution=resolution, num_channels=known.num_channels,
+                               image_column=args.image_column, label_column=args.label_column, resize=args.resize,
+                               shuffle=shuffle, seed=seed, rank=accelerator.process_index,
+                               world_size=accelerator.num_processes)
+
+        if args.streaming:
+            task_data = None
+            num_examples = count_task_examples(source, "train", classes, args.label_column)
+        else:
+            task_mask = torch.isin(train.labels, torch.tensor(classes))
+            task_data = torch.utils.data.TensorDataset(train_inputs[task_mask], train.labels[task_mask])
+            num_examples = len(task_data)
         logger.info("task %d/%d: classes %s, %d training images, method: %s", task_index, num_tasks, classes,
-                    len(task_data), method_description(args))
+                    num_examples, method_description(args))
 
         # teacher and replay pool from the model after the previous task
         teacher, pool = None, None
         if use_replay and old_classes:
-            teacher = frozen_teacher(unet)
+            teacher = frozen_teacher(full_model_copy(unet))  # under FSDP: the one gather of this task's start
             if args.replay_mode == "pool":
                 pool = ReplayPool.generate(
                     teacher, noise_scheduler, old_classes, args.replay_per_class,
@@ -426,10 +464,19 @@ def main(argv=None) -> None:
 
         # a fresh optimizer per task (the penalty and the teacher carry what earlier tasks taught)
         optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
-        loader = torch.utils.data.DataLoader(task_data, batch_size=args.train_batch_size, shuffle=True,
-                                             drop_last=len(task_data) > args.train_batch_size,
-                                             generator=torch.Generator().manual_seed(args.seed + task_index))
-        model, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+        if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
+            num_batches = num_examples // (args.train_batch_size * accelerator.num_processes)
+            if num_batches == 0:
+                raise SystemExit(f"error: task {task_index} has {num_examples} training images, fewer than one batch "
+                                 f"of {args.train_batch_size} per process; lower --train_batch_size")
+            loader = StreamedTaskLoader(streamed(True, args.seed + task_index), args.train_batch_size, num_batches,
+                                        device)
+            model, optimizer = accelerator.prepare(unet, optimizer)
+        else:
+            loader = torch.utils.data.DataLoader(task_data, batch_size=args.train_batch_size, shuffle=True,
+                                                 drop_last=len(task_data) > args.train_batch_size,
+                                                 generator=torch.Generator().manual_seed(args.seed + task_index))
+            model, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
         first_epoch, skip_batches = 0, 0
         if resume_dir is not None and resume_position["task"] == task_index:
             accelerator.load_state(str(resume_dir))
@@ -446,7 +493,10 @@ def main(argv=None) -> None:
         for epoch in range(first_epoch, args.num_epochs_per_task):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+            batches = loader
+            if skip_batches:
+                batches = loader.skip_first(skip_batches) if args.streaming \
+                    else accelerator.skip_first_batches(loader, skip_batches)
             step_in_epoch = skip_batches
             skip_batches = 0
             epoch_losses, epoch_denoise = [], []
@@ -508,8 +558,9 @@ def main(argv=None) -> None:
                     break
             if stopped_early:
                 break
-            loss_curve.append(sum(epoch_losses) / max(len(epoch_losses), 1))
-            denoise_curve.append(sum(epoch_denoise) / max(len(epoch_denoise), 1))
+            if epoch_losses:  # (empty when a resumed epoch had already finished)
+                loss_curve.append(sum(epoch_losses) / len(epoch_losses))
+                denoise_curve.append(sum(epoch_denoise) / len(epoch_denoise))
         progress.close()
         if stopped_early:
             logger.info("stopped after %d steps as asked; continue with --resume_from_checkpoint latest",
@@ -522,8 +573,9 @@ def main(argv=None) -> None:
         if ema is not None:
             ema.copy_to(unet.parameters())
         unet.eval()
-        pipeline = ClassConditionalDDIMPipeline(unet, noise_scheduler)
-        eval_model = frozen_teacher(unet)  # the same fast sampler as the replay pool (bf16 where fast)
+        trained = full_model_copy(unet)  # whole weights, gathered once per task under FSDP (else unet itself)
+        pipeline = ClassConditionalDDIMPipeline(trained, noise_scheduler)
+        eval_model = frozen_teacher(trained)  # the same fast sampler as the replay pool (bf16 where fast)
 
         def sample_fn(labels: torch.Tensor, seed: int) -> torch.Tensor:
             return ddim_sample(eval_model, noise_scheduler, labels, args.num_inference_steps,
@@ -551,19 +603,26 @@ def main(argv=None) -> None:
         stats = None
         if penalty is not None:
             kinds = ("diag",) if args.ewc_type == "diag" else ("rank1",)
-            shard = torch.arange(len(task_data))
-            if args.fisher_num_samples:
-                shard = shard[: args.fisher_num_samples]
-            shard = shard[accelerator.process_index :: accelerator.num_processes]
-            fisher_loader = torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(task_data.tensors[0][shard], task_data.tensors[1][shard], shard),
-                batch_size=args.fisher_batch_size)
-            stats = estimate_fisher(unet, noise_scheduler, fisher_loader, kinds=kinds,
+            per_process_cap = None
+            if args.streaming:  # one unshuffled pass per Fisher pass over this process's shard
+                fisher_loader = StreamedTaskLoader(streamed(False), args.fisher_batch_size, None, device,
+                                                   accelerator.process_index, accelerator.num_processes)
+                if args.fisher_num_samples:
+                    per_process_cap = -(-args.fisher_num_samples // accelerator.num_processes)
+            else:
+                shard = torch.arange(len(task_data))
+                if args.fisher_num_samples:
+                    shard = shard[: args.fisher_num_samples]
+                shard = shard[accelerator.process_index :: accelerator.num_processes]
+                fisher_loader = torch.utils.data.DataLoader(
+                    torch.utils.data.TensorDataset(task_data.tensors[0][shard], task_data.tensors[1][shard], shard),
+                    batch_size=args.fisher_batch_size)
+            stats = estimate_fisher(trained, noise_scheduler, fisher_loader, kinds=kinds, num_samples=per_process_cap,
                                     generator=torch.Generator().manual_seed(args.seed + task_index),
                                     reduce_sum=lambda t: accelerator.reduce(t, "sum"),
                                     show_progress=accelerator.is_local_main_process)
-            if penalty is not None:
-                penalty.add_task(stats, unet)
+            penalty.add_task(stats, trained)
+            penalty.to(penalty_device)
             logger.info("Fisher after task %d: c* = %s, ||mu|| = %.4g, N = %d", task_index, stats.c_star,
                         stats.mu_norm(), stats.num_samples)
 
@@ -592,6 +651,7 @@ def main(argv=None) -> None:
                 write_json(tmp / "training_state.json", {
                     "task_index": task_index, "tasks": training_tasks, "seen_classes": seen,
                     "run_config": run_config(args), "global_step": global_step, "method": method_description(args),
+                    "num_processes": accelerator.num_processes,
                     "hf_r1ewc_version": __version__})
                 write_model_card(
                     tmp, task_index=task_index, num_tasks=num_tasks, seen_classes=seen,

@@ -337,6 +337,22 @@ def parse_tasks(
 # ------------------------------------------------------------------------------------------------ streaming
 
 
+def _filtered_stream(source: str, split: str, classes: Sequence[int], image_column: str | None,
+                     label_column: str | None):
+    """(streamed dataset holding only ``classes``, image column, label column); parquet gets the filter pushed down."""
+    wanted = [int(c) for c in classes]
+    try:
+        dataset = load_hf_dataset(source, split, streaming=True, filters=[(label_column or "label", "in", wanted)])
+    except (DataError, TypeError, ValueError):
+        dataset = load_hf_dataset(source, split, streaming=True)
+    image_column, label_column = resolve_columns(list(dataset.features or {}) or dataset.column_names,
+                                                 image_column, label_column)
+    wanted_set = set(wanted)
+    dataset = dataset.select_columns([image_column, label_column])
+    dataset = dataset.filter(lambda label: int(label) in wanted_set, input_columns=[label_column])
+    return dataset, image_column, label_column
+
+
 def stream_task(
     source: str,
     split: str,
@@ -347,6 +363,7 @@ def stream_task(
     image_column: str | None = None,
     label_column: str | None = None,
     resize: bool = False,
+    shuffle: bool = True,
     shuffle_buffer_size: int = 10_000,
     seed: int = 0,
     rank: int = 0,
@@ -358,21 +375,14 @@ def stream_task(
     Parquet sources get the label filter pushed down to the reader; every source is also filtered per example.
     The stream is split across processes here with ``datasets.distributed.split_dataset_by_node``: build the
     ``DataLoader`` from it directly and do NOT pass that loader through ``accelerator.prepare`` (that would shard
-    it a second time). Call ``.set_epoch(epoch)`` each epoch to reseed the shuffle buffer.
+    it a second time). Call ``.set_epoch(epoch)`` each epoch to reseed the shuffle buffer; ``shuffle=False`` keeps
+    the source order (the Fisher's two passes need the same order).
     """
     from datasets.distributed import split_dataset_by_node
 
-    wanted = [int(c) for c in classes]
-    try:
-        dataset = load_hf_dataset(source, split, streaming=True, filters=[(label_column or "label", "in", wanted)])
-    except (DataError, TypeError, ValueError):
-        dataset = load_hf_dataset(source, split, streaming=True)
-    image_column, label_column = resolve_columns(list(dataset.features or {}) or dataset.column_names,
-                                                 image_column, label_column)
-    wanted_set = set(wanted)
-    dataset = dataset.select_columns([image_column, label_column])
-    dataset = dataset.filter(lambda label: int(label) in wanted_set, input_columns=[label_column])
-    dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    dataset, image_column, label_column = _filtered_stream(source, split, classes, image_column, label_column)
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
     dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
     def to_model_input(example):
@@ -383,6 +393,59 @@ def stream_task(
         return {"pixel_values": pixels, "class_labels": int(example[label_column])}
 
     return dataset.map(to_model_input, remove_columns=[image_column, label_column])
+
+
+def count_task_examples(source: str, split: str, classes: Sequence[int], label_column: str | None = None) -> int:
+    """How many examples of ``classes`` a streamed split holds (one pass over the label column only)."""
+    dataset, _, label_column = _filtered_stream(source, split, classes, None, label_column)
+    return sum(1 for _ in dataset.select_columns([label_column]))
+
+
+class StreamedTaskLoader:
+    """Batches ``(pixel_values [B, C, R, R], class_labels [B][, index [B]])`` on ``device`` from a ``stream_task``.
+
+    With ``num_batches``, every process takes exactly that many batches per epoch, re-reading its shard if it runs
+    short: data-parallel processes must step together, while a streamed shard's size is only known after reading it
+    (``split_dataset_by_node`` may hand out whole files). ``num_batches=None`` is one pass over the shard, with each
+    sample's global index (position in this process's stream * world_size + rank) for ``estimate_fisher``.
+    """
+
+    def __init__(self, stream, batch_size: int, num_batches: int | None = None, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.stream, self.batch_size, self.num_batches = stream, batch_size, num_batches
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("a one-pass StreamedTaskLoader has no length")
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        return self.skip_first(0)
+
+    def skip_first(self, num_batches: int):
+        """Iterate from batch ``num_batches`` on (resuming mid-epoch re-reads the same seeded stream)."""
+        step, position = 0, 0
+        while self.num_batches is None or step < self.num_batches:
+            read = 0
+            for batch in torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size):
+                if self.num_batches is not None and step >= self.num_batches:
+                    return
+                n = batch["pixel_values"].shape[0]
+                if step >= num_batches:
+                    out = (batch["pixel_values"].to(self.device), batch["class_labels"].to(self.device))
+                    if self.num_batches is None:
+                        out += (torch.arange(position, position + n) * self.world_size + self.rank,)
+                    yield out
+                step, position, read = step + 1, position + n, read + 1
+            if self.num_batches is None:
+                return
+            if read == 0:
+                raise DataError(f"process {self.rank}'s share of the streamed task is empty; use fewer processes "
+                                f"or a dataset with more files")
 
 
 # ---------------------------------------------------------------------------------------------------- preview

@@ -19,9 +19,17 @@ FAST = ["--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1;2,3", "-
 
 
 def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
+    """One process: `accelerate launch --cpu`. Several: torchrun with ACCELERATE_USE_CPU=true, because
+    `accelerate launch --cpu --num_processes N` starts ONE process on a machine without GPUs (its simple launcher
+    spreads CPU processes only through mpirun); the Accelerator then runs MULTI_CPU over gloo."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    if num_processes == 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+               SCRIPT, *args]
+        env["ACCELERATE_USE_CPU"] = "true"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
@@ -120,6 +128,7 @@ def test_two_processes(tmp_path):
     launch([*FAST, "--tasks", "0,1", "--fid_backend", "none", "--ewc_type", "rank1",
             "--output_dir", str(tmp_path / "ddp")], num_processes=2)
     folder = tmp_path / "ddp" / "task_01"
+    assert json.loads((folder / "training_state.json").read_text())["num_processes"] == 2
     pipe = ClassConditionalDDIMPipeline.from_pretrained(folder)
     two_proc = load_fisher(str(folder / "fisher.safetensors"), model=pipe.unet)
     data = load_labeled_images("digits", "train").head_per_class(48).subset([0, 1])
@@ -211,3 +220,63 @@ def test_non_finite_loss_stops_with_last_good_state(tmp_path):
         train_continual_ddpm.main([*FAST, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type",
                                    "rank1_unscaled", "--ewc_lambda", "1e300", "--output_dir", str(out)])
     assert (out / "task_01" / "model_index.json").exists() and not (out / "task_02").exists()
+
+
+def _imagenet32_like_parquet(root: Path, num_classes: int = 100, train_per_class: int = 4, size: int = 8) -> Path:
+    """A local parquet dataset with the schema of benjamin-paine/imagenet-1k-32x32 (image: Image, label: ClassLabel;
+    splits train and validation), tiny RGB images, the train split in 2 files."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[f"n{c:08d}" for c in range(num_classes)])})
+
+    def split(per_class):
+        labels = [c for _ in range(per_class) for c in range(num_classes)]
+        images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)) for _ in labels]
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    data = root / "data"
+    data.mkdir(parents=True)
+    train = split(train_per_class)
+    for i in range(2):
+        train.shard(2, i, contiguous=True).to_parquet(str(data / f"train-{i:05d}-of-00002.parquet"))
+    split(2).to_parquet(str(data / "validation-00000-of-00001.parquet"))
+    return root
+
+
+def test_streamed_imagenet32_protocol_end_to_end(tmp_path):
+    """--streaming on an ImageNet-32-schema parquet dataset (100 classes, 50 per task) with 2 processes (gloo):
+    label-filtered streamed tasks, equal step counts on both processes, Fisher from the stream, task folders."""
+    from hf_r1ewc.fisher import load_fisher
+
+    source = _imagenet32_like_parquet(tmp_path / "imagenet32")
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps({
+        "_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 3, "out_channels": 3,
+        "block_out_channels": [4, 4], "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 2, "attention_head_dim": 4,
+        "num_class_embeds": 100}))
+    out = tmp_path / "out"
+    launch(["--train_data_dir", str(source), "--streaming", "--eval_split", "validation", "--classes_per_task", "50",
+            "--resolution", "8", "--model_config_name_or_path", str(config), "--num_epochs_per_task", "1",
+            "--train_batch_size", "8", "--ewc_type", "rank1", "--replay_per_class", "1", "--num_inference_steps", "2",
+            "--fisher_num_samples", "40", "--fid_backend", "none", "--output_dir", str(out)], num_processes=2)
+    for k in (1, 2):
+        state = json.loads((out / f"task_{k:02d}" / "training_state.json").read_text())
+        assert state["tasks"] == [list(range(0, 50)), list(range(50, 100))] and state["num_processes"] == 2
+        # 200 streamed images per task, batches of 8 on each of 2 processes: 12 steps per task
+        assert state["global_step"] == 12 * k
+        stats = load_fisher(str(out / f"task_{k:02d}" / "fisher.safetensors"))
+        assert stats.num_samples == 40 and stats.c_star > 0
+    assert json.loads((out / "task_02" / "metrics.json").read_text())["classes"] == list(range(50, 100))
+
+
+def test_streaming_refuses_settings_that_need_the_split_in_memory(tmp_path):
+    proc = launch(["--dataset_name", "digits", "--streaming", "--max_train_per_class", "4",
+                   "--output_dir", str(tmp_path / "x")], check=False)
+    assert proc.returncode != 0 and "--max_train_per_class" in proc.stderr and "--streaming" in proc.stderr
+    proc = launch(["--dataset_name", "digits", "--streaming", "--output_dir", str(tmp_path / "y")], check=False)
+    assert proc.returncode != 0 and "--fid_classifier" in proc.stderr
