@@ -1,6 +1,6 @@
 """Reproduce the paper's table 1 at CPU scale on real Fashion-MNIST (5 tasks of 2 classes), with standard errors.
 
-    python benchmarks/reproduce_table1.py [--smoke] [--jobs 2] [--data_dir /usr/share/datasets/fashion-mnist]
+    python benchmarks/reproduce_table1.py [--scale cpu|smoke|gpu|gpu-reduced] [--jobs 2] [--data_dir /usr/share/datasets/fashion-mnist]
 
 1. a lambda sweep (10, 100, 1000, 15000) for diag, rank-1 and rank-1-unscaled, each with GD, in the loss (paper) and
    for rank-1 and diag also decoupled, on a separate seed (100);
@@ -61,23 +61,38 @@ UNET_CONFIG = {
 }
 
 
-def scale(smoke: bool) -> dict:
-    """Sized from measured costs on 2 CPU cores (one thread per run, 2 runs at a time): a step of 32 real + 32
-    replay images at 16x16 on the (16, 32, 32) UNet takes ~80 ms and one image-step of DDIM ~0.3 ms, so a run is
-    ~3 min and the ~60 runs fit the 3-hour budget. On one task (200 images) the epoch loss of this UNet falls from
-    0.17 to ~0.06 by epoch 30 and then drifts down slowly (memorisation); DDIM uses 20 steps (not 50) to fit."""
-    if smoke:
-        return dict(per_class=50, epochs=5, replay=20, fid=100, steps=10, batch=32, lr=2e-3)
-    return dict(per_class=100, epochs=40, replay=100, fid=200, steps=20, batch=32, lr=2e-3)
+SCALES = {
+    # Sized from measured costs on 2 CPU cores (one thread per run, 2 runs at a time): a step of 32 real + 32 replay
+    # images at 16x16 on the (16, 32, 32) UNet takes ~80 ms and one image-step of DDIM ~0.3 ms, so a run is ~3-4 min
+    # and the ~60 runs fit the 3-hour budget. On one task (200 images) the epoch loss of this UNet falls from 0.17 to
+    # ~0.06 by epoch 30 and then drifts down slowly (memorisation); DDIM uses 20 steps (not 50) to fit.
+    "cpu": dict(model="config", resolution=16, per_class=100, epochs=40, replay=100, fid=200, steps=20, batch=32,
+                lr=2e-3, stem="table1_fmnist_cpu"),
+    "smoke": dict(model="config", resolution=16, per_class=50, epochs=5, replay=20, fid=100, steps=10, batch=32,
+                  lr=2e-3, stem="table1_fmnist_cpu_smoke"),
+    # The paper's model and protocol (35M UNet at 32x32, zero-padded 28x28, 200 epochs per task, Adam 2e-4, batch
+    # 128, 5000 replay images per class, DDIM 50, Fisher on the whole task, FID on each task's 2,000 test images).
+    "gpu": dict(model="paper", resolution=32, per_class=None, epochs=200, replay=5000, fid=None, steps=50,
+                batch=128, lr=2e-4, stem="table1_fmnist_gpu"),
+    # At most ~8 minutes on one H100 (estimated from FLOPs, not yet run): GD, diag + GD, rank-1 + GD on seed 0.
+    "gpu-reduced": dict(model="paper", resolution=32, per_class=1000, epochs=20, replay=200, fid=500, steps=50,
+                        batch=128, lr=2e-4, stem="table1_fmnist_gpu_reduced"),
+}
 
 
 def run_flags(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict) -> list[str]:
-    flags = [
-        "--train_data_dir", data_dir, "--classes_per_task", "2", "--resolution", "16", "--resize",
-        "--model_config_name_or_path", str(work / "unet_config.json"),
-        "--max_train_per_class", str(sc["per_class"]), "--num_epochs_per_task", str(sc["epochs"]),
-        "--train_batch_size", str(sc["batch"]), "--learning_rate", str(sc["lr"]), "--replay_per_class", str(sc["replay"]),
-        "--fisher_num_samples", str(2 * sc["per_class"]), "--fid_num_samples", str(sc["fid"]),
+    flags = ["--train_data_dir", data_dir, "--classes_per_task", "2", "--resolution", str(sc["resolution"])]
+    if sc["model"] == "config":
+        flags += ["--resize", "--model_config_name_or_path", str(work / "unet_config.json")]
+    else:
+        flags += ["--preset", sc["model"]]
+    if sc["per_class"]:
+        flags += ["--max_train_per_class", str(sc["per_class"]), "--fisher_num_samples", str(2 * sc["per_class"])]
+    if sc["fid"]:
+        flags += ["--fid_num_samples", str(sc["fid"])]
+    flags += [
+        "--num_epochs_per_task", str(sc["epochs"]), "--train_batch_size", str(sc["batch"]),
+        "--learning_rate", str(sc["lr"]), "--replay_per_class", str(sc["replay"]),
         "--num_inference_steps", str(sc["steps"]), "--fid_classifier", str(work / "fid_classifier"),
         "--fid_reference_dir", str(work / "fid_reference"), "--checkpointing_steps", "250",
         "--seed", str(seed), *METHODS[name],
@@ -100,7 +115,8 @@ def finished(out: Path) -> bool:
     return results.get("joint") and "afid_final" in results or "5" in results.get("afid", {})
 
 
-def launch(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, log: Path) -> Path:
+def launch(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, log: Path,
+           on_gpu: bool = False) -> Path:
     out = work / "runs" / run_dir_name(name, lam, seed)
     if finished(out):
         return out
@@ -108,7 +124,7 @@ def launch(name: str, lam: float | None, seed: int, work: Path, data_dir: str, s
            "--output_dir", str(out)]
     if (out / "checkpoints").exists():
         cmd += ["--resume_from_checkpoint", "latest"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "TQDM_DISABLE": "1", **({} if on_gpu else {"OMP_NUM_THREADS": "1"})}
     start = time.time()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
@@ -227,7 +243,7 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
                  if str(l) in by_lam else "" for l in LAMBDAS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     output.mkdir(parents=True, exist_ok=True)
-    stem = "table1_fmnist_cpu" + ("_smoke" if sc["epochs"] < 10 else "")
+    stem = sc["stem"]
     (output / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (output / f"{stem}.json").write_text(json.dumps(table, indent=2))
     if curves:
@@ -239,33 +255,41 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="a ~10-minute version (fewer images, epochs and samples)")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                   help="cpu: the 3-hour CPU table; smoke: a ~10-minute check; gpu: the paper's model and protocol; "
+                        "gpu-reduced: GD, diag + GD, rank-1 + GD on one seed in ~8 minutes on one GPU")
+    p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: 2 on CPU, one thread each; 1 "
+                                                          "for the GPU scales)")
     p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--work_dir", default=None, help="default: runs/table1[_smoke]")
+    p.add_argument("--work_dir", default=None, help="default: runs/table1 (cpu) or runs/table1_SCALE")
     p.add_argument("--phase", choices=["all", "sweep", "table"], default="all")
     args = p.parse_args()
-    sc = scale(args.smoke)
-    work = Path(args.work_dir or ROOT / "runs" / ("table1_smoke" if args.smoke else "table1"))
+    sc = SCALES[args.scale]
+    on_gpu = sc["model"] == "paper"
+    jobs = args.jobs or (1 if on_gpu else 2)
+    work = Path(args.work_dir or ROOT / "runs" / ("table1" if args.scale == "cpu" else f"table1_{args.scale}"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
     log = work / "runs.log"
     if not (work / "fid_classifier" / "model.safetensors").exists():
+        size = ["--resolution", "16", "--resize"] if sc["model"] == "config" else ["--resolution", "32"]
         subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name", args.data_dir,
-                        "--output_dir", str(work / "fid_classifier"), "--resolution", "16", "--resize", "--epochs", "2"],
+                        "--output_dir", str(work / "fid_classifier"), *size, "--epochs", "2"],
                        check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
     sweep = [(m, lam, SWEEP_SEED) for m in SWEPT for lam in LAMBDAS]
-    if args.smoke:  # one sweep point per family and one seed keep the smoke run short
-        sweep = [(m, lam, SWEEP_SEED) for m in ("rank-1 + GD",) for lam in (100.0, 15000.0)]
-    with ThreadPoolExecutor(args.jobs) as pool:
+    methods, seeds = list(METHODS), SEEDS
+    if args.scale == "smoke":  # one sweep point per family and one seed keep the smoke run short
+        sweep, seeds = [("rank-1 + GD", lam, SWEEP_SEED) for lam in (100.0, 15000.0)], SEEDS[:1]
+    if args.scale == "gpu-reduced":
+        sweep, seeds, methods = [], SEEDS[:1], ["GD", "diag + GD", "rank-1 + GD"]
+    with ThreadPoolExecutor(jobs) as pool:
         if args.phase in ("all", "sweep"):
-            list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log), sweep))
+            list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log, on_gpu), sweep))
         if args.phase in ("all", "table"):
             best = best_lambdas(work)
-            seeds = SEEDS[:1] if args.smoke else SEEDS
-            jobs = [(m, PAPER_LAMBDA if m in HAS_PENALTY else None, s) for s in seeds for m in METHODS]
-            jobs += [(m, best[m], s) for s in seeds for m in best if best[m] != PAPER_LAMBDA]
-            list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log), jobs))
+            table_jobs = [(m, PAPER_LAMBDA if m in HAS_PENALTY else None, s) for s in seeds for m in methods]
+            table_jobs += [(m, best[m], s) for s in seeds for m in best if best[m] != PAPER_LAMBDA]
+            list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log, on_gpu), table_jobs))
     aggregate(work, sc, best_lambdas(work), RESULTS)
     print(f"command: {' '.join(sys.argv)}; commit: "
           f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}")

@@ -280,3 +280,24 @@ def test_streaming_refuses_settings_that_need_the_split_in_memory(tmp_path):
     assert proc.returncode != 0 and "--max_train_per_class" in proc.stderr and "--streaming" in proc.stderr
     proc = launch(["--dataset_name", "digits", "--streaming", "--output_dir", str(tmp_path / "y")], check=False)
     assert proc.returncode != 0 and "--fid_classifier" in proc.stderr
+
+
+def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnist_dir):
+    """Every scale of benchmarks/reproduce_table1.py (the GPU ones included, which this machine cannot run) builds
+    flags that the script accepts, with the paper's model and protocol on the GPU scale."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce_table1 as table1
+    import train_continual_ddpm as script
+
+    (tmp_path / "fid_classifier").mkdir()
+    (tmp_path / "fid_classifier" / "model.safetensors").write_bytes(b"")
+    for name, sc in table1.SCALES.items():
+        for method in table1.METHODS:
+            lam = 15000.0 if method in table1.HAS_PENALTY else None
+            flags = table1.run_flags(method, lam, 0, tmp_path, str(fashion_mnist_dir), sc)
+            args = script.parse_args([*flags, "--output_dir", str(tmp_path / "out")])
+            assert args.seed == 0 and (lam is None or args.ewc_lambda == lam)
+            if name == "gpu":
+                assert args.preset == "paper" and args.resolution == 32 and not args.resize
+                assert args.num_epochs_per_task == 200 and args.replay_per_class == 5000
+                assert args.max_train_per_class is None and args.fisher_num_samples is None
