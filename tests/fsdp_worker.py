@@ -1,7 +1,9 @@
 """One process of the 2-process FSDP2 check in test_sharding.py (run by torch.distributed.run on CPU with gloo).
 
 Every process builds the same tiny UNet and the same EWC penalties; a plain copy is the unsharded reference. The
-model is then sharded with ``fully_shard`` (FSDP2, what Accelerate's ``fsdp_version: 2`` applies) and we compare,
+model is then sharded by Accelerate's own ``fsdp2_prepare_model`` with the plugin that accelerate_configs/fsdp.yaml
+describes (Accelerate will not build an FSDP ``Accelerator`` on CPU, so a namespace with the attributes that
+function reads stands in for it), and we compare,
 for each penalty kind: the value, the gradient of (denoising loss + penalty) gathered from the shards, the
 proximal step, and the Fisher estimated on the gathered weights with each process's half of the data. Rank 0 writes
 the largest relative errors to the JSON file named on the command line.
@@ -13,10 +15,16 @@ import copy
 import json
 import sys
 
+import types
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp import fully_shard
+import yaml
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.fsdp import FSDPModule
 
 from conftest import make_tiny_unet
 from hf_r1ewc.fisher import FisherStatistics, estimate_fisher, trainable_parameters
@@ -40,6 +48,21 @@ def random_penalty(kind: str, names_shapes: dict, num_tasks: int = 3) -> EWCPena
     return penalty
 
 
+def shard_as_configured(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2-shard ``model`` the way ``accelerate launch --config_file accelerate_configs/fsdp.yaml`` would."""
+    config = yaml.safe_load((Path(__file__).parent.parent / "accelerate_configs" / "fsdp.yaml").read_text())
+    fsdp = config["fsdp_config"]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+        transformer_cls_names_to_wrap=fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","),
+        reshard_after_forward=fsdp["fsdp_reshard_after_forward"], state_dict_type=fsdp["fsdp_state_dict_type"].lower(),
+        cpu_ram_efficient_loading=fsdp["fsdp_cpu_ram_efficient_loading"])
+    stand_in = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), parallelism_config=None,
+                                     torch_device_mesh=None, device=torch.device("cpu"), mixed_precision="no",
+                                     is_main_process=dist.get_rank() == 0)
+    return fsdp2_prepare_model(stand_in, model)
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -59,11 +82,9 @@ def main(out_path: str) -> None:
         reference = make_tiny_unet()
         shapes = {n: p.shape for n, p in reference.named_parameters()}
         ref_penalty, penalty = random_penalty(kind, shapes), random_penalty(kind, shapes)
-        model = copy.deepcopy(reference)
-        for block in (*model.down_blocks, model.mid_block, *model.up_blocks):
-            fully_shard(block)
-        fully_shard(model)
+        model = shard_as_configured(copy.deepcopy(reference))
         assert model_is_sharded(model)
+        errors["fsdp_units"] = float(sum(isinstance(m, FSDPModule) for m in model.modules()))
         penalty.to("cpu")  # statistics stay whole on the CPU; only local slices move next to the shards
 
         value, ref_value = penalty(model), ref_penalty(reference)

@@ -1,9 +1,10 @@
 """FSDP2 sharding: the penalty, its proximal step and the Fisher on sharded parameters, in 2 real processes.
 
 Accelerate selects no distributed backend for FSDP without an accelerator (``PartialState._prepare_backend`` maps a
-CPU run to MULTI_CPU/DDP), so the script's FSDP path cannot run on a CPU machine. This test therefore applies the
-same FSDP2 ``fully_shard`` that Accelerate's ``fsdp_version: 2`` applies, directly, in two gloo processes started by
-``torch.distributed.run`` (tests/fsdp_worker.py), and compares everything with an unsharded reference.
+CPU run to MULTI_CPU/DDP), so the script's FSDP path cannot run on a CPU machine. This test therefore calls
+Accelerate's own ``fsdp2_prepare_model`` with the plugin of accelerate_configs/fsdp.yaml (a namespace stands in for
+the ``Accelerator`` it reads) in two gloo processes started by ``torch.distributed.run`` (tests/fsdp_worker.py), and
+compares everything with an unsharded reference.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def test_penalty_gradient_step_and_fisher_on_fsdp2_shards_match_unsharded(tmp_pa
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     errors = json.loads(out.read_text())
-    assert len(errors) == 14, errors
+    assert len(errors) == 15, errors
+    # the config's wrap policy shards the root and every down, mid and up block of the UNet
+    assert errors.pop("fsdp_units") >= 6
     # the tiny UNet's 1-channel output conv has one row: one process holds empty shards, which must still work
     assert errors.pop("empty_local_shards") >= 1
     assert errors.pop("fisher/num_samples") == 0
