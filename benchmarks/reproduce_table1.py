@@ -182,8 +182,8 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
     table = {"paper_lambda": {}, "best_lambda": {}, "sweep": {}, "scale": sc, "best_lambdas": best}
     for section, lam_of in (("paper_lambda", lambda m: PAPER_LAMBDA), ("best_lambda", lambda m: best.get(m))):
         for name in METHODS:
-            if section == "best_lambda" and name not in best:
-                continue
+            if section == "best_lambda" and name not in best and name not in ("non-continual", "GD"):
+                continue  # (non-continual and GD have no lambda: repeated as references)
             lam = lam_of(name) if name in HAS_PENALTY else None
             runs = collect(name, lam)
             if not runs:
@@ -194,7 +194,8 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
                            for c in denoise_curves(work / "runs" / run_dir_name(name, lam, seed)).values())
             if drops:
                 entry["late_loss_drop"] = {"median": drops[len(drops) // 2], "max": drops[-1]}
-            if section == "paper_lambda" and name in ("GD", "rank-1 + GD", "rank-1 w/o GD", "non-continual"):
+            if section == "paper_lambda" and name in ("GD", "rank-1 + GD", "rank-1 w/o GD", "non-continual",
+                                                      "decoupled rank-1 + GD", "diag + GD"):
                 loss_curves[f"{name} (seed {SEEDS[0]})"] = denoise_curves(work / "runs" / run_dir_name(name, lam, SEEDS[0]))
             if not runs[0].get("joint"):
                 entry["forgetting"] = mean_and_standard_error([r["forgetting"] for r in runs])
