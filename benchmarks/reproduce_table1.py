@@ -166,6 +166,21 @@ def late_drop(losses: list[float]) -> float:
     return 1 - (sum(last) / len(last)) / (sum(third) / len(third))
 
 
+def provenance() -> str:
+    """The command, the commit and the machine, for the results file."""
+    import platform
+
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"Command: `python {' '.join(sys.argv)}`; commit {commit}; machine: {cpu}, {os.cpu_count()} CPU cores"
+            f"{gpu}, torch {torch.__version__}.")
+
+
 def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> None:
     from hf_r1ewc.metrics import mean_and_standard_error
     from hf_r1ewc.plots import plot_afid_curves, plot_loss_curves
@@ -227,7 +242,7 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
              f"Scale: {json.dumps(sc)} (per_class = training images per class, epochs per task, replay images "
              f"per class, fid = generated images per task, DDIM steps). FID features: a CNN classifier trained on "
              f"the Fashion-MNIST training split — NOT comparable to the paper's Inception FID. Mean ± standard "
-             f"error over seeds {list(SEEDS)}.\n"]
+             f"error over seeds {list(SEEDS)}.\n", provenance() + "\n"]
     for section, title in (("paper_lambda", f"At the paper's λ = {PAPER_LAMBDA:g}"),
                            ("best_lambda", "At each method's best λ (chosen on seed 100)")):
         lines += [f"\n## {title}\n", "| method | λ | seeds | AFID@5 ↓ | forgetting F ↓ | plasticity P ↓ | "
@@ -291,8 +306,6 @@ def main() -> None:
             table_jobs += [(m, best[m], s) for s in seeds for m in best if best[m] != PAPER_LAMBDA]
             list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log, on_gpu), table_jobs))
     aggregate(work, sc, best_lambdas(work), RESULTS)
-    print(f"command: {' '.join(sys.argv)}; commit: "
-          f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}")
 
 
 if __name__ == "__main__":
