@@ -259,7 +259,9 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     output.mkdir(parents=True, exist_ok=True)
     stem = sc["stem"]
-    (output / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    md = output / f"{stem}.md"
+    reading = md.read_text().partition("\n## Reading")[2] if md.exists() else ""
+    md.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))  # keep the hand-written reading
     (output / f"{stem}.json").write_text(json.dumps(table, indent=2))
     if curves:
         plot_afid_curves(curves, output / f"{stem}_afid_at_k.png")
