@@ -453,7 +453,7 @@ def main(argv=None) -> None:
         # teacher and replay pool from the model after the previous task
         teacher, pool = None, None
         if use_replay and old_classes:
-            teacher = frozen_teacher(full_model_copy(unet))  # under FSDP: the one gather of this task's start
+            teacher = frozen_teacher(full_model_copy(unet))  # under FSDP: whole weights, gathered once here
             if args.replay_mode == "pool":
                 pool = ReplayPool.generate(
                     teacher, noise_scheduler, old_classes, args.replay_per_class,

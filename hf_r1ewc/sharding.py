@@ -2,8 +2,9 @@
 
 Under FSDP2 every parameter is a ``DTensor`` whose local shard is a slice of the full tensor. The EWC penalty and its
 proximal step only need, per parameter, the matching slice of the stored statistics and, per step, an all-reduce of
-K + 1 scalars: nothing full-size is gathered during training. Whole weights are gathered once per task
-(``full_model_copy``) for the Fisher pass, evaluation and the saved pipeline.
+K scalars (rank-1) or one (diagonal): nothing full-size is gathered during training. Whole weights are gathered at
+task boundaries only (``full_model_copy``): for the Fisher pass, evaluation, the saved pipeline and the replay
+teacher.
 """
 
 from __future__ import annotations
