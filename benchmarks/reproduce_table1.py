@@ -273,7 +273,7 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="cpu: the 3-hour CPU table; smoke: a ~10-minute check; gpu: the paper's model and protocol; "
+                   help="cpu: the CPU table (97 min on 2 cores); smoke: a 3-minute check; gpu: the paper's model and protocol; "
                         "gpu-reduced: GD, diag + GD, rank-1 + GD on one seed in ~8 minutes on one GPU")
     p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: 2 on CPU, one thread each; 1 "
                                                           "for the GPU scales)")
