@@ -542,7 +542,7 @@ def main(argv=None) -> None:
                 global_step += 1
                 steps_this_process += 1
                 progress.update(1)
-                logs = {"loss": float(loss.detach()), "denoise": float(parts["denoise"]),
+                logs = {"loss": epoch_losses[-1], "denoise": epoch_denoise[-1],
                         "distill": float(parts["distill"]), "ewc": float(ewc.detach()), "task": task_index}
                 progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "task"})
                 accelerator.log(logs, step=global_step)

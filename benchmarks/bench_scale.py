@@ -2,11 +2,11 @@
 
     python benchmarks/bench_scale.py [--device cpu|cuda] [--batch 4]
 
-Measured here, on the paper's UNet for ImageNet 32x32 (3 channels, 1000 class embeddings, ~35M parameters):
+Measured here, on the paper's UNet for ImageNet 32x32 (3 channels, 1000 class embeddings, 36.3M parameters):
 forward FLOPs per image (torch.utils.flop_counter), the time of a training step (fwd + bwd + Adam) and of the EWC
-penalty's value + backward at K = 19 tasks (rank-1 with fp32 or bf16 mu, merged diagonal), the penalty statistics' memory, and
-DDIM sampling throughput (image-steps per second). From these: the protocol's total FLOPs and, on a device without
-a measured training step, a wall-clock estimate from an ASSUMED fraction of the device's peak throughput. Writes
+penalty's value + backward at K = 19 tasks (rank-1 with fp32 or bf16 mu, merged diagonal), the penalty statistics'
+memory, and DDIM sampling throughput (image-steps per second). From these: the protocol's total FLOPs and an H100
+wall-clock estimate from an ASSUMED fraction of its bf16 peak (not a measurement). Writes
 benchmarks/results/bench_scale[_DEVICE].json; benchmarks/results/scale.md explains the numbers.
 """
 
@@ -83,19 +83,16 @@ def main() -> None:
         "diag": penalty_with_tasks(model, "diag", 19),
     }
 
-    def step():
-        def run():
-            noise = torch.randn_like(x)
-            noisy = scheduler.add_noise(x, noise, t.cpu()).to(device) if device.type == "cpu" else \
-                scheduler.add_noise(x, noise, t)
-            with torch.no_grad():
-                target_replay = teacher(noisy[batch:], t[batch:], class_labels=y[batch:]).sample
-            out = model(noisy, t, class_labels=y).sample
-            loss = F.mse_loss(out, noise) + F.mse_loss(out[batch:], target_replay)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return run
+    def train_step():
+        noise = torch.randn_like(x)
+        noisy = scheduler.add_noise(x, noise, t)
+        with torch.no_grad():
+            target_replay = teacher(noisy[batch:], t[batch:], class_labels=y[batch:]).sample
+        out = model(noisy, t, class_labels=y).sample
+        loss = F.mse_loss(out, noise) + F.mse_loss(out[batch:], target_replay)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def penalty_only(penalty):
         def run():
@@ -105,7 +102,7 @@ def main() -> None:
         return run
 
     # two groups: the step's large activations would otherwise disturb the memory-bound penalty timings
-    times = interleaved_medians({"step": step()}, args.repeats, device)
+    times = interleaved_medians({"step": train_step}, args.repeats, device)
     times.update(interleaved_medians({f"penalty_{k}": penalty_only(pen) for k, pen in penalties.items()},
                                      args.repeats, device))
 
