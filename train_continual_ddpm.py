@@ -4,9 +4,10 @@ generative distillation — "Avoid catastrophic forgetting with rank-1 Fisher fr
 
     accelerate launch train_continual_ddpm.py --dataset_name digits --preset demo --output_dir runs/demo
 
-Per task: train -> evaluate FID on every task so far -> estimate the Fisher -> save OUTPUT_DIR/task_XX (a loadable
-pipeline with fisher.safetensors, ewc_penalty.safetensors, metrics.json, samples.png, README.md) -> the next task
-starts with a frozen teacher and its replay pool. OUTPUT_DIR/results.json holds the FID matrix, AFID@k, F and P.
+Per task: train -> evaluate FID on every task so far -> consolidate (Fisher -> EWC term) -> write OUTPUT_DIR/task_XX
+(a loadable pipeline with fisher.safetensors, ewc_penalty.safetensors, metrics.json, samples.png, README.md) -> the
+next task starts with a frozen teacher and its replay pool. OUTPUT_DIR/results.json holds the FID matrix, AFID@k, F
+and P. A quick run: --preset demo --num_epochs_per_task 2 --fid_num_samples 40 (see the README).
 """
 
 from __future__ import annotations
@@ -19,17 +20,28 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from hf_r1ewc import __version__
+from hf_r1ewc.continual import ContinualLearner, NonFiniteLossError, fisher_loader, step_generator
+from hf_r1ewc.distill import frozen_teacher
 from hf_r1ewc.data import (
     StreamedTaskLoader,
     count_task_examples,
@@ -39,46 +51,33 @@ from hf_r1ewc.data import (
     parse_tasks,
     stream_task,
 )
-from hf_r1ewc.distill import (
-    ReplayPool,
-    continual_loss,
-    ddim_sample,
-    default_autocast_dtype,
-    frozen_teacher,
-    online_replay_batch,
-)
-from hf_r1ewc.fisher import estimate_fisher, save_fisher
+from hf_r1ewc.features import load_feature_extractor, train_classifier
+from hf_r1ewc.fisher import save_fisher
 from hf_r1ewc.hub import (
     TaskUploader,
     is_complete_task_folder,
     resolve_task_source,
     task_folder_name,
     write_folder_atomically,
+    write_json,
     write_model_card,
 )
-from hf_r1ewc.metrics import (
-    FeatureStatistics,
-    fid_from_statistics,
-    labels_in_test_proportions,
-    load_feature_extractor,
-    matrix_from_json,
-    real_statistics,
-    reference_cache_path,
-    summarize,
-    train_classifier,
-    write_json,
-)
+from hf_r1ewc.metrics import TaskFID, matrix_from_json, summarize
 from hf_r1ewc.models import PRESETS, training_noise_scheduler, unet_from_preset
 from hf_r1ewc.penalty import EWCPenalty
-from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, default_autocast_dtype, sample, sampling_scheduler
 from hf_r1ewc.plots import save_image_grid
 from hf_r1ewc.sharding import full_model_copy
 
 logger = get_logger(__name__, log_level="INFO")
+GRID_MAX_CLASSES = 10  # samples.png shows 8 samples of at most this many seen classes, chosen evenly
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows every default."""
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
                    help="'digits' (builtin), a Hub dataset id (zalando-datasets/fashion_mnist, ylecun/mnist, "
@@ -94,17 +93,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model resolution; default: 28x28 zero-padded to 32 (paper), otherwise the native size")
     g.add_argument("--resize", action="store_true", help="resize images to --resolution instead of padding")
     g.add_argument("--max_train_per_class", type=int, default=None,
-                   help="use only the first N training images of each class (small CPU runs)")
+                   help="use only the first N training images of each class (small CPU runs; default: all)")
     g.add_argument("--streaming", action="store_true",
                    help="stream the training split with `datasets` instead of reading it into memory (ImageNet): each "
                         "task reads only its classes (label filter pushed down to parquet), a shuffle buffer "
                         "reseeded per epoch, one shard per process. The --eval_split is still read into memory.")
     g.add_argument("--eval_split", default="test",
                    help="the split that FID and the class list come from (ImageNet 32x32: validation)")
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="UNet shape and default hyperparameters: paper (~34M params, the paper's protocol), "
-                        "cpu-small (~1.1M), demo (8x8 digits)")
+                   help="UNet shape and the defaults of the flags marked 'preset': paper (35.7M params at 32x32, the "
+                        "paper's protocol), cpu-small (1.1M), demo (0.7M, 8x8 digits)")
     g.add_argument("--model_config_name_or_path", default=None,
                    help="a UNet2DModel config (json file or folder) instead of the preset's UNet")
     g = p.add_argument_group("continual learning (the paper's method and baselines)")
@@ -115,34 +117,45 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="loss: penalty added to the loss (paper); decoupled: exact proximal step after each "
                         "optimizer step with step size = learning rate")
     g.add_argument("--fisher_num_samples", type=int, default=None,
-                   help="samples of the task used for the Fisher (default: the preset's; None = all)")
-    g.add_argument("--fisher_batch_size", type=int, default=64)
+                   help="a seeded random subset of the task's samples for the Fisher (preset; default: all)")
+    g.add_argument("--fisher_batch_size", type=int, default=64, help="samples per Fisher batch (memory)")
     g.add_argument("--distill_weight", type=float, default=1.0,
                    help="generative distillation weight (paper: 1.0; 0 disables distillation)")
     g.add_argument("--replay", choices=["on", "off"], default="on",
                    help="'off' disables the replay batch entirely (no GD): the 'w/o GD' baselines")
     g.add_argument("--no_replay_in_denoise", action="store_true",
                    help="keep replay images out of the denoising loss (default: they join it, as in the authors' code)")
-    g.add_argument("--replay_per_class", type=int, default=None, help="replay pool images per class (paper: 5000)")
+    g.add_argument("--replay_per_class", type=int, default=None, help="replay pool images per class (preset; paper: 5000)")
     g.add_argument("--replay_mode", choices=["pool", "online"], default="pool",
-                   help="pool: teacher-generated pool (paper); online: fresh few-step DDIM replay each step")
-    g.add_argument("--replay_batch_size", type=int, default=None, help="default: the real batch size")
-    g.add_argument("--online_replay_steps", type=int, default=2, help="DDIM steps of online replay")
+                   help="pool: teacher-generated pool (paper); online: fresh few-step replay each step")
+    g.add_argument("--replay_batch_size", type=int, default=None, help="replay images per step (default: the real batch)")
+    g.add_argument("--online_replay_steps", type=int, default=2, help="sampler steps of online replay")
     g.add_argument("--joint", action="store_true", help="non-continual upper bound: all classes at once")
+
+
+def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--num_epochs_per_task", type=int, default=None)
-    g.add_argument("--train_batch_size", type=int, default=None)
-    g.add_argument("--learning_rate", type=float, default=None)
+    g.add_argument("--num_epochs_per_task", type=int, default=None, help="epochs over each task (preset)")
+    g.add_argument("--train_batch_size", type=int, default=None, help="real images per step and process (preset)")
+    g.add_argument("--learning_rate", type=float, default=None, help="Adam learning rate (preset)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping (default: none, as the paper)")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: the accelerate config's fp16/bf16 if it sets one, else bf16 on a CUDA GPU that "
-                        "supports it and no (fp32) on CPU (benchmarks/results/bench_train.json)")
-    g.add_argument("--use_ema", action="store_true", help="EMA of the weights (diffusers EMAModel)")
+                        "supports it and no (fp32) on CPU. Weights, Adam, the penalty and the Fisher stay fp32")
+    g.add_argument("--use_ema", action="store_true",
+                   help="EMA of the weights (diffusers EMAModel). At the end of each task the EMA weights replace the "
+                        "model: they are theta*_k, where the Fisher is estimated, what is saved and evaluated, and "
+                        "what the next task starts from")
     g.add_argument("--ema_decay", type=float, default=0.999)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, noise, replay, Fisher and FID samples")
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling and evaluation")
-    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for replay, samples and FID")
+    g.add_argument("--replay_scheduler", choices=sorted(SAMPLERS), default="ddim",
+                   help="diffusers scheduler for the replay pool, FID samples and the saved pipeline")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps for replay, samples and FID")
     g.add_argument("--fid_backend", choices=["classifier", "inception", "dinov2", "none"], default="classifier",
                    help="classifier: a CNN trained on the dataset's training split (offline default, NOT comparable "
                         "to Inception FID); inception: the paper's metric (needs --fid_weights offline); dinov2")
@@ -154,11 +167,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cache of real-image FID statistics (default OUTPUT_DIR/fid_reference); share one folder "
                         "across runs of other methods and seeds to compute each task's statistics once")
     g.add_argument("--fid_num_samples", type=int, default=None,
-                   help="generated images per task for FID (default: the preset's; None = the task's test set size)")
+                   help="generated images per task for FID (preset; default: the task's test set size)")
     g = p.add_argument_group("checkpoints, resume and logging")
-    g.add_argument("--output_dir", default="runs/continual-ddpm")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=2)
+    g.add_argument("--output_dir", default="runs/continual-ddpm", help="task folders, results.json, checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="save Accelerate state every N optimizer steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the newest N checkpoints (0: all)")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     g.add_argument("--resume_from_task", default=None,
                    help="start after a finished task: a task folder or REPO_ID@REVISION (e.g. user/model@task-03)")
@@ -166,17 +179,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop (after checkpointing) once this many optimizer steps ran in this process: for tests and "
                         "for splitting long runs")
     g.add_argument("--report_to", default=None, help="tensorboard, wandb, ... (Accelerate trackers)")
-    g.add_argument("--push_to_hub", action="store_true", help="push each task folder to branch task-XX of the repo")
-    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--push_to_hub", action="store_true", help="push each task folder to main and branch task-XX")
+    g.add_argument("--hub_model_id", default=None, help="the Hub model repo, USER/NAME")
     g.add_argument("--hub_private", action="store_true")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags (preset values fill the ones left unset), validated before anything is loaded."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    for add in (add_data_arguments, add_method_arguments, add_optimisation_arguments, add_output_arguments):
+        add(p)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].defaults.items():
-        if getattr(args, key) is None and key not in ("fisher_num_samples", "fid_num_samples"):
+        if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.fisher_num_samples is None:
-        args.fisher_num_samples = PRESETS[args.preset].defaults.get("fisher_num_samples")
-    if args.fid_num_samples is None:
-        args.fid_num_samples = PRESETS[args.preset].defaults.get("fid_num_samples")
     validate_args(args)
     return args
 
@@ -188,16 +204,19 @@ def validate_args(args: argparse.Namespace) -> None:
 
     if (args.dataset_name is None) == (args.train_data_dir is None):
         fail("pass exactly one of --dataset_name and --train_data_dir")
-    if not args.ewc_lambda >= 0 or math.isinf(args.ewc_lambda):
-        fail(f"--ewc_lambda must be a finite number >= 0, got {args.ewc_lambda}")
-    if args.distill_weight < 0:
-        fail(f"--distill_weight must be >= 0, got {args.distill_weight}")
+    for name in ("ewc_lambda", "distill_weight"):
+        if not 0 <= getattr(args, name) < math.inf:
+            fail(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     for name in ("num_epochs_per_task", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps",
-                 "replay_per_class"):
+                 "replay_per_class", "fisher_batch_size", "checkpointing_steps", "online_replay_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be >= 1")
-    if args.learning_rate <= 0:
-        fail("--learning_rate must be > 0")
+    if not 0 < args.learning_rate < math.inf:
+        fail(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
+        fail(f"--max_grad_norm must be a finite number > 0, got {args.max_grad_norm}")
+    if args.checkpoints_total_limit < 0:
+        fail("--checkpoints_total_limit must be >= 0 (0 keeps every checkpoint)")
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id USER/NAME")
     if args.joint and args.resume_from_task:
@@ -214,7 +233,7 @@ def validate_args(args: argparse.Namespace) -> None:
         fail(f"--fid_classifier {args.fid_classifier} holds no model.safetensors")
 
 
-# -------------------------------------------------------------------------------------------------- helpers
+# -------------------------------------------------------------------------------------------------- set-up
 
 
 def method_description(args) -> str:
@@ -239,20 +258,6 @@ def run_config(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def build_unet(args, resolution: int, channels: int, num_classes: int) -> UNet2DModel:
-    if args.model_config_name_or_path:
-        config = UNet2DModel.load_config(args.model_config_name_or_path)
-        unet = UNet2DModel.from_config(config)
-    else:
-        unet = unet_from_preset(args.preset, resolution, channels, num_classes)
-    if unet.config.sample_size != resolution:
-        raise SystemExit(f"error: the model's sample_size {unet.config.sample_size} differs from --resolution "
-                         f"{resolution}")
-    if unet.config.in_channels != channels:
-        raise SystemExit(f"error: the model takes {unet.config.in_channels} channels but the images have {channels}")
-    return unet
-
-
 def resolve_mixed_precision(flag: str | None) -> str:
     """The fastest safe default per device: bf16 autocast on CUDA GPUs with bf16 (weights, optimizer, penalty and
     Fisher stay fp32); fp32 on CPU, where bf16 autocast was 1.19x faster on an AVX512-BF16 machine but would make CPU
@@ -263,6 +268,86 @@ def resolve_mixed_precision(flag: str | None) -> str:
     if configured != "no":
         return configured
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(args) -> Accelerator:
+    """The Accelerator, with a process-group timeout long enough for the main-process phases of a task."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+    )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise SystemExit("error: the EWC penalty works on FSDP2's DTensor shards; set fsdp_version: 2 in the "
+                         "accelerate config (accelerate_configs/fsdp.yaml)")
+    if accelerator.distributed_type == DistributedType.FSDP and args.use_ema:
+        raise SystemExit("error: --use_ema keeps a full copy of the weights per process, which FSDP is meant to "
+                         "avoid; train without --use_ema under FSDP or use DDP (accelerate_configs/multi_gpu_ddp.yaml)")
+    return accelerator
+
+
+@dataclass
+class TaskData:
+    """The data of a run: the eval split in memory, the training split in memory (None when streaming), tasks."""
+
+    source: str
+    test: object
+    train: object | None
+    train_inputs: torch.Tensor | None
+    test_inputs: torch.Tensor
+    resolution: int
+    num_channels: int
+    num_classes: int
+    tasks: list[list[int]]
+
+
+def load_task_data(args) -> TaskData:
+    """Read and check the data and tasks; every data error stops here, before any model is built."""
+    source = args.dataset_name or args.train_data_dir
+    try:
+        test = load_labeled_images(source, args.eval_split, args.image_column, args.label_column)
+        train = None if args.streaming else load_labeled_images(source, "train", args.image_column,
+                                                                  args.label_column)
+        if args.max_train_per_class:
+            train = train.head_per_class(args.max_train_per_class)
+        known = test if args.streaming else train  # streamed: the eval split names the classes and the image shape
+        resolution = args.resolution or default_resolution(known.image_size)
+        num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
+        tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, known.classes)
+        data = TaskData(source, test, train, None if train is None else images_to_model_input(
+            train.images, resolution, args.resize), images_to_model_input(test.images, resolution, args.resize),
+            resolution, known.num_channels, num_classes, tasks)
+    except ValueError as err:  # DataError: stop before any training
+        raise SystemExit(f"error: {err}") from None
+    missing = [c for t in data.tasks for c in t if c not in test.classes]
+    if missing and args.fid_backend != "none":
+        raise SystemExit(f"error: the test split has no images of classes {missing}: FID needs them "
+                         f"(or pass --fid_backend none)")
+    return data
+
+
+def build_unet(args, data: TaskData) -> UNet2DModel:
+    try:
+        if args.model_config_name_or_path:
+            unet = UNet2DModel.from_config(UNet2DModel.load_config(args.model_config_name_or_path))
+        else:
+            unet = unet_from_preset(args.preset, data.resolution, data.num_channels, data.num_classes)
+        parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, sorted({c for t in data.tasks
+                                                                                         for c in t}),
+                    unet.config.num_class_embeds)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if unet.config.sample_size != data.resolution:
+        raise SystemExit(f"error: the model's sample_size {unet.config.sample_size} differs from --resolution "
+                         f"{data.resolution}")
+    if unet.config.in_channels != data.num_channels:
+        raise SystemExit(f"error: the model takes {unet.config.in_channels} channels but the images have "
+                         f"{data.num_channels}")
+    return unet
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -292,392 +377,375 @@ def save_checkpoint(accelerator, output_dir: Path, global_step: int, position: d
     accelerator.wait_for_everyone()
 
 
+def register_ema(accelerator, ema: EMAModel) -> None:
+    """Checkpoints hold the EMA as ``unet_ema/`` (diffusers' ``save_pretrained`` layout, safetensors: nothing
+    pickled), written and read through Accelerate's save/load state hooks, as diffusers' training examples do."""
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_hook(models, input_dir):
+        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+@dataclass
+class RunState:
+    """What the task loop carries: the FID matrix, the step counter, and where a resumed run picks up."""
+
+    start_task: int
+    matrix: dict
+    accuracy: dict
+    global_step: int = 0
+    steps_this_process: int = 0
+    resume_dir: Path | None = None
+    resume_position: dict | None = None
+
+
+def resume_run(args, unet: UNet2DModel, learner: ContinualLearner, ema: EMAModel | None, training_tasks: list,
+               resolution: int) -> RunState:
+    """Where to start: a checkpoint, a task folder (--resume_from_task), or after this output_dir's finished tasks.
+    A task folder restores the weights, the penalty and the EMA's warm-up position."""
+    output_dir = Path(args.output_dir)
+    state = RunState(start_task=1, matrix={}, accuracy={})
+    if args.resume_from_checkpoint:
+        found = checkpoint_dirs(output_dir) if args.resume_from_checkpoint == "latest" \
+            else [Path(args.resume_from_checkpoint)]
+        if found:
+            state.resume_dir = found[-1]
+            state.resume_position = json.loads((state.resume_dir / "position.json").read_text())
+            state.start_task = state.resume_position["task"]
+            state.global_step = state.resume_position["global_step"]
+        elif args.resume_from_checkpoint != "latest":
+            raise SystemExit(f"error: checkpoint {args.resume_from_checkpoint} does not exist")
+    previous = resolve_task_source(args.resume_from_task) if args.resume_from_task else None
+    for k in range(1, len(training_tasks) + 1):  # finished task folders of this output_dir are kept, never redone
+        folder = output_dir / task_folder_name(k)
+        if is_complete_task_folder(folder) and (state.resume_position is None or k < state.start_task):
+            previous, state.start_task = folder, max(state.start_task, k + 1)
+    if previous is not None:
+        saved = json.loads((previous / "training_state.json").read_text())
+        conflicts = {k: (saved["run_config"].get(k), v) for k, v in run_config(args).items()
+                     if k in RESUME_MUST_MATCH and saved["run_config"].get(k) != v}
+        if conflicts:
+            raise SystemExit(f"error: {previous} was trained with other settings "
+                             f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir")
+        if saved["tasks"] != training_tasks:
+            raise SystemExit(f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}")
+        state.start_task = max(state.start_task, saved["task_index"] + 1)
+        loaded = UNet2DModel.from_pretrained(previous / "unet")
+        if loaded.config.sample_size != resolution:
+            raise SystemExit(f"error: {previous} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
+                             f"model but --resolution is {resolution}")
+        unet.load_state_dict(loaded.state_dict())
+        if learner.penalty is not None and (previous / "ewc_penalty.safetensors").exists():
+            from safetensors.torch import load_file
+
+            learner.penalty.load_state_dict(load_file(str(previous / "ewc_penalty.safetensors")))
+            learner.penalty.ewc_lambda = args.ewc_lambda
+        if ema is not None:
+            ema.shadow_params = [p.detach().clone() for p in unet.parameters()]
+            ema.optimization_step = saved.get("ema_optimization_step", 0)
+    results_path = output_dir / "results.json"
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+        state.matrix = {k: r for k, r in matrix_from_json(results["fid"]).items() if k < state.start_task}
+        state.accuracy = {k: r for k, r in matrix_from_json(results.get("accuracy", {})).items()
+                          if k < state.start_task}
+    return state
+
+
+def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
+    """The FID scorer of every task (the main process trains the feature classifier once, if needed)."""
+    if args.fid_backend == "none":
+        return None
+    output_dir = Path(args.output_dir)
+    classifier_dir = args.fid_classifier or str(output_dir / "fid_classifier")
+    if args.fid_backend == "classifier" and not (Path(classifier_dir) / "model.safetensors").exists():
+        if accelerator.is_main_process:
+            logger.info("training the FID feature classifier on the training split -> %s", classifier_dir)
+            feature_dim = 64 if min(len(data.test.subset(t)) for t in data.tasks) > 64 else 32
+            classifier = train_classifier(data.train_inputs, data.train.labels, data.num_classes,
+                                          feature_dim=feature_dim, epochs=2 if len(data.train) > 20_000 else 20,
+                                          seed=args.seed, show_progress=accelerator.is_local_main_process)
+            classifier.save_pretrained(classifier_dir)
+        accelerator.wait_for_everyone()
+    extractor = load_feature_extractor(args.fid_backend, classifier_path=classifier_dir, fid_weights=args.fid_weights,
+                                       dinov2_model=args.dinov2_model).to(device)
+    return TaskFID(extractor, data.test_inputs, data.test.labels, data.tasks, num_samples=args.fid_num_samples,
+                   num_inference_steps=args.num_inference_steps, seed=args.seed,
+                   autocast_dtype=default_autocast_dtype(device),
+                   cache_dir=args.fid_reference_dir or output_dir / "fid_reference")
+
+
+def task_loader(args, accelerator, data: TaskData, classes: list[int], task_index: int):
+    """(training loader, number of training images, Fisher loader) of one task."""
+    if args.streaming:
+        def streamed(shuffle: bool, seed: int = 0):
+            return stream_task(data.source, "train", classes, resolution=data.resolution,
+                               num_channels=data.num_channels, image_column=args.image_column,
+                               label_column=args.label_column, resize=args.resize, shuffle=shuffle, seed=seed,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+        num_examples = count_task_examples(data.source, "train", classes, args.label_column)
+        num_batches = num_examples // (args.train_batch_size * accelerator.num_processes)
+        if num_batches == 0:
+            raise SystemExit(f"error: task {task_index} has {num_examples} training images, fewer than one batch "
+                             f"of {args.train_batch_size} per process; lower --train_batch_size")
+        loader = StreamedTaskLoader(streamed(True, args.seed + task_index), args.train_batch_size, num_batches,
+                                    accelerator.device)
+        fisher = StreamedTaskLoader(streamed(False), args.fisher_batch_size, None, accelerator.device,
+                                    accelerator.process_index, accelerator.num_processes)
+        return loader, num_examples, fisher
+    mask = torch.isin(data.train.labels, torch.tensor(classes))
+    images, labels = data.train_inputs[mask], data.train.labels[mask]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
+                                         batch_size=args.train_batch_size, shuffle=True,
+                                         drop_last=len(labels) > args.train_batch_size,
+                                         generator=torch.Generator().manual_seed(args.seed + task_index))
+    fisher = fisher_loader(images, labels, args.fisher_num_samples, args.fisher_batch_size, args.seed + task_index,
+                           accelerator.process_index, accelerator.num_processes)
+    return loader, len(labels), fisher
+
+
+# ------------------------------------------------------------------------------------------ the task phases
+
+
+def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, loader, run: RunState,
+               task_index: int, num_tasks: int, ema) -> tuple[list[float], list[float], bool]:
+    """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, stopped early)."""
+    output_dir = Path(args.output_dir)
+    first_epoch, skip = 0, 0
+    if run.resume_position is not None and run.resume_position["task"] == task_index:
+        accelerator.load_state(str(run.resume_dir))
+        first_epoch, skip = run.resume_position["epoch"], run.resume_position["step_in_epoch"]
+        logger.info("resumed from %s (task %d, epoch %d, step %d)", run.resume_dir, task_index, first_epoch, skip)
+        run.resume_position = None
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    progress = tqdm(total=args.num_epochs_per_task * steps_per_epoch,
+                    initial=first_epoch * steps_per_epoch + skip // args.gradient_accumulation_steps,
+                    desc=f"task {task_index}/{num_tasks}", disable=not accelerator.is_local_main_process)
+    loss_curve, denoise_curve = [], []
+    for epoch in range(first_epoch, args.num_epochs_per_task):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        batches = loader if not skip else (loader.skip_first(skip) if args.streaming
+                                           else accelerator.skip_first_batches(loader, skip))
+        step_in_epoch, skip = skip, 0
+        losses, denoise = [], []
+        model.train()
+        for images, labels in batches:
+            generator = step_generator(args.seed, task_index, epoch, step_in_epoch, accelerator.process_index)
+            try:
+                out = learner.training_step(accelerator, model, optimizer, images, labels, generator, ema)
+            except NonFiniteLossError as err:
+                raise SystemExit(f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}. Nothing "
+                                 f"after the last checkpoint was saved. Lower --learning_rate or --ewc_lambda and "
+                                 f"resume with --resume_from_checkpoint latest.") from None
+            step_in_epoch += 1
+            losses.append(out.loss)
+            denoise.append(out.denoise)
+            if not out.optimizer_stepped:
+                continue
+            run.global_step += 1
+            run.steps_this_process += 1
+            progress.update(1)
+            logs = {"loss": out.loss, "denoise": out.denoise, "distill": out.distill, "ewc": out.ewc}
+            progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+            accelerator.log({**logs, "task": task_index}, step=run.global_step)
+            end_of_epoch = step_in_epoch == len(loader)
+            position = {"task": task_index, "epoch": epoch + end_of_epoch,
+                        "step_in_epoch": 0 if end_of_epoch else step_in_epoch, "global_step": run.global_step}
+            stop = args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
+            if run.global_step % args.checkpointing_steps == 0 or stop:
+                save_checkpoint(accelerator, output_dir, run.global_step, position, args.checkpoints_total_limit)
+            if stop:
+                progress.close()
+                return loss_curve, denoise_curve, True
+        if losses:  # (empty when a resumed epoch had already finished)
+            loss_curve.append(sum(losses) / len(losses))
+            denoise_curve.append(sum(denoise) / len(denoise))
+    progress.close()
+    return loss_curve, denoise_curve, False
+
+
+def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_tasks: list, task_index: int):
+    """FID_i(m_k) (and sample accuracy) for every task i in ``eval_tasks``, the sampling shared by all processes."""
+    scores = {}
+    if evaluator is None:
+        return scores
+    for i in range(1, len(eval_tasks) + 1):
+        scores[i] = evaluator(model, sampler, i, accelerator.process_index, accelerator.num_processes,
+                              gather_object if accelerator.num_processes > 1 else None)
+        accuracy = f", accuracy {100 * scores[i].accuracy:.1f} %" if scores[i].accuracy is not None else ""
+        logger.info("FID_%d(m_%d) = %.3f (%s, N=%d)%s", i, task_index, scores[i].fid, evaluator.extractor.name,
+                    scores[i].num_samples, accuracy)
+    return scores
+
+
+def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline, eval_model, stats, penalty,
+                      scores, curves, task_index: int, training_tasks: list, evaluator, ema) -> Path:
+    """OUTPUT_DIR/task_XX (atomically) and results.json; main process only. ``eval_model`` (the pipeline's model
+    as sampled for FID) draws ``samples.png``."""
+    output_dir = Path(args.output_dir)
+    classes, seen = training_tasks[task_index - 1], sorted({c for t in training_tasks[:task_index] for c in t})
+    summary = summarize(run.matrix) if not args.joint else {}
+    sampling = {"sampler": args.replay_scheduler, "num_inference_steps": args.num_inference_steps,
+                "precision": evaluator.precision if evaluator else "fp32"}
+    metrics = {"task": task_index, "classes": classes, "fid": {i: s.fid for i, s in scores.items()},
+               "fid_num_samples": {i: s.num_samples for i, s in scores.items()},
+               "accuracy": {i: s.accuracy for i, s in scores.items() if s.accuracy is not None},
+               "accuracy_per_class": {c: a for s in scores.values() for c, a in (s.accuracy_per_class or {}).items()},
+               "fid_backend": args.fid_backend, "sampling": sampling, "loss_per_epoch": curves[0],
+               "denoise_loss_per_epoch": curves[1], "c_star": stats.c_star if stats else None,
+               "mu_norm": stats.mu_norm() if stats and stats.mu else None, **summary}
+    grid_classes = [seen[round(i * (len(seen) - 1) / max(1, GRID_MAX_CLASSES - 1))]
+                    for i in range(min(len(seen), GRID_MAX_CLASSES))]
+    grid = sample(eval_model, pipeline.scheduler, torch.tensor(grid_classes).repeat_interleave(8),
+                  args.num_inference_steps, torch.Generator().manual_seed(args.seed),
+                  evaluator.autocast_dtype if evaluator else None)
+
+    def fill(tmp: Path) -> None:
+        pipeline.save_pretrained(tmp)
+        if stats is not None:
+            save_fisher(str(tmp / "fisher.safetensors"), stats, task_index=task_index, classes=classes)
+        if penalty is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.cpu() for k, v in penalty.state_dict().items()}, str(tmp / "ewc_penalty.safetensors"))
+        write_json(tmp / "metrics.json", metrics)
+        save_image_grid(grid, tmp / "samples.png", nrow=8)
+        write_json(tmp / "training_state.json", {
+            "task_index": task_index, "tasks": training_tasks, "seen_classes": seen, "run_config": run_config(args),
+            "global_step": run.global_step, "method": method_description(args),
+            "num_processes": accelerator.num_processes, "ema_optimization_step": ema.optimization_step if ema else None,
+            "hf_r1ewc_version": __version__})
+        write_model_card(
+            tmp, task_index=task_index, num_tasks=len(training_tasks), seen_classes=seen, dataset_name=data.source,
+            method_description=method_description(args),
+            hyperparameters={k: getattr(args, k) for k in (
+                "preset", "ewc_type", "ewc_lambda", "ewc_mode", "distill_weight", "replay", "replay_mode",
+                "replay_per_class", "replay_scheduler", "num_epochs_per_task", "train_batch_size", "learning_rate",
+                "num_inference_steps", "seed")} | {"mixed_precision": accelerator.mixed_precision},
+            command="accelerate launch " + " ".join(shlex.quote(a) for a in sys.argv),
+            matrix=run.matrix, summary=summary, fid_backend=args.fid_backend,
+            fid_comparable=evaluator is not None and evaluator.extractor.comparable_to_inception,
+            fid_num_samples=metrics["fid_num_samples"], accuracy=metrics["accuracy"],
+            sampling=f"{args.replay_scheduler}, {args.num_inference_steps} steps, {sampling['precision']}",
+            hub_model_id=args.hub_model_id)
+
+    folder = output_dir / task_folder_name(task_index)
+    write_folder_atomically(folder, fill)
+    results = {"method": method_description(args), "fid_backend": args.fid_backend,
+               "fid_comparable_to_inception": bool(evaluator and evaluator.extractor.comparable_to_inception),
+               "tasks": data.tasks, "joint": args.joint, "sampling": sampling, "fid": run.matrix,
+               "accuracy": run.accuracy}
+    if args.joint and scores:
+        results["afid_final"] = sum(s.fid for s in scores.values()) / len(scores)
+    else:
+        results.update(summarize(run.matrix))
+    write_json(output_dir / "results.json", results)
+    logger.info("wrote %s", folder)
+    return folder
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(args.mixed_precision),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     set_seed(args.seed)
     device = accelerator.device
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and not accelerator.is_fsdp2:
-        raise SystemExit("error: the EWC penalty works on FSDP2's DTensor shards; set fsdp_version: 2 in the "
-                         "accelerate config (accelerate_configs/fsdp.yaml)")
-    if fsdp and args.use_ema:
-        raise SystemExit("error: --use_ema keeps a full copy of the weights per process, which FSDP is meant to "
-                         "avoid; train without --use_ema under FSDP or use DDP (accelerate_configs/multi_gpu_ddp.yaml)")
-
-    # ---- data and tasks: validated before any model is built
-    source = args.dataset_name or args.train_data_dir
-    try:
-        test = load_labeled_images(source, args.eval_split, args.image_column, args.label_column)
-        train = None if args.streaming else load_labeled_images(source, "train", args.image_column,
-                                                                  args.label_column)
-        if args.max_train_per_class:
-            train = train.head_per_class(args.max_train_per_class)
-        known = test if args.streaming else train  # streamed: the eval split names the classes and the image shape
-        resolution = args.resolution or default_resolution(known.image_size)
-        num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
-        unet = build_unet(args, resolution, known.num_channels, num_classes)
-        tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, known.classes,
-                            unet.config.num_class_embeds)
-        all_classes = sorted(c for task in tasks for c in task)
-        train_inputs = None if args.streaming else images_to_model_input(train.images, resolution, args.resize)
-        test_inputs = images_to_model_input(test.images, resolution, args.resize)
-    except ValueError as err:  # DataError and model-shape errors: stop before any training
-        raise SystemExit(f"error: {err}") from None
-    missing_test = [c for c in all_classes if c not in test.classes]
-    if missing_test and args.fid_backend != "none":
-        raise SystemExit(f"error: the test split has no images of classes {missing_test}: FID needs them "
-                         f"(or pass --fid_backend none)")
+    data = load_task_data(args)
+    unet = build_unet(args, data)
     noise_scheduler = training_noise_scheduler()
-    training_tasks = [all_classes] if args.joint else tasks
+    sampler = sampling_scheduler(args.replay_scheduler, noise_scheduler.config)
+    training_tasks = [sorted(c for t in data.tasks for c in t)] if args.joint else data.tasks
     num_tasks = len(training_tasks)
     penalty = EWCPenalty(args.ewc_type, args.ewc_lambda) if args.ewc_type != "none" and not args.joint else None
-    use_replay = args.replay == "on" and not args.joint
-
-    # ---- where to start: resume a checkpoint, continue from a task folder, or skip finished task folders
-    start_task, resume_position, resume_dir = 1, None, None
-    previous_folder = None
-    if args.resume_from_checkpoint:
-        found = checkpoint_dirs(output_dir) if args.resume_from_checkpoint == "latest" \
-            else [Path(args.resume_from_checkpoint)]
-        if found:
-            resume_dir = found[-1]
-            resume_position = json.loads((resume_dir / "position.json").read_text())
-            start_task = resume_position["task"]
-        elif args.resume_from_checkpoint != "latest":
-            raise SystemExit(f"error: checkpoint {args.resume_from_checkpoint} does not exist")
-    if args.resume_from_task:
-        previous_folder = resolve_task_source(args.resume_from_task)
-    for k in range(1, num_tasks + 1):  # finished task folders of this output_dir are kept, never redone
-        folder = output_dir / task_folder_name(k)
-        if is_complete_task_folder(folder) and (resume_position is None or k < resume_position["task"]):
-            previous_folder, start_task = folder, max(start_task, k + 1)
-    if previous_folder is not None:
-        state = json.loads((previous_folder / "training_state.json").read_text())
-        conflicts = {k: (state["run_config"].get(k), v) for k, v in run_config(args).items()
-                     if k in RESUME_MUST_MATCH and state["run_config"].get(k) != v}
-        if conflicts:
-            raise SystemExit(f"error: {previous_folder} was trained with other settings "
-                             f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir")
-        if state["tasks"] != training_tasks:
-            raise SystemExit(f"error: {previous_folder} was trained on tasks {state['tasks']}, not {training_tasks}")
-        start_task = max(start_task, state["task_index"] + 1)
-        loaded = UNet2DModel.from_pretrained(previous_folder / "unet")
-        if loaded.config.sample_size != resolution:
-            raise SystemExit(f"error: {previous_folder} holds a {loaded.config.sample_size}x"
-                             f"{loaded.config.sample_size} model but --resolution is {resolution}")
-        unet.load_state_dict(loaded.state_dict())
-        if penalty is not None and (previous_folder / "ewc_penalty.safetensors").exists():
-            from safetensors.torch import load_file
-
-            penalty.load_state_dict(load_file(str(previous_folder / "ewc_penalty.safetensors")))
-            penalty.ewc_lambda = args.ewc_lambda
-    if start_task > num_tasks:
+    learner = ContinualLearner(noise_scheduler, penalty, args.ewc_mode, args.distill_weight,
+                               not args.no_replay_in_denoise, args.replay_batch_size, args.max_grad_norm)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel, model_config=unet.config) \
+        if args.use_ema else None
+    run = resume_run(args, unet, learner, ema, training_tasks, data.resolution)
+    if run.start_task > num_tasks:
         logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
         return
-
-    # ---- evaluation set-up (main process trains the feature classifier once)
-    extractor = None
-    if args.fid_backend != "none":
-        classifier_dir = args.fid_classifier or str(output_dir / "fid_classifier")
-        if args.fid_backend == "classifier" and not (Path(classifier_dir) / "model.safetensors").exists():
-            if accelerator.is_main_process:
-                logger.info("training the FID feature classifier on the training split -> %s", classifier_dir)
-                feature_dim = 64 if min(len(test.subset(t)) for t in tasks) > 64 else 32
-                classifier = train_classifier(train_inputs, train.labels, num_classes, feature_dim=feature_dim,
-                                              epochs=2 if len(train) > 20_000 else 20, seed=args.seed,
-                                              show_progress=accelerator.is_local_main_process)
-                classifier.save_pretrained(classifier_dir)
-            accelerator.wait_for_everyone()
-        extractor = load_feature_extractor(args.fid_backend, classifier_path=classifier_dir,
-                                           fid_weights=args.fid_weights, dinov2_model=args.dinov2_model).to(device)
-
+    evaluator = make_evaluator(args, accelerator, data, device)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    results_path = output_dir / "results.json"
-    matrix = matrix_from_json(json.loads(results_path.read_text())["fid"]) if results_path.exists() else {}
-    matrix = {k: row for k, row in matrix.items() if k < start_task}
-
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
+    if ema is not None:
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
+        register_ema(accelerator, ema)
     if accelerator.is_main_process and args.report_to:
         accelerator.init_trackers("continual-ddpm", config={k: v for k, v in vars(args).items()
                                                            if isinstance(v, (int, float, str, bool))})
     uploader = TaskUploader(args.hub_model_id, private=args.hub_private or None) \
         if args.push_to_hub and accelerator.is_main_process else None
-
     unet.to(device)
-    penalty_device = "cpu" if fsdp else device  # under FSDP only each shard's slice of the statistics goes to the GPU
     if penalty is not None:
-        penalty.to(penalty_device)
-    global_step = resume_position["global_step"] if resume_position else 0
-    steps_this_process = 0
-    stopped_early = False
+        penalty.to("cpu" if fsdp else device)  # under FSDP only each shard's slice goes to the GPU
+    stopped = False
 
-    for task_index in range(start_task, num_tasks + 1):
+    for task_index in range(run.start_task, num_tasks + 1):
         classes = training_tasks[task_index - 1]
-        seen = sorted({c for t in training_tasks[:task_index] for c in t})
         old_classes = sorted({c for t in training_tasks[: task_index - 1] for c in t})
-
-        def streamed(shuffle: bool, seed: int = 0):
-            return stream_task(source, "train", classes, resolution=resolution, num_channels=known.num_channels,
-                               image_column=args.image_column, label_column=args.label_column, resize=args.resize,
-                               shuffle=shuffle, seed=seed, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes)
-
-        if args.streaming:
-            task_data = None
-            num_examples = count_task_examples(source, "train", classes, args.label_column)
-        else:
-            task_mask = torch.isin(train.labels, torch.tensor(classes))
-            task_data = torch.utils.data.TensorDataset(train_inputs[task_mask], train.labels[task_mask])
-            num_examples = len(task_data)
+        loader, num_examples, fisher_batches = task_loader(args, accelerator, data, classes, task_index)
         logger.info("task %d/%d: classes %s, %d training images, method: %s", task_index, num_tasks, classes,
                     num_examples, method_description(args))
-
-        # teacher and replay pool from the model after the previous task
-        teacher, pool = None, None
-        if use_replay and old_classes:
-            teacher = frozen_teacher(full_model_copy(unet))  # under FSDP: whole weights, gathered once here
-            if args.replay_mode == "pool":
-                pool = ReplayPool.generate(
-                    teacher, noise_scheduler, old_classes, args.replay_per_class,
-                    output_dir / "replay" / task_folder_name(task_index), args.num_inference_steps,
-                    seed=args.seed * 100 + task_index, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
-                    show_progress=accelerator.is_local_main_process)
-
+        if args.replay == "on" and not args.joint:  # the teacher: whole weights (gathered once under FSDP)
+            learner.start_task(full_model_copy(unet), sampler, old_classes, per_class=args.replay_per_class,
+                               directory=output_dir / "replay" / task_folder_name(task_index),
+                               num_inference_steps=args.num_inference_steps, seed=args.seed * 100 + task_index,
+                               online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes,
+                               barrier=accelerator.wait_for_everyone, show_progress=accelerator.is_local_main_process)
         # a fresh optimizer per task (the penalty and the teacher carry what earlier tasks taught)
         optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
         if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
-            num_batches = num_examples // (args.train_batch_size * accelerator.num_processes)
-            if num_batches == 0:
-                raise SystemExit(f"error: task {task_index} has {num_examples} training images, fewer than one batch "
-                                 f"of {args.train_batch_size} per process; lower --train_batch_size")
-            loader = StreamedTaskLoader(streamed(True, args.seed + task_index), args.train_batch_size, num_batches,
-                                        device)
             model, optimizer = accelerator.prepare(unet, optimizer)
         else:
-            loader = torch.utils.data.DataLoader(task_data, batch_size=args.train_batch_size, shuffle=True,
-                                                 drop_last=len(task_data) > args.train_batch_size,
-                                                 generator=torch.Generator().manual_seed(args.seed + task_index))
             model, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
-        first_epoch, skip_batches = 0, 0
-        if resume_dir is not None and resume_position["task"] == task_index:
-            accelerator.load_state(str(resume_dir))
-            first_epoch, skip_batches = resume_position["epoch"], resume_position["step_in_epoch"]
-            logger.info("resumed from %s (task %d, epoch %d, step %d)", resume_dir, task_index, first_epoch,
-                        skip_batches)
-            resume_dir = None
-
-        steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-        progress = tqdm(total=args.num_epochs_per_task * steps_per_epoch,
-                        initial=first_epoch * steps_per_epoch + skip_batches // args.gradient_accumulation_steps,
-                        desc=f"task {task_index}/{num_tasks}", disable=not accelerator.is_local_main_process)
-        loss_curve, denoise_curve = [], []
-        for epoch in range(first_epoch, args.num_epochs_per_task):
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            batches = loader
-            if skip_batches:
-                batches = loader.skip_first(skip_batches) if args.streaming \
-                    else accelerator.skip_first_batches(loader, skip_batches)
-            step_in_epoch = skip_batches
-            skip_batches = 0
-            epoch_losses, epoch_denoise = [], []
-            model.train()
-            for images, labels in batches:
-                step_seed = (args.seed * 1_000_003 + global_step) * 8 + accelerator.process_index
-                generator = torch.Generator().manual_seed(step_seed)
-                replay = None
-                if teacher is not None:
-                    replay_bs = args.replay_batch_size or images.shape[0]
-                    if pool is not None:
-                        replay = pool.sample(replay_bs, generator, device)
-                    else:
-                        replay = online_replay_batch(teacher, noise_scheduler, old_classes, replay_bs,
-                                                     args.online_replay_steps, generator)
-                with accelerator.accumulate(model):
-                    parts = continual_loss(model, noise_scheduler, images, labels, replay, teacher,
-                                           args.distill_weight, not args.no_replay_in_denoise, generator)
-                    loss = parts["loss"]
-                    ewc = torch.zeros((), device=device)
-                    if penalty is not None and args.ewc_mode == "loss" and penalty.num_tasks:
-                        ewc = penalty(accelerator.unwrap_model(model))
-                        loss = loss + ewc
-                    if not torch.isfinite(loss):
-                        raise SystemExit(f"error: non-finite loss ({float(loss)}) at task {task_index}, epoch "
-                                         f"{epoch}, step {global_step}. The last checkpoint in "
-                                         f"{output_dir / 'checkpoints'} is intact; lower --learning_rate or "
-                                         f"--ewc_lambda and resume with --resume_from_checkpoint latest.")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_in_epoch += 1
-                epoch_losses.append(float(loss.detach()))
-                epoch_denoise.append(float(parts["denoise"]))
-                if not accelerator.sync_gradients:
-                    continue
-                if penalty is not None and args.ewc_mode == "decoupled":
-                    penalty.proximal_step(accelerator.unwrap_model(model), optimizer.param_groups[0]["lr"])
-                if ema is not None:
-                    ema.step(model.parameters())
-                global_step += 1
-                steps_this_process += 1
-                progress.update(1)
-                logs = {"loss": epoch_losses[-1], "denoise": epoch_denoise[-1],
-                        "distill": float(parts["distill"]), "ewc": float(ewc.detach()), "task": task_index}
-                progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "task"})
-                accelerator.log(logs, step=global_step)
-                position = {"task": task_index, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                            "global_step": global_step}
-                if step_in_epoch == len(loader):
-                    position.update(epoch=epoch + 1, step_in_epoch=0)
-                stop_now = args.stop_after_steps is not None and steps_this_process >= args.stop_after_steps
-                if global_step % args.checkpointing_steps == 0 or stop_now:
-                    save_checkpoint(accelerator, output_dir, global_step, position, args.checkpoints_total_limit)
-                if stop_now:
-                    stopped_early = True
-                    break
-            if stopped_early:
-                break
-            if epoch_losses:  # (empty when a resumed epoch had already finished)
-                loss_curve.append(sum(epoch_losses) / len(epoch_losses))
-                denoise_curve.append(sum(epoch_denoise) / len(epoch_denoise))
-        progress.close()
-        if stopped_early:
+        *curves, stopped = train_task(args, accelerator, learner, model, optimizer, loader, run, task_index,
+                                      num_tasks, ema)
+        if stopped:
             logger.info("stopped after %d steps as asked; continue with --resume_from_checkpoint latest",
-                        steps_this_process)
+                        run.steps_this_process)
             break
 
-        # ---- end of task: weights, evaluation, Fisher, task folder
-        unet = accelerator.unwrap_model(model)
+        # ---- end of task: theta*_k, evaluation, consolidation, the task folder
+        unet = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper: fp32 from here
         accelerator.free_memory()
         if ema is not None:
             ema.copy_to(unet.parameters())
         unet.eval()
         trained = full_model_copy(unet)  # whole weights, gathered once per task under FSDP (else unet itself)
-        pipeline = ClassConditionalDDIMPipeline(trained, noise_scheduler)
-        eval_model = frozen_teacher(trained)  # the same fast sampler as the replay pool (bf16 where fast)
-
-        def sample_fn(labels: torch.Tensor, seed: int) -> torch.Tensor:
-            return ddim_sample(eval_model, noise_scheduler, labels, args.num_inference_steps,
-                               torch.Generator().manual_seed(seed), default_autocast_dtype(device))
-
-        eval_tasks = tasks if args.joint else tasks[:task_index]
-        row = {}
-        fid_n = {}
-        if extractor is not None and accelerator.is_main_process:
-            for i, task_classes in enumerate(eval_tasks, start=1):
-                test_mask = torch.isin(test.labels, torch.tensor(task_classes))
-                cache = reference_cache_path(args.fid_reference_dir or output_dir / "fid_reference", extractor,
-                                             task_classes, test_inputs[test_mask])
-                real = real_statistics(extractor, test_inputs[test_mask], cache)
-                n = args.fid_num_samples or int(test_mask.sum())
-                labels = labels_in_test_proportions(test.labels[test_mask], n)
-                fake = torch.cat([extractor.features(sample_fn(labels[j : j + 500], args.seed * 7919 + j + i))
-                                  for j in range(0, n, 500)])
-                row[i] = fid_from_statistics(real, FeatureStatistics.from_features(fake, extractor.name))
-                fid_n[i] = n
-                logger.info("FID_%d(m_%d) = %.3f (%s, N=%d)", i, task_index, row[i], args.fid_backend, n)
-            matrix[task_index] = row
-        accelerator.wait_for_everyone()
-
-        stats = None
-        if penalty is not None:
-            kinds = ("diag",) if args.ewc_type == "diag" else ("rank1",)
-            per_process_cap = None
-            if args.streaming:  # one unshuffled pass per Fisher pass over this process's shard
-                fisher_loader = StreamedTaskLoader(streamed(False), args.fisher_batch_size, None, device,
-                                                   accelerator.process_index, accelerator.num_processes)
-                if args.fisher_num_samples:
-                    per_process_cap = -(-args.fisher_num_samples // accelerator.num_processes)
-            else:
-                shard = torch.arange(len(task_data))
-                if args.fisher_num_samples:
-                    shard = shard[: args.fisher_num_samples]
-                shard = shard[accelerator.process_index :: accelerator.num_processes]
-                fisher_loader = torch.utils.data.DataLoader(
-                    torch.utils.data.TensorDataset(task_data.tensors[0][shard], task_data.tensors[1][shard], shard),
-                    batch_size=args.fisher_batch_size)
-            stats = estimate_fisher(trained, noise_scheduler, fisher_loader, kinds=kinds, num_samples=per_process_cap,
-                                    generator=torch.Generator().manual_seed(args.seed + task_index),
+        pipeline, eval_model = ClassConditionalPipeline(trained, sampler), frozen_teacher(trained)  # fast copy
+        scores = evaluate_task(accelerator, evaluator, eval_model, sampler,
+                               data.tasks if args.joint else data.tasks[:task_index], task_index)
+        run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
+        run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
+        stats = learner.consolidate(trained, fisher_batches, seed=args.seed + task_index,
                                     reduce_sum=lambda t: accelerator.reduce(t, "sum"),
+                                    num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
+                                    if args.streaming and args.fisher_num_samples else None,
                                     show_progress=accelerator.is_local_main_process)
-            penalty.add_task(stats, trained)
-            penalty.to(penalty_device)
-            logger.info("Fisher after task %d: c* = %s, ||mu|| = %.4g, N = %d", task_index, stats.c_star,
+        if penalty is not None:
+            penalty.to("cpu" if fsdp else device)
+            logger.info("Fisher after task %d: c* = %.4g, ||mu|| = %.4g, N = %d", task_index, stats.c_star or 0,
                         stats.mu_norm(), stats.num_samples)
-
         if accelerator.is_main_process:
-            summary = summarize(matrix) if not args.joint else {}
-            metrics = {"task": task_index, "classes": classes, "fid": row, "fid_num_samples": fid_n,
-                       "fid_backend": args.fid_backend, "loss_per_epoch": loss_curve,
-                       "denoise_loss_per_epoch": denoise_curve,
-                       "c_star": stats.c_star if stats else None,
-                       "mu_norm": stats.mu_norm() if stats and stats.mu else None, **summary}
-            grid_labels = torch.tensor(seen).repeat_interleave(8)
-            grid = sample_fn(grid_labels, args.seed)
-            folder = output_dir / task_folder_name(task_index)
-
-            def fill(tmp: Path) -> None:
-                pipeline.save_pretrained(tmp)
-                if stats is not None:
-                    save_fisher(str(tmp / "fisher.safetensors"), stats, task_index=task_index, classes=classes)
-                if penalty is not None:
-                    from safetensors.torch import save_file
-
-                    save_file({k: v.cpu() for k, v in penalty.state_dict().items()},
-                              str(tmp / "ewc_penalty.safetensors"))
-                write_json(tmp / "metrics.json", metrics)
-                save_image_grid(grid, tmp / "samples.png", nrow=8)
-                write_json(tmp / "training_state.json", {
-                    "task_index": task_index, "tasks": training_tasks, "seen_classes": seen,
-                    "run_config": run_config(args), "global_step": global_step, "method": method_description(args),
-                    "num_processes": accelerator.num_processes,
-                    "hf_r1ewc_version": __version__})
-                write_model_card(
-                    tmp, task_index=task_index, num_tasks=num_tasks, seen_classes=seen,
-                    dataset_name=source, method_description=method_description(args),
-                    hyperparameters={k: getattr(args, k) for k in (
-                        "preset", "ewc_type", "ewc_lambda", "ewc_mode", "distill_weight", "replay", "replay_mode",
-                        "replay_per_class", "num_epochs_per_task", "train_batch_size", "learning_rate",
-                        "num_inference_steps", "seed", "mixed_precision")},
-                    command="accelerate launch " + " ".join(shlex.quote(a) for a in sys.argv),
-                    matrix=matrix, summary=summary, fid_backend=args.fid_backend,
-                    fid_comparable=extractor is not None and extractor.comparable_to_inception,
-                    fid_num_samples=max(fid_n.values()) if fid_n else "n/a", hub_model_id=args.hub_model_id)
-
-            write_folder_atomically(folder, fill)
-            results = {"method": method_description(args), "fid_backend": args.fid_backend,
-                       "fid_comparable_to_inception": bool(extractor is not None and extractor.comparable_to_inception),
-                       "tasks": tasks, "joint": args.joint,
-                       "fid": {str(k): {str(i): v for i, v in r.items()} for k, r in matrix.items()}}
-            if args.joint and row:
-                results["afid_final"] = sum(row.values()) / len(row)
-            else:
-                s = summarize(matrix)
-                results.update(afid={str(k): v for k, v in s.get("afid", {}).items()},
-                               forgetting=s.get("forgetting"), plasticity=s.get("plasticity"))
-            write_json(results_path, results)
-            logger.info("wrote %s", folder)
+            folder = write_task_folder(args, accelerator, data, run, pipeline, eval_model, stats, penalty, scores,
+                                       curves, task_index, training_tasks, evaluator, ema)
             if uploader is not None:
                 uploader.submit(folder, task_index)
         accelerator.wait_for_everyone()
@@ -691,9 +759,9 @@ def main(argv=None) -> None:
             logger.warning("%d uploads failed; see %s (local results are complete)", len(failures),
                            output_dir / "upload_failures.json")
     accelerator.end_training()
-    if accelerator.is_main_process and not stopped_early:
+    if accelerator.is_main_process and not stopped:
         print(f"\nDone. Task folders: {output_dir}/task_XX (pipeline, fisher.safetensors, samples.png, README.md)")
-        print(f"Results (FID matrix, AFID@k, forgetting, plasticity): {results_path}")
+        print(f"Results (FID matrix, AFID@k, forgetting, plasticity, sample accuracy): {output_dir / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def plot_analysis(result: dict, output_dir: Path) -> None:
 def main(argv=None) -> None:
     from .data import images_to_model_input, load_labeled_images, parse_tasks
     from .hub import resolve_task_source
-    from .pipeline import ClassConditionalDDIMPipeline
+    from .pipeline import ClassConditionalPipeline
 
     p = argparse.ArgumentParser(prog="python -m hf_r1ewc.analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,7 +235,7 @@ def main(argv=None) -> None:
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     folder = resolve_task_source(args.checkpoint)
-    unet = ClassConditionalDDIMPipeline.from_pretrained(folder).unet.eval()
+    unet = ClassConditionalPipeline.from_pretrained(folder).unet.eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet.to(device)
     source = args.dataset_name or args.train_data_dir

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.data_loader import DataLoaderStateMixin
 
 BUILTIN_DIGITS = "digits"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "picture")
@@ -401,19 +402,26 @@ def count_task_examples(source: str, split: str, classes: Sequence[int], label_c
     return sum(1 for _ in dataset.select_columns([label_column]))
 
 
-class StreamedTaskLoader:
+class StreamedTaskLoader(DataLoaderStateMixin):
     """Batches ``(pixel_values [B, C, R, R], class_labels [B][, index [B]])`` on ``device`` from a ``stream_task``.
 
     With ``num_batches``, every process takes exactly that many batches per epoch, re-reading its shard if it runs
     short: data-parallel processes must step together, while a streamed shard's size is only known after reading it
     (``split_dataset_by_node`` may hand out whole files). ``num_batches=None`` is one pass over the shard, with each
     sample's global index (position in this process's stream * world_size + rank) for ``estimate_fisher``.
+
+    The loader is not passed through ``accelerator.prepare`` (the stream is already sharded), so it reports its
+    epoch boundaries to Accelerate's ``GradientState`` itself (``DataLoaderStateMixin``), as a prepared loader does:
+    under gradient accumulation the last micro-batch of an epoch closes the window, nothing spills into the next.
     """
 
     def __init__(self, stream, batch_size: int, num_batches: int | None = None, device: torch.device | str = "cpu",
                  rank: int = 0, world_size: int = 1) -> None:
+        from accelerate.state import GradientState
+
         self.stream, self.batch_size, self.num_batches = stream, batch_size, num_batches
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        self.gradient_state, self._drop_last = GradientState(), True
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -428,6 +436,18 @@ class StreamedTaskLoader:
 
     def skip_first(self, num_batches: int):
         """Iterate from batch ``num_batches`` on (resuming mid-epoch re-reads the same seeded stream)."""
+        if self.num_batches is None:
+            yield from self._batches(num_batches)
+            return
+        self.begin()
+        try:
+            for step, batch in enumerate(self._batches(num_batches), start=num_batches):
+                self.end_of_dataloader = step == self.num_batches - 1
+                yield batch
+        finally:
+            self.end()
+
+    def _batches(self, num_batches: int):
         step, position = 0, 0
         while self.num_batches is None or step < self.num_batches:
             read = 0

@@ -1,15 +1,15 @@
 """Generative distillation (paper section 3.4): a frozen teacher, its replay pool, and the training loss.
 
-After task k a frozen copy of the model (the teacher) generates a replay pool for every class seen so far with DDIM
-(50 steps, eta 0). Each training step draws a replay batch, noises it ONCE at uniform t, and that single noising
-serves both terms, so the student sees the replay batch once per step:
+After task k a frozen copy of the model (the teacher) generates a replay pool for every class seen so far through
+``hf_r1ewc.pipeline.sample`` (the paper: DDIM, 50 steps, eta 0; any diffusers scheduler). Each training step draws
+a replay batch, noises it ONCE at uniform t, and that single noising serves both terms, so the student sees the replay batch once per step:
 
 * the replay images join the real batch in the ordinary denoising loss (generative replay, as in the authors' code;
   ``replay_in_denoise=False`` turns this off);
 * distillation: ``distill_weight * mean_pixels (eps_student(x~_t) - eps_teacher(x~_t))^2``.
 
 ``replay_mode="online"`` (Masip et al.) skips the pool and samples a fresh replay batch from the teacher every step
-with a few DDIM steps.
+with a few sampler steps.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler
 from torch import nn
 from tqdm.auto import tqdm
+
+from .pipeline import default_autocast_dtype, sample, sampler_name
 
 POOL_CHUNK = 250  # images per pool chunk: the unit of generation, of resume and of multi-process sharing
 
@@ -36,16 +37,6 @@ def frozen_teacher(unet: nn.Module) -> nn.Module:
     return teacher
 
 
-def default_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else None (fp32)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    return None
-
-
 def _class_list(classes: Sequence[int], num_class_embeds: int | None) -> list[int]:
     classes = [int(c) for c in classes]
     if not classes:
@@ -55,46 +46,6 @@ def _class_list(classes: Sequence[int], num_class_embeds: int | None) -> list[in
         if bad:
             raise ValueError(f"replay classes {bad} are outside the teacher's classes 0..{num_class_embeds - 1}.")
     return classes
-
-
-@torch.inference_mode()
-def ddim_sample(
-    unet: nn.Module,
-    scheduler: DDIMScheduler,
-    class_labels: torch.Tensor,
-    num_inference_steps: int = 50,
-    generator: torch.Generator | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) samples ``[N, C, H, W]`` in [-1, 1] (float32) for ``class_labels`` ``[N]``.
-
-    The lean loop the replay pool uses: inference mode, optional autocast, the DDIM update written out (identical
-    to ``DDIMScheduler.step`` with eta 0, without its per-step Python overhead)."""
-    device = next(unet.parameters()).device
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    x = torch.randn((class_labels.shape[0], unet.config.in_channels, *size), generator=generator).to(device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    labels = class_labels.to(device)
-    scheduler = DDIMScheduler.from_config(scheduler.config)
-    if scheduler.config.prediction_type != "epsilon" or scheduler.config.thresholding:
-        raise ValueError("ddim_sample supports epsilon prediction without thresholding only")
-    scheduler.set_timesteps(num_inference_steps)
-    alphas = scheduler.alphas_cumprod.to(device)
-    final_alpha = scheduler.final_alpha_cumprod.to(device)
-    step = scheduler.config.num_train_timesteps // num_inference_steps
-    use_autocast = autocast_dtype is not None
-    for t in scheduler.timesteps:
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
-            eps = unet(x, t.to(device), class_labels=labels).sample.float()
-        alpha_t = alphas[t]
-        prev = int(t) - step
-        alpha_prev = alphas[prev] if prev >= 0 else final_alpha
-        x0 = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
-        if scheduler.config.clip_sample:  # as DDIMScheduler.step: clip x0, keep the model's eps
-            x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-        x = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
-    return x.clamp(-1, 1).float()
 
 
 @dataclass
@@ -121,7 +72,7 @@ class ReplayPool:
     def generate(
         cls,
         teacher: nn.Module,
-        scheduler: DDIMScheduler,
+        scheduler,
         classes: Sequence[int],
         per_class: int,
         directory: str | os.PathLike,
@@ -153,7 +104,7 @@ class ReplayPool:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         spec = {"classes": classes, "per_class": per_class, "num_inference_steps": num_inference_steps,
-                "seed": seed, "chunk": POOL_CHUNK, "eta": 0.0}
+                "seed": seed, "chunk": POOL_CHUNK, "sampler": sampler_name(scheduler), "eta": 0.0}
         spec_path = directory / "pool.json"
         if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
             raise ValueError(f"{directory} holds a replay pool made with other settings "
@@ -167,8 +118,8 @@ class ReplayPool:
             chunk_labels = labels[chunk * POOL_CHUNK : (chunk + 1) * POOL_CHUNK]
             generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
             parts = [
-                ddim_sample(teacher, scheduler, chunk_labels[i : i + batch_size], num_inference_steps, generator,
-                            autocast_dtype)
+                sample(teacher, scheduler, chunk_labels[i : i + batch_size], num_inference_steps, generator,
+                       autocast_dtype)
                 for i in range(0, len(chunk_labels), batch_size)
             ]
             path = directory / f"chunk-{chunk:05d}.safetensors"
@@ -204,17 +155,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def online_replay_batch(
     teacher: nn.Module,
-    scheduler: DDIMScheduler,
+    scheduler,
     classes: Sequence[int],
     batch_size: int,
     num_inference_steps: int = 2,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh replay batch from the teacher (Masip et al.): uniform labels over ``classes``, few-step DDIM."""
+    """A fresh replay batch from the teacher (Masip et al.): uniform labels over ``classes``, few-step sampling with
+    ``scheduler`` (a sampling scheduler, e.g. DDIM)."""
     classes = torch.tensor(_class_list(classes, getattr(teacher.config, "num_class_embeds", None)))
     labels = classes[torch.randint(0, len(classes), (batch_size,), generator=generator)]
-    images = ddim_sample(teacher, scheduler, labels, num_inference_steps, generator, autocast_dtype)
+    images = sample(teacher, scheduler, labels, num_inference_steps, generator, autocast_dtype)
     return images.clone(), labels.to(images.device)
 
 

@@ -21,23 +21,11 @@ from pathlib import Path
 import torch
 
 from .data import default_resolution, images_to_model_input, load_labeled_images
-from .distill import ddim_sample, default_autocast_dtype, frozen_teacher
-from .hub import is_complete_task_folder, resolve_task_source, task_folder_name
-from .metrics import (
-    FeatureStatistics,
-    classifier_accuracy,
-    fid_from_statistics,
-    labels_in_test_proportions,
-    load_feature_extractor,
-    matrix_from_json,
-    mean_and_standard_error,
-    real_statistics,
-    reference_cache_path,
-    summarize,
-    train_classifier,
-    write_json,
-)
-from .models import training_noise_scheduler
+from .distill import frozen_teacher
+from .features import classifier_accuracy, load_feature_extractor, train_classifier
+from .hub import is_complete_task_folder, resolve_task_source, task_folder_name, write_json
+from .metrics import TaskFID, matrix_from_json, mean_and_standard_error, summarize
+from .pipeline import ClassConditionalPipeline
 from .plots import plot_afid_curves, plot_task_fid_curves, save_image_grid
 
 
@@ -64,21 +52,27 @@ def train_classifier_main(argv) -> None:
 
 
 def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None = None) -> dict:
-    """Fill the missing FID_i(m_k) of a run from its task folders; returns the updated results."""
-    from .pipeline import ClassConditionalDDIMPipeline
-
+    """Fill the missing FID_i(m_k) (and sample accuracy) of a run from its task folders, through the same
+    ``TaskFID`` as the training script (same seeds, sampler and precision); returns the updated results."""
     results = json.loads((run_dir / "results.json").read_text())
     args = json.loads((run_dir / "args.json").read_text())
     source = args["dataset_name"] or args["train_data_dir"]
-    test = load_labeled_images(source, "test", args.get("image_column"), args.get("label_column"))
+    test = load_labeled_images(source, args.get("eval_split", "test"), args.get("image_column"),
+                               args.get("label_column"))
     resolution = args.get("resolution") or default_resolution(test.image_size)
-    test_inputs = images_to_model_input(test.images, resolution, args.get("resize", False))
     extractor = load_feature_extractor(results["fid_backend"],
                                        classifier_path=args.get("fid_classifier") or str(run_dir / "fid_classifier"),
                                        fid_weights=args.get("fid_weights"),
                                        dinov2_model=args.get("dinov2_model", "facebook/dinov2-base"))
-    matrix = matrix_from_json(results["fid"])
+    precision = results.get("sampling", {}).get("precision", "fp32")
     tasks = results["tasks"]
+    evaluator = TaskFID(extractor, images_to_model_input(test.images, resolution, args.get("resize", False)),
+                        test.labels, tasks, num_samples=num_samples or args.get("fid_num_samples"),
+                        num_inference_steps=args.get("num_inference_steps", 50), seed=args.get("seed", 0),
+                        autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+                        cache_dir=args.get("fid_reference_dir") or run_dir / "fid_reference")
+    matrix = matrix_from_json(results["fid"])
+    accuracy = matrix_from_json(results.get("accuracy", {}))
     for k in range(1, len(tasks) + 1):
         folder = run_dir / task_folder_name(k)
         if not is_complete_task_folder(folder):
@@ -87,26 +81,18 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
         missing = [i for i in wanted if i not in matrix.get(k, {})]
         if not missing:
             continue
-        model = frozen_teacher(ClassConditionalDDIMPipeline.from_pretrained(folder).unet)
+        pipe = ClassConditionalPipeline.from_pretrained(folder)
+        model = frozen_teacher(pipe.unet)
         for i in missing:
-            mask = torch.isin(test.labels, torch.tensor(tasks[i - 1]))
-            cache_dir = args.get("fid_reference_dir") or run_dir / "fid_reference"
-            real = real_statistics(extractor, test_inputs[mask],
-                                   reference_cache_path(cache_dir, extractor, tasks[i - 1], test_inputs[mask]))
-            labels = labels_in_test_proportions(test.labels[mask], num_samples or int(mask.sum()))
-            images = torch.cat([ddim_sample(model, training_noise_scheduler(), labels[j : j + 500],
-                                            args.get("num_inference_steps", 50), torch.Generator().manual_seed(j + i),
-                                            default_autocast_dtype("cpu"))
-                                for j in range(0, len(labels), 500)])
-            fake = FeatureStatistics.from_features(extractor.features(images), extractor.name)
-            matrix.setdefault(k, {})[i] = fid_from_statistics(real, fake)
-            print(f"{run_dir.name}: FID_{i}(m_{k}) = {matrix[k][i]:.3f}")
-    results["fid"] = {str(k): {str(i): v for i, v in row.items()} for k, row in matrix.items()}
-    s = summarize({k: {i: v for i, v in row.items() if i <= k} for k, row in matrix.items()})
-    results.update(afid={str(k): v for k, v in s.get("afid", {}).items()}, forgetting=s.get("forgetting"),
-                   plasticity=s.get("plasticity"))
+            score = evaluator(model, pipe.scheduler, i)
+            matrix.setdefault(k, {})[i] = score.fid
+            if score.accuracy is not None:
+                accuracy.setdefault(k, {})[i] = score.accuracy
+            print(f"{run_dir.name}: FID_{i}(m_{k}) = {score.fid:.3f}")
+    results["fid"], results["accuracy"] = matrix, accuracy
+    results.update(summarize({k: {i: v for i, v in row.items() if i <= k} for k, row in matrix.items()}))
     write_json(run_dir / "results.json", results)
-    return results
+    return json.loads((run_dir / "results.json").read_text())
 
 
 def results_from_revisions(repo_id: str, revisions: list[str]) -> dict:
@@ -184,14 +170,12 @@ def write_summary(table: dict, output_dir: Path) -> None:
 @torch.no_grad()
 def sample_grid_across_tasks(run_dir: Path, classes: list[int], path: Path, steps: int = 50, seed: int = 0) -> None:
     """Rows: classes; columns: the model after each task (paper fig. 5). Same noise in every column."""
-    from .pipeline import ClassConditionalDDIMPipeline
-
     columns = []
     for k in range(1, 100):
         folder = run_dir / task_folder_name(k)
         if not is_complete_task_folder(folder):
             break
-        pipe = ClassConditionalDDIMPipeline.from_pretrained(folder)
+        pipe = ClassConditionalPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         columns.append(pipe(classes, steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images)
     if not columns:

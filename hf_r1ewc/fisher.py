@@ -61,30 +61,39 @@ class FisherSums:
     proj_sq_sum: float = 0.0  # sum_i (mu^T g_i)^2, for a fixed mu
     grad_sq_sum: dict[str, torch.Tensor] | None = None  # sum_i g_i * g_i
 
-    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> "FisherSums":
-        """Sum every field across processes with ``reduce_sum`` (e.g. ``lambda t: accelerator.reduce(t, "sum")``)."""
+    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str) -> "FisherSums":
+        """Sum every field across processes with ``reduce_sum`` (e.g. ``lambda t: accelerator.reduce(t, "sum")``).
+        Every reduced tensor lives on ``device``, the parameters' device (NCCL reduces GPU tensors only)."""
         def reduce_dict(d):
-            return None if d is None else {k: reduce_sum(v) for k, v in d.items()}
+            return None if d is None else {k: reduce_sum(v.to(device)) for k, v in d.items()}
 
-        scalars = reduce_sum(torch.tensor([float(self.count), self.proj_sq_sum], dtype=torch.float64,
-                                          device=_any_device(self.grad_sum, self.grad_sq_sum)))
+        scalars = reduce_sum(torch.tensor([float(self.count), self.proj_sq_sum], dtype=torch.float64, device=device))
         return FisherSums(int(round(float(scalars[0]))), reduce_dict(self.grad_sum), float(scalars[1]),
                           reduce_dict(self.grad_sq_sum))
-
-
-def _any_device(*dicts) -> torch.device:
-    for d in dicts:
-        if d:
-            return next(iter(d.values())).device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------- model plumbing
 
 
 @contextlib.contextmanager
+def fp32_forward(model: nn.Module) -> Iterator[None]:
+    """Within the block ``model`` runs in its own dtype whatever the training precision: Accelerate's autocast wrapper
+    (an instance-level ``forward`` that ``prepare`` installs and ``unwrap_model`` keeps by default, once per
+    ``prepare``) is set aside and autocast is disabled; both are restored after."""
+    wrapped = model.__dict__.pop("forward", None)
+    device_type = next(model.parameters()).device.type
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
+
+
+@contextlib.contextmanager
 def forward_ad_safe(unet: nn.Module) -> Iterator[None]:
-    """Within the block the UNet supports forward-mode AD and vmap: plain attention, contiguous GroupNorm inputs."""
+    """Within the block the UNet supports forward-mode AD and vmap: plain attention, contiguous GroupNorm inputs,
+    float32 (``fp32_forward``)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     attention = [m for m in unet.modules() if isinstance(m, Attention)]
@@ -97,7 +106,8 @@ def forward_ad_safe(unet: nn.Module) -> Iterator[None]:
         if isinstance(module, nn.GroupNorm)
     ]
     try:
-        yield
+        with fp32_forward(unet):
+            yield
     finally:
         for hook in hooks:
             hook.remove()
@@ -232,11 +242,21 @@ def fisher_statistics(
     kinds = _check_kinds(kinds)
     params = trainable_parameters(unet)
     sums = FisherSums()
-    accumulate_first_pass(unet, sums, noisy_images, timesteps, class_labels, noise)
-    mu = {k: (v / sums.count).to(params[k].dtype) for k, v in sums.grad_sum.items()}
-    with forward_ad_safe(unet):
-        accumulate_second_pass(unet, params, mu, sums, noisy_images, timesteps, class_labels, noise, kinds, chunk_size)
+    with fp32_forward(unet):
+        accumulate_first_pass(unet, sums, noisy_images, timesteps, class_labels, noise)
+        mu = {k: (v / sums.count).to(params[k].dtype) for k, v in sums.grad_sum.items()}
+        with forward_ad_safe(unet):
+            accumulate_second_pass(unet, params, mu, sums, noisy_images, timesteps, class_labels, noise, kinds,
+                                   chunk_size)
     return finalize(sums, kinds)
+
+
+def subset_indices(num_examples: int, num_samples: int | None, seed: int) -> torch.Tensor:
+    """``[min(num_samples, num_examples)]`` sorted indices of a seeded uniform subset (all when ``num_samples`` is
+    None): the same subset on every process count, never the first N of a class-sorted source."""
+    if num_samples is None or num_samples >= num_examples:
+        return torch.arange(num_examples)
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
 
 
 def sample_noise(index: int, seed: int, shape: Sequence[int], timestep_range: tuple[int, int]
@@ -314,24 +334,25 @@ def estimate_fisher(
     was_training = unet.training
     unet.eval()
     try:
-        first = FisherSums()
-        labels_first = []
-        for x_t, t, y, eps in batches("Fisher pass 1/2 (mean gradient)"):
-            accumulate_first_pass(unet, first, x_t, t, y, eps)
-            labels_first.append(y.cpu())
-        first = first.all_reduce(reduce_sum)
-        mu = {k: (v / first.count).to(dtype) for k, v in first.grad_sum.items()}
-        second = FisherSums(count=first.count, grad_sum=first.grad_sum)
-        labels_second = []
-        with forward_ad_safe(unet):
-            for x_t, t, y, eps in batches("Fisher pass 2/2 (" + " + ".join(kinds) + ")"):
-                accumulate_second_pass(unet, params, mu, second, x_t, t, y, eps, kinds, chunk_size)
-                labels_second.append(y.cpu())
+        with fp32_forward(unet):
+            first = FisherSums()
+            labels_first = []
+            for x_t, t, y, eps in batches("Fisher pass 1/2 (mean gradient)"):
+                accumulate_first_pass(unet, first, x_t, t, y, eps)
+                labels_first.append(y.cpu())
+            first = first.all_reduce(reduce_sum, device)
+            mu = {k: (v / first.count).to(dtype) for k, v in first.grad_sum.items()}
+            second = FisherSums(count=first.count, grad_sum=first.grad_sum)
+            labels_second = []
+            with forward_ad_safe(unet):
+                for x_t, t, y, eps in batches("Fisher pass 2/2 (" + " + ".join(kinds) + ")"):
+                    accumulate_second_pass(unet, params, mu, second, x_t, t, y, eps, kinds, chunk_size)
+                    labels_second.append(y.cpu())
         if not torch.equal(torch.cat(labels_first), torch.cat(labels_second)):
             raise ValueError("the dataloader yielded different samples on the two Fisher passes; "
                              "pass a loader without shuffling")
         local = FisherSums(proj_sq_sum=second.proj_sq_sum, grad_sq_sum=second.grad_sq_sum)
-        reduced = local.all_reduce(reduce_sum)
+        reduced = local.all_reduce(reduce_sum, device)
         merged = FisherSums(first.count, first.grad_sum, reduced.proj_sq_sum, reduced.grad_sq_sum)
     finally:
         unet.train(was_training)

@@ -7,6 +7,7 @@ A task folder ``OUTPUT_DIR/task_XX/`` is a loadable pipeline (``model_index.json
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -39,6 +40,24 @@ def task_folder_name(task_index: int) -> str:
 
 def is_complete_task_folder(path: str | os.PathLike) -> bool:
     return all((Path(path) / f).exists() for f in REQUIRED_FILES)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Atomic JSON write: a temporary file unique to this process, then one rename. NaN/inf become null, so the
+    file is valid JSON."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: runs may share a folder
+    Path(tmp).write_text(json.dumps(_finite(payload), indent=2, sort_keys=False, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _finite(value):
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_folder_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:
@@ -85,18 +104,30 @@ def write_model_card(
     summary: dict,
     fid_backend: str,
     fid_comparable: bool,
-    fid_num_samples: int | str,
+    fid_num_samples: int | dict[int, int],
+    sampling: str = "DDIM, 50 steps, fp32",
+    accuracy: dict[int, float] | None = None,
     hub_model_id: str | None = None,
 ) -> None:
-    """``README.md`` from ``model_cards/task_card.md`` through ``ModelCard.from_template`` with ``eval_results``."""
+    """``README.md`` from ``model_cards/task_card.md`` through ``ModelCard.from_template`` with ``eval_results``.
+
+    ``fid_num_samples``: generated images per task i (or one number for all); ``sampling``: the sampler, steps and
+    precision the FID samples used; ``accuracy``: ACC_i of this model per task i (classifier backend)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     row = matrix.get(task_index, {})
+    per_task_n = fid_num_samples if isinstance(fid_num_samples, dict) else {i: fid_num_samples for i in row}
     eval_results = [
         EvalResult(task_type="image-generation", dataset_type=dataset_name, dataset_name=dataset_name,
                    metric_type="fid", metric_value=round(value, 4),
-                   metric_name=f"FID task {i} after task {task_index} ({fid_backend}, N={fid_num_samples})")
+                   metric_name=f"FID task {i} after task {task_index} ({fid_backend}, N={per_task_n.get(i)})")
         for i, value in sorted(row.items())
+    ]
+    eval_results += [
+        EvalResult(task_type="image-generation", dataset_type=dataset_name, dataset_name=dataset_name,
+                   metric_type="accuracy", metric_value=round(value, 4),
+                   metric_name=f"sample accuracy task {i} after task {task_index} ({fid_backend})")
+        for i, value in sorted((accuracy or {}).items())
     ]
     afid = summary.get("afid", {}).get(task_index)
     if afid is not None:
@@ -106,10 +137,9 @@ def write_model_card(
                                        metric_name=f"AFID@{task_index} ({fid_backend})"))
     card_data = ModelCardData(
         library_name="diffusers",
-        pipeline_tag="unconditional-image-generation",
         license="apache-2.0",
-        tags=["continual-learning", "ewc", "rank-1-fisher", "generative-distillation", "class-conditional",
-              "diffusers", "hf-r1ewc"],
+        tags=["continual-learning", "ewc", "rank-1-fisher", "generative-distillation",
+              "class-conditional-image-generation", "diffusers", "hf-r1ewc"],
         datasets=[dataset_name] if "/" in dataset_name and not Path(dataset_name).exists() else None,
         model_name=hub_model_id or f"hf-r1ewc {task_folder_name(task_index)}",
         eval_results=eval_results or None,
@@ -126,7 +156,9 @@ def write_model_card(
         seen_classes=", ".join(map(str, seen_classes)),
         fid_backend=fid_backend,
         fid_comparable=fid_comparable,
-        fid_num_samples=fid_num_samples,
+        fid_num_samples=", ".join(f"task {i}: {n}" for i, n in sorted(per_task_n.items())) or "n/a",
+        sampling=sampling,
+        accuracy=", ".join(f"task {i}: {100 * a:.1f} %" for i, a in sorted((accuracy or {}).items())),
         fid_table=fid_markdown_table(matrix, task_index) if matrix else "(not evaluated)",
         afid=afid,
         forgetting=summary.get("forgetting"),
@@ -201,16 +233,19 @@ class TaskUploader:
         return self.failures
 
     def _upload(self, folder: Path, task_index: int) -> None:
+        """One upload per task: the folder becomes ``main`` (mirrored exactly), then branch ``task-XX`` is created at
+        that commit (moved there if an earlier attempt left it elsewhere)."""
         if not self._repo_ready:
             self.api.create_repo(self.repo_id, repo_type="model", exist_ok=True, private=self._private)
             self._repo_ready = True
         branch = f"task-{task_index:02d}"
-        self.api.create_branch(self.repo_id, branch=branch, exist_ok=True)
-        message = f"hf-r1ewc: model after task {task_index}"
-        self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision=branch, commit_message=message,
-                               allow_patterns=SAFE_PATTERNS)
-        self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision="main",
-                               commit_message=message, allow_patterns=SAFE_PATTERNS, delete_patterns=["*"])
+        commit = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision="main",
+                                        commit_message=f"hf-r1ewc: model after task {task_index}",
+                                        allow_patterns=SAFE_PATTERNS, delete_patterns=["*"])
+        refs = self.api.list_repo_refs(self.repo_id)
+        if any(ref.name == branch for ref in refs.branches):
+            self.api.delete_branch(self.repo_id, branch=branch)
+        self.api.create_branch(self.repo_id, branch=branch, revision=commit.oid)
 
     def _work(self) -> None:
         while True:
@@ -221,7 +256,7 @@ class TaskUploader:
             for attempt in range(1, self.retries + 1):
                 try:
                     self._upload(folder, task_index)
-                    logger.info("pushed %s to %s (branch task-%02d and main)", folder, self.repo_id, task_index)
+                    logger.info("pushed %s to %s (main, and branch task-%02d at that commit)", folder, self.repo_id, task_index)
                     break
                 except Exception as err:  # network, auth, server: report and retry, never crash training
                     logger.warning("upload of %s failed (attempt %d/%d): %s", folder, attempt, self.retries, err)

@@ -1,43 +1,144 @@
-"""A class-conditional DDIM pipeline for label-conditioned ``UNet2DModel``s.
+"""The class-conditional pipeline and the one sampler every part of hf_r1ewc samples through.
 
-diffusers' own DDPM/DDIM pipelines cannot pass class labels. This module imports only torch and diffusers, so
-``save_pretrained`` copies it into the folder as ``pipeline.py`` and the folder loads anywhere with::
+diffusers' own DDPM/DDIM pipelines cannot pass class labels. ``ClassConditionalPipeline`` can, with any diffusers
+scheduler (DDIM by default)::
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+``sample`` is its denoising loop; the replay pool, online replay, FID samples and ``samples.png`` call the same
+function, so the FID in ``metrics.json`` is the FID of the pipeline that ``save_pretrained`` writes. This module
+imports only torch and diffusers, so ``save_pretrained`` copies it into the folder as ``pipeline.py`` and the folder
+loads anywhere with::
 
     DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    ImagePipelineOutput,
+    UniPCMultistepScheduler,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
+# --replay_scheduler names -> (scheduler class, config overrides). All are built from the training DDPM config.
+SAMPLERS = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+}
 
-class ClassConditionalDDIMPipeline(DiffusionPipeline):
-    """``pipe(class_labels=[0, 0, 3])`` -> one image per label, sampled with DDIM (default 50 steps, eta 0)."""
+
+def sampling_scheduler(name: str, config) -> object:
+    """The scheduler named ``name`` (a key of ``SAMPLERS``) on the noise schedule of ``config`` (a scheduler config)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
+    cls, overrides = SAMPLERS[name]
+    return cls.from_config(config, **overrides)
+
+
+def sampler_name(scheduler) -> str:
+    """The ``SAMPLERS`` key of a scheduler (its class name when it is none of them)."""
+    for name, (cls, _) in SAMPLERS.items():
+        if type(scheduler) is cls:
+            return name
+    return type(scheduler).__name__
+
+
+def default_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else None (fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
+
+
+def precision_name(autocast_dtype: torch.dtype | None) -> str:
+    """'fp32', 'bf16' or 'fp16': how the UNet ran while sampling (the scheduler update is always fp32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
+
+
+@torch.inference_mode()
+def sample(
+    unet: torch.nn.Module,
+    scheduler,
+    class_labels: torch.Tensor,
+    num_inference_steps: int = 50,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    eta: float = 0.0,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> torch.Tensor:
+    """Samples ``[N, C, H, W]`` float32 in [-1, 1] for ``class_labels`` ``[N]``, through ``scheduler.step``.
+
+    The initial noise is drawn on the generator's device (CPU generators give the same images on every device);
+    the UNet runs under ``autocast_dtype`` (None: its own dtype), the scheduler update in float32. ``eta`` is
+    passed to schedulers whose ``step`` takes it (DDIM). The latents follow the UNet's memory format
+    (channels_last for ``frozen_teacher`` copies)."""
+    params = next(unet.parameters())
+    device = params.device
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (class_labels.shape[0], unet.config.in_channels, *size)
+    x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    conv = next((p for p in unet.parameters() if p.ndim == 4), None)
+    if conv is not None and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous():
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = class_labels.to(device)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    x = x * scheduler.init_noise_sigma
+    extra = {}
+    step_parameters = set(inspect.signature(scheduler.step).parameters)
+    if "eta" in step_parameters:
+        extra["eta"] = eta
+    if "generator" in step_parameters:
+        extra["generator"] = generator
+    timesteps = scheduler.timesteps
+    for t in (progress(timesteps) if progress is not None else timesteps):
+        model_input = scheduler.scale_model_input(x, t)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            eps = unet(model_input.to(params.dtype) if autocast_dtype is None else model_input, t,
+                       class_labels=labels).sample
+        x = scheduler.step(eps.float(), t, x, **extra).prev_sample
+    return x.clamp(-1, 1).float()
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    """``pipe(class_labels=[0, 0, 3])`` -> one image per label (default: DDIM, 50 steps, eta 0; any scheduler)."""
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: DDIMScheduler) -> None:
+    def __init__(self, unet, scheduler) -> None:
         super().__init__()
-        scheduler = DDIMScheduler.from_config(scheduler.config)  # any DDPM-family scheduler config works
         self.register_modules(unet=unet, scheduler=scheduler)
 
     def check_class_labels(self, class_labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """``[N]`` int64 labels, validated against the UNet's class embedding."""
+        """``[N]`` int64 labels, validated against the model's class embedding."""
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: pass at least one class label, e.g. class_labels=[0, 1].")
-        num_classes = self.unet.config.num_class_embeds
+        num_classes = getattr(self.unet.config, "num_class_embeds", None) or \
+            getattr(self.unet.config, "num_embeds_ada_norm", None)
         if num_classes is None:
-            raise ValueError("this UNet has no class embedding (num_class_embeds is None); it cannot take labels.")
+            raise ValueError("this model has no class embedding (num_class_embeds is None); it cannot take labels.")
         bad = sorted({int(c) for c in labels if not 0 <= int(c) < num_classes})
         if bad:
-            raise ValueError(f"class labels {bad} are outside this UNet's classes 0..{num_classes - 1}.")
+            raise ValueError(f"class labels {bad} are outside this model's classes 0..{num_classes - 1}.")
         return labels
 
     @torch.no_grad()
@@ -49,24 +150,20 @@ class ClassConditionalDDIMPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        autocast_dtype: torch.dtype | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Sample one image per entry of ``class_labels``.
 
         ``output_type``: ``"pil"`` (list of PIL images), ``"np"`` (float ``[N, H, W, C]`` in [0, 1]) or ``"pt"``
-        (float ``[N, C, H, W]`` in [0, 1]).
+        (float ``[N, C, H, W]`` in [0, 1]). ``autocast_dtype=torch.bfloat16`` runs the model under bf16 autocast
+        (the task folder's ``metrics.json`` says which precision its FID samples used).
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        labels = self.check_class_labels(class_labels).to(self._execution_device)
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (labels.shape[0], self.unet.config.in_channels, *size)
-        image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_output = self.unet(image, t, class_labels=labels).sample
-            image = self.scheduler.step(model_output, t, image, eta=eta, generator=generator).prev_sample
-        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        labels = self.check_class_labels(class_labels)
+        image = sample(self.unet, self.scheduler, labels, num_inference_steps, generator, autocast_dtype, eta,
+                       progress=self.progress_bar)
+        image = (image / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             output = image
         else:
@@ -81,3 +178,10 @@ class ClassConditionalDDIMPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, *args, **kwargs)
         shutil.copyfile(__file__, os.path.join(save_directory, "pipeline.py"))
 
+
+def __getattr__(name: str):
+    # The old name stays importable. Not a module-level binding: diffusers' custom_pipeline loader refuses a
+    # pipeline.py that defines two DiffusionPipeline classes, and an alias would count as a second one.
+    if name == "ClassConditionalDDIMPipeline":
+        return ClassConditionalPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,24 +9,28 @@ from hf_r1ewc.distill import (
     POOL_CHUNK,
     ReplayPool,
     continual_loss,
-    ddim_sample,
     distillation_loss,
     frozen_teacher,
     online_replay_batch,
 )
-from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+from hf_r1ewc.pipeline import sampling_scheduler
 
-SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
+SCHEDULER = DDPMScheduler(num_train_timesteps=1000)  # the training schedule (noising)
+SAMPLER = sampling_scheduler("ddim", SCHEDULER.config)  # what the pool samples with
 
 
-def test_ddim_sample_matches_the_pipeline():
-    unet = make_tiny_unet()
-    labels = torch.tensor([0, 1, 3])
-    ours = ddim_sample(unet, SCHEDULER, labels, 10, torch.Generator().manual_seed(0))
-    pipe = ClassConditionalDDIMPipeline(unet, SCHEDULER)
+def test_pool_samples_through_the_pipeline_sampler(tmp_path):
+    """The pool's images are the pipeline's images for the same labels and noise (one sampler)."""
+    from hf_r1ewc.pipeline import ClassConditionalPipeline
+
+    teacher = frozen_teacher(make_tiny_unet())
+    pool = ReplayPool.generate(teacher, SAMPLER, [0, 3], 2, tmp_path, num_inference_steps=5, seed=4,
+                               autocast_dtype=None, show_progress=False)
+    pipe = ClassConditionalPipeline(teacher, SAMPLER)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(labels, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    torch.testing.assert_close((ours + 1) / 2, ref, atol=2e-6, rtol=0)
+    ref = pipe(pool.labels, num_inference_steps=5, generator=torch.Generator().manual_seed(4 * 1_000_003),
+               output_type="pt").images
+    torch.testing.assert_close((pool.images.float() + 1) / 2, ref, atol=2e-3, rtol=0)  # pool stored as fp16
 
 
 def test_teacher_is_frozen_copy():
@@ -41,12 +45,12 @@ def test_teacher_is_frozen_copy():
 def test_pool_size_labels_determinism_and_reload(tmp_path):
     teacher = frozen_teacher(make_tiny_unet())
     kwargs = dict(classes=[2, 0], per_class=POOL_CHUNK // 2 + 3, num_inference_steps=3, seed=5, show_progress=False)
-    pool = ReplayPool.generate(teacher, SCHEDULER, directory=tmp_path / "a", **kwargs)
+    pool = ReplayPool.generate(teacher, SAMPLER, directory=tmp_path / "a", **kwargs)
     assert len(pool) == 2 * kwargs["per_class"] and pool.classes == [0, 2]
     assert pool.labels.bincount().tolist() == [kwargs["per_class"], 0, kwargs["per_class"]]
     assert pool.images.shape[1:] == (1, 8, 8) and pool.images.dtype == torch.float16
     assert float(pool.images.abs().max()) <= 1
-    again = ReplayPool.generate(teacher, SCHEDULER, directory=tmp_path / "b", **kwargs)
+    again = ReplayPool.generate(teacher, SAMPLER, directory=tmp_path / "b", **kwargs)
     assert torch.equal(pool.images, again.images)
     reloaded = ReplayPool.load(tmp_path / "a")
     assert torch.equal(reloaded.images, pool.images) and torch.equal(reloaded.labels, pool.labels)
@@ -57,25 +61,25 @@ def test_pool_size_labels_determinism_and_reload(tmp_path):
 def test_pool_shards_across_processes_and_resumes(tmp_path):
     teacher = frozen_teacher(make_tiny_unet())
     kwargs = dict(classes=[1, 3], per_class=POOL_CHUNK, num_inference_steps=2, seed=1, show_progress=False)
-    whole = ReplayPool.generate(teacher, SCHEDULER, directory=tmp_path / "one", **kwargs)
+    whole = ReplayPool.generate(teacher, SAMPLER, directory=tmp_path / "one", **kwargs)
     # two "processes" share the chunks; the second one finds the first one's chunks and completes the pool
     with pytest.raises(ValueError, match="incomplete"):
-        ReplayPool.generate(teacher, SCHEDULER, directory=tmp_path / "two", rank=0, world_size=2, **kwargs)
+        ReplayPool.generate(teacher, SAMPLER, directory=tmp_path / "two", rank=0, world_size=2, **kwargs)
     chunk0 = (tmp_path / "two" / "chunk-00000.safetensors").stat().st_mtime_ns
-    shared = ReplayPool.generate(teacher, SCHEDULER, directory=tmp_path / "two", rank=1, world_size=2, **kwargs)
+    shared = ReplayPool.generate(teacher, SAMPLER, directory=tmp_path / "two", rank=1, world_size=2, **kwargs)
     assert torch.equal(whole.images, shared.images)
-    ReplayPool.generate(teacher, SCHEDULER, directory=tmp_path / "two", **kwargs)  # resume: nothing regenerated
+    ReplayPool.generate(teacher, SAMPLER, directory=tmp_path / "two", **kwargs)  # resume: nothing regenerated
     assert (tmp_path / "two" / "chunk-00000.safetensors").stat().st_mtime_ns == chunk0
     with pytest.raises(ValueError, match="other settings"):
-        ReplayPool.generate(teacher, SCHEDULER, directory=tmp_path / "two", **{**kwargs, "seed": 2})
+        ReplayPool.generate(teacher, SAMPLER, directory=tmp_path / "two", **{**kwargs, "seed": 2})
 
 
 def test_pool_errors(tmp_path):
     teacher = frozen_teacher(make_tiny_unet())
     with pytest.raises(ValueError, match="at least one class"):
-        ReplayPool.generate(teacher, SCHEDULER, [], 2, tmp_path)
+        ReplayPool.generate(teacher, SAMPLER, [], 2, tmp_path)
     with pytest.raises(ValueError, match=r"replay classes \[7\] are outside"):
-        ReplayPool.generate(teacher, SCHEDULER, [0, 7], 2, tmp_path)
+        ReplayPool.generate(teacher, SAMPLER, [0, 7], 2, tmp_path)
 
 
 def _distill_term_and_grad(student, teacher, real, replay, seed):
@@ -132,6 +136,6 @@ def test_loss_parts_and_replay_switch():
 
 def test_online_replay_batch():
     teacher = frozen_teacher(make_tiny_unet())
-    images, labels = online_replay_batch(teacher, SCHEDULER, [1, 2], 7, num_inference_steps=2,
+    images, labels = online_replay_batch(teacher, SAMPLER, [1, 2], 7, num_inference_steps=2,
                                          generator=torch.Generator().manual_seed(0))
     assert images.shape == (7, 1, 8, 8) and set(labels.tolist()) <= {1, 2} and images.requires_grad is False

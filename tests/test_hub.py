@@ -16,17 +16,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler
 
 from conftest import make_tiny_unet
 from hf_r1ewc.hub import TaskUploader, fid_markdown_table, write_folder_atomically, write_model_card
-from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+from hf_r1ewc.pipeline import ClassConditionalPipeline
 
 REPO = "someone/continual-digits"
 
 
 def _task_folder(path: Path, task_index: int = 1) -> Path:
-    pipe = ClassConditionalDDIMPipeline(make_tiny_unet(), DDPMScheduler())
+    pipe = ClassConditionalPipeline(make_tiny_unet(), DDIMScheduler())
     pipe.save_pretrained(path)
     (path / "training_state.json").write_text(json.dumps({"task_index": task_index, "tasks": [[0, 1], [2, 3]],
                                                           "run_config": {}, "method": "rank1 EWC + GD"}))
@@ -56,12 +56,12 @@ def test_pull_task_revision_from_local_cache_offline(tmp_path):
     code = f"""
 import torch
 from hf_r1ewc.hub import resolve_task_source
-from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+from hf_r1ewc.pipeline import ClassConditionalPipeline
 from diffusers import DiffusionPipeline
 folder = resolve_task_source("{REPO}@task-01")
 names = sorted(p.name for p in folder.iterdir())
 print("FILES", names)
-pipe = ClassConditionalDDIMPipeline.from_pretrained("{REPO}", revision="task-01")
+pipe = ClassConditionalPipeline.from_pretrained("{REPO}", revision="task-01")
 pipe.set_progress_bar_config(disable=True)
 print("SHAPE", tuple(pipe([0, 3], num_inference_steps=2, output_type="pt").images.shape))
 # offline, diffusers still asks the Hub API for custom_pipeline=REPO_ID, so point it at the cached snapshot folder
@@ -78,7 +78,7 @@ main(["--hub_repo", "{REPO}", "--revisions", "task-01,task-02", "--output_dir", 
     proc = _offline_python(code, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SHAPE (2, 1, 8, 8)" in proc.stdout
-    assert "GENERIC ClassConditionalDDIMPipeline" in proc.stdout
+    assert "GENERIC ClassConditionalPipeline" in proc.stdout
     assert "MISSING" in proc.stdout and "HF_HUB_OFFLINE=1" in proc.stdout
     files = proc.stdout.split("FILES", 1)[1].splitlines()[0]
     summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
@@ -87,40 +87,59 @@ main(["--hub_repo", "{REPO}", "--revisions", "task-01,task-02", "--output_dir", 
 
 
 class RecordingHfApi:
-    """Stand-in for huggingface_hub.HfApi: records calls; optionally fails the first uploads."""
+    """Stand-in for huggingface_hub.HfApi: records calls, keeps branches -> commit; optionally fails the first
+    uploads."""
 
     def __init__(self, fail_uploads: int = 0):
         self.calls: list[tuple] = []
         self.fail_uploads = fail_uploads
+        self.branches: dict[str, str] = {"main": "0" * 40}
 
     def create_repo(self, repo_id, repo_type=None, exist_ok=False, private=None):
         self.calls.append(("create_repo", repo_id, repo_type, exist_ok))
 
-    def create_branch(self, repo_id, branch, exist_ok=False):
-        self.calls.append(("create_branch", repo_id, branch, exist_ok))
+    def list_repo_refs(self, repo_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(branches=[SimpleNamespace(name=b, target_commit=c) for b, c in self.branches.items()])
+
+    def delete_branch(self, repo_id, branch):
+        self.calls.append(("delete_branch", repo_id, branch))
+        del self.branches[branch]
+
+    def create_branch(self, repo_id, branch, revision=None, exist_ok=False):
+        self.calls.append(("create_branch", repo_id, branch, revision))
+        assert branch not in self.branches
+        self.branches[branch] = revision
 
     def upload_folder(self, repo_id, folder_path, revision, commit_message, allow_patterns=None, delete_patterns=None):
         if self.fail_uploads:
             self.fail_uploads -= 1
             raise ConnectionError("simulated network failure")
         import fnmatch
+        from types import SimpleNamespace
 
         files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
                        and any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns))
         self.calls.append(("upload_folder", repo_id, revision, files, delete_patterns))
+        self.branches[revision] = f"{len(self.calls):040d}"
+        return SimpleNamespace(oid=self.branches[revision])
 
 
-def test_push_each_task_to_its_branch_and_main(tmp_path):
+def test_push_each_task_once_then_branch_at_that_commit(tmp_path):
     api = RecordingHfApi()
     uploader = TaskUploader(REPO, api=api, backoff_seconds=0)
     for k in (1, 2):
         uploader.submit(_task_folder(tmp_path / f"task_{k:02d}", k), k)
+    uploader.submit(_task_folder(tmp_path / "task_02", 2), 2)  # a re-run of task 2 moves its branch
     assert uploader.close() == []
     assert api.calls[0] == ("create_repo", REPO, "model", True)
-    assert [c[:3] for c in api.calls if c[0] == "create_branch"] == [("create_branch", REPO, "task-01"),
-                                                                     ("create_branch", REPO, "task-02")]
     uploads = [c for c in api.calls if c[0] == "upload_folder"]
-    assert [c[2] for c in uploads] == ["task-01", "main", "task-02", "main"]
+    assert [c[2] for c in uploads] == ["main", "main", "main"]  # one upload per task
+    branches = [c for c in api.calls if c[0] == "create_branch"]
+    assert [c[2] for c in branches] == ["task-01", "task-02", "task-02"]
+    assert api.branches["task-02"] == api.branches["main"] != api.branches["task-01"]
+    assert ("delete_branch", REPO, "task-02") in api.calls
     files = uploads[0][3]
     assert "unet/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
     assert "pipeline.py" in files and "evil.pkl" not in files
@@ -133,7 +152,7 @@ def test_failed_upload_is_retried_then_reported_without_raising(tmp_path):
     uploader.submit(_task_folder(tmp_path / "task_01"), 1)
     failures = uploader.close()
     assert len(failures) == 1 and "simulated network failure" in failures[0]["error"]
-    assert api.fail_uploads == 7  # three attempts
+    assert api.fail_uploads == 7  # three attempts, one upload each
     assert (tmp_path / "task_01" / "model_index.json").exists()  # local results untouched
 
 

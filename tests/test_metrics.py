@@ -6,19 +6,15 @@ import math
 import pytest
 import torch
 
-from hf_r1ewc.metrics import (
+from hf_r1ewc.features import (
     ClassifierFeatures,
     FeatureStatistics,
-    afid_at,
     classifier_accuracy,
-    forgetting,
     frechet_distance,
-    labels_in_test_proportions,
     load_feature_extractor,
-    plasticity,
-    summarize,
     train_classifier,
 )
+from hf_r1ewc.metrics import afid_at, forgetting, labels_in_test_proportions, plasticity, summarize
 
 
 def test_distance_of_a_feature_set_to_itself_is_zero():
@@ -132,7 +128,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_reference_cache_is_keyed_by_images_classes_and_weights(tmp_path):
-    from hf_r1ewc.metrics import real_statistics, reference_cache_path
+    from hf_r1ewc.features import real_statistics, reference_cache_path
 
     extractor = ClassifierFeatures(feature_dim=8).eval()
     images = torch.rand(20, 1, 32, 32) * 2 - 1

@@ -3,21 +3,39 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 
 from conftest import make_tiny_unet
-from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, sampling_scheduler
 
 
 @pytest.fixture
 def pipe():
-    pipe = ClassConditionalDDIMPipeline(make_tiny_unet(), DDPMScheduler(num_train_timesteps=1000))
+    pipe = ClassConditionalPipeline(make_tiny_unet(), sampling_scheduler("ddim", DDPMScheduler().config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def test_scheduler_becomes_ddim(pipe):
+def test_old_name_still_imports():
+    from hf_r1ewc.pipeline import ClassConditionalDDIMPipeline
+
+    assert ClassConditionalDDIMPipeline is ClassConditionalPipeline
+
+
+def test_scheduler_is_swappable_as_in_diffusers(pipe, tmp_path):
+    """pipe.scheduler = X.from_config(pipe.scheduler.config) works, every --replay_scheduler samples, and the
+    scheduler is saved with the folder."""
     assert isinstance(pipe.scheduler, DDIMScheduler)
+    ddim = pipe([0, 1], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    dpm = pipe([0, 1], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.isfinite(dpm).all() and not torch.equal(ddim, dpm)
+    pipe.save_pretrained(tmp_path / "f")
+    assert isinstance(ClassConditionalPipeline.from_pretrained(tmp_path / "f").scheduler, DPMSolverMultistepScheduler)
+    for name in SAMPLERS:
+        pipe.scheduler = sampling_scheduler(name, DDPMScheduler().config)
+        out = pipe([2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert out.shape == (1, 1, 8, 8) and torch.isfinite(out).all(), name
 
 
 def test_deterministic_with_generator_and_output_types(pipe):
@@ -49,7 +67,7 @@ def test_labels_respected(pipe):
 def test_bad_labels_are_clear_errors(pipe):
     with pytest.raises(ValueError, match="class_labels is empty"):
         pipe([], num_inference_steps=2)
-    with pytest.raises(ValueError, match=r"class labels \[4, 9\] are outside this UNet's classes 0..3"):
+    with pytest.raises(ValueError, match=r"class labels \[4, 9\] are outside this model's classes 0..3"):
         pipe([0, 4, 9], num_inference_steps=2)
     with pytest.raises(ValueError, match="output_type"):
         pipe([0], num_inference_steps=2, output_type="latent")
@@ -61,12 +79,12 @@ def test_save_load_round_trip_and_custom_pipeline(pipe, tmp_path):
     pipe.save_pretrained(folder)
     assert (folder / "pipeline.py").exists() and (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     ref = pipe([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    loaded = ClassConditionalDDIMPipeline.from_pretrained(folder)
+    loaded = ClassConditionalPipeline.from_pretrained(folder)
     loaded.set_progress_bar_config(disable=True)
     out = loaded([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.equal(ref, out)
     generic = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
-    assert type(generic).__name__ == "ClassConditionalDDIMPipeline"
+    assert type(generic).__name__ == "ClassConditionalPipeline"
     generic.set_progress_bar_config(disable=True)
     out2 = generic([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.equal(ref, out2)

@@ -1,0 +1,173 @@
+"""The continual-learning method around any Accelerate training loop: replay, the training step, consolidation.
+
+``ContinualLearner`` holds what carries from task to task — the EWC penalty and the replay source (a frozen teacher
+and its pool) — and the three phases a training loop calls::
+
+    learner.start_task(model, sampler, old_classes, ...)        # teacher + replay pool from the model so far
+    learner.training_step(accelerator, model, optimizer, x, y, generator)   # per micro-batch
+    learner.consolidate(model, fisher_loader, ...)              # Fisher of the finished task -> penalty term
+
+One step's loss (DESIGN section 2): ``denoise(real ∪ replay) + distill_weight * distill(replay) + λ·EWC(θ)`` with
+``ewc_mode="loss"``; with ``ewc_mode="decoupled"`` the penalty instead acts as an exact proximal step after each
+optimizer step that really happened (not on accumulation micro-steps, not when fp16's gradient scaler skipped it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .distill import ReplayPool, continual_loss, frozen_teacher, online_replay_batch
+from .fisher import FisherStatistics, estimate_fisher, subset_indices
+from .penalty import EWCPenalty
+
+EWC_MODES = ("loss", "decoupled")
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator for one micro-batch, seeded from (seed, *keys) through a hash: no two different key tuples
+    share a stream (e.g. keys = task, epoch, micro-step in the epoch, process index)."""
+    digest = hashlib.blake2b(repr((int(seed), *map(int, keys))).encode(), digest_size=7).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; ``term`` names it (denoise, distill or ewc)."""
+
+    def __init__(self, term: str, value: float) -> None:
+        super().__init__(f"the {term} term of the loss is {value}")
+        self.term, self.value = term, value
+
+
+@dataclass
+class Replay:
+    """Where a step's replay batch comes from: the teacher's ``pool``, or (``pool`` None) fresh online samples."""
+
+    teacher: nn.Module
+    classes: list[int]
+    pool: ReplayPool | None = None
+    sampler: object | None = None  # the sampling scheduler of online replay
+    online_steps: int = 2
+
+    def batch(self, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+        """(images float32 ``[B, C, H, W]`` in [-1, 1], labels ``[B]``) on ``device``."""
+        if self.pool is not None:
+            return self.pool.sample(batch_size, generator, device)
+        images, labels = online_replay_batch(self.teacher, self.sampler, self.classes, batch_size, self.online_steps,
+                                             generator)
+        return images.to(device), labels.to(device)
+
+
+@dataclass
+class StepOutput:
+    """One micro-batch: the loss and its terms (floats), and whether an optimizer step happened."""
+
+    loss: float
+    denoise: float
+    distill: float
+    ewc: float
+    optimizer_stepped: bool
+
+
+class ContinualLearner:
+    """Rank-1 (or diagonal) EWC + generative distillation for a class-conditional diffusers model.
+
+    ``penalty`` None trains without EWC; ``distill_weight`` 0 keeps replay without distillation; no replay at all
+    when ``start_task`` is never given old classes. ``replay_batch_size`` None = the real batch size.
+    """
+
+    def __init__(self, noise_scheduler, penalty: EWCPenalty | None = None, ewc_mode: str = "loss",
+                 distill_weight: float = 1.0, replay_in_denoise: bool = True, replay_batch_size: int | None = None,
+                 max_grad_norm: float | None = None) -> None:
+        if ewc_mode not in EWC_MODES:
+            raise ValueError(f"ewc_mode must be one of {EWC_MODES}, got {ewc_mode!r}")
+        self.noise_scheduler, self.penalty, self.ewc_mode = noise_scheduler, penalty, ewc_mode
+        self.distill_weight, self.replay_in_denoise = distill_weight, replay_in_denoise
+        self.replay_batch_size, self.max_grad_norm = replay_batch_size, max_grad_norm
+        self.replay: Replay | None = None
+
+    # ------------------------------------------------------------------------------------------ start of a task
+
+    def start_task(self, model: nn.Module, sampler, old_classes: Sequence[int], *, per_class: int | None,
+                   directory: str | os.PathLike | None, num_inference_steps: int = 50, seed: int = 0,
+                   online_steps: int | None = None, rank: int = 0, world_size: int = 1,
+                   barrier: Callable[[], None] | None = None, show_progress: bool = True) -> None:
+        """Freeze a copy of ``model`` (whole weights: gather FSDP shards first) as the teacher of ``old_classes``
+        and generate its replay pool into ``directory`` with ``sampler``; ``online_steps`` instead samples fresh
+        replay every step with that many sampler steps. No old classes: no replay."""
+        self.replay = None
+        if not old_classes:
+            return
+        teacher = frozen_teacher(model)
+        if online_steps is not None:
+            self.replay = Replay(teacher, list(old_classes), None, sampler, online_steps)
+            return
+        pool = ReplayPool.generate(teacher, sampler, old_classes, per_class, directory, num_inference_steps,
+                                   seed=seed, rank=rank, world_size=world_size, barrier=barrier,
+                                   show_progress=show_progress)
+        self.replay = Replay(teacher, list(old_classes), pool)
+
+    # ------------------------------------------------------------------------------------------------- a step
+
+    def training_step(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                      class_labels: torch.Tensor, generator: torch.Generator, ema=None) -> StepOutput:
+        """One micro-batch under ``accelerator.accumulate``: loss, backward, (clip, optimizer step, proximal step,
+        EMA update when the accumulation window closes). Raises ``NonFiniteLossError`` before any update."""
+        replay, teacher = None, None
+        if self.replay is not None:
+            replay = self.replay.batch(self.replay_batch_size or images.shape[0], generator, images.device)
+            teacher = self.replay.teacher
+        with accelerator.accumulate(model):
+            parts = continual_loss(model, self.noise_scheduler, images, class_labels, replay, teacher,
+                                   self.distill_weight, self.replay_in_denoise, generator)
+            loss, ewc = parts["loss"], torch.zeros((), device=images.device)
+            if self.penalty is not None and self.ewc_mode == "loss" and self.penalty.num_tasks:
+                ewc = self.penalty(accelerator.unwrap_model(model))
+                loss = loss + ewc
+            for term, value in (("denoise", parts["denoise"]), ("distill", parts["distill"]), ("ewc", ewc)):
+                if not torch.isfinite(value):
+                    raise NonFiniteLossError(term, float(value))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        stepped = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
+        if stepped and self.penalty is not None and self.ewc_mode == "decoupled":
+            self.penalty.proximal_step(accelerator.unwrap_model(model), optimizer.param_groups[0]["lr"])
+        if stepped and ema is not None:
+            ema.step(model.parameters())
+        return StepOutput(float(loss.detach()), float(parts["denoise"]), float(parts["distill"]),
+                          float(ewc.detach()), accelerator.sync_gradients)
+
+    # ------------------------------------------------------------------------------------------- end of a task
+
+    def consolidate(self, model: nn.Module, fisher_loader: Iterable, *, seed: int,
+                    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, num_samples: int | None = None,
+                    show_progress: bool = True) -> FisherStatistics | None:
+        """Estimate the finished task's Fisher at theta*_k = ``model`` (whole, unwrapped weights; float32 whatever
+        the training precision) and add its term to the penalty. None when training without EWC."""
+        if self.penalty is None:
+            return None
+        kinds = ("diag",) if self.penalty.kind == "diag" else ("rank1",)
+        stats = estimate_fisher(model, self.noise_scheduler, fisher_loader, kinds=kinds, num_samples=num_samples,
+                                generator=torch.Generator().manual_seed(seed), reduce_sum=reduce_sum,
+                                show_progress=show_progress)
+        self.penalty.add_task(stats, model)
+        return stats
+
+
+def fisher_loader(images: torch.Tensor, labels: torch.Tensor, num_samples: int | None, batch_size: int, seed: int,
+                  rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+    """The Fisher's in-memory loader: a seeded random subset of ``num_samples`` (``subset_indices``), this process's
+    share of it (every ``world_size``-th), with global indices so that the estimate does not depend on the process
+    count. Yields ``(images [B, C, H, W], labels [B], global_index [B])`` in a fixed order."""
+    chosen = subset_indices(images.shape[0], num_samples, seed)[rank::world_size]
+    dataset = torch.utils.data.TensorDataset(images[chosen], labels[chosen], chosen)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
