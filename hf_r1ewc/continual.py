@@ -132,7 +132,7 @@ class ContinualLearner:
                 loss = loss + ewc
             for term, value in (("denoise", parts["denoise"]), ("distill", parts["distill"]), ("ewc", ewc)):
                 if not torch.isfinite(value):
-                    raise NonFiniteLossError(term, float(value))
+                    raise NonFiniteLossError(term, float(value.detach()))
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)

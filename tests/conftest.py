@@ -45,3 +45,14 @@ def make_tiny_unet(channels: int = 1, num_classes: int = 4, sample_size: int = 8
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator (precision, accumulation): reset Accelerate's process-wide singletons
+    after it, as Accelerate's own tests do."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -157,3 +157,51 @@ def test_dinov2_backend_from_a_local_folder(tmp_path):
     assert extractor.dim == 32 and features.shape == (3, 32) and torch.isfinite(features).all()
     with pytest.raises(RuntimeError, match="cannot load DINOv2"):
         load_feature_extractor("dinov2", dinov2_model=str(tmp_path / "missing"))
+
+
+def test_task_fid_shared_by_processes_equals_one_process():
+    """TaskFID: chunks of FID samples split over processes (rank r takes chunks r, r + W, ...) and merged by
+    `gather` give the one-process FID exactly; accuracy is the share of samples classified as their label."""
+    from diffusers import DDPMScheduler
+
+    from conftest import make_tiny_unet
+    from hf_r1ewc.features import ClassifierFeatures
+    from hf_r1ewc.metrics import FID_CHUNK, TaskFID
+    from hf_r1ewc.pipeline import sampling_scheduler
+
+    torch.manual_seed(0)
+    extractor = ClassifierFeatures(1, 4, 8, feature_dim=8).eval()
+    g = torch.Generator().manual_seed(1)
+    test_images, test_labels = torch.rand(60, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1, 2] * 20)
+    evaluator = TaskFID(extractor, test_images, test_labels, [[0, 1], [2]], num_samples=FID_CHUNK + 30,
+                        num_inference_steps=2, seed=3)
+    model, sampler = make_tiny_unet().eval(), sampling_scheduler("ddim", DDPMScheduler().config)
+    whole = evaluator(model, sampler, 1)
+    # two "processes" as threads; gather_object exchanges their chunks (a barrier stands in for the collective)
+    import threading
+
+    parts, barrier, scores = {}, threading.Barrier(2), {}
+
+    def process(rank):
+        def gather(mine):
+            parts[rank] = mine
+            barrier.wait()
+            return parts[0] + parts[1]
+
+        scores[rank] = evaluator(model, sampler, 1, rank=rank, world_size=2, gather=gather)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [len(parts[0]), len(parts[1])] == [1, 1]
+    assert scores[0].fid == scores[1].fid == whole.fid and scores[0].accuracy == whole.accuracy
+    assert whole.num_samples == FID_CHUNK + 30 and set(whole.accuracy_per_class) == {0, 1}
+    labels = evaluator.labels(1)
+    predicted = torch.cat([extractor.predict_from_features(extractor.features(
+        __import__("hf_r1ewc.pipeline", fromlist=["sample"]).sample(
+            model, sampler, labels[i : i + FID_CHUNK], 2,
+            torch.Generator().manual_seed((3 * 1_000_003 + 1) * 100_003 + i // FID_CHUNK))))
+        for i in range(0, len(labels), FID_CHUNK)])
+    assert whole.accuracy == pytest.approx(float((predicted == labels).float().mean()))

@@ -198,3 +198,28 @@ def test_proximal_step_limits(kind):
         residual = penalty.terms.projections(penalty.views(model)) - penalty.terms.b
         scale = torch.stack([ts.float().double().abs().sum() * mu.abs().max() for _, _, (mu, _, ts, _) in tasks])
         assert bool((residual.abs() <= 1e-5 * scale).all()), residual
+
+
+@pytest.mark.parametrize("kind", ["rank1", "rank1_unscaled"])
+def test_bf16_mu_storage_is_consistent(kind):
+    """With mu stored in bf16, b_k and the Gram matrix come from the stored mu: the penalty is 0 at theta*_k and the
+    proximal step is the exact minimiser for the stored (rounded) quadratic."""
+    model = _model()
+    stats, theta_star, (mu, _, _, c_star) = _random_task(model, 3)
+    penalty = EWCPenalty(kind, 1e4, mu_dtype=torch.bfloat16)
+    penalty.add_task(stats, theta_star)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(theta_star[n])
+    assert float(penalty(model)) == 0.0 or abs(float(penalty(model))) <= 1e-9
+    stored = torch.cat([penalty.terms.mu[n][0].double().flatten() for n, _ in model.named_parameters()])
+    scale = c_star if kind == "rank1" else 1.0
+    theta_tilde = _flat(model) + 0.05
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(0.05)
+    expected = _dense_minimiser(theta_tilde, 0.01, 1e4,
+                                [(scale * torch.outer(stored, stored), torch.cat([theta_star[n].double().flatten()
+                                                                                  for n, _ in model.named_parameters()]))])
+    penalty.proximal_step(model, step_size=0.01)
+    assert float((_flat(model) - expected).norm() / expected.norm()) <= 1e-6

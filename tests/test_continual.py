@@ -1,0 +1,178 @@
+"""hf_r1ewc.continual and the GPU path reproduced on CPU: seeding under gradient accumulation, skipped optimizer
+steps, fp32 Fisher under bf16 autocast, reductions on the parameters' device, the Fisher subset, streamed epochs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from conftest import make_tiny_unet
+from hf_r1ewc.continual import ContinualLearner, NonFiniteLossError, fisher_loader, step_generator
+from hf_r1ewc.fisher import FisherStatistics, FisherSums, estimate_fisher, subset_indices
+from hf_r1ewc.penalty import EWCPenalty
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
+
+
+def _batches(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 4, (n,), generator=g)
+
+
+def test_step_generators_never_collide():
+    """(seed, task, epoch, micro-step, process) -> distinct streams, also from 8 processes up, where the old
+    (seed * 1_000_003 + step) * 8 + process formula collided."""
+    keys = [(t, e, s, p) for t in (1, 2) for e in (0, 1) for s in range(40) for p in range(16)]
+    first_draws = {tuple(torch.randint(0, 2**62, (2,), generator=step_generator(0, *k)).tolist()) for k in keys}
+    assert len(first_draws) == len(keys)
+    a = torch.rand(3, generator=step_generator(0, 1, 0, 5, 0))
+    assert torch.equal(a, torch.rand(3, generator=step_generator(0, 1, 0, 5, 0)))  # reproducible (resume)
+
+
+def test_accumulation_micro_batches_draw_different_noise(tmp_path, monkeypatch):
+    """Every micro-batch of an accumulation window gets its own t, eps and replay draw (the seed used to follow
+    the optimizer step, so the 2 micro-batches of a window drew the same noise)."""
+    import hf_r1ewc.continual as continual
+
+    seen = []
+    real_loss = continual.continual_loss
+
+    def recording(*args, **kwargs):
+        generator = args[8] if len(args) > 8 else kwargs["generator"]
+        seen.append(torch.rand(4, generator=generator.clone_state() if hasattr(generator, "clone_state")
+                               else torch.Generator().manual_seed(generator.initial_seed())).tolist())
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(continual, "continual_loss", recording)
+    sys.path.insert(0, str(ROOT))
+    import train_continual_ddpm
+
+    train_continual_ddpm.main(["--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1", "--num_epochs_per_task",
+                               "1", "--train_batch_size", "16", "--max_train_per_class", "32",
+                               "--gradient_accumulation_steps", "2", "--fid_backend", "none", "--ewc_type", "none",
+                               "--output_dir", str(tmp_path / "out")])
+    assert len(seen) == 4 and len({tuple(s) for s in seen}) == 4
+
+
+def test_no_proximal_step_or_ema_update_after_a_skipped_optimizer_step():
+    """fp16's gradient scaler skips steps with inf/nan gradients; the decoupled penalty must not move theta then.
+    A real torch.amp.GradScaler on CPU (Accelerate builds none for CPU, so it is set here) sees an inf gradient
+    (a hook on one parameter) and skips the step, as it does after an fp16 overflow on a GPU."""
+    from diffusers.training_utils import EMAModel
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    unet = make_tiny_unet()
+    next(unet.parameters()).register_hook(lambda grad: grad * float("inf"))
+    penalty = EWCPenalty("rank1", 1e6)
+    mu = {n: torch.randn_like(p) for n, p in unet.named_parameters()}
+    penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 0.1 for n, p in unet.named_parameters()})
+    learner = ContinualLearner(SCHEDULER, penalty, ewc_mode="decoupled")
+    ema = EMAModel(unet.parameters(), decay=0.5)
+    model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters(), lr=1e-2))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batches(4)
+    out = learner.training_step(accelerator, model, optimizer, x, y, torch.Generator().manual_seed(0), ema)
+    assert accelerator.optimizer_step_was_skipped and out.optimizer_stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert ema.optimization_step == 0
+
+
+def test_non_finite_term_is_named():
+    accelerator = Accelerator(cpu=True)
+    unet = make_tiny_unet()
+    penalty = EWCPenalty("rank1_unscaled", 1e300)
+    mu = {n: torch.ones_like(p) for n, p in unet.named_parameters()}
+    penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 1 for n, p in unet.named_parameters()})
+    model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError) as err:
+        ContinualLearner(SCHEDULER, penalty).training_step(accelerator, model, optimizer, *_batches(4),
+                                                           torch.Generator().manual_seed(0))
+    assert err.value.term == "ewc"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was updated
+
+
+def _fisher(model, loader, kinds, reduce_sum=None):
+    return estimate_fisher(model, SCHEDULER, loader, kinds=kinds, generator=torch.Generator().manual_seed(3),
+                           reduce_sum=reduce_sum, show_progress=False)
+
+
+@pytest.mark.parametrize("kinds", [("rank1",), ("diag",), ("rank1", "diag")])
+def test_fisher_reduces_only_tensors_on_the_parameters_device(kinds):
+    """NCCL reduces GPU tensors only: every tensor handed to reduce_sum lives on the parameters' device, for every
+    kind (rank-1 alone used to build its second-pass sums on the CPU)."""
+    model = make_tiny_unet()
+    x, y = _batches(8)
+    devices = []
+
+    def recording(t):
+        devices.append(t.device)
+        return t
+
+    _fisher(model, [(x, y)], kinds, recording)
+    assert devices and set(devices) == {next(model.parameters()).device}
+    FisherSums(count=3, proj_sq_sum=2.0).all_reduce(
+        lambda t: devices.append(t.device) or torch.zeros(t.shape, dtype=t.dtype), torch.device("meta"))
+    assert devices[-1] == torch.device("meta")  # the scalars follow the device asked for, not a CPU default
+
+
+def test_fisher_is_fp32_under_accelerate_bf16_autocast():
+    """The model Accelerate prepared with bf16 keeps its autocast forward after unwrap_model (keep_fp32_wrapper=True
+    is the default): the Fisher must still be the fp32 one (<= 1e-5 relative)."""
+    reference_model = make_tiny_unet().eval()
+    x, y = _batches(16)
+    reference = _fisher(reference_model, [(x, y)], ("rank1", "diag"))
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    prepared = accelerator.unwrap_model(accelerator.prepare(make_tiny_unet()))
+    assert "forward" in prepared.__dict__  # the autocast wrapper is there
+    with torch.no_grad():
+        assert not torch.equal(prepared(x, torch.full((16,), 500), class_labels=y).sample,
+                               reference_model(x, torch.full((16,), 500), class_labels=y).sample)
+    stats = _fisher(prepared, [(x, y)], ("rank1", "diag"))
+    assert stats.c_star == pytest.approx(reference.c_star, rel=1e-5)
+    for name in reference.mu:
+        torch.testing.assert_close(stats.mu[name], reference.mu[name], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(stats.diag[name], reference.diag[name], rtol=1e-5, atol=1e-12)
+    assert "forward" in prepared.__dict__  # and it is put back
+
+
+def test_fisher_subset_is_random_and_independent_of_the_process_count():
+    """--fisher_num_samples takes a seeded random subset (not the first N of a class-sorted task), the same one
+    whatever the number of processes sharing it."""
+    labels = torch.tensor([0] * 50 + [1] * 50)  # sorted by class, as IDX and most Hub datasets are
+    images = torch.arange(100).float().view(100, 1, 1, 1)
+    chosen = subset_indices(100, 20, seed=7)
+    assert len(chosen) == 20 and set(labels[chosen].tolist()) == {0, 1}
+    assert torch.equal(chosen, subset_indices(100, 20, seed=7)) and not torch.equal(chosen, subset_indices(100, 20, 8))
+    one = torch.cat([b[2] for b in fisher_loader(images, labels, 20, 8, seed=7)])
+    two = torch.cat([b[2] for r in range(2) for b in fisher_loader(images, labels, 20, 8, seed=7, rank=r,
+                                                                     world_size=2)])
+    assert sorted(one.tolist()) == sorted(two.tolist()) == chosen.tolist()
+    assert len(subset_indices(10, None, 0)) == 10 and len(subset_indices(10, 50, 0)) == 10
+
+
+def test_streamed_epoch_end_closes_the_accumulation_window():
+    """A streamed loader (not prepared by Accelerate) tells the GradientState where its epoch ends: with 3 batches
+    per epoch and 2 accumulation steps, each epoch syncs after batches 2 and 3; nothing spills into the next."""
+    import datasets
+
+    from hf_r1ewc.data import StreamedTaskLoader
+
+    rows = {"pixel_values": [[[[0.0]]]] * 12, "class_labels": list(range(12))}
+    stream = datasets.Dataset.from_dict(rows).to_iterable_dataset().with_format("torch")
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = accelerator.prepare(torch.nn.Linear(1, 1))
+    loader = StreamedTaskLoader(stream, batch_size=4, num_batches=3)
+    syncs = []
+    for _ in range(2):
+        for _batch in loader:
+            with accelerator.accumulate(model):
+                syncs.append(accelerator.sync_gradients)
+    assert syncs == [False, True, True, False, True, True]
