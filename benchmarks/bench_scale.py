@@ -22,10 +22,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, print_table, write_results  # noqa: E402
 
-from hf_r1ewc.distill import ddim_sample  # noqa: E402
 from hf_r1ewc.fisher import FisherStatistics  # noqa: E402
 from hf_r1ewc.models import PRESETS, training_noise_scheduler, unet_from_preset  # noqa: E402
 from hf_r1ewc.penalty import EWCPenalty  # noqa: E402
+from hf_r1ewc.pipeline import sample, sampling_scheduler  # noqa: E402
 
 # The protocol (DESIGN section 2/3): ImageNet-1k 32x32, 20 tasks of 50 classes, ~1281 training images per class,
 # 100 epochs per task, batch 128 real + 128 replay, replay pool of 1300 images per seen class by DDIM 50 steps.
@@ -110,8 +110,8 @@ def main() -> None:
     labels = torch.randint(0, 1000, (sample_batch,), generator=g)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     sample_time = interleaved_medians(
-        {"ddim": lambda: ddim_sample(teacher, scheduler, labels.to(device), 5, torch.Generator().manual_seed(1),
-                                     autocast)}, args.repeats, device)["ddim"]
+        {"ddim": lambda: sample(teacher, sampling_scheduler("ddim", scheduler.config), labels.to(device), 5,
+                                torch.Generator().manual_seed(1), autocast)}, args.repeats, device)["ddim"]
     image_steps_per_s = sample_batch * 5 / sample_time
 
     # the protocol's work, in forward-pass FLOPs (a training step on an image ~ 3 forward passes)
