@@ -663,7 +663,6 @@ def main(argv=None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     set_seed(args.seed)
     device = accelerator.device
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
     data = load_task_data(args)
     unet = build_unet(args, data)
     noise_scheduler = training_noise_scheduler()
@@ -692,8 +691,8 @@ def main(argv=None) -> None:
     uploader = TaskUploader(args.hub_model_id, private=args.hub_private or None) \
         if args.push_to_hub and accelerator.is_main_process else None
     unet.to(device)
-    if penalty is not None:
-        penalty.to("cpu" if fsdp else device)  # under FSDP only each shard's slice goes to the GPU
+    if penalty is not None:  # the statistics stay on the CPU; the penalty binds one flat copy (FSDP: the local
+        penalty.to("cpu")    # shard's slice) to the model's device per task
     stopped = False
 
     for task_index in range(run.start_task, num_tasks + 1):
@@ -740,7 +739,7 @@ def main(argv=None) -> None:
                                     if args.streaming and args.fisher_num_samples else None,
                                     show_progress=accelerator.is_local_main_process)
         if penalty is not None:
-            penalty.to("cpu" if fsdp else device)
+            penalty.to("cpu")
             logger.info("Fisher after task %d: c* = %.4g, ||mu|| = %.4g, N = %d", task_index, stats.c_star or 0,
                         stats.mu_norm(), stats.num_samples)
         if accelerator.is_main_process:

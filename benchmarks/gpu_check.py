@@ -13,7 +13,7 @@ Sections (each one recorded even when another fails), written to DIR/gpu_check.j
    every tensor handed to the all-reduce must be on the GPU (NCCL reduces GPU tensors only).
 3. sampling: DDIM-50 replay images/s at batch 500 (bf16 and fp32, through hf_r1ewc.pipeline.sample) and the ratio
    to a plain fp32 DDIMScheduler loop; the hand-written DDIM update against scheduler.step.
-4. script_bf16: a 2-task run of train_continual_ddpm.py with accelerate_configs/single_gpu_bf16.yaml; the saved
+4. script_bf16: a 3-task run of train_continual_ddpm.py with accelerate_configs/single_gpu_bf16.yaml; the saved
    Fisher equals an fp32 re-estimate at the saved weights; the saved pipeline loads and samples on the GPU.
 5. fsdp: the same run through accelerate_configs/fsdp.yaml with one process.
 """
@@ -156,7 +156,7 @@ def run(cmd, env=None, timeout=400) -> subprocess.CompletedProcess:
                           env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
-SCRIPT_FLAGS = ["--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1;2,3", "--num_epochs_per_task", "2",
+SCRIPT_FLAGS = ["--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1;2,3;4,5", "--num_epochs_per_task", "2",
                 "--train_batch_size", "32", "--replay_per_class", "32", "--num_inference_steps", "10",
                 "--fisher_num_samples", "64", "--max_train_per_class", "64", "--fid_num_samples", "64",
                 "--ewc_type", "rank1"]
@@ -178,7 +178,7 @@ def check_script_bf16(args, device, out_dir: Path) -> dict:
     result = {"rc": proc.returncode, "log_tail": (proc.stdout + proc.stderr)[-1500:]}
     if proc.returncode != 0:
         return result
-    metrics = json.loads((run_dir / "task_02" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "task_03" / "metrics.json").read_text())
     folder = run_dir / "task_01"
     pipe = ClassConditionalPipeline.from_pretrained(folder).to(device)
     saved = load_fisher(str(folder / "fisher.safetensors"), model=pipe.unet)
@@ -206,9 +206,11 @@ def check_fsdp(args, device, out_dir: Path) -> dict:
            "--num_processes", "1", "train_continual_ddpm.py", *SCRIPT_FLAGS, "--fid_backend", "none",
            "--output_dir", str(out_dir / "gpu_check_fsdp")]
     proc = run(cmd)
-    folder = out_dir / "gpu_check_fsdp" / "task_02"
-    return {"rc": proc.returncode, "task_02_written": (folder / "fisher.safetensors").exists(),
-            "log_tail": (proc.stdout + proc.stderr)[-1500:]}
+    folder = out_dir / "gpu_check_fsdp" / "task_03"
+    log = proc.stdout + proc.stderr
+    return {"rc": proc.returncode, "task_03_written": (folder / "fisher.safetensors").exists(),
+            "error_lines": [line for line in log.splitlines() if line.startswith("[rank0]:")][-25:],
+            "log_tail": log[-1500:]}
 
 
 def write_markdown(results: dict, path: Path) -> None:
@@ -229,21 +231,22 @@ def write_markdown(results: dict, path: Path) -> None:
     s = results.get("sampling", {})
     if "images_per_second_ddim50" in s:
         ips = s["images_per_second_ddim50"]
-        lines += [f"- DDIM-50 sampling at batch {s['batch']}: bf16 {ips['ours_channels_last_bf16']:.0f} img/s, fp32 "
-                  f"{ips['ours_channels_last']:.0f} img/s, plain fp32 DDIMScheduler loop {ips['reference']:.0f} img/s "
+        lines += [f"- DDIM-50 sampling at batch {s['batch']}: bf16 {ips['ours_bf16']:.0f} img/s (channels_last "
+                  f"{ips['ours_channels_last_bf16']:.0f}), fp32 {ips['ours_fp32']:.0f} img/s (channels_last "
+                  f"{ips['ours_channels_last']:.0f}), plain fp32 DDIMScheduler loop {ips['reference']:.0f} img/s "
                   f"(speed-up {s['sampling_speedup_vs_reference']:.2f}x); hand-written DDIM update vs scheduler.step "
                   f"{s['handwritten_vs_scheduler_step']:.3f}x."]
     b = results.get("script_bf16", {})
     if "fisher_matches_fp32" in b:
-        lines += [f"- 2-task script run with single_gpu_bf16.yaml: saved Fisher vs fp32 re-estimate: c* relative error "
+        lines += [f"- 3-task script run with single_gpu_bf16.yaml: saved Fisher vs fp32 re-estimate: c* relative error "
                   f"{b['c_star_relative_error']:.1e}, mu {b['mu_relative_error']:.1e} (match: {b['fisher_matches_fp32']});"
                   f" saved pipeline sampled on {b['pipeline_samples_on']} (finite: {b['pipeline_samples_finite']})."]
     elif b:
-        lines += [f"- 2-task script run with single_gpu_bf16.yaml: FAILED (rc {b.get('rc')}); see the JSON log tail."]
+        lines += [f"- 3-task script run with single_gpu_bf16.yaml: FAILED (rc {b.get('rc')}); see the JSON log tail."]
     fs = results.get("fsdp", {})
     if fs:
-        lines += [f"- FSDP (fsdp.yaml, 1 process): " + (fs.get("skipped") or f"rc {fs['rc']}, task_02 written: "
-                                                         f"{fs['task_02_written']}")]
+        lines += [f"- FSDP (fsdp.yaml, 1 process): " + (fs.get("skipped") or f"rc {fs['rc']}, task_03 written: "
+                                                         f"{fs['task_03_written']}")]
     for name, err in results.get("errors", {}).items():
         lines += [f"- {name}: ERROR `{err.splitlines()[-1]}`"]
     path.write_text("\n".join(lines) + "\n")

@@ -31,8 +31,12 @@ POOL_CHUNK = 250  # images per pool chunk: the unit of generation, of resume and
 
 
 def frozen_teacher(unet: nn.Module) -> nn.Module:
-    """A frozen copy of ``unet`` (eval mode, no gradients, channels_last) to generate replay and to distil from."""
-    teacher = copy.deepcopy(unet).eval().to(memory_format=torch.channels_last)
+    """A frozen copy of ``unet`` (eval mode, no gradients) to generate replay, to distil from and to evaluate.
+    channels_last on the CPU only: it sampled 1.09x faster there and 1.22x slower on an H200 (bench_sampling,
+    gpu_check)."""
+    teacher = copy.deepcopy(unet).eval()
+    if next(teacher.parameters()).device.type == "cpu":
+        teacher = teacher.to(memory_format=torch.channels_last)
     teacher.requires_grad_(False)
     return teacher
 

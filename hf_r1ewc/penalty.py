@@ -9,9 +9,10 @@ After tasks 1..K, with theta*_k the weights after task k (DESIGN section 2)::
 
 Two small term types hold the statistics and the math, with one interface (``add``, ``value``, ``proximal_step``,
 ``state_dict``, per-parameter tensors to cut into shards): ``Rank1Terms`` stores mu_k stacked per parameter
-(``[K, *shape]``) with b_k fixed once, so one step costs one small mat-vec per parameter tensor for all K tasks;
-``DiagonalQuadratic`` is ONE merged quadratic (A, m, const) whose memory does not grow with K. ``EWCPenalty``
-composes one of them with lambda. Values are computed in float32 (autocast off) and summed in float64.
+(``[K, *shape]``) with b_k fixed once; ``DiagonalQuadratic`` is ONE merged quadratic (A, m, const) whose memory does
+not grow with K. ``EWCPenalty`` composes one of them with lambda and binds them to a model once per task: the stored
+tensors laid out flat ``[K, P]`` on the model's device, so a step costs one concatenation of the parameters and one
+mat-vec for all K tasks (never per task). Values are computed in float32 (autocast off) and summed in float64.
 
 FSDP2: with DTensor (sharded) parameters each process uses the matching slices of the statistics and all-reduces the
 K projections (rank-1) or the one partial sum (diagonal) per step, so the value is exact and every shard gets its
@@ -32,16 +33,53 @@ from .sharding import all_reduce_keeping_local_grad, local_slice, local_tensor, 
 PENALTY_KINDS = ("rank1", "rank1_unscaled", "diag")
 
 
-class LocalView(NamedTuple):
-    """One constrained parameter with the matching (local-shard) slices of the stored tensors."""
+class FlatGroup(NamedTuple):
+    """Parameters that share shard groups, with the matching (local-shard) slices of the stored tensors laid out
+    flat, in parameter order: ``stored[i]`` is ``[*lead_i, P_local]``. One value or proximal step is then a few
+    large kernels per group instead of several per parameter tensor (per-tensor kernels cost 60 % of a 35M-UNet
+    training step on an H200, ``benchmarks/results/gpu_check.md``). Rank-1 projections are taken relative to
+    ``anchor`` (theta when bound, ``[P_local]``), with ``offset`` = mu^T anchor (float64 ``[K]``) added back: mu^T theta
+    - b is a cancellation of large terms near theta*, and the float32 part then only sees the small theta - anchor."""
 
-    param: torch.Tensor
+    params: list[torch.Tensor]
     stored: tuple[torch.Tensor, ...]
     groups: tuple
+    anchor: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    def theta(self) -> torch.Tensor:
+        """``[P_local]`` float32: the local parameter values, flat (differentiable)."""
+        return torch.cat([local_tensor(p).reshape(-1).float() for p in self.params])
+
+    @torch.no_grad()
+    def assign(self, flat: torch.Tensor) -> None:
+        """Write ``flat`` ``[P_local]`` back into the parameters (one multi-tensor copy)."""
+        locals_ = [local_tensor(p) for p in self.params]
+        pieces = flat.split([t.numel() for t in locals_])
+        torch._foreach_copy_(locals_, [piece.view_as(t).to(t.dtype) for piece, t in zip(pieces, locals_)])
+
+
+BLOCK = 1 << 22  # columns of a low-precision matrix up-cast at a time
+
+
+def _matvec(matrix: torch.Tensor, vector: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``matrix [K, P] @ vector [P]`` computed in ``dtype`` (a matrix stored in another dtype is up-cast block by
+    block), returned as float64 ``[K]``."""
+    if matrix.dtype == dtype:
+        return (matrix @ vector.to(dtype)).double()
+    return sum((matrix[:, i : i + BLOCK].to(dtype) @ vector[i : i + BLOCK].to(dtype)).double()
+               for i in range(0, matrix.shape[1], BLOCK))
+
+
+def _combination(weights: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``weights [K] @ matrix [K, P]`` in float32, a bf16-stored matrix up-cast block by block."""
+    if matrix.dtype == torch.float32:
+        return weights @ matrix
+    return torch.cat([weights @ matrix[:, i : i + BLOCK].float() for i in range(0, matrix.shape[1], BLOCK)])
 
 
 def sum_over_shards(parts: list[tuple[torch.Tensor, tuple]]) -> torch.Tensor:
-    """Sum per-parameter partial results; the parts of sharded parameters are all-reduced (one call per group)."""
+    """Sum per-group partial results; the parts of sharded parameters are all-reduced (one call per group)."""
     by_groups: dict[tuple, torch.Tensor] = {}
     for part, groups in parts:
         by_groups[groups] = part if groups not in by_groups else by_groups[groups] + part
@@ -89,7 +127,9 @@ class Rank1Terms:
         gram[k, :k] = gram[:k, k] = cross
         gram[k, k] = float(sum(v.double().pow(2).sum() for v in new.values()))
         self.gram = gram
-        self.mu = {n: new[n][None] if n not in self.mu else torch.cat([self.mu[n], new[n][None]]) for n in params}
+        # stored where the earlier tasks' statistics are (the CPU in the script), new tensors moved there
+        self.mu = {n: new[n][None] if n not in self.mu else torch.cat([self.mu[n], new[n][None].to(self.mu[n].device)])
+                   for n in params}
         self.b = torch.cat([self.b, torch.tensor([b], dtype=torch.float64)])
         c = float(stats.c_star) if self.scaled else 1.0
         self.c = torch.cat([self.c, torch.tensor([c], dtype=torch.float64)])
@@ -97,31 +137,30 @@ class Rank1Terms:
     def per_parameter(self) -> dict[str, tuple[torch.Tensor, ...]]:
         return {n: (m,) for n, m in self.mu.items()}
 
-    def projections(self, views: list[LocalView]) -> torch.Tensor:
+    def projections(self, groups: list[FlatGroup]) -> torch.Tensor:
         """``[K]`` float64 mu_k^T theta (differentiable; summed over shards)."""
-        return sum_over_shards([((mu.flatten(1).float() @ local_tensor(v.param).flatten().float()).double(), v.groups)
-                                for v in views for mu in v.stored])
+        return sum_over_shards([(_matvec(g.stored[0], g.theta() - g.anchor) + g.offset, g.groups) for g in groups])
 
-    def value(self, views: list[LocalView]) -> torch.Tensor:
-        projections = self.projections(views)
+    def value(self, groups: list[FlatGroup]) -> torch.Tensor:
+        projections = self.projections(groups)
         residual = projections - self.b.to(projections.device)
         return 0.5 * (self.c.to(projections.device) * residual.pow(2)).sum()
 
     @torch.no_grad()
-    def proximal_step(self, views: list[LocalView], scale: float) -> None:
+    def proximal_step(self, groups: list[FlatGroup], scale: float) -> None:
         """theta <- theta - U^T ((scale C)^-1 + U U^T)^-1 (U theta - b): Woodbury, a K x K solve in float64."""
         weight = scale * self.c  # [K]
         active = weight > 0
         if not bool(active.any()):
             return
         index = torch.nonzero(active).flatten()
-        residual = (self.projections(views).cpu() - self.b)[index]
+        residual = (self.projections(groups).cpu() - self.b)[index]
         system = torch.diag(1.0 / weight[index]) + self.gram[index][:, index]
-        solution = torch.linalg.solve(system, residual)  # [K_active] float64
-        for v in views:
-            (mu,), p = v.stored, local_tensor(v.param)
-            update = (solution.to(mu.device, torch.float32) @ mu[index.to(mu.device)].flatten(1).float()).view_as(p)
-            p.sub_(update.to(p.dtype))
+        solution = torch.zeros(self.num_tasks, dtype=torch.float64)
+        solution[index] = torch.linalg.solve(system, residual)  # float64
+        for g in groups:
+            mu = g.stored[0]
+            g.assign(g.theta() - _combination(solution.to(mu.device, torch.float32), mu))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{f"mu.{n}": v for n, v in self.mu.items()}, "b": self.b, "c": self.c, "gram": self.gram}
@@ -152,32 +191,32 @@ class DiagonalQuadratic:
             raise ValueError("the diag penalty needs diagonal statistics (estimate with kinds=('diag',))")
         _check_names(stats.diag, params)
         for n, theta in params.items():
+            store = self.precision[n].device if n in self.precision else theta.device  # where earlier tasks' are
             f = stats.diag[n].detach().to(theta.device, torch.float64)
             theta = theta.double()
-            a_old = self.precision.get(n, torch.zeros_like(f)).double()
-            m_old = self.anchor.get(n, torch.zeros_like(f)).double()
+            a_old = self.precision[n].to(theta.device, torch.float64) if n in self.precision else torch.zeros_like(f)
+            m_old = self.anchor[n].to(theta.device, torch.float64) if n in self.anchor else torch.zeros_like(f)
             a_new = a_old + f
             m_new = torch.where(a_new > 0, (a_old * m_old + f * theta) / a_new.clamp_min(1e-300), theta)
             # sum_k F_k theta*_k^2 - A m^2 changes by: F theta^2 + A_old m_old^2 - A_new m_new^2
             self.constant += 0.5 * float((f * theta**2 + a_old * m_old**2 - a_new * m_new**2).sum())
-            self.precision[n], self.anchor[n] = a_new.float(), m_new.float()
+            self.precision[n], self.anchor[n] = a_new.float().to(store), m_new.float().to(store)
         self.num_tasks += 1
 
     def per_parameter(self) -> dict[str, tuple[torch.Tensor, ...]]:
         return {n: (a, self.anchor[n]) for n, a in self.precision.items()}
 
-    def value(self, views: list[LocalView]) -> torch.Tensor:
-        total = sum_over_shards([((a * (local_tensor(v.param).float() - m).pow(2)).sum(dtype=torch.float64), v.groups)
-                                 for v in views for a, m in [v.stored]])
+    def value(self, groups: list[FlatGroup]) -> torch.Tensor:
+        total = sum_over_shards([((g.stored[0] * (g.theta() - g.stored[1]).pow(2)).sum(dtype=torch.float64),
+                                  g.groups) for g in groups])
         return 0.5 * total + self.constant
 
     @torch.no_grad()
-    def proximal_step(self, views: list[LocalView], scale: float) -> None:
+    def proximal_step(self, groups: list[FlatGroup], scale: float) -> None:
         """theta_i <- (theta~_i + s A_i m_i) / (1 + s A_i), s = ``scale``."""
-        for v in views:
-            (a, m), p = v.stored, local_tensor(v.param)
-            weight = scale * a.float()
-            p.copy_(((p.float() + weight * m) / (1.0 + weight)).to(p.dtype))
+        for g in groups:
+            weight = scale * g.stored[0].float()
+            g.assign((g.theta() + weight * g.stored[1]) / (1.0 + weight))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{f"precision.{n}": v for n, v in self.precision.items()},
@@ -208,7 +247,7 @@ class EWCPenalty:
         self.kind = kind
         self.ewc_lambda = float(ewc_lambda)
         self.terms = DiagonalQuadratic() if kind == "diag" else Rank1Terms(kind == "rank1", mu_dtype)
-        self._bound: tuple[int, list[LocalView]] | None = None
+        self._bound: tuple[int, list[FlatGroup]] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -239,8 +278,10 @@ class EWCPenalty:
         self._bound = None
         return self
 
-    def views(self, model: nn.Module) -> list[LocalView]:
-        """Each constrained parameter with its stored tensors cut to the local shard, on its device (cached)."""
+    def bind(self, model: nn.Module) -> list[FlatGroup]:
+        """The constrained parameters grouped by shard groups, with the stored tensors cut to the local shards and
+        laid out flat on the parameters' device (built once per model and task; keep the statistics themselves on
+        the CPU with ``penalty.to("cpu")`` so that the device holds this one copy)."""
         if self._bound is not None and self._bound[0] == id(model):
             return self._bound[1]
         named = dict(model.named_parameters())
@@ -249,10 +290,23 @@ class EWCPenalty:
         if missing:
             raise ValueError(f"the model has no parameters {missing[:5]} that the penalty constrains")
         lead = self.terms.leading_dims
-        views = [LocalView(named[n], tuple(local_slice(t, named[n], lead if i == 0 else 0) for i, t in enumerate(ts)),
-                           shard_groups(named[n])) for n, ts in per_parameter.items()]
-        self._bound = (id(model), views)
-        return views
+        by_groups: dict[tuple, list[str]] = {}
+        for name in (n for n in named if n in per_parameter):  # the model's order, whatever the file's order
+            by_groups.setdefault(shard_groups(named[name]), []).append(name)
+        bound = []
+        for groups, names in by_groups.items():
+            stored = []
+            for i in range(len(per_parameter[names[0]])):
+                keep = lead if i == 0 else 0
+                parts = [local_slice(per_parameter[n][i], named[n], keep) for n in names]
+                stored.append(torch.cat([t.reshape(*t.shape[:keep], -1) for t in parts], dim=keep))
+            group = FlatGroup([named[n] for n in names], tuple(stored), groups)
+            if lead:  # rank-1: projections relative to theta now (see FlatGroup)
+                anchor = group.theta().detach()
+                group = group._replace(anchor=anchor, offset=_matvec(stored[0], anchor, torch.float64))
+            bound.append(group)
+        self._bound = (id(model), bound)
+        return bound
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """The scalar penalty (already multiplied by lambda), float32, differentiable w.r.t. the model."""
@@ -260,7 +314,7 @@ class EWCPenalty:
         if self.num_tasks == 0 or self.ewc_lambda == 0:
             return torch.zeros((), device=device)
         with torch.autocast(device_type=device.type, enabled=False):
-            return (self.ewc_lambda * self.terms.value(self.views(model))).float()
+            return (self.ewc_lambda * self.terms.value(self.bind(model))).float()
 
     @torch.no_grad()
     def proximal_step(self, model: nn.Module, step_size: float) -> None:
@@ -269,4 +323,4 @@ class EWCPenalty:
             raise ValueError(f"step_size must be >= 0, got {step_size}")
         if self.num_tasks == 0 or self.ewc_lambda == 0 or step_size == 0:
             return
-        self.terms.proximal_step(self.views(model), step_size * self.ewc_lambda)
+        self.terms.proximal_step(self.bind(model), step_size * self.ewc_lambda)

@@ -195,7 +195,7 @@ def test_proximal_step_limits(kind):
         anchor = torch.cat([penalty.terms.anchor[n].double().flatten() for n, _ in model.named_parameters()])
         assert float((after - anchor).abs().max()) <= 1e-5
     else:  # on the constraint set mu_k^T theta = b_k for every task
-        residual = penalty.terms.projections(penalty.views(model)) - penalty.terms.b
+        residual = penalty.terms.projections(penalty.bind(model)) - penalty.terms.b
         scale = torch.stack([ts.float().double().abs().sum() * mu.abs().max() for _, _, (mu, _, ts, _) in tasks])
         assert bool((residual.abs() <= 1e-5 * scale).all()), residual
 
