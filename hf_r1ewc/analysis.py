@@ -136,7 +136,8 @@ def fisher_geometry(
 
 
 @torch.no_grad()
-def scaled_identity_mse(unet: nn.Module, noisy_images, timesteps, class_labels, alphas_cumprod=None) -> float:
+def scaled_identity_mse(unet: nn.Module, noisy_images: torch.Tensor, timesteps: torch.Tensor,
+                        class_labels: torch.Tensor, alphas_cumprod: torch.Tensor | None = None) -> float:
     """mean over samples and pixels of (x_t - sqrt(1 - abar_t) eps_hat)^2 (paper fig. 1, Proposition 1)."""
     if alphas_cumprod is None:
         from .models import training_noise_scheduler
@@ -147,7 +148,7 @@ def scaled_identity_mse(unet: nn.Module, noisy_images, timesteps, class_labels, 
     return float((noisy_images.float() - scale * eps_hat).pow(2).mean())
 
 
-def analyse_checkpoint(unet, x0: torch.Tensor, labels: torch.Tensor, timesteps: Sequence[int], seed: int = 0,
+def analyse_checkpoint(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, timesteps: Sequence[int], seed: int = 0,
                        top_k: int = 5, chunk_size: int = 64, memory_bytes: float = 2e9) -> dict:
     """Geometry at each timestep (fresh eps per sample, same x0) plus pairwise cos(mu_t, mu_s) (fig. 3a)."""
     from .models import training_noise_scheduler
@@ -171,6 +172,7 @@ def analyse_checkpoint(unet, x0: torch.Tensor, labels: torch.Tensor, timesteps: 
 
 
 def plot_analysis(result: dict, output_dir: Path) -> None:
+    """The figures of paper section 3.2 (figs. 1, 2, 3a-d) from ``analyse_checkpoint``'s result, as PNG files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +214,8 @@ def plot_analysis(result: dict, output_dir: Path) -> None:
     fig.tight_layout(); fig.savefig(output_dir / "fig3_fisher_geometry.png", dpi=120); plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hf_r1ewc.analysis``: the Fisher geometry of a task folder on its task's data."""
     from .data import images_to_model_input, load_labeled_images, parse_tasks
     from .hub import resolve_task_source
     from .pipeline import ClassConditionalPipeline

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
+from accelerate import Accelerator
+from diffusers import SchedulerMixin
+from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .distill import ReplayPool, continual_loss, frozen_teacher, online_replay_batch
@@ -51,7 +54,7 @@ class Replay:
     teacher: nn.Module
     classes: list[int]
     pool: ReplayPool | None = None
-    sampler: object | None = None  # the sampling scheduler of online replay
+    sampler: SchedulerMixin | None = None  # the sampling scheduler of online replay
     online_steps: int = 2
 
     def batch(self, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor,
@@ -82,7 +85,7 @@ class ContinualLearner:
     when ``start_task`` is never given old classes. ``replay_batch_size`` None = the real batch size.
     """
 
-    def __init__(self, noise_scheduler, penalty: EWCPenalty | None = None, ewc_mode: str = "loss",
+    def __init__(self, noise_scheduler: SchedulerMixin, penalty: EWCPenalty | None = None, ewc_mode: str = "loss",
                  distill_weight: float = 1.0, replay_in_denoise: bool = True, replay_batch_size: int | None = None,
                  max_grad_norm: float | None = None) -> None:
         if ewc_mode not in EWC_MODES:
@@ -94,7 +97,7 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------------------------------ start of a task
 
-    def start_task(self, model: nn.Module, sampler, old_classes: Sequence[int], *, per_class: int | None,
+    def start_task(self, model: nn.Module, sampler: SchedulerMixin, old_classes: Sequence[int], *, per_class: int | None,
                    directory: str | os.PathLike | None, num_inference_steps: int = 50, seed: int = 0,
                    online_steps: int | None = None, rank: int = 0, world_size: int = 1,
                    barrier: Callable[[], None] | None = None, show_progress: bool = True) -> None:
@@ -115,8 +118,8 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------------------------------------- a step
 
-    def training_step(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                      class_labels: torch.Tensor, generator: torch.Generator, ema=None) -> StepOutput:
+    def training_step(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                      class_labels: torch.Tensor, generator: torch.Generator, ema: EMAModel | None = None) -> StepOutput:
         """One micro-batch under ``accelerator.accumulate``: loss, backward, (clip, optimizer step, proximal step,
         EMA update when the accumulation window closes). Raises ``NonFiniteLossError`` before any update."""
         replay, teacher = None, None

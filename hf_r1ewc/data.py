@@ -18,7 +18,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,14 +54,17 @@ class LabeledImages:
 
     @property
     def num_channels(self) -> int:
+        """C of the ``[N, C, H, W]`` images."""
         return int(self.images.shape[1])
 
     @property
     def image_size(self) -> int:
+        """W of the ``[N, C, H, W]`` images (square images)."""
         return int(self.images.shape[-1])
 
     @property
     def classes(self) -> list[int]:
+        """The sorted labels present."""
         return sorted(int(c) for c in torch.unique(self.labels))
 
     def subset(self, classes: Iterable[int]) -> "LabeledImages":
@@ -137,7 +140,7 @@ def load_labeled_images(
     return LabeledImages(torch.stack(images), torch.as_tensor(dataset[label_column], dtype=torch.int64))
 
 
-def load_hf_dataset(source: str, split: str, streaming: bool = False, **config_kwargs):
+def load_hf_dataset(source: str, split: str, streaming: bool = False, **config_kwargs) -> "datasets.Dataset":
     """A ``datasets`` split from a local folder (``save_to_disk``, imagefolder, parquet) or a Hub id."""
     import datasets
 
@@ -369,7 +372,7 @@ def stream_task(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-):
+) -> "datasets.IterableDataset":
     """A streamed, label-filtered, shuffled and sharded task: an ``IterableDataset`` of
     ``{"pixel_values": float [C, R, R] in [-1, 1], "class_labels": int}``.
 
@@ -429,12 +432,13 @@ class StreamedTaskLoader(DataLoaderStateMixin):
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
+        """Reseed the stream's shuffle buffer for ``epoch``."""
         self.stream.set_epoch(epoch)
 
     def __iter__(self):
         return self.skip_first(0)
 
-    def skip_first(self, num_batches: int):
+    def skip_first(self, num_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Iterate from batch ``num_batches`` on (resuming mid-epoch re-reads the same seeded stream)."""
         if self.num_batches is None:
             yield from self._batches(num_batches)

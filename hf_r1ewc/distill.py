@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from diffusers import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -64,6 +65,7 @@ class ReplayPool:
 
     @property
     def classes(self) -> list[int]:
+        """The sorted classes the pool holds."""
         return sorted(int(c) for c in torch.unique(self.labels))
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None,
@@ -76,7 +78,7 @@ class ReplayPool:
     def generate(
         cls,
         teacher: nn.Module,
-        scheduler,
+        scheduler: SchedulerMixin,
         classes: Sequence[int],
         per_class: int,
         directory: str | os.PathLike,
@@ -159,7 +161,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def online_replay_batch(
     teacher: nn.Module,
-    scheduler,
+    scheduler: SchedulerMixin,
     classes: Sequence[int],
     batch_size: int,
     num_inference_steps: int = 2,
@@ -181,7 +183,7 @@ def distillation_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> t
 
 def continual_loss(
     unet: nn.Module,
-    noise_scheduler,
+    noise_scheduler: SchedulerMixin,
     images: torch.Tensor,
     class_labels: torch.Tensor,
     replay: tuple[torch.Tensor, torch.Tensor] | None = None,

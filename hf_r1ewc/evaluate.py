@@ -29,7 +29,8 @@ from .pipeline import ClassConditionalPipeline
 from .plots import plot_afid_curves, plot_task_fid_curves, save_image_grid
 
 
-def train_classifier_main(argv) -> None:
+def train_classifier_main(argv: list[str]) -> None:
+    """``python -m hf_r1ewc.evaluate train-classifier``: the offline FID feature classifier."""
     p = argparse.ArgumentParser(prog="python -m hf_r1ewc.evaluate train-classifier",
                                 description="Train the offline FID feature classifier on a dataset's training split.")
     p.add_argument("--dataset_name", required=True, help="'digits', a Hub id or a local folder")
@@ -143,6 +144,7 @@ def _fmt(pair) -> str:
 
 
 def write_summary(table: dict, output_dir: Path) -> None:
+    """``summary.md``, ``summary.csv``, ``summary.json`` and the AFID@k plot from ``aggregate``'s table."""
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = ["| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ |", "| --- | --- | --- | --- | --- |"]
     for method, row in table.items():
@@ -184,7 +186,8 @@ def sample_grid_across_tasks(run_dir: Path, classes: list[int], path: Path, step
     save_image_grid(grid, path, nrow=len(columns))
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hf_r1ewc.evaluate``: aggregate runs (see the module docstring)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)

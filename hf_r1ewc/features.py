@@ -52,6 +52,7 @@ class FeatureStatistics:
 
     @classmethod
     def from_features(cls, features: torch.Tensor, backend: str) -> "FeatureStatistics":
+        """Mean and unbiased covariance of ``features`` ``[N, D]`` (float64)."""
         features = features.double()
         n, dim = features.shape
         if n < 2:
@@ -64,6 +65,7 @@ class FeatureStatistics:
         return cls(mu, centered.T @ centered / (n - 1), n, backend)
 
     def save(self, path: str | os.PathLike) -> None:
+        """Atomic safetensors write (mu, sigma; N and backend as metadata)."""
         from safetensors.torch import save_file
 
         tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: runs may share a folder
@@ -73,6 +75,7 @@ class FeatureStatistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStatistics":
+        """Read what ``save`` wrote."""
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -81,6 +84,7 @@ class FeatureStatistics:
 
 
 def fid_from_statistics(real: FeatureStatistics, fake: FeatureStatistics) -> float:
+    """The Frechet distance of two feature statistics of the same backend."""
     if real.backend != fake.backend:
         raise ValueError(f"feature backends differ: {real.backend} vs {fake.backend}")
     return frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
@@ -128,16 +132,20 @@ class ClassifierFeatures(FeatureExtractor):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, feature_dim]`` penultimate-layer features."""
         return self.body(images)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, num_classes]`` class logits."""
         return self.head(self.body(images))
 
     @torch.inference_mode()
     def predict_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``[N]`` argmax of the classifier head on ``features``."""
         return self.head(features.to(self.head.weight.device)).argmax(1).cpu()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """``model.safetensors`` + ``config.json`` in ``directory``."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -147,6 +155,7 @@ class ClassifierFeatures(FeatureExtractor):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ClassifierFeatures":
+        """Load what ``save_pretrained`` wrote (safetensors only), in eval mode."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -196,6 +205,7 @@ def train_classifier(
 
 @torch.inference_mode()
 def classifier_accuracy(model: ClassifierFeatures, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of ``images`` ``[N, C, H, W]`` whose predicted class is ``labels`` ``[N]``."""
     preds = torch.cat([model.logits(images[i : i + 512]).argmax(1) for i in range(0, len(images), 512)])
     return float((preds == labels).float().mean())
 
@@ -226,6 +236,7 @@ class InceptionFeatures(FeatureExtractor):
                 f"--fid_backend classifier. Cause: {type(err).__name__}: {err}") from err
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 2048]`` pool features of uint8-quantised images, grey expanded to RGB."""
         x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -254,6 +265,7 @@ class Dinov2Features(FeatureExtractor):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden]`` CLS features at 224x224 with ImageNet normalisation."""
         x = (images.clamp(-1, 1) + 1) / 2
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)

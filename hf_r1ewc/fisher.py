@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+from diffusers import SchedulerMixin
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from tqdm.auto import tqdm
@@ -46,9 +47,11 @@ class FisherStatistics:
 
     @property
     def kinds(self) -> tuple[str, ...]:
+        """The statistics present: ("rank1",), ("diag",) or both."""
         return tuple(k for k, v in (("rank1", self.mu), ("diag", self.diag)) if v is not None)
 
     def mu_norm(self) -> float:
+        """||mu||_2 over all parameters (float64 sum); 0 without rank-1 statistics."""
         return math.sqrt(sum(float(v.double().pow(2).sum()) for v in self.mu.values())) if self.mu else 0.0
 
 
@@ -169,7 +172,8 @@ def _chunks(batch_size: int, chunk_size: int | None) -> Iterable[slice]:
     return (slice(i, min(i + step, batch_size)) for i in range(0, batch_size, step))
 
 
-def accumulate_first_pass(unet, sums: FisherSums, x_t, t, y, noise) -> None:
+def accumulate_first_pass(unet: nn.Module, sums: FisherSums, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                          noise: torch.Tensor) -> None:
     """Pass 1: add sum_i g_i of this batch to ``sums`` (float64)."""
     batch = _batch_grad_sum(unet, x_t, t, y, noise)
     if sums.grad_sum is None:
@@ -180,7 +184,9 @@ def accumulate_first_pass(unet, sums: FisherSums, x_t, t, y, noise) -> None:
 
 
 def accumulate_second_pass(
-    unet, params, mu, sums: FisherSums, x_t, t, y, noise, kinds: Sequence[str], chunk_size: int | None = None
+    unet: nn.Module, params: dict[str, torch.Tensor], mu: dict[str, torch.Tensor], sums: FisherSums,
+    x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, kinds: Sequence[str],
+    chunk_size: int | None = None,
 ) -> None:
     """Pass 2 with mu fixed: add sum_i (mu^T g_i)^2 (if rank1) and sum_i g_i*g_i (if diag) to ``sums``."""
     if "diag" in kinds:
@@ -202,7 +208,7 @@ def _mean(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
     return {k: (v / count).float() for k, v in sums.items()}
 
 
-def finalize(sums: FisherSums, kinds: Sequence[str], timestep_range=(0, 1000)) -> FisherStatistics:
+def finalize(sums: FisherSums, kinds: Sequence[str], timestep_range: tuple[int, int] = (0, 1000)) -> FisherStatistics:
     """Turn the merged sums of both passes into ``FisherStatistics``."""
     if sums.count == 0:
         raise ValueError("no samples: the Fisher estimate needs at least one example")
@@ -270,7 +276,7 @@ def sample_noise(index: int, seed: int, shape: Sequence[int], timestep_range: tu
 
 def _noised_batches(
     dataloader: Iterable,
-    noise_scheduler,
+    noise_scheduler: SchedulerMixin,
     device: torch.device,
     dtype: torch.dtype,
     num_samples: int | None,
@@ -301,7 +307,7 @@ def _noised_batches(
 
 def estimate_fisher(
     unet: nn.Module,
-    noise_scheduler,
+    noise_scheduler: SchedulerMixin,
     dataloader: Iterable,
     kinds: Sequence[str] = KINDS,
     num_samples: int | None = None,

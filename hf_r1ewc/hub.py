@@ -35,10 +35,12 @@ SAFE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "pipeline.py"]
 
 
 def task_folder_name(task_index: int) -> str:
+    """``task_XX`` (two digits, 1-based)."""
     return f"task_{task_index:02d}"
 
 
 def is_complete_task_folder(path: str | os.PathLike) -> bool:
+    """True when the folder holds every file of ``REQUIRED_FILES`` (a finished, loadable task folder)."""
     return all((Path(path) / f).exists() for f in REQUIRED_FILES)
 
 
@@ -225,9 +227,11 @@ class TaskUploader:
         self._thread.start()
 
     def submit(self, folder: str | os.PathLike, task_index: int) -> None:
+        """Queue a task folder for upload; returns at once."""
         self._queue.put((Path(folder), task_index))
 
     def close(self) -> list[dict]:
+        """Wait for the queue to drain; returns the uploads that failed after all retries."""
         self._queue.put(None)
         self._thread.join()
         return self.failures

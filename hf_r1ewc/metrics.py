@@ -67,18 +67,21 @@ class TaskFID:
 
     @property
     def precision(self) -> str:
+        """How the model runs while sampling: 'fp32', 'bf16' or 'fp16'."""
         return precision_name(self.autocast_dtype)
 
     def _mask(self, task: int) -> torch.Tensor:
         return torch.isin(self.test_labels, torch.tensor(self.tasks[task - 1]))
 
     def real(self, task: int) -> FeatureStatistics:
+        """Feature statistics of task ``task``'s test images (cached)."""
         images = self.test_images[self._mask(task)]
         cache = None if self.cache_dir is None else \
             reference_cache_path(self.cache_dir, self.extractor, self.tasks[task - 1], images)
         return real_statistics(self.extractor, images, cache)
 
     def labels(self, task: int) -> torch.Tensor:
+        """``[N]`` the labels generated for task ``task``, in its test set's class proportions."""
         test = self.test_labels[self._mask(task)]
         return labels_in_test_proportions(test, self.num_samples or int(test.shape[0]))
 
@@ -129,10 +132,12 @@ def summarize(matrix: Mapping[int, Mapping[int, float]]) -> dict:
 
 
 def matrix_from_json(raw: Mapping[str, Mapping[str, float]]) -> dict[int, dict[int, float]]:
+    """``{"k": {"i": v}}`` as read from JSON -> ``{k: {i: v}}`` with int task indices."""
     return {int(k): {int(i): float(v) for i, v in row.items()} for k, row in raw.items()}
 
 
 def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (sample SD / sqrt(n)); the error is NaN for one value."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:

@@ -108,9 +108,11 @@ class Rank1Terms:
 
     @property
     def num_tasks(self) -> int:
+        """K, the tasks consolidated so far."""
         return int(self.b.shape[0])
 
     def add(self, stats: FisherStatistics, params: dict[str, torch.Tensor]) -> None:
+        """Consolidate a task: ``stats`` estimated at ``params`` (theta*_k, name -> tensor)."""
         if stats.mu is None or (self.scaled and stats.c_star is None):
             raise ValueError("the rank-1 penalty needs rank-1 statistics (estimate with kinds=('rank1',))")
         _check_names(stats.mu, params)
@@ -135,6 +137,7 @@ class Rank1Terms:
         self.c = torch.cat([self.c, torch.tensor([c], dtype=torch.float64)])
 
     def per_parameter(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """name -> the stored tensors of that parameter, to be cut into shards and laid out flat."""
         return {n: (m,) for n, m in self.mu.items()}
 
     def projections(self, groups: list[FlatGroup]) -> torch.Tensor:
@@ -142,6 +145,7 @@ class Rank1Terms:
         return sum_over_shards([(_matvec(g.stored[0], g.theta() - g.anchor) + g.offset, g.groups) for g in groups])
 
     def value(self, groups: list[FlatGroup]) -> torch.Tensor:
+        """The penalty without lambda: float64 scalar, differentiable w.r.t. the bound parameters."""
         projections = self.projections(groups)
         residual = projections - self.b.to(projections.device)
         return 0.5 * (self.c.to(projections.device) * residual.pow(2)).sum()
@@ -163,15 +167,18 @@ class Rank1Terms:
             g.assign(g.theta() - _combination(solution.to(mu.device, torch.float32), mu))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors, the ``ewc_penalty.safetensors`` layout."""
         return {**{f"mu.{n}": v for n, v in self.mu.items()}, "b": self.b, "c": self.c, "gram": self.gram}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from ``state_dict`` tensors (as read from safetensors)."""
         if "b" not in state:
             raise ValueError(f"state holds no rank-1 penalty (keys {sorted(state)[:5]}...)")
         self.mu = {k[len("mu."):]: v.to(self.mu_dtype) for k, v in state.items() if k.startswith("mu.")}
         self.b, self.c, self.gram = state["b"].double(), state["c"].double(), state["gram"].double()
 
     def to(self, device: torch.device | str) -> None:
+        """Move the stored statistics to ``device``."""
         self.mu = {n: v.to(device) for n, v in self.mu.items()}
 
 
@@ -187,6 +194,7 @@ class DiagonalQuadratic:
         self.num_tasks = 0
 
     def add(self, stats: FisherStatistics, params: dict[str, torch.Tensor]) -> None:
+        """Consolidate a task: ``stats`` estimated at ``params`` (theta*_k, name -> tensor)."""
         if stats.diag is None:
             raise ValueError("the diag penalty needs diagonal statistics (estimate with kinds=('diag',))")
         _check_names(stats.diag, params)
@@ -204,9 +212,11 @@ class DiagonalQuadratic:
         self.num_tasks += 1
 
     def per_parameter(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """name -> the stored tensors of that parameter, to be cut into shards and laid out flat."""
         return {n: (a, self.anchor[n]) for n, a in self.precision.items()}
 
     def value(self, groups: list[FlatGroup]) -> torch.Tensor:
+        """The penalty without lambda: float64 scalar, differentiable w.r.t. the bound parameters."""
         total = sum_over_shards([((g.stored[0] * (g.theta() - g.stored[1]).pow(2)).sum(dtype=torch.float64),
                                   g.groups) for g in groups])
         return 0.5 * total + self.constant
@@ -219,11 +229,13 @@ class DiagonalQuadratic:
             g.assign((g.theta() + weight * g.stored[1]) / (1.0 + weight))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors, the ``ewc_penalty.safetensors`` layout."""
         return {**{f"precision.{n}": v for n, v in self.precision.items()},
                 **{f"anchor.{n}": v for n, v in self.anchor.items()},
                 "constant": torch.tensor(self.constant, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from ``state_dict`` tensors (as read from safetensors)."""
         if "constant" not in state:
             raise ValueError(f"state holds no diagonal penalty (keys {sorted(state)[:5]}...)")
         self.precision = {k[len("precision."):]: v for k, v in state.items() if k.startswith("precision.")}
@@ -232,6 +244,7 @@ class DiagonalQuadratic:
         self.num_tasks = int(state["num_tasks"])
 
     def to(self, device: torch.device | str) -> None:
+        """Move the stored statistics to ``device``."""
         self.precision = {n: v.to(device) for n, v in self.precision.items()}
         self.anchor = {n: v.to(device) for n, v in self.anchor.items()}
 
@@ -251,6 +264,7 @@ class EWCPenalty:
 
     @property
     def num_tasks(self) -> int:
+        """K, the tasks consolidated so far."""
         return self.terms.num_tasks
 
     def add_task(self, stats: FisherStatistics, params: dict[str, torch.Tensor] | nn.Module) -> None:
@@ -268,6 +282,7 @@ class EWCPenalty:
         return {k: v.contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from ``state_dict`` tensors (as read from safetensors)."""
         self.terms.load_state_dict(state)
         self.ewc_lambda = float(state["ewc_lambda"])
         self._bound = None

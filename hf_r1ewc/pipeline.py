@@ -28,6 +28,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     ImagePipelineOutput,
+    SchedulerMixin,
     UniPCMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
@@ -42,7 +43,7 @@ SAMPLERS = {
 }
 
 
-def sampling_scheduler(name: str, config) -> object:
+def sampling_scheduler(name: str, config: dict) -> SchedulerMixin:
     """The scheduler named ``name`` (a key of ``SAMPLERS``) on the noise schedule of ``config`` (a scheduler config)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
@@ -50,7 +51,7 @@ def sampling_scheduler(name: str, config) -> object:
     return cls.from_config(config, **overrides)
 
 
-def sampler_name(scheduler) -> str:
+def sampler_name(scheduler: SchedulerMixin) -> str:
     """The ``SAMPLERS`` key of a scheduler (its class name when it is none of them)."""
     for name, (cls, _) in SAMPLERS.items():
         if type(scheduler) is cls:
@@ -79,7 +80,7 @@ def precision_name(autocast_dtype: torch.dtype | None) -> str:
 @torch.inference_mode()
 def sample(
     unet: torch.nn.Module,
-    scheduler,
+    scheduler: SchedulerMixin,
     class_labels: torch.Tensor,
     num_inference_steps: int = 50,
     generator: torch.Generator | list[torch.Generator] | None = None,
@@ -126,7 +127,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler) -> None:
+    def __init__(self, unet: torch.nn.Module, scheduler: SchedulerMixin) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 

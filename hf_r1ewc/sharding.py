@@ -25,6 +25,7 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 
 def model_is_sharded(model: nn.Module) -> bool:
+    """True when any parameter of ``model`` is an FSDP2 DTensor."""
     return any(is_sharded(p) for p in model.parameters())
 
 

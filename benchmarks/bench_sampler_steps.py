@@ -1,0 +1,131 @@
+"""Which sampler and how many steps the replay pool needs: FID of a replay teacher's samples per diffusers scheduler
+and step count, against DDIM-50 and its seed-to-seed spread, at the CPU table-1 scale.
+
+    python benchmarks/bench_sampler_steps.py [--data_dir /usr/share/datasets/fashion-mnist] [--num_samples 1000]
+
+The teacher is the model after task 1 (classes 0, 1) of a GD run at reproduce_table1's ``cpu`` scale (16x16
+Fashion-MNIST, (16, 32, 32) UNet, 100 images per class, 40 epochs): the model that generates task 2's replay pool.
+For each scheduler in ``hf_r1ewc.pipeline.SAMPLERS`` and 10 / 20 / 50 steps, ``num_samples`` images (labels in the
+test proportions) are scored by ``TaskFID`` (classifier features) on seeds 0, 1, 2; DDIM-50's spread over the
+seeds is the noise floor. Also images/s per setting. Writes benchmarks/results/sampler_steps.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, machine  # noqa: E402
+from reproduce_table1 import SCALES, UNET_CONFIG, run_flags  # noqa: E402
+
+from hf_r1ewc.data import images_to_model_input, load_labeled_images  # noqa: E402
+from hf_r1ewc.distill import frozen_teacher  # noqa: E402
+from hf_r1ewc.features import load_feature_extractor  # noqa: E402
+from hf_r1ewc.metrics import TaskFID  # noqa: E402
+from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, sampling_scheduler  # noqa: E402
+
+STEPS = (10, 20, 50)
+SEEDS = (0, 1, 2)
+
+
+def teacher_folder(work: Path, data_dir: str) -> Path:
+    """Train (once) the task-1 model of a GD run at the cpu scale; returns its task folder."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
+    if not (work / "fid_classifier" / "model.safetensors").exists():
+        subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name", data_dir,
+                        "--output_dir", str(work / "fid_classifier"), "--resolution", "16", "--resize",
+                        "--epochs", "2"], check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+    folder = work / "gd_seed0" / "task_01"
+    if not (folder / "model_index.json").exists():
+        flags = run_flags("GD", None, 0, work, data_dir, SCALES["cpu"])
+        subprocess.run([sys.executable, str(ROOT / "train_continual_ddpm.py"), *flags, "--tasks", "0,1",
+                        "--fid_backend", "none", "--output_dir", str(work / "gd_seed0")],
+                       check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--work_dir", default=str(ROOT / "runs" / "sampler_steps"))
+    p.add_argument("--num_samples", type=int, default=1000)
+    args = p.parse_args()
+    folder = teacher_folder(Path(args.work_dir), args.data_dir)
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    teacher = frozen_teacher(pipe.unet)
+    test = load_labeled_images(args.data_dir, "test")
+    extractor = load_feature_extractor("classifier", classifier_path=str(Path(args.work_dir) / "fid_classifier"))
+    inputs = images_to_model_input(test.images, 16, resize=True)
+    rows = []
+    for name in SAMPLERS:
+        for steps in STEPS:
+            fids, seconds = [], 0.0
+            for seed in SEEDS:
+                evaluator = TaskFID(extractor, inputs, test.labels, [[0, 1]], num_samples=args.num_samples,
+                                    num_inference_steps=steps, seed=seed,
+                                    cache_dir=Path(args.work_dir) / "fid_reference")
+                start = time.perf_counter()
+                fids.append(evaluator(teacher, sampling_scheduler(name, pipe.scheduler.config), 1).fid)
+                seconds += time.perf_counter() - start
+            rows.append({"sampler": name, "steps": steps, "fid": fids, "fid_mean": statistics.mean(fids),
+                         "fid_sd": statistics.stdev(fids), "images_per_second": len(SEEDS) * args.num_samples / seconds})
+            print(f"{name:12s} {steps:3d} steps: FID {statistics.mean(fids):7.2f} +- {statistics.stdev(fids):5.2f} "
+                  f"(seeds {', '.join(f'{f:.2f}' for f in fids)}), {rows[-1]['images_per_second']:.0f} img/s",
+                  flush=True)
+    reference = next(r for r in rows if r["sampler"] == "ddim" and r["steps"] == 50)
+    spread = reference["fid_sd"]
+    for r in rows:
+        r["within_ddim50_spread"] = abs(r["fid_mean"] - reference["fid_mean"]) <= spread
+    write(rows, reference, args)
+
+
+def write(rows: list[dict], reference: dict, args) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "num_samples": args.num_samples, "seeds": list(SEEDS), "rows": rows,
+               "ddim50_mean": reference["fid_mean"], "ddim50_seed_sd": reference["fid_sd"]}
+    (RESULTS / "sampler_steps.json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = ["# Replay sampler and step count", "",
+             f"FID (classifier features, N = {args.num_samples} per seed, seeds {list(SEEDS)}) of the task-1 teacher's "
+             "samples of classes 0 and 1 at the CPU table-1 scale, per diffusers scheduler and step count. DDIM-50 "
+             f"(the paper's pool sampler): {reference['fid_mean']:.2f}, seed-to-seed SD {reference['fid_sd']:.2f}. "
+             "`python benchmarks/bench_sampler_steps.py`.", "",
+             "| sampler | steps | FID mean ± SD over seeds | within DDIM-50's spread | images/s |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['sampler']} | {r['steps']} | {r['fid_mean']:.2f} ± {r['fid_sd']:.2f} | "
+              f"{'yes' if r['within_ddim50_spread'] else 'no'} | {r['images_per_second']:.0f} |" for r in rows]
+    (RESULTS / "sampler_steps.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name in SAMPLERS:
+        pts = [r for r in rows if r["sampler"] == name]
+        ax.errorbar([r["steps"] for r in pts], [r["fid_mean"] for r in pts], yerr=[r["fid_sd"] for r in pts],
+                    marker="o", capsize=3, label=name)
+    ax.axhspan(reference["fid_mean"] - reference["fid_sd"], reference["fid_mean"] + reference["fid_sd"],
+               color="grey", alpha=0.2, label="DDIM-50 ± SD")
+    ax.set_xscale("log")
+    ax.set_xticks(list(STEPS), [str(s) for s in STEPS])
+    ax.set_xlabel("sampler steps")
+    ax.set_ylabel("FID (classifier features)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sampler_steps.png", dpi=120)
+    print((RESULTS / "sampler_steps.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
