@@ -37,7 +37,6 @@ from accelerate.utils import (
 )
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from hf_r1ewc import __version__
 from hf_r1ewc.continual import ContinualLearner, NonFiniteLossError, fisher_loader, step_generator
@@ -62,11 +61,13 @@ from hf_r1ewc.hub import (
     write_json,
     write_model_card,
 )
-from hf_r1ewc.metrics import TaskFID, matrix_from_json, summarize
+from hf_r1ewc.evaluate import sample_grid_across_tasks
+from hf_r1ewc.metrics import TaskFID, matrix_from_json, run_summary_table, summarize
 from hf_r1ewc.models import PRESETS, training_noise_scheduler, unet_from_preset
 from hf_r1ewc.penalty import EWCPenalty
 from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, default_autocast_dtype, sample, sampling_scheduler
 from hf_r1ewc.plots import save_image_grid
+from hf_r1ewc.progress import progress_bar
 from hf_r1ewc.sharding import full_model_copy
 
 logger = get_logger(__name__, log_level="INFO")
@@ -113,9 +114,10 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ewc_type", choices=["none", "diag", "rank1", "rank1_unscaled"], default="rank1",
                    help="EWC penalty: rank1 = paper eq. 6 (with c*), rank1_unscaled = without c*, diag = diagonal")
     g.add_argument("--ewc_lambda", type=float, default=15000.0, help="EWC weight lambda (paper: 15000)")
-    g.add_argument("--ewc_mode", choices=["loss", "decoupled"], default="loss",
+    g.add_argument("--ewc_mode", choices=["loss", "decoupled"], default=None,
                    help="loss: penalty added to the loss (paper); decoupled: exact proximal step after each "
-                        "optimizer step with step size = learning rate")
+                        "optimizer step with step size = learning rate (preset: paper -> loss, demo and cpu-small -> "
+                        "decoupled, see the README's 'Choosing lambda')")
     g.add_argument("--fisher_num_samples", type=int, default=None,
                    help="a seeded random subset of the task's samples for the Fisher (preset; default: all)")
     g.add_argument("--fisher_batch_size", type=int, default=64, help="samples per Fisher batch (memory)")
@@ -526,10 +528,10 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
         logger.info("resumed from %s (task %d, epoch %d, step %d)", run.resume_dir, task_index, first_epoch, skip)
         run.resume_position = None
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    progress = tqdm(total=args.num_epochs_per_task * steps_per_epoch,
+    progress = progress_bar(total=args.num_epochs_per_task * steps_per_epoch,
                     initial=first_epoch * steps_per_epoch + skip // args.gradient_accumulation_steps,
-                    desc=f"task {task_index}/{num_tasks}", disable=not accelerator.is_local_main_process)
-    loss_curve, denoise_curve = [], []
+                    desc=f"task {task_index}/{num_tasks}", show=accelerator.is_local_main_process)
+    loss_curve, denoise_curve, ratio = [], [], None
     for epoch in range(first_epoch, args.num_epochs_per_task):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -541,7 +543,8 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
         for images, labels in batches:
             generator = step_generator(args.seed, task_index, epoch, step_in_epoch, accelerator.process_index)
             try:
-                out = learner.training_step(accelerator, model, optimizer, images, labels, generator, ema)
+                out = learner.training_step(accelerator, model, optimizer, images, labels, generator, ema,
+                                            measure_penalty=step_in_epoch == 0)
             except NonFiniteLossError as err:
                 raise SystemExit(f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}. Nothing "
                                  f"after the last checkpoint was saved. Lower --learning_rate or --ewc_lambda and "
@@ -555,6 +558,9 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
             run.steps_this_process += 1
             progress.update(1)
             logs = {"loss": out.loss, "denoise": out.denoise, "distill": out.distill, "ewc": out.ewc}
+            ratio = out.penalty_gradient_ratio if out.penalty_gradient_ratio is not None else ratio
+            if ratio is not None:  # ||grad EWC|| / ||grad rest of the loss||, measured at each epoch's first step
+                logs["ewc_grad_ratio"] = ratio
             progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
             accelerator.log({**logs, "task": task_index}, step=run.global_step)
             end_of_epoch = step_in_epoch == len(loader)
@@ -587,6 +593,13 @@ def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_t
     return scores
 
 
+def evenly_chosen(classes: list[int]) -> list[int]:
+    """At most GRID_MAX_CLASSES of ``classes``, spread evenly (first and last included): sample grids stay readable
+    for 1000 classes."""
+    n = min(len(classes), GRID_MAX_CLASSES)
+    return [classes[round(i * (len(classes) - 1) / max(1, n - 1))] for i in range(n)]
+
+
 def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline, eval_model, stats, penalty,
                       scores, curves, task_index: int, training_tasks: list, evaluator, ema) -> Path:
     """OUTPUT_DIR/task_XX (atomically) and results.json; main process only. ``eval_model`` (the pipeline's model
@@ -603,9 +616,7 @@ def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline
                "fid_backend": args.fid_backend, "sampling": sampling, "loss_per_epoch": curves[0],
                "denoise_loss_per_epoch": curves[1], "c_star": stats.c_star if stats else None,
                "mu_norm": stats.mu_norm() if stats and stats.mu else None, **summary}
-    grid_classes = [seen[round(i * (len(seen) - 1) / max(1, GRID_MAX_CLASSES - 1))]
-                    for i in range(min(len(seen), GRID_MAX_CLASSES))]
-    grid = sample(eval_model, pipeline.scheduler, torch.tensor(grid_classes).repeat_interleave(8),
+    grid = sample(eval_model, pipeline.scheduler, torch.tensor(evenly_chosen(seen)).repeat_interleave(8),
                   args.num_inference_steps, torch.Generator().manual_seed(args.seed),
                   evaluator.autocast_dtype if evaluator else None)
 
@@ -648,6 +659,8 @@ def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline
         results["afid_final"] = sum(s.fid for s in scores.values()) / len(scores)
     else:
         results.update(summarize(run.matrix))
+    if metrics["accuracy_per_class"] and task_index == len(training_tasks):
+        results["final_accuracy_per_class"] = metrics["accuracy_per_class"]
     write_json(output_dir / "results.json", results)
     logger.info("wrote %s", folder)
     return folder
@@ -759,8 +772,20 @@ def main(argv=None) -> None:
                            output_dir / "upload_failures.json")
     accelerator.end_training()
     if accelerator.is_main_process and not stopped:
-        print(f"\nDone. Task folders: {output_dir}/task_XX (pipeline, fisher.safetensors, samples.png, README.md)")
-        print(f"Results (FID matrix, AFID@k, forgetting, plasticity, sample accuracy): {output_dir / 'results.json'}")
+        finish_run(args, data, run)
+
+
+def finish_run(args, data: TaskData, run: RunState) -> None:
+    """The picture and the numbers of a finished run: OUTPUT_DIR/samples_by_task.png (rows: classes, at most 10,
+    chosen evenly; columns: the model after each task) and the summary table."""
+    output_dir = Path(args.output_dir)
+    rows = evenly_chosen(sorted({c for t in data.tasks for c in t}))
+    sample_grid_across_tasks(output_dir, rows, output_dir / "samples_by_task.png", args.num_inference_steps, args.seed)
+    if run.matrix and not args.joint:
+        print("\n" + run_summary_table(run.matrix, run.accuracy, data.tasks))
+    print(f"\nDone. Task folders: {output_dir}/task_XX (pipeline, fisher.safetensors, samples.png, README.md); "
+          f"classes x tasks: {output_dir / 'samples_by_task.png'}")
+    print(f"Results (FID matrix, AFID@k, forgetting, plasticity, sample accuracy): {output_dir / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -41,12 +41,12 @@ SEEDS = (0, 1, 2)
 # name -> flags (lambda added where the method has a penalty)
 METHODS = {
     "non-continual": ["--joint", "--ewc_type", "none"],
-    "diag w/o GD": ["--ewc_type", "diag", "--replay", "off"],
-    "rank-1 w/o GD": ["--ewc_type", "rank1", "--replay", "off"],
+    "diag w/o GD": ["--ewc_type", "diag", "--ewc_mode", "loss", "--replay", "off"],
+    "rank-1 w/o GD": ["--ewc_type", "rank1", "--ewc_mode", "loss", "--replay", "off"],
     "GD": ["--ewc_type", "none"],
-    "diag + GD": ["--ewc_type", "diag"],
-    "rank-1 + GD": ["--ewc_type", "rank1"],
-    "rank-1-unscaled + GD": ["--ewc_type", "rank1_unscaled"],
+    "diag + GD": ["--ewc_type", "diag", "--ewc_mode", "loss"],
+    "rank-1 + GD": ["--ewc_type", "rank1", "--ewc_mode", "loss"],
+    "rank-1-unscaled + GD": ["--ewc_type", "rank1_unscaled", "--ewc_mode", "loss"],
     "decoupled diag + GD": ["--ewc_type", "diag", "--ewc_mode", "decoupled"],
     "decoupled rank-1 + GD": ["--ewc_type", "rank1", "--ewc_mode", "decoupled"],
 }

@@ -26,9 +26,9 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.func import grad, vmap
-from tqdm.auto import tqdm
 
 from .fisher import forward_ad_safe, per_sample_losses
+from .progress import progress_bar
 
 
 def _parameter_groups(unet: nn.Module, num_samples: int, memory_bytes: float) -> list[list[str]]:
@@ -156,7 +156,7 @@ def analyse_checkpoint(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, 
     scheduler = training_noise_scheduler()
     device = next(unet.parameters()).device
     per_t, means = {}, {}
-    for t in tqdm(list(timesteps), desc="timesteps"):
+    for t in progress_bar(list(timesteps), desc="timesteps"):
         g = torch.Generator().manual_seed(seed * 1009 + t)
         noise = torch.randn(x0.shape, generator=g).to(device)
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)

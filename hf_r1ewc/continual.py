@@ -76,6 +76,7 @@ class StepOutput:
     distill: float
     ewc: float
     optimizer_stepped: bool
+    penalty_gradient_ratio: float | None = None  # ||grad lambda*EWC|| / ||grad of the rest of the loss||, if measured
 
 
 class ContinualLearner:
@@ -119,9 +120,13 @@ class ContinualLearner:
     # ------------------------------------------------------------------------------------------------- a step
 
     def training_step(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                      class_labels: torch.Tensor, generator: torch.Generator, ema: EMAModel | None = None) -> StepOutput:
+                      class_labels: torch.Tensor, generator: torch.Generator, ema: EMAModel | None = None,
+                      measure_penalty: bool = False) -> StepOutput:
         """One micro-batch under ``accelerator.accumulate``: loss, backward, (clip, optimizer step, proximal step,
-        EMA update when the accumulation window closes). Raises ``NonFiniteLossError`` before any update."""
+        EMA update when the accumulation window closes). Raises ``NonFiniteLossError`` before any update.
+        ``measure_penalty``: on a step that closes the window, also report ||grad lambda*EWC|| relative to the
+        gradient of the rest of the loss (one extra small backward through the penalty): the number that says
+        lambda is too large when it is >> 1 (under FSDP, of this process's shards)."""
         replay, teacher = None, None
         if self.replay is not None:
             replay = self.replay.batch(self.replay_batch_size or images.shape[0], generator, images.device)
@@ -137,6 +142,8 @@ class ContinualLearner:
                 if not torch.isfinite(value):
                     raise NonFiniteLossError(term, float(value.detach()))
             accelerator.backward(loss)
+            ratio = self._penalty_gradient_ratio(accelerator.unwrap_model(model)) \
+                if measure_penalty and accelerator.sync_gradients else None
             if accelerator.sync_gradients and self.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
             optimizer.step()
@@ -147,7 +154,24 @@ class ContinualLearner:
         if stepped and ema is not None:
             ema.step(model.parameters())
         return StepOutput(float(loss.detach()), float(parts["denoise"]), float(parts["distill"]),
-                          float(ewc.detach()), accelerator.sync_gradients)
+                          float(ewc.detach()), accelerator.sync_gradients, ratio)
+
+    def _penalty_gradient_ratio(self, model: nn.Module) -> float | None:
+        """||grad of lambda*EWC|| / ||grad of the other terms||, from the gradients that backward just left."""
+        if self.penalty is None or not self.penalty.num_tasks:
+            return None
+        from .sharding import local_tensor
+
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        penalty_grads = torch.autograd.grad(self.penalty(model), params, allow_unused=True)
+        pen_sq, rest_sq = 0.0, 0.0
+        for p, g in zip(params, penalty_grads):
+            g = torch.zeros_like(local_tensor(p.grad)) if g is None else local_tensor(g)
+            total = local_tensor(p.grad).float()
+            rest = total - g if self.ewc_mode == "loss" else total  # in the loss, backward already added it
+            pen_sq += float(g.double().pow(2).sum())
+            rest_sq += float(rest.double().pow(2).sum())
+        return (pen_sq / rest_sq) ** 0.5 if rest_sq > 0 else float("inf")
 
     # ------------------------------------------------------------------------------------------- end of a task
 

@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 import torch
 from diffusers import SchedulerMixin
 from torch import nn
-from tqdm.auto import tqdm
 
 from .pipeline import default_autocast_dtype, sample, sampler_name
+from .progress import progress_bar
 
 POOL_CHUNK = 250  # images per pool chunk: the unit of generation, of resume and of multi-process sharing
 
@@ -120,7 +120,9 @@ class ReplayPool:
         labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
         num_chunks = -(-len(labels) // POOL_CHUNK)
         mine = [c for c in range(rank, num_chunks, world_size) if not (directory / f"chunk-{c:05d}.safetensors").exists()]
-        for chunk in tqdm(mine, desc=f"replay pool ({len(classes)} classes x {per_class})", disable=not show_progress):
+        bar = progress_bar(mine, show=show_progress, unit="chunk",
+                           desc=f"replay pool ({len(classes)} classes x {per_class} images, chunks of {POOL_CHUNK})")
+        for chunk in bar:
             chunk_labels = labels[chunk * POOL_CHUNK : (chunk + 1) * POOL_CHUNK]
             generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
             parts = [

@@ -114,7 +114,8 @@ def results_from_revisions(repo_id: str, revisions: list[str]) -> dict:
 
 
 def aggregate(results_by_run: dict[str, dict]) -> dict:
-    """Group runs by method: mean +- standard error of AFID@T, F, P and of AFID@k for each k."""
+    """Group runs by method: mean +- standard error of AFID@T, F, P, the mean sample accuracy after the last task
+    (classifier backend) and AFID@k for each k."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for run, results in results_by_run.items():
         groups[results.get("label") or results["method"]].append(results)
@@ -126,6 +127,9 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
         for key in ("forgetting", "plasticity"):
             values = [r[key] for r in runs if r.get(key) is not None]
             row[key] = mean_and_standard_error(values) if values else None
+        final_accuracy = [sum(a.values()) / len(a) for r in runs
+                          if (a := r.get("accuracy", {}).get(str(len(r["tasks"]))))]
+        row["accuracy"] = mean_and_standard_error(final_accuracy) if final_accuracy else None
         curve = defaultdict(list)
         for r in runs:
             for k, v in r.get("afid", {}).items():
@@ -146,10 +150,12 @@ def _fmt(pair) -> str:
 def write_summary(table: dict, output_dir: Path) -> None:
     """``summary.md``, ``summary.csv``, ``summary.json`` and the AFID@k plot from ``aggregate``'s table."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ | accuracy after T ↑ |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for method, row in table.items():
+        accuracy = row.get("accuracy")
         lines.append(f"| {method} | {row['runs']} | {_fmt(row['afid'])} | {_fmt(row['forgetting'])} | "
-                     f"{_fmt(row['plasticity'])} |")
+                     f"{_fmt(row['plasticity'])} | {_fmt(accuracy and (100 * accuracy[0], 100 * accuracy[1]))} |")
     backends = sorted({row["fid_backend"] for row in table.values()})
     note = ("\nFID backend: " + ", ".join(backends) + (" (a classifier trained on the dataset's training split: NOT "
             "comparable to Inception FID)" if "classifier" in backends else "") + ". Mean ± standard error over runs.\n")
@@ -157,10 +163,10 @@ def write_summary(table: dict, output_dir: Path) -> None:
     with open(output_dir / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "runs", "afid_mean", "afid_se", "forgetting_mean", "forgetting_se",
-                         "plasticity_mean", "plasticity_se", "fid_backend"])
+                         "plasticity_mean", "plasticity_se", "accuracy_mean", "accuracy_se", "fid_backend"])
         for method, row in table.items():
             cells = []
-            for key in ("afid", "forgetting", "plasticity"):
+            for key in ("afid", "forgetting", "plasticity", "accuracy"):
                 cells += list(row[key]) if row[key] else ["", ""]
             writer.writerow([method, row["runs"], *cells, row["fid_backend"]])
     write_json(output_dir / "summary.json", {m: {**row, "afid_at_k": {str(k): v for k, v in row["afid_at_k"].items()}}

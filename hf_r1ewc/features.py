@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 BACKENDS = ("classifier", "inception", "dinov2")
 
@@ -186,7 +187,7 @@ def train_classifier(
     steps = epochs * math.ceil(train_images.shape[0] / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
-    progress = tqdm(total=steps, desc="feature classifier", disable=not show_progress)
+    progress = progress_bar(total=steps, desc="feature classifier", show=show_progress)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(train_images.shape[0], generator=generator)

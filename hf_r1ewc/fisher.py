@@ -27,7 +27,8 @@ import torch
 from diffusers import SchedulerMixin
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 KINDS = ("rank1", "diag")
 LOSS_NORMALIZATION = "mean_over_pixels"
@@ -335,7 +336,7 @@ def estimate_fisher(
 
     def batches(desc: str):
         stream = _noised_batches(dataloader, noise_scheduler, device, dtype, num_samples, timestep_range, seed)
-        return tqdm(stream, desc=desc, disable=not show_progress, leave=False)
+        return progress_bar(stream, desc=desc, show=show_progress, leave=False, unit="batch")
 
     was_training = unet.training
     unet.eval()

@@ -131,6 +131,29 @@ def summarize(matrix: Mapping[int, Mapping[int, float]]) -> dict:
     return out
 
 
+def run_summary_table(matrix: Mapping[int, Mapping[int, float]], accuracy: Mapping[int, Mapping[int, float]],
+                      tasks: Sequence[Sequence[int]]) -> str:
+    """The end-of-run table: per task k, FID_k(m_k) (when learned), FID_k(m_T) and ACC_k(m_T) (after the last task
+    T), then AFID@T, F, P and the mean accuracy after T. ``accuracy`` is keyed like ``matrix``."""
+    last = max(matrix)
+    acc = accuracy.get(last, {})
+    lines = ["task  classes        FID when learned  FID after last  accuracy after last",
+             "----  -------------  ----------------  --------------  -------------------"]
+    for k, classes in enumerate(tasks, start=1):
+        own, final = matrix.get(k, {}).get(k), matrix[last].get(k)
+        cells = [f"{own:16.2f}" if own is not None else f"{'-':>16}",
+                 f"{final:14.2f}" if final is not None else f"{'-':>14}",
+                 f"{100 * acc[k]:18.1f}%" if k in acc else f"{'-':>19}"]
+        lines.append(f"{k:4d}  {','.join(map(str, classes))[:13]:13s}  " + "  ".join(cells))
+    summary = summarize(matrix)
+    parts = [f"AFID@{last} = {summary['afid'][last]:.2f}"] if last in summary.get("afid", {}) else []
+    if "forgetting" in summary:
+        parts += [f"F = {summary['forgetting']:.2f}", f"P = {summary['plasticity']:.2f}"]
+    if acc:
+        parts.append(f"mean accuracy after task {last} = {100 * sum(acc.values()) / len(acc):.1f} %")
+    return "\n".join(lines + ["", ", ".join(parts)])
+
+
 def matrix_from_json(raw: Mapping[str, Mapping[str, float]]) -> dict[int, dict[int, float]]:
     """``{"k": {"i": v}}`` as read from JSON -> ``{k: {i: v}}`` with int task indices."""
     return {int(k): {int(i): float(v) for i, v in row.items()} for k, row in raw.items()}

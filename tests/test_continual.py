@@ -176,3 +176,26 @@ def test_streamed_epoch_end_closes_the_accumulation_window():
             with accelerator.accumulate(model):
                 syncs.append(accelerator.sync_gradients)
     assert syncs == [False, True, True, False, True, True]
+
+
+def test_penalty_gradient_ratio_against_separate_backward_passes():
+    """||grad lambda*EWC|| / ||grad of the rest||, measured from one step's gradients, equals the ratio of two
+    separate backward passes (in the loss: the penalty's gradient is taken out of the total)."""
+    accelerator = Accelerator(cpu=True)
+    unet = make_tiny_unet()
+    penalty = EWCPenalty("rank1", 50.0)
+    g = torch.Generator().manual_seed(1)
+    mu = {n: torch.randn(p.shape, generator=g) for n, p in unet.named_parameters()}
+    penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 0.01 for n, p in unet.named_parameters()})
+    x, y = _batches(4)
+    params = list(unet.parameters())
+    from hf_r1ewc.distill import continual_loss
+
+    rest = torch.autograd.grad(continual_loss(unet, SCHEDULER, x, y, generator=torch.Generator().manual_seed(0))["loss"],
+                               params)
+    pen = torch.autograd.grad(penalty(unet), params)
+    norm = lambda gs: sum(float(t.double().pow(2).sum()) for t in gs) ** 0.5  # noqa: E731
+    model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=0.0))
+    out = ContinualLearner(SCHEDULER, penalty).training_step(accelerator, model, optimizer, x, y,
+                                                              torch.Generator().manual_seed(0), measure_penalty=True)
+    assert out.penalty_gradient_ratio == pytest.approx(norm(pen) / norm(rest), rel=1e-4)

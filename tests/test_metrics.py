@@ -205,3 +205,16 @@ def test_task_fid_shared_by_processes_equals_one_process():
             torch.Generator().manual_seed((3 * 1_000_003 + 1) * 100_003 + i // FID_CHUNK))))
         for i in range(0, len(labels), FID_CHUNK)])
     assert whole.accuracy == pytest.approx(float((predicted == labels).float().mean()))
+
+
+def test_run_summary_table_by_hand():
+    from hf_r1ewc.metrics import run_summary_table
+
+    matrix = {1: {1: 10.0}, 2: {1: 14.0, 2: 20.0}}
+    accuracy = {1: {1: 0.9}, 2: {1: 0.75, 2: 0.5}}
+    table = run_summary_table(matrix, accuracy, [[0, 1], [2, 3]])
+    rows = table.splitlines()
+    assert rows[2].split() == ["1", "0,1", "10.00", "14.00", "75.0%"]
+    assert rows[3].split() == ["2", "2,3", "20.00", "20.00", "50.0%"]
+    # AFID@2 = (14 + 20) / 2; F = ((14 - 10) + 0) / 2; P = (10 + 20) / 2; mean accuracy (75 + 50) / 2
+    assert rows[-1] == "AFID@2 = 17.00, F = 2.00, P = 15.00, mean accuracy after task 2 = 62.5 %"

@@ -78,7 +78,9 @@ def test_layout_fisher_pipeline_and_results(two_task_run):
     penalty_state = json.loads((two_task_run / "task_02" / "training_state.json").read_text())
     assert penalty_state["seen_classes"] == [0, 1, 2, 3]
     card = (two_task_run / "task_02" / "README.md").read_text()
-    assert "library_name: diffusers" in card and "AFID@2" in card
+    assert "library_name: diffusers" in card and "AFID@2" in card and "sample accuracy task 1" in card
+    assert set(results["final_accuracy_per_class"]) == {"0", "1", "2", "3"}
+    assert (two_task_run / "samples_by_task.png").stat().st_size > 500  # classes x tasks
 
 
 def test_one_fid_path_script_and_evaluate_agree(two_task_run, tmp_path):
@@ -284,7 +286,8 @@ def test_non_finite_loss_stops_with_last_good_state(tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match="the ewc term of the loss is inf at task 2"):
         train_continual_ddpm.main([*FAST, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type",
-                                   "rank1_unscaled", "--ewc_lambda", "1e300", "--output_dir", str(out)])
+                                   "rank1_unscaled", "--ewc_mode", "loss", "--ewc_lambda", "1e300",
+                                   "--output_dir", str(out)])
     assert (out / "task_01" / "model_index.json").exists() and not (out / "task_02").exists()
 
 
@@ -367,6 +370,7 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
             flags = table1.run_flags(method, lam, 0, tmp_path, str(fashion_mnist_dir), sc)
             args = script.parse_args([*flags, "--output_dir", str(tmp_path / "out")])
             assert args.seed == 0 and (lam is None or args.ewc_lambda == lam)
+            assert args.ewc_mode == ("decoupled" if "decoupled" in method else "loss")
             if name == "gpu":
                 assert args.preset == "paper" and args.resolution == 32 and not args.resize
                 assert args.num_epochs_per_task == 200 and args.replay_per_class == 5000
