@@ -177,12 +177,12 @@ def write_summary(table: dict, output_dir: Path) -> None:
 
 @torch.no_grad()
 def sample_grid_across_tasks(run_dir: Path, classes: list[int], path: Path, steps: int = 50, seed: int = 0) -> None:
-    """Rows: classes; columns: the model after each task (paper fig. 5). Same noise in every column."""
+    """Rows: classes; columns: the model after each finished task of ``run_dir`` (paper fig. 5), sampled with its
+    saved scheduler. Same noise in every column."""
     columns = []
-    for k in range(1, 100):
-        folder = run_dir / task_folder_name(k)
-        if not is_complete_task_folder(folder):
-            break
+    for folder in sorted(run_dir.glob("task_[0-9][0-9]")):  # the finished ones (a run resumed from another
+        if not is_complete_task_folder(folder):               # folder's task holds only the later tasks)
+            continue
         pipe = ClassConditionalPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         columns.append(pipe(classes, steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images)
