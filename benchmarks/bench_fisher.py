@@ -131,11 +131,11 @@ def main() -> None:
             mu = {n: (torch.randn(p.shape, generator=gen) * 1e-4).to(device)
                   for n, p in train_model.named_parameters()}
             penalty.add_task(FisherStatistics(mu, None, 1.0, 1), {n: p.detach() for n, p in train_model.named_parameters()})
-        assert len(names) == len(penalty.mu)
+        assert len(names) == len(penalty.terms.mu)
         return penalty
 
     p1, p19 = penalty_with(1), penalty_with(19)
-    flat = [torch.cat([p19.mu[n][k].flatten() for n, _ in train_model.named_parameters()]) for k in range(19)]
+    flat = [torch.cat([p19.terms.mu[n][k].flatten() for n, _ in train_model.named_parameters()]) for k in range(19)]
     theta = torch.cat([p.detach().flatten() for p in train_model.parameters()])
     cat19 = ConcatPenalty(flat, [theta] * 19, torch.ones(19, device=device))
     step_x, step_y = x0[:batch], y[:batch]
