@@ -376,3 +376,22 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
                 assert args.preset == "paper" and args.resolution == 32 and not args.resize
                 assert args.num_epochs_per_task == 200 and args.replay_per_class == 5000
                 assert args.max_train_per_class is None and args.fisher_num_samples is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1"),
+    (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0"),
+    (["--fisher_batch_size", "0"], "--fisher_batch_size must be >= 1"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0"),
+    (["--distill_weight", "nan"], "--distill_weight must be a finite number >= 0"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number > 0"),
+])
+def test_flags_rejected_before_any_work(flags, message, capsys):
+    """Settings that used to fail after training started (ZeroDivisionError, deleted checkpoints, NaN) are refused
+    by the argument check."""
+    sys.path.insert(0, str(ROOT))
+    import train_continual_ddpm
+
+    with pytest.raises(SystemExit, match=message):
+        train_continual_ddpm.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
