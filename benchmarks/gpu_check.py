@@ -245,7 +245,7 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += [f"- 3-task script run with single_gpu_bf16.yaml: FAILED (rc {b.get('rc')}); see the JSON log tail."]
     fs = results.get("fsdp", {})
     if fs:
-        lines += [f"- FSDP (fsdp.yaml, 1 process): " + (fs.get("skipped") or f"rc {fs['rc']}, task_03 written: "
+        lines += ["- FSDP (fsdp.yaml, 1 process): " + (fs.get("skipped") or f"rc {fs['rc']}, task_03 written: "
                                                          f"{fs['task_03_written']}")]
     for name, err in results.get("errors", {}).items():
         lines += [f"- {name}: ERROR `{err.splitlines()[-1]}`"]

@@ -28,6 +28,7 @@ from torch import nn
 from .distill import ReplayPool, continual_loss, frozen_teacher, online_replay_batch
 from .fisher import FisherStatistics, estimate_fisher, subset_indices
 from .penalty import EWCPenalty
+from .sharding import local_tensor
 
 EWC_MODES = ("loss", "decoupled")
 
@@ -126,7 +127,8 @@ class ContinualLearner:
         EMA update when the accumulation window closes). Raises ``NonFiniteLossError`` before any update.
         ``measure_penalty``: on a step that closes the window, also report ||grad lambda*EWC|| relative to the
         gradient of the rest of the loss (one extra small backward through the penalty): the number that says
-        lambda is too large when it is >> 1 (under FSDP, of this process's shards)."""
+        lambda is too large when it is >> 1 (under FSDP, of this process's shards; not measured under fp16's
+        gradient scaler)."""
         replay, teacher = None, None
         if self.replay is not None:
             replay = self.replay.batch(self.replay_batch_size or images.shape[0], generator, images.device)
@@ -142,8 +144,9 @@ class ContinualLearner:
                 if not torch.isfinite(value):
                     raise NonFiniteLossError(term, float(value.detach()))
             accelerator.backward(loss)
-            ratio = self._penalty_gradient_ratio(accelerator.unwrap_model(model)) \
-                if measure_penalty and accelerator.sync_gradients else None
+            # not under fp16's gradient scaler: the gradients are still scaled here, the penalty's would not be
+            measure = measure_penalty and accelerator.sync_gradients and accelerator.scaler is None
+            ratio = self._penalty_gradient_ratio(accelerator.unwrap_model(model)) if measure else None
             if accelerator.sync_gradients and self.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
             optimizer.step()
@@ -160,8 +163,6 @@ class ContinualLearner:
         """||grad of lambda*EWC|| / ||grad of the other terms||, from the gradients that backward just left."""
         if self.penalty is None or not self.penalty.num_tasks:
             return None
-        from .sharding import local_tensor
-
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         penalty_grads = torch.autograd.grad(self.penalty(model), params, allow_unused=True)
         pen_sq, rest_sq = 0.0, 0.0

@@ -18,12 +18,15 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.data_loader import DataLoaderStateMixin
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILTIN_DIGITS = "digits"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "picture")

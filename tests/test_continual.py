@@ -199,3 +199,18 @@ def test_penalty_gradient_ratio_against_separate_backward_passes():
     out = ContinualLearner(SCHEDULER, penalty).training_step(accelerator, model, optimizer, x, y,
                                                               torch.Generator().manual_seed(0), measure_penalty=True)
     assert out.penalty_gradient_ratio == pytest.approx(norm(pen) / norm(rest), rel=1e-4)
+
+
+def test_penalty_gradient_ratio_is_not_reported_under_a_gradient_scaler():
+    """Under fp16's scaler the gradients are still scaled when the ratio would be taken (the penalty's are not):
+    no number rather than a wrong one."""
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    unet = make_tiny_unet()
+    penalty = EWCPenalty("rank1", 50.0)
+    mu = {n: torch.ones_like(p) for n, p in unet.named_parameters()}
+    penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 0.01 for n, p in unet.named_parameters()})
+    model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=0.0))
+    out = ContinualLearner(SCHEDULER, penalty).training_step(accelerator, model, optimizer, *_batches(4),
+                                                              torch.Generator().manual_seed(0), measure_penalty=True)
+    assert out.penalty_gradient_ratio is None

@@ -193,3 +193,12 @@ def test_atomic_folder_write_keeps_old_folder_on_failure(tmp_path):
     assert (target / "a.txt").read_text() == "old"
     write_folder_atomically(target, lambda d: (d / "a.txt").write_text("new"))
     assert (target / "a.txt").read_text() == "new" and not (tmp_path / "task_01.partial").exists()
+
+
+def test_write_json_writes_valid_json_for_nan(tmp_path):
+    """summary.json used to hold a bare NaN (a single run's standard error), which strict JSON readers reject."""
+    from hf_r1ewc.hub import write_json
+
+    write_json(tmp_path / "s.json", {"afid": (12.5, float("nan")), "rows": {1: float("inf")}})
+    loaded = json.loads((tmp_path / "s.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert loaded == {"afid": [12.5, None], "rows": {"1": None}}
