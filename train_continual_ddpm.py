@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
+import pickle
 import shlex
 import shutil
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from accelerate.utils import (
     DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
+    broadcast_object_list,
     gather_object,
     set_seed,
 )
@@ -55,19 +56,22 @@ from hf_r1ewc.fisher import save_fisher
 from hf_r1ewc.hub import (
     TaskUploader,
     is_complete_task_folder,
+    read_training_state,
     resolve_task_source,
     task_folder_name,
     write_folder_atomically,
     write_json,
     write_model_card,
+    write_training_state,
 )
+from hf_r1ewc.integrity import OutputLock, manifest_differences, sha256_tensors
 from hf_r1ewc.evaluate import sample_grid_across_tasks
 from hf_r1ewc.metrics import TaskFID, matrix_from_json, run_summary_table, summarize
 from hf_r1ewc.models import PRESETS, training_noise_scheduler, unet_from_preset
 from hf_r1ewc.penalty import EWCPenalty
 from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, default_autocast_dtype, sample, sampling_scheduler
 from hf_r1ewc.plots import save_image_grid
-from hf_r1ewc.progress import progress_bar
+from hf_r1ewc.progress import configure_logging, progress_bar
 from hf_r1ewc.sharding import full_model_copy
 
 logger = get_logger(__name__, log_level="INFO")
@@ -130,7 +134,8 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replay_per_class", type=int, default=None, help="replay pool images per class (preset; paper: 5000)")
     g.add_argument("--replay_mode", choices=["pool", "online"], default="pool",
                    help="pool: teacher-generated pool (paper); online: fresh few-step replay each step")
-    g.add_argument("--replay_batch_size", type=int, default=None, help="replay images per step (default: the real batch)")
+    g.add_argument("--replay_batch_size", type=int, default=None,
+                   help="replay images per step (preset: demo 32; default: the real batch)")
     g.add_argument("--online_replay_steps", type=int, default=2, help="sampler steps of online replay")
     g.add_argument("--joint", action="store_true", help="non-continual upper bound: all classes at once")
 
@@ -145,11 +150,13 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: the accelerate config's fp16/bf16 if it sets one, else bf16 on a CUDA GPU that "
                         "supports it and no (fp32) on CPU. Weights, Adam, the penalty and the Fisher stay fp32")
-    g.add_argument("--use_ema", action="store_true",
-                   help="EMA of the weights (diffusers EMAModel). At the end of each task the EMA weights replace the "
-                        "model: they are theta*_k, where the Fisher is estimated, what is saved and evaluated, and "
-                        "what the next task starts from")
-    g.add_argument("--ema_decay", type=float, default=0.999)
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA of the weights (diffusers EMAModel; preset: on for demo). At the end of each task the EMA "
+                        "weights replace the model: they are theta*_k, where the Fisher is estimated, what is saved and "
+                        "evaluated, and what the next task starts from")
+    g.add_argument("--ema_decay", type=float, default=None,
+                   help="the EMA's largest decay (preset: demo 0.95, others 0.999); diffusers warms it up as "
+                        "(1 + step) / (10 + step)")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, noise, replay, Fisher and FID samples")
 
 
@@ -157,7 +164,8 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--replay_scheduler", choices=sorted(SAMPLERS), default="ddim",
                    help="diffusers scheduler for the replay pool, FID samples and the saved pipeline")
-    g.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps for replay, samples and FID")
+    g.add_argument("--num_inference_steps", type=int, default=None,
+                   help="sampler steps for replay, samples and FID (preset: the paper's 50; demo 10, see the README)")
     g.add_argument("--fid_backend", choices=["classifier", "inception", "dinov2", "none"], default="classifier",
                    help="classifier: a CNN trained on the dataset's training split (offline default, NOT comparable "
                         "to Inception FID); inception: the paper's metric (needs --fid_weights offline); dinov2")
@@ -221,6 +229,18 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--checkpoints_total_limit must be >= 0 (0 keeps every checkpoint)")
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id USER/NAME")
+    if args.hub_model_id:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.hub_model_id)
+        except HFValidationError as err:
+            fail(f"--hub_model_id {args.hub_model_id!r} is not a valid Hub repo id ({err}); write USER/NAME")
+    if args.dataset_name == "digits" and (args.image_column or args.label_column):
+        fail("the builtin digits data has no columns to choose: drop --image_column/--label_column")
+    if args.train_data_dir and not Path(args.train_data_dir).is_dir():
+        fail(f"--train_data_dir {args.train_data_dir} is not a folder (resolved: {Path(args.train_data_dir).resolve()}); "
+             f"for a Hub dataset use --dataset_name")
     if args.joint and args.resume_from_task:
         fail("--joint trains all classes at once; it cannot continue from a task folder")
     if args.fid_backend == "inception" and args.fid_weights and not Path(args.fid_weights).exists():
@@ -251,13 +271,79 @@ def method_description(args) -> str:
 
 
 RESUME_MUST_MATCH = ("preset", "model_config_name_or_path", "ewc_type", "ewc_mode", "joint", "resize")
+# settings a run may change when it continues (none changes results); every other flag is in run_manifest.json
+MAY_CHANGE = ("output_dir", "resume_from_checkpoint", "resume_from_task", "checkpointing_steps",
+              "checkpoints_total_limit", "stop_after_steps", "report_to", "push_to_hub", "hub_model_id", "hub_private",
+              "fid_reference_dir", "fisher_batch_size")
+# the recovery from a diverged run: these may change on resume, and run_manifest.json records each change
+RECOVERY_SETTINGS = ("learning_rate", "max_grad_norm")
 
 
 def run_config(args) -> dict:
-    """The settings a resumed run must share with the run that wrote the folder."""
+    """The settings a run continued from a task folder (--resume_from_task) must share with that folder's run."""
     keys = ("dataset_name", "train_data_dir", "tasks", "classes_per_task", "resolution", "resize", "preset",
             "model_config_name_or_path", "ewc_type", "ewc_mode", "joint", "max_train_per_class")
     return {k: getattr(args, k) for k in keys}
+
+
+def run_manifest(args, accelerator, data: "TaskData") -> dict:
+    """What the run in OUTPUT_DIR is: every result-changing setting (the resolved precision included), the dataset's
+    identity (source, sizes, SHA-256 of the images and labels held in memory) and the tasks."""
+    settings = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE}
+    settings["mixed_precision"] = accelerator.mixed_precision
+    dataset = {"source": data.source, "num_test": len(data.test),
+               "test_sha256": sha256_tensors(data.test.images, data.test.labels)}
+    if data.train is not None:
+        dataset |= {"num_train": len(data.train), "train_sha256": sha256_tensors(data.train.images, data.train.labels)}
+    return {"settings": settings, "dataset": dataset, "tasks": data.tasks}
+
+
+def check_run_manifest(args, accelerator, data: "TaskData") -> None:
+    """Write OUTPUT_DIR/run_manifest.json for a new run; for an existing one refuse any difference except in
+    RECOVERY_SETTINGS, whose changes are logged and recorded."""
+    path = Path(args.output_dir) / "run_manifest.json"
+    current = run_manifest(args, accelerator, data)
+    if accelerator.is_main_process and not path.exists():
+        write_json(path, {**current, "changes": [], "hf_r1ewc_version": __version__})
+    accelerator.wait_for_everyone()
+    recorded = json.loads(path.read_text())
+    differences = {f"--{k}": d for k, d in manifest_differences(recorded["settings"], current["settings"]).items()}
+    differences |= {f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()}
+    if recorded["tasks"] != current["tasks"]:
+        differences["tasks"] = (recorded["tasks"], current["tasks"])
+    recovery = {k: d for k, d in differences.items() if k[2:] in RECOVERY_SETTINGS}
+    refused = {k: d for k, d in differences.items() if k not in recovery}
+    if refused:
+        lines = "\n".join(f"  {k}: {old!r} in the folder, {new!r} now" for k, (old, new) in refused.items())
+        raise SystemExit(f"error: {args.output_dir} holds a run with other settings (run_manifest.json):\n{lines}\n"
+                         f"Continue it with the recorded settings, or start the new run in another --output_dir. "
+                         f"Settings that may change when a run continues: "
+                         f"{', '.join('--' + k for k in MAY_CHANGE + RECOVERY_SETTINGS)}.")
+    if recovery and accelerator.is_main_process:
+        for key, (old, new) in recovery.items():
+            logger.warning("%s changes from %r to %r from here on (recorded in run_manifest.json)", key, old, new)
+            recorded["settings"][key[2:]] = new
+            recorded["changes"].append({"setting": key[2:], "from": old, "to": new,
+                                        "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        write_json(path, recorded)
+    accelerator.wait_for_everyone()
+
+
+def lock_output_dir(accelerator, output_dir: Path) -> OutputLock | None:
+    """Create OUTPUT_DIR and hold its lock (main process) for the run: a second run on the same folder, or a folder
+    that cannot be written, stops here, before any expensive work."""
+    lock = OutputLock(output_dir) if accelerator.is_main_process else None
+    try:
+        held = [lock.acquire() if lock is not None else True]
+    except OSError as err:
+        raise SystemExit(f"error: cannot write to --output_dir {output_dir}: {err}") from None
+    if accelerator.num_processes > 1:
+        broadcast_object_list(held)
+    if not held[0]:
+        holder = lock.holder() if lock is not None else "see the main process"
+        raise SystemExit(f"error: another run (process {holder}) is writing {output_dir}; wait for it to finish or "
+                         f"use another --output_dir")
+    return lock
 
 
 def resolve_mixed_precision(flag: str | None) -> str:
@@ -338,6 +424,9 @@ def build_unet(args, data: TaskData) -> UNet2DModel:
             unet = UNet2DModel.from_config(UNet2DModel.load_config(args.model_config_name_or_path))
         else:
             unet = unet_from_preset(args.preset, data.resolution, data.num_channels, data.num_classes)
+        if unet.config.num_class_embeds is None:
+            raise ValueError(f"the model config has no class embedding (num_class_embeds: null); this method "
+                             f"trains a label-conditioned model: set num_class_embeds to at least {data.num_classes}")
         parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, sorted({c for t in data.tasks
                                                                                          for c in t}),
                     unet.config.num_class_embeds)
@@ -360,8 +449,16 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
                   key=lambda d: int(d.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, output_dir: Path, global_step: int, position: dict, limit: int) -> None:
-    """Accelerate state + our position (task, epoch, step in epoch), atomically; old checkpoints pruned."""
+def save_checkpoint(accelerator, model, output_dir: Path, global_step: int, position: dict, limit: int) -> None:
+    """Accelerate state + our position (task, epoch, step in epoch, process count), atomically; old checkpoints
+    pruned. Weights that are no longer finite are never saved."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    largest = torch.stack([p.detach().abs().max().float() for p in local if p.numel()]).max()
+    largest = float(accelerator.gather(largest.reshape(1)).max())
+    if not math.isfinite(largest):
+        raise SystemExit(f"error: the weights are no longer finite at step {global_step}, so no checkpoint was saved "
+                         f"there. {resume_advice(output_dir)}")
+    position = {**position, "num_processes": accelerator.num_processes, "max_abs_weight": largest}
     root = output_dir / "checkpoints"
     target = root / f"checkpoint-{global_step}"
     tmp = root / f"checkpoint-{global_step}.partial"
@@ -376,7 +473,57 @@ def save_checkpoint(accelerator, output_dir: Path, global_step: int, position: d
         os.replace(tmp, target)
         for old in checkpoint_dirs(output_dir)[:-limit] if limit else []:
             shutil.rmtree(old)
+        logger.info("saved %s (task %d)", target, position["task"])
     accelerator.wait_for_everyone()
+
+
+def finished_tasks(output_dir: Path, num_tasks: int) -> int:
+    """How many tasks of OUTPUT_DIR are finished: the length of the unbroken run of complete task_XX folders."""
+    k = 0
+    while k < num_tasks and is_complete_task_folder(output_dir / task_folder_name(k + 1)):
+        k += 1
+    return k
+
+
+def checkpoint_position(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "position.json").read_text())
+
+
+def resume_advice(output_dir: Path) -> str:
+    """What a resume of OUTPUT_DIR will do now, and how to get past a divergence (for error messages)."""
+    saved = checkpoint_dirs(output_dir)
+    done = max((int(d.name[5:]) for d in output_dir.glob("task_[0-9][0-9]") if is_complete_task_folder(d)), default=0)
+    position = checkpoint_position(saved[-1]) if saved else None
+    if position is not None and position["task"] > done:
+        where = (f"A resume (re-run the command, or --resume_from_checkpoint latest) restarts at {saved[-1].name} "
+                 f"(task {position['task']}, step {position['global_step']}; its weights were checked finite, "
+                 f"largest |w| = {position.get('max_abs_weight', float('nan')):.3g}), with the same data and noise")
+    elif done:
+        where = f"A resume (re-run the command) starts task {done + 1} from the finished task_{done:02d}"
+    else:
+        where = "No checkpoint or task folder was saved yet: a re-run starts from the beginning"
+    return (f"{where}. To get past this point change the optimisation as you resume: add --max_grad_norm 1.0 or "
+            f"lower --learning_rate (both may change on resume; the optimizer's stored learning rate is replaced and "
+            f"run_manifest.json records the change).")
+
+
+def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: a path, a name under OUTPUT_DIR/checkpoints (``checkpoint-26``, the diffusers
+    form), or the newest one for ``latest`` and for a re-run into a folder that holds checkpoints."""
+    available = checkpoint_dirs(output_dir)
+    if spec is None or spec == "latest":
+        if available and spec is None:
+            logger.info("%s holds checkpoints: resuming from the newest, %s (a new run needs another --output_dir)",
+                        output_dir, available[-1].name)
+        elif not available and spec == "latest":
+            logger.info("--resume_from_checkpoint latest: %s holds no checkpoint; starting after the finished task "
+                        "folders, if any", output_dir / "checkpoints")
+        return available[-1] if available else None
+    for candidate in (Path(spec), output_dir / "checkpoints" / spec, output_dir / spec):
+        if (candidate / "position.json").exists():
+            return candidate
+    raise SystemExit(f"error: --resume_from_checkpoint {spec}: no such checkpoint (looked for it as given and in "
+                     f"{output_dir / 'checkpoints'}); available: {[d.name for d in available] or 'none'}")
 
 
 def register_ema(accelerator, ema: EMAModel) -> None:
@@ -408,29 +555,45 @@ class RunState:
     resume_position: dict | None = None
 
 
-def resume_run(args, unet: UNet2DModel, learner: ContinualLearner, ema: EMAModel | None, training_tasks: list,
-               resolution: int) -> RunState:
-    """Where to start: a checkpoint, a task folder (--resume_from_task), or after this output_dir's finished tasks.
-    A task folder restores the weights, the penalty and the EMA's warm-up position."""
+def resume_run(args, accelerator, unet: UNet2DModel, learner: ContinualLearner, ema: EMAModel | None,
+               training_tasks: list, resolution: int) -> RunState:
+    """Where to start: after the newest of (a finished task folder of OUTPUT_DIR, --resume_from_task, a checkpoint).
+    A finished task folder is newer than every checkpoint of its task, so finished work is never redone. The task
+    folder continued from restores the weights, the penalty and the EMA's warm-up position, after its files are
+    checked against their SHA-256."""
     output_dir = Path(args.output_dir)
     state = RunState(start_task=1, matrix={}, accuracy={})
-    if args.resume_from_checkpoint:
-        found = checkpoint_dirs(output_dir) if args.resume_from_checkpoint == "latest" \
-            else [Path(args.resume_from_checkpoint)]
-        if found:
-            state.resume_dir = found[-1]
-            state.resume_position = json.loads((state.resume_dir / "position.json").read_text())
-            state.start_task = state.resume_position["task"]
-            state.global_step = state.resume_position["global_step"]
-        elif args.resume_from_checkpoint != "latest":
-            raise SystemExit(f"error: checkpoint {args.resume_from_checkpoint} does not exist")
-    previous = resolve_task_source(args.resume_from_task) if args.resume_from_task else None
-    for k in range(1, len(training_tasks) + 1):  # finished task folders of this output_dir are kept, never redone
-        folder = output_dir / task_folder_name(k)
-        if is_complete_task_folder(folder) and (state.resume_position is None or k < state.start_task):
-            previous, state.start_task = folder, max(state.start_task, k + 1)
-    if previous is not None:
-        saved = json.loads((previous / "training_state.json").read_text())
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
+    done = finished_tasks(output_dir, len(training_tasks))
+    previous = output_dir / task_folder_name(done) if done else None
+    try:
+        saved = read_training_state(previous) if previous else None
+        if args.resume_from_task:
+            external = resolve_task_source(args.resume_from_task)
+            external_state = read_training_state(external)
+            if saved is None or external_state["task_index"] > saved["task_index"]:
+                previous, saved = external, external_state
+    except ValueError as err:  # a missing, corrupt or altered artifact
+        raise SystemExit(f"error: {err}") from None
+    finished = saved["task_index"] if saved else 0
+    if checkpoint is not None:
+        position = checkpoint_position(checkpoint)
+        if position["task"] <= finished:
+            logger.info("%s (task %d) is older than the finished task %d: continuing after task %d",
+                        checkpoint.name, position["task"], finished, finished)
+        elif position["task"] != finished + 1:
+            raise SystemExit(f"error: {checkpoint} is in task {position['task']}, which continues from task folder "
+                             f"{task_folder_name(position['task'] - 1)}, but the newest finished task is {finished}: "
+                             f"restore that folder in {output_dir}")
+        elif position.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+            raise SystemExit(f"error: {checkpoint} was written by {position['num_processes']} processes and this run "
+                             f"has {accelerator.num_processes}: the data order and random states are per process. "
+                             f"Resume with {position['num_processes']} processes, or drop the checkpoints to restart "
+                             f"task {position['task']} from the finished task folder.")
+        else:
+            state.resume_dir, state.resume_position = checkpoint, position
+            state.start_task, state.global_step = position["task"], position["global_step"]
+    if saved is not None:
         conflicts = {k: (saved["run_config"].get(k), v) for k, v in run_config(args).items()
                      if k in RESUME_MUST_MATCH and saved["run_config"].get(k) != v}
         if conflicts:
@@ -438,20 +601,9 @@ def resume_run(args, unet: UNet2DModel, learner: ContinualLearner, ema: EMAModel
                              f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir")
         if saved["tasks"] != training_tasks:
             raise SystemExit(f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}")
-        state.start_task = max(state.start_task, saved["task_index"] + 1)
-        loaded = UNet2DModel.from_pretrained(previous / "unet")
-        if loaded.config.sample_size != resolution:
-            raise SystemExit(f"error: {previous} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
-                             f"model but --resolution is {resolution}")
-        unet.load_state_dict(loaded.state_dict())
-        if learner.penalty is not None and (previous / "ewc_penalty.safetensors").exists():
-            from safetensors.torch import load_file
-
-            learner.penalty.load_state_dict(load_file(str(previous / "ewc_penalty.safetensors")))
-            learner.penalty.ewc_lambda = args.ewc_lambda
-        if ema is not None:
-            ema.shadow_params = [p.detach().clone() for p in unet.parameters()]
-            ema.optimization_step = saved.get("ema_optimization_step", 0)
+        if state.resume_position is None:
+            state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
+        restore_task_folder(args, previous, unet, learner, ema, saved, resolution)
     results_path = output_dir / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
@@ -459,6 +611,33 @@ def resume_run(args, unet: UNet2DModel, learner: ContinualLearner, ema: EMAModel
         state.accuracy = {k: r for k, r in matrix_from_json(results.get("accuracy", {})).items()
                           if k < state.start_task}
     return state
+
+
+def restore_task_folder(args, folder: Path, unet: UNet2DModel, learner: ContinualLearner, ema: EMAModel | None,
+                        saved: dict, resolution: int) -> None:
+    """Weights, EWC penalty and EMA position of a (verified) task folder."""
+    loaded = UNet2DModel.from_pretrained(folder / "unet")
+    if loaded.config.sample_size != resolution:
+        raise SystemExit(f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
+                         f"model but --resolution is {resolution}")
+    unet.load_state_dict(loaded.state_dict())
+    if learner.penalty is not None:
+        path = folder / "ewc_penalty.safetensors"
+        if not path.exists():
+            raise SystemExit(f"error: {folder} has no ewc_penalty.safetensors, the EWC penalty over tasks 1..."
+                             f"{saved['task_index']} that a {args.ewc_type} run continues from; copy the whole folder "
+                             f"again (or pull it from the Hub)")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            learner.penalty.load_state_dict(load_file(str(path)))
+        except (SafetensorError, OSError) as err:
+            raise SystemExit(f"error: {path} cannot be read ({err}); copy the folder again") from None
+        learner.penalty.ewc_lambda = args.ewc_lambda
+    if ema is not None:
+        ema.shadow_params = [p.detach().clone() for p in unet.parameters()]
+        ema.optimization_step = saved.get("ema_optimization_step", 0)
 
 
 def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
@@ -521,24 +700,37 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
                task_index: int, num_tasks: int, ema) -> tuple[list[float], list[float], bool]:
     """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, stopped early)."""
     output_dir = Path(args.output_dir)
-    first_epoch, skip = 0, 0
+    first_epoch, skip, loss_curve, denoise_curve, carried = 0, 0, [], [], ([], [])
     if run.resume_position is not None and run.resume_position["task"] == task_index:
-        accelerator.load_state(str(run.resume_dir))
+        try:
+            accelerator.load_state(str(run.resume_dir))
+        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as err:
+            raise SystemExit(f"error: {run.resume_dir} cannot be loaded ({type(err).__name__}: {str(err)[:300]}). "
+                             f"Delete it to resume from the checkpoint or task folder before it.") from None
+        for group in optimizer.param_groups:  # the flag's rate, not the stored one (a recovery may lower it)
+            group["lr"] = args.learning_rate
         first_epoch, skip = run.resume_position["epoch"], run.resume_position["step_in_epoch"]
+        # the losses logged before the stop: per finished epoch, and of the epoch it stopped in
+        loss_curve, denoise_curve = run.resume_position.get("curves", ([], []))
+        carried = run.resume_position.get("epoch_losses", ([], []))
+        if not skip and carried[0]:  # stopped at an epoch's end
+            loss_curve, denoise_curve = loss_curve + [sum(carried[0]) / len(carried[0])], \
+                denoise_curve + [sum(carried[1]) / len(carried[1])]
+            carried = ([], [])
         logger.info("resumed from %s (task %d, epoch %d, step %d)", run.resume_dir, task_index, first_epoch, skip)
         run.resume_position = None
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     progress = progress_bar(total=args.num_epochs_per_task * steps_per_epoch,
                     initial=first_epoch * steps_per_epoch + skip // args.gradient_accumulation_steps,
                     desc=f"task {task_index}/{num_tasks}", show=accelerator.is_local_main_process)
-    loss_curve, denoise_curve, ratio = [], [], None
+    ratio = None
     for epoch in range(first_epoch, args.num_epochs_per_task):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         batches = loader if not skip else (loader.skip_first(skip) if args.streaming
                                            else accelerator.skip_first_batches(loader, skip))
         step_in_epoch, skip = skip, 0
-        losses, denoise = [], []
+        (losses, denoise), carried = carried, ([], [])
         model.train()
         for images, labels in batches:
             generator = step_generator(args.seed, task_index, epoch, step_in_epoch, accelerator.process_index)
@@ -546,9 +738,8 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
                 out = learner.training_step(accelerator, model, optimizer, images, labels, generator, ema,
                                             measure_penalty=step_in_epoch == 0)
             except NonFiniteLossError as err:
-                raise SystemExit(f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}. Nothing "
-                                 f"after the last checkpoint was saved. Lower --learning_rate or --ewc_lambda and "
-                                 f"resume with --resume_from_checkpoint latest.") from None
+                raise SystemExit(f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}; nothing "
+                                 f"after the last checkpoint was saved. {resume_advice(output_dir)}") from None
             step_in_epoch += 1
             losses.append(out.loss)
             denoise.append(out.denoise)
@@ -565,14 +756,16 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
             accelerator.log({**logs, "task": task_index}, step=run.global_step)
             end_of_epoch = step_in_epoch == len(loader)
             position = {"task": task_index, "epoch": epoch + end_of_epoch,
-                        "step_in_epoch": 0 if end_of_epoch else step_in_epoch, "global_step": run.global_step}
+                        "step_in_epoch": 0 if end_of_epoch else step_in_epoch, "global_step": run.global_step,
+                        "curves": [loss_curve, denoise_curve], "epoch_losses": [losses, denoise]}
             stop = args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
             if run.global_step % args.checkpointing_steps == 0 or stop:
-                save_checkpoint(accelerator, output_dir, run.global_step, position, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, model, output_dir, run.global_step, position,
+                                args.checkpoints_total_limit)
             if stop:
                 progress.close()
                 return loss_curve, denoise_curve, True
-        if losses:  # (empty when a resumed epoch had already finished)
+        if losses:
             loss_curve.append(sum(losses) / len(losses))
             denoise_curve.append(sum(denoise) / len(denoise))
     progress.close()
@@ -586,7 +779,8 @@ def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_t
         return scores
     for i in range(1, len(eval_tasks) + 1):
         scores[i] = evaluator(model, sampler, i, accelerator.process_index, accelerator.num_processes,
-                              gather_object if accelerator.num_processes > 1 else None)
+                              gather_object if accelerator.num_processes > 1 else None,
+                              show_progress=accelerator.is_local_main_process)
         accuracy = f", accuracy {100 * scores[i].accuracy:.1f} %" if scores[i].accuracy is not None else ""
         logger.info("FID_%d(m_%d) = %.3f (%s, N=%d)%s", i, task_index, scores[i].fid, evaluator.extractor.name,
                     scores[i].num_samples, accuracy)
@@ -630,11 +824,11 @@ def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline
             save_file({k: v.cpu() for k, v in penalty.state_dict().items()}, str(tmp / "ewc_penalty.safetensors"))
         write_json(tmp / "metrics.json", metrics)
         save_image_grid(grid, tmp / "samples.png", nrow=8)
-        write_json(tmp / "training_state.json", {
+        state = {
             "task_index": task_index, "tasks": training_tasks, "seen_classes": seen, "run_config": run_config(args),
             "global_step": run.global_step, "method": method_description(args),
             "num_processes": accelerator.num_processes, "ema_optimization_step": ema.optimization_step if ema else None,
-            "hf_r1ewc_version": __version__})
+            "hf_r1ewc_version": __version__}
         write_model_card(
             tmp, task_index=task_index, num_tasks=len(training_tasks), seen_classes=seen, dataset_name=data.source,
             method_description=method_description(args),
@@ -642,18 +836,20 @@ def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline
                 "preset", "ewc_type", "ewc_lambda", "ewc_mode", "distill_weight", "replay", "replay_mode",
                 "replay_per_class", "replay_scheduler", "num_epochs_per_task", "train_batch_size", "learning_rate",
                 "num_inference_steps", "seed")} | {"mixed_precision": accelerator.mixed_precision},
-            command="accelerate launch " + " ".join(shlex.quote(a) for a in sys.argv),
+            command=f"accelerate launch --num_processes {accelerator.num_processes} --mixed_precision "
+                    f"{accelerator.mixed_precision} " + " ".join(shlex.quote(a) for a in sys.argv),
             matrix=run.matrix, summary=summary, fid_backend=args.fid_backend,
             fid_comparable=evaluator is not None and evaluator.extractor.comparable_to_inception,
             fid_num_samples=metrics["fid_num_samples"], accuracy=metrics["accuracy"],
             sampling=f"{args.replay_scheduler}, {args.num_inference_steps} steps, {sampling['precision']}",
             hub_model_id=args.hub_model_id)
+        write_training_state(tmp, state)  # last: the SHA-256 of every file above
 
     folder = output_dir / task_folder_name(task_index)
     write_folder_atomically(folder, fill)
     results = {"method": method_description(args), "fid_backend": args.fid_backend,
                "fid_comparable_to_inception": bool(evaluator and evaluator.extractor.comparable_to_inception),
-               "tasks": data.tasks, "joint": args.joint, "sampling": sampling, "fid": run.matrix,
+               "tasks": data.tasks, "joint": args.joint, "seed": args.seed, "sampling": sampling, "fid": run.matrix,
                "accuracy": run.accuracy}
     if args.joint and scores:
         results["afid_final"] = sum(s.fid for s in scores.values()) / len(scores)
@@ -673,7 +869,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    configure_logging()
     set_seed(args.seed)
     device = accelerator.device
     data = load_task_data(args)
@@ -687,14 +883,15 @@ def main(argv=None) -> None:
                                not args.no_replay_in_denoise, args.replay_batch_size, args.max_grad_norm)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel, model_config=unet.config) \
         if args.use_ema else None
-    run = resume_run(args, unet, learner, ema, training_tasks, data.resolution)
+    lock = lock_output_dir(accelerator, output_dir)
+    check_run_manifest(args, accelerator, data)
+    run = resume_run(args, accelerator, unet, learner, ema, training_tasks, data.resolution)
     if run.start_task > num_tasks:
         logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
+        if lock is not None:
+            lock.release()
         return
     evaluator = make_evaluator(args, accelerator, data, device)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
     if ema is not None:
         ema.to(device)
         register_ema(accelerator, ema)
@@ -708,71 +905,81 @@ def main(argv=None) -> None:
         penalty.to("cpu")    # shard's slice) to the model's device per task
     stopped = False
 
-    for task_index in range(run.start_task, num_tasks + 1):
-        classes = training_tasks[task_index - 1]
-        old_classes = sorted({c for t in training_tasks[: task_index - 1] for c in t})
-        loader, num_examples, fisher_batches = task_loader(args, accelerator, data, classes, task_index)
-        logger.info("task %d/%d: classes %s, %d training images, method: %s", task_index, num_tasks, classes,
-                    num_examples, method_description(args))
-        if args.replay == "on" and not args.joint:  # the teacher: whole weights (gathered once under FSDP)
-            learner.start_task(full_model_copy(unet), sampler, old_classes, per_class=args.replay_per_class,
-                               directory=output_dir / "replay" / task_folder_name(task_index),
-                               num_inference_steps=args.num_inference_steps, seed=args.seed * 100 + task_index,
-                               online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes,
-                               barrier=accelerator.wait_for_everyone, show_progress=accelerator.is_local_main_process)
-        # a fresh optimizer per task (the penalty and the teacher carry what earlier tasks taught)
-        optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
-        if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
-            model, optimizer = accelerator.prepare(unet, optimizer)
-        else:
-            model, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
-        *curves, stopped = train_task(args, accelerator, learner, model, optimizer, loader, run, task_index,
-                                      num_tasks, ema)
-        if stopped:
-            logger.info("stopped after %d steps as asked; continue with --resume_from_checkpoint latest",
-                        run.steps_this_process)
-            break
+    try:
+        for task_index in range(run.start_task, num_tasks + 1):
+            classes = training_tasks[task_index - 1]
+            old_classes = sorted({c for t in training_tasks[: task_index - 1] for c in t})
+            loader, num_examples, fisher_batches = task_loader(args, accelerator, data, classes, task_index)
+            logger.info("task %d/%d: classes %s, %d training images, method: %s", task_index, num_tasks, classes,
+                        num_examples, method_description(args))
+            if args.replay == "on" and not args.joint:  # the teacher: whole weights (gathered once under FSDP)
+                learner.start_task(full_model_copy(unet), sampler, old_classes, per_class=args.replay_per_class,
+                                   directory=output_dir / "replay" / task_folder_name(task_index),
+                                   num_inference_steps=args.num_inference_steps, seed=args.seed * 100 + task_index,
+                                   online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
+                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                   barrier=accelerator.wait_for_everyone, show_progress=accelerator.is_local_main_process)
+            # a fresh optimizer per task (the penalty and the teacher carry what earlier tasks taught)
+            optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
+            if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
+                model, optimizer = accelerator.prepare(unet, optimizer)
+            else:
+                model, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+            *curves, stopped = train_task(args, accelerator, learner, model, optimizer, loader, run, task_index,
+                                          num_tasks, ema)
+            if stopped:
+                logger.info("stopped after %d steps as asked; continue with --resume_from_checkpoint latest",
+                            run.steps_this_process)
+                break
 
-        # ---- end of task: theta*_k, evaluation, consolidation, the task folder
-        unet = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper: fp32 from here
-        accelerator.free_memory()
-        if ema is not None:
-            ema.copy_to(unet.parameters())
-        unet.eval()
-        trained = full_model_copy(unet)  # whole weights, gathered once per task under FSDP (else unet itself)
-        pipeline, eval_model = ClassConditionalPipeline(trained, sampler), frozen_teacher(trained)  # fast copy
-        scores = evaluate_task(accelerator, evaluator, eval_model, sampler,
-                               data.tasks if args.joint else data.tasks[:task_index], task_index)
-        run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
-        run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
-        stats = learner.consolidate(trained, fisher_batches, seed=args.seed + task_index,
-                                    reduce_sum=lambda t: accelerator.reduce(t, "sum"),
-                                    num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
-                                    if args.streaming and args.fisher_num_samples else None,
-                                    show_progress=accelerator.is_local_main_process)
-        if penalty is not None:
-            penalty.to("cpu")
-            logger.info("Fisher after task %d: c* = %.4g, ||mu|| = %.4g, N = %d", task_index, stats.c_star or 0,
-                        stats.mu_norm(), stats.num_samples)
-        if accelerator.is_main_process:
-            folder = write_task_folder(args, accelerator, data, run, pipeline, eval_model, stats, penalty, scores,
-                                       curves, task_index, training_tasks, evaluator, ema)
-            if uploader is not None:
-                uploader.submit(folder, task_index)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # the pool served this task only; the task folder is safely written
-            shutil.rmtree(output_dir / "replay" / task_folder_name(task_index), ignore_errors=True)
+            # ---- end of task: theta*_k, evaluation, consolidation, the task folder
+            unet = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper: fp32 from here
+            accelerator.free_memory()
+            if ema is not None:
+                ema.copy_to(unet.parameters())
+            unet.eval()
+            trained = full_model_copy(unet)  # whole weights, gathered once per task under FSDP (else unet itself)
+            pipeline, eval_model = ClassConditionalPipeline(trained, sampler), frozen_teacher(trained)  # fast copy
+            scores = evaluate_task(accelerator, evaluator, eval_model, sampler,
+                                   data.tasks if args.joint else data.tasks[:task_index], task_index)
+            run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
+            run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
+            stats = learner.consolidate(trained, fisher_batches, seed=args.seed + task_index,
+                                        reduce_sum=lambda t: accelerator.reduce(t, "sum"),
+                                        num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
+                                        if args.streaming and args.fisher_num_samples else None,
+                                        show_progress=accelerator.is_local_main_process)
+            if penalty is not None:
+                penalty.to("cpu")
+                logger.info("Fisher after task %d: c* = %.4g, ||mu|| = %.4g, N = %d", task_index, stats.c_star or 0,
+                            stats.mu_norm(), stats.num_samples)
+            if accelerator.is_main_process:
+                folder = write_task_folder(args, accelerator, data, run, pipeline, eval_model, stats, penalty, scores,
+                                           curves, task_index, training_tasks, evaluator, ema)
+                if uploader is not None:
+                    uploader.submit(folder, task_index)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:  # the pool served this task only; the task folder is safely written
+                shutil.rmtree(output_dir / "replay" / task_folder_name(task_index), ignore_errors=True)
+    finally:  # also when the run ends in an error: the uploads so far are reported, the folder unlocked
+        close_uploader(uploader, output_dir)
+        if lock is not None:
+            lock.release()
 
-    if uploader is not None:
-        failures = uploader.close()
-        if failures:
-            write_json(output_dir / "upload_failures.json", {"failures": failures})
-            logger.warning("%d uploads failed; see %s (local results are complete)", len(failures),
-                           output_dir / "upload_failures.json")
     accelerator.end_training()
     if accelerator.is_main_process and not stopped:
         finish_run(args, data, run)
+
+
+def close_uploader(uploader: TaskUploader | None, output_dir: Path) -> None:
+    """Wait for the queued uploads; record the ones that failed in OUTPUT_DIR/upload_failures.json."""
+    if uploader is None:
+        return
+    failures = uploader.close()
+    if failures:
+        write_json(output_dir / "upload_failures.json", {"failures": failures})
+        logger.warning("%d uploads failed; see %s (local results are complete)", len(failures),
+                       output_dir / "upload_failures.json")
 
 
 def finish_run(args, data: TaskData, run: RunState) -> None:

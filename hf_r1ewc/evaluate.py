@@ -7,7 +7,8 @@
 The first form reads each run's ``results.json`` (completing missing FID_i(m_k) entries from the task folders with
 ``--complete``, e.g. every i instead of i <= k with ``--all_tasks``), groups runs by method, and writes AFID@T,
 forgetting F and plasticity P as mean +- standard error over runs (seeds) to ``summary.md``, ``summary.csv`` and
-``summary.json``, plus the AFID@k plot, per-run FID curves and a class x task sample grid.
+``summary.json``, plus the AFID@k plot, per-run FID curves and a class x task sample grid. ``--paired_against
+METHOD`` adds seed-by-seed differences of every method against METHOD with paired tests (``paired.json``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch
 from .data import default_resolution, images_to_model_input, load_labeled_images
 from .distill import frozen_teacher
 from .features import classifier_accuracy, load_feature_extractor, train_classifier
-from .hub import is_complete_task_folder, resolve_task_source, task_folder_name, write_json
+from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name, write_json
 from .metrics import TaskFID, matrix_from_json, mean_and_standard_error, summarize
 from .pipeline import ClassConditionalPipeline
-from .plots import plot_afid_curves, plot_task_fid_curves, save_image_grid
+from .plots import plot_afid_curves, plot_task_fid_curves, save_labeled_grid
 
 
 def train_classifier_main(argv: list[str]) -> None:
@@ -56,7 +57,9 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
     """Fill the missing FID_i(m_k) (and sample accuracy) of a run from its task folders, through the same
     ``TaskFID`` as the training script (same seeds, sampler and precision); returns the updated results."""
     results = json.loads((run_dir / "results.json").read_text())
-    args = json.loads((run_dir / "args.json").read_text())
+    manifest = run_dir / "run_manifest.json"  # (args.json: runs written before the manifest)
+    args = json.loads(manifest.read_text())["settings"] if manifest.exists() else \
+        json.loads((run_dir / "args.json").read_text())
     source = args["dataset_name"] or args["train_data_dir"]
     test = load_labeled_images(source, args.get("eval_split", "test"), args.get("image_column"),
                                args.get("label_column"))
@@ -82,6 +85,7 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
         missing = [i for i in wanted if i not in matrix.get(k, {})]
         if not missing:
             continue
+        read_training_state(folder)  # checks every file against its recorded SHA-256
         pipe = ClassConditionalPipeline.from_pretrained(folder)
         model = frozen_teacher(pipe.unet)
         for i in missing:
@@ -102,7 +106,7 @@ def results_from_revisions(repo_id: str, revisions: list[str]) -> dict:
     for revision in revisions:
         folder = resolve_task_source(f"{repo_id}@{revision}" if not Path(revision).exists() else revision)
         metrics = json.loads((folder / "metrics.json").read_text())
-        state = json.loads((folder / "training_state.json").read_text())
+        state = read_training_state(folder)
         matrix[int(metrics["task"])] = {int(i): float(v) for i, v in metrics["fid"].items()}
         backend, tasks = metrics["fid_backend"], state["tasks"]
         method = state.get("method") or repo_id
@@ -138,6 +142,71 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
         row["fid_backend"] = runs[0]["fid_backend"]
         table[method] = row
     return table
+
+
+PAIRED_METRICS = {"afid": "AFID@T", "forgetting": "F", "plasticity": "P"}
+
+
+def _final_afid(results: dict) -> float | None:
+    return results.get("afid_final") if results.get("joint") else results.get("afid", {}).get(str(len(results["tasks"])))
+
+
+def paired_differences(results_by_run: dict[str, dict], baseline: str) -> dict:
+    """For each method against ``baseline`` (a method label): the per-seed differences (method - baseline) of AFID@T,
+    F and P over the seeds both have, their mean +- standard error, and two paired tests (scipy): Student's t
+    (assumes normal differences) and the exact Wilcoxon signed-rank test (no such assumption, but with n seeds its
+    smallest two-sided p is 2 / 2^n: 0.0625 for 5, so it cannot reach 0.05 below 6 seeds). Runs need a ``seed``."""
+    from scipy.stats import ttest_rel, wilcoxon
+
+    by_method: dict[str, dict[int, dict]] = defaultdict(dict)
+    for run, results in results_by_run.items():
+        if results.get("seed") is None:
+            raise ValueError(f"{run}: results.json records no seed (written before seeds were recorded); pairing "
+                             f"needs it")
+        by_method[results.get("label") or results["method"]][int(results["seed"])] = results
+    if baseline not in by_method:
+        raise ValueError(f"--paired_against {baseline!r} names no method of these runs; methods: {sorted(by_method)}")
+    table = {}
+    for method, runs in by_method.items():
+        seeds = sorted(set(runs) & set(by_method[baseline]))
+        if method == baseline or not seeds:
+            continue
+        row = {"seeds": seeds}
+        for key in PAIRED_METRICS:
+            get = _final_afid if key == "afid" else (lambda r, key=key: r.get(key))
+            pairs = [(get(runs[s]), get(by_method[baseline][s])) for s in seeds]
+            if any(a is None or b is None for a, b in pairs):
+                continue
+            diffs = [a - b for a, b in pairs]
+            entry = {"differences": diffs, "mean_se": mean_and_standard_error(diffs)}
+            if len(seeds) >= 2 and any(diffs):
+                entry["t"], entry["t_p"] = (float(v) for v in ttest_rel([a for a, _ in pairs], [b for _, b in pairs]))
+                entry["wilcoxon_p"] = float(wilcoxon(diffs, method="exact").pvalue)
+            row[key] = entry
+        table[method] = row
+    return table
+
+
+def paired_markdown(table: dict, baseline: str) -> str:
+    """The paired table: one row per method, per metric the mean difference +- SE, t's p and Wilcoxon's p."""
+    lines = [f"\n## Paired against {baseline} (method − {baseline}, per seed; negative = better)\n",
+             "| method | seeds | " + " | ".join(f"Δ{name} (p_t, p_W)" for name in PAIRED_METRICS.values()) + " |",
+             "| --- | --- |" + " --- |" * len(PAIRED_METRICS)]
+    for method, row in table.items():
+        cells = []
+        for key in PAIRED_METRICS:
+            e = row.get(key)
+            if e is None:
+                cells.append("—")
+                continue
+            tests = f" ({e['t_p']:.3f}, {e['wilcoxon_p']:.3f})" if "t_p" in e else ""
+            cells.append(_fmt(e["mean_se"]) + tests)
+        lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    n = max((len(r["seeds"]) for r in table.values()), default=0)
+    lines.append(f"\np_t: paired t-test (two-sided); p_W: exact Wilcoxon signed-rank test, whose smallest possible p "
+                 f"with {n} seeds is {2 / 2 ** n:.4f}" + (" — it cannot show significance at 0.05 with so few seeds; "
+                 "read p_t, which assumes roughly normal differences" if n and 2 / 2 ** n > 0.05 else "") + ".\n")
+    return "\n".join(lines)
 
 
 def _fmt(pair) -> str:
@@ -178,18 +247,20 @@ def write_summary(table: dict, output_dir: Path) -> None:
 @torch.no_grad()
 def sample_grid_across_tasks(run_dir: Path, classes: list[int], path: Path, steps: int = 50, seed: int = 0) -> None:
     """Rows: classes; columns: the model after each finished task of ``run_dir`` (paper fig. 5), sampled with its
-    saved scheduler. Same noise in every column."""
-    columns = []
+    saved scheduler, labelled. Same noise in every column."""
+    columns, names = [], []
     for folder in sorted(run_dir.glob("task_[0-9][0-9]")):  # the finished ones (a run resumed from another
         if not is_complete_task_folder(folder):               # folder's task holds only the later tasks)
             continue
+        read_training_state(folder)
         pipe = ClassConditionalPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         columns.append(pipe(classes, steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images)
+        names.append(f"task {int(folder.name[5:])}")
     if not columns:
         raise ValueError(f"{run_dir} has no finished task folder")
     grid = torch.stack(columns, dim=1).flatten(0, 1) * 2 - 1  # class-major: row = class, column = task
-    save_image_grid(grid, path, nrow=len(columns))
+    save_labeled_grid(grid, path, [f"class {c}" for c in classes], names, title="the model after each task")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--all_tasks", action="store_true", help="with --complete: FID of every task, also i > k")
     p.add_argument("--fid_num_samples", type=int, default=None)
     p.add_argument("--grid_classes", default=None, help="with one run: classes for the class x task sample grid")
+    p.add_argument("--paired_against", default=None, metavar="METHOD",
+                   help="also compare every method with METHOD (e.g. 'generative replay + distillation (weight 1)', "
+                        "as the summary names it) seed by seed: mean difference +- SE, paired t and Wilcoxon tests")
     args = p.parse_args(argv)
     runs = {}
     for run in args.run_dir:
@@ -226,6 +300,14 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir or (Path(args.run_dir[0]).parent if args.run_dir else "."))
     table = aggregate(runs)
     write_summary(table, output_dir)
+    if args.paired_against:
+        try:
+            paired = paired_differences(runs, args.paired_against)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        write_json(output_dir / "paired.json", paired)
+        with open(output_dir / "summary.md", "a") as f:
+            f.write(paired_markdown(paired, args.paired_against))
     for run, results in runs.items():
         plot_task_fid_curves(matrix_from_json(results["fid"]),
                              output_dir / f"fid_curves_{Path(run).name.replace('/', '_')}.png",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -336,7 +337,11 @@ def estimate_fisher(
 
     def batches(desc: str):
         stream = _noised_batches(dataloader, noise_scheduler, device, dtype, num_samples, timestep_range, seed)
-        return progress_bar(stream, desc=desc, show=show_progress, leave=False, unit="batch")
+        try:
+            total = len(dataloader) if num_samples is None else None
+        except TypeError:  # a one-pass stream
+            total = None
+        return progress_bar(stream, desc=desc, total=total, show=show_progress, leave=False, unit="batch")
 
     was_training = unet.training
     unet.eval()
@@ -406,11 +411,19 @@ def save_fisher(
 
 
 def load_fisher(path: str, model: nn.Module | None = None, device: str | torch.device = "cpu") -> FisherStatistics:
-    """Read ``fisher.safetensors``; with ``model``, check every name and shape against its trainable parameters."""
+    """Read ``fisher.safetensors``; with ``model``, check every name and shape against its trainable parameters.
+    Inside a task folder the file is first checked against the SHA-256 that ``training_state.json`` records."""
     import json
 
     from safetensors import SafetensorError, safe_open
 
+    from .integrity import DIGESTS_KEY, verify_folder
+
+    state_file = Path(path).parent / "training_state.json"
+    if state_file.exists():
+        digests = json.loads(state_file.read_text()).get(DIGESTS_KEY, {})
+        if Path(path).name in digests:
+            verify_folder(Path(path).parent, digests, only=(Path(path).name,))
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})

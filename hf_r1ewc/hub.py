@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .integrity import DIGESTS_KEY, IntegrityError, folder_digests, verify_folder
+
 logger = logging.getLogger(__name__)
+
 
 def _template_path() -> Path:
     """model_cards/task_card.md of the source tree, or its copy inside an installed wheel."""
@@ -42,6 +45,29 @@ def task_folder_name(task_index: int) -> str:
 def is_complete_task_folder(path: str | os.PathLike) -> bool:
     """True when the folder holds every file of ``REQUIRED_FILES`` (a finished, loadable task folder)."""
     return all((Path(path) / f).exists() for f in REQUIRED_FILES)
+
+
+def write_training_state(folder: str | os.PathLike, state: dict) -> None:
+    """Write ``training_state.json`` last, with the SHA-256 of every other file of the folder under ``"sha256"``."""
+    folder = Path(folder)
+    write_json(folder / "training_state.json",
+               {**state, DIGESTS_KEY: folder_digests(folder, exclude=("training_state.json",))})
+
+
+def read_training_state(folder: str | os.PathLike) -> dict:
+    """``training_state.json`` of a task folder, after checking every file against its recorded SHA-256 (raises
+    ``IntegrityError`` naming the files). Folders written before digests were recorded load with a warning."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / "training_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"{folder}/training_state.json cannot be read ({err}); copy the folder again") from err
+    if DIGESTS_KEY in state:
+        verify_folder(folder, state[DIGESTS_KEY])
+    else:
+        logger.warning("%s records no SHA-256 digests (written by an older hf-r1ewc): its files are not verified",
+                       folder)
+    return state
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from .features import FeatureExtractor, FeatureStatistics, fid_from_statistics, real_statistics, reference_cache_path
 from .pipeline import precision_name, sample
+from .progress import progress_bar
 
 FID_CHUNK = 500  # generated images per sampling call: the unit of seeding and of sharing among processes
 
@@ -86,15 +87,26 @@ class TaskFID:
         return labels_in_test_proportions(test, self.num_samples or int(test.shape[0]))
 
     def __call__(self, model: torch.nn.Module, scheduler, task: int, rank: int = 0, world_size: int = 1,
-                 gather: Callable[[list], list] | None = None) -> TaskScore:
+                 gather: Callable[[list], list] | None = None, show_progress: bool = False) -> TaskScore:
         """Score ``model`` (sampled with ``scheduler``) on task ``task`` (1-based). Every process gets the score."""
         labels = self.labels(task)
+        chunks = list(range(rank, -(-labels.shape[0] // FID_CHUNK), world_size))
+        bar = progress_bar(total=len(chunks) * self.num_inference_steps, desc=f"FID samples, task {task}",
+                           unit="step", leave=False, show=show_progress)
+
+        def ticking(steps):
+            for step in steps:
+                yield step
+                bar.update()
+
         mine = []
-        for chunk in range(rank, -(-labels.shape[0] // FID_CHUNK), world_size):
+        for chunk in chunks:
             chunk_labels = labels[chunk * FID_CHUNK : (chunk + 1) * FID_CHUNK]
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + task) * 100_003 + chunk)
-            images = sample(model, scheduler, chunk_labels, self.num_inference_steps, generator, self.autocast_dtype)
+            images = sample(model, scheduler, chunk_labels, self.num_inference_steps, generator, self.autocast_dtype,
+                            progress=ticking)
             mine.append((chunk, self.extractor.features(images)))
+        bar.close()
         parts = sorted(gather(mine) if gather is not None else mine, key=lambda part: part[0])
         features = torch.cat([f for _, f in parts])
         fid = fid_from_statistics(self.real(task), FeatureStatistics.from_features(features, self.extractor.name))

@@ -36,7 +36,7 @@ PENALTY_KINDS = ("rank1", "rank1_unscaled", "diag")
 class FlatGroup(NamedTuple):
     """Parameters that share shard groups, with the matching (local-shard) slices of the stored tensors laid out
     flat, in parameter order: ``stored[i]`` is ``[*lead_i, P_local]``. One value or proximal step is then a few
-    large kernels per group instead of several per parameter tensor (per-tensor kernels cost 60 % of a 35M-UNet
+    large kernels per group instead of several per parameter tensor (per-tensor kernels cost 60 % of a 35.75M-UNet
     training step on an H200, ``benchmarks/results/gpu_check.md``). Rank-1 projections are taken relative to
     ``anchor`` (theta when bound, ``[P_local]``), with ``offset`` = mu^T anchor (float64 ``[K]``) added back: mu^T theta
     - b is a cancellation of large terms near theta*, and the float32 part then only sees the small theta - anchor."""

@@ -38,6 +38,33 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     os.replace(tmp, path)
 
 
+def save_labeled_grid(images: torch.Tensor, path: str | os.PathLike, row_labels: list[str],
+                      column_labels: list[str], title: str = "") -> None:
+    """Row-major ``[rows * columns, C, H, W]`` images in [-1, 1] as one PNG grid with a label per row and column."""
+    plt = _pyplot()
+    rows, columns = len(row_labels), len(column_labels)
+    if images.shape[0] != rows * columns:
+        raise ValueError(f"{images.shape[0]} images do not fill {rows} rows x {columns} columns")
+    padding, h, w = 1, images.shape[-2], images.shape[-1]
+    grid = image_grid(images, nrow=columns, padding=padding)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * columns, 0.4 + 0.55 * rows))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([padding + c * (w + padding) + w / 2 - 0.5 for c in range(columns)], column_labels, fontsize=7)
+    ax.set_yticks([padding + r * (h + padding) + h / 2 - 0.5 for r in range(rows)], row_labels, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=8, pad=16)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _pyplot():
     import matplotlib
 

@@ -218,3 +218,38 @@ def test_run_summary_table_by_hand():
     assert rows[3].split() == ["2", "2,3", "20.00", "20.00", "50.0%"]
     # AFID@2 = (14 + 20) / 2; F = ((14 - 10) + 0) / 2; P = (10 + 20) / 2; mean accuracy (75 + 50) / 2
     assert rows[-1] == "AFID@2 = 17.00, F = 2.00, P = 15.00, mean accuracy after task 2 = 62.5 %"
+
+
+def test_labeled_grid_has_one_image_per_cell(tmp_path):
+    from hf_r1ewc.plots import save_labeled_grid
+
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    save_labeled_grid(images, tmp_path / "grid.png", ["class 0", "class 1"], ["task 1", "task 2", "task 3"])
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="6 images do not fill 3 rows x 3 columns"):
+        save_labeled_grid(images, tmp_path / "bad.png", ["a", "b", "c"], ["x", "y", "z"])
+
+
+def test_paired_differences_by_hand():
+    """Three seeds; the method is better than GD by 1, 2 and 3 AFID points: mean -2, SE 1/sqrt(3),
+    t = -2 / (1/sqrt(3)) = -3.464 on 2 degrees of freedom; exact Wilcoxon with all signs alike: p = 2 / 2^3."""
+    from hf_r1ewc.evaluate import paired_differences, paired_markdown
+
+    def results(method, seed, afid, f, p):
+        return {"method": method, "seed": seed, "tasks": [[0, 1], [2, 3]], "afid": {"2": afid}, "forgetting": f,
+                "plasticity": p}
+
+    runs = {}
+    for seed, (gd, ours) in enumerate([(10.0, 9.0), (12.0, 10.0), (11.0, 8.0)]):
+        runs[f"gd{seed}"] = results("GD", seed, gd, 1.0, 5.0)
+        runs[f"ours{seed}"] = results("ours", seed, ours, 1.0 + seed, 5.0)
+    runs["ours-unpaired"] = results("ours", 7, 0.0, 0.0, 0.0)  # no GD run with seed 7: left out
+    table = paired_differences(runs, "GD")
+    afid = table["ours"]["afid"]
+    assert table["ours"]["seeds"] == [0, 1, 2] and afid["differences"] == [-1.0, -2.0, -3.0]
+    assert afid["mean_se"][0] == pytest.approx(-2.0) and afid["mean_se"][1] == pytest.approx(1 / math.sqrt(3))
+    assert afid["t"] == pytest.approx(-2 * math.sqrt(3)) and afid["wilcoxon_p"] == pytest.approx(0.25)
+    assert "t" not in table["ours"]["plasticity"]  # all differences zero: no test
+    assert "| ours | 3 | -2.00 ± 0.58 (" in paired_markdown(table, "GD")
+    with pytest.raises(ValueError, match="names no method of these runs"):
+        paired_differences(runs, "rank-1")

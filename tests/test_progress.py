@@ -15,3 +15,26 @@ def test_hidden_when_not_shown_and_rare_in_log_files(monkeypatch):
     assert progress_bar(range(3), show=False).disable
     bar = progress_bar(range(3), show=True)  # pytest captures stderr: not a terminal
     assert not bar.disable and bar.mininterval == LOG_FILE_INTERVAL_SECONDS
+
+
+def test_hub_warnings_print_once_and_lines_go_above_the_bars(capfd):
+    """huggingface_hub (and datasets) have a stderr handler of their own that also propagated to ours: every Hub
+    warning printed twice. Our handler writes through tqdm.write."""
+    import logging
+
+    from hf_r1ewc.progress import _AboveProgressBars, configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = []  # a fresh process (pytest installs its own capture handlers)
+    try:
+        configure_logging()
+        assert any(isinstance(h, _AboveProgressBars) for h in root.handlers)
+        logging.getLogger("huggingface_hub.repocard").warning("unique-hub-warning")
+        assert capfd.readouterr().err.count("unique-hub-warning") == 1
+        assert logging.getLogger("accelerate.checkpointing").getEffectiveLevel() == logging.WARNING
+    finally:
+        root.handlers = saved
+        import huggingface_hub.utils.logging
+
+        huggingface_hub.utils.logging.enable_propagation()

@@ -370,6 +370,7 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
             flags = table1.run_flags(method, lam, 0, tmp_path, str(fashion_mnist_dir), sc)
             args = script.parse_args([*flags, "--output_dir", str(tmp_path / "out")])
             assert args.seed == 0 and (lam is None or args.ewc_lambda == lam)
+            assert not args.use_ema and args.replay_batch_size is None  # the demo preset's choices stay out
             if method in table1.HAS_PENALTY:  # the in-loss methods say so: the demo preset's default is decoupled
                 assert args.ewc_mode == ("decoupled" if "decoupled" in method else "loss")
             if name == "gpu":

@@ -1,0 +1,108 @@
+"""Run integrity: SHA-256 digests of task-folder artifacts, the run manifest, and the output folder's lock.
+
+A task folder records the digest of every file it holds in ``training_state.json`` (``"sha256"``); loading checks
+them (``verify_folder``). An output folder holds ``run_manifest.json``: every setting that changes results, the
+dataset's identity and the tasks, written once by the run that created the folder and compared by every resume and
+re-run (``manifest_differences``). ``OutputLock`` keeps a second run off a folder that is being written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+DIGESTS_KEY = "sha256"
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_tensors(*tensors) -> str:
+    """Hex SHA-256 over the dtypes, shapes and bytes of CPU tensors (a dataset's identity)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def folder_digests(folder: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every file under ``folder`` except ``exclude`` (relative paths)."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() not in exclude}
+
+
+class IntegrityError(ValueError):
+    """An artifact is missing or its bytes differ from the digest recorded when it was written."""
+
+
+def verify_folder(folder: str | os.PathLike, digests: dict[str, str], only: tuple[str, ...] | None = None) -> None:
+    """Check the files of ``digests`` (or the subset ``only``) against their recorded SHA-256; raises
+    ``IntegrityError`` naming every missing or altered file."""
+    folder = Path(folder)
+    problems = []
+    for name, expected in sorted(digests.items()):
+        if only is not None and name not in only:
+            continue
+        path = folder / name
+        if not path.exists():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{name} differs from the SHA-256 recorded when it was written (corrupt or altered)")
+    if problems:
+        raise IntegrityError(f"{folder}: " + "; ".join(problems) + ". Copy the folder again from where it was made "
+                             "(or pull it from the Hub), or retrain that task.")
+
+
+def manifest_differences(recorded: dict, current: dict) -> dict[str, tuple]:
+    """``{key: (recorded, current)}`` for every key whose value differs (keys missing on one side included)."""
+    return {k: (recorded.get(k), current.get(k)) for k in sorted(set(recorded) | set(current))
+            if recorded.get(k) != current.get(k)}
+
+
+class OutputLock:
+    """An exclusive, non-blocking ``flock`` on ``OUTPUT_DIR/.lock`` for the life of a run (released by the OS when
+    the process dies, so a killed run never leaves a stale lock)."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path = Path(output_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True if this process now holds the lock; False if another process does."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """The process id written by the holder (best effort)."""
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,340 @@
+"""Fault injection on the tiny digits run: crashes at each phase boundary, corrupt artifacts, changed settings, a
+second run on the same folder, a diverged run, planted pickles. Every case asserts that nothing finished is redone,
+nothing is lost, each refusal names the problem and the fix, and the final weights equal the uninterrupted run.
+
+The script runs in this process (``main(argv)``) so that a crash can be injected at an exact boundary by
+monkeypatching the function that starts the phase; the exception stands in for a kill there (what is on disk at that
+moment is what a resume sees). ``test_train.py`` kills real launched runs between optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import train_continual_ddpm as script  # noqa: E402
+from test_train import FAST, unet_weights  # noqa: E402
+
+COMMON = [*FAST, "--fid_num_samples", "16", "--checkpointing_steps", "2", "--ewc_type", "rank1"]
+
+
+class Crash(Exception):
+    """Stands in for a kill at an injected point."""
+
+
+def run(argv: list[str]) -> None:
+    """``main(argv)`` with Accelerate's process-wide state reset afterwards (as between two launches)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        script.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = unet_weights(a), unet_weights(b)
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    run([*COMMON, "--output_dir", str(out)])
+    return out
+
+
+def copy_run(reference: Path, target: Path) -> Path:
+    shutil.copytree(reference, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
+
+
+def crash_on_call(monkeypatch, owner, name: str, call: int = 1) -> None:
+    """Make ``owner.name`` raise ``Crash`` on its ``call``-th call."""
+    original, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise Crash(f"injected at {name}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+# the phase boundaries of task 2: (owner, function, call that crashes)
+PHASES = {
+    "replay pool": (script.ContinualLearner, "start_task", 2),      # task 2's teacher and pool
+    "training": (script.ContinualLearner, "training_step", 9),      # mid task 2, after checkpoint-8
+    "FID": (script, "evaluate_task", 2),
+    "Fisher": (script.ContinualLearner, "consolidate", 2),
+    "folder write": (script, "write_training_state", 2),            # task_02 is half written (.partial)
+}
+
+
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_crash_at_each_phase_resumes_without_redoing_or_losing_work(reference, tmp_path, monkeypatch, phase, caplog):
+    out = tmp_path / "out"
+    owner, name, call = PHASES[phase]
+    with monkeypatch.context() as patch:
+        crash_on_call(patch, owner, name, call)
+        with pytest.raises(Crash):
+            run([*COMMON, "--output_dir", str(out)])
+    task1 = (out / "task_01" / "training_state.json").read_bytes()
+    task1_mtime = (out / "task_01" / "training_state.json").stat().st_mtime_ns
+    assert not (out / "task_02").exists()
+    caplog.clear()
+    run([*COMMON, "--output_dir", str(out)])  # a plain re-run resumes; no flag needed
+    # task 1 was not redone (its folder is untouched), task 2 equals the uninterrupted run
+    assert (out / "task_01" / "training_state.json").read_bytes() == task1
+    assert (out / "task_01" / "training_state.json").stat().st_mtime_ns == task1_mtime
+    assert max_difference(reference / "task_02", out / "task_02") <= 1e-5
+    fid = [json.loads((run / "results.json").read_text())["fid"] for run in (reference, out)]
+    assert fid[0].keys() == fid[1].keys() and all(fid[0][k] == pytest.approx(fid[1][k], rel=1e-4) for k in fid[0])
+    # the per-epoch losses of the interrupted task are not lost either
+    metrics = [json.loads((run / "task_02" / "metrics.json").read_text()) for run in (reference, out)]
+    assert metrics[0]["loss_per_epoch"] == pytest.approx(metrics[1]["loss_per_epoch"], rel=1e-5)
+    assert len(metrics[1]["loss_per_epoch"]) == 2
+    if phase == "replay pool":  # the newest checkpoint (task 1's) is older than the finished task_01
+        assert "is older than the finished task 1: continuing after task 1" in caplog.text
+    else:  # mid task 2, or its end (checkpoint-12) when the crash came after training
+        assert f"resuming from the newest, checkpoint-{8 if phase == 'training' else 12}" in caplog.text
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("delete ewc_penalty.safetensors", "ewc_penalty.safetensors is missing"),
+    ("flip ewc_penalty.safetensors", "ewc_penalty.safetensors differs from the SHA-256"),
+    ("truncate ewc_penalty.safetensors", "ewc_penalty.safetensors differs from the SHA-256"),
+    ("flip unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors differs"),
+    ("delete fisher.safetensors", "fisher.safetensors is missing"),
+    ("truncate training_state.json", "training_state.json cannot be read"),
+])
+def test_damaged_task_folder_is_refused_with_the_file_named(reference, tmp_path, damage, message):
+    folder = tmp_path / "task_01"
+    shutil.copytree(reference / "task_01", folder)
+    action, name = damage.split(" ", 1)
+    path = folder / name
+    if action == "delete":
+        path.unlink()
+    elif action == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        data = bytearray(path.read_bytes())
+        data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+        path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as err:
+        run([*COMMON, "--output_dir", str(tmp_path / "next"), "--resume_from_task", str(folder)])
+    assert message in str(err.value) and ("Copy the folder again" in str(err.value) or "copy the folder" in str(err.value))
+    assert not (tmp_path / "next" / "task_02").exists()
+
+
+def test_penalty_missing_from_a_folder_without_digests_is_refused(reference, tmp_path):
+    """Folders written before digests were recorded: the missing penalty is still an error, not ewc = 0."""
+    folder = tmp_path / "task_01"
+    shutil.copytree(reference / "task_01", folder)
+    state = json.loads((folder / "training_state.json").read_text())
+    del state["sha256"]
+    (folder / "training_state.json").write_text(json.dumps(state))
+    (folder / "ewc_penalty.safetensors").unlink()
+    with pytest.raises(SystemExit, match="has no ewc_penalty.safetensors"):
+        run([*COMMON, "--output_dir", str(tmp_path / "next"), "--resume_from_task", str(folder)])
+
+
+def test_load_fisher_verifies_the_recorded_digest(reference, tmp_path):
+    from hf_r1ewc.fisher import load_fisher
+    from hf_r1ewc.integrity import IntegrityError
+
+    folder = shutil.copytree(reference / "task_01", tmp_path / "task_01")
+    load_fisher(str(folder / "fisher.safetensors"))  # intact: loads
+    data = bytearray((folder / "fisher.safetensors").read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    (folder / "fisher.safetensors").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="fisher.safetensors differs from the SHA-256"):
+        load_fisher(str(folder / "fisher.safetensors"))
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--ewc_lambda", "10"], "--ewc_lambda: 15000.0 in the folder, 10.0 now"),
+    (["--seed", "1"], "--seed: 0 in the folder, 1 now"),
+    (["--resolution", "16"], "--resolution: None in the folder, 16 now"),
+    (["--tasks", "0,1;2,3;4,5"], "tasks: [[0, 1], [2, 3]] in the folder"),
+    (["--max_train_per_class", "40"], "dataset train_sha256"),  # same source, other images
+    (["--replay", "off"], "--replay: 'on' in the folder, 'off' now"),
+])
+def test_changed_result_settings_are_refused(reference, tmp_path, flags, named):
+    out = copy_run(reference, tmp_path / "out")
+    before = (out / "run_manifest.json").read_bytes()
+    argv = [a for a in COMMON]
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    with pytest.raises(SystemExit) as err:
+        run([*argv, "--output_dir", str(out)])
+    assert named in str(err.value) and "another --output_dir" in str(err.value)
+    assert (out / "run_manifest.json").read_bytes() == before  # the record is not overwritten
+
+
+def test_settings_that_may_change_do_not_refuse(reference, tmp_path):
+    out = copy_run(reference, tmp_path / "out")
+    run([*COMMON, "--output_dir", str(out), "--checkpointing_steps", "7", "--checkpoints_total_limit", "5"])
+
+
+def test_recovery_learning_rate_takes_effect_on_resume_and_is_recorded(reference, tmp_path):
+    """The advised recovery from a divergence (lower --learning_rate, resume) must actually change the rate:
+    Accelerate restores the optimizer's stored rate, which would make the resumed run equal the original."""
+    out = tmp_path / "out"
+    run([*COMMON, "--output_dir", str(out), "--stop_after_steps", "8"])
+    run([*COMMON, "--output_dir", str(out), "--learning_rate", "1e-4"])
+    assert max_difference(reference / "task_02", out / "task_02") > 1e-4
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    assert [(c["setting"], c["from"], c["to"]) for c in manifest["changes"]] == [("learning_rate", 0.002, 0.0001)]
+
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path):
+    from hf_r1ewc.integrity import OutputLock
+
+    holder = OutputLock(tmp_path / "out")
+    assert holder.acquire()
+    try:
+        with pytest.raises(SystemExit, match=f"another run \\(process {os.getpid()}\\) is writing"):
+            run([*COMMON, "--output_dir", str(tmp_path / "out")])
+    finally:
+        holder.release()
+
+
+def test_checkpoint_written_by_another_process_count_is_refused(tmp_path):
+    out = tmp_path / "out"
+    run([*COMMON, "--output_dir", str(out), "--stop_after_steps", "8"])
+    position = out / "checkpoints" / "checkpoint-8" / "position.json"
+    assert json.loads(position.read_text())["num_processes"] == 1
+    position.write_text(json.dumps({**json.loads(position.read_text()), "num_processes": 2}))
+    with pytest.raises(SystemExit, match="written by 2 processes and this run has 1"):
+        run([*COMMON, "--output_dir", str(out)])
+
+
+def test_checkpoint_named_relative_to_the_output_folder(reference, tmp_path, caplog):
+    out = tmp_path / "out"
+    run([*COMMON, "--output_dir", str(out), "--stop_after_steps", "8"])
+    caplog.set_level(logging.INFO)
+    run([*COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-8"])
+    assert "checkpoint-8 (task 2, epoch 0, step 2)" in caplog.text
+    assert max_difference(reference / "task_02", out / "task_02") <= 1e-5
+    with pytest.raises(SystemExit, match="no such checkpoint .* available: \\["):
+        run([*COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-99"])
+
+
+def test_latest_without_checkpoints_says_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run([*COMMON, "--tasks", "0,1", "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "latest"])
+    assert "holds no checkpoint; starting after the finished task folders" in caplog.text
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    from accelerate import Accelerator
+
+    from conftest import make_tiny_unet
+
+    accelerator = Accelerator(cpu=True)
+    model = make_tiny_unet()
+    with torch.no_grad():
+        next(model.parameters())[0] = float("inf")
+    with pytest.raises(SystemExit, match="no longer finite at step 4, so no checkpoint was saved"):
+        script.save_checkpoint(accelerator, model, tmp_path, 4, {"task": 1, "epoch": 0, "step_in_epoch": 4,
+                                                                  "global_step": 4}, 2)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_loss_names_the_term_and_what_a_resume_does(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as err:
+        run([*COMMON, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type", "rank1_unscaled",
+             "--ewc_mode", "loss", "--ewc_lambda", "1e300", "--output_dir", str(out)])
+    message = str(err.value)
+    assert "the ewc term of the loss is inf at task 2" in message
+    assert "starts task 2 from the finished task_01" in message and "--max_grad_norm" in message
+    assert (out / "task_01" / "model_index.json").exists() and not (out / "task_02").exists()
+
+
+def test_upload_failures_are_recorded_when_the_run_ends_in_an_error(tmp_path, monkeypatch):
+    class FailingUploader:
+        def __init__(self, repo_id, private=None):
+            self.submitted = []
+
+        def submit(self, folder, task_index):
+            self.submitted.append(task_index)
+
+        def close(self):
+            return [{"folder": "task_01", "task": task, "error": "offline"} for task in self.submitted]
+
+    monkeypatch.setattr(script, "TaskUploader", FailingUploader)
+    crash_on_call(monkeypatch, script, "evaluate_task", 2)
+    with pytest.raises(Crash):
+        run([*COMMON, "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "user/model"])
+    failures = json.loads((tmp_path / "out" / "upload_failures.json").read_text())["failures"]
+    assert [f["task"] for f in failures] == [1]
+
+
+def test_planted_pickle_in_a_checkpoint_runs_no_code(tmp_path):
+    """Accelerate reads its checkpoint pickles (optimizer.bin, random_states_0.pkl) with torch.load(weights_only=True):
+    a planted object that would run a command on unpickling is refused, and the command never runs."""
+    out = tmp_path / "out"
+    run([*COMMON, "--output_dir", str(out), "--stop_after_steps", "8"])
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    checkpoint = out / "checkpoints" / "checkpoint-8"
+    for name in ("random_states_0.pkl", "optimizer.bin"):
+        (checkpoint / name).write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(SystemExit, match="checkpoint-8 cannot be loaded .*Weights only load failed"):
+        run([*COMMON, "--output_dir", str(out)])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image_column", "img"], "the builtin digits data has no columns"),
+    (["--hub_model_id", "not a repo id"], "is not a valid Hub repo id"),
+])
+def test_flags_refused_up_front(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
+
+
+def test_missing_relative_train_data_dir_is_not_taken_for_a_hub_id(tmp_path):
+    with pytest.raises(SystemExit, match="--train_data_dir data/none is not a folder"):
+        script.parse_args(["--train_data_dir", "data/none", "--output_dir", str(tmp_path)])
+
+
+def test_unwritable_output_dir_fails_before_any_training(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    trained = []
+    monkeypatch.setattr(script, "train_classifier", lambda *a, **k: trained.append(1))
+    with pytest.raises(SystemExit, match="cannot write to --output_dir"):
+        run([*COMMON, "--output_dir", str(tmp_path / "file" / "out")])
+    assert not trained
+
+
+def test_config_without_class_embedding_is_refused(tmp_path):
+    config = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
+              "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "num_class_embeds": None,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    (tmp_path / "unet.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="no class embedding \\(num_class_embeds: null\\)"):
+        run([*COMMON, "--model_config_name_or_path", str(tmp_path / "unet.json"), "--output_dir", str(tmp_path / "o")])
