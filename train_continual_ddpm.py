@@ -600,7 +600,8 @@ def resume_run(args, accelerator, unet: UNet2DModel, learner: ContinualLearner, 
             raise SystemExit(f"error: {previous} was trained with other settings "
                              f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir")
         if saved["tasks"] != training_tasks:
-            raise SystemExit(f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}")
+            raise SystemExit(f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}; match "
+                             f"them or use another --output_dir")
         if state.resume_position is None:
             state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
         restore_task_folder(args, previous, unet, learner, ema, saved, resolution)
@@ -619,7 +620,7 @@ def restore_task_folder(args, folder: Path, unet: UNet2DModel, learner: Continua
     loaded = UNet2DModel.from_pretrained(folder / "unet")
     if loaded.config.sample_size != resolution:
         raise SystemExit(f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
-                         f"model but --resolution is {resolution}")
+                         f"model but --resolution is {resolution}; match it or use another --output_dir")
     unet.load_state_dict(loaded.state_dict())
     if learner.penalty is not None:
         path = folder / "ewc_penalty.safetensors"
@@ -884,8 +885,8 @@ def main(argv=None) -> None:
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel, model_config=unet.config) \
         if args.use_ema else None
     lock = lock_output_dir(accelerator, output_dir)
-    check_run_manifest(args, accelerator, data)
     run = resume_run(args, accelerator, unet, learner, ema, training_tasks, data.resolution)
+    check_run_manifest(args, accelerator, data)
     if run.start_task > num_tasks:
         logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
         if lock is not None:

@@ -169,8 +169,8 @@ def test_load_fisher_verifies_the_recorded_digest(reference, tmp_path):
 @pytest.mark.parametrize("flags, named", [
     (["--ewc_lambda", "10"], "--ewc_lambda: 15000.0 in the folder, 10.0 now"),
     (["--seed", "1"], "--seed: 0 in the folder, 1 now"),
-    (["--resolution", "16"], "--resolution: None in the folder, 16 now"),
-    (["--tasks", "0,1;2,3;4,5"], "tasks: [[0, 1], [2, 3]] in the folder"),
+    (["--resolution", "16"], "model but --resolution is 16"),
+    (["--tasks", "0,1;2,3;4,5"], "was trained on tasks [[0, 1], [2, 3]], not [[0, 1], [2, 3], [4, 5]]"),
     (["--max_train_per_class", "40"], "dataset train_sha256"),  # same source, other images
     (["--replay", "off"], "--replay: 'on' in the folder, 'off' now"),
 ])

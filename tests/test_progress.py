@@ -17,12 +17,23 @@ def test_hidden_when_not_shown_and_rare_in_log_files(monkeypatch):
     assert not bar.disable and bar.mininterval == LOG_FILE_INTERVAL_SECONDS
 
 
-def test_hub_warnings_print_once_and_lines_go_above_the_bars(capfd):
-    """huggingface_hub (and datasets) have a stderr handler of their own that also propagated to ours: every Hub
-    warning printed twice. Our handler writes through tqdm.write."""
+def test_hub_warnings_print_once_and_lines_go_above_the_bars():
+    """huggingface_hub (and datasets) have a stderr handler of their own that also propagated to the root handler:
+    every Hub warning printed twice. After configure_logging a Hub record reaches only the library's handler, and
+    our own lines go through tqdm.write."""
     import logging
 
+    import huggingface_hub.utils.logging
+
     from hf_r1ewc.progress import _AboveProgressBars, configure_logging
+
+    class Recorder(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
 
     root = logging.getLogger()
     saved = root.handlers[:]
@@ -30,11 +41,16 @@ def test_hub_warnings_print_once_and_lines_go_above_the_bars(capfd):
     try:
         configure_logging()
         assert any(isinstance(h, _AboveProgressBars) for h in root.handlers)
+        recorder = Recorder()
+        root.addHandler(recorder)
         logging.getLogger("huggingface_hub.repocard").warning("unique-hub-warning")
-        assert capfd.readouterr().err.count("unique-hub-warning") == 1
+        logging.getLogger("hf_r1ewc.test").warning("our line")
+        assert recorder.messages == ["our line"]  # the Hub's warning printed once, by its own handler
+        assert logging.getLogger("huggingface_hub").handlers
         assert logging.getLogger("accelerate.checkpointing").getEffectiveLevel() == logging.WARNING
     finally:
         root.handlers = saved
-        import huggingface_hub.utils.logging
-
         huggingface_hub.utils.logging.enable_propagation()
+        import datasets.utils.logging
+
+        datasets.utils.logging.enable_propagation()
