@@ -952,8 +952,8 @@ def main(argv=None) -> None:
                                         show_progress=accelerator.is_local_main_process)
             if penalty is not None:
                 penalty.to("cpu")
-                logger.info("Fisher after task %d: c* = %.4g, ||mu|| = %.4g, N = %d", task_index, stats.c_star or 0,
-                            stats.mu_norm(), stats.num_samples)
+                logger.info("Fisher after task %d: %s, N = %d", task_index, f"c* = {stats.c_star:.4g}, ||mu|| = "
+                            f"{stats.mu_norm():.4g}" if stats.mu else "diagonal", stats.num_samples)
             if accelerator.is_main_process:
                 folder = write_task_folder(args, accelerator, data, run, pipeline, eval_model, stats, penalty, scores,
                                            curves, task_index, training_tasks, evaluator, ema)
