@@ -102,6 +102,8 @@ def test_crash_at_each_phase_resumes_without_redoing_or_losing_work(reference, t
     assert (out / "task_01" / "training_state.json").read_bytes() == task1
     assert (out / "task_01" / "training_state.json").stat().st_mtime_ns == task1_mtime
     assert max_difference(reference / "task_02", out / "task_02") <= 1e-5
+    # the step count went on from where it was (a restart at 0 had its new checkpoints pruned by the older ones)
+    assert [d.name for d in script.checkpoint_dirs(out)] == [d.name for d in script.checkpoint_dirs(reference)]
     fid = [json.loads((run / "results.json").read_text())["fid"] for run in (reference, out)]
     assert fid[0].keys() == fid[1].keys() and all(fid[0][k] == pytest.approx(fid[1][k], rel=1e-4) for k in fid[0])
     # the per-epoch losses of the interrupted task are not lost either
