@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Class-incremental training of a label-conditioned diffusers UNet2DModel with rank-1 (or diagonal) Fisher EWC and
-generative distillation — "Avoid catastrophic forgetting with rank-1 Fisher from diffusion models".
+"""Class-incremental training of a label-conditioned diffusers UNet2DModel (or DiTTransformer2DModel) with rank-1
+(or diagonal) Fisher EWC and generative distillation — "Avoid catastrophic forgetting with rank-1 Fisher from
+diffusion models".
 
     accelerate launch train_continual_ddpm.py --dataset_name digits --preset demo --output_dir runs/demo
 
@@ -36,7 +37,7 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from diffusers import UNet2DModel
+from diffusers import ModelMixin
 from diffusers.training_utils import EMAModel
 
 from hf_r1ewc import __version__
@@ -67,7 +68,14 @@ from hf_r1ewc.hub import (
 from hf_r1ewc.integrity import OutputLock, manifest_differences, sha256_tensors
 from hf_r1ewc.evaluate import sample_grid_across_tasks
 from hf_r1ewc.metrics import TaskFID, matrix_from_json, run_summary_table, summarize
-from hf_r1ewc.models import PRESETS, training_noise_scheduler, unet_from_preset
+from hf_r1ewc.models import (
+    MODEL_SUBFOLDERS,
+    PRESETS,
+    model_from_config,
+    model_from_preset,
+    num_classes_of,
+    training_noise_scheduler,
+)
 from hf_r1ewc.penalty import EWCPenalty
 from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, default_autocast_dtype, sample, sampling_scheduler
 from hf_r1ewc.plots import save_image_grid
@@ -110,10 +118,13 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="UNet shape and the defaults of the flags marked 'preset': paper (35.7M params at 32x32, the "
-                        "paper's protocol), cpu-small (1.1M), demo (0.7M, 8x8 digits)")
+                   help="model shape and the defaults of the flags marked 'preset': paper (35.7M params at 32x32, the "
+                        "paper's protocol), cpu-small (1.1M), demo (0.7M, 8x8 digits); DiTs (DiTTransformer2DModel, "
+                        "pixel space, patch 2): dit-paper-scale (35.2M at 32x32, the paper's protocol), dit-small "
+                        "(0.39M, cpu-small's settings)")
     g.add_argument("--model_config_name_or_path", default=None,
-                   help="a UNet2DModel config (json file or folder) instead of the preset's UNet")
+                   help="a UNet2DModel or DiTTransformer2DModel config (json file or folder, by its _class_name) "
+                        "instead of the preset's model")
     g = p.add_argument_group("continual learning (the paper's method and baselines)")
     g.add_argument("--ewc_type", choices=["none", "diag", "rank1", "rank1_unscaled"], default="rank1",
                    help="EWC penalty: rank1 = paper eq. 6 (with c*), rank1_unscaled = without c*, diag = diagonal")
@@ -418,27 +429,30 @@ def load_task_data(args) -> TaskData:
     return data
 
 
-def build_unet(args, data: TaskData) -> UNet2DModel:
+def build_model(args, data: TaskData) -> ModelMixin:
+    """The denoiser: the preset's UNet or DiT, or a ``UNet2DModel`` / ``DiTTransformer2DModel`` config, checked
+    against the data and the tasks."""
     try:
         if args.model_config_name_or_path:
-            unet = UNet2DModel.from_config(UNet2DModel.load_config(args.model_config_name_or_path))
+            model = model_from_config(args.model_config_name_or_path)
         else:
-            unet = unet_from_preset(args.preset, data.resolution, data.num_channels, data.num_classes)
-        if unet.config.num_class_embeds is None:
+            model = model_from_preset(args.preset, data.resolution, data.num_channels, data.num_classes)
+        if num_classes_of(model) is None:
             raise ValueError(f"the model config has no class embedding (num_class_embeds: null); this method "
-                             f"trains a label-conditioned model: set num_class_embeds to at least {data.num_classes}")
+                             f"trains a label-conditioned model: set num_class_embeds (a DiT: num_embeds_ada_norm) "
+                             f"to at least {data.num_classes}")
         parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, sorted({c for t in data.tasks
                                                                                          for c in t}),
-                    unet.config.num_class_embeds)
+                    num_classes_of(model))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    if unet.config.sample_size != data.resolution:
-        raise SystemExit(f"error: the model's sample_size {unet.config.sample_size} differs from --resolution "
+    if model.config.sample_size != data.resolution:
+        raise SystemExit(f"error: the model's sample_size {model.config.sample_size} differs from --resolution "
                          f"{data.resolution}")
-    if unet.config.in_channels != data.num_channels:
-        raise SystemExit(f"error: the model takes {unet.config.in_channels} channels but the images have "
+    if model.config.in_channels != data.num_channels:
+        raise SystemExit(f"error: the model takes {model.config.in_channels} channels but the images have "
                          f"{data.num_channels}")
-    return unet
+    return model
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -534,7 +548,7 @@ def register_ema(accelerator, ema: EMAModel) -> None:
             ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_hook(models, input_dir):
-        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
+        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), ema.model_cls)
         ema.load_state_dict(loaded.state_dict())
         ema.to(accelerator.device)
 
@@ -555,7 +569,7 @@ class RunState:
     resume_position: dict | None = None
 
 
-def resume_run(args, accelerator, unet: UNet2DModel, learner: ContinualLearner, ema: EMAModel | None,
+def resume_run(args, accelerator, denoiser: ModelMixin, learner: ContinualLearner, ema: EMAModel | None,
                training_tasks: list, resolution: int) -> RunState:
     """Where to start: after the newest of (a finished task folder of OUTPUT_DIR, --resume_from_task, a checkpoint).
     A finished task folder is newer than every checkpoint of its task, so finished work is never redone. The task
@@ -604,7 +618,7 @@ def resume_run(args, accelerator, unet: UNet2DModel, learner: ContinualLearner, 
                              f"them or use another --output_dir")
         if state.resume_position is None:
             state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
-        restore_task_folder(args, previous, unet, learner, ema, saved, resolution)
+        restore_task_folder(args, previous, denoiser, learner, ema, saved, resolution)
     results_path = output_dir / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
@@ -614,14 +628,14 @@ def resume_run(args, accelerator, unet: UNet2DModel, learner: ContinualLearner, 
     return state
 
 
-def restore_task_folder(args, folder: Path, unet: UNet2DModel, learner: ContinualLearner, ema: EMAModel | None,
+def restore_task_folder(args, folder: Path, denoiser: ModelMixin, learner: ContinualLearner, ema: EMAModel | None,
                         saved: dict, resolution: int) -> None:
     """Weights, EWC penalty and EMA position of a (verified) task folder."""
-    loaded = UNet2DModel.from_pretrained(folder / "unet")
+    loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
     if loaded.config.sample_size != resolution:
         raise SystemExit(f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
                          f"model but --resolution is {resolution}; match it or use another --output_dir")
-    unet.load_state_dict(loaded.state_dict())
+    denoiser.load_state_dict(loaded.state_dict())
     if learner.penalty is not None:
         path = folder / "ewc_penalty.safetensors"
         if not path.exists():
@@ -637,7 +651,7 @@ def restore_task_folder(args, folder: Path, unet: UNet2DModel, learner: Continua
             raise SystemExit(f"error: {path} cannot be read ({err}); copy the folder again") from None
         learner.penalty.ewc_lambda = args.ewc_lambda
     if ema is not None:
-        ema.shadow_params = [p.detach().clone() for p in unet.parameters()]
+        ema.shadow_params = [p.detach().clone() for p in denoiser.parameters()]
         ema.optimization_step = saved.get("ema_optimization_step", 0)
 
 
@@ -874,7 +888,7 @@ def main(argv=None) -> None:
     set_seed(args.seed)
     device = accelerator.device
     data = load_task_data(args)
-    unet = build_unet(args, data)
+    denoiser = build_model(args, data)
     noise_scheduler = training_noise_scheduler()
     sampler = sampling_scheduler(args.replay_scheduler, noise_scheduler.config)
     training_tasks = [sorted(c for t in data.tasks for c in t)] if args.joint else data.tasks
@@ -882,10 +896,10 @@ def main(argv=None) -> None:
     penalty = EWCPenalty(args.ewc_type, args.ewc_lambda) if args.ewc_type != "none" and not args.joint else None
     learner = ContinualLearner(noise_scheduler, penalty, args.ewc_mode, args.distill_weight,
                                not args.no_replay_in_denoise, args.replay_batch_size, args.max_grad_norm)
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel, model_config=unet.config) \
-        if args.use_ema else None
+    ema = EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser),
+                   model_config=denoiser.config) if args.use_ema else None
     lock = lock_output_dir(accelerator, output_dir)
-    run = resume_run(args, accelerator, unet, learner, ema, training_tasks, data.resolution)
+    run = resume_run(args, accelerator, denoiser, learner, ema, training_tasks, data.resolution)
     check_run_manifest(args, accelerator, data)
     if run.start_task > num_tasks:
         logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
@@ -901,7 +915,7 @@ def main(argv=None) -> None:
                                                            if isinstance(v, (int, float, str, bool))})
     uploader = TaskUploader(args.hub_model_id, private=args.hub_private or None) \
         if args.push_to_hub and accelerator.is_main_process else None
-    unet.to(device)
+    denoiser.to(device)
     if penalty is not None:  # the statistics stay on the CPU; the penalty binds one flat copy (FSDP: the local
         penalty.to("cpu")    # shard's slice) to the model's device per task
     stopped = False
@@ -914,33 +928,33 @@ def main(argv=None) -> None:
             logger.info("task %d/%d: classes %s, %d training images, method: %s", task_index, num_tasks, classes,
                         num_examples, method_description(args))
             if args.replay == "on" and not args.joint:  # the teacher: whole weights (gathered once under FSDP)
-                learner.start_task(full_model_copy(unet), sampler, old_classes, per_class=args.replay_per_class,
+                learner.start_task(full_model_copy(denoiser), sampler, old_classes, per_class=args.replay_per_class,
                                    directory=output_dir / "replay" / task_folder_name(task_index),
                                    num_inference_steps=args.num_inference_steps, seed=args.seed * 100 + task_index,
                                    online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
                                    barrier=accelerator.wait_for_everyone, show_progress=accelerator.is_local_main_process)
             # a fresh optimizer per task (the penalty and the teacher carry what earlier tasks taught)
-            optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
+            optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.learning_rate)
             if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
-                model, optimizer = accelerator.prepare(unet, optimizer)
+                model, optimizer = accelerator.prepare(denoiser, optimizer)
             else:
-                model, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+                model, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
             *curves, stopped = train_task(args, accelerator, learner, model, optimizer, loader, run, task_index,
                                           num_tasks, ema)
             if stopped:
-                logger.info("stopped after %d steps as asked; continue with --resume_from_checkpoint latest",
+                logger.info("stopped after %d steps as asked; re-run the same command to continue",
                             run.steps_this_process)
                 break
 
             # ---- end of task: theta*_k, evaluation, consolidation, the task folder
-            unet = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper: fp32 from here
+            denoiser = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast wrapper: fp32 from here
             accelerator.free_memory()
             if ema is not None:
-                ema.copy_to(unet.parameters())
-            unet.eval()
-            trained = full_model_copy(unet)  # whole weights, gathered once per task under FSDP (else unet itself)
-            pipeline, eval_model = ClassConditionalPipeline(trained, sampler), frozen_teacher(trained)  # fast copy
+                ema.copy_to(denoiser.parameters())
+            denoiser.eval()
+            trained = full_model_copy(denoiser)  # whole weights, gathered once per task under FSDP (else itself)
+            pipeline, eval_model = ClassConditionalPipeline.for_model(trained, sampler), frozen_teacher(trained)  # fast copy
             scores = evaluate_task(accelerator, evaluator, eval_model, sampler,
                                    data.tasks if args.joint else data.tasks[:task_index], task_index)
             run.matrix[task_index] = {i: s.fid for i, s in scores.items()}

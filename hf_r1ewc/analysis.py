@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     folder = resolve_task_source(args.checkpoint)
-    unet = ClassConditionalPipeline.from_pretrained(folder).unet.eval()
+    unet = ClassConditionalPipeline.from_pretrained(folder).denoiser.eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet.to(device)
     source = args.dataset_name or args.train_data_dir

@@ -87,7 +87,7 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
             continue
         read_training_state(folder)  # checks every file against its recorded SHA-256
         pipe = ClassConditionalPipeline.from_pretrained(folder)
-        model = frozen_teacher(pipe.unet)
+        model = frozen_teacher(pipe.denoiser)
         for i in missing:
             score = evaluator(model, pipe.scheduler, i)
             matrix.setdefault(k, {})[i] = score.fid

@@ -1,8 +1,8 @@
 """Task folders: their layout, atomic writing, model cards, and their trip to and from the Hub.
 
-A task folder ``OUTPUT_DIR/task_XX/`` is a loadable pipeline (``model_index.json``, ``unet/``, ``scheduler/``,
-``pipeline.py``) plus ``fisher.safetensors``, ``ewc_penalty.safetensors`` (the penalty over tasks 1..XX),
-``training_state.json``, ``metrics.json``, ``samples.png`` and ``README.md`` (the model card).
+A task folder ``OUTPUT_DIR/task_XX/`` is a loadable pipeline (``model_index.json``, ``unet/`` or ``transformer/``,
+``scheduler/``, ``pipeline.py``) plus ``fisher.safetensors``, ``ewc_penalty.safetensors`` (the penalty over tasks
+1..XX), ``training_state.json``, ``metrics.json``, ``samples.png`` and ``README.md`` (the model card).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def _template_path() -> Path:
 
 
 TEMPLATE = _template_path()
-REQUIRED_FILES = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "training_state.json")
+REQUIRED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "training_state.json")
+DENOISER_CONFIGS = ("unet/config.json", "transformer/config.json")  # a task folder holds one of them
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "pipeline.py"]
 
 
@@ -43,8 +44,9 @@ def task_folder_name(task_index: int) -> str:
 
 
 def is_complete_task_folder(path: str | os.PathLike) -> bool:
-    """True when the folder holds every file of ``REQUIRED_FILES`` (a finished, loadable task folder)."""
-    return all((Path(path) / f).exists() for f in REQUIRED_FILES)
+    """True when the folder holds every file of ``REQUIRED_FILES`` and a denoiser (a finished, loadable task folder)."""
+    return all((Path(path) / f).exists() for f in REQUIRED_FILES) and \
+        any((Path(path) / f).exists() for f in DENOISER_CONFIGS)
 
 
 def write_training_state(folder: str | os.PathLike, state: dict) -> None:
@@ -205,7 +207,8 @@ def resolve_task_source(spec: str) -> Path:
     path = Path(spec)
     if path.exists():
         if not is_complete_task_folder(path):
-            missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
+            missing = [f for f in REQUIRED_FILES if not (path / f).exists()] + \
+                ([] if any((path / f).exists() for f in DENOISER_CONFIGS) else [" or ".join(DENOISER_CONFIGS)])
             raise ValueError(f"{spec} is not a complete task folder: missing {missing}")
         return path
     if "@" not in spec:

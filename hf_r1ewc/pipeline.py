@@ -116,28 +116,49 @@ def sample(
     for t in (progress(timesteps) if progress is not None else timesteps):
         model_input = scheduler.scale_model_input(x, t)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            eps = unet(model_input.to(params.dtype) if autocast_dtype is None else model_input, t,
-                       class_labels=labels).sample
+            eps = unet(model_input.to(params.dtype) if autocast_dtype is None else model_input,
+                       t.expand(x.shape[0]), class_labels=labels).sample  # [N] timesteps: DiTs take no scalar
         x = scheduler.step(eps.float(), t, x, **extra).prev_sample
     return x.clamp(-1, 1).float()
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
-    """``pipe(class_labels=[0, 0, 3])`` -> one image per label (default: DDIM, 50 steps, eta 0; any scheduler)."""
+    """``pipe(class_labels=[0, 0, 3])`` -> one image per label (default: DDIM, 50 steps, eta 0; any scheduler).
 
-    model_cpu_offload_seq = "unet"
+    The denoiser is a ``unet`` (``UNet2DModel``) or a ``transformer`` (``DiTTransformer2DModel``, saved in
+    ``transformer/`` as diffusers' DiT pipeline names it): any model called as ``model(x_t, t, class_labels=y)``.
+    """
 
-    def __init__(self, unet: torch.nn.Module, scheduler: SchedulerMixin) -> None:
+    model_cpu_offload_seq = "unet->transformer"
+    _optional_components = ["unet", "transformer"]
+
+    def __init__(self, unet: torch.nn.Module | None, scheduler: SchedulerMixin,
+                 transformer: torch.nn.Module | None = None) -> None:
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        if (unet is None) == (transformer is None):
+            raise ValueError("pass exactly one denoiser: a UNet2DModel as unet, or a DiTTransformer2DModel as "
+                             "transformer (with unet=None); ClassConditionalPipeline.for_model picks the slot")
+        self.register_modules(unet=unet, scheduler=scheduler, transformer=transformer)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, scheduler: SchedulerMixin) -> "ClassConditionalPipeline":
+        """The pipeline around ``model``, in the ``transformer`` slot for a transformer and ``unet`` otherwise."""
+        if "Transformer" in type(model).__name__:
+            return cls(None, scheduler, transformer=model)
+        return cls(model, scheduler)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The ``unet`` or the ``transformer``, whichever this pipeline holds."""
+        return self.unet if self.unet is not None else self.transformer
 
     def check_class_labels(self, class_labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``[N]`` int64 labels, validated against the model's class embedding."""
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: pass at least one class label, e.g. class_labels=[0, 1].")
-        num_classes = getattr(self.unet.config, "num_class_embeds", None) or \
-            getattr(self.unet.config, "num_embeds_ada_norm", None)
+        num_classes = getattr(self.denoiser.config, "num_class_embeds", None) or \
+            getattr(self.denoiser.config, "num_embeds_ada_norm", None)
         if num_classes is None:
             raise ValueError("this model has no class embedding (num_class_embeds is None); it cannot take labels.")
         bad = sorted({int(c) for c in labels if not 0 <= int(c) < num_classes})
@@ -165,7 +186,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         labels = self.check_class_labels(class_labels)
-        image = sample(self.unet, self.scheduler, labels, num_inference_steps, generator, autocast_dtype, eta,
+        image = sample(self.denoiser, self.scheduler, labels, num_inference_steps, generator, autocast_dtype, eta,
                        progress=self.progress_bar)
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":

@@ -42,9 +42,27 @@ def make_tiny_unet(channels: int = 1, num_classes: int = 4, sample_size: int = 8
     )
 
 
+def make_tiny_dit(channels: int = 1, num_classes: int = 4, sample_size: int = 8, seed: int = 0):
+    """A ~3.7k-parameter class-conditional DiTTransformer2DModel (patch 2, one block), in eval mode: in train mode
+    diffusers' DiT drops 10 % of the class labels at random (classifier-free guidance training)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=channels, out_channels=channels, num_layers=1,
+        sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero",
+    ).eval()
+
+
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()
+
+
+@pytest.fixture(params=["unet", "dit"])
+def tiny_denoiser(request):
+    """The tiny UNet, then the tiny DiT: the library's math is backbone-agnostic."""
+    return make_tiny_unet() if request.param == "unet" else make_tiny_dit()
 
 
 @pytest.fixture(autouse=True)

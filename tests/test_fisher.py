@@ -55,11 +55,11 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def test_statistics_match_brute_force_and_dense_fisher(tiny_unet):
+def test_statistics_match_brute_force_and_dense_fisher(tiny_denoiser):
     x_t, t, y, noise = _inputs(n=10)
-    stats = fisher_statistics(tiny_unet, x_t, t, y, noise, kinds=("rank1", "diag"))
-    names, G = _brute_force_gradients(tiny_unet, x_t, t, y, noise)
-    assert G.shape[1] == sum(p.numel() for p in tiny_unet.parameters()) < 6000
+    stats = fisher_statistics(tiny_denoiser, x_t, t, y, noise, kinds=("rank1", "diag"))
+    names, G = _brute_force_gradients(tiny_denoiser, x_t, t, y, noise)
+    assert G.shape[1] == sum(p.numel() for p in tiny_denoiser.parameters()) < 6000
     mu = G.mean(0)
     dense = G.T @ G / G.shape[0]  # the empirical Fisher, P x P
     c_star = float(mu @ dense @ mu / mu.norm() ** 4)
@@ -71,13 +71,13 @@ def test_statistics_match_brute_force_and_dense_fisher(tiny_unet):
     assert _rel(mu.pow(2), torch.diagonal(dense)) > 0.3
 
 
-def test_rank1_only_uses_jvp_and_agrees(tiny_unet):
+def test_rank1_only_uses_jvp_and_agrees(tiny_denoiser):
     x_t, t, y, noise = _inputs(n=7, seed=1)
-    both = fisher_statistics(tiny_unet, x_t, t, y, noise, kinds=("rank1", "diag"))
-    rank1 = fisher_statistics(tiny_unet, x_t, t, y, noise, kinds=("rank1",), chunk_size=3)
+    both = fisher_statistics(tiny_denoiser, x_t, t, y, noise, kinds=("rank1", "diag"))
+    rank1 = fisher_statistics(tiny_denoiser, x_t, t, y, noise, kinds=("rank1",), chunk_size=3)
     assert rank1.diag is None and rank1.kinds == ("rank1",)
     assert abs(rank1.c_star - both.c_star) / both.c_star <= 1e-5
-    diag = fisher_statistics(tiny_unet, x_t, t, y, noise, kinds=("diag",), chunk_size=2)
+    diag = fisher_statistics(tiny_denoiser, x_t, t, y, noise, kinds=("diag",), chunk_size=2)
     assert diag.mu is None and diag.c_star is None
     names = list(both.diag)
     assert _rel(_flat(diag.diag, names), _flat(both.diag, names)) <= 1e-5

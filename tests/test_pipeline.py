@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 
-from conftest import make_tiny_unet
+from conftest import make_tiny_dit, make_tiny_unet
 from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, sampling_scheduler
 
 
@@ -73,16 +73,20 @@ def test_bad_labels_are_clear_errors(pipe):
         pipe([0], num_inference_steps=2, output_type="latent")
 
 
-def test_save_load_round_trip_and_custom_pipeline(pipe, tmp_path):
-    folder = tmp_path / "task_01"
-    pipe.unet.eval()  # from_pretrained returns eval-mode models; the fused attention kernel differs in train mode
+@pytest.mark.parametrize("backbone, subfolder", [("unet", "unet"), ("dit", "transformer")])
+def test_save_load_round_trip_and_custom_pipeline(backbone, subfolder, tmp_path):
+    model = make_tiny_unet() if backbone == "unet" else make_tiny_dit()
+    pipe = ClassConditionalPipeline.for_model(model.eval(), sampling_scheduler("ddim", DDPMScheduler().config))
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path / "task_01"  # (eval: from_pretrained returns eval-mode models)
     pipe.save_pretrained(folder)
-    assert (folder / "pipeline.py").exists() and (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (folder / "pipeline.py").exists() and (folder / subfolder / "diffusion_pytorch_model.safetensors").exists()
     ref = pipe([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     loaded = ClassConditionalPipeline.from_pretrained(folder)
     loaded.set_progress_bar_config(disable=True)
     out = loaded([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.equal(ref, out)
+    assert type(loaded.denoiser) is type(model)
     generic = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
     assert type(generic).__name__ == "ClassConditionalPipeline"
     generic.set_progress_bar_config(disable=True)
@@ -95,3 +99,11 @@ def test_half_precision_weights(pipe, dtype):
     pipe.to(dtype=dtype)
     out = pipe([0, 1], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert pipe.unet.dtype == dtype and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_exactly_one_denoiser():
+    scheduler = sampling_scheduler("ddim", DDPMScheduler().config)
+    with pytest.raises(ValueError, match="pass exactly one denoiser"):
+        ClassConditionalPipeline(make_tiny_unet(), scheduler, transformer=make_tiny_dit())
+    with pytest.raises(ValueError, match="pass exactly one denoiser"):
+        ClassConditionalPipeline(None, scheduler)

@@ -396,3 +396,28 @@ def test_flags_rejected_before_any_work(flags, message, capsys):
 
     with pytest.raises(SystemExit, match=message):
         train_continual_ddpm.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
+
+
+def test_dit_backbone_run_resume_and_folder(tmp_path):
+    """--preset dit-small: the same task folders as a UNet run (transformer/ instead of unet/, a Fisher, a card), and
+    kill/resume ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from hf_r1ewc.fisher import load_fisher
+    from hf_r1ewc.pipeline import ClassConditionalPipeline
+
+    common = [*FAST, "--preset", "dit-small", "--fid_num_samples", "40", "--checkpointing_steps", "2"]
+    launch([*common, "--output_dir", str(tmp_path / "whole")])
+    launch([*common, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "8"])
+    launch([*common, "--output_dir", str(tmp_path / "cut")])
+    folder = tmp_path / "whole" / "task_02"
+    for name in ("transformer/config.json", "fisher.safetensors", "ewc_penalty.safetensors", "README.md",
+                 "samples.png"):
+        assert (folder / name).exists(), name
+    assert not (folder / "unet").exists()
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    assert type(pipe.denoiser).__name__ == "DiTTransformer2DModel"
+    assert load_fisher(str(folder / "fisher.safetensors"), model=pipe.denoiser).c_star > 0
+    a, b = (load_file(str(tmp_path / run / "task_02" / "transformer" / "diffusion_pytorch_model.safetensors"))
+            for run in ("whole", "cut"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
