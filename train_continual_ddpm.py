@@ -73,11 +73,17 @@ from hf_r1ewc.models import (
     PRESETS,
     model_from_config,
     model_from_preset,
-    num_classes_of,
     training_noise_scheduler,
 )
 from hf_r1ewc.penalty import EWCPenalty
-from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, default_autocast_dtype, sample, sampling_scheduler
+from hf_r1ewc.pipeline import (
+    SAMPLERS,
+    ClassConditionalPipeline,
+    default_autocast_dtype,
+    num_classes_of,
+    sample,
+    sampling_scheduler,
+)
 from hf_r1ewc.plots import save_image_grid
 from hf_r1ewc.progress import configure_logging, progress_bar
 from hf_r1ewc.sharding import full_model_copy
@@ -491,10 +497,10 @@ def save_checkpoint(accelerator, model, output_dir: Path, global_step: int, posi
     accelerator.wait_for_everyone()
 
 
-def finished_tasks(output_dir: Path, num_tasks: int) -> int:
+def finished_tasks(output_dir: Path, num_tasks: int | None = None) -> int:
     """How many tasks of OUTPUT_DIR are finished: the length of the unbroken run of complete task_XX folders."""
     k = 0
-    while k < num_tasks and is_complete_task_folder(output_dir / task_folder_name(k + 1)):
+    while (num_tasks is None or k < num_tasks) and is_complete_task_folder(output_dir / task_folder_name(k + 1)):
         k += 1
     return k
 
@@ -506,7 +512,7 @@ def checkpoint_position(checkpoint: Path) -> dict:
 def resume_advice(output_dir: Path) -> str:
     """What a resume of OUTPUT_DIR will do now, and how to get past a divergence (for error messages)."""
     saved = checkpoint_dirs(output_dir)
-    done = max((int(d.name[5:]) for d in output_dir.glob("task_[0-9][0-9]") if is_complete_task_folder(d)), default=0)
+    done = finished_tasks(output_dir)
     position = checkpoint_position(saved[-1]) if saved else None
     if position is not None and position["task"] > done:
         where = (f"A resume (re-run the command, or --resume_from_checkpoint latest) restarts at {saved[-1].name} "

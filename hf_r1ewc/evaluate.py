@@ -117,6 +117,11 @@ def results_from_revisions(repo_id: str, revisions: list[str]) -> dict:
             "plasticity": s.get("plasticity")}
 
 
+def _final_afid(results: dict) -> float | None:
+    """AFID@T of a run (the joint run's AFID over all tasks); None while the last task is missing."""
+    return results.get("afid_final") if results.get("joint") else results.get("afid", {}).get(str(len(results["tasks"])))
+
+
 def aggregate(results_by_run: dict[str, dict]) -> dict:
     """Group runs by method: mean +- standard error of AFID@T, F, P, the mean sample accuracy after the last task
     (classifier backend) and AFID@k for each k."""
@@ -125,8 +130,7 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
         groups[results.get("label") or results["method"]].append(results)
     table = {}
     for method, runs in groups.items():
-        final = [r["afid_final"] if r.get("joint") else r["afid"][str(len(r["tasks"]))] for r in runs
-                 if r.get("afid_final") is not None or str(len(r["tasks"])) in r.get("afid", {})]
+        final = [a for r in runs if (a := _final_afid(r)) is not None]
         row = {"runs": len(runs), "afid": mean_and_standard_error(final) if final else None}
         for key in ("forgetting", "plasticity"):
             values = [r[key] for r in runs if r.get(key) is not None]
@@ -145,10 +149,6 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
 
 
 PAIRED_METRICS = {"afid": "AFID@T", "forgetting": "F", "plasticity": "P"}
-
-
-def _final_afid(results: dict) -> float | None:
-    return results.get("afid_final") if results.get("joint") else results.get("afid", {}).get(str(len(results["tasks"])))
 
 
 def paired_differences(results_by_run: dict[str, dict], baseline: str) -> dict:

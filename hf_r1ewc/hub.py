@@ -43,10 +43,16 @@ def task_folder_name(task_index: int) -> str:
     return f"task_{task_index:02d}"
 
 
+def missing_task_files(path: str | os.PathLike) -> list[str]:
+    """The files of ``REQUIRED_FILES`` (and a denoiser config) that the folder lacks."""
+    path = Path(path)
+    missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
+    return missing + ([] if any((path / f).exists() for f in DENOISER_CONFIGS) else [" or ".join(DENOISER_CONFIGS)])
+
+
 def is_complete_task_folder(path: str | os.PathLike) -> bool:
     """True when the folder holds every file of ``REQUIRED_FILES`` and a denoiser (a finished, loadable task folder)."""
-    return all((Path(path) / f).exists() for f in REQUIRED_FILES) and \
-        any((Path(path) / f).exists() for f in DENOISER_CONFIGS)
+    return not missing_task_files(path)
 
 
 def write_training_state(folder: str | os.PathLike, state: dict) -> None:
@@ -206,9 +212,8 @@ def resolve_task_source(spec: str) -> Path:
     """A local task folder, or ``REPO_ID@REVISION`` fetched from the Hub (safetensors, JSON, card, pipeline.py only)."""
     path = Path(spec)
     if path.exists():
-        if not is_complete_task_folder(path):
-            missing = [f for f in REQUIRED_FILES if not (path / f).exists()] + \
-                ([] if any((path / f).exists() for f in DENOISER_CONFIGS) else [" or ".join(DENOISER_CONFIGS)])
+        missing = missing_task_files(path)
+        if missing:
             raise ValueError(f"{spec} is not a complete task folder: missing {missing}")
         return path
     if "@" not in spec:

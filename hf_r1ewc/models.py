@@ -88,11 +88,6 @@ def model_from_config(config_name_or_path: str) -> ModelMixin:
     return MODEL_CLASSES[name].from_config(config)
 
 
-def num_classes_of(model: ModelMixin) -> int | None:
-    """The size of the model's class embedding (``num_class_embeds``, or a DiT's ``num_embeds_ada_norm``)."""
-    return getattr(model.config, "num_class_embeds", None) or getattr(model.config, "num_embeds_ada_norm", None)
-
-
 def unet_from_preset(preset: str, resolution: int, channels: int, num_classes: int) -> UNet2DModel:
     """A fresh label-conditioned ``UNet2DModel`` of a UNet preset's shape."""
     spec = PRESETS[preset]

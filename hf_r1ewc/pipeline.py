@@ -122,6 +122,11 @@ def sample(
     return x.clamp(-1, 1).float()
 
 
+def num_classes_of(model: torch.nn.Module) -> int | None:
+    """The size of the model's class embedding (``num_class_embeds``, or a DiT's ``num_embeds_ada_norm``)."""
+    return getattr(model.config, "num_class_embeds", None) or getattr(model.config, "num_embeds_ada_norm", None)
+
+
 class ClassConditionalPipeline(DiffusionPipeline):
     """``pipe(class_labels=[0, 0, 3])`` -> one image per label (default: DDIM, 50 steps, eta 0; any scheduler).
 
@@ -157,8 +162,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: pass at least one class label, e.g. class_labels=[0, 1].")
-        num_classes = getattr(self.denoiser.config, "num_class_embeds", None) or \
-            getattr(self.denoiser.config, "num_embeds_ada_norm", None)
+        num_classes = num_classes_of(self.denoiser)
         if num_classes is None:
             raise ValueError("this model has no class embedding (num_class_embeds is None); it cannot take labels.")
         bad = sorted({int(c) for c in labels if not 0 <= int(c) < num_classes})
