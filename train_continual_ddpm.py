@@ -718,10 +718,11 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
 
 
 def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, loader, run: RunState,
-               task_index: int, num_tasks: int, ema) -> tuple[list[float], list[float], bool]:
-    """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, stopped early)."""
+               task_index: int, num_tasks: int, ema) -> tuple[list[float], list[float], list[float], bool]:
+    """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, ||grad lambda*EWC|| /
+    ||grad of the rest of the loss|| at each epoch's first step (empty without a penalty), stopped early)."""
     output_dir = Path(args.output_dir)
-    first_epoch, skip, loss_curve, denoise_curve, carried = 0, 0, [], [], ([], [])
+    first_epoch, skip, loss_curve, denoise_curve, ratio_curve, carried = 0, 0, [], [], [], ([], [])
     if run.resume_position is not None and run.resume_position["task"] == task_index:
         try:
             accelerator.load_state(str(run.resume_dir))
@@ -732,7 +733,8 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
             group["lr"] = args.learning_rate
         first_epoch, skip = run.resume_position["epoch"], run.resume_position["step_in_epoch"]
         # the losses logged before the stop: per finished epoch, and of the epoch it stopped in
-        loss_curve, denoise_curve = run.resume_position.get("curves", ([], []))
+        loss_curve, denoise_curve, *ratio = run.resume_position.get("curves", ([], []))
+        ratio_curve = ratio[0] if ratio else []  # (checkpoints before the ratio was recorded have two curves)
         carried = run.resume_position.get("epoch_losses", ([], []))
         if not skip and carried[0]:  # stopped at an epoch's end
             loss_curve, denoise_curve = loss_curve + [sum(carried[0]) / len(carried[0])], \
@@ -744,7 +746,7 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
     progress = progress_bar(total=args.num_epochs_per_task * steps_per_epoch,
                     initial=first_epoch * steps_per_epoch + skip // args.gradient_accumulation_steps,
                     desc=f"task {task_index}/{num_tasks}", show=accelerator.is_local_main_process)
-    ratio = None
+    ratio = ratio_curve[-1] if ratio_curve else None
     for epoch in range(first_epoch, args.num_epochs_per_task):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -770,7 +772,9 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
             run.steps_this_process += 1
             progress.update(1)
             logs = {"loss": out.loss, "denoise": out.denoise, "distill": out.distill, "ewc": out.ewc}
-            ratio = out.penalty_gradient_ratio if out.penalty_gradient_ratio is not None else ratio
+            if out.penalty_gradient_ratio is not None:
+                ratio = out.penalty_gradient_ratio
+                ratio_curve.append(ratio)
             if ratio is not None:  # ||grad EWC|| / ||grad rest of the loss||, measured at each epoch's first step
                 logs["ewc_grad_ratio"] = ratio
             progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
@@ -778,19 +782,19 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
             end_of_epoch = step_in_epoch == len(loader)
             position = {"task": task_index, "epoch": epoch + end_of_epoch,
                         "step_in_epoch": 0 if end_of_epoch else step_in_epoch, "global_step": run.global_step,
-                        "curves": [loss_curve, denoise_curve], "epoch_losses": [losses, denoise]}
+                        "curves": [loss_curve, denoise_curve, ratio_curve], "epoch_losses": [losses, denoise]}
             stop = args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
             if run.global_step % args.checkpointing_steps == 0 or stop:
                 save_checkpoint(accelerator, model, output_dir, run.global_step, position,
                                 args.checkpoints_total_limit)
             if stop:
                 progress.close()
-                return loss_curve, denoise_curve, True
+                return loss_curve, denoise_curve, ratio_curve, True
         if losses:
             loss_curve.append(sum(losses) / len(losses))
             denoise_curve.append(sum(denoise) / len(denoise))
     progress.close()
-    return loss_curve, denoise_curve, False
+    return loss_curve, denoise_curve, ratio_curve, False
 
 
 def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_tasks: list, task_index: int):
@@ -829,7 +833,8 @@ def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline
                "accuracy": {i: s.accuracy for i, s in scores.items() if s.accuracy is not None},
                "accuracy_per_class": {c: a for s in scores.values() for c, a in (s.accuracy_per_class or {}).items()},
                "fid_backend": args.fid_backend, "sampling": sampling, "loss_per_epoch": curves[0],
-               "denoise_loss_per_epoch": curves[1], "c_star": stats.c_star if stats else None,
+               "denoise_loss_per_epoch": curves[1], "ewc_grad_ratio_per_epoch": curves[2],
+               "c_star": stats.c_star if stats else None,
                "mu_norm": stats.mu_norm() if stats and stats.mu else None, **summary}
     grid = sample(eval_model, pipeline.scheduler, torch.tensor(evenly_chosen(seen)).repeat_interleave(8),
                   args.num_inference_steps, torch.Generator().manual_seed(args.seed),

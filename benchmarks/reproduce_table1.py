@@ -63,7 +63,14 @@ UNET_CONFIG = {
     "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
     "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "num_class_embeds": 10,
 }
-
+# a DiT of about the UNet's parameter count (0.30M vs 0.28M): 3 blocks of width 64 over 8x8 patches of 2x2 pixels
+DIT_CONFIG = {
+    "_class_name": "DiTTransformer2DModel", "sample_size": 16, "in_channels": 1, "out_channels": 1, "patch_size": 2,
+    "num_layers": 3, "num_attention_heads": 4, "attention_head_dim": 16, "num_embeds_ada_norm": 10,
+    "norm_type": "ada_norm_zero",
+}
+# the DiT study (benchmarks/results/dit.md): GD, rank-1 + GD in the loss and decoupled, at the paper's lambda
+DIT_METHODS = [("GD", None), ("rank-1 + GD", PAPER_LAMBDA), ("decoupled rank-1 + GD", PAPER_LAMBDA)]
 
 SCALES = {
     # Sized from measured costs on 2 CPU cores (one thread per run, 2 runs at a time): a step of 32 real + 32 replay
@@ -87,10 +94,12 @@ SCALES = {
 }
 
 
-def run_flags(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict) -> list[str]:
+def run_flags(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict,
+              backbone: str = "unet") -> list[str]:
     flags = ["--train_data_dir", data_dir, "--classes_per_task", "2", "--resolution", str(sc["resolution"])]
     if sc["model"] == "config":
-        flags += ["--resize", "--model_config_name_or_path", str(work / "unet_config.json"), "--preset", "cpu-small"]
+        flags += ["--resize", "--model_config_name_or_path", str(work / f"{backbone}_config.json"),
+                  "--preset", "cpu-small"]
     else:
         flags += ["--preset", sc["model"]]
     if sc["per_class"]:
@@ -109,9 +118,9 @@ def run_flags(name: str, lam: float | None, seed: int, work: Path, data_dir: str
     return flags
 
 
-def run_dir_name(name: str, lam: float | None, seed: int) -> str:
+def run_dir_name(name: str, lam: float | None, seed: int, backbone: str = "unet") -> str:
     slug = name.replace(" + ", "+").replace(" ", "_").replace("/", "")
-    return f"{slug}{'' if lam is None else f'_lam{lam:g}'}_seed{seed}"
+    return f"{'dit_' if backbone == 'dit' else ''}{slug}{'' if lam is None else f'_lam{lam:g}'}_seed{seed}"
 
 
 def finished(out: Path) -> bool:
@@ -123,12 +132,12 @@ def finished(out: Path) -> bool:
 
 
 def launch(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, log: Path,
-           on_gpu: bool = False) -> Path:
-    out = work / "runs" / run_dir_name(name, lam, seed)
+           on_gpu: bool = False, backbone: str = "unet") -> Path:
+    out = work / "runs" / run_dir_name(name, lam, seed, backbone)
     if finished(out):
         return out
-    cmd = [sys.executable, str(ROOT / "train_continual_ddpm.py"), *run_flags(name, lam, seed, work, data_dir, sc),
-           "--output_dir", str(out)]
+    cmd = [sys.executable, str(ROOT / "train_continual_ddpm.py"),
+           *run_flags(name, lam, seed, work, data_dir, sc, backbone), "--output_dir", str(out)]
     if (out / "checkpoints").exists():
         cmd += ["--resume_from_checkpoint", "latest"]
     env = {**os.environ, "TQDM_DISABLE": "1", **({} if on_gpu else {"OMP_NUM_THREADS": "1"})}
@@ -302,6 +311,24 @@ def write_paired(work: Path, outs: list[Path], output: Path) -> None:
     output.with_suffix(".json").write_text(json.dumps({"summary": table, "paired": paired}, indent=2, default=str))
 
 
+def write_dit_table(work: Path, output: Path) -> None:
+    """dit_table.json: per backbone, AFID@5 / F / P (mean +- SE over seeds 0-2) and each method minus GD paired by
+    seed, for the DiT runs and the UNet runs of the same seeds and methods (from the paired study)."""
+    from hf_r1ewc.evaluate import aggregate, paired_differences
+
+    table = {}
+    for backbone in ("unet", "dit"):
+        outs = [work / "runs" / run_dir_name(m, lam, s, backbone) for s in SEEDS for m, lam in DIT_METHODS]
+        runs = {str(o): json.loads((o / "results.json").read_text()) for o in outs if finished(o)}
+        if not runs:
+            continue
+        gd = runs[str(work / "runs" / run_dir_name("GD", None, SEEDS[0], backbone))]["method"]
+        table[backbone] = {"summary": aggregate(runs), "paired": paired_differences(runs, gd)}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(table, indent=2, default=str))
+    print(json.dumps(table, indent=1, default=str)[:3000])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
@@ -312,9 +339,11 @@ def main() -> None:
                                                           "for the GPU scales)")
     p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--work_dir", default=None, help="default: runs/table1 (cpu) or runs/table1_SCALE")
-    p.add_argument("--phase", choices=["all", "sweep", "table", "paired"], default="all",
+    p.add_argument("--phase", choices=["all", "sweep", "table", "paired", "dit"], default="all",
                    help="paired: GD, rank-1 + GD (lambda 15000 and 100, in the loss) and decoupled rank-1 + GD on "
-                        "seeds 0-4, compared with GD seed by seed -> table1_paired.md")
+                        "seeds 0-4, compared with GD seed by seed -> table1_paired.md; dit: GD, rank-1 + GD and "
+                        "decoupled rank-1 + GD with a DiT of the UNet's size on seeds 0-2, beside the UNet's runs "
+                        "of the same seeds -> dit_table.json")
     args = p.parse_args()
     sc = SCALES[args.scale]
     on_gpu = sc["model"] == "paper"
@@ -322,6 +351,7 @@ def main() -> None:
     work = Path(args.work_dir or ROOT / "runs" / ("table1" if args.scale == "cpu" else f"table1_{args.scale}"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
+    (work / "dit_config.json").write_text(json.dumps(DIT_CONFIG))
     log = work / "runs.log"
     if not (work / "fid_classifier" / "model.safetensors").exists():
         size = ["--resolution", "16", "--resize"] if sc["model"] == "config" else ["--resolution", "32"]
@@ -334,6 +364,12 @@ def main() -> None:
         sweep, seeds = [("rank-1 + GD", lam, SWEEP_SEED) for lam in (100.0, 15000.0)], SEEDS[:1]
     if args.scale == "gpu-reduced":
         sweep, seeds, methods = [], SEEDS[:1], ["GD", "diag + GD", "rank-1 + GD", "decoupled rank-1 + GD"]
+    if args.phase == "dit":
+        jobs_dit = [(m, lam, s, "dit") for s in SEEDS for m, lam in DIT_METHODS]
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(lambda job: launch(*job[:3], work, args.data_dir, sc, log, on_gpu, job[3]), jobs_dit))
+        write_dit_table(work, RESULTS / "dit_table.json")
+        return
     if args.phase == "paired":
         with ThreadPoolExecutor(jobs) as pool:
             outs = list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log, on_gpu),

@@ -110,6 +110,11 @@ def test_crash_at_each_phase_resumes_without_redoing_or_losing_work(reference, t
     metrics = [json.loads((run / "task_02" / "metrics.json").read_text()) for run in (reference, out)]
     assert metrics[0]["loss_per_epoch"] == pytest.approx(metrics[1]["loss_per_epoch"], rel=1e-5)
     assert len(metrics[1]["loss_per_epoch"]) == 2
+    # (the ratio's numerator is lambda F (theta - theta*_1) a few steps after theta*_1: the resumed weights' ~1e-6
+    # differences are a larger fraction of that displacement than of the weights)
+    assert metrics[0]["ewc_grad_ratio_per_epoch"] == pytest.approx(metrics[1]["ewc_grad_ratio_per_epoch"], rel=2e-3,
+                                                                   abs=1e-9)
+    assert len(metrics[1]["ewc_grad_ratio_per_epoch"]) == 2
     if phase == "replay pool":  # the newest checkpoint (task 1's) is older than the finished task_01
         assert "is older than the finished task 1: continuing after task 1" in caplog.text
     else:  # mid task 2, or its end (checkpoint-12) when the crash came after training

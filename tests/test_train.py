@@ -75,6 +75,10 @@ def test_layout_fisher_pipeline_and_results(two_task_run):
     metrics = json.loads((two_task_run / "task_02" / "metrics.json").read_text())
     assert metrics["fid_num_samples"] == {"1": 40, "2": 40} and len(metrics["loss_per_epoch"]) == 2
     assert len(metrics["denoise_loss_per_epoch"]) == 2 and all(v > 0 for v in metrics["denoise_loss_per_epoch"])
+    # ||grad lambda*EWC|| / ||grad rest|| at each epoch's first step: 0 at theta*_1 itself, then the pull back
+    ratios = metrics["ewc_grad_ratio_per_epoch"]
+    assert len(ratios) == 2 and ratios[0] == pytest.approx(0.0, abs=1e-6) and ratios[1] > 0
+    assert json.loads((two_task_run / "task_01" / "metrics.json").read_text())["ewc_grad_ratio_per_epoch"] == []
     penalty_state = json.loads((two_task_run / "task_02" / "training_state.json").read_text())
     assert penalty_state["seen_classes"] == [0, 1, 2, 3]
     card = (two_task_run / "task_02" / "README.md").read_text()
