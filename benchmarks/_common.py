@@ -31,6 +31,17 @@ def unet(block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=32, ch
     )
 
 
+def dit(num_layers=4, width=128, sample_size=32, channels=1, num_classes=10, seed=0):
+    """A class-conditional pixel-space DiTTransformer2DModel (patch 2, heads of 32 channels)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=width // 32, attention_head_dim=32, in_channels=channels, out_channels=channels,
+        num_layers=num_layers, sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes,
+        norm_type="ada_norm_zero").eval()  # eval: the DiT drops 10 % of class labels in train mode
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

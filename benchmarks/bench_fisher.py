@@ -1,8 +1,9 @@
 """Fisher estimation and EWC penalty speed, as ratios measured in one run.
 
-    python benchmarks/bench_fisher.py [--quick] [--device cpu|cuda] [--paper_model]
+    python benchmarks/bench_fisher.py [--quick] [--device cpu|cuda] [--paper_model] [--backbone unet|dit]
 
-Keys written to benchmarks/results/bench_fisher.json (``--quick`` writes bench_fisher_quick.json):
+Keys written to benchmarks/results/bench_fisher.json (``--quick`` writes bench_fisher_quick.json, ``--backbone dit``
+bench_fisher_dit.json: a pixel-space DiT of about the UNet's parameter count, 4 blocks of width 128 at 32x32):
 
 * fisher_speedup_vs_fp64_loop: batch-size-1 float64 loop (the authors' approach; the loop keeps every per-sample
   gradient, its fastest form) over ``estimate_fisher`` for mu + c* + diag on the same N samples.
@@ -23,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians, print_table, sync, unet, write_results  # noqa: E402
+from _common import dit, interleaved_medians, print_table, sync, unet, write_results  # noqa: E402
 
 from hf_r1ewc.fisher import FisherStatistics, estimate_fisher  # noqa: E402
 from hf_r1ewc.penalty import EWCPenalty  # noqa: E402
@@ -79,22 +80,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model and N: under a minute on 2 CPU cores")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--paper_model", action="store_true", help="the paper's 34M-parameter UNet (GPU)")
+    parser.add_argument("--backbone", choices=["unet", "dit"], default="unet",
+                        help="dit: a DiTTransformer2DModel (1.2M parameters; 0.3M with --quick) instead of the UNet")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.paper_model:
+    if args.backbone == "dit":
+        model_kw, n, batch, repeats = (dict(num_layers=2, width=64), 64, 32, 3) if args.quick else \
+            (dict(num_layers=4, width=128), 256, 128, 3)
+    elif args.paper_model:
         model_kw, n, batch, repeats = dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2), 256, 128, 3
     elif args.quick:
         model_kw, n, batch, repeats = dict(block_out_channels=(16, 32, 32)), 64, 32, 3
     else:
         model_kw, n, batch, repeats = dict(block_out_channels=(32, 64, 64)), 256, 128, 3
-    model = unet(**model_kw).to(device)
+    model = (dit if args.backbone == "dit" else unet)(**model_kw).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     g = torch.Generator().manual_seed(0)
     x0 = (torch.rand(n, 1, 32, 32, generator=g) * 2 - 1).to(device)
     y = torch.randint(0, 10, (n,), generator=g).to(device)
     loader = [(x0[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
-    print(f"UNet {model_kw['block_out_channels']}: {num_params / 1e6:.2f}M parameters, N={n}, batch {batch}, {device}")
+    print(f"{type(model).__name__} {model_kw}: {num_params / 1e6:.2f}M parameters, N={n}, batch {batch}, {device}")
 
     def ours(kinds):
         return lambda: estimate_fisher(model, scheduler, loader, kinds=kinds, show_progress=False,
@@ -108,7 +114,7 @@ def main() -> None:
         fn()
         sync(device)
         times[name] = time.perf_counter() - start
-    results = {"num_params": num_params, "num_samples": n, "batch_size": batch, "device": str(device),
+    results = {"backbone": type(model).__name__, "num_params": num_params, "num_samples": n, "batch_size": batch, "device": str(device),
                "fisher_seconds": times["ours"], "fp64_loop_seconds": times["fp64_loop"],
                "fisher_speedup_vs_fp64_loop": times["fp64_loop"] / times["ours"]}
 
@@ -156,7 +162,8 @@ def main() -> None:
                "fisher_cost_vs_epoch": "<= 2.5", "penalty_overhead_k1": "<= 0.03", "penalty_overhead_k19": "<= 0.03",
                "penalty_overhead_cat_k19": "(baseline)"}
     print_table([(k, f"{results[k]:.3f}", targets[k]) for k in targets])
-    name = "bench_fisher" + ("_paper_model" if args.paper_model else "_quick" if args.quick else "")
+    name = "bench_fisher" + ("_dit" if args.backbone == "dit" else "") + (
+        "_paper_model" if args.paper_model else "_quick" if args.quick else "")
     print(f"wrote {write_results(name, results)}")
 
 

@@ -29,6 +29,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -123,21 +124,23 @@ def run_dir_name(name: str, lam: float | None, seed: int, backbone: str = "unet"
     return f"{'dit_' if backbone == 'dit' else ''}{slug}{'' if lam is None else f'_lam{lam:g}'}_seed{seed}"
 
 
-def finished(out: Path) -> bool:
+def finished(out: Path, num_tasks: int = 5) -> bool:
     path = out / "results.json"
     if not path.exists():
         return False
     results = json.loads(path.read_text())
-    return results.get("joint") and "afid_final" in results or "5" in results.get("afid", {})
+    return results.get("joint") and "afid_final" in results or str(num_tasks) in results.get("afid", {})
 
 
 def launch(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, log: Path,
-           on_gpu: bool = False, backbone: str = "unet") -> Path:
-    out = work / "runs" / run_dir_name(name, lam, seed, backbone)
-    if finished(out):
+           on_gpu: bool = False, backbone: str = "unet", folder: str | None = None, extra: Sequence[str] = (),
+           num_tasks: int = 5) -> Path:
+    """Run (or resume) one training run into work/runs/FOLDER (default: run_dir_name); skipped when finished."""
+    out = work / "runs" / (folder or run_dir_name(name, lam, seed, backbone))
+    if finished(out, num_tasks):
         return out
     cmd = [sys.executable, str(ROOT / "train_continual_ddpm.py"),
-           *run_flags(name, lam, seed, work, data_dir, sc, backbone), "--output_dir", str(out)]
+           *run_flags(name, lam, seed, work, data_dir, sc, backbone), *extra, "--output_dir", str(out)]
     if (out / "checkpoints").exists():
         cmd += ["--resume_from_checkpoint", "latest"]
     env = {**os.environ, "TQDM_DISABLE": "1", **({} if on_gpu else {"OMP_NUM_THREADS": "1"})}

@@ -132,3 +132,24 @@ def plot_loss_curves(curves: dict[str, dict[int, list[float]]], path: str | os.P
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_against(panels: dict[str, dict[str, dict[float, tuple[float, float]]]], path: str | os.PathLike,
+                 x_label: str, log_x: bool = False) -> None:
+    """One panel per quantity, one line per method with standard-error bars:
+    ``panels[quantity][method][x] = (mean, standard_error)`` (e.g. AFID@T, F and P against steps per task)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, (quantity, lines) in zip(axes[0], panels.items()):
+        for method, points in sorted(lines.items()):
+            xs = sorted(points)
+            ax.errorbar(xs, [points[x][0] for x in xs], yerr=np.nan_to_num([points[x][1] for x in xs]),
+                        marker="o", capsize=3, label=method)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label, fontsize=8)
+        ax.set_title(quantity, fontsize=9)
+    axes[0][0].legend(fontsize=6, loc="best", framealpha=0.6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

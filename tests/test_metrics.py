@@ -115,14 +115,16 @@ def test_missing_weights_errors(tmp_path):
 
 
 def test_plots_are_written(tmp_path):
-    from hf_r1ewc.plots import plot_afid_curves, plot_loss_curves, plot_task_fid_curves
+    from hf_r1ewc.plots import plot_afid_curves, plot_against, plot_loss_curves, plot_task_fid_curves
 
     plot_afid_curves({"rank-1 + GD": {1: (10.0, 1.0), 2: (12.0, 0.5)}, "GD": {1: (11.0, math.nan), 2: (15.0, 1.0)}},
                      tmp_path / "afid.png")
     plot_task_fid_curves({1: {1: 10.0}, 2: {1: 12.0, 2: 20.0}}, tmp_path / "curves.png")
     plot_loss_curves({"GD seed 0": {1: [0.2, 0.1, 0.08], 2: [0.1, 0.09]}, "rank-1": {1: [0.3, 0.2]}},
                      tmp_path / "loss.png")
-    for name in ("afid.png", "curves.png", "loss.png"):
+    plot_against({"AFID@5": {"GD": {280: (10.0, 1.0), 840: (9.0, math.nan)}}, "P": {"GD": {280: (3.0, 0.5)}}},
+                 tmp_path / "against.png", "optimizer steps per task", log_x=True)
+    for name in ("afid.png", "curves.png", "loss.png", "against.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 

@@ -1,0 +1,218 @@
+"""Training length at the CPU table-1 scale: does in-loss lambda = 15000 become usable as tasks converge, and does
+decoupling keep its edge there? (issue 18)
+
+    python benchmarks/training_length.py [--jobs 2] [--lengths 1,3,9] [--seeds 0,1,2] [--report_only]
+
+Every run is one ``train_continual_ddpm.py`` process in runs/table1 (sharing the classifier FID features and
+reference statistics of ``reproduce_table1.py``). Two parts:
+
+1. task 1 alone (``--tasks 0,1``) at 1x, 3x, 9x and 27x the CPU scale's 280 optimizer steps per task: the Fisher's
+   ||mu|| and c*, the rank-1 penalty's curvature along its direction (lambda c* ||mu||^2: the penalty is
+   lambda/2 c* (mu . (theta - theta*))^2) and FID_1(m_1), per seed. Cheap (no replay), so it reaches 27x;
+2. the 5-task runs of GD, rank-1 + GD (lambda 15000 in the loss), decoupled rank-1 + GD (lambda 15000) and diag + GD
+   (lambda 15000 in the loss) at each of ``--lengths``: AFID@5, F, P and, per task, ||mu||, c* and the penalty's
+   gradient relative to the rest of the loss at the first step of the next task's second epoch
+   (``ewc_grad_ratio_per_epoch[1]`` in metrics.json; at the very first step the weights are theta*_k itself).
+
+Part 1 runs first; part 2 is queued seed by seed (every method of a seed, then the next seed), so a study cut short
+still pairs. Re-running the command resumes (finished runs are skipped, interrupted ones continue from their
+checkpoints); ``--report_only`` writes benchmarks/results/training_length.{md,json} and the plots from what has
+finished, saying which cells are missing. 1x runs of the paired study made before the penalty-gradient ratio was
+recorded are rerun into ``*_r`` folders (the same flags, so the same numbers, plus the ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce_table1 import (  # noqa: E402
+    PAPER_LAMBDA, RESULTS, ROOT, SCALES, UNET_CONFIG, finished, launch, provenance, run_dir_name,
+)
+
+sys.path.insert(0, str(ROOT))
+
+METHODS = [("GD", None), ("rank-1 + GD", PAPER_LAMBDA), ("decoupled rank-1 + GD", PAPER_LAMBDA),
+           ("diag + GD", PAPER_LAMBDA)]
+TASK1_LENGTHS = (1, 3, 9, 27)
+BASE = SCALES["cpu"]
+STEPS_PER_TASK = BASE["epochs"] * -(-2 * BASE["per_class"] // BASE["batch"])  # 40 epochs x 7 batches = 280
+
+
+def scale_at(length: int) -> dict:
+    """The CPU table-1 scale with ``length`` x the epochs (optimizer steps) per task."""
+    return {**BASE, "epochs": BASE["epochs"] * length}
+
+
+def has_ratio_record(out: Path) -> bool:
+    path = out / "task_02" / "metrics.json"
+    return path.exists() and "ewc_grad_ratio_per_epoch" in json.loads(path.read_text())
+
+
+def run_folder(work: Path, name: str, lam: float | None, seed: int, length: int, rerun: bool = False) -> str:
+    """Longer runs carry ``_x{length}``. 1x is the paired study's folder; ``rerun``: its ``*_r`` rerun when that
+    folder predates the ratio record (GD has no penalty, so nothing to rerun). Reports prefer a finished rerun."""
+    base = run_dir_name(name, lam, seed)
+    if length != 1:
+        return f"{base}_x{length}"
+    paired = work / "runs" / base
+    if lam is None or not finished(paired) or has_ratio_record(paired):
+        return base
+    return f"{base}_r" if rerun or finished(work / "runs" / f"{base}_r") else base
+
+
+def task1_folder(seed: int, length: int) -> str:
+    return f"task1_only_seed{seed}_x{length}"
+
+
+def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: list[int]) -> None:
+    log = work / "runs.log"
+    task1_jobs = [dict(name="rank-1 + GD", lam=PAPER_LAMBDA, seed=s, sc=scale_at(k), folder=task1_folder(s, k),
+                       extra=["--tasks", "0,1"], num_tasks=1) for k in TASK1_LENGTHS for s in seeds]
+    # order: new runs up to 3x (1x where the paired study has none), then the 1x reruns that only add the ratio
+    # record, then the longer lengths; seed by seed within each
+    study_jobs = [dict(name=m, lam=lam, seed=s, length=k, sc=scale_at(k),
+                       folder=run_folder(work, m, lam, s, k, rerun=True))
+                  for k in sorted(lengths) for s in seeds for m, lam in METHODS]
+    study_jobs.sort(key=lambda j: (j["length"] > 3, j["folder"].endswith("_r"), j["length"]))
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda j: launch(j["name"], j["lam"], j["seed"], work, data_dir, j["sc"], log,
+                                       folder=j["folder"], extra=j.get("extra", ()),
+                                       num_tasks=j.get("num_tasks", 5)), task1_jobs + study_jobs))
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
+    from hf_r1ewc.evaluate import paired_differences, paired_markdown
+    from hf_r1ewc.metrics import mean_and_standard_error as mse
+    from hf_r1ewc.plots import plot_against
+
+    runs = work / "runs"
+    # ---- part 1: task 1 alone
+    task1 = {}
+    for k in TASK1_LENGTHS:
+        rows = [m for s in seeds if (m := read_json(runs / task1_folder(s, k) / "task_01" / "metrics.json"))]
+        if rows:
+            task1[k] = {"seeds": len(rows), "mu_norm": mse([r["mu_norm"] for r in rows]),
+                        "c_star": mse([r["c_star"] for r in rows]),
+                        "stiffness": mse([PAPER_LAMBDA * r["c_star"] * r["mu_norm"] ** 2 for r in rows]),
+                        "fid_1": mse([r["fid"]["1"] for r in rows]),
+                        "final_denoise_loss": mse([r["denoise_loss_per_epoch"][-1] for r in rows])}
+    # ---- part 2: the 5-task runs
+    study, per_task, results_by_run = {}, {}, {}
+    for k in lengths:
+        for name, lam in METHODS:
+            outs = [runs / run_folder(work, name, lam, s, k) for s in seeds]
+            done = [o for o in outs if finished(o)]
+            if not done:
+                continue
+            res = [json.loads((o / "results.json").read_text()) for o in done]
+            for o, r in zip(done, res):
+                results_by_run[str(o)] = {**r, "label": f"{name} @ {k}x"}
+            study.setdefault(name, {})[k] = {
+                "seeds": [r["seed"] for r in res], "afid": mse([r["afid"]["5"] for r in res]),
+                "forgetting": mse([r["forgetting"] for r in res]), "plasticity": mse([r["plasticity"] for r in res])}
+            tasks = {}
+            for t in range(1, 6):
+                ms = [m for o in done if (m := read_json(o / f"task_{t:02d}" / "metrics.json"))]
+                nxt = [m for o in done if (m := read_json(o / f"task_{t + 1:02d}" / "metrics.json"))]
+                ratios = [m["ewc_grad_ratio_per_epoch"][1] for m in nxt
+                          if len(m.get("ewc_grad_ratio_per_epoch") or []) > 1]
+                tasks[t] = {"mu_norm": mse([m["mu_norm"] for m in ms]) if ms and ms[0].get("mu_norm") else None,
+                            "c_star": mse([m["c_star"] for m in ms]) if ms and ms[0].get("c_star") else None,
+                            "grad_ratio_next_task": mse(ratios) if ratios else None,
+                            "fid_when_learned": mse([m["fid"][str(t)] for m in ms]) if ms else None}
+            per_task.setdefault(name, {})[k] = tasks
+    paired = {}
+    for k in lengths:
+        at_k = {run: r for run, r in results_by_run.items() if r["label"].endswith(f"@ {k}x")}
+        if f"GD @ {k}x" in {r["label"] for r in at_k.values()} and len({r["label"] for r in at_k.values()}) > 1:
+            paired[k] = paired_differences(at_k, f"GD @ {k}x")
+    table = {"steps_per_task_at_1x": STEPS_PER_TASK, "scale": BASE, "task1_alone": task1, "study": study,
+             "per_task": per_task, "paired_vs_gd": paired}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "training_length.json").write_text(json.dumps(table, indent=1, default=str))
+
+    fmt = lambda p, d=1: "—" if p is None else (f"{p[0]:.{d}f} ± {p[1]:.{d}f}" if p[1] == p[1] else f"{p[0]:.{d}f}")  # noqa: E731
+    lines = ["# Training length at the CPU table-1 scale (issue 18)\n",
+             f"The CPU scale of table1_fmnist_cpu.md (280 optimizer steps per task at 1x) at longer training: the "
+             f"epochs per task times 1, 3, 9 (27 for task 1 alone). FID features: a CNN classifier (NOT comparable "
+             f"to Inception FID). Mean ± standard error over the seeds listed.\n", provenance() + "\n",
+             "\n## Task 1 alone: how the Fisher changes as the task converges\n",
+             "| steps | seeds | final denoising loss | FID_1(m_1) | ‖μ‖ | c* | λ c* ‖μ‖² (λ = 15000) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for k, r in task1.items():
+        lines.append(f"| {k * STEPS_PER_TASK} ({k}x) | {r['seeds']} | {fmt(r['final_denoise_loss'], 4)} | "
+                     f"{fmt(r['fid_1'])} | {fmt(r['mu_norm'], 4)} | {fmt(r['c_star'], 2)} | {fmt(r['stiffness'], 1)} |")
+    lines += ["\n## Five tasks: AFID@5, forgetting F and plasticity P by training length\n",
+              "| method | steps per task | seeds | AFID@5 ↓ | F ↓ | P ↓ | ‖μ‖ of task 1 | c* of task 1 | "
+              "penalty / loss gradient, task 2 epoch 2 | same, task 5 epoch 2 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, by_k in study.items():
+        for k, e in sorted(by_k.items()):
+            t = per_task[name][k]
+            lines.append(f"| {name} | {k * STEPS_PER_TASK} ({k}x) | {len(e['seeds'])} | {fmt(e['afid'])} | "
+                         f"{fmt(e['forgetting'])} | {fmt(e['plasticity'])} | {fmt(t[1]['mu_norm'], 4)} | "
+                         f"{fmt(t[1]['c_star'], 2)} | {fmt(t[1]['grad_ratio_next_task'], 2)} | "
+                         f"{fmt(t[4]['grad_ratio_next_task'], 2)} |")
+    missing = [f"{name} {k}x seed {s}" for k in lengths for name, lam in METHODS for s in seeds
+               if not finished(runs / run_folder(work, name, lam, s, k))]
+    if missing:
+        lines += [f"\nNot yet run ({len(missing)}): " + ", ".join(missing) + "."]
+    for k, table_k in paired.items():
+        lines.append(paired_markdown(table_k, f"GD @ {k}x").replace("## Paired", f"## {k}x ({k * STEPS_PER_TASK} "
+                                                                                   f"steps per task): paired"))
+    md = RESULTS / "training_length.md"
+    reading = md.read_text().partition("\n## Reading")[2] if md.exists() else ""
+    md.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
+    if study:
+        plot_against({q: {name: {k * STEPS_PER_TASK: e[key] for k, e in by_k.items()} for name, by_k in study.items()}
+                      for q, key in (("AFID@5 ↓", "afid"), ("forgetting F ↓", "forgetting"),
+                                     ("plasticity P ↓", "plasticity"))},
+                     RESULTS / "training_length_afid_f_p.png", "optimizer steps per task", log_x=True)
+    if task1:
+        mu_lines = {"task 1 alone": {k * STEPS_PER_TASK: r["mu_norm"] for k, r in task1.items()}}
+        mu_lines |= {f"{name} (task 1 of 5)": {k * STEPS_PER_TASK: t[1]["mu_norm"] for k, t in by_k.items()
+                                               if t[1]["mu_norm"]} for name, by_k in per_task.items()}
+        plot_against({"‖μ‖ (task 1)": {n: v for n, v in mu_lines.items() if v},
+                      "λ c* ‖μ‖² (task 1 alone)": {"task 1 alone": {k * STEPS_PER_TASK: r["stiffness"]
+                                                                     for k, r in task1.items()}},
+                      "FID_1(m_1) (task 1 alone)": {"task 1 alone": {k * STEPS_PER_TASK: r["fid_1"]
+                                                                      for k, r in task1.items()}}},
+                     RESULTS / "training_length_mu.png", "optimizer steps per task", log_x=True)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
+    p.add_argument("--lengths", default="1,3,9", help="multiples of the CPU scale's 280 steps per task")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--work_dir", default=str(ROOT / "runs" / "table1"))
+    p.add_argument("--report_only", action="store_true", help="write the results from the finished runs")
+    args = p.parse_args()
+    lengths, seeds = [int(k) for k in args.lengths.split(",")], [int(s) for s in args.seeds.split(",")]
+    work = Path(args.work_dir)
+    if not args.report_only:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
+        if not (work / "fid_classifier" / "model.safetensors").exists():
+            subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name",
+                            args.data_dir, "--output_dir", str(work / "fid_classifier"), "--resolution", "16",
+                            "--resize", "--epochs", "2"], check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+        run_all(work, args.data_dir, args.jobs, lengths, seeds)
+    report(work, lengths, seeds)
+
+
+if __name__ == "__main__":
+    main()
