@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_k", type=int, default=5)
     p.add_argument("--chunk_size", type=int, default=64)
     p.add_argument("--memory_gb", type=float, default=2.0, help="memory for per-sample gradients of one group")
+    p.add_argument("--resize", action=argparse.BooleanOptionalAction, default=None,
+                   help="rescale the images to the model's resolution (default: as the run that wrote the folder "
+                        "did, from its training_state.json; else zero-pad)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
@@ -247,7 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     data = train.subset(tasks[args.task - 1])
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.num_samples]
     resolution = unet.config.sample_size
-    x0 = images_to_model_input(data.images[order], resolution if resolution != data.image_size else None)
+    resize = args.resize
+    if resize is None:  # the images as the run trained on them
+        state = Path(folder) / "training_state.json"
+        resize = bool(json.loads(state.read_text()).get("run_config", {}).get("resize")) if state.exists() else False
+    x0 = images_to_model_input(data.images[order], resolution if resolution != data.image_size else None, resize)
     result = analyse_checkpoint(unet, x0, data.labels[order], [int(t) for t in args.timesteps.split(",")],
                                 args.seed, args.top_k, args.chunk_size, args.memory_gb * 1e9)
     result.update(checkpoint=str(args.checkpoint), task=args.task, classes=tasks[args.task - 1],

@@ -78,3 +78,28 @@ def test_checkpoint_analysis_and_figures(tmp_path):
     plot_analysis(result, tmp_path)
     for name in ("fig1_scaled_identity_mse.png", "fig2_abs_cos_to_mean.png", "fig3_fisher_geometry.png"):
         assert (tmp_path / name).stat().st_size > 3000
+
+
+def test_cli_analyses_a_folder_trained_on_resized_images(tmp_path, capsys):
+    """A run trained with --resize (28x28 Fashion-MNIST rescaled to 8x8) is analysed on images rescaled the same
+    way, as its training_state.json records (before: 'padding cannot shrink images')."""
+    import json
+
+    import pytest
+
+    from hf_r1ewc.analysis import main
+    from hf_r1ewc.hub import write_training_state
+    from hf_r1ewc.models import training_noise_scheduler as scheduler
+    from hf_r1ewc.pipeline import ClassConditionalPipeline
+
+    fmnist = "/usr/share/datasets/fashion-mnist"
+    if not __import__("os").path.isdir(fmnist):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    folder = tmp_path / "task_01"
+    ClassConditionalPipeline(make_tiny_unet(num_classes=10).eval(), scheduler()).save_pretrained(folder)
+    write_training_state(folder, {"task_index": 1, "run_config": {"resize": True, "resolution": 8}})
+    main(["--checkpoint", str(folder), "--train_data_dir", fmnist, "--task", "1", "--timesteps", "100,900",
+          "--num_samples", "8", "--output_dir", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert sorted(int(t) for t in result["per_timestep"]) == [100, 900] and result["num_samples"] == 8
+    assert "lambda2/lambda1" in capsys.readouterr().out
