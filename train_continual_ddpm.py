@@ -759,7 +759,8 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
             generator = step_generator(args.seed, task_index, epoch, step_in_epoch, accelerator.process_index)
             try:
                 out = learner.training_step(accelerator, model, optimizer, images, labels, generator, ema,
-                                            measure_penalty=step_in_epoch == 0)
+                                            # the epoch's first optimizer step (the window's closing micro-batch)
+                                            measure_penalty=step_in_epoch < args.gradient_accumulation_steps)
             except NonFiniteLossError as err:
                 raise SystemExit(f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}; nothing "
                                  f"after the last checkpoint was saved. {resume_advice(output_dir)}") from None

@@ -314,22 +314,67 @@ def write_paired(work: Path, outs: list[Path], output: Path) -> None:
     output.with_suffix(".json").write_text(json.dumps({"summary": table, "paired": paired}, indent=2, default=str))
 
 
-def write_dit_table(work: Path, output: Path) -> None:
-    """dit_table.json: per backbone, AFID@5 / F / P (mean +- SE over seeds 0-2) and each method minus GD paired by
-    seed, for the DiT runs and the UNet runs of the same seeds and methods (from the paired study)."""
-    from hf_r1ewc.evaluate import aggregate, paired_differences
+GEOMETRY = {  # benchmarks/results/<folder>/analysis.json (python -m hf_r1ewc.analysis on task 1 of a run)
+    "UNet, CPU table scale (0.28M, 16x16; GD seed 0 task 1)": "analysis_unet_cpu_task1",
+    "DiT, CPU table scale (0.30M, 16x16; GD seed 0 task 1)": "analysis_dit_task1",
+    "UNet cpu-small (1.11M, 32x32; analysis_fmnist_task1)": "analysis_fmnist_task1",
+}
 
-    table = {}
+
+def write_dit_table(work: Path, output: Path) -> None:
+    """dit.md/.json: per backbone, AFID@5 / F / P (mean +- SE over seeds 0-2) and each method minus GD paired by seed,
+    for the DiT runs and the UNet runs of the same seeds and methods (from the paired study); and the Fisher geometry
+    of task 1 (the analysis folders of GEOMETRY that exist) side by side by timestep."""
+    from hf_r1ewc.evaluate import aggregate, paired_differences, paired_markdown
+
+    table, lines = {}, ["# DiT vs UNet at the CPU table-1 scale (issue 19)\n",
+                        "Fashion-MNIST, 5 tasks of 2 classes, the CPU scale of table1_fmnist_cpu.md; the denoiser is "
+                        "either the table's UNet (16, 32, 32; 0.28M parameters) or a pixel-space DiT of about the "
+                        f"same size ({json.dumps({k: v for k, v in DIT_CONFIG.items() if k != '_class_name'})}, "
+                        "0.30M), everything else equal. FID features: a CNN classifier (NOT comparable to Inception "
+                        f"FID). Seeds {list(SEEDS)}.\n", provenance() + "\n", "\n## Methods\n",
+                        "| backbone | method | seeds | AFID@5 ↓ | F ↓ | P ↓ | mean accuracy after task 5 |",
+                        "| --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda pair, d=1: "—" if pair is None else f"{pair[0]:.{d}f} ± {pair[1]:.{d}f}"  # noqa: E731
     for backbone in ("unet", "dit"):
         outs = [work / "runs" / run_dir_name(m, lam, s, backbone) for s in SEEDS for m, lam in DIT_METHODS]
         runs = {str(o): json.loads((o / "results.json").read_text()) for o in outs if finished(o)}
         if not runs:
             continue
-        gd = runs[str(work / "runs" / run_dir_name("GD", None, SEEDS[0], backbone))]["method"]
-        table[backbone] = {"summary": aggregate(runs), "paired": paired_differences(runs, gd)}
+        gd = runs.get(str(work / "runs" / run_dir_name("GD", None, SEEDS[0], backbone)), {}).get("method")
+        summary = aggregate(runs)
+        table[backbone] = {"summary": summary, "paired": paired_differences(runs, gd) if gd else {}}
+        for method, row in summary.items():
+            acc = row.get("accuracy")
+            lines.append(f"| {backbone} | {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
+                         f"{fmt(row['plasticity'])} | {'—' if acc is None else fmt(tuple(100 * a for a in acc))} % |")
+    for backbone, t in table.items():
+        if t["paired"]:
+            lines.append(paired_markdown(t["paired"], "GD").replace("## Paired against GD",
+                                                                     f"## {backbone}: paired against GD"))
+    geometry = {name: json.loads((RESULTS / folder / "analysis.json").read_text())
+                for name, folder in GEOMETRY.items() if (RESULTS / folder / "analysis.json").exists()}
+    if geometry:
+        lines += ["\n## Fisher geometry of task 1, by timestep\n",
+                  "Per model: λ2/λ1 of the empirical Fisher / rank-1 (c* μμᵀ) relative Frobenius error / diagonal "
+                  "relative error / median |cos(g_i, μ)|, on n = 1024 training images of task 1 (one ε per image "
+                  "and t; `python -m hf_r1ewc.analysis`).\n",
+                  "| t | " + " | ".join(geometry) + " |", "| --- |" + " --- |" * len(geometry)]
+        for t in next(iter(geometry.values()))["timesteps"]:
+            cells = []
+            for result in geometry.values():
+                r = result["per_timestep"].get(str(t)) or result["per_timestep"].get(t)
+                cos = sorted(r["abs_cos_to_mean"])
+                cells.append(f"{r['eigengap_ratio']:.3f} / {r['rel_frobenius_error_rank1']:.3f} / "
+                             f"{r['rel_frobenius_error_diag']:.3f} / {cos[len(cos) // 2]:.3f}")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        table["geometry"] = {name: {t: {k: v for k, v in r.items() if k != "abs_cos_to_mean"}
+                                    for t, r in result["per_timestep"].items()} for name, result in geometry.items()}
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(table, indent=2, default=str))
-    print(json.dumps(table, indent=1, default=str)[:3000])
+    reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
+    output.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
+    output.with_suffix(".json").write_text(json.dumps(table, indent=1, default=str))
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -346,7 +391,7 @@ def main() -> None:
                    help="paired: GD, rank-1 + GD (lambda 15000 and 100, in the loss) and decoupled rank-1 + GD on "
                         "seeds 0-4, compared with GD seed by seed -> table1_paired.md; dit: GD, rank-1 + GD and "
                         "decoupled rank-1 + GD with a DiT of the UNet's size on seeds 0-2, beside the UNet's runs "
-                        "of the same seeds -> dit_table.json")
+                        "of the same seeds, and the Fisher geometry of task 1 -> dit.md")
     args = p.parse_args()
     sc = SCALES[args.scale]
     on_gpu = sc["model"] == "paper"
@@ -371,7 +416,7 @@ def main() -> None:
         jobs_dit = [(m, lam, s, "dit") for s in SEEDS for m, lam in DIT_METHODS]
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(lambda job: launch(*job[:3], work, args.data_dir, sc, log, on_gpu, job[3]), jobs_dit))
-        write_dit_table(work, RESULTS / "dit_table.json")
+        write_dit_table(work, RESULTS / "dit.md")
         return
     if args.phase == "paired":
         with ThreadPoolExecutor(jobs) as pool:

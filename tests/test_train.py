@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -218,6 +219,9 @@ def test_every_method_runs(tmp_path, ewc_type, replay, ewc_mode):
                                "--output_dir", str(out)])
     assert (out / "task_02" / "model_index.json").exists()
     assert (out / "task_02" / "fisher.safetensors").exists() == (ewc_type != "none")
+    # the penalty's gradient ratio is measured on the epoch's first optimizer step, also under accumulation
+    ratios = json.loads((out / "task_02" / "metrics.json").read_text())["ewc_grad_ratio_per_epoch"]
+    assert len(ratios) == (ewc_type != "none") and all(math.isfinite(r) for r in ratios)
 
 
 def test_bad_input_fails_before_training(tmp_path):
