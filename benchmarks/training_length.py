@@ -73,18 +73,25 @@ def task1_folder(seed: int, length: int) -> str:
 
 def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: list[int]) -> None:
     log = work / "runs.log"
-    task1_jobs = [dict(name="rank-1 + GD", lam=PAPER_LAMBDA, seed=s, sc=scale_at(k), folder=task1_folder(s, k),
-                       extra=["--tasks", "0,1"], num_tasks=1) for k in TASK1_LENGTHS for s in seeds]
-    # order: new runs up to 3x (1x where the paired study has none), then the 1x reruns that only add the ratio
-    # record, then the longer lengths; seed by seed within each
+    task1_jobs = [dict(name="rank-1 + GD", lam=PAPER_LAMBDA, seed=s, length=k, sc=scale_at(k),
+                       folder=task1_folder(s, k), extra=["--tasks", "0,1"], num_tasks=1)
+                  for k in TASK1_LENGTHS for s in seeds]
     study_jobs = [dict(name=m, lam=lam, seed=s, length=k, sc=scale_at(k),
                        folder=run_folder(work, m, lam, s, k, rerun=True))
                   for k in sorted(lengths) for s in seeds for m, lam in METHODS]
-    study_jobs.sort(key=lambda j: (j["length"] > 3, j["folder"].endswith("_r"), j["length"]))
+
+    def priority(job: dict) -> int:
+        """Task 1 alone up to 9x; the 5-task runs up to 3x (1x where the paired study has none); the 1x reruns that
+        only add the ratio record; task 1 alone at 27x; the longer 5-task runs. Seed by seed within each."""
+        if job.get("num_tasks") == 1:
+            return 0 if job["length"] <= 9 else 3
+        return 4 if job["length"] > 3 else 2 if job["folder"].endswith("_r") else 1
+
+    queue = sorted(task1_jobs + study_jobs, key=lambda j: (priority(j), j["seed"], j["length"]))
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(lambda j: launch(j["name"], j["lam"], j["seed"], work, data_dir, j["sc"], log,
                                        folder=j["folder"], extra=j.get("extra", ()),
-                                       num_tasks=j.get("num_tasks", 5)), task1_jobs + study_jobs))
+                                       num_tasks=j.get("num_tasks", 5)), queue))
 
 
 def read_json(path: Path) -> dict | None:
