@@ -94,6 +94,36 @@ def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: lis
                                        num_tasks=j.get("num_tasks", 5)), queue))
 
 
+def fisher_signal(work: Path, folder: str, per_class: int = BASE["per_class"]) -> dict:
+    """Is the task-1 Fisher's mu signal or estimation noise? A re-estimate (mu and the diagonal, one (t, eps) per
+    image) on the run's task-1 training images: ||mu||^2 against its sampling-noise floor (tr F - ||mu||^2) / N
+    (the expected ||mu_hat||^2 when the true mean gradient is 0), and tr F. Cached in work/fisher_signal.json."""
+    import torch
+
+    from hf_r1ewc.data import images_to_model_input, load_labeled_images
+    from hf_r1ewc.fisher import estimate_fisher
+    from hf_r1ewc.models import training_noise_scheduler
+    from hf_r1ewc.pipeline import ClassConditionalPipeline
+
+    cache_path = work / "fisher_signal.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if folder not in cache:
+        state = json.loads((work / "runs" / folder / "task_01" / "training_state.json").read_text())
+        train = load_labeled_images(state["run_config"]["train_data_dir"], "train").subset([0, 1])
+        idx = torch.cat([torch.nonzero(train.labels == c).flatten()[:per_class] for c in (0, 1)])
+        x0, y = images_to_model_input(train.images[idx], BASE["resolution"], True), train.labels[idx]
+        model = ClassConditionalPipeline.from_pretrained(work / "runs" / folder / "task_01").denoiser.eval()
+        stats = estimate_fisher(model, training_noise_scheduler(), [(x0[i:i + 50], y[i:i + 50])
+                                                                    for i in range(0, len(y), 50)],
+                                kinds=("rank1", "diag"), generator=torch.Generator().manual_seed(1),
+                                show_progress=False)
+        mu2 = sum(float(v.double().pow(2).sum()) for v in stats.mu.values())
+        trace = sum(float(v.double().sum()) for v in stats.diag.values())
+        cache[folder] = {"trace_F": trace, "mu_sq_over_noise_floor": mu2 / ((trace - mu2) / len(y))}
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return cache[folder]
+
+
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -109,7 +139,11 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     for k in TASK1_LENGTHS:
         rows = [m for s in seeds if (m := read_json(runs / task1_folder(s, k) / "task_01" / "metrics.json"))]
         if rows:
+            signal = [fisher_signal(work, task1_folder(s, k)) for s in seeds
+                      if (runs / task1_folder(s, k) / "task_01" / "metrics.json").exists()]
             task1[k] = {"seeds": len(rows), "mu_norm": mse([r["mu_norm"] for r in rows]),
+                        "trace_F": mse([x["trace_F"] for x in signal]),
+                        "mu_sq_over_noise_floor": mse([x["mu_sq_over_noise_floor"] for x in signal]),
                         "c_star": mse([r["c_star"] for r in rows]),
                         "stiffness": mse([PAPER_LAMBDA * r["c_star"] * r["mu_norm"] ** 2 for r in rows]),
                         "fid_1": mse([r["fid"]["1"] for r in rows]),
@@ -155,11 +189,16 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
              f"epochs per task times 1, 3, 9 (27 for task 1 alone). FID features: a CNN classifier (NOT comparable "
              f"to Inception FID). Mean ± standard error over the seeds listed.\n", provenance() + "\n",
              "\n## Task 1 alone: how the Fisher changes as the task converges\n",
-             "| steps | seeds | final denoising loss | FID_1(m_1) | ‖μ‖ | c* | λ c* ‖μ‖² (λ = 15000) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "‖μ‖ and c* from the run's Fisher (N = 200, one (t, ε) per image); tr F and ‖μ‖² / noise floor from a "
+             "re-estimate on the same images, the floor being (tr F − ‖μ‖²)/N, what ‖μ̂‖² would be if the true mean "
+             "gradient were 0. λ c* ‖μ‖² = λ μᵀFμ/‖μ‖² is the curvature the rank-1 penalty adds along μ: it does not "
+             "depend on ‖μ‖ itself.\n",
+             "| steps | seeds | final denoising loss | FID_1(m_1) | ‖μ‖ | c* | λ c* ‖μ‖² (λ = 15000) | tr F | "
+             "‖μ‖² / noise floor |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k, r in task1.items():
         lines.append(f"| {k * STEPS_PER_TASK} ({k}x) | {r['seeds']} | {fmt(r['final_denoise_loss'], 4)} | "
-                     f"{fmt(r['fid_1'])} | {fmt(r['mu_norm'], 4)} | {fmt(r['c_star'], 2)} | {fmt(r['stiffness'], 1)} |")
+                     f"{fmt(r['fid_1'])} | {fmt(r['mu_norm'], 4)} | {fmt(r['c_star'], 2)} | {fmt(r['stiffness'], 0)} | "
+                     f"{fmt(r['trace_F'], 3)} | {fmt(r['mu_sq_over_noise_floor'], 1)} |")
     lines += ["\n## Five tasks: AFID@5, forgetting F and plasticity P by training length\n",
               "| method | steps per task | seeds | AFID@5 ↓ | F ↓ | P ↓ | ‖μ‖ of task 1 | c* of task 1 | "
               "penalty / loss gradient, task 2 epoch 2 | same, task 5 epoch 2 |",
