@@ -371,6 +371,24 @@ def write_dit_table(work: Path, output: Path) -> None:
         table["geometry"] = {name: {t: {k: v for k, v in r.items() if k != "abs_cos_to_mean"}
                                     for t, r in result["per_timestep"].items()} for name, result in geometry.items()}
     output.parent.mkdir(parents=True, exist_ok=True)
+    from hf_r1ewc.plots import plot_afid_curves, plot_against
+
+    curves = {f"{backbone}: {method.split(' + ')[0] if 'EWC' in method else 'GD'}": row["afid_at_k"]
+              for backbone, t in table.items() if backbone != "geometry" for method, row in t["summary"].items()}
+    if curves:
+        plot_afid_curves(curves, output.with_name(output.stem + "_afid_at_k.png"))
+        lines.append(f"\nAFID@k per backbone and method: `{output.stem}_afid_at_k.png`.")
+    if geometry:
+        nan = float("nan")
+        median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        panels = {title: {name.split(" (")[0]: {int(t): (f(r), nan) for t, r in result["per_timestep"].items()}
+                          for name, result in geometry.items()}
+                  for title, f in (("λ2/λ1", lambda r: r["eigengap_ratio"]),
+                                   ("rank-1 relative error", lambda r: r["rel_frobenius_error_rank1"]),
+                                   ("median |cos(g_i, μ)|", lambda r: median(r["abs_cos_to_mean"])))}
+        plot_against(panels, output.with_name(output.stem + "_fisher_geometry.png"), "timestep t")
+        lines.append(f"Fisher geometry by timestep: `{output.stem}_fisher_geometry.png`; per model, the figures of "
+                     f"its analysis folder ({', '.join(GEOMETRY.values())}).")
     reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
     output.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
     output.with_suffix(".json").write_text(json.dumps(table, indent=1, default=str))
