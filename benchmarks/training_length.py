@@ -226,10 +226,8 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
                                      ("plasticity P ↓", "plasticity"))},
                      RESULTS / "training_length_afid_f_p.png", "optimizer steps per task", log_x=True)
     if task1:
-        mu_lines = {"task 1 alone": {k * STEPS_PER_TASK: r["mu_norm"] for k, r in task1.items()}}
-        mu_lines |= {f"{name} (task 1 of 5)": {k * STEPS_PER_TASK: t[1]["mu_norm"] for k, t in by_k.items()
-                                               if t[1]["mu_norm"]} for name, by_k in per_task.items()}
-        plot_against({"‖μ‖ (task 1)": {n: v for n, v in mu_lines.items() if v},
+        # (task 1 of a 5-task run trains exactly as task 1 alone, same seed and length: one line serves both)
+        plot_against({"‖μ‖ (task 1)": {"task 1 alone": {k * STEPS_PER_TASK: r["mu_norm"] for k, r in task1.items()}},
                       "λ c* ‖μ‖² (task 1 alone)": {"task 1 alone": {k * STEPS_PER_TASK: r["stiffness"]
                                                                      for k, r in task1.items()}},
                       "FID_1(m_1) (task 1 alone)": {"task 1 alone": {k * STEPS_PER_TASK: r["fid_1"]

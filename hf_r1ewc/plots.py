@@ -147,6 +147,9 @@ def plot_against(panels: dict[str, dict[str, dict[float, tuple[float, float]]]],
                         marker="o", capsize=3, label=method)
         if log_x:
             ax.set_xscale("log")
+            ax.minorticks_off()
+            xs = sorted({x for points in lines.values() for x in points})
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel(x_label, fontsize=8)
         ax.set_title(quantity, fontsize=9)
     axes[0][0].legend(fontsize=6, loc="best", framealpha=0.6)
