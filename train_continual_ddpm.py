@@ -720,7 +720,7 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
 def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, loader, run: RunState,
                task_index: int, num_tasks: int, ema) -> tuple[list[float], list[float], list[float], bool]:
     """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, ||grad lambda*EWC|| /
-    ||grad of the rest of the loss|| at each epoch's first step (empty without a penalty), stopped early)."""
+    ||grad of the rest of the loss|| at each epoch's first optimizer step (empty without a penalty), stopped early)."""
     output_dir = Path(args.output_dir)
     first_epoch, skip, loss_curve, denoise_curve, ratio_curve, carried = 0, 0, [], [], [], ([], [])
     if run.resume_position is not None and run.resume_position["task"] == task_index:
@@ -776,7 +776,7 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
             if out.penalty_gradient_ratio is not None:
                 ratio = out.penalty_gradient_ratio
                 ratio_curve.append(ratio)
-            if ratio is not None:  # ||grad EWC|| / ||grad rest of the loss||, measured at each epoch's first step
+            if ratio is not None:  # ||grad EWC|| / ||grad rest of the loss||, at each epoch's first optimizer step
                 logs["ewc_grad_ratio"] = ratio
             progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
             accelerator.log({**logs, "task": task_index}, step=run.global_step)
