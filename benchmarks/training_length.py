@@ -1,7 +1,7 @@
 """Training length at the CPU table-1 scale: does in-loss lambda = 15000 become usable as tasks converge, and does
 decoupling keep its edge there? (issue 18)
 
-    python benchmarks/training_length.py [--jobs 2] [--lengths 1,3,9] [--seeds 0,1,2] [--report_only]
+    python benchmarks/training_length.py [--jobs 2] [--lengths 1,3,9] [--seeds 0,1,2] [--methods ...] [--report_only]
 
 Every run is one ``train_continual_ddpm.py`` process in runs/table1 (sharing the classifier FID features and
 reference statistics of ``reproduce_table1.py``). Two parts:
@@ -13,6 +13,10 @@ reference statistics of ``reproduce_table1.py``). Two parts:
    (lambda 15000 in the loss) at each of ``--lengths``: AFID@5, F, P and, per task, ||mu||, c* and the penalty's
    gradient relative to the rest of the loss at the first step of the next task's second epoch
    (``ewc_grad_ratio_per_epoch[1]`` in metrics.json; at the very first step the weights are theta*_k itself).
+
+3. a lambda rule (item 3) that needs no sweep: rank-1 + GD in the loss at lambda = D / (2 L), L being GD's task-1
+   denoising loss over its last quarter of epochs and D the pixels per image, on the paired study's seeds 0-4 at 1x,
+   paired against GD beside the paired study's lambda = 100 (the sweep's best), lambda = 15000 and decoupled.
 
 Part 1 runs first; part 2 is queued seed by seed (every method of a seed, then the next seed), so a study cut short
 still pairs. Re-running the command resumes (finished runs are skipped, interrupted ones continue from their
@@ -43,6 +47,31 @@ METHODS = [("GD", None), ("rank-1 + GD", PAPER_LAMBDA), ("decoupled rank-1 + GD"
 TASK1_LENGTHS = (1, 3, 9, 27)
 BASE = SCALES["cpu"]
 STEPS_PER_TASK = BASE["epochs"] * -(-2 * BASE["per_class"] // BASE["batch"])  # 40 epochs x 7 batches = 280
+PIXELS = BASE["resolution"] ** 2  # D: Fashion-MNIST is one channel
+RULE_SEEDS = (0, 1, 2, 3, 4)  # the paired study's seeds
+SWEEP_BEST_LAMBDA = 100.0  # in-loss rank-1 + GD, table1_fmnist_cpu.md's sweep (seed 100)
+
+
+def final_loss(metrics: dict) -> float:
+    """The denoising loss over the last quarter of a task's epochs (one epoch's loss is noisy: 32-image batches)."""
+    losses = metrics["denoise_loss_per_epoch"]
+    return sum(losses[-(len(losses) // 4):]) / (len(losses) // 4)
+
+
+def rule_lambda(loss: float) -> float:
+    """Item 3's candidate: lambda = D / (2 L), to 2 significant digits. For the per-pixel-mean MSE with residuals of
+    variance L, the per-sample gradient is (2/D) J^T r, so the empirical Fisher is ~ (2L/D) G with G = (2/D) E[J^T J]
+    the loss's Gauss-Newton curvature. At this lambda the penalty's curvature along mu is task 1's own loss curvature
+    there: the old task weighs as much as the new one (kappa = 1 in lambda = kappa D / (2L)). No sweep needed."""
+    return float(f"{PIXELS / (2 * loss):.2g}")
+
+
+def rule_lambda_of_study(work: Path) -> float | None:
+    """rule_lambda of GD's mean task-1 loss over RULE_SEEDS at 1x; None until those runs have finished."""
+    paths = [work / "runs" / run_dir_name("GD", None, s) / "task_01" / "metrics.json" for s in RULE_SEEDS]
+    if not all(p.exists() for p in paths):
+        return None
+    return rule_lambda(sum(final_loss(json.loads(p.read_text())) for p in paths) / len(paths))
 
 
 def scale_at(length: int) -> dict:
@@ -71,14 +100,20 @@ def task1_folder(seed: int, length: int) -> str:
     return f"task1_only_seed{seed}_x{length}"
 
 
-def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: list[int]) -> None:
+def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: list[int], methods: list[str]) -> None:
     log = work / "runs.log"
     task1_jobs = [dict(name="rank-1 + GD", lam=PAPER_LAMBDA, seed=s, length=k, sc=scale_at(k),
                        folder=task1_folder(s, k), extra=["--tasks", "0,1"], num_tasks=1)
                   for k in TASK1_LENGTHS for s in seeds]
     study_jobs = [dict(name=m, lam=lam, seed=s, length=k, sc=scale_at(k),
                        folder=run_folder(work, m, lam, s, k, rerun=True))
-                  for k in sorted(lengths) for s in seeds for m, lam in METHODS]
+                  for k in sorted(lengths) for s in seeds for m, lam in METHODS if m in methods]
+    lam = rule_lambda_of_study(work)
+    if lam is None:
+        print("lambda rule: GD's 1x runs on seeds 0-4 (reproduce_table1.py --phase paired) are not finished; skipped")
+    rule_jobs = [dict(name="rank-1 + GD", lam=lam, seed=s, length=1, sc=BASE,
+                      folder=run_dir_name("rank-1 + GD", lam, s))
+                 for s in (RULE_SEEDS if lam is not None else ())]
 
     def priority(job: dict) -> int:
         """Task 1 alone up to 9x; the 5-task runs up to 3x (1x where the paired study has none); the 1x reruns that
@@ -87,7 +122,7 @@ def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: lis
             return 0 if job["length"] <= 9 else 3
         return 4 if job["length"] > 3 else 2 if job["folder"].endswith("_r") else 1
 
-    queue = sorted(task1_jobs + study_jobs, key=lambda j: (priority(j), j["seed"], j["length"]))
+    queue = sorted(task1_jobs + study_jobs + rule_jobs, key=lambda j: (priority(j), j["seed"], j["length"]))
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(lambda j: launch(j["name"], j["lam"], j["seed"], work, data_dir, j["sc"], log,
                                        folder=j["folder"], extra=j.get("extra", ()),
@@ -147,7 +182,8 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
                         "c_star": mse([r["c_star"] for r in rows]),
                         "stiffness": mse([PAPER_LAMBDA * r["c_star"] * r["mu_norm"] ** 2 for r in rows]),
                         "fid_1": mse([r["fid"]["1"] for r in rows]),
-                        "final_denoise_loss": mse([r["denoise_loss_per_epoch"][-1] for r in rows])}
+                        "final_denoise_loss": mse([final_loss(r) for r in rows]),
+                        "rule_lambda": mse([rule_lambda(final_loss(r)) for r in rows])}
     # ---- part 2: the 5-task runs
     study, per_task, results_by_run = {}, {}, {}
     for k in lengths:
@@ -178,8 +214,32 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
         at_k = {run: r for run, r in results_by_run.items() if r["label"].endswith(f"@ {k}x")}
         if f"GD @ {k}x" in {r["label"] for r in at_k.values()} and len({r["label"] for r in at_k.values()}) > 1:
             paired[k] = paired_differences(at_k, f"GD @ {k}x")
+    # ---- part 3: the lambda rule against the paired study's fixed lambdas, 1x, seeds 0-4
+    lam_rule, rule = rule_lambda_of_study(work), {}
+    if lam_rule is not None:
+        best = "rank-1 + GD, λ = 100 (sweep's best)"
+        arms = [("GD", None, "GD"), ("rank-1 + GD", SWEEP_BEST_LAMBDA, best),
+                ("rank-1 + GD", lam_rule, f"rank-1 + GD, λ = {lam_rule:g} = D / (2L) (rule)"),
+                ("rank-1 + GD", PAPER_LAMBDA, "rank-1 + GD, λ = 15000"),
+                ("decoupled rank-1 + GD", PAPER_LAMBDA, "decoupled rank-1 + GD, λ = 15000")]
+        rule_runs = {}
+        for name, lam, label in arms:
+            for s in RULE_SEEDS:
+                o = runs / (run_dir_name(name, lam, s) if name == "GD" or lam != PAPER_LAMBDA
+                            else run_folder(work, name, lam, s, 1))
+                if finished(o):
+                    rule_runs[str(o)] = {**json.loads((o / "results.json").read_text()), "label": label}
+        labels = {r["label"] for r in rule_runs.values()}
+        if len(labels) > 1:
+            of = {label: [r for r in rule_runs.values() if r["label"] == label] for label in labels}
+            rule = {"lambda": lam_rule, "paired_vs_gd": paired_differences(rule_runs, "GD"),
+                    "paired_vs_sweep_best": paired_differences(rule_runs, best) if best in labels else {},
+                    "per_method": {label: {"seeds": sorted(r["seed"] for r in rs),
+                                           "afid": mse([r["afid"]["5"] for r in rs]),
+                                           "plasticity": mse([r["plasticity"] for r in rs])}
+                                   for label, rs in of.items()}}
     table = {"steps_per_task_at_1x": STEPS_PER_TASK, "scale": BASE, "task1_alone": task1, "study": study,
-             "per_task": per_task, "paired_vs_gd": paired}
+             "per_task": per_task, "paired_vs_gd": paired, "lambda_rule": rule}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "training_length.json").write_text(json.dumps(table, indent=1, default=str))
 
@@ -193,11 +253,14 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
              "re-estimate on the same images, the floor being (tr F − ‖μ‖²)/N, what ‖μ̂‖² would be if the true mean "
              "gradient were 0. λ c* ‖μ‖² = λ μᵀFμ/‖μ‖² is the curvature the rank-1 penalty adds along μ: it does not "
              "depend on ‖μ‖ itself.\n",
-             "| steps | seeds | final denoising loss | FID_1(m_1) | ‖μ‖ | c* | λ c* ‖μ‖² (λ = 15000) | tr F | "
-             "‖μ‖² / noise floor |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "The denoising loss L is the mean over the last quarter of the epochs; D / (2L) is item 3's λ rule "
+             "(below) at that loss.\n",
+             "| steps | seeds | denoising loss L | D / (2L) | FID_1(m_1) | ‖μ‖ | c* | λ c* ‖μ‖² (λ = 15000) | tr F | "
+             "‖μ‖² / noise floor |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k, r in task1.items():
         lines.append(f"| {k * STEPS_PER_TASK} ({k}x) | {r['seeds']} | {fmt(r['final_denoise_loss'], 4)} | "
-                     f"{fmt(r['fid_1'])} | {fmt(r['mu_norm'], 4)} | {fmt(r['c_star'], 2)} | {fmt(r['stiffness'], 0)} | "
+                     f"{fmt(r['rule_lambda'], 0)} | {fmt(r['fid_1'])} | {fmt(r['mu_norm'], 4)} | "
+                     f"{fmt(r['c_star'], 2)} | {fmt(r['stiffness'], 0)} | "
                      f"{fmt(r['trace_F'], 3)} | {fmt(r['mu_sq_over_noise_floor'], 1)} |")
     lines += ["\n## Five tasks: AFID@5, forgetting F and plasticity P by training length\n",
               "| method | steps per task | seeds | AFID@5 ↓ | F ↓ | P ↓ | ‖μ‖ of task 1 | c* of task 1 | "
@@ -217,6 +280,18 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     for k, table_k in paired.items():
         lines.append(paired_markdown(table_k, f"GD @ {k}x").replace("## Paired", f"## {k}x ({k * STEPS_PER_TASK} "
                                                                                    f"steps per task): paired"))
+    if rule:
+        lines += [f"\n## Item 3: a λ without a sweep, λ = D / (2L) = {rule['lambda']:g} (1x, seeds 0-4)\n",
+                  f"D = {PIXELS} pixels; L = GD's task-1 denoising loss over its last quarter of epochs, mean over the "
+                  f"seeds. The per-pixel-mean MSE makes the empirical Fisher ≈ (2L/D) × the loss's Gauss-Newton "
+                  f"curvature, so at λ = D/(2L) the penalty's curvature along μ equals task 1's own loss curvature "
+                  f"(the old task weighs as much as the new). The other rows are the paired study's runs.\n",
+                  "| method | seeds | AFID@5 ↓ | P ↓ |", "| --- | --- | --- | --- |"]
+        lines += [f"| {label} | {len(e['seeds'])} | {fmt(e['afid'])} | {fmt(e['plasticity'])} |"
+                  for label, e in sorted(rule["per_method"].items())]
+        lines.append(paired_markdown(rule["paired_vs_gd"], "GD").replace("## Paired", "### Paired"))
+        if rule["paired_vs_sweep_best"]:
+            lines.append(paired_markdown(rule["paired_vs_sweep_best"], best).replace("## Paired", "### Paired"))
     md = RESULTS / "training_length.md"
     reading = md.read_text().partition("\n## Reading")[2] if md.exists() else ""
     md.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
@@ -241,11 +316,16 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--lengths", default="1,3,9", help="multiples of the CPU scale's 280 steps per task")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=",".join(m for m, _ in METHODS),
+                   help="the five-task methods to queue, comma-separated (default: all four)")
     p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "table1"))
     p.add_argument("--report_only", action="store_true", help="write the results from the finished runs")
     args = p.parse_args()
     lengths, seeds = [int(k) for k in args.lengths.split(",")], [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    if unknown := set(methods) - {m for m, _ in METHODS}:
+        p.error(f"--methods: unknown {sorted(unknown)}; choose from {[m for m, _ in METHODS]}")
     work = Path(args.work_dir)
     if not args.report_only:
         work.mkdir(parents=True, exist_ok=True)
@@ -254,7 +334,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name",
                             args.data_dir, "--output_dir", str(work / "fid_classifier"), "--resolution", "16",
                             "--resize", "--epochs", "2"], check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
-        run_all(work, args.data_dir, args.jobs, lengths, seeds)
+        run_all(work, args.data_dir, args.jobs, lengths, seeds, methods)
     report(work, lengths, seeds)
 
 
