@@ -4,7 +4,7 @@ decoupling keep its edge there? (issue 18)
     python benchmarks/training_length.py [--jobs 2] [--lengths 1,3,9] [--seeds 0,1,2] [--methods ...] [--report_only]
 
 Every run is one ``train_continual_ddpm.py`` process in runs/table1 (sharing the classifier FID features and
-reference statistics of ``reproduce_table1.py``). Two parts:
+reference statistics of ``reproduce_table1.py``). Three parts:
 
 1. task 1 alone (``--tasks 0,1``) at 1x, 3x, 9x and 27x the CPU scale's 280 optimizer steps per task: the Fisher's
    ||mu|| and c*, the rank-1 penalty's curvature along its direction (lambda c* ||mu||^2: the penalty is
