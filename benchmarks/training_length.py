@@ -225,8 +225,7 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
         rule_runs = {}
         for name, lam, label in arms:
             for s in RULE_SEEDS:
-                o = runs / (run_dir_name(name, lam, s) if name == "GD" or lam != PAPER_LAMBDA
-                            else run_folder(work, name, lam, s, 1))
+                o = runs / run_folder(work, name, lam, s, 1)
                 if finished(o):
                     rule_runs[str(o)] = {**json.loads((o / "results.json").read_text()), "label": label}
         labels = {r["label"] for r in rule_runs.values()}
