@@ -38,8 +38,10 @@ class FlatGroup(NamedTuple):
     flat, in parameter order: ``stored[i]`` is ``[*lead_i, P_local]``. One value or proximal step is then a few
     large kernels per group instead of several per parameter tensor (per-tensor kernels cost 60 % of a 35.75M-UNet
     training step on an H200, ``benchmarks/results/gpu_check.md``). Rank-1 projections are taken relative to
-    ``anchor`` (theta when bound, ``[P_local]``), with ``offset`` = mu^T anchor (float64 ``[K]``) added back: mu^T theta
-    - b is a cancellation of large terms near theta*, and the float32 part then only sees the small theta - anchor."""
+    ``anchor`` (``[P_local]``: theta*_K, the weights the newest task was consolidated at), with ``offset`` =
+    mu^T anchor (float64 ``[K]``) added back: mu^T theta - b is a cancellation of large terms near theta*, and the
+    float32 part then only sees the small theta - anchor. The anchor changes only the rounding, never the maths; it is
+    fixed by the penalty's state (not by when ``bind`` runs), so a resumed run rounds as the uninterrupted one."""
 
     params: list[torch.Tensor]
     stored: tuple[torch.Tensor, ...]
@@ -105,6 +107,8 @@ class Rank1Terms:
         self.b = torch.zeros(0, dtype=torch.float64)  # [K]
         self.c = torch.zeros(0, dtype=torch.float64)  # [K]
         self.gram = torch.zeros(0, 0, dtype=torch.float64)  # [K, K]
+        # theta*_K (name -> float32 tensor, where mu is): the projections' anchor (FlatGroup); None: theta at bind
+        self.anchor: dict[str, torch.Tensor] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -121,7 +125,8 @@ class Rank1Terms:
         new = {n: stats.mu[n].detach().to(params[n].device, self.mu_dtype) for n in params}
         b = sum(float(new[n].double().flatten() @ params[n].double().flatten()) for n in params)
         cross = torch.zeros(self.num_tasks, dtype=torch.float64)
-        for n, m in self.mu.items():
+        for n in (params if self.mu else ()):  # the model's order, whatever the order of a loaded file
+            m = self.mu[n]
             cross += (m.double().flatten(1) @ new[n].double().flatten().to(m.device)).cpu()
         k = self.num_tasks
         gram = torch.zeros(k + 1, k + 1, dtype=torch.float64)
@@ -135,6 +140,14 @@ class Rank1Terms:
         self.b = torch.cat([self.b, torch.tensor([b], dtype=torch.float64)])
         c = float(stats.c_star) if self.scaled else 1.0
         self.c = torch.cat([self.c, torch.tensor([c], dtype=torch.float64)])
+        self.set_anchor(params)
+
+    def set_anchor(self, params: dict[str, torch.Tensor]) -> None:
+        """Take projections relative to ``params`` (theta*_K, name -> tensor), kept as float32 where mu is."""
+        missing = sorted(set(self.mu) - set(params))
+        if missing:
+            raise ValueError(f"the anchor weights lack parameters {missing[:5]} that the penalty constrains")
+        self.anchor = {n: params[n].detach().to(self.mu[n].device, torch.float32, copy=True) for n in self.mu}
 
     def per_parameter(self) -> dict[str, tuple[torch.Tensor, ...]]:
         """name -> the stored tensors of that parameter, to be cut into shards and laid out flat."""
@@ -168,7 +181,8 @@ class Rank1Terms:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors, the ``ewc_penalty.safetensors`` layout."""
-        return {**{f"mu.{n}": v for n, v in self.mu.items()}, "b": self.b, "c": self.c, "gram": self.gram}
+        anchor = {f"theta_star.{n}": v for n, v in self.anchor.items()} if self.anchor is not None else {}
+        return {**{f"mu.{n}": v for n, v in self.mu.items()}, "b": self.b, "c": self.c, "gram": self.gram, **anchor}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from ``state_dict`` tensors (as read from safetensors)."""
@@ -176,10 +190,17 @@ class Rank1Terms:
             raise ValueError(f"state holds no rank-1 penalty (keys {sorted(state)[:5]}...)")
         self.mu = {k[len("mu."):]: v.to(self.mu_dtype) for k, v in state.items() if k.startswith("mu.")}
         self.b, self.c, self.gram = state["b"].double(), state["c"].double(), state["gram"].double()
+        # files written before the anchor was stored: anchored at theta when first bound (same maths, other rounding)
+        anchor = {k[len("theta_star."):]: v.float() for k, v in state.items() if k.startswith("theta_star.")}
+        self.anchor = None
+        if anchor:
+            self.set_anchor(anchor)
 
     def to(self, device: torch.device | str) -> None:
         """Move the stored statistics to ``device``."""
         self.mu = {n: v.to(device) for n, v in self.mu.items()}
+        if self.anchor is not None:
+            self.anchor = {n: v.to(device) for n, v in self.anchor.items()}
 
 
 class DiagonalQuadratic:
@@ -275,7 +296,8 @@ class EWCPenalty:
         self._bound = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors (safetensors-ready): ``mu.<name>`` [K, *shape], ``b``, ``c``, ``gram`` (rank-1) or
+        """Flat tensors (safetensors-ready): ``mu.<name>`` [K, *shape], ``b``, ``c``, ``gram``, ``theta_star.<name>``
+        (rank-1; theta*_K, the projections' float32 anchor, so that a restored penalty rounds as the saved one) or
         ``precision.<name>``, ``anchor.<name>``, ``constant`` (diagonal); plus ``num_tasks`` and ``ewc_lambda``."""
         state = {"num_tasks": torch.tensor(self.num_tasks),
                  "ewc_lambda": torch.tensor(self.ewc_lambda, dtype=torch.float64), **self.terms.state_dict()}
@@ -316,8 +338,9 @@ class EWCPenalty:
                 parts = [local_slice(per_parameter[n][i], named[n], keep) for n in names]
                 stored.append(torch.cat([t.reshape(*t.shape[:keep], -1) for t in parts], dim=keep))
             group = FlatGroup([named[n] for n in names], tuple(stored), groups)
-            if lead:  # rank-1: projections relative to theta now (see FlatGroup)
-                anchor = group.theta().detach()
+            if lead:  # rank-1: projections relative to theta*_K (see FlatGroup), or to theta now
+                anchor = group.theta().detach() if self.terms.anchor is None else torch.cat(
+                    [local_slice(self.terms.anchor[n], named[n]).reshape(-1) for n in names])
                 group = group._replace(anchor=anchor, offset=_matvec(stored[0], anchor, torch.float64))
             bound.append(group)
         self._bound = (id(model), bound)

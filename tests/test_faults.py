@@ -101,19 +101,16 @@ def test_crash_at_each_phase_resumes_without_redoing_or_losing_work(reference, t
     # task 1 was not redone (its folder is untouched), task 2 equals the uninterrupted run
     assert (out / "task_01" / "training_state.json").read_bytes() == task1
     assert (out / "task_01" / "training_state.json").stat().st_mtime_ns == task1_mtime
-    assert max_difference(reference / "task_02", out / "task_02") <= 1e-5
+    assert max_difference(reference / "task_02", out / "task_02") == 0.0
     # the step count went on from where it was (a restart at 0 had its new checkpoints pruned by the older ones)
     assert [d.name for d in script.checkpoint_dirs(out)] == [d.name for d in script.checkpoint_dirs(reference)]
     fid = [json.loads((run / "results.json").read_text())["fid"] for run in (reference, out)]
-    assert fid[0].keys() == fid[1].keys() and all(fid[0][k] == pytest.approx(fid[1][k], rel=1e-4) for k in fid[0])
+    assert fid[0] == fid[1]
     # the per-epoch losses of the interrupted task are not lost either
     metrics = [json.loads((run / "task_02" / "metrics.json").read_text()) for run in (reference, out)]
-    assert metrics[0]["loss_per_epoch"] == pytest.approx(metrics[1]["loss_per_epoch"], rel=1e-5)
+    assert metrics[0]["loss_per_epoch"] == metrics[1]["loss_per_epoch"]
     assert len(metrics[1]["loss_per_epoch"]) == 2
-    # (the ratio's numerator is lambda F (theta - theta*_1) a few steps after theta*_1: the resumed weights' ~1e-6
-    # differences are a larger fraction of that displacement than of the weights)
-    assert metrics[0]["ewc_grad_ratio_per_epoch"] == pytest.approx(metrics[1]["ewc_grad_ratio_per_epoch"], rel=2e-3,
-                                                                   abs=1e-9)
+    assert metrics[0]["ewc_grad_ratio_per_epoch"] == metrics[1]["ewc_grad_ratio_per_epoch"]
     assert len(metrics[1]["ewc_grad_ratio_per_epoch"]) == 2
     if phase == "replay pool":  # the newest checkpoint (task 1's) is older than the finished task_01
         assert "is older than the finished task 1: continuing after task 1" in caplog.text
@@ -240,7 +237,7 @@ def test_checkpoint_named_relative_to_the_output_folder(reference, tmp_path, cap
     caplog.set_level(logging.INFO)
     run([*COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-8"])
     assert "checkpoint-8 (task 2, epoch 0, step 2)" in caplog.text
-    assert max_difference(reference / "task_02", out / "task_02") <= 1e-5
+    assert max_difference(reference / "task_02", out / "task_02") == 0.0
     with pytest.raises(SystemExit, match="no such checkpoint .* available: \\["):
         run([*COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-99"])
 

@@ -121,6 +121,63 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
         assert float(restored(model)) == float(penalty(model))
 
 
+
+@pytest.mark.parametrize("mode", ["value", "proximal"])
+def test_restored_penalty_rounds_as_the_saved_one_wherever_it_is_bound(mode):
+    """A run resumed mid-task binds its restored penalty at other weights than the uninterrupted run did: both take
+    the float32 projections relative to theta*_K (kept in the state) and agree bit for bit (value, gradient, proximal
+    step), not only to rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64))
+    stats, _, _ = _random_task(model, 3)
+    penalty = EWCPenalty("rank1", 15000.0)
+    penalty.add_task(stats, model)  # theta*_1: the model's weights now
+
+    def move(m, seed):  # a training step's worth of change
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 1e-2)
+
+    move(model, 1)
+    penalty(model)  # the uninterrupted run binds here, at its first step
+    move(model, 2)  # ... and goes on to where the checkpoint was written
+    resumed_model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64))
+    resumed_model.load_state_dict(model.state_dict())
+    restored = EWCPenalty("rank1", 0.0)
+    restored.load_state_dict(penalty.state_dict())
+    for m, p in ((model, penalty), (resumed_model, restored)):
+        if mode == "value":
+            m.zero_grad()
+            p(m).backward()
+        else:
+            p.proximal_step(m, 1e-3)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+        if mode == "value":
+            assert torch.equal(a.grad, b.grad)
+    assert float(penalty(model)) == float(restored(resumed_model))
+
+
+def test_consolidating_after_a_restore_matches_bit_for_bit(tmp_path):
+    """The next task's terms (b, c, Gram) do not depend on whether the penalty was kept in memory or read back from a
+    file, whose tensors come in another order than the model's parameters."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(12)])
+    kept = EWCPenalty("rank1", 1.0)
+    kept.add_task(_random_task(model, 1)[0], model)
+    save_file(kept.state_dict(), str(tmp_path / "p.safetensors"))
+    restored = EWCPenalty("rank1", 1.0)
+    restored.load_state_dict(load_file(str(tmp_path / "p.safetensors")))
+    for seed in (2, 3):
+        stats = _random_task(model, seed)[0]
+        kept.add_task(stats, model)
+        restored.add_task(stats, model)
+    a, b = kept.state_dict(), restored.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
 def test_penalty_from_real_fisher_file(tmp_path):
     from conftest import make_tiny_unet
 
