@@ -72,6 +72,13 @@ DIT_CONFIG = {
 }
 # the DiT study (benchmarks/results/dit.md): GD, rank-1 + GD in the loss and decoupled, at the paper's lambda
 DIT_METHODS = [("GD", None), ("rank-1 + GD", PAPER_LAMBDA), ("decoupled rank-1 + GD", PAPER_LAMBDA)]
+# the long horizon (benchmarks/results/long_horizon.md): Fashion-MNIST as 10 one-class tasks at the CPU scale's data
+# per class and optimizer steps per class (140: 47 epochs of 3 batches of 32 from 100 images), pool size per class.
+# lambda in the loss is swept on SWEEP_SEED over LONG_LAMBDAS (15000 is left out: on the 5-task sweep it collapsed
+# plasticity, AFID 88.9 rank-1 and 51.6 diag against 23-25 at 10-1000); decoupled rank-1 runs at the paper's lambda.
+LONG_TASKS, LONG_EPOCHS, LONG_LAMBDAS = 10, 47, (10.0, 100.0, 1000.0)
+LONG_SWEPT = ("rank-1 + GD", "diag + GD")
+LONG_LENGTHS = {"1x": 1, "3x": 3}  # 3x: GD and the best rank-1 variant
 
 SCALES = {
     # Sized from measured costs on 2 CPU cores (one thread per run, 2 runs at a time): a step of 32 real + 32 replay
@@ -122,6 +129,14 @@ def run_flags(name: str, lam: float | None, seed: int, work: Path, data_dir: str
 def run_dir_name(name: str, lam: float | None, seed: int, backbone: str = "unet") -> str:
     slug = name.replace(" + ", "+").replace(" ", "_").replace("/", "")
     return f"{'dit_' if backbone == 'dit' else ''}{slug}{'' if lam is None else f'_lam{lam:g}'}_seed{seed}"
+
+
+def long_folder(name: str, lam: float | None, seed: int, length: str = "1x") -> str:
+    return f"long_{run_dir_name(name, lam, seed)}" + ("" if length == "1x" else f"_{length}")
+
+
+def long_extra(length: str = "1x") -> list[str]:
+    return ["--classes_per_task", "1", "--num_epochs_per_task", str(LONG_EPOCHS * LONG_LENGTHS[length])]
 
 
 def finished(out: Path, num_tasks: int = 5) -> bool:
@@ -395,6 +410,249 @@ def write_dit_table(work: Path, output: Path) -> None:
     print("\n".join(lines))
 
 
+def long_runs(work: Path, best: dict[str, float]) -> dict[str, dict]:
+    """results.json of every finished long-horizon run, labelled "METHOD (LENGTH)", by folder."""
+    methods = [("GD", None), ("decoupled rank-1 + GD", PAPER_LAMBDA)] + [(m, best[m]) for m in LONG_SWEPT if m in best]
+    runs = {}
+    for length in LONG_LENGTHS:
+        for name, lam in methods:
+            for seed in PAIRED_SEEDS:
+                out = work / "runs" / long_folder(name, lam, seed, length)
+                if finished(out, LONG_TASKS):
+                    r = json.loads((out / "results.json").read_text())
+                    r["label"] = f"{name}{'' if lam is None else f' λ={lam:g}'} ({length})"
+                    runs[str(out)] = r
+    return runs
+
+
+def long_best(work: Path) -> dict[str, float]:
+    """Each swept method's lambda with the lowest AFID@10 on SWEEP_SEED (never the reported seeds)."""
+    best = {}
+    for name in LONG_SWEPT:
+        scores = {lam: json.loads((out / "results.json").read_text())["afid"][str(LONG_TASKS)] for lam in LONG_LAMBDAS
+                  if finished(out := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)}
+        if len(scores) == len(LONG_LAMBDAS):
+            best[name] = min(scores, key=scores.get)
+    return best
+
+
+def forgetting_by_age(results: dict) -> dict[int, float]:
+    """age a -> mean over tasks i of FID_i(m_{i+a}) - FID_i(m_i): what a task has lost a tasks after its own."""
+    from hf_r1ewc.metrics import matrix_from_json
+
+    m = matrix_from_json(results["fid"])
+    t = len(results["tasks"])
+    return {a: sum(m[i + a][i] - m[i][i] for i in range(1, t - a + 1)) / (t - a) for a in range(1, t)}
+
+
+def gd_geometry(out: Path, data_dir: str, sc: dict, seed: int) -> dict:
+    """Where GD's forgetting goes, from a GD run's task folders (cached in OUT/geometry.json): mu_k (the task's mean
+    per-sample gradient, estimated at theta*_k as consolidation would), cos(mu_k, mu_k+1); the share of task k's
+    parameter change theta*_k - theta*_k-1 inside span(mu_1..mu_k-1) (against (k-1)/P for a random direction); and
+    for each old task j the first-order change of its loss that rank-1 EWC constrains, mu_j^T (theta*_T - theta*_j),
+    beside the measured change L_j(theta*_T) - L_j(theta*_j) (fixed noise, 8 draws per image)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from hf_r1ewc.continual import fisher_loader
+    from hf_r1ewc.data import images_to_model_input, load_labeled_images
+    from hf_r1ewc.distill import continual_loss
+    from hf_r1ewc.fisher import estimate_fisher
+    from hf_r1ewc.models import training_noise_scheduler
+
+    cache = out / "geometry.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    train = load_labeled_images(data_dir, "train").head_per_class(sc["per_class"])
+    scheduler = training_noise_scheduler()
+    models, mus, thetas, data = [], [], [], []
+    for k in range(1, LONG_TASKS + 1):
+        unet = UNet2DModel.from_pretrained(out / f"task_{k:02d}" / "unet").eval()
+        task = train.subset([k - 1])
+        images = images_to_model_input(task.images, sc["resolution"], True)
+        loader = fisher_loader(images, task.labels, 2 * sc["per_class"], 64, seed + k)
+        stats = estimate_fisher(unet, scheduler, loader, kinds=("rank1",),
+                                generator=torch.Generator().manual_seed(seed + k), show_progress=False)
+        models.append(unet)
+        mus.append(torch.cat([stats.mu[n].double().flatten() for n, _ in unet.named_parameters()]))
+        thetas.append(torch.cat([p.detach().double().flatten() for p in unet.parameters()]))
+        data.append((images, task.labels))
+
+    @torch.no_grad()
+    def loss(unet, j):  # task j's denoising loss under fixed noise: 8 (t, eps) draws per image
+        images, labels = data[j]
+        g = torch.Generator().manual_seed(1000 + j)
+        x = images.repeat(8, 1, 1, 1)
+        return float(continual_loss(unet, scheduler, x, labels.repeat(8), generator=g)["denoise"])
+
+    P = thetas[0].numel()
+    cos = [float(torch.nn.functional.cosine_similarity(mus[k], mus[k + 1], dim=0)) for k in range(LONG_TASKS - 1)]
+    along = []
+    for k in range(1, LONG_TASKS):
+        q, _ = torch.linalg.qr(torch.stack(mus[:k], dim=1))
+        delta = thetas[k] - thetas[k - 1]
+        along.append({"share": float((q.T @ delta).pow(2).sum() / delta.pow(2).sum()), "random": k / P})
+    last = LONG_TASKS - 1
+    first_order = [{"task": j + 1, "linear": float(mus[j] @ (thetas[last] - thetas[j])),
+                    "measured": loss(models[last], j) - loss(models[j], j)} for j in range(last)]
+    result = {"parameters": P, "mu_norm": [float(m.norm()) for m in mus], "cos_consecutive_mu": cos,
+              "change_along_old_mu": along, "first_order_vs_measured": first_order}
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> None:
+    """long_horizon.md/.json and the AFID@k plot, from whatever has finished (rerun to update)."""
+    from hf_r1ewc.evaluate import aggregate, paired_differences, paired_markdown
+    from hf_r1ewc.metrics import mean_and_standard_error
+    from hf_r1ewc.plots import plot_afid_curves
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    best = long_best(work)
+    runs = long_runs(work, best)
+    fmt = lambda pair, d=1: "—" if pair is None else (f"{pair[0]:.{d}f} ± {pair[1]:.{d}f}" if pair[1] == pair[1]  # noqa: E731
+                                                      else f"{pair[0]:.{d}f}")
+    sweep = {name: {lam: json.loads((o / "results.json").read_text()) for lam in LONG_LAMBDAS
+                    if finished(o := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)}
+             for name in LONG_SWEPT}
+    lines = [f"# The long horizon: Fashion-MNIST as {LONG_TASKS} one-class tasks (issue 30)\n",
+             f"The CPU scale of table1_fmnist_cpu.md per class: {sc['per_class']} training images per class, 16x16, "
+             f"the (16, 32, 32) UNet (0.28M parameters), batch 32 real + 32 replay, Adam 2e-3, {LONG_EPOCHS} epochs "
+             f"of 3 batches per one-class task (141 optimizer steps, as the 5-task scale's 280 per two classes; 3x: "
+             f"{3 * LONG_EPOCHS} epochs), {sc['replay']} replay images per class, DDIM {sc['steps']}, FID on "
+             f"{sc['fid']} samples per task against the class's 1,000 test images with the CNN classifier's features "
+             f"(NOT comparable to Inception FID). Paired seeds {list(PAIRED_SEEDS)}; λ in the loss swept on seed "
+             f"{SWEEP_SEED} over {list(LONG_LAMBDAS)} by AFID@{LONG_TASKS}.\n", provenance() + "\n",
+             "\n## λ sweep (seed 100): AFID@10 / F / P\n",
+             "| method | " + " | ".join(f"λ={lam:g}" for lam in LONG_LAMBDAS) + " | chosen |",
+             "| --- |" + " --- |" * (len(LONG_LAMBDAS) + 1)]
+    for name, by_lam in sweep.items():
+        cells = [f"{r['afid'][str(LONG_TASKS)]:.1f} / {r['forgetting']:.1f} / {r['plasticity']:.1f}"
+                 if (r := by_lam.get(lam)) else "" for lam in LONG_LAMBDAS]
+        chosen = f"{best[name]:g}" if name in best else "—"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen} |")
+    table = {"scale": {**sc, "epochs": LONG_EPOCHS, "tasks": LONG_TASKS}, "best_lambdas": best,
+             "sweep": {n: {str(lam): {k: r[k] for k in ("afid", "forgetting", "plasticity")} for lam, r in b.items()}
+                       for n, b in sweep.items()}}
+    if runs:
+        summary = aggregate(runs)
+        table["summary"] = summary
+        lines += [f"\n## Per method\n", f"ACC: mean sample accuracy over all {LONG_TASKS} classes after the last task "
+                  "(the FID classifier's label of each generated image).\n",
+                  f"| method | seeds | AFID@{LONG_TASKS} ↓ | F ↓ | P ↓ | ACC ↑ |", "| --- | --- | --- | --- | --- | --- |"]
+        for method, row in summary.items():
+            acc = row.get("accuracy")
+            lines.append(f"| {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
+                         f"{fmt(row['plasticity'])} | {fmt(acc and (100 * acc[0], 100 * acc[1]))} % |")
+        table["paired"] = {}
+        for length in LONG_LENGTHS:
+            subset = {o: r for o, r in runs.items() if r["label"].endswith(f"({length})")}
+            gd = f"GD ({length})"
+            if gd not in {r["label"] for r in subset.values()} or len({r["label"] for r in subset.values()}) < 2:
+                continue
+            paired = paired_differences(subset, gd)
+            table["paired"][length] = paired
+            lines.append(paired_markdown(paired, gd))
+            by_seed = {(r["label"], int(r["seed"])): r for r in subset.values()}
+            lines += [f"\n### AFID@k, method − {gd}, paired per seed (mean ± SE)\n",
+                      "| method | " + " | ".join(f"k={k}" for k in range(1, LONG_TASKS + 1)) + " |",
+                      "| --- |" + " --- |" * LONG_TASKS]
+            for method in paired:
+                seeds = paired[method]["seeds"]
+                cells = [fmt(mean_and_standard_error([by_seed[(method, s)]["afid"][str(k)]
+                                                      - by_seed[(gd, s)]["afid"][str(k)] for s in seeds]))
+                         for k in range(1, LONG_TASKS + 1)]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["\n## Forgetting by task age\n", "FID_i(m_{i+a}) − FID_i(m_i) averaged over the tasks i that have "
+                  "an age a (mean ± SE over seeds): how much a task has lost a tasks after its own.\n",
+                  "| method | " + " | ".join(f"a={a}" for a in range(1, LONG_TASKS)) + " |",
+                  "| --- |" + " --- |" * (LONG_TASKS - 1)]
+        ages = {}
+        for method in summary:
+            per_seed = [forgetting_by_age(r) for r in runs.values() if r["label"] == method]
+            ages[method] = {a: mean_and_standard_error([f[a] for f in per_seed]) for a in range(1, LONG_TASKS)}
+            lines.append(f"| {method} | " + " | ".join(fmt(ages[method][a]) for a in range(1, LONG_TASKS)) + " |")
+        table["forgetting_by_age"] = ages
+        plot_afid_curves({m: row["afid_at_k"] for m, row in summary.items()},
+                         output.with_name(output.stem + "_afid_at_k.png"))
+        lines.append(f"\nAFID@k per method with standard-error bands: `{output.stem}_afid_at_k.png`.")
+    gd_runs = [(work / "runs" / long_folder("GD", None, s), s) for s in PAIRED_SEEDS
+               if finished(work / "runs" / long_folder("GD", None, s), LONG_TASKS)]
+    if gd_runs:
+        geometry = [gd_geometry(out, data_dir, sc, seed) for out, seed in gd_runs]
+        table["gd_geometry"] = geometry
+        ms = lambda xs: fmt(mean_and_standard_error(xs), 3)  # noqa: E731
+        lines += [f"\n## Where GD's forgetting goes ({len(geometry)} GD runs, mean ± SE)\n",
+                  "μ_k: task k's mean per-sample gradient at θ*_k (estimated as consolidation does, on the task's "
+                  "100 images). Share along old μ: of task k's parameter change θ*_k − θ*_{k−1}, the fraction of its "
+                  "squared norm inside span(μ_1..μ_{k−1}), against (k−1)/P for a random direction.\n",
+                  "| k | cos(μ_{k−1}, μ_k) | share of θ*_k − θ*_{k−1} along old μ | random direction |",
+                  "| --- | --- | --- | --- |"]
+        for k in range(2, LONG_TASKS + 1):
+            lines.append(f"| {k} | {ms([g['cos_consecutive_mu'][k - 2] for g in geometry])} | "
+                         f"{ms([g['change_along_old_mu'][k - 2]['share'] for g in geometry])} | "
+                         f"{geometry[0]['change_along_old_mu'][k - 2]['random']:.1e} |")
+        lines += [f"\nWhat rank-1 EWC constrains, against what was lost, after task {LONG_TASKS}: the first-order "
+                  f"change of task j's denoising loss μ_jᵀ(θ*_{LONG_TASKS} − θ*_j) beside the measured change "
+                  f"L_j(θ*_{LONG_TASKS}) − L_j(θ*_j) (task j's 100 images, 8 fixed noise draws each).\n",
+                  "| task j | linear μ_jᵀΔ | measured ΔL_j |", "| --- | --- | --- |"]
+        for j in range(LONG_TASKS - 1):
+            lines.append(f"| {j + 1} | {ms([g['first_order_vs_measured'][j]['linear'] for g in geometry])} | "
+                         f"{ms([g['first_order_vs_measured'][j]['measured'] for g in geometry])} |")
+    ratios = {}
+    for seed in PAIRED_SEEDS:
+        if "rank-1 + GD" in best:
+            out = work / "runs" / long_folder("rank-1 + GD", best["rank-1 + GD"], seed)
+            for k in range(2, LONG_TASKS + 1):
+                path = out / f"task_{k:02d}" / "metrics.json"
+                if path.exists() and (r := json.loads(path.read_text()).get("ewc_grad_ratio_per_epoch")):
+                    ratios.setdefault(k, []).append((r[0], r[-1]))
+    if ratios:
+        table["penalty_gradient_ratio"] = ratios
+        lines += [f"\n## Penalty-gradient ratio, rank-1 + GD in the loss at λ = {best['rank-1 + GD']:g}\n",
+                  "‖∇λ·EWC‖ / ‖∇ rest of the loss‖ at the first optimizer step of a task's first and last epoch "
+                  "(mean ± SE over seeds).\n", "| task | first epoch | last epoch |", "| --- | --- | --- |"]
+        for k, pairs in sorted(ratios.items()):
+            lines.append(f"| {k} | {ms([a for a, _ in pairs])} | {ms([b for _, b in pairs])} |")
+    reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
+    output.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
+    output.with_suffix(".json").write_text(json.dumps(table, indent=1, default=str))
+    print("\n".join(lines), flush=True)
+
+
+def run_long_horizon(work: Path, data_dir: str, sc: dict, log: Path, jobs: int, lengths: Sequence[str]) -> None:
+    """The sweep and the GD / decoupled runs (which need no sweep), then the swept methods at their lambda, then the
+    longer lengths for GD and the rank-1 variant with the lower mean AFID@10 at 1x; the report after every run."""
+    import threading
+
+    lock = threading.Lock()
+
+    def run(job):
+        name, lam, seed, length = job
+        out = launch(name, lam, seed, work, data_dir, sc, log, folder=long_folder(name, lam, seed, length),
+                     extra=long_extra(length), num_tasks=LONG_TASKS)
+        with lock:
+            write_long_horizon(work, data_dir, sc, RESULTS / "long_horizon.md")
+        return out
+
+    first = [(m, lam, SWEEP_SEED, "1x") for m in LONG_SWEPT for lam in LONG_LAMBDAS]
+    first += [job for s in PAIRED_SEEDS for job in (("GD", None, s, "1x"), ("decoupled rank-1 + GD", PAPER_LAMBDA, s,
+                                                                              "1x"))]
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(run, first))
+        best = long_best(work)
+        list(pool.map(run, [(m, best[m], s, "1x") for s in PAIRED_SEEDS for m in LONG_SWEPT]))
+        longer = [length for length in lengths if length != "1x"]
+        if longer:
+            summary = json.loads((RESULTS / "long_horizon.json").read_text())["summary"]
+            rank1 = [(m, lam) for m, lam in (("rank-1 + GD", best["rank-1 + GD"]),
+                                            ("decoupled rank-1 + GD", PAPER_LAMBDA))]
+            afid = lambda m, lam: summary[f"{m} λ={lam:g} (1x)"]["afid"][0]  # noqa: E731
+            name, lam = min(rank1, key=lambda pair: afid(*pair))
+            list(pool.map(run, [job for length in longer for s in PAIRED_SEEDS
+                                for job in (("GD", None, s, length), (name, lam, s, length))]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
@@ -405,11 +663,14 @@ def main() -> None:
                                                           "for the GPU scales)")
     p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--work_dir", default=None, help="default: runs/table1 (cpu) or runs/table1_SCALE")
-    p.add_argument("--phase", choices=["all", "sweep", "table", "paired", "dit"], default="all",
+    p.add_argument("--phase", choices=["all", "sweep", "table", "paired", "dit", "long"], default="all",
                    help="paired: GD, rank-1 + GD (lambda 15000 and 100, in the loss) and decoupled rank-1 + GD on "
                         "seeds 0-4, compared with GD seed by seed -> table1_paired.md; dit: GD, rank-1 + GD and "
                         "decoupled rank-1 + GD with a DiT of the UNet's size on seeds 0-2, beside the UNet's runs "
-                        "of the same seeds, and the Fisher geometry of task 1 -> dit.md")
+                        "of the same seeds, and the Fisher geometry of task 1 -> dit.md; long: 10 one-class tasks "
+                        "(lambda sweep, GD, rank-1 + GD, decoupled rank-1 + GD, diag + GD on seeds 0-4; ~8 h on 2 "
+                        "cores, resumable) -> long_horizon.md")
+    p.add_argument("--lengths", default="1x,3x", help="with --phase long: training lengths (1x, 3x)")
     args = p.parse_args()
     sc = SCALES[args.scale]
     on_gpu = sc["model"] == "paper"
@@ -435,6 +696,12 @@ def main() -> None:
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(lambda job: launch(*job[:3], work, args.data_dir, sc, log, on_gpu, job[3]), jobs_dit))
         write_dit_table(work, RESULTS / "dit.md")
+        return
+    if args.phase == "long":
+        lengths = args.lengths.split(",")
+        if unknown := sorted(set(lengths) - set(LONG_LENGTHS)):
+            p.error(f"--lengths: unknown {unknown}; choose from {sorted(LONG_LENGTHS)}")
+        run_long_horizon(work, args.data_dir, sc, log, jobs, lengths)
         return
     if args.phase == "paired":
         with ThreadPoolExecutor(jobs) as pool:
