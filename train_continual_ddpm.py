@@ -14,6 +14,8 @@ and P. A quick run: --preset demo --num_epochs_per_task 2 --fid_num_samples 40 (
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
@@ -24,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -38,6 +41,7 @@ from accelerate.utils import (
     set_seed,
 )
 from diffusers import ModelMixin
+from safetensors import SafetensorError
 from diffusers.training_utils import EMAModel
 
 from hf_r1ewc import __version__
@@ -65,7 +69,13 @@ from hf_r1ewc.hub import (
     write_model_card,
     write_training_state,
 )
-from hf_r1ewc.integrity import OutputLock, manifest_differences, sha256_tensors
+from hf_r1ewc.integrity import (
+    OutputLock,
+    checkpoint_problem,
+    manifest_differences,
+    sha256_tensors,
+    write_checkpoint_digests,
+)
 from hf_r1ewc.evaluate import sample_grid_across_tasks
 from hf_r1ewc.metrics import TaskFID, matrix_from_json, run_summary_table, summarize
 from hf_r1ewc.models import (
@@ -87,6 +97,7 @@ from hf_r1ewc.pipeline import (
 from hf_r1ewc.plots import save_image_grid
 from hf_r1ewc.progress import configure_logging, progress_bar
 from hf_r1ewc.sharding import full_model_copy
+from hf_r1ewc.stop import EXIT_STOPPED, StopRequest
 
 logger = get_logger(__name__, log_level="INFO")
 GRID_MAX_CLASSES = 10  # samples.png shows 8 samples of at most this many seen classes, chosen evenly
@@ -200,6 +211,9 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save Accelerate state every N optimizer steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the newest N checkpoints (0: all)")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    g.add_argument("--adopt_manifest", action="store_true",
+                   help="record this run's settings as the run_manifest.json of an OUTPUT_DIR that holds work but "
+                        "lost its manifest (pass the flags that work was trained with)")
     g.add_argument("--resume_from_task", default=None,
                    help="start after a finished task: a task folder or REPO_ID@REVISION (e.g. user/model@task-03)")
     g.add_argument("--stop_after_steps", type=int, default=None,
@@ -235,9 +249,22 @@ def validate_args(args: argparse.Namespace) -> None:
         if not 0 <= getattr(args, name) < math.inf:
             fail(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     for name in ("num_epochs_per_task", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps",
-                 "replay_per_class", "fisher_batch_size", "checkpointing_steps", "online_replay_steps"):
+                 "replay_per_class", "fisher_batch_size", "checkpointing_steps", "online_replay_steps",
+                 "fisher_num_samples", "max_train_per_class", "replay_batch_size", "fid_num_samples",
+                 "stop_after_steps", "resolution", "classes_per_task"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name} must be >= 1")
+            fail(f"--{name} must be >= 1, got {getattr(args, name)} (leave it out for the default)")
+    if args.ema_decay is not None and not 0 <= args.ema_decay <= 1:
+        fail(f"--ema_decay must be a number in [0, 1], got {args.ema_decay}")
+    if args.report_to:
+        import accelerate.tracking as trackers
+
+        for name in args.report_to.split(","):
+            if name != "all" and name not in trackers.LOGGER_TYPE_TO_CLASS:
+                fail(f"--report_to {name!r} is no Accelerate tracker; choose from "
+                     f"{', '.join(sorted(trackers.LOGGER_TYPE_TO_CLASS))} or all")
+            if name != "all" and not getattr(trackers, f"is_{name}_available")():
+                fail(f"--report_to {name}: the {name} package is not installed (pip install {name})")
     if not 0 < args.learning_rate < math.inf:
         fail(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
@@ -289,7 +316,7 @@ def method_description(args) -> str:
 
 RESUME_MUST_MATCH = ("preset", "model_config_name_or_path", "ewc_type", "ewc_mode", "joint", "resize")
 # settings a run may change when it continues (none changes results); every other flag is in run_manifest.json
-MAY_CHANGE = ("output_dir", "resume_from_checkpoint", "resume_from_task", "checkpointing_steps",
+MAY_CHANGE = ("output_dir", "resume_from_checkpoint", "resume_from_task", "adopt_manifest", "checkpointing_steps",
               "checkpoints_total_limit", "stop_after_steps", "report_to", "push_to_hub", "hub_model_id", "hub_private",
               "fid_reference_dir", "fisher_batch_size")
 # the recovery from a diverged run: these may change on resume, and run_manifest.json records each change
@@ -315,15 +342,29 @@ def run_manifest(args, accelerator, data: "TaskData") -> dict:
     return {"settings": settings, "dataset": dataset, "tasks": data.tasks}
 
 
-def check_run_manifest(args, accelerator, data: "TaskData") -> None:
-    """Write OUTPUT_DIR/run_manifest.json for a new run; for an existing one refuse any difference except in
-    RECOVERY_SETTINGS, whose changes are logged and recorded."""
-    path = Path(args.output_dir) / "run_manifest.json"
+def check_run_manifest(args, accelerator, data: "TaskData") -> dict | None:
+    """Compare OUTPUT_DIR/run_manifest.json with this run and refuse any difference except in RECOVERY_SETTINGS,
+    whose changes are logged and recorded. Returns the manifest of a new run, for main() to write once every other
+    check has passed (None when the folder has one). A folder that holds checkpoints or task folders but no
+    readable manifest is refused: nothing would say what settings its work was trained with."""
+    output_dir = Path(args.output_dir)
+    path = output_dir / "run_manifest.json"
     current = run_manifest(args, accelerator, data)
-    if accelerator.is_main_process and not path.exists():
-        write_json(path, {**current, "changes": [], "hf_r1ewc_version": __version__})
-    accelerator.wait_for_everyone()
-    recorded = json.loads(path.read_text())
+    fix = (f"restore {path}, or re-run with the flags that run was started with and --adopt_manifest to record "
+           f"them, or use another --output_dir")
+    if not path.exists():
+        work = [d.name for d in checkpoint_dirs(output_dir)] + [d.name for d in sorted(output_dir.glob("task_[0-9]*"))]
+        if work and not args.adopt_manifest:
+            raise SystemExit(f"error: {output_dir} holds earlier work ({', '.join(work[:4])}"
+                             f"{', ...' if len(work) > 4 else ''}) but no run_manifest.json, which records the "
+                             f"settings it was trained with, so continuing could mix settings silently: {fix}")
+        return {**current, "changes": [], "hf_r1ewc_version": __version__}
+    try:
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict) or not {"settings", "dataset", "tasks", "changes"} <= set(recorded):
+            raise ValueError("it lacks the settings, dataset, tasks or changes of a run")
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: {path} cannot be read ({type(err).__name__}: {err}): {fix}") from None
     differences = {f"--{k}": d for k, d in manifest_differences(recorded["settings"], current["settings"]).items()}
     differences |= {f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()}
     if recorded["tasks"] != current["tasks"]:
@@ -361,6 +402,18 @@ def lock_output_dir(accelerator, output_dir: Path) -> OutputLock | None:
         raise SystemExit(f"error: another run (process {holder}) is writing {output_dir}; wait for it to finish or "
                          f"use another --output_dir")
     return lock
+
+
+@contextlib.contextmanager
+def released_on_error(lock: OutputLock | None) -> Iterator[None]:
+    """Release OUTPUT_DIR's lock if the block fails (a refusal before the task loop), so that the same process (a
+    test, a notebook) can run again; the OS releases it when a process dies."""
+    try:
+        yield
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
 def resolve_mixed_precision(flag: str | None) -> str:
@@ -421,6 +474,11 @@ def load_task_data(args) -> TaskData:
             train = train.head_per_class(args.max_train_per_class)
         known = test if args.streaming else train  # streamed: the eval split names the classes and the image shape
         resolution = args.resolution or default_resolution(known.image_size)
+        held = (len(test) + (len(train) if train is not None else 0)) * known.num_channels * resolution**2 * 4
+        if held > memory_bytes():
+            raise ValueError(f"--resolution {resolution}: the {len(test) + len(train or [])} images in memory as "
+                             f"float32 need {held / 2**30:.3g} GiB, more than this machine's "
+                             f"{memory_bytes() / 2**30:.3g} GiB; lower --resolution (or use --streaming)")
         num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
         tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, known.classes)
         data = TaskData(source, test, train, None if train is None else images_to_model_input(
@@ -433,6 +491,28 @@ def load_task_data(args) -> TaskData:
         raise SystemExit(f"error: the test split has no images of classes {missing}: FID needs them "
                          f"(or pass --fid_backend none)")
     return data
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_budgets(args, data: TaskData) -> None:
+    """Refuse, before any training, a replay pool that cannot fit: it is written to OUTPUT_DIR (float16 images,
+    int64 labels) and then held whole in memory, once for the largest set of old classes (before the last task)."""
+    if args.replay != "on" or args.replay_mode != "pool" or args.joint or len(data.tasks) < 2:
+        return
+    old_classes = sum(len(t) for t in data.tasks[:-1])
+    pool = args.replay_per_class * old_classes * (2 * data.num_channels * data.resolution**2 + 8)
+    free = shutil.disk_usage(next(p for p in (Path(args.output_dir), *Path(args.output_dir).resolve().parents)
+                                  if p.exists())).free
+    for where, limit in (("free disk space in --output_dir", free), ("this machine's memory", memory_bytes())):
+        if pool > limit:
+            raise SystemExit(f"error: --replay_per_class {args.replay_per_class}: the replay pool before the last "
+                             f"task ({old_classes} classes x {args.replay_per_class} images at {data.resolution}x"
+                             f"{data.resolution}) needs {pool / 2**30:.3g} GiB, more than the {limit / 2**30:.3g} GiB "
+                             f"of {where}; lower --replay_per_class (the paper: 5000, ImageNet 1300)")
 
 
 def build_model(args, data: TaskData) -> ModelMixin:
@@ -470,8 +550,8 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, model, output_dir: Path, global_step: int, position: dict, limit: int) -> None:
-    """Accelerate state + our position (task, epoch, step in epoch, process count), atomically; old checkpoints
-    pruned. Weights that are no longer finite are never saved."""
+    """Accelerate state + our position (task, epoch, step in epoch, process count) + the SHA-256 of every file,
+    atomically; old checkpoints pruned. Weights that are no longer finite are never saved."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     largest = torch.stack([p.detach().abs().max().float() for p in local if p.numel()]).max()
     largest = float(accelerator.gather(largest.reshape(1)).max())
@@ -486,8 +566,10 @@ def save_checkpoint(accelerator, model, output_dir: Path, global_step: int, posi
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's random states are written
     if accelerator.is_main_process:
         (tmp / "position.json").write_text(json.dumps(position))
+        write_checkpoint_digests(tmp)  # last: a checkpoint with digests.json is complete
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -511,7 +593,7 @@ def checkpoint_position(checkpoint: Path) -> dict:
 
 def resume_advice(output_dir: Path) -> str:
     """What a resume of OUTPUT_DIR will do now, and how to get past a divergence (for error messages)."""
-    saved = checkpoint_dirs(output_dir)
+    saved = [d for d in checkpoint_dirs(output_dir) if checkpoint_problem(d) is None]
     done = finished_tasks(output_dir)
     position = checkpoint_position(saved[-1]) if saved else None
     if position is not None and position["task"] > done:
@@ -529,18 +611,30 @@ def resume_advice(output_dir: Path) -> str:
 
 def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
     """The checkpoint to resume from: a path, a name under OUTPUT_DIR/checkpoints (``checkpoint-26``, the diffusers
-    form), or the newest one for ``latest`` and for a re-run into a folder that holds checkpoints."""
+    form), or the newest intact one for ``latest`` and for a re-run into a folder that holds checkpoints (a damaged
+    one, whose files differ from its digests, is skipped with a warning)."""
     available = checkpoint_dirs(output_dir)
     if spec is None or spec == "latest":
-        if available and spec is None:
-            logger.info("%s holds checkpoints: resuming from the newest, %s (a new run needs another --output_dir)",
-                        output_dir, available[-1].name)
-        elif not available and spec == "latest":
-            logger.info("--resume_from_checkpoint latest: %s holds no checkpoint; starting after the finished task "
-                        "folders, if any", output_dir / "checkpoints")
-        return available[-1] if available else None
+        for candidate in reversed(available):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                if spec is None:
+                    logger.info("%s holds checkpoints: resuming from the newest, %s (a new run needs another "
+                                "--output_dir)", output_dir, candidate.name)
+                return candidate
+            logger.warning("%s is damaged (%s): skipping it for an older one", candidate, problem)
+        if spec == "latest":
+            logger.info("--resume_from_checkpoint latest: %s holds no %scheckpoint; starting after the finished "
+                        "task folders, if any", output_dir / "checkpoints", "intact " if available else "")
+        return None
     for candidate in (Path(spec), output_dir / "checkpoints" / spec, output_dir / spec):
         if (candidate / "position.json").exists():
+            problem = checkpoint_problem(candidate)
+            if problem is not None:
+                intact = [d.name for d in available if d != candidate and checkpoint_problem(d) is None]
+                raise SystemExit(f"error: --resume_from_checkpoint {spec}: {candidate} is damaged ({problem}). "
+                                 f"Resume from an intact one ({intact[-1] if intact else 'none left'}; "
+                                 f"--resume_from_checkpoint latest picks the newest intact) or delete it.")
             return candidate
     raise SystemExit(f"error: --resume_from_checkpoint {spec}: no such checkpoint (looked for it as given and in "
                      f"{output_dir / 'checkpoints'}); available: {[d.name for d in available] or 'none'}")
@@ -648,13 +742,12 @@ def restore_task_folder(args, folder: Path, denoiser: ModelMixin, learner: Conti
             raise SystemExit(f"error: {folder} has no ewc_penalty.safetensors, the EWC penalty over tasks 1..."
                              f"{saved['task_index']} that a {args.ewc_type} run continues from; copy the whole folder "
                              f"again (or pull it from the Hub)")
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             learner.penalty.load_state_dict(load_file(str(path)))
-        except (SafetensorError, OSError) as err:
-            raise SystemExit(f"error: {path} cannot be read ({err}); copy the folder again") from None
+        except (SafetensorError, OSError, ValueError) as err:
+            raise SystemExit(f"error: {path} cannot be used ({err}); copy the folder again") from None
         learner.penalty.ewc_lambda = args.ewc_lambda
     if ema is not None:
         ema.shadow_params = [p.detach().clone() for p in denoiser.parameters()]
@@ -718,15 +811,17 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
 
 
 def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, loader, run: RunState,
-               task_index: int, num_tasks: int, ema) -> tuple[list[float], list[float], list[float], bool]:
+               task_index: int, num_tasks: int, ema) -> tuple[list[float], list[float], list[float], str | None]:
     """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, ||grad lambda*EWC|| /
-    ||grad of the rest of the loss|| at each epoch's first optimizer step (empty without a penalty), stopped early)."""
+    ||grad of the rest of the loss|| at each epoch's first optimizer step (empty without a penalty), why it stopped
+    early: None, "--stop_after_steps" or the signal's name). A SIGTERM/SIGINT finishes the optimizer step and
+    checkpoints it."""
     output_dir = Path(args.output_dir)
     first_epoch, skip, loss_curve, denoise_curve, ratio_curve, carried = 0, 0, [], [], [], ([], [])
     if run.resume_position is not None and run.resume_position["task"] == task_index:
         try:
             accelerator.load_state(str(run.resume_dir))
-        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as err:
+        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, SafetensorError) as err:
             raise SystemExit(f"error: {run.resume_dir} cannot be loaded ({type(err).__name__}: {str(err)[:300]}). "
                              f"Delete it to resume from the checkpoint or task folder before it.") from None
         for group in optimizer.param_groups:  # the flag's rate, not the stored one (a recovery may lower it)
@@ -747,55 +842,64 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
                     initial=first_epoch * steps_per_epoch + skip // args.gradient_accumulation_steps,
                     desc=f"task {task_index}/{num_tasks}", show=accelerator.is_local_main_process)
     ratio = ratio_curve[-1] if ratio_curve else None
-    for epoch in range(first_epoch, args.num_epochs_per_task):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        batches = loader if not skip else (loader.skip_first(skip) if args.streaming
-                                           else accelerator.skip_first_batches(loader, skip))
-        step_in_epoch, skip = skip, 0
-        (losses, denoise), carried = carried, ([], [])
-        model.train()
-        for images, labels in batches:
-            generator = step_generator(args.seed, task_index, epoch, step_in_epoch, accelerator.process_index)
-            try:
-                out = learner.training_step(accelerator, model, optimizer, images, labels, generator, ema,
-                                            # the epoch's first optimizer step (the window's closing micro-batch)
-                                            measure_penalty=step_in_epoch < args.gradient_accumulation_steps)
-            except NonFiniteLossError as err:
-                raise SystemExit(f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}; nothing "
-                                 f"after the last checkpoint was saved. {resume_advice(output_dir)}") from None
-            step_in_epoch += 1
-            losses.append(out.loss)
-            denoise.append(out.denoise)
-            if not out.optimizer_stepped:
-                continue
-            run.global_step += 1
-            run.steps_this_process += 1
-            progress.update(1)
-            logs = {"loss": out.loss, "denoise": out.denoise, "distill": out.distill, "ewc": out.ewc}
-            if out.penalty_gradient_ratio is not None:
-                ratio = out.penalty_gradient_ratio
-                ratio_curve.append(ratio)
-            if ratio is not None:  # ||grad EWC|| / ||grad rest of the loss||, at each epoch's first optimizer step
-                logs["ewc_grad_ratio"] = ratio
-            progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-            accelerator.log({**logs, "task": task_index}, step=run.global_step)
-            end_of_epoch = step_in_epoch == len(loader)
-            position = {"task": task_index, "epoch": epoch + end_of_epoch,
-                        "step_in_epoch": 0 if end_of_epoch else step_in_epoch, "global_step": run.global_step,
-                        "curves": [loss_curve, denoise_curve, ratio_curve], "epoch_losses": [losses, denoise]}
-            stop = args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
-            if run.global_step % args.checkpointing_steps == 0 or stop:
-                save_checkpoint(accelerator, model, output_dir, run.global_step, position,
-                                args.checkpoints_total_limit)
-            if stop:
-                progress.close()
-                return loss_curve, denoise_curve, ratio_curve, True
-        if losses:
-            loss_curve.append(sum(losses) / len(losses))
-            denoise_curve.append(sum(denoise) / len(denoise))
+    with StopRequest() as stop_request:  # the first SIGTERM/SIGINT: finish the step, checkpoint, stop
+        for epoch in range(first_epoch, args.num_epochs_per_task):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            batches = loader if not skip else (loader.skip_first(skip) if args.streaming
+                                               else accelerator.skip_first_batches(loader, skip))
+            step_in_epoch, skip = skip, 0
+            (losses, denoise), carried = carried, ([], [])
+            model.train()
+            for images, labels in batches:
+                generator = step_generator(args.seed, task_index, epoch, step_in_epoch, accelerator.process_index)
+                try:
+                    out = learner.training_step(accelerator, model, optimizer, images, labels, generator, ema,
+                                                # the epoch's first optimizer step (the window's closing micro-batch)
+                                                measure_penalty=step_in_epoch < args.gradient_accumulation_steps)
+                except NonFiniteLossError as err:
+                    raise SystemExit(f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}; "
+                                     f"nothing after the last checkpoint was saved. {resume_advice(output_dir)}") \
+                        from None
+                step_in_epoch += 1
+                losses.append(out.loss)
+                denoise.append(out.denoise)
+                if not out.optimizer_stepped:
+                    continue
+                run.global_step += 1
+                run.steps_this_process += 1
+                progress.update(1)
+                logs = {"loss": out.loss, "denoise": out.denoise, "distill": out.distill, "ewc": out.ewc}
+                if out.penalty_gradient_ratio is not None:
+                    ratio = out.penalty_gradient_ratio
+                    ratio_curve.append(ratio)
+                if ratio is not None:  # ||grad EWC|| / ||grad rest of the loss||, at each epoch's first optimizer step
+                    logs["ewc_grad_ratio"] = ratio
+                progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+                accelerator.log({**logs, "task": task_index}, step=run.global_step)
+                end_of_epoch = step_in_epoch == len(loader)
+                position = {"task": task_index, "epoch": epoch + end_of_epoch,
+                            "step_in_epoch": 0 if end_of_epoch else step_in_epoch, "global_step": run.global_step,
+                            "curves": [loss_curve, denoise_curve, ratio_curve], "epoch_losses": [losses, denoise]}
+                stop = "--stop_after_steps" if args.stop_after_steps is not None and \
+                    run.steps_this_process >= args.stop_after_steps else None
+                signalled = stop_request.signal_name is not None
+                if accelerator.num_processes > 1:  # every process stops after the same step
+                    if signalled:
+                        accelerator.set_trigger()
+                    signalled = accelerator.check_trigger()
+                stop = (stop_request.signal_name or "a signal to another process") if signalled else stop
+                if run.global_step % args.checkpointing_steps == 0 or stop:
+                    save_checkpoint(accelerator, model, output_dir, run.global_step, position,
+                                    args.checkpoints_total_limit)
+                if stop:
+                    progress.close()
+                    return loss_curve, denoise_curve, ratio_curve, stop
+            if losses:
+                loss_curve.append(sum(losses) / len(losses))
+                denoise_curve.append(sum(denoise) / len(denoise))
     progress.close()
-    return loss_curve, denoise_curve, ratio_curve, False
+    return loss_curve, denoise_curve, ratio_curve, None
 
 
 def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_tasks: list, task_index: int):
@@ -900,6 +1004,7 @@ def main(argv=None) -> None:
     set_seed(args.seed)
     device = accelerator.device
     data = load_task_data(args)
+    check_budgets(args, data)
     denoiser = build_model(args, data)
     noise_scheduler = training_noise_scheduler()
     sampler = sampling_scheduler(args.replay_scheduler, noise_scheduler.config)
@@ -911,14 +1016,15 @@ def main(argv=None) -> None:
     ema = EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser),
                    model_config=denoiser.config) if args.use_ema else None
     lock = lock_output_dir(accelerator, output_dir)
-    run = resume_run(args, accelerator, denoiser, learner, ema, training_tasks, data.resolution)
-    check_run_manifest(args, accelerator, data)
+    with released_on_error(lock):
+        run = resume_run(args, accelerator, denoiser, learner, ema, training_tasks, data.resolution)
+        new_manifest = check_run_manifest(args, accelerator, data)
+        evaluator = make_evaluator(args, accelerator, data, device) if run.start_task <= num_tasks else None
     if run.start_task > num_tasks:
         logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
         if lock is not None:
             lock.release()
         return
-    evaluator = make_evaluator(args, accelerator, data, device)
     if ema is not None:
         ema.to(device)
         register_ema(accelerator, ema)
@@ -930,7 +1036,9 @@ def main(argv=None) -> None:
     denoiser.to(device)
     if penalty is not None:  # the statistics stay on the CPU; the penalty binds one flat copy (FSDP: the local
         penalty.to("cpu")    # shard's slice) to the model's device per task
-    stopped = False
+    if new_manifest is not None and accelerator.is_main_process:  # written once every check has passed
+        write_json(output_dir / "run_manifest.json", new_manifest)
+    stopped: str | None = None
 
     try:
         for task_index in range(run.start_task, num_tasks + 1):
@@ -955,8 +1063,8 @@ def main(argv=None) -> None:
             *curves, stopped = train_task(args, accelerator, learner, model, optimizer, loader, run, task_index,
                                           num_tasks, ema)
             if stopped:
-                logger.info("stopped after %d steps as asked; re-run the same command to continue",
-                            run.steps_this_process)
+                logger.info("stopped by %s after step %d (checkpoint-%d saved); re-run the same command to continue",
+                            stopped, run.global_step, run.global_step)
                 break
 
             # ---- end of task: theta*_k, evaluation, consolidation, the task folder
@@ -971,11 +1079,14 @@ def main(argv=None) -> None:
                                    data.tasks if args.joint else data.tasks[:task_index], task_index)
             run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
             run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
-            stats = learner.consolidate(trained, fisher_batches, seed=args.seed + task_index,
-                                        reduce_sum=lambda t: accelerator.reduce(t, "sum"),
-                                        num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
-                                        if args.streaming and args.fisher_num_samples else None,
-                                        show_progress=accelerator.is_local_main_process)
+            try:
+                stats = learner.consolidate(trained, fisher_batches, seed=args.seed + task_index,
+                                            reduce_sum=lambda t: accelerator.reduce(t, "sum"),
+                                            num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
+                                            if args.streaming and args.fisher_num_samples else None,
+                                            show_progress=accelerator.is_local_main_process)
+            except ValueError as err:
+                raise SystemExit(f"error: task {task_index}: {err}. {resume_advice(output_dir)}") from None
             if penalty is not None:
                 penalty.to("cpu")
                 logger.info("Fisher after task %d: %s, N = %d", task_index, f"c* = {stats.c_star:.4g}, ||mu|| = "
@@ -988,12 +1099,20 @@ def main(argv=None) -> None:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:  # the pool served this task only; the task folder is safely written
                 shutil.rmtree(output_dir / "replay" / task_folder_name(task_index), ignore_errors=True)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+            raise
+        raise SystemExit(f"error: cannot write {err.filename or 'to ' + str(output_dir)}: {err.strerror}. Make room "
+                         f"(or raise the file-size or quota limit) and re-run the same command: "
+                         f"{resume_advice(output_dir)}") from None
     finally:  # also when the run ends in an error: the uploads so far are reported, the folder unlocked
         close_uploader(uploader, output_dir)
         if lock is not None:
             lock.release()
 
     accelerator.end_training()
+    if stopped and stopped != "--stop_after_steps":
+        sys.exit(EXIT_STOPPED)
     if accelerator.is_main_process and not stopped:
         finish_run(args, data, run)
 

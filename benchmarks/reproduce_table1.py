@@ -621,8 +621,8 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
 
 
 def run_long_horizon(work: Path, data_dir: str, sc: dict, log: Path, jobs: int, lengths: Sequence[str]) -> None:
-    """The sweep and the GD / decoupled runs (which need no sweep), then the swept methods at their lambda, then the
-    longer lengths for GD and the rank-1 variant with the lower mean AFID@10 at 1x; the report after every run."""
+    """The sweep, then seed by seed every method (so that paired seeds complete one at a time), then the longer
+    lengths for GD and the rank-1 variant with the lower mean AFID@10 at 1x; the report after every run."""
     import threading
 
     lock = threading.Lock()
@@ -635,13 +635,11 @@ def run_long_horizon(work: Path, data_dir: str, sc: dict, log: Path, jobs: int, 
             write_long_horizon(work, data_dir, sc, RESULTS / "long_horizon.md")
         return out
 
-    first = [(m, lam, SWEEP_SEED, "1x") for m in LONG_SWEPT for lam in LONG_LAMBDAS]
-    first += [job for s in PAIRED_SEEDS for job in (("GD", None, s, "1x"), ("decoupled rank-1 + GD", PAPER_LAMBDA, s,
-                                                                              "1x"))]
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(run, first))
+        list(pool.map(run, [(m, lam, SWEEP_SEED, "1x") for m in LONG_SWEPT for lam in LONG_LAMBDAS]))
         best = long_best(work)
-        list(pool.map(run, [(m, best[m], s, "1x") for s in PAIRED_SEEDS for m in LONG_SWEPT]))
+        methods = [("GD", None), *((m, best[m]) for m in LONG_SWEPT), ("decoupled rank-1 + GD", PAPER_LAMBDA)]
+        list(pool.map(run, [(m, lam, s, "1x") for s in PAIRED_SEEDS for m, lam in methods]))
         longer = [length for length in lengths if length != "1x"]
         if longer:
             summary = json.loads((RESULTS / "long_horizon.json").read_text())["summary"]

@@ -180,13 +180,14 @@ class ContinualLearner:
                     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, num_samples: int | None = None,
                     show_progress: bool = True) -> FisherStatistics | None:
         """Estimate the finished task's Fisher at theta*_k = ``model`` (whole, unwrapped weights; float32 whatever
-        the training precision) and add its term to the penalty. None when training without EWC."""
+        the training precision) and add its term to the penalty. None when training without EWC. Raises
+        ``ValueError`` on a non-finite estimate, before the penalty takes it."""
         if self.penalty is None:
             return None
         kinds = ("diag",) if self.penalty.kind == "diag" else ("rank1",)
         stats = estimate_fisher(model, self.noise_scheduler, fisher_loader, kinds=kinds, num_samples=num_samples,
                                 generator=torch.Generator().manual_seed(seed), reduce_sum=reduce_sum,
-                                show_progress=show_progress)
+                                show_progress=show_progress).check_finite("the finished task's Fisher estimate")
         self.penalty.add_task(stats, model)
         return stats
 

@@ -5,7 +5,9 @@
     python -m hf_r1ewc.evaluate train-classifier --dataset_name DATA --output_dir DIR
 
 The first form reads each run's ``results.json`` (completing missing FID_i(m_k) entries from the task folders with
-``--complete``, e.g. every i instead of i <= k with ``--all_tasks``), groups runs by method, and writes AFID@T,
+``--complete``, e.g. every i instead of i <= k with ``--all_tasks``, into ``results_completed.json`` beside it: the
+run's own ``results.json`` is never written, and a run folder that a training process holds is refused), groups
+finished runs by method (unfinished ones are refused, or with ``--include_unfinished`` marked as such), and writes AFID@T,
 forgetting F and plasticity P as mean +- standard error over runs (seeds) to ``summary.md``, ``summary.csv`` and
 ``summary.json``, plus the AFID@k plot, per-run FID curves and a class x task sample grid. ``--paired_against
 METHOD`` adds seed-by-seed differences of every method against METHOD with paired tests (``paired.json``).
@@ -25,6 +27,7 @@ from .data import default_resolution, images_to_model_input, load_labeled_images
 from .distill import frozen_teacher
 from .features import classifier_accuracy, load_feature_extractor, train_classifier
 from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name, write_json
+from .integrity import OutputLock
 from .metrics import TaskFID, matrix_from_json, mean_and_standard_error, summarize
 from .pipeline import ClassConditionalPipeline
 from .plots import plot_afid_curves, plot_task_fid_curves, save_labeled_grid
@@ -53,10 +56,33 @@ def train_classifier_main(argv: list[str]) -> None:
     print(f"test accuracy {accuracy:.4f}; saved to {args.output_dir}")
 
 
+COMPLETED = "results_completed.json"
+
+
 def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None = None) -> dict:
     """Fill the missing FID_i(m_k) (and sample accuracy) of a run from its task folders, through the same
-    ``TaskFID`` as the training script (same seeds, sampler and precision); returns the updated results."""
+    ``TaskFID`` as the training script (same seeds, sampler and precision), into ``RUN_DIR/results_completed.json``
+    (entries computed by an earlier call are kept); returns those results. The run's ``results.json`` belongs to the
+    training run and is never written. Holds the run folder's lock while it works: raises ``ValueError`` naming the
+    process if a training run holds it."""
+    lock = OutputLock(run_dir)
+    if not lock.acquire():
+        raise ValueError(f"{run_dir} is being written by process {lock.holder()} (a training run); wait for it to "
+                         f"finish, or evaluate a copy of the folder")
+    try:
+        return _complete_run(run_dir, all_tasks, num_samples)
+    finally:
+        lock.release()
+
+
+def _complete_run(run_dir: Path, all_tasks: bool, num_samples: int | None) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
+    if (run_dir / COMPLETED).exists():  # keep what an earlier completion computed, under the run's own entries
+        earlier = json.loads((run_dir / COMPLETED).read_text())
+        for key in ("fid", "accuracy"):
+            for k, row in earlier.get(key, {}).items():
+                results.setdefault(key, {}).setdefault(k, {})
+                results[key][k] = {**row, **results[key][k]}
     manifest = run_dir / "run_manifest.json"  # (args.json: runs written before the manifest)
     args = json.loads(manifest.read_text())["settings"] if manifest.exists() else \
         json.loads((run_dir / "args.json").read_text())
@@ -96,8 +122,8 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
             print(f"{run_dir.name}: FID_{i}(m_{k}) = {score.fid:.3f}")
     results["fid"], results["accuracy"] = matrix, accuracy
     results.update(summarize({k: {i: v for i, v in row.items() if i <= k} for k, row in matrix.items()}))
-    write_json(run_dir / "results.json", results)
-    return json.loads((run_dir / "results.json").read_text())
+    write_json(run_dir / COMPLETED, results)
+    return json.loads((run_dir / COMPLETED).read_text())
 
 
 def results_from_revisions(repo_id: str, revisions: list[str]) -> dict:
@@ -282,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--all_tasks", action="store_true", help="with --complete: FID of every task, also i > k")
     p.add_argument("--fid_num_samples", type=int, default=None)
     p.add_argument("--grid_classes", default=None, help="with one run: classes for the class x task sample grid")
+    p.add_argument("--include_unfinished", action="store_true",
+                   help="aggregate runs that have not finished their last task too, as methods of their own marked "
+                        "'[unfinished]' (default: refuse them)")
     p.add_argument("--paired_against", default=None, metavar="METHOD",
                    help="also compare every method with METHOD (e.g. 'generative replay + distillation (weight 1)', "
                         "as the summary names it) seed by seed: mean difference +- SE, paired t and Wilcoxon tests")
@@ -291,12 +320,23 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = Path(run)
         if not (run_dir / "results.json").exists():
             raise SystemExit(f"error: {run_dir} has no results.json (is it a train_continual_ddpm.py output_dir?)")
-        runs[str(run_dir)] = complete_run(run_dir, args.all_tasks, args.fid_num_samples) if args.complete \
-            else json.loads((run_dir / "results.json").read_text())
+        try:
+            runs[str(run_dir)] = complete_run(run_dir, args.all_tasks, args.fid_num_samples) if args.complete \
+                else json.loads((run_dir / "results.json").read_text())
+        except ValueError as err:  # a run being trained, an altered task folder, unreadable results
+            raise SystemExit(f"error: {err}") from None
     for repo in args.hub_repo:
         runs[repo] = results_from_revisions(repo, args.revisions.split(","))
     if not runs:
         raise SystemExit("error: pass --run_dir DIR [DIR ...] and/or --hub_repo REPO_ID")
+    unfinished = {run: r for run, r in runs.items() if _final_afid(r) is None}
+    if unfinished and not args.include_unfinished:
+        listed = "; ".join(f"{run} ({len(r.get('afid', {}))} of {len(r['tasks'])} tasks)" for run, r in
+                           unfinished.items())
+        raise SystemExit(f"error: runs that have not finished: {listed}. Let them finish (re-run their command), "
+                         f"leave them out, or pass --include_unfinished to show them apart, marked '[unfinished]'")
+    for r in unfinished.values():
+        r["label"] = f"{r.get('label') or r['method']} [unfinished]"
     output_dir = Path(args.output_dir or (Path(args.run_dir[0]).parent if args.run_dir else "."))
     table = aggregate(runs)
     write_summary(table, output_dir)
@@ -313,8 +353,11 @@ def main(argv: list[str] | None = None) -> None:
                              output_dir / f"fid_curves_{Path(run).name.replace('/', '_')}.png",
                              title=results["method"])
     if args.grid_classes:
-        sample_grid_across_tasks(Path(args.run_dir[0]), [int(c) for c in args.grid_classes.split(",")],
-                                 output_dir / "samples_across_tasks.png")
+        try:
+            sample_grid_across_tasks(Path(args.run_dir[0]), [int(c) for c in args.grid_classes.split(",")],
+                                     output_dir / "samples_across_tasks.png")
+        except ValueError as err:  # an altered task folder, a class the model does not know
+            raise SystemExit(f"error: --grid_classes: {err}") from None
     print((output_dir / "summary.md").read_text())
 
 

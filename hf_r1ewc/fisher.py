@@ -52,6 +52,19 @@ class FisherStatistics:
         """The statistics present: ("rank1",), ("diag",) or both."""
         return tuple(k for k, v in (("rank1", self.mu), ("diag", self.diag)) if v is not None)
 
+    def check_finite(self, source: str) -> "FisherStatistics":
+        """Raise ``ValueError`` naming ``source`` if c* or any value of mu or diag is NaN or infinite; else self."""
+        bad = {f"{kind} {name}": int((~torch.isfinite(v)).sum()) for kind, store in (("mu", self.mu),
+               ("diag", self.diag)) for name, v in (store or {}).items() if not bool(torch.isfinite(v).all())}
+        if self.c_star is not None and not math.isfinite(self.c_star):
+            bad["c*"] = 1
+        if bad:
+            total = sum(bad.values())
+            raise ValueError(f"{source}: {total} non-finite Fisher values ({', '.join(list(bad)[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''}): the weights or losses they were estimated from "
+                             f"were not finite, or the file is damaged; a penalty built on them would be NaN")
+        return self
+
     def mu_norm(self) -> float:
         """||mu||_2 over all parameters (float64 sum); 0 without rank-1 statistics."""
         return math.sqrt(sum(float(v.double().pow(2).sum()) for v in self.mu.values())) if self.mu else 0.0
@@ -455,7 +468,7 @@ def load_fisher(path: str, model: nn.Module | None = None, device: str | torch.d
                 raise ValueError(f"{path} does not match this model ({kind} statistics) — {detail}. "
                                  f"Was it estimated for another UNet config?")
     known = {"kinds", "c_star", "num_samples", "timestep_range", "loss_normalization"}
-    return FisherStatistics(
+    stats = FisherStatistics(
         mu=stores["rank1"] if "rank1" in kinds else None,
         diag=stores["diag"] if "diag" in kinds else None,
         c_star=json.loads(metadata["c_star"]),
@@ -463,3 +476,4 @@ def load_fisher(path: str, model: nn.Module | None = None, device: str | torch.d
         timestep_range=tuple(json.loads(metadata.get("timestep_range", "[0, 1000]"))),
         metadata={k: v for k, v in metadata.items() if k not in known},
     )
+    return stats.check_finite(str(path))

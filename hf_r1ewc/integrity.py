@@ -1,7 +1,8 @@
 """Run integrity: SHA-256 digests of task-folder artifacts, the run manifest, and the output folder's lock.
 
 A task folder records the digest of every file it holds in ``training_state.json`` (``"sha256"``); loading checks
-them (``verify_folder``). An output folder holds ``run_manifest.json``: every setting that changes results, the
+them (``verify_folder``). A training checkpoint records them in ``digests.json``, written last
+(``write_checkpoint_digests``), and is checked before a resume reads it (``checkpoint_problem``). An output folder holds ``run_manifest.json``: every setting that changes results, the
 dataset's identity and the tasks, written once by the run that created the folder and compared by every resume and
 re-run (``manifest_differences``). ``OutputLock`` keeps a second run off a folder that is being written.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -64,6 +66,38 @@ def verify_folder(folder: str | os.PathLike, digests: dict[str, str], only: tupl
     if problems:
         raise IntegrityError(f"{folder}: " + "; ".join(problems) + ". Copy the folder again from where it was made "
                              "(or pull it from the Hub), or retrain that task.")
+
+
+CHECKPOINT_DIGESTS = "digests.json"
+
+
+def write_checkpoint_digests(folder: str | os.PathLike) -> None:
+    """Record the SHA-256 of every file of a checkpoint folder in its ``digests.json`` (call it last)."""
+    digests = folder_digests(folder, exclude=(CHECKPOINT_DIGESTS,))
+    (Path(folder) / CHECKPOINT_DIGESTS).write_text(json.dumps(digests, indent=1))
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """None if a checkpoint folder is intact: its files match ``digests.json`` and ``position.json`` parses; else
+    what is wrong, in one line. A checkpoint written before digests existed is checked for ``position.json`` only."""
+    folder = Path(folder)
+    digest_path = folder / CHECKPOINT_DIGESTS
+    if digest_path.exists():
+        try:
+            digests = json.loads(digest_path.read_text())
+        except (ValueError, OSError) as err:
+            return f"{CHECKPOINT_DIGESTS} cannot be read ({err})"
+        try:
+            verify_folder(folder, digests)
+        except IntegrityError as err:
+            return str(err).split(". Copy the folder")[0].removeprefix(f"{folder}: ")
+    try:
+        position = json.loads((folder / "position.json").read_text())
+    except (ValueError, OSError) as err:
+        return f"position.json cannot be read ({err})"
+    if not isinstance(position, dict) or not {"task", "epoch", "step_in_epoch", "global_step"} <= set(position):
+        return "position.json lacks the run position (task, epoch, step_in_epoch, global_step)"
+    return None
 
 
 def manifest_differences(recorded: dict, current: dict) -> dict[str, tuple]:

@@ -304,7 +304,11 @@ class EWCPenalty:
         return {k: v.contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore from ``state_dict`` tensors (as read from safetensors)."""
+        """Restore from ``state_dict`` tensors (as read from safetensors); refuses non-finite values."""
+        bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if bad:
+            raise ValueError(f"the penalty state holds non-finite values in {bad[:3]}{' ...' if len(bad) > 3 else ''}"
+                             f" ({len(bad)} tensors): damaged, or estimated from weights that were not finite")
         self.terms.load_state_dict(state)
         self.ewc_lambda = float(state["ewc_lambda"])
         self._bound = None

@@ -51,6 +51,9 @@ def test_idx_truncated_file_is_a_clear_error(fashion_mnist_dir, tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match="truncated"):
         load_labeled_images(str(tmp_path), "test")
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[:6])  # cut inside the header
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte is truncated: 6 bytes"):
+        load_labeled_images(str(tmp_path), "test")
 
 
 # ------------------------------------------------------------------------------------------- other sources

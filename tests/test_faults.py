@@ -342,3 +342,195 @@ def test_config_without_class_embedding_is_refused(tmp_path):
     (tmp_path / "unet.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="no class embedding \\(num_class_embeds: null\\)"):
         run([*COMMON, "--model_config_name_or_path", str(tmp_path / "unet.json"), "--output_dir", str(tmp_path / "o")])
+
+
+# ------------------------------------------------------------------------------ round two (checkpoints, manifest,
+# non-finite statistics, budgets, evaluation beside a running run, write errors)
+
+
+def _flip_tail(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> Path:
+    """A run stopped after step 8 of 12, mid task 2 (checkpoint-6 and checkpoint-8 kept)."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    run([*COMMON, "--output_dir", str(out), "--stop_after_steps", "8"])
+    return out
+
+
+@pytest.mark.parametrize("damage", ["flip unet_ema/diffusion_pytorch_model.safetensors", "flip optimizer.bin",
+                                    "truncate position.json", "empty position.json", "delete model.safetensors"])
+def test_checkpoint_damage_is_found(stopped, tmp_path, damage):
+    from hf_r1ewc.integrity import checkpoint_problem
+
+    checkpoint = shutil.copytree(stopped / "checkpoints" / "checkpoint-8", tmp_path / "checkpoint-8")
+    assert checkpoint_problem(checkpoint) is None
+    action, name = damage.split(" ", 1)
+    path = checkpoint / name
+    if action == "flip":
+        _flip_tail(path)
+    elif action == "delete":
+        path.unlink()
+    else:
+        path.write_text(path.read_text()[: len(path.read_text()) // 2] if action == "truncate" else "")
+    assert name in checkpoint_problem(checkpoint)
+
+
+def test_damaged_checkpoint_is_skipped_for_the_previous_intact_one(reference, stopped, tmp_path, caplog):
+    """Checkpoints carry the SHA-256 of their files: a damaged newest checkpoint is named and skipped, the run resumes
+    from the one before and still ends bit for bit where the uninterrupted run did; naming it explicitly is refused
+    with the intact one offered."""
+    out = copy_run(stopped, tmp_path / "out")
+    _flip_tail(out / "checkpoints" / "checkpoint-8" / "model.safetensors")
+    with pytest.raises(SystemExit, match="checkpoint-8 is damaged .*Resume from an intact one \\(checkpoint-6"):
+        run([*COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-8"])
+    caplog.set_level(logging.INFO)
+    run([*COMMON, "--output_dir", str(out)])
+    assert "checkpoint-8 is damaged (model.safetensors differs" in caplog.text
+    assert "resuming from the newest, checkpoint-6" in caplog.text
+    assert max_difference(reference / "task_02", out / "task_02") == 0.0
+
+
+def test_folder_with_work_but_no_manifest_is_refused_until_adopted(reference, stopped, tmp_path):
+    """Without run_manifest.json nothing would say what settings the checkpoints were trained with: other flags must
+    not continue them silently. --adopt_manifest with the original flags records them and continues."""
+    out = copy_run(stopped, tmp_path / "out")
+    (out / "run_manifest.json").unlink()
+    changed = [*COMMON, "--ewc_lambda", "100", "--learning_rate", "5e-4", "--output_dir", str(out)]
+    with pytest.raises(SystemExit, match="holds earlier work \\(checkpoint-6, checkpoint-8, task_01\\) but no "
+                                         "run_manifest.json.*--adopt_manifest"):
+        run(changed)
+    assert not (out / "run_manifest.json").exists()
+    run([*COMMON, "--output_dir", str(out), "--adopt_manifest"])
+    assert json.loads((out / "run_manifest.json").read_text())["settings"]["ewc_lambda"] == 15000.0
+    assert max_difference(reference / "task_02", out / "task_02") == 0.0
+
+
+@pytest.mark.parametrize("content", ["{}", '{"settings": {', ""])
+def test_unreadable_manifest_is_a_message(reference, tmp_path, content):
+    out = copy_run(reference, tmp_path / "out")
+    (out / "run_manifest.json").write_text(content)
+    with pytest.raises(SystemExit, match="run_manifest.json cannot be read .*--adopt_manifest"):
+        run([*COMMON, "--output_dir", str(out)])
+
+
+def test_manifest_is_written_only_after_every_check(tmp_path, monkeypatch):
+    """A new run that stops at a later check leaves no manifest behind to block the corrected command."""
+    def refuse(*args, **kwargs):
+        raise SystemExit("error: a later check failed")
+
+    monkeypatch.setattr(script, "make_evaluator", refuse)
+    with pytest.raises(SystemExit, match="a later check failed"):
+        run([*COMMON, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "run_manifest.json").exists()
+
+
+def test_non_finite_penalty_in_a_folder_without_digests_is_refused(reference, tmp_path):
+    """Older task folders carry no digests: a penalty with NaN in it is still refused, never trained on."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(reference / "task_01", tmp_path / "task_01")
+    state = json.loads((folder / "training_state.json").read_text())
+    del state["sha256"]
+    (folder / "training_state.json").write_text(json.dumps(state))
+    penalty = load_file(str(folder / "ewc_penalty.safetensors"))
+    name = next(k for k in penalty if k.startswith("mu."))
+    penalty[name] = torch.full_like(penalty[name], float("nan"))
+    save_file(penalty, str(folder / "ewc_penalty.safetensors"))
+    with pytest.raises(SystemExit, match="ewc_penalty.safetensors cannot be used .*non-finite values"):
+        run([*COMMON, "--output_dir", str(tmp_path / "next"), "--resume_from_task", str(folder)])
+    assert not (tmp_path / "next" / "task_02").exists()
+
+
+def test_non_finite_fisher_is_refused_where_estimated_and_where_loaded(reference, tmp_path, monkeypatch):
+    from hf_r1ewc import continual
+    from hf_r1ewc.fisher import load_fisher, save_fisher
+
+    stats = load_fisher(str(reference / "task_01" / "fisher.safetensors"))
+    name = next(iter(stats.mu))
+    stats.mu[name] = torch.full_like(stats.mu[name], float("inf"))
+    save_fisher(str(tmp_path / "fisher.safetensors"), stats)
+    with pytest.raises(ValueError, match="fisher.safetensors: .* non-finite Fisher values \\(mu "):
+        load_fisher(str(tmp_path / "fisher.safetensors"))
+    monkeypatch.setattr(continual, "estimate_fisher", lambda *a, **k: stats)
+    with pytest.raises(SystemExit, match="task 1: the finished task's Fisher estimate: .* non-finite Fisher values"):
+        run([*COMMON, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "task_01").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replay_per_class", "1000000000"], "the replay pool before the last task \\(2 classes x 1000000000 images"),
+    (["--resolution", "100000"], "--resolution 100000: the .* images in memory as float32 need"),
+])
+def test_impossible_budgets_are_refused_before_any_work(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        run([*COMMON, *flags, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--resolution", "0"), ("--max_train_per_class", "0"),
+                                         ("--replay_batch_size", "0"), ("--stop_after_steps", "0"),
+                                         ("--stop_after_steps", "-1"), ("--fisher_num_samples", "0"),
+                                         ("--fid_num_samples", "0")])
+def test_zero_or_negative_counts_are_refused_not_defaulted(flag, value):
+    with pytest.raises(SystemExit, match=f"{flag} must be >= 1, got {value} \\(leave it out for the default\\)"):
+        script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", flag, value])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ema_decay", "2"], "--ema_decay must be a number in \\[0, 1\\], got 2.0"),
+    (["--ema_decay", "nan"], "--ema_decay must be a number in \\[0, 1\\], got nan"),
+    (["--report_to", "nonsense"], "--report_to 'nonsense' is no Accelerate tracker; choose from"),
+])
+def test_invalid_values_are_refused_up_front(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
+
+
+def test_write_error_is_a_message_with_the_way_back(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large", str(tmp_path / "out" / "task_01.partial" / "metrics.json"))
+
+    monkeypatch.setattr(script, "write_training_state", full)
+    with pytest.raises(SystemExit, match="cannot write .*metrics.json: File too large. Make room .*re-run the same "
+                                         "command"):
+        run([*COMMON, "--output_dir", str(tmp_path / "out")])
+
+
+def test_evaluate_never_writes_into_a_run_that_is_training(reference, stopped, tmp_path):
+    """--complete takes the run's lock (a training run holds it) and writes results_completed.json, never the run's
+    results.json; unfinished runs are refused unless asked for, and then marked."""
+    from hf_r1ewc import evaluate
+    from hf_r1ewc.integrity import OutputLock
+
+    out = copy_run(reference, tmp_path / "out")
+    lock = OutputLock(out)
+    assert lock.acquire()  # stands in for the training process
+    try:
+        with pytest.raises(SystemExit, match=f"is being written by process {os.getpid()} \\(a training run\\)"):
+            evaluate.main(["--run_dir", str(out), "--complete", "--output_dir", str(tmp_path / "s")])
+    finally:
+        lock.release()
+    before = (out / "results.json").read_bytes()
+    evaluate.main(["--run_dir", str(out), "--complete", "--output_dir", str(tmp_path / "s")])
+    assert (out / "results.json").read_bytes() == before and (out / "results_completed.json").exists()
+    partial = stopped
+    with pytest.raises(SystemExit, match=f"runs that have not finished: {partial} \\(1 of 2 tasks\\)"):
+        evaluate.main(["--run_dir", str(out), str(partial), "--output_dir", str(tmp_path / "s")])
+    evaluate.main(["--run_dir", str(out), str(partial), "--output_dir", str(tmp_path / "s"), "--include_unfinished"])
+    assert any(m.endswith("[unfinished]") for m in json.loads((tmp_path / "s" / "summary.json").read_text()))
+
+
+def test_evaluate_grid_on_an_altered_folder_is_a_message(reference, tmp_path):
+    from hf_r1ewc import evaluate
+
+    out = copy_run(reference, tmp_path / "out")
+    _flip_tail(out / "task_02" / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(SystemExit, match="--grid_classes: .*diffusion_pytorch_model.safetensors differs"):
+        evaluate.main(["--run_dir", str(out), "--grid_classes", "0,2", "--output_dir", str(tmp_path / "s")])

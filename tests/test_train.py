@@ -164,6 +164,38 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, ewc_mode):
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+def test_sigterm_checkpoints_the_step_and_resumes_bit_for_bit(tmp_path):
+    """A real SIGTERM to a training process (what Slurm, Kubernetes and spot preemption send): it finishes the step,
+    writes a checkpoint, says how to resume and exits with 75; the resumed run equals the uninterrupted one. The script
+    is started directly, as a scheduler's job step would: `accelerate launch`'s launcher does not forward signals."""
+    import signal
+    import time
+
+    common = [*FAST, "--tasks", "0,1", "--num_epochs_per_task", "40", "--fid_backend", "none", "--ewc_type", "rank1",
+              "--checkpointing_steps", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "cut.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, SCRIPT, *common, "--output_dir", str(tmp_path / "cut")], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = time.time() + 300
+        first = tmp_path / "cut" / "checkpoints" / "checkpoint-10"
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # in training: step 10 of 120
+        rc = proc.wait(timeout=300)
+    text = log.read_text()
+    assert rc == 75, text[-3000:]
+    assert "SIGTERM received: finishing the current optimizer step" in text
+    step = int(text.split("stopped by SIGTERM after step ")[1].split(" ")[0])
+    assert 10 <= step < 120 and (tmp_path / "cut" / "checkpoints" / f"checkpoint-{step}" / "digests.json").exists()
+    assert not (tmp_path / "cut" / "task_01").exists()
+    launch([*common, "--output_dir", str(tmp_path / "cut")])
+    launch([*common, "--output_dir", str(tmp_path / "whole")])
+    a, b = unet_weights(tmp_path / "whole" / "task_01"), unet_weights(tmp_path / "cut" / "task_01")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_from_task_folder_alone(two_task_run, tmp_path):
     """A new output_dir continues after task 1 from the task folder alone."""
     launch([*FAST, "--fid_backend", "none", "--ewc_type", "rank1", "--output_dir", str(tmp_path / "next"),
@@ -257,7 +289,8 @@ def test_evaluate_cli_completes_and_aggregates(two_task_run, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run / "results.json").read_text())
+    assert (run / "results.json").read_bytes() == (two_task_run / "results.json").read_bytes()  # the run's own
+    results = json.loads((run / "results_completed.json").read_text())
     assert "2" in results["fid"]["1"]  # FID of task 2 under the model after task 1 (i > k) was added
     assert results["fid"]["2"] == json.loads((two_task_run / "results.json").read_text())["fid"]["2"]
     summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
