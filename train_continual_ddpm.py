@@ -208,7 +208,9 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
                    help="generated images per task for FID (preset; default: the task's test set size)")
     g = p.add_argument_group("checkpoints, resume and logging")
     g.add_argument("--output_dir", default="runs/continual-ddpm", help="task folders, results.json, checkpoints")
-    g.add_argument("--checkpointing_steps", type=int, default=500, help="save Accelerate state every N optimizer steps")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="save Accelerate state every N optimizer steps (also on SIGTERM/SIGINT during training, "
+                        "after the current step; the run then exits with status 75)")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the newest N checkpoints (0: all)")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     g.add_argument("--adopt_manifest", action="store_true",
