@@ -77,7 +77,7 @@ from hf_r1ewc.integrity import (
     write_checkpoint_digests,
 )
 from hf_r1ewc.evaluate import sample_grid_across_tasks
-from hf_r1ewc.metrics import TaskFID, matrix_from_json, run_summary_table, summarize
+from hf_r1ewc.metrics import TaskFID, accuracy_summary, matrix_from_json, run_summary_table, summarize
 from hf_r1ewc.models import (
     MODEL_SUBFOLDERS,
     PRESETS,
@@ -988,6 +988,7 @@ def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline
         results["afid_final"] = sum(s.fid for s in scores.values()) / len(scores)
     else:
         results.update(summarize(run.matrix))
+        results.update(accuracy_summary(run.accuracy))
     if metrics["accuracy_per_class"] and task_index == len(training_tasks):
         results["final_accuracy_per_class"] = metrics["accuracy_per_class"]
     write_json(output_dir / "results.json", results)

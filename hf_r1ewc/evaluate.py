@@ -150,7 +150,7 @@ def _final_afid(results: dict) -> float | None:
 
 def aggregate(results_by_run: dict[str, dict]) -> dict:
     """Group runs by method: mean +- standard error of AFID@T, F, P, the mean sample accuracy after the last task
-    (classifier backend) and AFID@k for each k."""
+    and BWT (classifier backend), and AFID@k for each k."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for run, results in results_by_run.items():
         groups[results.get("label") or results["method"]].append(results)
@@ -164,6 +164,8 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
         final_accuracy = [sum(a.values()) / len(a) for r in runs
                           if (a := r.get("accuracy", {}).get(str(len(r["tasks"]))))]
         row["accuracy"] = mean_and_standard_error(final_accuracy) if final_accuracy else None
+        bwt = [r["bwt"] for r in runs if r.get("bwt") is not None]
+        row["bwt"] = mean_and_standard_error(bwt) if bwt else None
         curve = defaultdict(list)
         for r in runs:
             for k, v in r.get("afid", {}).items():
@@ -174,7 +176,7 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
     return table
 
 
-PAIRED_METRICS = {"afid": "AFID@T", "forgetting": "F", "plasticity": "P"}
+PAIRED_METRICS = {"afid": "AFID@T", "forgetting": "F", "plasticity": "P", "bwt": "BWT"}
 
 
 def paired_differences(results_by_run: dict[str, dict], baseline: str) -> dict:
@@ -245,23 +247,27 @@ def _fmt(pair) -> str:
 def write_summary(table: dict, output_dir: Path) -> None:
     """``summary.md``, ``summary.csv``, ``summary.json`` and the AFID@k plot from ``aggregate``'s table."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ | accuracy after T ↑ |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ | accuracy after T (ACC) ↑ | BWT ↑ |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    percent = lambda pair: pair and (100 * pair[0], 100 * pair[1])  # noqa: E731
     for method, row in table.items():
-        accuracy = row.get("accuracy")
         lines.append(f"| {method} | {row['runs']} | {_fmt(row['afid'])} | {_fmt(row['forgetting'])} | "
-                     f"{_fmt(row['plasticity'])} | {_fmt(accuracy and (100 * accuracy[0], 100 * accuracy[1]))} |")
+                     f"{_fmt(row['plasticity'])} | {_fmt(percent(row.get('accuracy')))} | "
+                     f"{_fmt(percent(row.get('bwt')))} |")
     backends = sorted({row["fid_backend"] for row in table.values()})
     note = ("\nFID backend: " + ", ".join(backends) + (" (a classifier trained on the dataset's training split: NOT "
-            "comparable to Inception FID)" if "classifier" in backends else "") + ". Mean ± standard error over runs.\n")
+            "comparable to Inception FID)" if "classifier" in backends else "") + ". Mean ± standard error over runs. "
+            "ACC: mean over tasks of the sample accuracy after the last task (%); BWT: mean over earlier tasks of "
+            "accuracy after the last task minus accuracy when learned (points; negative = forgotten).\n")
     (output_dir / "summary.md").write_text("\n".join(lines) + "\n" + note)
     with open(output_dir / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "runs", "afid_mean", "afid_se", "forgetting_mean", "forgetting_se",
-                         "plasticity_mean", "plasticity_se", "accuracy_mean", "accuracy_se", "fid_backend"])
+                         "plasticity_mean", "plasticity_se", "accuracy_mean", "accuracy_se", "bwt_mean", "bwt_se",
+                         "fid_backend"])
         for method, row in table.items():
             cells = []
-            for key in ("afid", "forgetting", "plasticity", "accuracy"):
+            for key in ("afid", "forgetting", "plasticity", "accuracy", "bwt"):
                 cells += list(row[key]) if row[key] else ["", ""]
             writer.writerow([method, row["runs"], *cells, row["fid_backend"]])
     write_json(output_dir / "summary.json", {m: {**row, "afid_at_k": {str(k): v for k, v in row["afid_at_k"].items()}}

@@ -7,6 +7,11 @@ task i's held-out test images. From the matrix (DESIGN section 3)::
     F      = (1/T) sum_k (FID_k(m_T) - FID_k(m_k))      forgetting
     P      = (1/T) sum_k FID_k(m_k)                      plasticity: how well each task was learned when new
 
+and, from the sample-accuracy matrix ACC_i(m_k) (classifier features; Lopez-Paz & Ranzato's definitions)::
+
+    ACC    = (1/T) sum_i ACC_i(m_T)                      average accuracy after the last task
+    BWT    = (1/(T-1)) sum_{i<T} (ACC_i(m_T) - ACC_i(m_i))   backward transfer (negative: forgetting)
+
 ``TaskFID`` is the one place where FID_i(m_k) is computed: the training script and
 ``python -m hf_r1ewc.evaluate --complete`` both call it, with the same noise seeds.
 """
@@ -143,6 +148,19 @@ def summarize(matrix: Mapping[int, Mapping[int, float]]) -> dict:
     return out
 
 
+def accuracy_summary(accuracy: Mapping[int, Mapping[int, float]]) -> dict:
+    """``{"acc": ACC, "bwt": BWT}`` over the tasks finished so far (T = the last complete row of ``accuracy[k][i] =
+    ACC_i(m_k)``); BWT needs T >= 2. Empty without a complete row (no classifier features)."""
+    done = sorted(k for k in accuracy if all(i in accuracy[k] for i in range(1, k + 1)))
+    if not done or done != list(range(1, done[-1] + 1)):
+        return {}
+    last = done[-1]
+    out = {"acc": sum(accuracy[last][i] for i in range(1, last + 1)) / last}
+    if last >= 2:
+        out["bwt"] = sum(accuracy[last][i] - accuracy[i][i] for i in range(1, last)) / (last - 1)
+    return out
+
+
 def run_summary_table(matrix: Mapping[int, Mapping[int, float]], accuracy: Mapping[int, Mapping[int, float]],
                       tasks: Sequence[Sequence[int]]) -> str:
     """The end-of-run table: per task k, FID_k(m_k) (when learned), FID_k(m_T) and ACC_k(m_T) (after the last task
@@ -161,9 +179,15 @@ def run_summary_table(matrix: Mapping[int, Mapping[int, float]], accuracy: Mappi
     parts = [f"AFID@{last} = {summary['afid'][last]:.2f}"] if last in summary.get("afid", {}) else []
     if "forgetting" in summary:
         parts += [f"F = {summary['forgetting']:.2f}", f"P = {summary['plasticity']:.2f}"]
+    notes = []
     if acc:
-        parts.append(f"mean accuracy after task {last} = {100 * sum(acc.values()) / len(acc):.1f} %")
-    return "\n".join(lines + ["", ", ".join(parts)])
+        parts.append(f"mean accuracy after task {last} (ACC) = {100 * sum(acc.values()) / len(acc):.1f} %")
+        notes = ["ACC: mean over tasks of the sample accuracy after the last task"]
+    if "bwt" in (transfer := accuracy_summary(accuracy)):
+        parts.append(f"BWT = {100 * transfer['bwt']:+.1f} points")
+        notes.append("BWT: mean over earlier tasks of (accuracy after the last task - accuracy when learned), "
+                     "negative = forgotten")
+    return "\n".join(lines + ["", ", ".join(parts)] + (["; ".join(notes)] if notes else []))
 
 
 def matrix_from_json(raw: Mapping[str, Mapping[str, float]]) -> dict[int, dict[int, float]]:

@@ -81,6 +81,18 @@ def test_afid_forgetting_plasticity_on_a_hand_made_matrix():
     assert s["afid"] == {1: 10.0, 2: 17.0, 3: pytest.approx(67 / 3)} and s["forgetting"] == pytest.approx(7 / 3)
 
 
+def test_acc_and_bwt_on_a_hand_made_accuracy_matrix():
+    """ACC_i(m_k): task 1 learned to 0.9, then 0.6 and 0.5; task 2 to 0.8, then 0.7; task 3 to 1.0.
+    ACC = (0.5 + 0.7 + 1.0) / 3 = 0.7333; BWT = ((0.5 - 0.9) + (0.7 - 0.8)) / 2 = -0.25."""
+    from hf_r1ewc.metrics import accuracy_summary
+
+    accuracy = {1: {1: 0.9}, 2: {1: 0.6, 2: 0.8}, 3: {1: 0.5, 2: 0.7, 3: 1.0}}
+    out = accuracy_summary(accuracy)
+    assert out["acc"] == pytest.approx(2.2 / 3) and out["bwt"] == pytest.approx(-0.25)
+    assert accuracy_summary({1: {1: 0.9}}) == {"acc": 0.9}  # no earlier task: no BWT
+    assert accuracy_summary({}) == {} and accuracy_summary({2: {1: 0.5, 2: 0.5}}) == {}  # rows missing
+
+
 def test_labels_in_test_proportions():
     test = torch.tensor([0] * 30 + [1] * 10)
     labels = labels_in_test_proportions(test, 9)
@@ -218,8 +230,11 @@ def test_run_summary_table_by_hand():
     rows = table.splitlines()
     assert rows[2].split() == ["1", "0,1", "10.00", "14.00", "75.0%"]
     assert rows[3].split() == ["2", "2,3", "20.00", "20.00", "50.0%"]
-    # AFID@2 = (14 + 20) / 2; F = ((14 - 10) + 0) / 2; P = (10 + 20) / 2; mean accuracy (75 + 50) / 2
-    assert rows[-1] == "AFID@2 = 17.00, F = 2.00, P = 15.00, mean accuracy after task 2 = 62.5 %"
+    # AFID@2 = (14 + 20) / 2; F = ((14 - 10) + 0) / 2; P = (10 + 20) / 2; mean accuracy (75 + 50) / 2;
+    # BWT = 75 - 90 (task 1 only); each defined in the line below
+    assert rows[-2] == ("AFID@2 = 17.00, F = 2.00, P = 15.00, mean accuracy after task 2 (ACC) = 62.5 %, "
+                        "BWT = -15.0 points")
+    assert rows[-1].startswith("ACC: mean over tasks") and "BWT: mean over earlier tasks" in rows[-1]
 
 
 def test_labeled_grid_has_one_image_per_cell(tmp_path):
