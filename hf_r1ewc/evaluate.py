@@ -7,9 +7,9 @@
 The first form reads each run's ``results.json`` (completing missing FID_i(m_k) entries from the task folders with
 ``--complete``, e.g. every i instead of i <= k with ``--all_tasks``, into ``results_completed.json`` beside it: the
 run's own ``results.json`` is never written, and a run folder that a training process holds is refused), groups
-finished runs by method (unfinished ones are refused, or with ``--include_unfinished`` marked as such), and writes AFID@T,
-forgetting F and plasticity P as mean +- standard error over runs (seeds) to ``summary.md``, ``summary.csv`` and
-``summary.json``, plus the AFID@k plot, per-run FID curves and a class x task sample grid. ``--paired_against
+finished runs by method (unfinished ones are refused, or with ``--include_unfinished`` marked as such), and writes
+AFID@T, forgetting F, plasticity P, ACC and BWT as mean +- standard error over runs (seeds) to ``summary.md``,
+``summary.csv`` and ``summary.json``, plus the AFID@k plot, per-run FID curves and a class x task sample grid. ``--paired_against
 METHOD`` adds seed-by-seed differences of every method against METHOD with paired tests (``paired.json``).
 """
 
@@ -28,7 +28,7 @@ from .distill import frozen_teacher
 from .features import classifier_accuracy, load_feature_extractor, train_classifier
 from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name, write_json
 from .integrity import OutputLock
-from .metrics import TaskFID, matrix_from_json, mean_and_standard_error, summarize
+from .metrics import TaskFID, accuracy_summary, matrix_from_json, mean_and_standard_error, summarize
 from .pipeline import ClassConditionalPipeline
 from .plots import plot_afid_curves, plot_task_fid_curves, save_labeled_grid
 
@@ -122,6 +122,7 @@ def _complete_run(run_dir: Path, all_tasks: bool, num_samples: int | None) -> di
             print(f"{run_dir.name}: FID_{i}(m_{k}) = {score.fid:.3f}")
     results["fid"], results["accuracy"] = matrix, accuracy
     results.update(summarize({k: {i: v for i, v in row.items() if i <= k} for k, row in matrix.items()}))
+    results.update(accuracy_summary(accuracy))
     write_json(run_dir / COMPLETED, results)
     return json.loads((run_dir / COMPLETED).read_text())
 
