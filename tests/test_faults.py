@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train_continual_ddpm as script  # noqa: E402
+from hf_r1ewc.integrity import write_checkpoint_digests  # noqa: E402
 from test_train import FAST, unet_weights  # noqa: E402
 
 COMMON = [*FAST, "--fid_num_samples", "16", "--checkpointing_steps", "2", "--ewc_type", "rank1"]
@@ -227,6 +228,7 @@ def test_checkpoint_written_by_another_process_count_is_refused(tmp_path):
     position = out / "checkpoints" / "checkpoint-8" / "position.json"
     assert json.loads(position.read_text())["num_processes"] == 1
     position.write_text(json.dumps({**json.loads(position.read_text()), "num_processes": 2}))
+    write_checkpoint_digests(position.parent)  # as a two-process run would have recorded it
     with pytest.raises(SystemExit, match="written by 2 processes and this run has 1"):
         run([*COMMON, "--output_dir", str(out)])
 
@@ -307,6 +309,8 @@ def test_planted_pickle_in_a_checkpoint_runs_no_code(tmp_path):
     checkpoint = out / "checkpoints" / "checkpoint-8"
     for name in ("random_states_0.pkl", "optimizer.bin"):
         (checkpoint / name).write_bytes(pickle.dumps(Exploit()))
+    # the digests catch corruption, not an adversary, who can rewrite digests.json too: weights_only must hold alone
+    write_checkpoint_digests(checkpoint)
     with pytest.raises(SystemExit, match="checkpoint-8 cannot be loaded .*Weights only load failed"):
         run([*COMMON, "--output_dir", str(out)])
     assert not marker.exists()
