@@ -17,13 +17,16 @@ def _deliver(signum: int) -> None:
 
 
 def test_first_signal_is_a_request_the_second_acts_at_once():
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with StopRequest() as stop:
-            _deliver(signal.SIGTERM)
-            assert stop.signal_name == "SIGTERM"  # the process is still here
-            _deliver(signal.SIGINT)  # the second: Python's own SIGINT handler again, which raises
-    assert signal.getsignal(signal.SIGINT) is before
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever a library set before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with StopRequest() as stop:
+                _deliver(signal.SIGTERM)
+                assert stop.signal_name == "SIGTERM"  # the process is still here
+                _deliver(signal.SIGINT)  # the second: the handler from before the block again, which raises
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_handlers_are_restored_when_the_block_ends():
