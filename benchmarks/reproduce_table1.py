@@ -510,8 +510,8 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
     output.parent.mkdir(parents=True, exist_ok=True)
     best = long_best(work)
     runs = long_runs(work, best)
-    fmt = lambda pair, d=1: "—" if pair is None else (f"{pair[0]:.{d}f} ± {pair[1]:.{d}f}" if pair[1] == pair[1]  # noqa: E731
-                                                      else f"{pair[0]:.{d}f}")
+    fmt = lambda pair, d=".1f": "—" if pair is None else (f"{pair[0]:{d}} ± {pair[1]:{d}}"  # noqa: E731
+                                                          if pair[1] == pair[1] else f"{pair[0]:{d}}")
     sweep = {name: {lam: json.loads((o / "results.json").read_text()) for lam in LONG_LAMBDAS
                     if finished(o := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)}
              for name in LONG_SWEPT}
@@ -581,7 +581,7 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
     if gd_runs:
         geometry = [gd_geometry(out, data_dir, sc, seed) for out, seed in gd_runs]
         table["gd_geometry"] = geometry
-        ms = lambda xs: fmt(mean_and_standard_error(xs), 3)  # noqa: E731
+        ms = lambda xs: fmt(mean_and_standard_error(xs), ".3f")  # noqa: E731
         lines += [f"\n## Where GD's forgetting goes ({len(geometry)} GD runs, mean ± SE)\n",
                   "μ_k: task k's mean per-sample gradient at θ*_k (estimated as consolidation does, on the task's "
                   "100 images). Share along old μ: of task k's parameter change θ*_k − θ*_{k−1}, the fraction of its "
@@ -590,7 +590,7 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
                   "| --- | --- | --- | --- |"]
         for k in range(2, LONG_TASKS + 1):
             lines.append(f"| {k} | {ms([g['cos_consecutive_mu'][k - 2] for g in geometry])} | "
-                         f"{ms([g['change_along_old_mu'][k - 2]['share'] for g in geometry])} | "
+                         f"{fmt(mean_and_standard_error([g['change_along_old_mu'][k - 2]['share'] for g in geometry]), '.2e')} | "
                          f"{geometry[0]['change_along_old_mu'][k - 2]['random']:.1e} |")
         lines += [f"\nWhat rank-1 EWC constrains, against what was lost, after task {LONG_TASKS}: the first-order "
                   f"change of task j's denoising loss μ_jᵀ(θ*_{LONG_TASKS} − θ*_j) beside the measured change "
