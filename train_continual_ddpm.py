@@ -41,8 +41,8 @@ from accelerate.utils import (
     set_seed,
 )
 from diffusers import ModelMixin
-from safetensors import SafetensorError
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 
 from hf_r1ewc import __version__
 from hf_r1ewc.continual import ContinualLearner, NonFiniteLossError, fisher_loader, step_generator
@@ -476,9 +476,10 @@ def load_task_data(args) -> TaskData:
             train = train.head_per_class(args.max_train_per_class)
         known = test if args.streaming else train  # streamed: the eval split names the classes and the image shape
         resolution = args.resolution or default_resolution(known.image_size)
-        held = (len(test) + (len(train) if train is not None else 0)) * known.num_channels * resolution**2 * 4
+        count = len(test) + (len(train) if train is not None else 0)
+        held = count * known.num_channels * resolution**2 * 4
         if held > memory_bytes():
-            raise ValueError(f"--resolution {resolution}: the {len(test) + len(train or [])} images in memory as "
+            raise ValueError(f"--resolution {resolution}: the {count} images in memory as "
                              f"float32 need {held / 2**30:.3g} GiB, more than this machine's "
                              f"{memory_bytes() / 2**30:.3g} GiB; lower --resolution (or use --streaming)")
         num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
@@ -1023,6 +1024,8 @@ def main(argv=None) -> None:
         run = resume_run(args, accelerator, denoiser, learner, ema, training_tasks, data.resolution)
         new_manifest = check_run_manifest(args, accelerator, data)
         evaluator = make_evaluator(args, accelerator, data, device) if run.start_task <= num_tasks else None
+    if new_manifest is not None and accelerator.is_main_process:  # written once every check has passed
+        write_json(output_dir / "run_manifest.json", new_manifest)
     if run.start_task > num_tasks:
         logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
         if lock is not None:
@@ -1039,8 +1042,6 @@ def main(argv=None) -> None:
     denoiser.to(device)
     if penalty is not None:  # the statistics stay on the CPU; the penalty binds one flat copy (FSDP: the local
         penalty.to("cpu")    # shard's slice) to the model's device per task
-    if new_manifest is not None and accelerator.is_main_process:  # written once every check has passed
-        write_json(output_dir / "run_manifest.json", new_manifest)
     stopped: str | None = None
 
     try:

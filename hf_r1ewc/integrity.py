@@ -50,9 +50,9 @@ class IntegrityError(ValueError):
     """An artifact is missing or its bytes differ from the digest recorded when it was written."""
 
 
-def verify_folder(folder: str | os.PathLike, digests: dict[str, str], only: tuple[str, ...] | None = None) -> None:
-    """Check the files of ``digests`` (or the subset ``only``) against their recorded SHA-256; raises
-    ``IntegrityError`` naming every missing or altered file."""
+def folder_problems(folder: str | os.PathLike, digests: dict[str, str],
+                    only: tuple[str, ...] | None = None) -> list[str]:
+    """One line per file of ``digests`` (or of the subset ``only``) that is missing or differs from its SHA-256."""
     folder = Path(folder)
     problems = []
     for name, expected in sorted(digests.items()):
@@ -63,6 +63,13 @@ def verify_folder(folder: str | os.PathLike, digests: dict[str, str], only: tupl
             problems.append(f"{name} is missing")
         elif sha256_file(path) != expected:
             problems.append(f"{name} differs from the SHA-256 recorded when it was written (corrupt or altered)")
+    return problems
+
+
+def verify_folder(folder: str | os.PathLike, digests: dict[str, str], only: tuple[str, ...] | None = None) -> None:
+    """Check the files of ``digests`` (or the subset ``only``) against their recorded SHA-256; raises
+    ``IntegrityError`` naming every missing or altered file."""
+    problems = folder_problems(folder, digests, only)
     if problems:
         raise IntegrityError(f"{folder}: " + "; ".join(problems) + ". Copy the folder again from where it was made "
                              "(or pull it from the Hub), or retrain that task.")
@@ -87,10 +94,8 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
             digests = json.loads(digest_path.read_text())
         except (ValueError, OSError) as err:
             return f"{CHECKPOINT_DIGESTS} cannot be read ({err})"
-        try:
-            verify_folder(folder, digests)
-        except IntegrityError as err:
-            return str(err).split(". Copy the folder")[0].removeprefix(f"{folder}: ")
+        if problems := folder_problems(folder, digests):
+            return "; ".join(problems)
     try:
         position = json.loads((folder / "position.json").read_text())
     except (ValueError, OSError) as err:
