@@ -346,9 +346,11 @@ def run_manifest(args, accelerator, data: "TaskData") -> dict:
 
 def check_run_manifest(args, accelerator, data: "TaskData") -> dict | None:
     """Compare OUTPUT_DIR/run_manifest.json with this run and refuse any difference except in RECOVERY_SETTINGS,
-    whose changes are logged and recorded. Returns the manifest of a new run, for main() to write once every other
-    check has passed (None when the folder has one). A folder that holds checkpoints or task folders but no
-    readable manifest is refused: nothing would say what settings its work was trained with."""
+    whose changes are logged and recorded. Returns the manifest to write (a new run's, or the folder's with the
+    recovery changes appended; None when nothing changes), for main() to write once every other check has passed.
+    Every process reads the folder's manifest before a barrier that every process reaches, so none can read the
+    file the main process writes afterwards. A folder that holds checkpoints or task folders but no readable
+    manifest is refused: nothing would say what settings its work was trained with."""
     output_dir = Path(args.output_dir)
     path = output_dir / "run_manifest.json"
     current = run_manifest(args, accelerator, data)
@@ -360,6 +362,7 @@ def check_run_manifest(args, accelerator, data: "TaskData") -> dict | None:
             raise SystemExit(f"error: {output_dir} holds earlier work ({', '.join(work[:4])}"
                              f"{', ...' if len(work) > 4 else ''}) but no run_manifest.json, which records the "
                              f"settings it was trained with, so continuing could mix settings silently: {fix}")
+        accelerator.wait_for_everyone()
         return {**current, "changes": [], "hf_r1ewc_version": __version__}
     try:
         recorded = json.loads(path.read_text())
@@ -379,14 +382,13 @@ def check_run_manifest(args, accelerator, data: "TaskData") -> dict | None:
                          f"Continue it with the recorded settings, or start the new run in another --output_dir. "
                          f"Settings that may change when a run continues: "
                          f"{', '.join('--' + k for k in MAY_CHANGE + RECOVERY_SETTINGS)}.")
-    if recovery and accelerator.is_main_process:
-        for key, (old, new) in recovery.items():
-            logger.warning("%s changes from %r to %r from here on (recorded in run_manifest.json)", key, old, new)
-            recorded["settings"][key[2:]] = new
-            recorded["changes"].append({"setting": key[2:], "from": old, "to": new,
-                                        "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        write_json(path, recorded)
+    for key, (old, new) in recovery.items():
+        logger.warning("%s changes from %r to %r from here on (recorded in run_manifest.json)", key, old, new)
+        recorded["settings"][key[2:]] = new
+        recorded["changes"].append({"setting": key[2:], "from": old, "to": new,
+                                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     accelerator.wait_for_everyone()
+    return recorded if recovery else None
 
 
 def lock_output_dir(accelerator, output_dir: Path) -> OutputLock | None:

@@ -433,6 +433,44 @@ def test_manifest_is_written_only_after_every_check(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "run_manifest.json").exists()
 
 
+class BarrierCounter:
+    """The parts of an Accelerator that the manifest check uses, counting its barriers."""
+
+    def __init__(self, is_main_process: bool) -> None:
+        self.is_main_process, self.mixed_precision, self.barriers = is_main_process, "no", 0
+
+    def wait_for_everyone(self) -> None:
+        self.barriers += 1
+
+
+@pytest.mark.parametrize("recorded", ["none", "earlier learning rate"])
+def test_every_process_passes_the_same_barriers_whenever_it_reads_the_manifest(tmp_path, recorded):
+    """Multi-process: the main process writes run_manifest.json right after the check; a slower process that reads
+    the folder only then must pass as many barriers as the main process did, or the run deadlocks (seen as a 900 s
+    hang of the 2-process streamed test)."""
+    out = tmp_path / "out"
+    argv = [*COMMON, "--output_dir", str(out)]
+    args = script.parse_args(argv)
+    data = script.load_task_data(args)
+    out.mkdir()  # as the lock does
+    from accelerate.state import PartialState
+
+    PartialState(cpu=True)  # for the script's logger
+    try:
+        if recorded != "none":
+            earlier = script.check_run_manifest(script.parse_args([*argv, "--learning_rate", "5e-4"]),
+                                                BarrierCounter(True), data)
+            script.write_json(out / "run_manifest.json", earlier)
+        main_process, other = BarrierCounter(True), BarrierCounter(False)
+        manifest = script.check_run_manifest(args, main_process, data)
+        script.write_json(out / "run_manifest.json", manifest)  # what main() does next on the main process
+        script.check_run_manifest(args, other, data)
+    finally:
+        PartialState._reset_state()
+    assert main_process.barriers == other.barriers == 1
+    assert len(json.loads((out / "run_manifest.json").read_text())["changes"]) == (recorded != "none")
+
+
 def test_non_finite_penalty_in_a_folder_without_digests_is_refused(reference, tmp_path):
     """Older task folders carry no digests: a penalty with NaN in it is still refused, never trained on."""
     from safetensors.torch import load_file, save_file
