@@ -46,7 +46,6 @@ from safetensors import SafetensorError
 
 from hf_r1ewc import __version__
 from hf_r1ewc.continual import ContinualLearner, NonFiniteLossError, fisher_loader, step_generator
-from hf_r1ewc.distill import frozen_teacher
 from hf_r1ewc.data import (
     StreamedTaskLoader,
     count_task_examples,
@@ -56,6 +55,8 @@ from hf_r1ewc.data import (
     parse_tasks,
     stream_task,
 )
+from hf_r1ewc.distill import frozen_teacher
+from hf_r1ewc.evaluate import sample_grid_across_tasks
 from hf_r1ewc.features import load_feature_extractor, train_classifier
 from hf_r1ewc.fisher import save_fisher
 from hf_r1ewc.hub import (
@@ -76,7 +77,6 @@ from hf_r1ewc.integrity import (
     sha256_tensors,
     write_checkpoint_digests,
 )
-from hf_r1ewc.evaluate import sample_grid_across_tasks
 from hf_r1ewc.metrics import TaskFID, accuracy_summary, matrix_from_json, run_summary_table, summarize
 from hf_r1ewc.models import (
     MODEL_SUBFOLDERS,
@@ -99,6 +99,7 @@ from hf_r1ewc.progress import configure_logging, progress_bar
 from hf_r1ewc.sharding import full_model_copy
 from hf_r1ewc.stop import EXIT_STOPPED, StopRequest
 
+
 logger = get_logger(__name__, log_level="INFO")
 GRID_MAX_CLASSES = 10  # samples.png shows 8 samples of at most this many seen classes, chosen evenly
 
@@ -109,61 +110,125 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", default=None,
-                   help="'digits' (builtin), a Hub dataset id (zalando-datasets/fashion_mnist, ylecun/mnist, "
-                        "uoft-cs/cifar10, ...) or a local folder")
-    g.add_argument("--train_data_dir", default=None,
-                   help="a local folder: raw IDX files, a save_to_disk folder, an imagefolder or parquet files")
+    g.add_argument(
+        "--dataset_name",
+        default=None,
+        help="'digits' (builtin), a Hub dataset id (zalando-datasets/fashion_mnist, ylecun/mnist, "
+        "uoft-cs/cifar10, ...) or a local folder",
+    )
+    g.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="a local folder: raw IDX files, a save_to_disk folder, an imagefolder or parquet files",
+    )
     g.add_argument("--image_column", default=None, help="image column (detected when omitted)")
     g.add_argument("--label_column", default=None, help="label column (detected when omitted)")
     g.add_argument("--tasks", default=None, help="explicit class-incremental tasks, e.g. '0,1;2,3;4,5;6,7;8,9'")
-    g.add_argument("--classes_per_task", type=int, default=2,
-                   help="contiguous groups of labels in label order (the paper: 2; ImageNet: 50)")
-    g.add_argument("--resolution", type=int, default=None,
-                   help="model resolution; default: 28x28 zero-padded to 32 (paper), otherwise the native size")
+    g.add_argument(
+        "--classes_per_task",
+        type=int,
+        default=2,
+        help="contiguous groups of labels in label order (the paper: 2; ImageNet: 50)",
+    )
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="model resolution; default: 28x28 zero-padded to 32 (paper), otherwise the native size",
+    )
     g.add_argument("--resize", action="store_true", help="resize images to --resolution instead of padding")
-    g.add_argument("--max_train_per_class", type=int, default=None,
-                   help="use only the first N training images of each class (small CPU runs; default: all)")
-    g.add_argument("--streaming", action="store_true",
-                   help="stream the training split with `datasets` instead of reading it into memory (ImageNet): each "
-                        "task reads only its classes (label filter pushed down to parquet), a shuffle buffer "
-                        "reseeded per epoch, one shard per process. The --eval_split is still read into memory.")
-    g.add_argument("--eval_split", default="test",
-                   help="the split that FID and the class list come from (ImageNet 32x32: validation)")
+    g.add_argument(
+        "--max_train_per_class",
+        type=int,
+        default=None,
+        help="use only the first N training images of each class (small CPU runs; default: all)",
+    )
+    g.add_argument(
+        "--streaming",
+        action="store_true",
+        help="stream the training split with `datasets` instead of reading it into memory (ImageNet): each "
+        "task reads only its classes (label filter pushed down to parquet), a shuffle buffer "
+        "reseeded per epoch, one shard per process. The --eval_split is still read into memory.",
+    )
+    g.add_argument(
+        "--eval_split",
+        default="test",
+        help="the split that FID and the class list come from (ImageNet 32x32: validation)",
+    )
 
 
 def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="model shape and the defaults of the flags marked 'preset': paper (35.7M params at 32x32, the "
-                        "paper's protocol), cpu-small (1.1M), demo (0.7M, 8x8 digits); DiTs (DiTTransformer2DModel, "
-                        "pixel space, patch 2): dit-paper-scale (35.2M at 32x32, the paper's protocol), dit-small "
-                        "(0.39M, cpu-small's settings)")
-    g.add_argument("--model_config_name_or_path", default=None,
-                   help="a UNet2DModel or DiTTransformer2DModel config (json file or folder, by its _class_name) "
-                        "instead of the preset's model")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="demo",
+        help="model shape and the defaults of the flags marked 'preset': paper (35.7M params at 32x32, the "
+        "paper's protocol), cpu-small (1.1M), demo (0.7M, 8x8 digits); DiTs (DiTTransformer2DModel, "
+        "pixel space, patch 2): dit-paper-scale (35.2M at 32x32, the paper's protocol), dit-small "
+        "(0.39M, cpu-small's settings)",
+    )
+    g.add_argument(
+        "--model_config_name_or_path",
+        default=None,
+        help="a UNet2DModel or DiTTransformer2DModel config (json file or folder, by its _class_name) "
+        "instead of the preset's model",
+    )
     g = p.add_argument_group("continual learning (the paper's method and baselines)")
-    g.add_argument("--ewc_type", choices=["none", "diag", "rank1", "rank1_unscaled"], default="rank1",
-                   help="EWC penalty: rank1 = paper eq. 6 (with c*), rank1_unscaled = without c*, diag = diagonal")
+    g.add_argument(
+        "--ewc_type",
+        choices=["none", "diag", "rank1", "rank1_unscaled"],
+        default="rank1",
+        help="EWC penalty: rank1 = paper eq. 6 (with c*), rank1_unscaled = without c*, diag = diagonal",
+    )
     g.add_argument("--ewc_lambda", type=float, default=15000.0, help="EWC weight lambda (paper: 15000)")
-    g.add_argument("--ewc_mode", choices=["loss", "decoupled"], default=None,
-                   help="loss: penalty added to the loss (paper); decoupled: exact proximal step after each "
-                        "optimizer step with step size = learning rate (preset: paper -> loss, demo and cpu-small -> "
-                        "decoupled, see the README's 'Choosing lambda')")
-    g.add_argument("--fisher_num_samples", type=int, default=None,
-                   help="a seeded random subset of the task's samples for the Fisher (preset; default: all)")
+    g.add_argument(
+        "--ewc_mode",
+        choices=["loss", "decoupled"],
+        default=None,
+        help="loss: penalty added to the loss (paper); decoupled: exact proximal step after each "
+        "optimizer step with step size = learning rate (preset: paper -> loss, demo and cpu-small -> "
+        "decoupled, see the README's 'Choosing lambda')",
+    )
+    g.add_argument(
+        "--fisher_num_samples",
+        type=int,
+        default=None,
+        help="a seeded random subset of the task's samples for the Fisher (preset; default: all)",
+    )
     g.add_argument("--fisher_batch_size", type=int, default=64, help="samples per Fisher batch (memory)")
-    g.add_argument("--distill_weight", type=float, default=1.0,
-                   help="generative distillation weight (paper: 1.0; 0 disables distillation)")
-    g.add_argument("--replay", choices=["on", "off"], default="on",
-                   help="'off' disables the replay batch entirely (no GD): the 'w/o GD' baselines")
-    g.add_argument("--no_replay_in_denoise", action="store_true",
-                   help="keep replay images out of the denoising loss (default: they join it, as in the authors' code)")
-    g.add_argument("--replay_per_class", type=int, default=None, help="replay pool images per class (preset; paper: 5000)")
-    g.add_argument("--replay_mode", choices=["pool", "online"], default="pool",
-                   help="pool: teacher-generated pool (paper); online: fresh few-step replay each step")
-    g.add_argument("--replay_batch_size", type=int, default=None,
-                   help="replay images per step (preset: demo 32; default: the real batch)")
+    g.add_argument(
+        "--distill_weight",
+        type=float,
+        default=1.0,
+        help="generative distillation weight (paper: 1.0; 0 disables distillation)",
+    )
+    g.add_argument(
+        "--replay",
+        choices=["on", "off"],
+        default="on",
+        help="'off' disables the replay batch entirely (no GD): the 'w/o GD' baselines",
+    )
+    g.add_argument(
+        "--no_replay_in_denoise",
+        action="store_true",
+        help="keep replay images out of the denoising loss (default: they join it, as in the authors' code)",
+    )
+    g.add_argument(
+        "--replay_per_class", type=int, default=None, help="replay pool images per class (preset; paper: 5000)"
+    )
+    g.add_argument(
+        "--replay_mode",
+        choices=["pool", "online"],
+        default="pool",
+        help="pool: teacher-generated pool (paper); online: fresh few-step replay each step",
+    )
+    g.add_argument(
+        "--replay_batch_size",
+        type=int,
+        default=None,
+        help="replay images per step (preset: demo 32; default: the real batch)",
+    )
     g.add_argument("--online_replay_steps", type=int, default=2, help="sampler steps of online replay")
     g.add_argument("--joint", action="store_true", help="non-continual upper bound: all classes at once")
 
@@ -175,52 +240,100 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--learning_rate", type=float, default=None, help="Adam learning rate (preset)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping (default: none, as the paper)")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: the accelerate config's fp16/bf16 if it sets one, else bf16 on a CUDA GPU that "
-                        "supports it and no (fp32) on CPU. Weights, Adam, the penalty and the Fisher stay fp32")
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="EMA of the weights (diffusers EMAModel; preset: on for demo). At the end of each task the EMA "
-                        "weights replace the model: they are theta*_k, where the Fisher is estimated, what is saved and "
-                        "evaluated, and what the next task starts from")
-    g.add_argument("--ema_decay", type=float, default=None,
-                   help="the EMA's largest decay (preset: demo 0.95, others 0.999); diffusers warms it up as "
-                        "(1 + step) / (10 + step)")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="default: the accelerate config's fp16/bf16 if it sets one, else bf16 on a CUDA GPU that "
+        "supports it and no (fp32) on CPU. Weights, Adam, the penalty and the Fisher stay fp32",
+    )
+    g.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA of the weights (diffusers EMAModel; preset: on for demo). At the end of each task the EMA "
+        "weights replace the model: they are theta*_k, where the Fisher is estimated, what is saved and "
+        "evaluated, and what the next task starts from",
+    )
+    g.add_argument(
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="the EMA's largest decay (preset: demo 0.95, others 0.999); diffusers warms it up as "
+        "(1 + step) / (10 + step)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seeds data order, noise, replay, Fisher and FID samples")
 
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling and evaluation")
-    g.add_argument("--replay_scheduler", choices=sorted(SAMPLERS), default="ddim",
-                   help="diffusers scheduler for the replay pool, FID samples and the saved pipeline")
-    g.add_argument("--num_inference_steps", type=int, default=None,
-                   help="sampler steps for replay, samples and FID (preset: the paper's 50; demo 10, see the README)")
-    g.add_argument("--fid_backend", choices=["classifier", "inception", "dinov2", "none"], default="classifier",
-                   help="classifier: a CNN trained on the dataset's training split (offline default, NOT comparable "
-                        "to Inception FID); inception: the paper's metric (needs --fid_weights offline); dinov2")
-    g.add_argument("--fid_classifier", default=None,
-                   help="a trained feature classifier folder; default: train one into OUTPUT_DIR/fid_classifier")
+    g.add_argument(
+        "--replay_scheduler",
+        choices=sorted(SAMPLERS),
+        default="ddim",
+        help="diffusers scheduler for the replay pool, FID samples and the saved pipeline",
+    )
+    g.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="sampler steps for replay, samples and FID (preset: the paper's 50; demo 10, see the README)",
+    )
+    g.add_argument(
+        "--fid_backend",
+        choices=["classifier", "inception", "dinov2", "none"],
+        default="classifier",
+        help="classifier: a CNN trained on the dataset's training split (offline default, NOT comparable "
+        "to Inception FID); inception: the paper's metric (needs --fid_weights offline); dinov2",
+    )
+    g.add_argument(
+        "--fid_classifier",
+        default=None,
+        help="a trained feature classifier folder; default: train one into OUTPUT_DIR/fid_classifier",
+    )
     g.add_argument("--fid_weights", default=None, help="Inception FID weights file for offline use")
     g.add_argument("--dinov2_model", default="facebook/dinov2-base")
-    g.add_argument("--fid_reference_dir", default=None,
-                   help="cache of real-image FID statistics (default OUTPUT_DIR/fid_reference); share one folder "
-                        "across runs of other methods and seeds to compute each task's statistics once")
-    g.add_argument("--fid_num_samples", type=int, default=None,
-                   help="generated images per task for FID (preset; default: the task's test set size)")
+    g.add_argument(
+        "--fid_reference_dir",
+        default=None,
+        help="cache of real-image FID statistics (default OUTPUT_DIR/fid_reference); share one folder "
+        "across runs of other methods and seeds to compute each task's statistics once",
+    )
+    g.add_argument(
+        "--fid_num_samples",
+        type=int,
+        default=None,
+        help="generated images per task for FID (preset; default: the task's test set size)",
+    )
     g = p.add_argument_group("checkpoints, resume and logging")
     g.add_argument("--output_dir", default="runs/continual-ddpm", help="task folders, results.json, checkpoints")
-    g.add_argument("--checkpointing_steps", type=int, default=500,
-                   help="save Accelerate state every N optimizer steps (also on SIGTERM/SIGINT during training, "
-                        "after the current step; the run then exits with status 75)")
+    g.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="save Accelerate state every N optimizer steps (also on SIGTERM/SIGINT during training, "
+        "after the current step; the run then exits with status 75)",
+    )
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the newest N checkpoints (0: all)")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    g.add_argument("--adopt_manifest", action="store_true",
-                   help="record this run's settings as the run_manifest.json of an OUTPUT_DIR that holds work but "
-                        "lost its manifest (pass the flags that work was trained with)")
-    g.add_argument("--resume_from_task", default=None,
-                   help="start after a finished task: a task folder or REPO_ID@REVISION (e.g. user/model@task-03)")
-    g.add_argument("--stop_after_steps", type=int, default=None,
-                   help="stop (after checkpointing) once this many optimizer steps ran in this process: for tests and "
-                        "for splitting long runs")
+    g.add_argument(
+        "--adopt_manifest",
+        action="store_true",
+        help="record this run's settings as the run_manifest.json of an OUTPUT_DIR that holds work but "
+        "lost its manifest (pass the flags that work was trained with)",
+    )
+    g.add_argument(
+        "--resume_from_task",
+        default=None,
+        help="start after a finished task: a task folder or REPO_ID@REVISION (e.g. user/model@task-03)",
+    )
+    g.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=None,
+        help="stop (after checkpointing) once this many optimizer steps ran in this process: for tests and "
+        "for splitting long runs",
+    )
     g.add_argument("--report_to", default=None, help="tensorboard, wandb, ... (Accelerate trackers)")
     g.add_argument("--push_to_hub", action="store_true", help="push each task folder to main and branch task-XX")
     g.add_argument("--hub_model_id", default=None, help="the Hub model repo, USER/NAME")
@@ -242,6 +355,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading data or models."""
+
     def fail(message: str) -> None:
         raise SystemExit(f"error: {message}")
 
@@ -250,10 +364,23 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("ewc_lambda", "distill_weight"):
         if not 0 <= getattr(args, name) < math.inf:
             fail(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
-    for name in ("num_epochs_per_task", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps",
-                 "replay_per_class", "fisher_batch_size", "checkpointing_steps", "online_replay_steps",
-                 "fisher_num_samples", "max_train_per_class", "replay_batch_size", "fid_num_samples",
-                 "stop_after_steps", "resolution", "classes_per_task"):
+    for name in (
+        "num_epochs_per_task",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_inference_steps",
+        "replay_per_class",
+        "fisher_batch_size",
+        "checkpointing_steps",
+        "online_replay_steps",
+        "fisher_num_samples",
+        "max_train_per_class",
+        "replay_batch_size",
+        "fid_num_samples",
+        "stop_after_steps",
+        "resolution",
+        "classes_per_task",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be >= 1, got {getattr(args, name)} (leave it out for the default)")
     if args.ema_decay is not None and not 0 <= args.ema_decay <= 1:
@@ -263,8 +390,10 @@ def validate_args(args: argparse.Namespace) -> None:
 
         for name in args.report_to.split(","):
             if name != "all" and name not in trackers.LOGGER_TYPE_TO_CLASS:
-                fail(f"--report_to {name!r} is no Accelerate tracker; choose from "
-                     f"{', '.join(sorted(trackers.LOGGER_TYPE_TO_CLASS))} or all")
+                fail(
+                    f"--report_to {name!r} is no Accelerate tracker; choose from "
+                    f"{', '.join(sorted(trackers.LOGGER_TYPE_TO_CLASS))} or all"
+                )
             if name != "all" and not getattr(trackers, f"is_{name}_available")():
                 fail(f"--report_to {name}: the {name} package is not installed (pip install {name})")
     if not 0 < args.learning_rate < math.inf:
@@ -285,8 +414,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.dataset_name == "digits" and (args.image_column or args.label_column):
         fail("the builtin digits data has no columns to choose: drop --image_column/--label_column")
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():
-        fail(f"--train_data_dir {args.train_data_dir} is not a folder (resolved: {Path(args.train_data_dir).resolve()}); "
-             f"for a Hub dataset use --dataset_name")
+        fail(
+            f"--train_data_dir {args.train_data_dir} is not a folder (resolved: {Path(args.train_data_dir).resolve()}); "
+            f"for a Hub dataset use --dataset_name"
+        )
     if args.joint and args.resume_from_task:
         fail("--joint trains all classes at once; it cannot continue from a task folder")
     if args.fid_backend == "inception" and args.fid_weights and not Path(args.fid_weights).exists():
@@ -294,9 +425,11 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.streaming and args.max_train_per_class:
         fail("--max_train_per_class reads the whole training split into memory; drop it with --streaming")
     if args.streaming and args.fid_backend == "classifier" and not args.fid_classifier:
-        fail("--streaming never holds the training split in memory, so the FID classifier cannot be trained here: "
-             "train it with `python -m hf_r1ewc.evaluate train-classifier` and pass --fid_classifier DIR, or use "
-             "--fid_backend inception, dinov2 or none")
+        fail(
+            "--streaming never holds the training split in memory, so the FID classifier cannot be trained here: "
+            "train it with `python -m hf_r1ewc.evaluate train-classifier` and pass --fid_classifier DIR, or use "
+            "--fid_backend inception, dinov2 or none"
+        )
     if args.fid_classifier and not (Path(args.fid_classifier) / "model.safetensors").exists():
         fail(f"--fid_classifier {args.fid_classifier} holds no model.safetensors")
 
@@ -311,24 +444,50 @@ def method_description(args) -> str:
     if args.ewc_type != "none":
         parts.append(f"{args.ewc_type} EWC (lambda={args.ewc_lambda:g}, {args.ewc_mode})")
     if args.replay == "on":
-        parts.append("generative replay" + (f" + distillation (weight {args.distill_weight:g})"
-                                            if args.distill_weight > 0 else ""))
+        parts.append(
+            "generative replay"
+            + (f" + distillation (weight {args.distill_weight:g})" if args.distill_weight > 0 else "")
+        )
     return " + ".join(parts) or "plain fine-tuning"
 
 
 RESUME_MUST_MATCH = ("preset", "model_config_name_or_path", "ewc_type", "ewc_mode", "joint", "resize")
 # settings a run may change when it continues (none changes results); every other flag is in run_manifest.json
-MAY_CHANGE = ("output_dir", "resume_from_checkpoint", "resume_from_task", "adopt_manifest", "checkpointing_steps",
-              "checkpoints_total_limit", "stop_after_steps", "report_to", "push_to_hub", "hub_model_id", "hub_private",
-              "fid_reference_dir", "fisher_batch_size")
+MAY_CHANGE = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "resume_from_task",
+    "adopt_manifest",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "stop_after_steps",
+    "report_to",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private",
+    "fid_reference_dir",
+    "fisher_batch_size",
+)
 # the recovery from a diverged run: these may change on resume, and run_manifest.json records each change
 RECOVERY_SETTINGS = ("learning_rate", "max_grad_norm")
 
 
 def run_config(args) -> dict:
     """The settings a run continued from a task folder (--resume_from_task) must share with that folder's run."""
-    keys = ("dataset_name", "train_data_dir", "tasks", "classes_per_task", "resolution", "resize", "preset",
-            "model_config_name_or_path", "ewc_type", "ewc_mode", "joint", "max_train_per_class")
+    keys = (
+        "dataset_name",
+        "train_data_dir",
+        "tasks",
+        "classes_per_task",
+        "resolution",
+        "resize",
+        "preset",
+        "model_config_name_or_path",
+        "ewc_type",
+        "ewc_mode",
+        "joint",
+        "max_train_per_class",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
@@ -337,8 +496,11 @@ def run_manifest(args, accelerator, data: "TaskData") -> dict:
     identity (source, sizes, SHA-256 of the images and labels held in memory) and the tasks."""
     settings = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE}
     settings["mixed_precision"] = accelerator.mixed_precision
-    dataset = {"source": data.source, "num_test": len(data.test),
-               "test_sha256": sha256_tensors(data.test.images, data.test.labels)}
+    dataset = {
+        "source": data.source,
+        "num_test": len(data.test),
+        "test_sha256": sha256_tensors(data.test.images, data.test.labels),
+    }
     if data.train is not None:
         dataset |= {"num_train": len(data.train), "train_sha256": sha256_tensors(data.train.images, data.train.labels)}
     return {"settings": settings, "dataset": dataset, "tasks": data.tasks}
@@ -354,14 +516,18 @@ def check_run_manifest(args, accelerator, data: "TaskData") -> dict | None:
     output_dir = Path(args.output_dir)
     path = output_dir / "run_manifest.json"
     current = run_manifest(args, accelerator, data)
-    fix = (f"restore {path}, or re-run with the flags that run was started with and --adopt_manifest to record "
-           f"them, or use another --output_dir")
+    fix = (
+        f"restore {path}, or re-run with the flags that run was started with and --adopt_manifest to record "
+        f"them, or use another --output_dir"
+    )
     if not path.exists():
         work = [d.name for d in checkpoint_dirs(output_dir)] + [d.name for d in sorted(output_dir.glob("task_[0-9]*"))]
         if work and not args.adopt_manifest:
-            raise SystemExit(f"error: {output_dir} holds earlier work ({', '.join(work[:4])}"
-                             f"{', ...' if len(work) > 4 else ''}) but no run_manifest.json, which records the "
-                             f"settings it was trained with, so continuing could mix settings silently: {fix}")
+            raise SystemExit(
+                f"error: {output_dir} holds earlier work ({', '.join(work[:4])}"
+                f"{', ...' if len(work) > 4 else ''}) but no run_manifest.json, which records the "
+                f"settings it was trained with, so continuing could mix settings silently: {fix}"
+            )
         accelerator.wait_for_everyone()
         return {**current, "changes": [], "hf_r1ewc_version": __version__}
     try:
@@ -371,22 +537,32 @@ def check_run_manifest(args, accelerator, data: "TaskData") -> dict | None:
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {path} cannot be read ({type(err).__name__}: {err}): {fix}") from None
     differences = {f"--{k}": d for k, d in manifest_differences(recorded["settings"], current["settings"]).items()}
-    differences |= {f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()}
+    differences |= {
+        f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()
+    }
     if recorded["tasks"] != current["tasks"]:
         differences["tasks"] = (recorded["tasks"], current["tasks"])
     recovery = {k: d for k, d in differences.items() if k[2:] in RECOVERY_SETTINGS}
     refused = {k: d for k, d in differences.items() if k not in recovery}
     if refused:
         lines = "\n".join(f"  {k}: {old!r} in the folder, {new!r} now" for k, (old, new) in refused.items())
-        raise SystemExit(f"error: {args.output_dir} holds a run with other settings (run_manifest.json):\n{lines}\n"
-                         f"Continue it with the recorded settings, or start the new run in another --output_dir. "
-                         f"Settings that may change when a run continues: "
-                         f"{', '.join('--' + k for k in MAY_CHANGE + RECOVERY_SETTINGS)}.")
+        raise SystemExit(
+            f"error: {args.output_dir} holds a run with other settings (run_manifest.json):\n{lines}\n"
+            f"Continue it with the recorded settings, or start the new run in another --output_dir. "
+            f"Settings that may change when a run continues: "
+            f"{', '.join('--' + k for k in MAY_CHANGE + RECOVERY_SETTINGS)}."
+        )
     for key, (old, new) in recovery.items():
         logger.warning("%s changes from %r to %r from here on (recorded in run_manifest.json)", key, old, new)
         recorded["settings"][key[2:]] = new
-        recorded["changes"].append({"setting": key[2:], "from": old, "to": new,
-                                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        recorded["changes"].append(
+            {
+                "setting": key[2:],
+                "from": old,
+                "to": new,
+                "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
     accelerator.wait_for_everyone()
     return recorded if recovery else None
 
@@ -403,8 +579,10 @@ def lock_output_dir(accelerator, output_dir: Path) -> OutputLock | None:
         broadcast_object_list(held)
     if not held[0]:
         holder = lock.holder() if lock is not None else "see the main process"
-        raise SystemExit(f"error: another run (process {holder}) is writing {output_dir}; wait for it to finish or "
-                         f"use another --output_dir")
+        raise SystemExit(
+            f"error: another run (process {holder}) is writing {output_dir}; wait for it to finish or "
+            f"use another --output_dir"
+        )
     return lock
 
 
@@ -444,11 +622,15 @@ def make_accelerator(args) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
     )
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise SystemExit("error: the EWC penalty works on FSDP2's DTensor shards; set fsdp_version: 2 in the "
-                         "accelerate config (accelerate_configs/fsdp.yaml)")
+        raise SystemExit(
+            "error: the EWC penalty works on FSDP2's DTensor shards; set fsdp_version: 2 in the "
+            "accelerate config (accelerate_configs/fsdp.yaml)"
+        )
     if accelerator.distributed_type == DistributedType.FSDP and args.use_ema:
-        raise SystemExit("error: --use_ema keeps a full copy of the weights per process, which FSDP is meant to "
-                         "avoid; train without --use_ema under FSDP or use DDP (accelerate_configs/multi_gpu_ddp.yaml)")
+        raise SystemExit(
+            "error: --use_ema keeps a full copy of the weights per process, which FSDP is meant to "
+            "avoid; train without --use_ema under FSDP or use DDP (accelerate_configs/multi_gpu_ddp.yaml)"
+        )
     return accelerator
 
 
@@ -472,8 +654,7 @@ def load_task_data(args) -> TaskData:
     source = args.dataset_name or args.train_data_dir
     try:
         test = load_labeled_images(source, args.eval_split, args.image_column, args.label_column)
-        train = None if args.streaming else load_labeled_images(source, "train", args.image_column,
-                                                                  args.label_column)
+        train = None if args.streaming else load_labeled_images(source, "train", args.image_column, args.label_column)
         if args.max_train_per_class:
             train = train.head_per_class(args.max_train_per_class)
         known = test if args.streaming else train  # streamed: the eval split names the classes and the image shape
@@ -481,20 +662,31 @@ def load_task_data(args) -> TaskData:
         count = len(test) + (len(train) if train is not None else 0)
         held = count * known.num_channels * resolution**2 * 4
         if held > memory_bytes():
-            raise ValueError(f"--resolution {resolution}: the {count} images in memory as "
-                             f"float32 need {held / 2**30:.3g} GiB, more than this machine's "
-                             f"{memory_bytes() / 2**30:.3g} GiB; lower --resolution (or use --streaming)")
+            raise ValueError(
+                f"--resolution {resolution}: the {count} images in memory as "
+                f"float32 need {held / 2**30:.3g} GiB, more than this machine's "
+                f"{memory_bytes() / 2**30:.3g} GiB; lower --resolution (or use --streaming)"
+            )
         num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
         tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, known.classes)
-        data = TaskData(source, test, train, None if train is None else images_to_model_input(
-            train.images, resolution, args.resize), images_to_model_input(test.images, resolution, args.resize),
-            resolution, known.num_channels, num_classes, tasks)
+        data = TaskData(
+            source,
+            test,
+            train,
+            None if train is None else images_to_model_input(train.images, resolution, args.resize),
+            images_to_model_input(test.images, resolution, args.resize),
+            resolution,
+            known.num_channels,
+            num_classes,
+            tasks,
+        )
     except ValueError as err:  # DataError: stop before any training
         raise SystemExit(f"error: {err}") from None
     missing = [c for t in data.tasks for c in t if c not in test.classes]
     if missing and args.fid_backend != "none":
-        raise SystemExit(f"error: the test split has no images of classes {missing}: FID needs them "
-                         f"(or pass --fid_backend none)")
+        raise SystemExit(
+            f"error: the test split has no images of classes {missing}: FID needs them (or pass --fid_backend none)"
+        )
     return data
 
 
@@ -510,14 +702,17 @@ def check_budgets(args, data: TaskData) -> None:
         return
     old_classes = sum(len(t) for t in data.tasks[:-1])
     pool = args.replay_per_class * old_classes * (2 * data.num_channels * data.resolution**2 + 8)
-    free = shutil.disk_usage(next(p for p in (Path(args.output_dir), *Path(args.output_dir).resolve().parents)
-                                  if p.exists())).free
+    free = shutil.disk_usage(
+        next(p for p in (Path(args.output_dir), *Path(args.output_dir).resolve().parents) if p.exists())
+    ).free
     for where, limit in (("free disk space in --output_dir", free), ("this machine's memory", memory_bytes())):
         if pool > limit:
-            raise SystemExit(f"error: --replay_per_class {args.replay_per_class}: the replay pool before the last "
-                             f"task ({old_classes} classes x {args.replay_per_class} images at {data.resolution}x"
-                             f"{data.resolution}) needs {pool / 2**30:.3g} GiB, more than the {limit / 2**30:.3g} GiB "
-                             f"of {where}; lower --replay_per_class (the paper: 5000, ImageNet 1300)")
+            raise SystemExit(
+                f"error: --replay_per_class {args.replay_per_class}: the replay pool before the last "
+                f"task ({old_classes} classes x {args.replay_per_class} images at {data.resolution}x"
+                f"{data.resolution}) needs {pool / 2**30:.3g} GiB, more than the {limit / 2**30:.3g} GiB "
+                f"of {where}; lower --replay_per_class (the paper: 5000, ImageNet 1300)"
+            )
 
 
 def build_model(args, data: TaskData) -> ModelMixin:
@@ -529,20 +724,27 @@ def build_model(args, data: TaskData) -> ModelMixin:
         else:
             model = model_from_preset(args.preset, data.resolution, data.num_channels, data.num_classes)
         if num_classes_of(model) is None:
-            raise ValueError(f"the model config has no class embedding (num_class_embeds: null); this method "
-                             f"trains a label-conditioned model: set num_class_embeds (a DiT: num_embeds_ada_norm) "
-                             f"to at least {data.num_classes}")
-        parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, sorted({c for t in data.tasks
-                                                                                         for c in t}),
-                    num_classes_of(model))
+            raise ValueError(
+                f"the model config has no class embedding (num_class_embeds: null); this method "
+                f"trains a label-conditioned model: set num_class_embeds (a DiT: num_embeds_ada_norm) "
+                f"to at least {data.num_classes}"
+            )
+        parse_tasks(
+            args.tasks,
+            None if args.tasks else args.classes_per_task,
+            sorted({c for t in data.tasks for c in t}),
+            num_classes_of(model),
+        )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if model.config.sample_size != data.resolution:
-        raise SystemExit(f"error: the model's sample_size {model.config.sample_size} differs from --resolution "
-                         f"{data.resolution}")
+        raise SystemExit(
+            f"error: the model's sample_size {model.config.sample_size} differs from --resolution {data.resolution}"
+        )
     if model.config.in_channels != data.num_channels:
-        raise SystemExit(f"error: the model takes {model.config.in_channels} channels but the images have "
-                         f"{data.num_channels}")
+        raise SystemExit(
+            f"error: the model takes {model.config.in_channels} channels but the images have {data.num_channels}"
+        )
     return model
 
 
@@ -550,8 +752,10 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.exists():
         return []
-    return sorted((d for d in root.iterdir() if d.name.startswith("checkpoint-") and (d / "position.json").exists()),
-                  key=lambda d: int(d.name.split("-")[1]))
+    return sorted(
+        (d for d in root.iterdir() if d.name.startswith("checkpoint-") and (d / "position.json").exists()),
+        key=lambda d: int(d.name.split("-")[1]),
+    )
 
 
 def save_checkpoint(accelerator, model, output_dir: Path, global_step: int, position: dict, limit: int) -> None:
@@ -561,8 +765,10 @@ def save_checkpoint(accelerator, model, output_dir: Path, global_step: int, posi
     largest = torch.stack([p.detach().abs().max().float() for p in local if p.numel()]).max()
     largest = float(accelerator.gather(largest.reshape(1)).max())
     if not math.isfinite(largest):
-        raise SystemExit(f"error: the weights are no longer finite at step {global_step}, so no checkpoint was saved "
-                         f"there. {resume_advice(output_dir)}")
+        raise SystemExit(
+            f"error: the weights are no longer finite at step {global_step}, so no checkpoint was saved "
+            f"there. {resume_advice(output_dir)}"
+        )
     position = {**position, "num_processes": accelerator.num_processes, "max_abs_weight": largest}
     root = output_dir / "checkpoints"
     target = root / f"checkpoint-{global_step}"
@@ -602,16 +808,20 @@ def resume_advice(output_dir: Path) -> str:
     done = finished_tasks(output_dir)
     position = checkpoint_position(saved[-1]) if saved else None
     if position is not None and position["task"] > done:
-        where = (f"A resume (re-run the command, or --resume_from_checkpoint latest) restarts at {saved[-1].name} "
-                 f"(task {position['task']}, step {position['global_step']}; its weights were checked finite, "
-                 f"largest |w| = {position.get('max_abs_weight', float('nan')):.3g}), with the same data and noise")
+        where = (
+            f"A resume (re-run the command, or --resume_from_checkpoint latest) restarts at {saved[-1].name} "
+            f"(task {position['task']}, step {position['global_step']}; its weights were checked finite, "
+            f"largest |w| = {position.get('max_abs_weight', float('nan')):.3g}), with the same data and noise"
+        )
     elif done:
         where = f"A resume (re-run the command) starts task {done + 1} from the finished task_{done:02d}"
     else:
         where = "No checkpoint or task folder was saved yet: a re-run starts from the beginning"
-    return (f"{where}. To get past this point change the optimisation as you resume: add --max_grad_norm 1.0 or "
-            f"lower --learning_rate (both may change on resume; the optimizer's stored learning rate is replaced and "
-            f"run_manifest.json records the change).")
+    return (
+        f"{where}. To get past this point change the optimisation as you resume: add --max_grad_norm 1.0 or "
+        f"lower --learning_rate (both may change on resume; the optimizer's stored learning rate is replaced and "
+        f"run_manifest.json records the change)."
+    )
 
 
 def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
@@ -624,30 +834,42 @@ def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
             problem = checkpoint_problem(candidate)
             if problem is None:
                 if spec is None:
-                    logger.info("%s holds checkpoints: resuming from the newest, %s (a new run needs another "
-                                "--output_dir)", output_dir, candidate.name)
+                    logger.info(
+                        "%s holds checkpoints: resuming from the newest, %s (a new run needs another --output_dir)",
+                        output_dir,
+                        candidate.name,
+                    )
                 return candidate
             logger.warning("%s is damaged (%s): skipping it for an older one", candidate, problem)
         if spec == "latest":
-            logger.info("--resume_from_checkpoint latest: %s holds no %scheckpoint; starting after the finished "
-                        "task folders, if any", output_dir / "checkpoints", "intact " if available else "")
+            logger.info(
+                "--resume_from_checkpoint latest: %s holds no %scheckpoint; starting after the finished "
+                "task folders, if any",
+                output_dir / "checkpoints",
+                "intact " if available else "",
+            )
         return None
     for candidate in (Path(spec), output_dir / "checkpoints" / spec, output_dir / spec):
         if (candidate / "position.json").exists():
             problem = checkpoint_problem(candidate)
             if problem is not None:
                 intact = [d.name for d in available if d != candidate and checkpoint_problem(d) is None]
-                raise SystemExit(f"error: --resume_from_checkpoint {spec}: {candidate} is damaged ({problem}). "
-                                 f"Resume from an intact one ({intact[-1] if intact else 'none left'}; "
-                                 f"--resume_from_checkpoint latest picks the newest intact) or delete it.")
+                raise SystemExit(
+                    f"error: --resume_from_checkpoint {spec}: {candidate} is damaged ({problem}). "
+                    f"Resume from an intact one ({intact[-1] if intact else 'none left'}; "
+                    f"--resume_from_checkpoint latest picks the newest intact) or delete it."
+                )
             return candidate
-    raise SystemExit(f"error: --resume_from_checkpoint {spec}: no such checkpoint (looked for it as given and in "
-                     f"{output_dir / 'checkpoints'}); available: {[d.name for d in available] or 'none'}")
+    raise SystemExit(
+        f"error: --resume_from_checkpoint {spec}: no such checkpoint (looked for it as given and in "
+        f"{output_dir / 'checkpoints'}); available: {[d.name for d in available] or 'none'}"
+    )
 
 
 def register_ema(accelerator, ema: EMAModel) -> None:
     """Checkpoints hold the EMA as ``unet_ema/`` (diffusers' ``save_pretrained`` layout, safetensors: nothing
     pickled), written and read through Accelerate's save/load state hooks, as diffusers' training examples do."""
+
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
@@ -674,8 +896,15 @@ class RunState:
     resume_position: dict | None = None
 
 
-def resume_run(args, accelerator, denoiser: ModelMixin, learner: ContinualLearner, ema: EMAModel | None,
-               training_tasks: list, resolution: int) -> RunState:
+def resume_run(
+    args,
+    accelerator,
+    denoiser: ModelMixin,
+    learner: ContinualLearner,
+    ema: EMAModel | None,
+    training_tasks: list,
+    resolution: int,
+) -> RunState:
     """Where to start: after the newest of (a finished task folder of OUTPUT_DIR, --resume_from_task, a checkpoint).
     A finished task folder is newer than every checkpoint of its task, so finished work is never redone. The task
     folder continued from restores the weights, the penalty and the EMA's warm-up position, after its files are
@@ -698,29 +927,45 @@ def resume_run(args, accelerator, denoiser: ModelMixin, learner: ContinualLearne
     if checkpoint is not None:
         position = checkpoint_position(checkpoint)
         if position["task"] <= finished:
-            logger.info("%s (task %d) is older than the finished task %d: continuing after task %d",
-                        checkpoint.name, position["task"], finished, finished)
+            logger.info(
+                "%s (task %d) is older than the finished task %d: continuing after task %d",
+                checkpoint.name,
+                position["task"],
+                finished,
+                finished,
+            )
         elif position["task"] != finished + 1:
-            raise SystemExit(f"error: {checkpoint} is in task {position['task']}, which continues from task folder "
-                             f"{task_folder_name(position['task'] - 1)}, but the newest finished task is {finished}: "
-                             f"restore that folder in {output_dir}")
+            raise SystemExit(
+                f"error: {checkpoint} is in task {position['task']}, which continues from task folder "
+                f"{task_folder_name(position['task'] - 1)}, but the newest finished task is {finished}: "
+                f"restore that folder in {output_dir}"
+            )
         elif position.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
-            raise SystemExit(f"error: {checkpoint} was written by {position['num_processes']} processes and this run "
-                             f"has {accelerator.num_processes}: the data order and random states are per process. "
-                             f"Resume with {position['num_processes']} processes, or drop the checkpoints to restart "
-                             f"task {position['task']} from the finished task folder.")
+            raise SystemExit(
+                f"error: {checkpoint} was written by {position['num_processes']} processes and this run "
+                f"has {accelerator.num_processes}: the data order and random states are per process. "
+                f"Resume with {position['num_processes']} processes, or drop the checkpoints to restart "
+                f"task {position['task']} from the finished task folder."
+            )
         else:
             state.resume_dir, state.resume_position = checkpoint, position
             state.start_task, state.global_step = position["task"], position["global_step"]
     if saved is not None:
-        conflicts = {k: (saved["run_config"].get(k), v) for k, v in run_config(args).items()
-                     if k in RESUME_MUST_MATCH and saved["run_config"].get(k) != v}
+        conflicts = {
+            k: (saved["run_config"].get(k), v)
+            for k, v in run_config(args).items()
+            if k in RESUME_MUST_MATCH and saved["run_config"].get(k) != v
+        }
         if conflicts:
-            raise SystemExit(f"error: {previous} was trained with other settings "
-                             f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir")
+            raise SystemExit(
+                f"error: {previous} was trained with other settings "
+                f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir"
+            )
         if saved["tasks"] != training_tasks:
-            raise SystemExit(f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}; match "
-                             f"them or use another --output_dir")
+            raise SystemExit(
+                f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}; match "
+                f"them or use another --output_dir"
+            )
         if state.resume_position is None:
             state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
         restore_task_folder(args, previous, denoiser, learner, ema, saved, resolution)
@@ -728,25 +973,37 @@ def resume_run(args, accelerator, denoiser: ModelMixin, learner: ContinualLearne
     if results_path.exists():
         results = json.loads(results_path.read_text())
         state.matrix = {k: r for k, r in matrix_from_json(results["fid"]).items() if k < state.start_task}
-        state.accuracy = {k: r for k, r in matrix_from_json(results.get("accuracy", {})).items()
-                          if k < state.start_task}
+        state.accuracy = {
+            k: r for k, r in matrix_from_json(results.get("accuracy", {})).items() if k < state.start_task
+        }
     return state
 
 
-def restore_task_folder(args, folder: Path, denoiser: ModelMixin, learner: ContinualLearner, ema: EMAModel | None,
-                        saved: dict, resolution: int) -> None:
+def restore_task_folder(
+    args,
+    folder: Path,
+    denoiser: ModelMixin,
+    learner: ContinualLearner,
+    ema: EMAModel | None,
+    saved: dict,
+    resolution: int,
+) -> None:
     """Weights, EWC penalty and EMA position of a (verified) task folder."""
     loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
     if loaded.config.sample_size != resolution:
-        raise SystemExit(f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
-                         f"model but --resolution is {resolution}; match it or use another --output_dir")
+        raise SystemExit(
+            f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
+            f"model but --resolution is {resolution}; match it or use another --output_dir"
+        )
     denoiser.load_state_dict(loaded.state_dict())
     if learner.penalty is not None:
         path = folder / "ewc_penalty.safetensors"
         if not path.exists():
-            raise SystemExit(f"error: {folder} has no ewc_penalty.safetensors, the EWC penalty over tasks 1..."
-                             f"{saved['task_index']} that a {args.ewc_type} run continues from; copy the whole folder "
-                             f"again (or pull it from the Hub)")
+            raise SystemExit(
+                f"error: {folder} has no ewc_penalty.safetensors, the EWC penalty over tasks 1..."
+                f"{saved['task_index']} that a {args.ewc_type} run continues from; copy the whole folder "
+                f"again (or pull it from the Hub)"
+            )
         from safetensors.torch import load_file
 
         try:
@@ -769,54 +1026,108 @@ def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
         if accelerator.is_main_process:
             logger.info("training the FID feature classifier on the training split -> %s", classifier_dir)
             feature_dim = 64 if min(len(data.test.subset(t)) for t in data.tasks) > 64 else 32
-            classifier = train_classifier(data.train_inputs, data.train.labels, data.num_classes,
-                                          feature_dim=feature_dim, epochs=2 if len(data.train) > 20_000 else 20,
-                                          seed=args.seed, show_progress=accelerator.is_local_main_process)
+            classifier = train_classifier(
+                data.train_inputs,
+                data.train.labels,
+                data.num_classes,
+                feature_dim=feature_dim,
+                epochs=2 if len(data.train) > 20_000 else 20,
+                seed=args.seed,
+                show_progress=accelerator.is_local_main_process,
+            )
             classifier.save_pretrained(classifier_dir)
         accelerator.wait_for_everyone()
-    extractor = load_feature_extractor(args.fid_backend, classifier_path=classifier_dir, fid_weights=args.fid_weights,
-                                       dinov2_model=args.dinov2_model).to(device)
-    return TaskFID(extractor, data.test_inputs, data.test.labels, data.tasks, num_samples=args.fid_num_samples,
-                   num_inference_steps=args.num_inference_steps, seed=args.seed,
-                   autocast_dtype=default_autocast_dtype(device),
-                   cache_dir=args.fid_reference_dir or output_dir / "fid_reference")
+    extractor = load_feature_extractor(
+        args.fid_backend, classifier_path=classifier_dir, fid_weights=args.fid_weights, dinov2_model=args.dinov2_model
+    ).to(device)
+    return TaskFID(
+        extractor,
+        data.test_inputs,
+        data.test.labels,
+        data.tasks,
+        num_samples=args.fid_num_samples,
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+        autocast_dtype=default_autocast_dtype(device),
+        cache_dir=args.fid_reference_dir or output_dir / "fid_reference",
+    )
 
 
 def task_loader(args, accelerator, data: TaskData, classes: list[int], task_index: int):
     """(training loader, number of training images, Fisher loader) of one task."""
     if args.streaming:
+
         def streamed(shuffle: bool, seed: int = 0):
-            return stream_task(data.source, "train", classes, resolution=data.resolution,
-                               num_channels=data.num_channels, image_column=args.image_column,
-                               label_column=args.label_column, resize=args.resize, shuffle=shuffle, seed=seed,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes)
+            return stream_task(
+                data.source,
+                "train",
+                classes,
+                resolution=data.resolution,
+                num_channels=data.num_channels,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                resize=args.resize,
+                shuffle=shuffle,
+                seed=seed,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+            )
 
         num_examples = count_task_examples(data.source, "train", classes, args.label_column)
         num_batches = num_examples // (args.train_batch_size * accelerator.num_processes)
         if num_batches == 0:
-            raise SystemExit(f"error: task {task_index} has {num_examples} training images, fewer than one batch "
-                             f"of {args.train_batch_size} per process; lower --train_batch_size")
-        loader = StreamedTaskLoader(streamed(True, args.seed + task_index), args.train_batch_size, num_batches,
-                                    accelerator.device)
-        fisher = StreamedTaskLoader(streamed(False), args.fisher_batch_size, None, accelerator.device,
-                                    accelerator.process_index, accelerator.num_processes)
+            raise SystemExit(
+                f"error: task {task_index} has {num_examples} training images, fewer than one batch "
+                f"of {args.train_batch_size} per process; lower --train_batch_size"
+            )
+        loader = StreamedTaskLoader(
+            streamed(True, args.seed + task_index), args.train_batch_size, num_batches, accelerator.device
+        )
+        fisher = StreamedTaskLoader(
+            streamed(False),
+            args.fisher_batch_size,
+            None,
+            accelerator.device,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
         return loader, num_examples, fisher
     mask = torch.isin(data.train.labels, torch.tensor(classes))
     images, labels = data.train_inputs[mask], data.train.labels[mask]
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
-                                         batch_size=args.train_batch_size, shuffle=True,
-                                         drop_last=len(labels) > args.train_batch_size,
-                                         generator=torch.Generator().manual_seed(args.seed + task_index))
-    fisher = fisher_loader(images, labels, args.fisher_num_samples, args.fisher_batch_size, args.seed + task_index,
-                           accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, labels),
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(labels) > args.train_batch_size,
+        generator=torch.Generator().manual_seed(args.seed + task_index),
+    )
+    fisher = fisher_loader(
+        images,
+        labels,
+        args.fisher_num_samples,
+        args.fisher_batch_size,
+        args.seed + task_index,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
     return loader, len(labels), fisher
 
 
 # ------------------------------------------------------------------------------------------ the task phases
 
 
-def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, loader, run: RunState,
-               task_index: int, num_tasks: int, ema) -> tuple[list[float], list[float], list[float], str | None]:
+def train_task(
+    args,
+    accelerator,
+    learner: ContinualLearner,
+    model,
+    optimizer,
+    loader,
+    run: RunState,
+    task_index: int,
+    num_tasks: int,
+    ema,
+) -> tuple[list[float], list[float], list[float], str | None]:
     """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, ||grad lambda*EWC|| /
     ||grad of the rest of the loss|| at each epoch's first optimizer step (empty without a penalty), why it stopped
     early: None, "--stop_after_steps" or the signal's name). A SIGTERM/SIGINT finishes the optimizer step and
@@ -827,8 +1138,10 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
         try:
             accelerator.load_state(str(run.resume_dir))
         except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, SafetensorError) as err:
-            raise SystemExit(f"error: {run.resume_dir} cannot be loaded ({type(err).__name__}: {str(err)[:300]}). "
-                             f"Delete it to resume from the checkpoint or task folder before it.") from None
+            raise SystemExit(
+                f"error: {run.resume_dir} cannot be loaded ({type(err).__name__}: {str(err)[:300]}). "
+                f"Delete it to resume from the checkpoint or task folder before it."
+            ) from None
         for group in optimizer.param_groups:  # the flag's rate, not the stored one (a recovery may lower it)
             group["lr"] = args.learning_rate
         first_epoch, skip = run.resume_position["epoch"], run.resume_position["step_in_epoch"]
@@ -837,35 +1150,52 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
         ratio_curve = ratio[0] if ratio else []  # (checkpoints before the ratio was recorded have two curves)
         carried = run.resume_position.get("epoch_losses", ([], []))
         if not skip and carried[0]:  # stopped at an epoch's end
-            loss_curve, denoise_curve = loss_curve + [sum(carried[0]) / len(carried[0])], \
-                denoise_curve + [sum(carried[1]) / len(carried[1])]
+            loss_curve, denoise_curve = (
+                loss_curve + [sum(carried[0]) / len(carried[0])],
+                denoise_curve + [sum(carried[1]) / len(carried[1])],
+            )
             carried = ([], [])
         logger.info("resumed from %s (task %d, epoch %d, step %d)", run.resume_dir, task_index, first_epoch, skip)
         run.resume_position = None
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    progress = progress_bar(total=args.num_epochs_per_task * steps_per_epoch,
-                    initial=first_epoch * steps_per_epoch + skip // args.gradient_accumulation_steps,
-                    desc=f"task {task_index}/{num_tasks}", show=accelerator.is_local_main_process)
+    progress = progress_bar(
+        total=args.num_epochs_per_task * steps_per_epoch,
+        initial=first_epoch * steps_per_epoch + skip // args.gradient_accumulation_steps,
+        desc=f"task {task_index}/{num_tasks}",
+        show=accelerator.is_local_main_process,
+    )
     ratio = ratio_curve[-1] if ratio_curve else None
     with StopRequest() as stop_request:  # the first SIGTERM/SIGINT: finish the step, checkpoint, stop
         for epoch in range(first_epoch, args.num_epochs_per_task):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
-            batches = loader if not skip else (loader.skip_first(skip) if args.streaming
-                                               else accelerator.skip_first_batches(loader, skip))
+            batches = (
+                loader
+                if not skip
+                else (loader.skip_first(skip) if args.streaming else accelerator.skip_first_batches(loader, skip))
+            )
             step_in_epoch, skip = skip, 0
             (losses, denoise), carried = carried, ([], [])
             model.train()
             for images, labels in batches:
                 generator = step_generator(args.seed, task_index, epoch, step_in_epoch, accelerator.process_index)
                 try:
-                    out = learner.training_step(accelerator, model, optimizer, images, labels, generator, ema,
-                                                # the epoch's first optimizer step (the window's closing micro-batch)
-                                                measure_penalty=step_in_epoch < args.gradient_accumulation_steps)
+                    out = learner.training_step(
+                        accelerator,
+                        model,
+                        optimizer,
+                        images,
+                        labels,
+                        generator,
+                        ema,
+                        # the epoch's first optimizer step (the window's closing micro-batch)
+                        measure_penalty=step_in_epoch < args.gradient_accumulation_steps,
+                    )
                 except NonFiniteLossError as err:
-                    raise SystemExit(f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}; "
-                                     f"nothing after the last checkpoint was saved. {resume_advice(output_dir)}") \
-                        from None
+                    raise SystemExit(
+                        f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}; "
+                        f"nothing after the last checkpoint was saved. {resume_advice(output_dir)}"
+                    ) from None
                 step_in_epoch += 1
                 losses.append(out.loss)
                 denoise.append(out.denoise)
@@ -883,11 +1213,19 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
                 progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
                 accelerator.log({**logs, "task": task_index}, step=run.global_step)
                 end_of_epoch = step_in_epoch == len(loader)
-                position = {"task": task_index, "epoch": epoch + end_of_epoch,
-                            "step_in_epoch": 0 if end_of_epoch else step_in_epoch, "global_step": run.global_step,
-                            "curves": [loss_curve, denoise_curve, ratio_curve], "epoch_losses": [losses, denoise]}
-                stop = "--stop_after_steps" if args.stop_after_steps is not None and \
-                    run.steps_this_process >= args.stop_after_steps else None
+                position = {
+                    "task": task_index,
+                    "epoch": epoch + end_of_epoch,
+                    "step_in_epoch": 0 if end_of_epoch else step_in_epoch,
+                    "global_step": run.global_step,
+                    "curves": [loss_curve, denoise_curve, ratio_curve],
+                    "epoch_losses": [losses, denoise],
+                }
+                stop = (
+                    "--stop_after_steps"
+                    if args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
+                    else None
+                )
                 signalled = stop_request.signal_name is not None
                 if accelerator.num_processes > 1:  # every process stops after the same step
                     if signalled:
@@ -895,8 +1233,9 @@ def train_task(args, accelerator, learner: ContinualLearner, model, optimizer, l
                     signalled = accelerator.check_trigger()
                 stop = (stop_request.signal_name or "a signal to another process") if signalled else stop
                 if run.global_step % args.checkpointing_steps == 0 or stop:
-                    save_checkpoint(accelerator, model, output_dir, run.global_step, position,
-                                    args.checkpoints_total_limit)
+                    save_checkpoint(
+                        accelerator, model, output_dir, run.global_step, position, args.checkpoints_total_limit
+                    )
                 if stop:
                     progress.close()
                     return loss_curve, denoise_curve, ratio_curve, stop
@@ -913,12 +1252,25 @@ def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_t
     if evaluator is None:
         return scores
     for i in range(1, len(eval_tasks) + 1):
-        scores[i] = evaluator(model, sampler, i, accelerator.process_index, accelerator.num_processes,
-                              gather_object if accelerator.num_processes > 1 else None,
-                              show_progress=accelerator.is_local_main_process)
+        scores[i] = evaluator(
+            model,
+            sampler,
+            i,
+            accelerator.process_index,
+            accelerator.num_processes,
+            gather_object if accelerator.num_processes > 1 else None,
+            show_progress=accelerator.is_local_main_process,
+        )
         accuracy = f", accuracy {100 * scores[i].accuracy:.1f} %" if scores[i].accuracy is not None else ""
-        logger.info("FID_%d(m_%d) = %.3f (%s, N=%d)%s", i, task_index, scores[i].fid, evaluator.extractor.name,
-                    scores[i].num_samples, accuracy)
+        logger.info(
+            "FID_%d(m_%d) = %.3f (%s, N=%d)%s",
+            i,
+            task_index,
+            scores[i].fid,
+            evaluator.extractor.name,
+            scores[i].num_samples,
+            accuracy,
+        )
     return scores
 
 
@@ -929,26 +1281,56 @@ def evenly_chosen(classes: list[int]) -> list[int]:
     return [classes[round(i * (len(classes) - 1) / max(1, n - 1))] for i in range(n)]
 
 
-def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline, eval_model, stats, penalty,
-                      scores, curves, task_index: int, training_tasks: list, evaluator, ema) -> Path:
+def write_task_folder(
+    args,
+    accelerator,
+    data: TaskData,
+    run: RunState,
+    pipeline,
+    eval_model,
+    stats,
+    penalty,
+    scores,
+    curves,
+    task_index: int,
+    training_tasks: list,
+    evaluator,
+    ema,
+) -> Path:
     """OUTPUT_DIR/task_XX (atomically) and results.json; main process only. ``eval_model`` (the pipeline's model
     as sampled for FID) draws ``samples.png``."""
     output_dir = Path(args.output_dir)
     classes, seen = training_tasks[task_index - 1], sorted({c for t in training_tasks[:task_index] for c in t})
     summary = summarize(run.matrix) if not args.joint else {}
-    sampling = {"sampler": args.replay_scheduler, "num_inference_steps": args.num_inference_steps,
-                "precision": evaluator.precision if evaluator else "fp32"}
-    metrics = {"task": task_index, "classes": classes, "fid": {i: s.fid for i, s in scores.items()},
-               "fid_num_samples": {i: s.num_samples for i, s in scores.items()},
-               "accuracy": {i: s.accuracy for i, s in scores.items() if s.accuracy is not None},
-               "accuracy_per_class": {c: a for s in scores.values() for c, a in (s.accuracy_per_class or {}).items()},
-               "fid_backend": args.fid_backend, "sampling": sampling, "loss_per_epoch": curves[0],
-               "denoise_loss_per_epoch": curves[1], "ewc_grad_ratio_per_epoch": curves[2],
-               "c_star": stats.c_star if stats else None,
-               "mu_norm": stats.mu_norm() if stats and stats.mu else None, **summary}
-    grid = sample(eval_model, pipeline.scheduler, torch.tensor(evenly_chosen(seen)).repeat_interleave(8),
-                  args.num_inference_steps, torch.Generator().manual_seed(args.seed),
-                  evaluator.autocast_dtype if evaluator else None)
+    sampling = {
+        "sampler": args.replay_scheduler,
+        "num_inference_steps": args.num_inference_steps,
+        "precision": evaluator.precision if evaluator else "fp32",
+    }
+    metrics = {
+        "task": task_index,
+        "classes": classes,
+        "fid": {i: s.fid for i, s in scores.items()},
+        "fid_num_samples": {i: s.num_samples for i, s in scores.items()},
+        "accuracy": {i: s.accuracy for i, s in scores.items() if s.accuracy is not None},
+        "accuracy_per_class": {c: a for s in scores.values() for c, a in (s.accuracy_per_class or {}).items()},
+        "fid_backend": args.fid_backend,
+        "sampling": sampling,
+        "loss_per_epoch": curves[0],
+        "denoise_loss_per_epoch": curves[1],
+        "ewc_grad_ratio_per_epoch": curves[2],
+        "c_star": stats.c_star if stats else None,
+        "mu_norm": stats.mu_norm() if stats and stats.mu else None,
+        **summary,
+    }
+    grid = sample(
+        eval_model,
+        pipeline.scheduler,
+        torch.tensor(evenly_chosen(seen)).repeat_interleave(8),
+        args.num_inference_steps,
+        torch.Generator().manual_seed(args.seed),
+        evaluator.autocast_dtype if evaluator else None,
+    )
 
     def fill(tmp: Path) -> None:
         pipeline.save_pretrained(tmp)
@@ -961,32 +1343,69 @@ def write_task_folder(args, accelerator, data: TaskData, run: RunState, pipeline
         write_json(tmp / "metrics.json", metrics)
         save_image_grid(grid, tmp / "samples.png", nrow=8)
         state = {
-            "task_index": task_index, "tasks": training_tasks, "seen_classes": seen, "run_config": run_config(args),
-            "global_step": run.global_step, "method": method_description(args),
-            "num_processes": accelerator.num_processes, "ema_optimization_step": ema.optimization_step if ema else None,
-            "hf_r1ewc_version": __version__}
+            "task_index": task_index,
+            "tasks": training_tasks,
+            "seen_classes": seen,
+            "run_config": run_config(args),
+            "global_step": run.global_step,
+            "method": method_description(args),
+            "num_processes": accelerator.num_processes,
+            "ema_optimization_step": ema.optimization_step if ema else None,
+            "hf_r1ewc_version": __version__,
+        }
         write_model_card(
-            tmp, task_index=task_index, num_tasks=len(training_tasks), seen_classes=seen, dataset_name=data.source,
+            tmp,
+            task_index=task_index,
+            num_tasks=len(training_tasks),
+            seen_classes=seen,
+            dataset_name=data.source,
             method_description=method_description(args),
-            hyperparameters={k: getattr(args, k) for k in (
-                "preset", "ewc_type", "ewc_lambda", "ewc_mode", "distill_weight", "replay", "replay_mode",
-                "replay_per_class", "replay_scheduler", "num_epochs_per_task", "train_batch_size", "learning_rate",
-                "num_inference_steps", "seed")} | {"mixed_precision": accelerator.mixed_precision},
+            hyperparameters={
+                k: getattr(args, k)
+                for k in (
+                    "preset",
+                    "ewc_type",
+                    "ewc_lambda",
+                    "ewc_mode",
+                    "distill_weight",
+                    "replay",
+                    "replay_mode",
+                    "replay_per_class",
+                    "replay_scheduler",
+                    "num_epochs_per_task",
+                    "train_batch_size",
+                    "learning_rate",
+                    "num_inference_steps",
+                    "seed",
+                )
+            }
+            | {"mixed_precision": accelerator.mixed_precision},
             command=f"accelerate launch --num_processes {accelerator.num_processes} --mixed_precision "
-                    f"{accelerator.mixed_precision} " + " ".join(shlex.quote(a) for a in sys.argv),
-            matrix=run.matrix, summary=summary, fid_backend=args.fid_backend,
+            f"{accelerator.mixed_precision} " + " ".join(shlex.quote(a) for a in sys.argv),
+            matrix=run.matrix,
+            summary=summary,
+            fid_backend=args.fid_backend,
             fid_comparable=evaluator is not None and evaluator.extractor.comparable_to_inception,
-            fid_num_samples=metrics["fid_num_samples"], accuracy=metrics["accuracy"],
+            fid_num_samples=metrics["fid_num_samples"],
+            accuracy=metrics["accuracy"],
             sampling=f"{args.replay_scheduler}, {args.num_inference_steps} steps, {sampling['precision']}",
-            hub_model_id=args.hub_model_id)
+            hub_model_id=args.hub_model_id,
+        )
         write_training_state(tmp, state)  # last: the SHA-256 of every file above
 
     folder = output_dir / task_folder_name(task_index)
     write_folder_atomically(folder, fill)
-    results = {"method": method_description(args), "fid_backend": args.fid_backend,
-               "fid_comparable_to_inception": bool(evaluator and evaluator.extractor.comparable_to_inception),
-               "tasks": data.tasks, "joint": args.joint, "seed": args.seed, "sampling": sampling, "fid": run.matrix,
-               "accuracy": run.accuracy}
+    results = {
+        "method": method_description(args),
+        "fid_backend": args.fid_backend,
+        "fid_comparable_to_inception": bool(evaluator and evaluator.extractor.comparable_to_inception),
+        "tasks": data.tasks,
+        "joint": args.joint,
+        "seed": args.seed,
+        "sampling": sampling,
+        "fid": run.matrix,
+        "accuracy": run.accuracy,
+    }
     if args.joint and scores:
         results["afid_final"] = sum(s.fid for s in scores.values()) / len(scores)
     else:
@@ -1017,10 +1436,20 @@ def main(argv=None) -> None:
     training_tasks = [sorted(c for t in data.tasks for c in t)] if args.joint else data.tasks
     num_tasks = len(training_tasks)
     penalty = EWCPenalty(args.ewc_type, args.ewc_lambda) if args.ewc_type != "none" and not args.joint else None
-    learner = ContinualLearner(noise_scheduler, penalty, args.ewc_mode, args.distill_weight,
-                               not args.no_replay_in_denoise, args.replay_batch_size, args.max_grad_norm)
-    ema = EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser),
-                   model_config=denoiser.config) if args.use_ema else None
+    learner = ContinualLearner(
+        noise_scheduler,
+        penalty,
+        args.ewc_mode,
+        args.distill_weight,
+        not args.no_replay_in_denoise,
+        args.replay_batch_size,
+        args.max_grad_norm,
+    )
+    ema = (
+        EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser), model_config=denoiser.config)
+        if args.use_ema
+        else None
+    )
     lock = lock_output_dir(accelerator, output_dir)
     with released_on_error(lock):
         run = resume_run(args, accelerator, denoiser, learner, ema, training_tasks, data.resolution)
@@ -1037,13 +1466,17 @@ def main(argv=None) -> None:
         ema.to(device)
         register_ema(accelerator, ema)
     if accelerator.is_main_process and args.report_to:
-        accelerator.init_trackers("continual-ddpm", config={k: v for k, v in vars(args).items()
-                                                           if isinstance(v, (int, float, str, bool))})
-    uploader = TaskUploader(args.hub_model_id, private=args.hub_private or None) \
-        if args.push_to_hub and accelerator.is_main_process else None
+        accelerator.init_trackers(
+            "continual-ddpm", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
+    uploader = (
+        TaskUploader(args.hub_model_id, private=args.hub_private or None)
+        if args.push_to_hub and accelerator.is_main_process
+        else None
+    )
     denoiser.to(device)
     if penalty is not None:  # the statistics stay on the CPU; the penalty binds one flat copy (FSDP: the local
-        penalty.to("cpu")    # shard's slice) to the model's device per task
+        penalty.to("cpu")  # shard's slice) to the model's device per task
     stopped: str | None = None
 
     try:
@@ -1051,26 +1484,45 @@ def main(argv=None) -> None:
             classes = training_tasks[task_index - 1]
             old_classes = sorted({c for t in training_tasks[: task_index - 1] for c in t})
             loader, num_examples, fisher_batches = task_loader(args, accelerator, data, classes, task_index)
-            logger.info("task %d/%d: classes %s, %d training images, method: %s", task_index, num_tasks, classes,
-                        num_examples, method_description(args))
+            logger.info(
+                "task %d/%d: classes %s, %d training images, method: %s",
+                task_index,
+                num_tasks,
+                classes,
+                num_examples,
+                method_description(args),
+            )
             if args.replay == "on" and not args.joint:  # the teacher: whole weights (gathered once under FSDP)
-                learner.start_task(full_model_copy(denoiser), sampler, old_classes, per_class=args.replay_per_class,
-                                   directory=output_dir / "replay" / task_folder_name(task_index),
-                                   num_inference_steps=args.num_inference_steps, seed=args.seed * 100 + task_index,
-                                   online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
-                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                   barrier=accelerator.wait_for_everyone, show_progress=accelerator.is_local_main_process)
+                learner.start_task(
+                    full_model_copy(denoiser),
+                    sampler,
+                    old_classes,
+                    per_class=args.replay_per_class,
+                    directory=output_dir / "replay" / task_folder_name(task_index),
+                    num_inference_steps=args.num_inference_steps,
+                    seed=args.seed * 100 + task_index,
+                    online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
+                    rank=accelerator.process_index,
+                    world_size=accelerator.num_processes,
+                    barrier=accelerator.wait_for_everyone,
+                    show_progress=accelerator.is_local_main_process,
+                )
             # a fresh optimizer per task (the penalty and the teacher carry what earlier tasks taught)
             optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.learning_rate)
             if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
                 model, optimizer = accelerator.prepare(denoiser, optimizer)
             else:
                 model, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
-            *curves, stopped = train_task(args, accelerator, learner, model, optimizer, loader, run, task_index,
-                                          num_tasks, ema)
+            *curves, stopped = train_task(
+                args, accelerator, learner, model, optimizer, loader, run, task_index, num_tasks, ema
+            )
             if stopped:
-                logger.info("stopped by %s after step %d (checkpoint-%d saved); re-run the same command to continue",
-                            stopped, run.global_step, run.global_step)
+                logger.info(
+                    "stopped by %s after step %d (checkpoint-%d saved); re-run the same command to continue",
+                    stopped,
+                    run.global_step,
+                    run.global_step,
+                )
                 break
 
             # ---- end of task: theta*_k, evaluation, consolidation, the task folder
@@ -1080,26 +1532,58 @@ def main(argv=None) -> None:
                 ema.copy_to(denoiser.parameters())
             denoiser.eval()
             trained = full_model_copy(denoiser)  # whole weights, gathered once per task under FSDP (else itself)
-            pipeline, eval_model = ClassConditionalPipeline.for_model(trained, sampler), frozen_teacher(trained)  # fast copy
-            scores = evaluate_task(accelerator, evaluator, eval_model, sampler,
-                                   data.tasks if args.joint else data.tasks[:task_index], task_index)
+            pipeline, eval_model = (
+                ClassConditionalPipeline.for_model(trained, sampler),
+                frozen_teacher(trained),
+            )  # fast copy
+            scores = evaluate_task(
+                accelerator,
+                evaluator,
+                eval_model,
+                sampler,
+                data.tasks if args.joint else data.tasks[:task_index],
+                task_index,
+            )
             run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
             run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
             try:
-                stats = learner.consolidate(trained, fisher_batches, seed=args.seed + task_index,
-                                            reduce_sum=lambda t: accelerator.reduce(t, "sum"),
-                                            num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
-                                            if args.streaming and args.fisher_num_samples else None,
-                                            show_progress=accelerator.is_local_main_process)
+                stats = learner.consolidate(
+                    trained,
+                    fisher_batches,
+                    seed=args.seed + task_index,
+                    reduce_sum=lambda t: accelerator.reduce(t, "sum"),
+                    num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
+                    if args.streaming and args.fisher_num_samples
+                    else None,
+                    show_progress=accelerator.is_local_main_process,
+                )
             except ValueError as err:
                 raise SystemExit(f"error: task {task_index}: {err}. {resume_advice(output_dir)}") from None
             if penalty is not None:
                 penalty.to("cpu")
-                logger.info("Fisher after task %d: %s, N = %d", task_index, f"c* = {stats.c_star:.4g}, ||mu|| = "
-                            f"{stats.mu_norm():.4g}" if stats.mu else "diagonal", stats.num_samples)
+                logger.info(
+                    "Fisher after task %d: %s, N = %d",
+                    task_index,
+                    f"c* = {stats.c_star:.4g}, ||mu|| = {stats.mu_norm():.4g}" if stats.mu else "diagonal",
+                    stats.num_samples,
+                )
             if accelerator.is_main_process:
-                folder = write_task_folder(args, accelerator, data, run, pipeline, eval_model, stats, penalty, scores,
-                                           curves, task_index, training_tasks, evaluator, ema)
+                folder = write_task_folder(
+                    args,
+                    accelerator,
+                    data,
+                    run,
+                    pipeline,
+                    eval_model,
+                    stats,
+                    penalty,
+                    scores,
+                    curves,
+                    task_index,
+                    training_tasks,
+                    evaluator,
+                    ema,
+                )
                 if uploader is not None:
                     uploader.submit(folder, task_index)
             accelerator.wait_for_everyone()
@@ -1108,9 +1592,11 @@ def main(argv=None) -> None:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
             raise
-        raise SystemExit(f"error: cannot write {err.filename or 'to ' + str(output_dir)}: {err.strerror}. Make room "
-                         f"(or raise the file-size or quota limit) and re-run the same command: "
-                         f"{resume_advice(output_dir)}") from None
+        raise SystemExit(
+            f"error: cannot write {err.filename or 'to ' + str(output_dir)}: {err.strerror}. Make room "
+            f"(or raise the file-size or quota limit) and re-run the same command: "
+            f"{resume_advice(output_dir)}"
+        ) from None
     finally:  # also when the run ends in an error: the uploads so far are reported, the folder unlocked
         close_uploader(uploader, output_dir)
         if lock is not None:
@@ -1130,8 +1616,11 @@ def close_uploader(uploader: TaskUploader | None, output_dir: Path) -> None:
     failures = uploader.close()
     if failures:
         write_json(output_dir / "upload_failures.json", {"failures": failures})
-        logger.warning("%d uploads failed; see %s (local results are complete)", len(failures),
-                       output_dir / "upload_failures.json")
+        logger.warning(
+            "%d uploads failed; see %s (local results are complete)",
+            len(failures),
+            output_dir / "upload_failures.json",
+        )
 
 
 def finish_run(args, data: TaskData, run: RunState) -> None:
@@ -1142,8 +1631,10 @@ def finish_run(args, data: TaskData, run: RunState) -> None:
     sample_grid_across_tasks(output_dir, rows, output_dir / "samples_by_task.png", args.num_inference_steps, args.seed)
     if run.matrix and not args.joint:
         print("\n" + run_summary_table(run.matrix, run.accuracy, data.tasks))
-    print(f"\nDone. Task folders: {output_dir}/task_XX (pipeline, fisher.safetensors, samples.png, README.md); "
-          f"classes x tasks: {output_dir / 'samples_by_task.png'}")
+    print(
+        f"\nDone. Task folders: {output_dir}/task_XX (pipeline, fisher.safetensors, samples.png, README.md); "
+        f"classes x tasks: {output_dir / 'samples_by_task.png'}"
+    )
     print(f"Results (FID matrix, AFID@k, forgetting, plasticity, sample accuracy): {output_dir / 'results.json'}")
 
 

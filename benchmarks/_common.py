@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -23,11 +24,15 @@ def unet(block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=32, ch
     torch.manual_seed(seed)
     n = len(block_out_channels)
     return UNet2DModel(
-        sample_size=sample_size, in_channels=channels, out_channels=channels,
-        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
-        norm_num_groups=min(8, block_out_channels[0]), num_class_embeds=num_classes,
+        norm_num_groups=min(8, block_out_channels[0]),
+        num_class_embeds=num_classes,
     )
 
 
@@ -37,9 +42,16 @@ def dit(num_layers=4, width=128, sample_size=32, channels=1, num_classes=10, see
 
     torch.manual_seed(seed)
     return DiTTransformer2DModel(
-        num_attention_heads=width // 32, attention_head_dim=32, in_channels=channels, out_channels=channels,
-        num_layers=num_layers, sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes,
-        norm_type="ada_norm_zero").eval()  # eval: the DiT drops 10 % of class labels in train mode
+        num_attention_heads=width // 32,
+        attention_head_dim=32,
+        in_channels=channels,
+        out_channels=channels,
+        num_layers=num_layers,
+        sample_size=sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_type="ada_norm_zero",
+    ).eval()  # eval: the DiT drops 10 % of class labels in train mode
 
 
 def sync(device: torch.device) -> None:
@@ -47,7 +59,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device=torch.device("cpu")) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], None]], repeats: int, device=torch.device("cpu")
+) -> dict[str, float]:
     """Median seconds of each fn, run round-robin ``repeats`` times (after one warm-up each) so drift hits all."""
     for fn in fns.values():
         fn()
@@ -65,12 +79,19 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device
 
 def machine() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = "unknown"
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "commit": commit, "platform": platform.platform()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "commit": commit,
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import dit, interleaved_medians, print_table, sync, unet, write_results  # noqa: E402
 
@@ -80,13 +81,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model and N: under a minute on 2 CPU cores")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--paper_model", action="store_true", help="the paper's 34M-parameter UNet (GPU)")
-    parser.add_argument("--backbone", choices=["unet", "dit"], default="unet",
-                        help="dit: a DiTTransformer2DModel (1.2M parameters; 0.3M with --quick) instead of the UNet")
+    parser.add_argument(
+        "--backbone",
+        choices=["unet", "dit"],
+        default="unet",
+        help="dit: a DiTTransformer2DModel (1.2M parameters; 0.3M with --quick) instead of the UNet",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.backbone == "dit":
-        model_kw, n, batch, repeats = (dict(num_layers=2, width=64), 64, 32, 3) if args.quick else \
-            (dict(num_layers=4, width=128), 256, 128, 3)
+        model_kw, n, batch, repeats = (
+            (dict(num_layers=2, width=64), 64, 32, 3) if args.quick else (dict(num_layers=4, width=128), 256, 128, 3)
+        )
     elif args.paper_model:
         model_kw, n, batch, repeats = dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2), 256, 128, 3
     elif args.quick:
@@ -103,8 +109,9 @@ def main() -> None:
     print(f"{type(model).__name__} {model_kw}: {num_params / 1e6:.2f}M parameters, N={n}, batch {batch}, {device}")
 
     def ours(kinds):
-        return lambda: estimate_fisher(model, scheduler, loader, kinds=kinds, show_progress=False,
-                                       chunk_size=32 if device.type == "cpu" else 128)
+        return lambda: estimate_fisher(
+            model, scheduler, loader, kinds=kinds, show_progress=False, chunk_size=32 if device.type == "cpu" else 128
+        )
 
     # 1) against the float64 loop (one measurement each: the loop is long and steady)
     times = {}
@@ -114,19 +121,31 @@ def main() -> None:
         fn()
         sync(device)
         times[name] = time.perf_counter() - start
-    results = {"backbone": type(model).__name__, "num_params": num_params, "num_samples": n, "batch_size": batch, "device": str(device),
-               "fisher_seconds": times["ours"], "fp64_loop_seconds": times["fp64_loop"],
-               "fisher_speedup_vs_fp64_loop": times["fp64_loop"] / times["ours"]}
+    results = {
+        "backbone": type(model).__name__,
+        "num_params": num_params,
+        "num_samples": n,
+        "batch_size": batch,
+        "device": str(device),
+        "fisher_seconds": times["ours"],
+        "fp64_loop_seconds": times["fp64_loop"],
+        "fisher_speedup_vs_fp64_loop": times["fp64_loop"] / times["ours"],
+    }
 
     # 2) mu + c* against one training epoch
     train_model = copy.deepcopy(model)
     optimizer = torch.optim.Adam(train_model.parameters(), lr=2e-4)
-    med = interleaved_medians({
-        "rank1": ours(("rank1",)),
-        "epoch": lambda: train_epoch(train_model, optimizer, scheduler, x0, y, batch),
-    }, repeats, device)
-    results.update(fisher_rank1_seconds=med["rank1"], epoch_seconds=med["epoch"],
-                   fisher_cost_vs_epoch=med["rank1"] / med["epoch"])
+    med = interleaved_medians(
+        {
+            "rank1": ours(("rank1",)),
+            "epoch": lambda: train_epoch(train_model, optimizer, scheduler, x0, y, batch),
+        },
+        repeats,
+        device,
+    )
+    results.update(
+        fisher_rank1_seconds=med["rank1"], epoch_seconds=med["epoch"], fisher_cost_vs_epoch=med["rank1"] / med["epoch"]
+    )
 
     # 3) penalty overhead on a training step
     def penalty_with(k):
@@ -134,9 +153,12 @@ def main() -> None:
         names = [n for n, _ in train_model.named_parameters()]
         for task in range(k):
             gen = torch.Generator().manual_seed(100 + task)
-            mu = {n: (torch.randn(p.shape, generator=gen) * 1e-4).to(device)
-                  for n, p in train_model.named_parameters()}
-            penalty.add_task(FisherStatistics(mu, None, 1.0, 1), {n: p.detach() for n, p in train_model.named_parameters()})
+            mu = {
+                n: (torch.randn(p.shape, generator=gen) * 1e-4).to(device) for n, p in train_model.named_parameters()
+            }
+            penalty.add_task(
+                FisherStatistics(mu, None, 1.0, 1), {n: p.detach() for n, p in train_model.named_parameters()}
+            )
         assert len(names) == len(penalty.terms.mu)
         return penalty
 
@@ -158,12 +180,19 @@ def main() -> None:
         penalty_overhead_k19=med["k19"] / med["none"] - 1,
         penalty_overhead_cat_k19=med["cat_k19"] / med["none"] - 1,
     )
-    targets = {"fisher_speedup_vs_fp64_loop": ">= 1.3 (CPU), >= 20 (GPU, paper model)",
-               "fisher_cost_vs_epoch": "<= 2.5", "penalty_overhead_k1": "<= 0.03", "penalty_overhead_k19": "<= 0.03",
-               "penalty_overhead_cat_k19": "(baseline)"}
+    targets = {
+        "fisher_speedup_vs_fp64_loop": ">= 1.3 (CPU), >= 20 (GPU, paper model)",
+        "fisher_cost_vs_epoch": "<= 2.5",
+        "penalty_overhead_k1": "<= 0.03",
+        "penalty_overhead_k19": "<= 0.03",
+        "penalty_overhead_cat_k19": "(baseline)",
+    }
     print_table([(k, f"{results[k]:.3f}", targets[k]) for k in targets])
-    name = "bench_fisher" + ("_dit" if args.backbone == "dit" else "") + (
-        "_paper_model" if args.paper_model else "_quick" if args.quick else "")
+    name = (
+        "bench_fisher"
+        + ("_dit" if args.backbone == "dit" else "")
+        + ("_paper_model" if args.paper_model else "_quick" if args.quick else "")
+    )
     print(f"wrote {write_results(name, results)}")
 
 

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine  # noqa: E402
@@ -32,6 +33,7 @@ from hf_r1ewc.features import load_feature_extractor  # noqa: E402
 from hf_r1ewc.metrics import TaskFID  # noqa: E402
 from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, sampling_scheduler  # noqa: E402
 
+
 STEPS = (10, 20, 50)
 SEEDS = (0, 1, 2)
 MEASURED = ("ddim", "dpmsolver++", "unipc")  # the deterministic ODE samplers; ancestral DDPM/Euler are not candidates
@@ -42,15 +44,45 @@ def teacher_folder(work: Path, data_dir: str) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
     if not (work / "fid_classifier" / "model.safetensors").exists():
-        subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name", data_dir,
-                        "--output_dir", str(work / "fid_classifier"), "--resolution", "16", "--resize",
-                        "--epochs", "2"], check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hf_r1ewc.evaluate",
+                "train-classifier",
+                "--dataset_name",
+                data_dir,
+                "--output_dir",
+                str(work / "fid_classifier"),
+                "--resolution",
+                "16",
+                "--resize",
+                "--epochs",
+                "2",
+            ],
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
     folder = work / "gd_seed0" / "task_01"
     if not (folder / "model_index.json").exists():
         flags = run_flags("GD", None, 0, work, data_dir, SCALES["cpu"])
-        subprocess.run([sys.executable, str(ROOT / "train_continual_ddpm.py"), *flags, "--tasks", "0,1",
-                        "--fid_backend", "none", "--output_dir", str(work / "gd_seed0")],
-                       check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "train_continual_ddpm.py"),
+                *flags,
+                "--tasks",
+                "0,1",
+                "--fid_backend",
+                "none",
+                "--output_dir",
+                str(work / "gd_seed0"),
+            ],
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
     return folder
 
 
@@ -75,17 +107,34 @@ def main() -> None:
                 continue
             fids, seconds = [], 0.0
             for seed in SEEDS:
-                evaluator = TaskFID(extractor, inputs, test.labels, [[0, 1]], num_samples=args.num_samples,
-                                    num_inference_steps=steps, seed=seed,
-                                    cache_dir=Path(args.work_dir) / "fid_reference")
+                evaluator = TaskFID(
+                    extractor,
+                    inputs,
+                    test.labels,
+                    [[0, 1]],
+                    num_samples=args.num_samples,
+                    num_inference_steps=steps,
+                    seed=seed,
+                    cache_dir=Path(args.work_dir) / "fid_reference",
+                )
                 start = time.perf_counter()
                 fids.append(evaluator(teacher, sampling_scheduler(name, pipe.scheduler.config), 1).fid)
                 seconds += time.perf_counter() - start
-            rows.append({"sampler": name, "steps": steps, "fid": fids, "fid_mean": statistics.mean(fids),
-                         "fid_sd": statistics.stdev(fids), "images_per_second": len(SEEDS) * args.num_samples / seconds})
-            print(f"{name:12s} {steps:3d} steps: FID {statistics.mean(fids):7.2f} +- {statistics.stdev(fids):5.2f} "
-                  f"(seeds {', '.join(f'{f:.2f}' for f in fids)}), {rows[-1]['images_per_second']:.0f} img/s",
-                  flush=True)
+            rows.append(
+                {
+                    "sampler": name,
+                    "steps": steps,
+                    "fid": fids,
+                    "fid_mean": statistics.mean(fids),
+                    "fid_sd": statistics.stdev(fids),
+                    "images_per_second": len(SEEDS) * args.num_samples / seconds,
+                }
+            )
+            print(
+                f"{name:12s} {steps:3d} steps: FID {statistics.mean(fids):7.2f} +- {statistics.stdev(fids):5.2f} "
+                f"(seeds {', '.join(f'{f:.2f}' for f in fids)}), {rows[-1]['images_per_second']:.0f} img/s",
+                flush=True,
+            )
             cache.write_text(json.dumps(rows))
     reference = next(r for r in rows if r["sampler"] == "ddim" and r["steps"] == 50)
     spread = reference["fid_sd"]
@@ -96,18 +145,31 @@ def main() -> None:
 
 def write(rows: list[dict], reference: dict, args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "num_samples": args.num_samples, "seeds": list(SEEDS), "rows": rows,
-               "ddim50_mean": reference["fid_mean"], "ddim50_seed_sd": reference["fid_sd"]}
+    payload = {
+        "machine": machine(),
+        "num_samples": args.num_samples,
+        "seeds": list(SEEDS),
+        "rows": rows,
+        "ddim50_mean": reference["fid_mean"],
+        "ddim50_seed_sd": reference["fid_sd"],
+    }
     (RESULTS / "sampler_steps.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = ["# Replay sampler and step count", "",
-             f"FID (classifier features, N = {args.num_samples} per seed, seeds {list(SEEDS)}) of the task-1 teacher's "
-             "samples of classes 0 and 1 at the CPU table-1 scale, per diffusers scheduler and step count. DDIM-50 "
-             f"(the paper's pool sampler): {reference['fid_mean']:.2f}, seed-to-seed SD {reference['fid_sd']:.2f}. "
-             "`python benchmarks/bench_sampler_steps.py`.", "",
-             "| sampler | steps | FID mean ± SD over seeds | within DDIM-50's spread | images/s |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['sampler']} | {r['steps']} | {r['fid_mean']:.2f} ± {r['fid_sd']:.2f} | "
-              f"{'yes' if r['within_ddim50_spread'] else 'no'} | {r['images_per_second']:.0f} |" for r in rows]
+    lines = [
+        "# Replay sampler and step count",
+        "",
+        f"FID (classifier features, N = {args.num_samples} per seed, seeds {list(SEEDS)}) of the task-1 teacher's "
+        "samples of classes 0 and 1 at the CPU table-1 scale, per diffusers scheduler and step count. DDIM-50 "
+        f"(the paper's pool sampler): {reference['fid_mean']:.2f}, seed-to-seed SD {reference['fid_sd']:.2f}. "
+        "`python benchmarks/bench_sampler_steps.py`.",
+        "",
+        "| sampler | steps | FID mean ± SD over seeds | within DDIM-50's spread | images/s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['sampler']} | {r['steps']} | {r['fid_mean']:.2f} ± {r['fid_sd']:.2f} | "
+        f"{'yes' if r['within_ddim50_spread'] else 'no'} | {r['images_per_second']:.0f} |"
+        for r in rows
+    ]
     (RESULTS / "sampler_steps.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -117,10 +179,21 @@ def write(rows: list[dict], reference: dict, args) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name in sorted({r["sampler"] for r in rows}):
         pts = [r for r in rows if r["sampler"] == name]
-        ax.errorbar([r["steps"] for r in pts], [r["fid_mean"] for r in pts], yerr=[r["fid_sd"] for r in pts],
-                    marker="o", capsize=3, label=name)
-    ax.axhspan(reference["fid_mean"] - reference["fid_sd"], reference["fid_mean"] + reference["fid_sd"],
-               color="grey", alpha=0.2, label="DDIM-50 ± SD")
+        ax.errorbar(
+            [r["steps"] for r in pts],
+            [r["fid_mean"] for r in pts],
+            yerr=[r["fid_sd"] for r in pts],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    ax.axhspan(
+        reference["fid_mean"] - reference["fid_sd"],
+        reference["fid_mean"] + reference["fid_sd"],
+        color="grey",
+        alpha=0.2,
+        label="DDIM-50 ± SD",
+    )
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(list(STEPS), [str(s) for s in STEPS])

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, print_table, unet, write_results  # noqa: E402
 
@@ -36,8 +37,9 @@ def reference_sampling(model, scheduler, labels, steps, seed):
     sched = DDIMScheduler.from_config(scheduler.config)
     sched.set_timesteps(steps)
     size = model.config.sample_size
-    x = torch.randn((len(labels), model.config.in_channels, size, size),
-                    generator=torch.Generator().manual_seed(seed)).to(labels.device)
+    x = torch.randn(
+        (len(labels), model.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed)
+    ).to(labels.device)
     for t in sched.timesteps:
         eps = model(x, t, class_labels=labels).sample
         x = sched.step(eps, t, x).prev_sample
@@ -91,17 +93,24 @@ def sampling_results(model, scheduler, labels, steps, repeats, device) -> dict:
     variants = sampling_variants(model, scheduler, labels, steps)
     med = interleaved_medians(variants, repeats, device)
     batch = labels.shape[0]
-    results = {"batch": batch, "steps": steps, "device": str(device),
-               "images_per_second_ddim50": {k: batch / v * steps / 50 for k, v in med.items()},
-               "max_abs_diff_ours_fp32_vs_reference": float((variants["reference"]().clamp(-1, 1)
-                                                             - variants["ours_fp32"]()).abs().max()),
-               "max_abs_diff_handwritten": float((variants["handwritten_default"]()
-                                                  - variants["ours_default"]()).abs().max())}
+    results = {
+        "batch": batch,
+        "steps": steps,
+        "device": str(device),
+        "images_per_second_ddim50": {k: batch / v * steps / 50 for k, v in med.items()},
+        "max_abs_diff_ours_fp32_vs_reference": float(
+            (variants["reference"]().clamp(-1, 1) - variants["ours_fp32"]()).abs().max()
+        ),
+        "max_abs_diff_handwritten": float(
+            (variants["handwritten_default"]() - variants["ours_default"]()).abs().max()
+        ),
+    }
     for k in variants:
         if k != "reference":
             results[f"speedup_{k}"] = med["reference"] / med[k]
-    results["pool_default"] = ("ours_channels_last" if device.type == "cpu" else "ours") + \
-        ("_bf16" if default_autocast_dtype(device) else ("" if device.type == "cpu" else "_fp32"))
+    results["pool_default"] = ("ours_channels_last" if device.type == "cpu" else "ours") + (
+        "_bf16" if default_autocast_dtype(device) else ("" if device.type == "cpu" else "_fp32")
+    )
     results["sampling_speedup_vs_reference"] = med["reference"] / med["ours_default"]
     results["handwritten_vs_scheduler_step"] = med["ours_default"] / med["handwritten_default"]
     return results
@@ -122,8 +131,10 @@ def main() -> None:
     model = unet(block_out_channels=channels).to(device).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     labels = (torch.arange(batch) % 10).to(device)
-    print(f"UNet {channels}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, batch {batch}, "
-          f"DDIM {steps} steps, {device}")
+    print(
+        f"UNet {channels}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, batch {batch}, "
+        f"DDIM {steps} steps, {device}"
+    )
     results = sampling_results(model, scheduler, labels, steps, repeats, device)
     default = results["pool_default"]
 
@@ -133,10 +144,14 @@ def main() -> None:
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
     train_batch = 32 if args.quick else 128
     g = torch.Generator().manual_seed(0)
-    real = (torch.rand(train_batch, 1, 32, 32, generator=g).to(device) * 2 - 1,
-            torch.randint(0, 10, (train_batch,), generator=g).to(device))
-    replay = (torch.rand(train_batch, 1, 32, 32, generator=g).to(device) * 2 - 1,
-              torch.randint(0, 10, (train_batch,), generator=g).to(device))
+    real = (
+        torch.rand(train_batch, 1, 32, 32, generator=g).to(device) * 2 - 1,
+        torch.randint(0, 10, (train_batch,), generator=g).to(device),
+    )
+    replay = (
+        torch.rand(train_batch, 1, 32, 32, generator=g).to(device) * 2 - 1,
+        torch.randint(0, 10, (train_batch,), generator=g).to(device),
+    )
     both = (torch.cat([real[0], replay[0]]), torch.cat([real[1], replay[1]]))
     t_all = torch.randint(0, 1000, (2 * train_batch,), device=device)
 
@@ -148,8 +163,11 @@ def main() -> None:
 
     def student_part():
         noise = torch.randn_like(both[0])
-        loss = (student(scheduler.add_noise(both[0], noise, t_all), t_all, class_labels=both[1]).sample
-                - noise).pow(2).mean()
+        loss = (
+            (student(scheduler.add_noise(both[0], noise, t_all), t_all, class_labels=both[1]).sample - noise)
+            .pow(2)
+            .mean()
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -158,21 +176,25 @@ def main() -> None:
         with torch.no_grad():
             teacher(replay[0], t_all[train_batch:], class_labels=replay[1])
 
-    parts = interleaved_medians({"full": full_step, "student": student_part, "teacher": teacher_part},
-                                7, device)
+    parts = interleaved_medians({"full": full_step, "student": student_part, "teacher": teacher_part}, 7, device)
     results["gd_step_seconds"] = parts
     results["gd_step_vs_arithmetic"] = parts["full"] / (parts["student"] + parts["teacher"])
 
-    targets = {"sampling_speedup_vs_reference": ">= 1.2 (CPU), >= 2.5 (GPU)",
-               "handwritten_vs_scheduler_step": "< 1.05 keeps scheduler.step",
-               "speedup_ours_fp32": "(inference mode)",
-               "speedup_ours_channels_last": "(channels_last alone)", "speedup_ours_bf16": "(bf16 autocast)",
-               "speedup_ours_channels_last_bf16": "(both: the pool's default where bf16 is fast)",
-               "gd_step_vs_arithmetic": "<= 1.05"}
+    targets = {
+        "sampling_speedup_vs_reference": ">= 1.2 (CPU), >= 2.5 (GPU)",
+        "handwritten_vs_scheduler_step": "< 1.05 keeps scheduler.step",
+        "speedup_ours_fp32": "(inference mode)",
+        "speedup_ours_channels_last": "(channels_last alone)",
+        "speedup_ours_bf16": "(bf16 autocast)",
+        "speedup_ours_channels_last_bf16": "(both: the pool's default where bf16 is fast)",
+        "gd_step_vs_arithmetic": "<= 1.05",
+    }
     print_table([(k, f"{results[k]:.3f}", v) for k, v in targets.items()])
-    print(f"pool default on {device.type}: {default}; max |ours - reference| = "
-          f"{results['max_abs_diff_ours_fp32_vs_reference']:.2e}, |hand-written - scheduler.step| = "
-          f"{results['max_abs_diff_handwritten']:.2e}")
+    print(
+        f"pool default on {device.type}: {default}; max |ours - reference| = "
+        f"{results['max_abs_diff_ours_fp32_vs_reference']:.2e}, |hand-written - scheduler.step| = "
+        f"{results['max_abs_diff_handwritten']:.2e}"
+    )
     print(f"wrote {write_results('bench_sampling' + ('_quick' if args.quick else ''), results)}")
 
 

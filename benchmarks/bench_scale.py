@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, print_table, write_results  # noqa: E402
 
@@ -26,6 +27,7 @@ from hf_r1ewc.fisher import FisherStatistics  # noqa: E402
 from hf_r1ewc.models import PRESETS, training_noise_scheduler, unet_from_preset  # noqa: E402
 from hf_r1ewc.penalty import EWCPenalty  # noqa: E402
 from hf_r1ewc.pipeline import sample, sampling_scheduler  # noqa: E402
+
 
 # The protocol (DESIGN section 2/3): ImageNet-1k 32x32, 20 tasks of 50 classes, ~1281 training images per class,
 # 100 epochs per task, batch 128 real + 128 replay, replay pool of 1300 images per seen class by DDIM 50 steps.
@@ -41,8 +43,12 @@ def penalty_with_tasks(model, kind: str, num_tasks: int, mu_dtype=torch.float32)
     for k in range(num_tasks):
         g = torch.Generator(device="cpu").manual_seed(k)
         mu = {n: torch.randn(p.shape, generator=g).mul_(1e-3).to(p.device) for n, p in params.items()}
-        stats = FisherStatistics(mu=mu if kind != "diag" else None, diag={n: m.abs() for n, m in mu.items()}
-                                 if kind == "diag" else None, c_star=1.0, num_samples=1)
+        stats = FisherStatistics(
+            mu=mu if kind != "diag" else None,
+            diag={n: m.abs() for n, m in mu.items()} if kind == "diag" else None,
+            c_star=1.0,
+            num_samples=1,
+        )
         penalty.add_task(stats, params)
         del mu, stats
     return penalty
@@ -55,7 +61,9 @@ def stored_bytes(penalty: EWCPenalty) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=None, help="real images per timed step (default: 4 on CPU, 128 on GPU)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="real images per timed step (default: 4 on CPU, 128 on GPU)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -66,7 +74,11 @@ def main() -> None:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    x1, t1, y1 = torch.randn(1, 3, 32, 32, device=device), torch.tensor([500], device=device), torch.tensor([3], device=device)
+    x1, t1, y1 = (
+        torch.randn(1, 3, 32, 32, device=device),
+        torch.tensor([500], device=device),
+        torch.tensor([3], device=device),
+    )
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x1, t1, class_labels=y1)
     forward_flops = counter.get_total_flops()
@@ -99,19 +111,32 @@ def main() -> None:
             penalty(model).backward()
             for p_ in model.parameters():
                 p_.grad = None
+
         return run
 
     # two groups: the step's large activations would otherwise disturb the memory-bound penalty timings
     times = interleaved_medians({"step": train_step}, args.repeats, device)
-    times.update(interleaved_medians({f"penalty_{k}": penalty_only(pen) for k, pen in penalties.items()},
-                                     args.repeats, device))
+    times.update(
+        interleaved_medians({f"penalty_{k}": penalty_only(pen) for k, pen in penalties.items()}, args.repeats, device)
+    )
 
     sample_batch = 64 if device.type == "cuda" else 8
     labels = torch.randint(0, 1000, (sample_batch,), generator=g)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     sample_time = interleaved_medians(
-        {"ddim": lambda: sample(teacher, sampling_scheduler("ddim", scheduler.config), labels.to(device), 5,
-                                torch.Generator().manual_seed(1), autocast)}, args.repeats, device)["ddim"]
+        {
+            "ddim": lambda: sample(
+                teacher,
+                sampling_scheduler("ddim", scheduler.config),
+                labels.to(device),
+                5,
+                torch.Generator().manual_seed(1),
+                autocast,
+            )
+        },
+        args.repeats,
+        device,
+    )["ddim"]
     image_steps_per_s = sample_batch * 5 / sample_time
 
     # the protocol's work, in forward-pass FLOPs (a training step on an image ~ 3 forward passes)
@@ -127,46 +152,84 @@ def main() -> None:
     mu_bytes_fp32 = 19 * num_params * 4
 
     results = {
-        "device": str(device), "batch_real": batch, "num_parameters": num_params, "forward_gflops_per_image":
-        forward_flops / 1e9, "times_s": times, "ddim_image_steps_per_s": image_steps_per_s,
+        "device": str(device),
+        "batch_real": batch,
+        "num_parameters": num_params,
+        "forward_gflops_per_image": forward_flops / 1e9,
+        "times_s": times,
+        "ddim_image_steps_per_s": image_steps_per_s,
         "penalty_time_over_step_time_k19": {k: times[f"penalty_{k}"] / times["step"] for k in penalties},
         "penalty_stored_bytes_k19": {k: stored_bytes(pen) for k, pen in penalties.items()},
-        "protocol": {"tasks": TASKS, "classes_per_task": CLASSES_PER_TASK, "images_per_class": IMAGES_PER_CLASS,
-                     "epochs": EPOCHS, "batch": BATCH, "pool_per_class": POOL_PER_CLASS, "ddim_steps": DDIM_STEPS,
-                     "optimizer_steps": steps_total, "pool_images_total": pool_images},
-        "protocol_pflops": {"train": train_flops / 1e15, "replay_pool": pool_flops / 1e15,
-                            "fisher": fisher_flops / 1e15, "fid_sampling": eval_flops / 1e15,
-                            "total": total_flops / 1e15},
+        "protocol": {
+            "tasks": TASKS,
+            "classes_per_task": CLASSES_PER_TASK,
+            "images_per_class": IMAGES_PER_CLASS,
+            "epochs": EPOCHS,
+            "batch": BATCH,
+            "pool_per_class": POOL_PER_CLASS,
+            "ddim_steps": DDIM_STEPS,
+            "optimizer_steps": steps_total,
+            "pool_images_total": pool_images,
+        },
+        "protocol_pflops": {
+            "train": train_flops / 1e15,
+            "replay_pool": pool_flops / 1e15,
+            "fisher": fisher_flops / 1e15,
+            "fid_sampling": eval_flops / 1e15,
+            "total": total_flops / 1e15,
+        },
         "pool_generation_hours_at_measured_throughput": {
             f"task_{k}": (k - 1) * CLASSES_PER_TASK * POOL_PER_CLASS * DDIM_STEPS / image_steps_per_s / 3600
-            for k in (2, 10, 20)},
-        "h100_estimate_hours": {f"utilisation_{u}": total_flops / (u * H100_BF16_DENSE_PEAK) / 3600
-                                for u in ASSUMED_UTILISATION},
+            for k in (2, 10, 20)
+        },
+        "h100_estimate_hours": {
+            f"utilisation_{u}": total_flops / (u * H100_BF16_DENSE_PEAK) / 3600 for u in ASSUMED_UTILISATION
+        },
         "h100_estimate_hours_by_part": {
-            f"utilisation_{u}": {part: flops / (u * H100_BF16_DENSE_PEAK) / 3600 for part, flops in (
-                ("train", train_flops), ("replay_pool", pool_flops), ("fisher", fisher_flops),
-                ("fid_sampling", eval_flops), ("pool_task_20", 19 * CLASSES_PER_TASK * POOL_PER_CLASS * DDIM_STEPS
-                                                * forward_flops))}
-            for u in ASSUMED_UTILISATION},
+            f"utilisation_{u}": {
+                part: flops / (u * H100_BF16_DENSE_PEAK) / 3600
+                for part, flops in (
+                    ("train", train_flops),
+                    ("replay_pool", pool_flops),
+                    ("fisher", fisher_flops),
+                    ("fid_sampling", eval_flops),
+                    ("pool_task_20", 19 * CLASSES_PER_TASK * POOL_PER_CLASS * DDIM_STEPS * forward_flops),
+                )
+            }
+            for u in ASSUMED_UTILISATION
+        },
         # value + backward read the stacked fp32 mu twice; bf16 mu is up-cast per parameter, so it saves memory,
         # not traffic (see the CPU times)
         "h100_penalty_ms_k19_memory_bound_fp32": 2 * mu_bytes_fp32 / H100_HBM_BYTES_PER_S * 1e3,
-        "h100_step_ms_at_utilisation": {f"utilisation_{u}": (2 * BATCH * 3 + BATCH) * forward_flops
-                                        / (u * H100_BF16_DENSE_PEAK) * 1e3 for u in ASSUMED_UTILISATION},
-        "assumptions": {"h100_bf16_dense_peak_flops": H100_BF16_DENSE_PEAK, "h100_hbm_bytes_per_s":
-                        H100_HBM_BYTES_PER_S, "utilisation": ASSUMED_UTILISATION,
-                        "paper_preset": PRESETS["paper"].defaults},
+        "h100_step_ms_at_utilisation": {
+            f"utilisation_{u}": (2 * BATCH * 3 + BATCH) * forward_flops / (u * H100_BF16_DENSE_PEAK) * 1e3
+            for u in ASSUMED_UTILISATION
+        },
+        "assumptions": {
+            "h100_bf16_dense_peak_flops": H100_BF16_DENSE_PEAK,
+            "h100_hbm_bytes_per_s": H100_HBM_BYTES_PER_S,
+            "utilisation": ASSUMED_UTILISATION,
+            "paper_preset": PRESETS["paper"].defaults,
+        },
     }
-    rows = [("parameters", f"{num_params / 1e6:.1f}M", "paper UNet, 3 channels, 1000 classes"),
-            ("forward GFLOPs/image", f"{forward_flops / 1e9:.3f}", "FlopCounterMode, 32x32"),
-            ("step", f"{times['step']:.3f}", f"s, {batch} real + {batch} replay, teacher fwd, Adam")]
-    rows += [(f"penalty {k} K=19", f"{v:.3f}", "penalty value + backward / training step")
-             for k, v in results["penalty_time_over_step_time_k19"].items()]
+    rows = [
+        ("parameters", f"{num_params / 1e6:.1f}M", "paper UNet, 3 channels, 1000 classes"),
+        ("forward GFLOPs/image", f"{forward_flops / 1e9:.3f}", "FlopCounterMode, 32x32"),
+        ("step", f"{times['step']:.3f}", f"s, {batch} real + {batch} replay, teacher fwd, Adam"),
+    ]
+    rows += [
+        (f"penalty {k} K=19", f"{v:.3f}", "penalty value + backward / training step")
+        for k, v in results["penalty_time_over_step_time_k19"].items()
+    ]
     rows += [(f"stored {k} K=19", f"{v / 2**30:.2f}", "GiB") for k, v in results["penalty_stored_bytes_k19"].items()]
-    rows += [("DDIM image-steps/s", f"{image_steps_per_s:.1f}", f"batch {sample_batch}, {device}"),
-             ("protocol total PFLOPs", f"{total_flops / 1e15:.0f}", "train + pool + Fisher + FID sampling")]
-    rows += [(f"H100 hours @ {u:.0%} of peak", f"{h:.1f}", "ASSUMED utilisation")
-             for u, h in zip(ASSUMED_UTILISATION, results["h100_estimate_hours"].values())]
+    rows += [
+        ("DDIM image-steps/s", f"{image_steps_per_s:.1f}", f"batch {sample_batch}, {device}"),
+        ("protocol total PFLOPs", f"{total_flops / 1e15:.0f}", "train + pool + Fisher + FID sampling"),
+    ]
+    rows += [
+        (f"H100 hours @ {u:.0%} of peak", f"{h:.1f}", "ASSUMED utilisation")
+        for u, h in zip(ASSUMED_UTILISATION, results["h100_estimate_hours"].values())
+    ]
     print_table(rows)
     path = write_results("bench_scale" + ("" if device.type == "cpu" else f"_{device.type}"), results)
     print(f"wrote {path}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, print_table, sync, unet, write_results  # noqa: E402
 
@@ -49,12 +50,15 @@ def main() -> None:
         def step():
             noise = torch.randn_like(xb)
             t = torch.randint(0, 1000, (batch,), device=device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
                 pred = model(scheduler.add_noise(xb, noise, t), t, class_labels=y).sample
             loss = (pred.float() - noise).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
         return step
 
     base = unet(block_out_channels=channels).to(device)
@@ -76,8 +80,9 @@ def main() -> None:
         "plain": plain_step_fn(copy.deepcopy(base)),
         "ours": ours_step,
         "bf16_autocast": plain_step_fn(copy.deepcopy(base), torch.bfloat16),
-        "channels_last": plain_step_fn(copy.deepcopy(base).to(memory_format=torch.channels_last),
-                                       memory_format=torch.channels_last),
+        "channels_last": plain_step_fn(
+            copy.deepcopy(base).to(memory_format=torch.channels_last), memory_format=torch.channels_last
+        ),
     }
     compile_seconds = None
     if not args.skip_compile:
@@ -89,14 +94,22 @@ def main() -> None:
         compile_seconds = time.perf_counter() - start
         variants["compile"] = compiled_step
     med = interleaved_medians(variants, repeats, device)
-    results = {"batch": batch, "device": str(device), "step_seconds": med, "compile_seconds": compile_seconds,
-               "step_vs_plain_loop": med["ours"] / med["plain"]}
+    results = {
+        "batch": batch,
+        "device": str(device),
+        "step_seconds": med,
+        "compile_seconds": compile_seconds,
+        "step_vs_plain_loop": med["ours"] / med["plain"],
+    }
     for k in ("bf16_autocast", "channels_last", "compile"):
         if k in med:
             results[f"speedup_{k}"] = med["plain"] / med[k]
     rows = [("step_vs_plain_loop", f"{results['step_vs_plain_loop']:.3f}", "<= 1.02")]
-    rows += [(f"speedup_{k}", f"{results[f'speedup_{k}']:.3f}", "(option alone)")
-             for k in ("bf16_autocast", "channels_last", "compile") if f"speedup_{k}" in results]
+    rows += [
+        (f"speedup_{k}", f"{results[f'speedup_{k}']:.3f}", "(option alone)")
+        for k in ("bf16_autocast", "channels_last", "compile")
+        if f"speedup_{k}" in results
+    ]
     print_table(rows)
     if compile_seconds is not None:
         print(f"torch.compile: first step (compilation) {compile_seconds:.1f} s")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT))
@@ -52,8 +53,10 @@ def paper_unet(args):
 def batch(n, model, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     size = model.config.sample_size
-    return ((torch.rand(n, 1, size, size, generator=g) * 2 - 1).to(device),
-            torch.randint(0, 10, (n,), generator=g).to(device))
+    return (
+        (torch.rand(n, 1, size, size, generator=g) * 2 - 1).to(device),
+        torch.randint(0, 10, (n,), generator=g).to(device),
+    )
 
 
 def check_train_step(args, device) -> dict:
@@ -82,10 +85,14 @@ def check_train_step(args, device) -> dict:
         return lambda: learner.training_step(accelerator, model, optimizer, x, y, torch.Generator().manual_seed(0))
 
     med = interleaved_medians({k: step(v) for k, v in learners.items()}, 3 if args.tiny else 10, device)
-    return {"params_millions": sum(p.numel() for p in model.parameters()) / 1e6, "batch": n,
-            "precision": accelerator.mixed_precision, "step_seconds": med,
-            "penalty_overhead_k4": med["rank1_k4"] / med["plain"] - 1,
-            "penalty_overhead_k19": med["rank1_k19"] / med["plain"] - 1}
+    return {
+        "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
+        "batch": n,
+        "precision": accelerator.mixed_precision,
+        "step_seconds": med,
+        "penalty_overhead_k4": med["rank1_k4"] / med["plain"] - 1,
+        "penalty_overhead_k19": med["rank1_k19"] / med["plain"] - 1,
+    }
 
 
 def fp64_loop_seconds_per_sample(model, scheduler, x0, y) -> float:
@@ -123,8 +130,15 @@ def check_fisher(args, device) -> dict:
     for kinds, name in ((("rank1",), "rank1"), (("rank1", "diag"), "rank1_diag")):
         sync(device)
         start = time.perf_counter()
-        stats = estimate_fisher(model, scheduler, loader, kinds=kinds, reduce_sum=recording_reduce,
-                                chunk_size=8 if args.tiny else 32, show_progress=False)
+        stats = estimate_fisher(
+            model,
+            scheduler,
+            loader,
+            kinds=kinds,
+            reduce_sum=recording_reduce,
+            chunk_size=8 if args.tiny else 32,
+            show_progress=False,
+        )
         sync(device)
         out[f"{name}_seconds"] = time.perf_counter() - start
         out[f"{name}_c_star"] = stats.c_star
@@ -132,11 +146,15 @@ def check_fisher(args, device) -> dict:
         torch.cuda.empty_cache() if device.type == "cuda" else None
     loop = fp64_loop_seconds_per_sample(model, scheduler, x[: 4 if args.tiny else 16], y[: 4 if args.tiny else 16])
     authors_seconds = 2 * loop * n  # one fp64 pass for mu, a second one for c* (diag rides along)
-    out.update(num_samples=n, fp64_loop_seconds_per_sample_pass=loop, authors_seconds_extrapolated=authors_seconds,
-               speedup_rank1_diag_vs_fp64_loop=authors_seconds / out["rank1_diag_seconds"],
-               speedup_rank1_vs_fp64_loop=authors_seconds / out["rank1_seconds"],
-               reduced_tensor_devices=sorted(devices),
-               reduce_on_parameter_device=devices == {str(next(model.parameters()).device)})
+    out.update(
+        num_samples=n,
+        fp64_loop_seconds_per_sample_pass=loop,
+        authors_seconds_extrapolated=authors_seconds,
+        speedup_rank1_diag_vs_fp64_loop=authors_seconds / out["rank1_diag_seconds"],
+        speedup_rank1_vs_fp64_loop=authors_seconds / out["rank1_seconds"],
+        reduced_tensor_devices=sorted(devices),
+        reduce_on_parameter_device=devices == {str(next(model.parameters()).device)},
+    )
     return out
 
 
@@ -145,21 +163,49 @@ def check_sampling(args, device) -> dict:
 
     model = paper_unet(args).to(device).eval()
     labels = torch.arange(16 if args.tiny else 500, device=device) % 10
-    results = sampling_results(model, training_noise_scheduler(), labels, 2 if args.tiny else 10, 1 if args.tiny
-                               else 2, device)
+    results = sampling_results(
+        model, training_noise_scheduler(), labels, 2 if args.tiny else 10, 1 if args.tiny else 2, device
+    )
     results["note"] = "10 timed steps, images/s reported per 50-step image"
     return results
 
 
 def run(cmd, env=None, timeout=400) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
-SCRIPT_FLAGS = ["--dataset_name", "digits", "--preset", "demo", "--no-use_ema", "--tasks", "0,1;2,3;4,5", "--num_epochs_per_task", "2",
-                "--train_batch_size", "32", "--replay_per_class", "32", "--num_inference_steps", "10",
-                "--fisher_num_samples", "64", "--max_train_per_class", "64", "--fid_num_samples", "64",
-                "--ewc_type", "rank1"]
+SCRIPT_FLAGS = [
+    "--dataset_name",
+    "digits",
+    "--preset",
+    "demo",
+    "--no-use_ema",
+    "--tasks",
+    "0,1;2,3;4,5",
+    "--num_epochs_per_task",
+    "2",
+    "--train_batch_size",
+    "32",
+    "--replay_per_class",
+    "32",
+    "--num_inference_steps",
+    "10",
+    "--fisher_num_samples",
+    "64",
+    "--max_train_per_class",
+    "64",
+    "--fid_num_samples",
+    "64",
+    "--ewc_type",
+    "rank1",
+]
 
 
 def check_script_bf16(args, device, out_dir: Path) -> dict:
@@ -170,10 +216,19 @@ def check_script_bf16(args, device, out_dir: Path) -> dict:
 
     run_dir = out_dir / "gpu_check_run"
     config = "single_gpu_bf16.yaml" if device.type == "cuda" else "cpu.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config}",
-           "train_continual_ddpm.py", *SCRIPT_FLAGS, "--output_dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"accelerate_configs/{config}",
+        "train_continual_ddpm.py",
+        *SCRIPT_FLAGS,
+        "--output_dir",
+        str(run_dir),
+    ]
     if device.type == "cpu":
-        cmd[cmd.index("--output_dir"):cmd.index("--output_dir")] = ["--mixed_precision", "bf16"]
+        cmd[cmd.index("--output_dir") : cmd.index("--output_dir")] = ["--mixed_precision", "bf16"]
     proc = run(cmd)
     result = {"rc": proc.returncode, "log_tail": (proc.stdout + proc.stderr)[-1500:]}
     if proc.returncode != 0:
@@ -184,69 +239,111 @@ def check_script_bf16(args, device, out_dir: Path) -> dict:
     saved = load_fisher(str(folder / "fisher.safetensors"), model=pipe.unet)
     data = load_labeled_images("digits", "train").head_per_class(64).subset([0, 1])
     loader = fisher_loader(images_to_model_input(data.images), data.labels, 64, 64, seed=0 + 1)
-    fp32 = estimate_fisher(pipe.unet, training_noise_scheduler(), loader, kinds=("rank1",),
-                           generator=torch.Generator().manual_seed(1), show_progress=False)
+    fp32 = estimate_fisher(
+        pipe.unet,
+        training_noise_scheduler(),
+        loader,
+        kinds=("rank1",),
+        generator=torch.Generator().manual_seed(1),
+        show_progress=False,
+    )
     mu_error = sum(float((saved.mu[n].to(device) - fp32.mu[n]).double().pow(2).sum()) for n in fp32.mu) ** 0.5
     pipe.set_progress_bar_config(disable=True)
     images = pipe([0, 1, 2, 3], num_inference_steps=10, output_type="pt").images
-    result.update(fid=metrics["fid"], accuracy=metrics.get("accuracy"), sampling=metrics.get("sampling"),
-                  c_star_saved=saved.c_star, c_star_fp32=fp32.c_star,
-                  c_star_relative_error=abs(saved.c_star - fp32.c_star) / abs(fp32.c_star),
-                  mu_relative_error=mu_error / fp32.mu_norm(),
-                  fisher_matches_fp32=abs(saved.c_star - fp32.c_star) <= 1e-5 * abs(fp32.c_star)
-                  and mu_error <= 1e-5 * fp32.mu_norm(),
-                  pipeline_samples_on=str(images.device), pipeline_samples_finite=bool(torch.isfinite(images).all()))
+    result.update(
+        fid=metrics["fid"],
+        accuracy=metrics.get("accuracy"),
+        sampling=metrics.get("sampling"),
+        c_star_saved=saved.c_star,
+        c_star_fp32=fp32.c_star,
+        c_star_relative_error=abs(saved.c_star - fp32.c_star) / abs(fp32.c_star),
+        mu_relative_error=mu_error / fp32.mu_norm(),
+        fisher_matches_fp32=abs(saved.c_star - fp32.c_star) <= 1e-5 * abs(fp32.c_star)
+        and mu_error <= 1e-5 * fp32.mu_norm(),
+        pipeline_samples_on=str(images.device),
+        pipeline_samples_finite=bool(torch.isfinite(images).all()),
+    )
     return result
 
 
 def check_fsdp(args, device, out_dir: Path) -> dict:
     if device.type != "cuda":
         return {"skipped": "FSDP needs a GPU (Accelerate builds no FSDP Accelerator on CPU)"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml",
-           "--num_processes", "1", "train_continual_ddpm.py", *SCRIPT_FLAGS, "--fid_backend", "none",
-           "--output_dir", str(out_dir / "gpu_check_fsdp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "accelerate_configs/fsdp.yaml",
+        "--num_processes",
+        "1",
+        "train_continual_ddpm.py",
+        *SCRIPT_FLAGS,
+        "--fid_backend",
+        "none",
+        "--output_dir",
+        str(out_dir / "gpu_check_fsdp"),
+    ]
     proc = run(cmd)
     folder = out_dir / "gpu_check_fsdp" / "task_03"
     log = proc.stdout + proc.stderr
-    return {"rc": proc.returncode, "task_03_written": (folder / "fisher.safetensors").exists(),
-            "error_lines": [line for line in log.splitlines() if line.startswith("[rank0]:")][-25:],
-            "log_tail": log[-1500:]}
+    return {
+        "rc": proc.returncode,
+        "task_03_written": (folder / "fisher.safetensors").exists(),
+        "error_lines": [line for line in log.splitlines() if line.startswith("[rank0]:")][-25:],
+        "log_tail": log[-1500:],
+    }
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    lines = ["# GPU check", "", f"Machine: {results['machine'].get('gpu', 'no GPU')} (torch "
-             f"{results['machine']['torch']}); `python benchmarks/gpu_check.py`.", ""]
+    lines = [
+        "# GPU check",
+        "",
+        f"Machine: {results['machine'].get('gpu', 'no GPU')} (torch "
+        f"{results['machine']['torch']}); `python benchmarks/gpu_check.py`.",
+        "",
+    ]
     t = results.get("train_step", {})
     if "step_seconds" in t:
-        lines += [f"- Training step, paper UNet ({t['params_millions']:.2f}M params), batch {t['batch']}, "
-                  f"{t['precision']}: {t['step_seconds']['plain'] * 1e3:.1f} ms; rank-1 penalty overhead K=4 "
-                  f"{100 * t['penalty_overhead_k4']:.1f} %, K=19 {100 * t['penalty_overhead_k19']:.1f} %."]
+        lines += [
+            f"- Training step, paper UNet ({t['params_millions']:.2f}M params), batch {t['batch']}, "
+            f"{t['precision']}: {t['step_seconds']['plain'] * 1e3:.1f} ms; rank-1 penalty overhead K=4 "
+            f"{100 * t['penalty_overhead_k4']:.1f} %, K=19 {100 * t['penalty_overhead_k19']:.1f} %."
+        ]
     f = results.get("fisher", {})
     if "rank1_diag_seconds" in f:
-        lines += [f"- Exact Fisher on {f['num_samples']} samples: mu + c* {f['rank1_seconds']:.1f} s, mu + c* + diag "
-                  f"{f['rank1_diag_seconds']:.1f} s; authors' fp64 batch-1 loop {f['fp64_loop_seconds_per_sample_pass']:.3f}"
-                  f" s per sample and pass, {f['authors_seconds_extrapolated']:.0f} s extrapolated: speed-up "
-                  f"{f['speedup_rank1_diag_vs_fp64_loop']:.1f}x (mu + c* + diag), {f['speedup_rank1_vs_fp64_loop']:.1f}x "
-                  f"(mu + c*). All-reduced tensors on {f['reduced_tensor_devices']}."]
+        lines += [
+            f"- Exact Fisher on {f['num_samples']} samples: mu + c* {f['rank1_seconds']:.1f} s, mu + c* + diag "
+            f"{f['rank1_diag_seconds']:.1f} s; authors' fp64 batch-1 loop {f['fp64_loop_seconds_per_sample_pass']:.3f}"
+            f" s per sample and pass, {f['authors_seconds_extrapolated']:.0f} s extrapolated: speed-up "
+            f"{f['speedup_rank1_diag_vs_fp64_loop']:.1f}x (mu + c* + diag), {f['speedup_rank1_vs_fp64_loop']:.1f}x "
+            f"(mu + c*). All-reduced tensors on {f['reduced_tensor_devices']}."
+        ]
     s = results.get("sampling", {})
     if "images_per_second_ddim50" in s:
         ips = s["images_per_second_ddim50"]
-        lines += [f"- DDIM-50 sampling at batch {s['batch']}: bf16 {ips['ours_bf16']:.0f} img/s (channels_last "
-                  f"{ips['ours_channels_last_bf16']:.0f}), fp32 {ips['ours_fp32']:.0f} img/s (channels_last "
-                  f"{ips['ours_channels_last']:.0f}), plain fp32 DDIMScheduler loop {ips['reference']:.0f} img/s "
-                  f"(speed-up {s['sampling_speedup_vs_reference']:.2f}x); hand-written DDIM update vs scheduler.step "
-                  f"{s['handwritten_vs_scheduler_step']:.3f}x."]
+        lines += [
+            f"- DDIM-50 sampling at batch {s['batch']}: bf16 {ips['ours_bf16']:.0f} img/s (channels_last "
+            f"{ips['ours_channels_last_bf16']:.0f}), fp32 {ips['ours_fp32']:.0f} img/s (channels_last "
+            f"{ips['ours_channels_last']:.0f}), plain fp32 DDIMScheduler loop {ips['reference']:.0f} img/s "
+            f"(speed-up {s['sampling_speedup_vs_reference']:.2f}x); hand-written DDIM update vs scheduler.step "
+            f"{s['handwritten_vs_scheduler_step']:.3f}x."
+        ]
     b = results.get("script_bf16", {})
     if "fisher_matches_fp32" in b:
-        lines += [f"- 3-task script run with single_gpu_bf16.yaml: saved Fisher vs fp32 re-estimate: c* relative error "
-                  f"{b['c_star_relative_error']:.1e}, mu {b['mu_relative_error']:.1e} (match: {b['fisher_matches_fp32']});"
-                  f" saved pipeline sampled on {b['pipeline_samples_on']} (finite: {b['pipeline_samples_finite']})."]
+        lines += [
+            f"- 3-task script run with single_gpu_bf16.yaml: saved Fisher vs fp32 re-estimate: c* relative error "
+            f"{b['c_star_relative_error']:.1e}, mu {b['mu_relative_error']:.1e} (match: {b['fisher_matches_fp32']});"
+            f" saved pipeline sampled on {b['pipeline_samples_on']} (finite: {b['pipeline_samples_finite']})."
+        ]
     elif b:
         lines += [f"- 3-task script run with single_gpu_bf16.yaml: FAILED (rc {b.get('rc')}); see the JSON log tail."]
     fs = results.get("fsdp", {})
     if fs:
-        lines += ["- FSDP (fsdp.yaml, 1 process): " + (fs.get("skipped") or f"rc {fs['rc']}, task_03 written: "
-                                                         f"{fs['task_03_written']}")]
+        lines += [
+            "- FSDP (fsdp.yaml, 1 process): "
+            + (fs.get("skipped") or f"rc {fs['rc']}, task_03 written: {fs['task_03_written']}")
+        ]
     for name, err in results.get("errors", {}).items():
         lines += [f"- {name}: ERROR `{err.splitlines()[-1]}`"]
     path.write_text("\n".join(lines) + "\n")
@@ -264,10 +361,13 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "tiny": args.tiny, "errors": {}}
-    sections = {"train_step": lambda: check_train_step(args, device), "fisher": lambda: check_fisher(args, device),
-                "sampling": lambda: check_sampling(args, device),
-                "script_bf16": lambda: check_script_bf16(args, device, Path(args.work_dir)),
-                "fsdp": lambda: check_fsdp(args, device, Path(args.work_dir))}
+    sections = {
+        "train_step": lambda: check_train_step(args, device),
+        "fisher": lambda: check_fisher(args, device),
+        "sampling": lambda: check_sampling(args, device),
+        "script_bf16": lambda: check_script_bf16(args, device, Path(args.work_dir)),
+        "fsdp": lambda: check_fsdp(args, device, Path(args.work_dir)),
+    }
     for name, section in sections.items():
         if args.only and name not in args.only.split(","):
             continue
@@ -277,8 +377,11 @@ def main() -> None:
         except Exception:  # record and go on: one broken section must not hide the others
             results["errors"][name] = traceback.format_exc()[-3000:]
         results.setdefault("section_seconds", {})[name] = time.perf_counter() - start
-        print(f"[{name}] {time.perf_counter() - start:.1f} s", json.dumps(results.get(name), default=str)[:600],
-              flush=True)
+        print(
+            f"[{name}] {time.perf_counter() - start:.1f} s",
+            json.dumps(results.get(name), default=str)[:600],
+            flush=True,
+        )
         (out_dir / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         write_markdown(results, out_dir / "gpu_check.md")
         from accelerate.state import AcceleratorState, GradientState

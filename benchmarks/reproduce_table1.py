@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
@@ -59,15 +60,28 @@ SWEPT = ["diag + GD", "rank-1 + GD", "rank-1-unscaled + GD", "decoupled diag + G
 HAS_PENALTY = {m for m, flags in METHODS.items() if "none" not in flags}
 
 UNET_CONFIG = {
-    "_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 1, "out_channels": 1,
-    "block_out_channels": [16, 32, 32], "layers_per_block": 1,
+    "_class_name": "UNet2DModel",
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [16, 32, 32],
+    "layers_per_block": 1,
     "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "num_class_embeds": 10,
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 4,
+    "num_class_embeds": 10,
 }
 # a DiT of about the UNet's parameter count (0.30M vs 0.28M): 3 blocks of width 64 over 8x8 patches of 2x2 pixels
 DIT_CONFIG = {
-    "_class_name": "DiTTransformer2DModel", "sample_size": 16, "in_channels": 1, "out_channels": 1, "patch_size": 2,
-    "num_layers": 3, "num_attention_heads": 4, "attention_head_dim": 16, "num_embeds_ada_norm": 10,
+    "_class_name": "DiTTransformer2DModel",
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "patch_size": 2,
+    "num_layers": 3,
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "num_embeds_ada_norm": 10,
     "norm_type": "ada_norm_zero",
 }
 # the DiT study (benchmarks/results/dit.md): GD, rank-1 + GD in the loss and decoupled, at the paper's lambda
@@ -85,29 +99,75 @@ SCALES = {
     # images at 16x16 on the (16, 32, 32) UNet takes ~80 ms and one image-step of DDIM ~0.3 ms, so a run is ~3-4 min
     # and the ~60 runs fit the 3-hour budget. On one task (200 images) the epoch loss of this UNet falls from 0.17 to
     # ~0.06 by epoch 30 and then drifts down slowly (memorisation); DDIM uses 20 steps (not 50) to fit.
-    "cpu": dict(model="config", resolution=16, per_class=100, epochs=40, replay=100, fid=200, steps=20, batch=32,
-                lr=2e-3, stem="table1_fmnist_cpu"),
-    "smoke": dict(model="config", resolution=16, per_class=50, epochs=5, replay=20, fid=100, steps=10, batch=32,
-                  lr=2e-3, stem="table1_fmnist_cpu_smoke"),
+    "cpu": dict(
+        model="config",
+        resolution=16,
+        per_class=100,
+        epochs=40,
+        replay=100,
+        fid=200,
+        steps=20,
+        batch=32,
+        lr=2e-3,
+        stem="table1_fmnist_cpu",
+    ),
+    "smoke": dict(
+        model="config",
+        resolution=16,
+        per_class=50,
+        epochs=5,
+        replay=20,
+        fid=100,
+        steps=10,
+        batch=32,
+        lr=2e-3,
+        stem="table1_fmnist_cpu_smoke",
+    ),
     # The paper's model and protocol (35M UNet at 32x32, zero-padded 28x28, 200 epochs per task, Adam 2e-4, batch
     # 128, 5000 replay images per class, DDIM 50, Fisher on the whole task, FID on each task's 2,000 test images).
-    "gpu": dict(model="paper", resolution=32, per_class=None, epochs=200, replay=5000, fid=None, steps=50,
-                batch=128, lr=2e-4, stem="table1_fmnist_gpu"),
+    "gpu": dict(
+        model="paper",
+        resolution=32,
+        per_class=None,
+        epochs=200,
+        replay=5000,
+        fid=None,
+        steps=50,
+        batch=128,
+        lr=2e-4,
+        stem="table1_fmnist_gpu",
+    ),
     # The paper's UNet and optimiser on 400 images per class (120 optimizer steps per task), sized to the 15 minutes
     # of GPU time a task may get (the four runs side by side on one GPU, `--jobs 4`): GD, diag + GD, rank-1 + GD and
     # decoupled rank-1 + GD on seed 0, classifier FID on 200 samples per task (Inception weights cannot be fetched
     # offline). From the H200 check: a bf16 training step of this UNet at batch 128 takes ~0.1 s, launch-bound.
-    "gpu-reduced": dict(model="paper", resolution=32, per_class=400, epochs=20, replay=100, fid=200, steps=50,
-                        batch=128, lr=2e-4, stem="table1_fmnist_gpu_reduced"),
+    "gpu-reduced": dict(
+        model="paper",
+        resolution=32,
+        per_class=400,
+        epochs=20,
+        replay=100,
+        fid=200,
+        steps=50,
+        batch=128,
+        lr=2e-4,
+        stem="table1_fmnist_gpu_reduced",
+    ),
 }
 
 
-def run_flags(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict,
-              backbone: str = "unet") -> list[str]:
+def run_flags(
+    name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, backbone: str = "unet"
+) -> list[str]:
     flags = ["--train_data_dir", data_dir, "--classes_per_task", "2", "--resolution", str(sc["resolution"])]
     if sc["model"] == "config":
-        flags += ["--resize", "--model_config_name_or_path", str(work / f"{backbone}_config.json"),
-                  "--preset", "cpu-small"]
+        flags += [
+            "--resize",
+            "--model_config_name_or_path",
+            str(work / f"{backbone}_config.json"),
+            "--preset",
+            "cpu-small",
+        ]
     else:
         flags += ["--preset", sc["model"]]
     if sc["per_class"]:
@@ -115,11 +175,25 @@ def run_flags(name: str, lam: float | None, seed: int, work: Path, data_dir: str
     if sc["fid"]:
         flags += ["--fid_num_samples", str(sc["fid"])]
     flags += [
-        "--num_epochs_per_task", str(sc["epochs"]), "--train_batch_size", str(sc["batch"]),
-        "--learning_rate", str(sc["lr"]), "--replay_per_class", str(sc["replay"]),
-        "--num_inference_steps", str(sc["steps"]), "--fid_classifier", str(work / "fid_classifier"),
-        "--fid_reference_dir", str(work / "fid_reference"), "--checkpointing_steps", "250",
-        "--seed", str(seed), *METHODS[name],
+        "--num_epochs_per_task",
+        str(sc["epochs"]),
+        "--train_batch_size",
+        str(sc["batch"]),
+        "--learning_rate",
+        str(sc["lr"]),
+        "--replay_per_class",
+        str(sc["replay"]),
+        "--num_inference_steps",
+        str(sc["steps"]),
+        "--fid_classifier",
+        str(work / "fid_classifier"),
+        "--fid_reference_dir",
+        str(work / "fid_reference"),
+        "--checkpointing_steps",
+        "250",
+        "--seed",
+        str(seed),
+        *METHODS[name],
     ]
     if lam is not None:
         flags += ["--ewc_lambda", str(lam)]
@@ -147,15 +221,32 @@ def finished(out: Path, num_tasks: int = 5) -> bool:
     return results.get("joint") and "afid_final" in results or str(num_tasks) in results.get("afid", {})
 
 
-def launch(name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, log: Path,
-           on_gpu: bool = False, backbone: str = "unet", folder: str | None = None, extra: Sequence[str] = (),
-           num_tasks: int = 5) -> Path:
+def launch(
+    name: str,
+    lam: float | None,
+    seed: int,
+    work: Path,
+    data_dir: str,
+    sc: dict,
+    log: Path,
+    on_gpu: bool = False,
+    backbone: str = "unet",
+    folder: str | None = None,
+    extra: Sequence[str] = (),
+    num_tasks: int = 5,
+) -> Path:
     """Run (or resume) one training run into work/runs/FOLDER (default: run_dir_name); skipped when finished."""
     out = work / "runs" / (folder or run_dir_name(name, lam, seed, backbone))
     if finished(out, num_tasks):
         return out
-    cmd = [sys.executable, str(ROOT / "train_continual_ddpm.py"),
-           *run_flags(name, lam, seed, work, data_dir, sc, backbone), *extra, "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_continual_ddpm.py"),
+        *run_flags(name, lam, seed, work, data_dir, sc, backbone),
+        *extra,
+        "--output_dir",
+        str(out),
+    ]
     if (out / "checkpoints").exists():
         cmd += ["--resume_from_checkpoint", "latest"]
     env = {**os.environ, "TQDM_DISABLE": "1", **({} if on_gpu else {"OMP_NUM_THREADS": "1"})}
@@ -206,13 +297,26 @@ def provenance() -> str:
 
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"Command: `python {' '.join(sys.argv)}`; commit {commit}; machine: {cpu}, {os.cpu_count()} CPU cores"
-            f"{gpu}, torch {torch.__version__}.")
+    return (
+        f"Command: `python {' '.join(sys.argv)}`; commit {commit}; machine: {cpu}, {os.cpu_count()} CPU cores"
+        f"{gpu}, torch {torch.__version__}."
+    )
 
 
 def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> None:
@@ -239,19 +343,29 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
                 continue
             afid = [r.get("afid_final") if r.get("joint") else r["afid"]["5"] for r in runs]
             entry = {"lambda": lam, "seeds": len(runs), "afid": mean_and_standard_error(afid)}
-            drops = sorted(late_drop(c) for seed in SEEDS
-                           for c in denoise_curves(work / "runs" / run_dir_name(name, lam, seed)).values())
+            drops = sorted(
+                late_drop(c)
+                for seed in SEEDS
+                for c in denoise_curves(work / "runs" / run_dir_name(name, lam, seed)).values()
+            )
             if drops:
                 entry["late_loss_drop"] = {"median": drops[len(drops) // 2], "max": drops[-1]}
-            if section == "paper_lambda" and name in ("GD", "rank-1 + GD", "rank-1 w/o GD", "non-continual",
-                                                      "decoupled rank-1 + GD", "diag + GD"):
-                loss_curves[f"{name} (seed {SEEDS[0]})"] = denoise_curves(work / "runs" / run_dir_name(name, lam, SEEDS[0]))
+            if section == "paper_lambda" and name in (
+                "GD",
+                "rank-1 + GD",
+                "rank-1 w/o GD",
+                "non-continual",
+                "decoupled rank-1 + GD",
+                "diag + GD",
+            ):
+                loss_curves[f"{name} (seed {SEEDS[0]})"] = denoise_curves(
+                    work / "runs" / run_dir_name(name, lam, SEEDS[0])
+                )
             if not runs[0].get("joint"):
                 entry["forgetting"] = mean_and_standard_error([r["forgetting"] for r in runs])
                 entry["plasticity"] = mean_and_standard_error([r["plasticity"] for r in runs])
                 if section == "paper_lambda":
-                    curves[name] = {k: mean_and_standard_error([r["afid"][str(k)] for r in runs])
-                                    for k in range(1, 6)}
+                    curves[name] = {k: mean_and_standard_error([r["afid"][str(k)] for r in runs]) for k in range(1, 6)}
             table[section][name] = entry
     for name in SWEPT:
         table["sweep"][name] = {}
@@ -259,8 +373,11 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
             out = work / "runs" / run_dir_name(name, lam, SWEEP_SEED)
             if finished(out):
                 r = json.loads((out / "results.json").read_text())
-                table["sweep"][name][str(lam)] = {"afid": r["afid"]["5"], "forgetting": r["forgetting"],
-                                                  "plasticity": r["plasticity"]}
+                table["sweep"][name][str(lam)] = {
+                    "afid": r["afid"]["5"],
+                    "forgetting": r["forgetting"],
+                    "plasticity": r["plasticity"],
+                }
 
     def fmt_drop(entry):
         drop = entry.get("late_loss_drop")
@@ -273,30 +390,50 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
         return f"{mean:.1f} ± {se:.1f}" if se == se else f"{mean:.1f}"
 
     scale = "CPU scale" if sc["model"] == "config" else "GPU scale (the paper's UNet)"
-    lines = [f"# Table 1 at {scale}: Fashion-MNIST, 5 tasks of 2 classes\n",
-             f"Scale: {json.dumps(sc)} (per_class = training images per class, epochs per task, replay images "
-             f"per class, fid = generated images per task, DDIM steps). FID features: a CNN classifier trained on "
-             f"the Fashion-MNIST training split — NOT comparable to the paper's Inception FID. Mean ± standard "
-             f"error over seeds {list(SEEDS)}.\n", provenance() + "\n"]
-    for section, title in (("paper_lambda", f"At the paper's λ = {PAPER_LAMBDA:g}"),
-                           ("best_lambda", "At each method's best λ (chosen on seed 100)")):
-        lines += [f"\n## {title}\n", "| method | λ | seeds | AFID@5 ↓ | forgetting F ↓ | plasticity P ↓ | "
-                  "loss fall, 3rd → 4th quarter of epochs: median (max) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Table 1 at {scale}: Fashion-MNIST, 5 tasks of 2 classes\n",
+        f"Scale: {json.dumps(sc)} (per_class = training images per class, epochs per task, replay images "
+        f"per class, fid = generated images per task, DDIM steps). FID features: a CNN classifier trained on "
+        f"the Fashion-MNIST training split — NOT comparable to the paper's Inception FID. Mean ± standard "
+        f"error over seeds {list(SEEDS)}.\n",
+        provenance() + "\n",
+    ]
+    for section, title in (
+        ("paper_lambda", f"At the paper's λ = {PAPER_LAMBDA:g}"),
+        ("best_lambda", "At each method's best λ (chosen on seed 100)"),
+    ):
+        lines += [
+            f"\n## {title}\n",
+            "| method | λ | seeds | AFID@5 ↓ | forgetting F ↓ | plasticity P ↓ | "
+            "loss fall, 3rd → 4th quarter of epochs: median (max) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for name, e in table[section].items():
             lam = "—" if e["lambda"] is None else f"{e['lambda']:g}"
-            lines.append(f"| {name} | {lam} | {e['seeds']} | {fmt(e['afid'])} | {fmt(e.get('forgetting'))} | "
-                         f"{fmt(e.get('plasticity'))} | {fmt_drop(e)} |")
-    lines += ["\n## λ sweep (seed 100): AFID@5 / F / P\n", "| method | " + " | ".join(f"λ={l:g}" for l in LAMBDAS)
-              + " |", "| --- |" + " --- |" * len(LAMBDAS)]
+            lines.append(
+                f"| {name} | {lam} | {e['seeds']} | {fmt(e['afid'])} | {fmt(e.get('forgetting'))} | "
+                f"{fmt(e.get('plasticity'))} | {fmt_drop(e)} |"
+            )
+    lines += [
+        "\n## λ sweep (seed 100): AFID@5 / F / P\n",
+        "| method | " + " | ".join(f"λ={l:g}" for l in LAMBDAS) + " |",
+        "| --- |" + " --- |" * len(LAMBDAS),
+    ]
     for name, by_lam in table["sweep"].items():
-        cells = [(lambda r: f"{r['afid']:.1f} / {r['forgetting']:.1f} / {r['plasticity']:.1f}")(by_lam[str(l)])
-                 if str(l) in by_lam else "" for l in LAMBDAS]
+        cells = [
+            (lambda r: f"{r['afid']:.1f} / {r['forgetting']:.1f} / {r['plasticity']:.1f}")(by_lam[str(l)])
+            if str(l) in by_lam
+            else ""
+            for l in LAMBDAS
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     output.mkdir(parents=True, exist_ok=True)
     stem = sc["stem"]
     md = output / f"{stem}.md"
     reading = md.read_text().partition("\n## Reading")[2] if md.exists() else ""
-    md.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))  # keep the hand-written reading
+    md.write_text(
+        "\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else "")
+    )  # keep the hand-written reading
     (output / f"{stem}.json").write_text(json.dumps(table, indent=2))
     if curves:
         plot_afid_curves(curves, output / f"{stem}_afid_at_k.png")
@@ -313,19 +450,26 @@ def write_paired(work: Path, outs: list[Path], output: Path) -> None:
     gd = next(r["method"] for o, r in runs.items() if Path(o).name.startswith("GD_"))
     paired = paired_differences(runs, gd)
     table = aggregate(runs)
-    lines = ["# Table 1 at CPU scale, paired seeds: Fashion-MNIST, 5 tasks of 2 classes\n",
-             f"The CPU scale of table1_fmnist_cpu.md, seeds {list(PAIRED_SEEDS)}. FID features: a CNN classifier "
-             f"(NOT comparable to Inception FID). For a given seed every method trains task 1 identically, so the "
-             f"differences to GD are paired.\n", provenance() + "\n", "\n## Per method\n",
-             "| method | seeds | AFID@5 ↓ | F ↓ | P ↓ |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Table 1 at CPU scale, paired seeds: Fashion-MNIST, 5 tasks of 2 classes\n",
+        f"The CPU scale of table1_fmnist_cpu.md, seeds {list(PAIRED_SEEDS)}. FID features: a CNN classifier "
+        f"(NOT comparable to Inception FID). For a given seed every method trains task 1 identically, so the "
+        f"differences to GD are paired.\n",
+        provenance() + "\n",
+        "\n## Per method\n",
+        "| method | seeds | AFID@5 ↓ | F ↓ | P ↓ |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     fmt = lambda pair: "—" if pair is None else f"{pair[0]:.1f} ± {pair[1]:.1f}"  # noqa: E731
     for method, row in table.items():
-        lines.append(f"| {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
-                     f"{fmt(row['plasticity'])} |")
+        lines.append(
+            f"| {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | {fmt(row['plasticity'])} |"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     md_reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
-    output.write_text("\n".join(lines) + "\n" + paired_markdown(paired, gd)
-                      + (f"\n## Reading{md_reading}" if md_reading else ""))
+    output.write_text(
+        "\n".join(lines) + "\n" + paired_markdown(paired, gd) + (f"\n## Reading{md_reading}" if md_reading else "")
+    )
     output.with_suffix(".json").write_text(json.dumps({"summary": table, "paired": paired}, indent=2, default=str))
 
 
@@ -342,14 +486,21 @@ def write_dit_table(work: Path, output: Path) -> None:
     of task 1 (the analysis folders of GEOMETRY that exist) side by side by timestep."""
     from hf_r1ewc.evaluate import aggregate, paired_differences, paired_markdown
 
-    table, lines = {}, ["# DiT vs UNet at the CPU table-1 scale (issue 19)\n",
-                        "Fashion-MNIST, 5 tasks of 2 classes, the CPU scale of table1_fmnist_cpu.md; the denoiser is "
-                        "either the table's UNet (16, 32, 32; 0.28M parameters) or a pixel-space DiT of about the "
-                        f"same size ({json.dumps({k: v for k, v in DIT_CONFIG.items() if k != '_class_name'})}, "
-                        "0.30M), everything else equal. FID features: a CNN classifier (NOT comparable to Inception "
-                        f"FID). Seeds {list(SEEDS)}.\n", provenance() + "\n", "\n## Methods\n",
-                        "| backbone | method | seeds | AFID@5 ↓ | F ↓ | P ↓ | mean accuracy after task 5 |",
-                        "| --- | --- | --- | --- | --- | --- | --- |"]
+    table, lines = (
+        {},
+        [
+            "# DiT vs UNet at the CPU table-1 scale (issue 19)\n",
+            "Fashion-MNIST, 5 tasks of 2 classes, the CPU scale of table1_fmnist_cpu.md; the denoiser is "
+            "either the table's UNet (16, 32, 32; 0.28M parameters) or a pixel-space DiT of about the "
+            f"same size ({json.dumps({k: v for k, v in DIT_CONFIG.items() if k != '_class_name'})}, "
+            "0.30M), everything else equal. FID features: a CNN classifier (NOT comparable to Inception "
+            f"FID). Seeds {list(SEEDS)}.\n",
+            provenance() + "\n",
+            "\n## Methods\n",
+            "| backbone | method | seeds | AFID@5 ↓ | F ↓ | P ↓ | mean accuracy after task 5 |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ],
+    )
     fmt = lambda pair, d=1: "—" if pair is None else f"{pair[0]:.{d}f} ± {pair[1]:.{d}f}"  # noqa: E731
     for backbone in ("unet", "dit"):
         outs = [work / "runs" / run_dir_name(m, lam, s, backbone) for s in SEEDS for m, lam in DIT_METHODS]
@@ -361,49 +512,76 @@ def write_dit_table(work: Path, output: Path) -> None:
         table[backbone] = {"summary": summary, "paired": paired_differences(runs, gd) if gd else {}}
         for method, row in summary.items():
             acc = row.get("accuracy")
-            lines.append(f"| {backbone} | {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
-                         f"{fmt(row['plasticity'])} | {'—' if acc is None else fmt(tuple(100 * a for a in acc))} % |")
+            lines.append(
+                f"| {backbone} | {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
+                f"{fmt(row['plasticity'])} | {'—' if acc is None else fmt(tuple(100 * a for a in acc))} % |"
+            )
     for backbone, t in table.items():
         if t["paired"]:
-            lines.append(paired_markdown(t["paired"], "GD").replace("## Paired against GD",
-                                                                     f"## {backbone}: paired against GD"))
-    geometry = {name: json.loads((RESULTS / folder / "analysis.json").read_text())
-                for name, folder in GEOMETRY.items() if (RESULTS / folder / "analysis.json").exists()}
+            lines.append(
+                paired_markdown(t["paired"], "GD").replace("## Paired against GD", f"## {backbone}: paired against GD")
+            )
+    geometry = {
+        name: json.loads((RESULTS / folder / "analysis.json").read_text())
+        for name, folder in GEOMETRY.items()
+        if (RESULTS / folder / "analysis.json").exists()
+    }
     if geometry:
-        lines += ["\n## Fisher geometry of task 1, by timestep\n",
-                  "Per model: λ2/λ1 of the empirical Fisher / rank-1 (c* μμᵀ) relative Frobenius error / diagonal "
-                  "relative error / median |cos(g_i, μ)|, on n = 1024 training images of task 1 (one ε per image "
-                  "and t; `python -m hf_r1ewc.analysis`).\n",
-                  "| t | " + " | ".join(geometry) + " |", "| --- |" + " --- |" * len(geometry)]
+        lines += [
+            "\n## Fisher geometry of task 1, by timestep\n",
+            "Per model: λ2/λ1 of the empirical Fisher / rank-1 (c* μμᵀ) relative Frobenius error / diagonal "
+            "relative error / median |cos(g_i, μ)|, on n = 1024 training images of task 1 (one ε per image "
+            "and t; `python -m hf_r1ewc.analysis`).\n",
+            "| t | " + " | ".join(geometry) + " |",
+            "| --- |" + " --- |" * len(geometry),
+        ]
         for t in next(iter(geometry.values()))["timesteps"]:
             cells = []
             for result in geometry.values():
                 r = result["per_timestep"].get(str(t)) or result["per_timestep"].get(t)
                 cos = sorted(r["abs_cos_to_mean"])
-                cells.append(f"{r['eigengap_ratio']:.3f} / {r['rel_frobenius_error_rank1']:.3f} / "
-                             f"{r['rel_frobenius_error_diag']:.3f} / {cos[len(cos) // 2]:.3f}")
+                cells.append(
+                    f"{r['eigengap_ratio']:.3f} / {r['rel_frobenius_error_rank1']:.3f} / "
+                    f"{r['rel_frobenius_error_diag']:.3f} / {cos[len(cos) // 2]:.3f}"
+                )
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
-        table["geometry"] = {name: {t: {k: v for k, v in r.items() if k != "abs_cos_to_mean"}
-                                    for t, r in result["per_timestep"].items()} for name, result in geometry.items()}
+        table["geometry"] = {
+            name: {
+                t: {k: v for k, v in r.items() if k != "abs_cos_to_mean"} for t, r in result["per_timestep"].items()
+            }
+            for name, result in geometry.items()
+        }
     output.parent.mkdir(parents=True, exist_ok=True)
     from hf_r1ewc.plots import plot_afid_curves, plot_against
 
-    curves = {f"{backbone}: {method.split(' + ')[0] if 'EWC' in method else 'GD'}": row["afid_at_k"]
-              for backbone, t in table.items() if backbone != "geometry" for method, row in t["summary"].items()}
+    curves = {
+        f"{backbone}: {method.split(' + ')[0] if 'EWC' in method else 'GD'}": row["afid_at_k"]
+        for backbone, t in table.items()
+        if backbone != "geometry"
+        for method, row in t["summary"].items()
+    }
     if curves:
         plot_afid_curves(curves, output.with_name(output.stem + "_afid_at_k.png"))
         lines.append(f"\nAFID@k per backbone and method: `{output.stem}_afid_at_k.png`.")
     if geometry:
         nan = float("nan")
         median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-        panels = {title: {name.split(" (")[0]: {int(t): (f(r), nan) for t, r in result["per_timestep"].items()}
-                          for name, result in geometry.items()}
-                  for title, f in (("λ2/λ1", lambda r: r["eigengap_ratio"]),
-                                   ("rank-1 relative error", lambda r: r["rel_frobenius_error_rank1"]),
-                                   ("median |cos(g_i, μ)|", lambda r: median(r["abs_cos_to_mean"])))}
+        panels = {
+            title: {
+                name.split(" (")[0]: {int(t): (f(r), nan) for t, r in result["per_timestep"].items()}
+                for name, result in geometry.items()
+            }
+            for title, f in (
+                ("λ2/λ1", lambda r: r["eigengap_ratio"]),
+                ("rank-1 relative error", lambda r: r["rel_frobenius_error_rank1"]),
+                ("median |cos(g_i, μ)|", lambda r: median(r["abs_cos_to_mean"])),
+            )
+        }
         plot_against(panels, output.with_name(output.stem + "_fisher_geometry.png"), "timestep t")
-        lines.append(f"Fisher geometry by timestep: `{output.stem}_fisher_geometry.png`; per model, the figures of "
-                     f"its analysis folder ({', '.join(GEOMETRY.values())}).")
+        lines.append(
+            f"Fisher geometry by timestep: `{output.stem}_fisher_geometry.png`; per model, the figures of "
+            f"its analysis folder ({', '.join(GEOMETRY.values())})."
+        )
     reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
     output.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
     output.with_suffix(".json").write_text(json.dumps(table, indent=1, default=str))
@@ -429,8 +607,11 @@ def long_best(work: Path) -> dict[str, float]:
     """Each swept method's lambda with the lowest AFID@10 on SWEEP_SEED (never the reported seeds)."""
     best = {}
     for name in LONG_SWEPT:
-        scores = {lam: json.loads((out / "results.json").read_text())["afid"][str(LONG_TASKS)] for lam in LONG_LAMBDAS
-                  if finished(out := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)}
+        scores = {
+            lam: json.loads((out / "results.json").read_text())["afid"][str(LONG_TASKS)]
+            for lam in LONG_LAMBDAS
+            if finished(out := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)
+        }
         if len(scores) == len(LONG_LAMBDAS):
             best[name] = min(scores, key=scores.get)
     return best
@@ -471,8 +652,14 @@ def gd_geometry(out: Path, data_dir: str, sc: dict, seed: int) -> dict:
         task = train.subset([k - 1])
         images = images_to_model_input(task.images, sc["resolution"], True)
         loader = fisher_loader(images, task.labels, 2 * sc["per_class"], 64, seed + k)
-        stats = estimate_fisher(unet, scheduler, loader, kinds=("rank1",),
-                                generator=torch.Generator().manual_seed(seed + k), show_progress=False)
+        stats = estimate_fisher(
+            unet,
+            scheduler,
+            loader,
+            kinds=("rank1",),
+            generator=torch.Generator().manual_seed(seed + k),
+            show_progress=False,
+        )
         models.append(unet)
         mus.append(torch.cat([stats.mu[n].double().flatten() for n, _ in unet.named_parameters()]))
         thetas.append(torch.cat([p.detach().double().flatten() for p in unet.parameters()]))
@@ -493,10 +680,21 @@ def gd_geometry(out: Path, data_dir: str, sc: dict, seed: int) -> dict:
         delta = thetas[k] - thetas[k - 1]
         along.append({"share": float((q.T @ delta).pow(2).sum() / delta.pow(2).sum()), "random": k / P})
     last = LONG_TASKS - 1
-    first_order = [{"task": j + 1, "linear": float(mus[j] @ (thetas[last] - thetas[j])),
-                    "measured": loss(models[last], j) - loss(models[j], j)} for j in range(last)]
-    result = {"parameters": P, "mu_norm": [float(m.norm()) for m in mus], "cos_consecutive_mu": cos,
-              "change_along_old_mu": along, "first_order_vs_measured": first_order}
+    first_order = [
+        {
+            "task": j + 1,
+            "linear": float(mus[j] @ (thetas[last] - thetas[j])),
+            "measured": loss(models[last], j) - loss(models[j], j),
+        }
+        for j in range(last)
+    ]
+    result = {
+        "parameters": P,
+        "mu_norm": [float(m.norm()) for m in mus],
+        "cos_consecutive_mu": cos,
+        "change_along_old_mu": along,
+        "first_order_vs_measured": first_order,
+    }
     cache.write_text(json.dumps(result, indent=1))
     return result
 
@@ -510,40 +708,70 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
     output.parent.mkdir(parents=True, exist_ok=True)
     best = long_best(work)
     runs = long_runs(work, best)
-    fmt = lambda pair, d=".1f": "—" if pair is None else (f"{pair[0]:{d}} ± {pair[1]:{d}}"  # noqa: E731
-                                                          if pair[1] == pair[1] else f"{pair[0]:{d}}")
-    sweep = {name: {lam: json.loads((o / "results.json").read_text()) for lam in LONG_LAMBDAS
-                    if finished(o := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)}
-             for name in LONG_SWEPT}
-    lines = [f"# The long horizon: Fashion-MNIST as {LONG_TASKS} one-class tasks (issue 30)\n",
-             f"The CPU scale of table1_fmnist_cpu.md per class: {sc['per_class']} training images per class, 16x16, "
-             f"the (16, 32, 32) UNet (0.28M parameters), batch 32 real + 32 replay, Adam 2e-3, {LONG_EPOCHS} epochs "
-             f"of 3 batches per one-class task (141 optimizer steps, as the 5-task scale's 280 per two classes; 3x: "
-             f"{3 * LONG_EPOCHS} epochs), {sc['replay']} replay images per class, DDIM {sc['steps']}, FID on "
-             f"{sc['fid']} samples per task against the class's 1,000 test images with the CNN classifier's features "
-             f"(NOT comparable to Inception FID). Paired seeds {list(PAIRED_SEEDS)}; λ in the loss swept on seed "
-             f"{SWEEP_SEED} over {list(LONG_LAMBDAS)} by AFID@{LONG_TASKS}.\n", provenance() + "\n",
-             "\n## λ sweep (seed 100): AFID@10 / F / P\n",
-             "| method | " + " | ".join(f"λ={lam:g}" for lam in LONG_LAMBDAS) + " | chosen |",
-             "| --- |" + " --- |" * (len(LONG_LAMBDAS) + 1)]
+    fmt = lambda pair, d=".1f": (
+        "—"
+        if pair is None
+        else (
+            f"{pair[0]:{d}} ± {pair[1]:{d}}"  # noqa: E731
+            if pair[1] == pair[1]
+            else f"{pair[0]:{d}}"
+        )
+    )
+    sweep = {
+        name: {
+            lam: json.loads((o / "results.json").read_text())
+            for lam in LONG_LAMBDAS
+            if finished(o := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)
+        }
+        for name in LONG_SWEPT
+    }
+    lines = [
+        f"# The long horizon: Fashion-MNIST as {LONG_TASKS} one-class tasks (issue 30)\n",
+        f"The CPU scale of table1_fmnist_cpu.md per class: {sc['per_class']} training images per class, 16x16, "
+        f"the (16, 32, 32) UNet (0.28M parameters), batch 32 real + 32 replay, Adam 2e-3, {LONG_EPOCHS} epochs "
+        f"of 3 batches per one-class task (141 optimizer steps, as the 5-task scale's 280 per two classes; 3x: "
+        f"{3 * LONG_EPOCHS} epochs), {sc['replay']} replay images per class, DDIM {sc['steps']}, FID on "
+        f"{sc['fid']} samples per task against the class's 1,000 test images with the CNN classifier's features "
+        f"(NOT comparable to Inception FID). Paired seeds {list(PAIRED_SEEDS)}; λ in the loss swept on seed "
+        f"{SWEEP_SEED} over {list(LONG_LAMBDAS)} by AFID@{LONG_TASKS}.\n",
+        provenance() + "\n",
+        "\n## λ sweep (seed 100): AFID@10 / F / P\n",
+        "| method | " + " | ".join(f"λ={lam:g}" for lam in LONG_LAMBDAS) + " | chosen |",
+        "| --- |" + " --- |" * (len(LONG_LAMBDAS) + 1),
+    ]
     for name, by_lam in sweep.items():
-        cells = [f"{r['afid'][str(LONG_TASKS)]:.1f} / {r['forgetting']:.1f} / {r['plasticity']:.1f}"
-                 if (r := by_lam.get(lam)) else "" for lam in LONG_LAMBDAS]
+        cells = [
+            f"{r['afid'][str(LONG_TASKS)]:.1f} / {r['forgetting']:.1f} / {r['plasticity']:.1f}"
+            if (r := by_lam.get(lam))
+            else ""
+            for lam in LONG_LAMBDAS
+        ]
         chosen = f"{best[name]:g}" if name in best else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen} |")
-    table = {"scale": {**sc, "epochs": LONG_EPOCHS, "tasks": LONG_TASKS}, "best_lambdas": best,
-             "sweep": {n: {str(lam): {k: r[k] for k in ("afid", "forgetting", "plasticity")} for lam, r in b.items()}
-                       for n, b in sweep.items()}}
+    table = {
+        "scale": {**sc, "epochs": LONG_EPOCHS, "tasks": LONG_TASKS},
+        "best_lambdas": best,
+        "sweep": {
+            n: {str(lam): {k: r[k] for k in ("afid", "forgetting", "plasticity")} for lam, r in b.items()}
+            for n, b in sweep.items()
+        },
+    }
     if runs:
         summary = aggregate(runs)
         table["summary"] = summary
-        lines += [f"\n## Per method\n", f"ACC: mean sample accuracy over all {LONG_TASKS} classes after the last task "
-                  "(the FID classifier's label of each generated image).\n",
-                  f"| method | seeds | AFID@{LONG_TASKS} ↓ | F ↓ | P ↓ | ACC ↑ |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "\n## Per method\n",
+            f"ACC: mean sample accuracy over all {LONG_TASKS} classes after the last task "
+            "(the FID classifier's label of each generated image).\n",
+            f"| method | seeds | AFID@{LONG_TASKS} ↓ | F ↓ | P ↓ | ACC ↑ |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for method, row in summary.items():
             acc = row.get("accuracy")
-            lines.append(f"| {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
-                         f"{fmt(row['plasticity'])} | {fmt(acc and (100 * acc[0], 100 * acc[1]))} % |")
+            lines.append(
+                f"| {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
+                f"{fmt(row['plasticity'])} | {fmt(acc and (100 * acc[0], 100 * acc[1]))} % |"
+            )
         table["paired"] = {}
         for length in LONG_LENGTHS:
             subset = {o: r for o, r in runs.items() if r["label"].endswith(f"({length})")}
@@ -554,51 +782,74 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
             table["paired"][length] = paired
             lines.append(paired_markdown(paired, gd))
             by_seed = {(r["label"], int(r["seed"])): r for r in subset.values()}
-            lines += [f"\n### AFID@k, method − {gd}, paired per seed (mean ± SE)\n",
-                      "| method | " + " | ".join(f"k={k}" for k in range(1, LONG_TASKS + 1)) + " |",
-                      "| --- |" + " --- |" * LONG_TASKS]
+            lines += [
+                f"\n### AFID@k, method − {gd}, paired per seed (mean ± SE)\n",
+                "| method | " + " | ".join(f"k={k}" for k in range(1, LONG_TASKS + 1)) + " |",
+                "| --- |" + " --- |" * LONG_TASKS,
+            ]
             for method in paired:
                 seeds = paired[method]["seeds"]
-                cells = [fmt(mean_and_standard_error([by_seed[(method, s)]["afid"][str(k)]
-                                                      - by_seed[(gd, s)]["afid"][str(k)] for s in seeds]))
-                         for k in range(1, LONG_TASKS + 1)]
+                cells = [
+                    fmt(
+                        mean_and_standard_error(
+                            [by_seed[(method, s)]["afid"][str(k)] - by_seed[(gd, s)]["afid"][str(k)] for s in seeds]
+                        )
+                    )
+                    for k in range(1, LONG_TASKS + 1)
+                ]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["\n## Forgetting by task age\n", "FID_i(m_{i+a}) − FID_i(m_i) averaged over the tasks i that have "
-                  "an age a (mean ± SE over seeds): how much a task has lost a tasks after its own.\n",
-                  "| method | " + " | ".join(f"a={a}" for a in range(1, LONG_TASKS)) + " |",
-                  "| --- |" + " --- |" * (LONG_TASKS - 1)]
+        lines += [
+            "\n## Forgetting by task age\n",
+            "FID_i(m_{i+a}) − FID_i(m_i) averaged over the tasks i that have "
+            "an age a (mean ± SE over seeds): how much a task has lost a tasks after its own.\n",
+            "| method | " + " | ".join(f"a={a}" for a in range(1, LONG_TASKS)) + " |",
+            "| --- |" + " --- |" * (LONG_TASKS - 1),
+        ]
         ages = {}
         for method in summary:
             per_seed = [forgetting_by_age(r) for r in runs.values() if r["label"] == method]
             ages[method] = {a: mean_and_standard_error([f[a] for f in per_seed]) for a in range(1, LONG_TASKS)}
             lines.append(f"| {method} | " + " | ".join(fmt(ages[method][a]) for a in range(1, LONG_TASKS)) + " |")
         table["forgetting_by_age"] = ages
-        plot_afid_curves({m: row["afid_at_k"] for m, row in summary.items()},
-                         output.with_name(output.stem + "_afid_at_k.png"))
+        plot_afid_curves(
+            {m: row["afid_at_k"] for m, row in summary.items()}, output.with_name(output.stem + "_afid_at_k.png")
+        )
         lines.append(f"\nAFID@k per method with standard-error bands: `{output.stem}_afid_at_k.png`.")
-    gd_runs = [(work / "runs" / long_folder("GD", None, s), s) for s in PAIRED_SEEDS
-               if finished(work / "runs" / long_folder("GD", None, s), LONG_TASKS)]
+    gd_runs = [
+        (work / "runs" / long_folder("GD", None, s), s)
+        for s in PAIRED_SEEDS
+        if finished(work / "runs" / long_folder("GD", None, s), LONG_TASKS)
+    ]
     if gd_runs:
         geometry = [gd_geometry(out, data_dir, sc, seed) for out, seed in gd_runs]
         table["gd_geometry"] = geometry
         ms = lambda xs: fmt(mean_and_standard_error(xs), ".3f")  # noqa: E731
-        lines += [f"\n## Where GD's forgetting goes ({len(geometry)} GD runs, mean ± SE)\n",
-                  "μ_k: task k's mean per-sample gradient at θ*_k (estimated as consolidation does, on the task's "
-                  "100 images). Share along old μ: of task k's parameter change θ*_k − θ*_{k−1}, the fraction of its "
-                  "squared norm inside span(μ_1..μ_{k−1}), against (k−1)/P for a random direction.\n",
-                  "| k | cos(μ_{k−1}, μ_k) | share of θ*_k − θ*_{k−1} along old μ | random direction |",
-                  "| --- | --- | --- | --- |"]
+        lines += [
+            f"\n## Where GD's forgetting goes ({len(geometry)} GD runs, mean ± SE)\n",
+            "μ_k: task k's mean per-sample gradient at θ*_k (estimated as consolidation does, on the task's "
+            "100 images). Share along old μ: of task k's parameter change θ*_k − θ*_{k−1}, the fraction of its "
+            "squared norm inside span(μ_1..μ_{k−1}), against (k−1)/P for a random direction.\n",
+            "| k | cos(μ_{k−1}, μ_k) | share of θ*_k − θ*_{k−1} along old μ | random direction |",
+            "| --- | --- | --- | --- |",
+        ]
         for k in range(2, LONG_TASKS + 1):
-            lines.append(f"| {k} | {ms([g['cos_consecutive_mu'][k - 2] for g in geometry])} | "
-                         f"{fmt(mean_and_standard_error([g['change_along_old_mu'][k - 2]['share'] for g in geometry]), '.2e')} | "
-                         f"{geometry[0]['change_along_old_mu'][k - 2]['random']:.1e} |")
-        lines += [f"\nWhat rank-1 EWC constrains, against what was lost, after task {LONG_TASKS}: the first-order "
-                  f"change of task j's denoising loss μ_jᵀ(θ*_{LONG_TASKS} − θ*_j) beside the measured change "
-                  f"L_j(θ*_{LONG_TASKS}) − L_j(θ*_j) (task j's 100 images, 8 fixed noise draws each).\n",
-                  "| task j | linear μ_jᵀΔ | measured ΔL_j |", "| --- | --- | --- |"]
+            lines.append(
+                f"| {k} | {ms([g['cos_consecutive_mu'][k - 2] for g in geometry])} | "
+                f"{fmt(mean_and_standard_error([g['change_along_old_mu'][k - 2]['share'] for g in geometry]), '.2e')} | "
+                f"{geometry[0]['change_along_old_mu'][k - 2]['random']:.1e} |"
+            )
+        lines += [
+            f"\nWhat rank-1 EWC constrains, against what was lost, after task {LONG_TASKS}: the first-order "
+            f"change of task j's denoising loss μ_jᵀ(θ*_{LONG_TASKS} − θ*_j) beside the measured change "
+            f"L_j(θ*_{LONG_TASKS}) − L_j(θ*_j) (task j's 100 images, 8 fixed noise draws each).\n",
+            "| task j | linear μ_jᵀΔ | measured ΔL_j |",
+            "| --- | --- | --- |",
+        ]
         for j in range(LONG_TASKS - 1):
-            lines.append(f"| {j + 1} | {ms([g['first_order_vs_measured'][j]['linear'] for g in geometry])} | "
-                         f"{ms([g['first_order_vs_measured'][j]['measured'] for g in geometry])} |")
+            lines.append(
+                f"| {j + 1} | {ms([g['first_order_vs_measured'][j]['linear'] for g in geometry])} | "
+                f"{ms([g['first_order_vs_measured'][j]['measured'] for g in geometry])} |"
+            )
     ratios = {}
     for seed in PAIRED_SEEDS:
         if "rank-1 + GD" in best:
@@ -609,9 +860,13 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
                     ratios.setdefault(k, []).append((r[0], r[-1]))
     if ratios:
         table["penalty_gradient_ratio"] = ratios
-        lines += [f"\n## Penalty-gradient ratio, rank-1 + GD in the loss at λ = {best['rank-1 + GD']:g}\n",
-                  "‖∇λ·EWC‖ / ‖∇ rest of the loss‖ at the first optimizer step of a task's first and last epoch "
-                  "(mean ± SE over seeds).\n", "| task | first epoch | last epoch |", "| --- | --- | --- |"]
+        lines += [
+            f"\n## Penalty-gradient ratio, rank-1 + GD in the loss at λ = {best['rank-1 + GD']:g}\n",
+            "‖∇λ·EWC‖ / ‖∇ rest of the loss‖ at the first optimizer step of a task's first and last epoch "
+            "(mean ± SE over seeds).\n",
+            "| task | first epoch | last epoch |",
+            "| --- | --- | --- |",
+        ]
         for k, pairs in sorted(ratios.items()):
             lines.append(f"| {k} | {ms([a for a, _ in pairs])} | {ms([b for _, b in pairs])} |")
     reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
@@ -629,8 +884,18 @@ def run_long_horizon(work: Path, data_dir: str, sc: dict, log: Path, jobs: int, 
 
     def run(job):
         name, lam, seed, length = job
-        out = launch(name, lam, seed, work, data_dir, sc, log, folder=long_folder(name, lam, seed, length),
-                     extra=long_extra(length), num_tasks=LONG_TASKS)
+        out = launch(
+            name,
+            lam,
+            seed,
+            work,
+            data_dir,
+            sc,
+            log,
+            folder=long_folder(name, lam, seed, length),
+            extra=long_extra(length),
+            num_tasks=LONG_TASKS,
+        )
         with lock:
             write_long_horizon(work, data_dir, sc, RESULTS / "long_horizon.md")
         return out
@@ -643,31 +908,53 @@ def run_long_horizon(work: Path, data_dir: str, sc: dict, log: Path, jobs: int, 
         longer = [length for length in lengths if length != "1x"]
         if longer:
             summary = json.loads((RESULTS / "long_horizon.json").read_text())["summary"]
-            rank1 = [(m, lam) for m, lam in (("rank-1 + GD", best["rank-1 + GD"]),
-                                            ("decoupled rank-1 + GD", PAPER_LAMBDA))]
+            rank1 = [
+                (m, lam) for m, lam in (("rank-1 + GD", best["rank-1 + GD"]), ("decoupled rank-1 + GD", PAPER_LAMBDA))
+            ]
             afid = lambda m, lam: summary[f"{m} λ={lam:g} (1x)"]["afid"][0]  # noqa: E731
             name, lam = min(rank1, key=lambda pair: afid(*pair))
-            list(pool.map(run, [job for length in longer for s in PAIRED_SEEDS
-                                for job in (("GD", None, s, length), (name, lam, s, length))]))
+            list(
+                pool.map(
+                    run,
+                    [
+                        job
+                        for length in longer
+                        for s in PAIRED_SEEDS
+                        for job in (("GD", None, s, length), (name, lam, s, length))
+                    ],
+                )
+            )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="cpu: the CPU table (97 min on 2 cores); smoke: a 3-minute check; gpu: the paper's model and protocol; "
-                        "gpu-reduced: GD, diag + GD, rank-1 + GD, decoupled rank-1 + GD on one seed, ~9 minutes on one "
-                        "GPU with --jobs 4")
-    p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: 2 on CPU, one thread each; 1 "
-                                                          "for the GPU scales)")
+    p.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        default="cpu",
+        help="cpu: the CPU table (97 min on 2 cores); smoke: a 3-minute check; gpu: the paper's model and protocol; "
+        "gpu-reduced: GD, diag + GD, rank-1 + GD, decoupled rank-1 + GD on one seed, ~9 minutes on one "
+        "GPU with --jobs 4",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs in parallel (default: 2 on CPU, one thread each; 1 for the GPU scales)",
+    )
     p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--work_dir", default=None, help="default: runs/table1 (cpu) or runs/table1_SCALE")
-    p.add_argument("--phase", choices=["all", "sweep", "table", "paired", "dit", "long"], default="all",
-                   help="paired: GD, rank-1 + GD (lambda 15000 and 100, in the loss) and decoupled rank-1 + GD on "
-                        "seeds 0-4, compared with GD seed by seed -> table1_paired.md; dit: GD, rank-1 + GD and "
-                        "decoupled rank-1 + GD with a DiT of the UNet's size on seeds 0-2, beside the UNet's runs "
-                        "of the same seeds, and the Fisher geometry of task 1 -> dit.md; long: 10 one-class tasks "
-                        "(lambda sweep, GD, rank-1 + GD, decoupled rank-1 + GD, diag + GD on seeds 0-4; ~8 h on 2 "
-                        "cores, resumable) -> long_horizon.md")
+    p.add_argument(
+        "--phase",
+        choices=["all", "sweep", "table", "paired", "dit", "long"],
+        default="all",
+        help="paired: GD, rank-1 + GD (lambda 15000 and 100, in the loss) and decoupled rank-1 + GD on "
+        "seeds 0-4, compared with GD seed by seed -> table1_paired.md; dit: GD, rank-1 + GD and "
+        "decoupled rank-1 + GD with a DiT of the UNet's size on seeds 0-2, beside the UNet's runs "
+        "of the same seeds, and the Fisher geometry of task 1 -> dit.md; long: 10 one-class tasks "
+        "(lambda sweep, GD, rank-1 + GD, decoupled rank-1 + GD, diag + GD on seeds 0-4; ~8 h on 2 "
+        "cores, resumable) -> long_horizon.md",
+    )
     p.add_argument("--lengths", default="1x,3x", help="with --phase long: training lengths (1x, 3x)")
     args = p.parse_args()
     sc = SCALES[args.scale]
@@ -680,9 +967,24 @@ def main() -> None:
     log = work / "runs.log"
     if not (work / "fid_classifier" / "model.safetensors").exists():
         size = ["--resolution", "16", "--resize"] if sc["model"] == "config" else ["--resolution", "32"]
-        subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name", args.data_dir,
-                        "--output_dir", str(work / "fid_classifier"), *size, "--epochs", "2"],
-                       check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hf_r1ewc.evaluate",
+                "train-classifier",
+                "--dataset_name",
+                args.data_dir,
+                "--output_dir",
+                str(work / "fid_classifier"),
+                *size,
+                "--epochs",
+                "2",
+            ],
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
     sweep = [(m, lam, SWEEP_SEED) for m in SWEPT for lam in LAMBDAS]
     methods, seeds = list(METHODS), SEEDS
     if args.scale == "smoke":  # one sweep point per family and one seed keep the smoke run short
@@ -703,8 +1005,12 @@ def main() -> None:
         return
     if args.phase == "paired":
         with ThreadPoolExecutor(jobs) as pool:
-            outs = list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log, on_gpu),
-                                 [(m, lam, s) for s in PAIRED_SEEDS for m, lam in PAIRED]))
+            outs = list(
+                pool.map(
+                    lambda job: launch(*job, work, args.data_dir, sc, log, on_gpu),
+                    [(m, lam, s) for s in PAIRED_SEEDS for m, lam in PAIRED],
+                )
+            )
         write_paired(work, [o for o in outs if finished(o)], RESULTS / "table1_paired.md")
         return
     with ThreadPoolExecutor(jobs) as pool:

@@ -35,15 +35,29 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_table1 import (  # noqa: E402
-    PAPER_LAMBDA, RESULTS, ROOT, SCALES, UNET_CONFIG, finished, launch, provenance, run_dir_name,
+    PAPER_LAMBDA,
+    RESULTS,
+    ROOT,
+    SCALES,
+    UNET_CONFIG,
+    finished,
+    launch,
+    provenance,
+    run_dir_name,
 )
+
 
 sys.path.insert(0, str(ROOT))
 
-METHODS = [("GD", None), ("rank-1 + GD", PAPER_LAMBDA), ("decoupled rank-1 + GD", PAPER_LAMBDA),
-           ("diag + GD", PAPER_LAMBDA)]
+METHODS = [
+    ("GD", None),
+    ("rank-1 + GD", PAPER_LAMBDA),
+    ("decoupled rank-1 + GD", PAPER_LAMBDA),
+    ("diag + GD", PAPER_LAMBDA),
+]
 TASK1_LENGTHS = (1, 3, 9, 27)
 BASE = SCALES["cpu"]
 STEPS_PER_TASK = BASE["epochs"] * -(-2 * BASE["per_class"] // BASE["batch"])  # 40 epochs x 7 batches = 280
@@ -55,7 +69,7 @@ SWEEP_BEST_LAMBDA = 100.0  # in-loss rank-1 + GD, table1_fmnist_cpu.md's sweep (
 def final_loss(metrics: dict) -> float:
     """The denoising loss over the last quarter of a task's epochs (one epoch's loss is noisy: 32-image batches)."""
     losses = metrics["denoise_loss_per_epoch"]
-    return sum(losses[-(len(losses) // 4):]) / (len(losses) // 4)
+    return sum(losses[-(len(losses) // 4) :]) / (len(losses) // 4)
 
 
 def rule_lambda(loss: float) -> float:
@@ -102,18 +116,34 @@ def task1_folder(seed: int, length: int) -> str:
 
 def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: list[int], methods: list[str]) -> None:
     log = work / "runs.log"
-    task1_jobs = [dict(name="rank-1 + GD", lam=PAPER_LAMBDA, seed=s, length=k, sc=scale_at(k),
-                       folder=task1_folder(s, k), extra=["--tasks", "0,1"], num_tasks=1)
-                  for k in TASK1_LENGTHS for s in seeds]
-    study_jobs = [dict(name=m, lam=lam, seed=s, length=k, sc=scale_at(k),
-                       folder=run_folder(work, m, lam, s, k, rerun=True))
-                  for k in sorted(lengths) for s in seeds for m, lam in METHODS if m in methods]
+    task1_jobs = [
+        dict(
+            name="rank-1 + GD",
+            lam=PAPER_LAMBDA,
+            seed=s,
+            length=k,
+            sc=scale_at(k),
+            folder=task1_folder(s, k),
+            extra=["--tasks", "0,1"],
+            num_tasks=1,
+        )
+        for k in TASK1_LENGTHS
+        for s in seeds
+    ]
+    study_jobs = [
+        dict(name=m, lam=lam, seed=s, length=k, sc=scale_at(k), folder=run_folder(work, m, lam, s, k, rerun=True))
+        for k in sorted(lengths)
+        for s in seeds
+        for m, lam in METHODS
+        if m in methods
+    ]
     lam = rule_lambda_of_study(work)
     if lam is None:
         print("lambda rule: GD's 1x runs on seeds 0-4 (reproduce_table1.py --phase paired) are not finished; skipped")
-    rule_jobs = [dict(name="rank-1 + GD", lam=lam, seed=s, length=1, sc=BASE,
-                      folder=run_dir_name("rank-1 + GD", lam, s))
-                 for s in (RULE_SEEDS if lam is not None else ())]
+    rule_jobs = [
+        dict(name="rank-1 + GD", lam=lam, seed=s, length=1, sc=BASE, folder=run_dir_name("rank-1 + GD", lam, s))
+        for s in (RULE_SEEDS if lam is not None else ())
+    ]
 
     def priority(job: dict) -> int:
         """Task 1 alone up to 9x; the 5-task runs up to 3x (1x where the paired study has none); the 1x reruns that
@@ -124,9 +154,23 @@ def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: lis
 
     queue = sorted(task1_jobs + study_jobs + rule_jobs, key=lambda j: (priority(j), j["seed"], j["length"]))
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(lambda j: launch(j["name"], j["lam"], j["seed"], work, data_dir, j["sc"], log,
-                                       folder=j["folder"], extra=j.get("extra", ()),
-                                       num_tasks=j.get("num_tasks", 5)), queue))
+        list(
+            pool.map(
+                lambda j: launch(
+                    j["name"],
+                    j["lam"],
+                    j["seed"],
+                    work,
+                    data_dir,
+                    j["sc"],
+                    log,
+                    folder=j["folder"],
+                    extra=j.get("extra", ()),
+                    num_tasks=j.get("num_tasks", 5),
+                ),
+                queue,
+            )
+        )
 
 
 def fisher_signal(work: Path, folder: str, per_class: int = BASE["per_class"]) -> dict:
@@ -148,10 +192,14 @@ def fisher_signal(work: Path, folder: str, per_class: int = BASE["per_class"]) -
         idx = torch.cat([torch.nonzero(train.labels == c).flatten()[:per_class] for c in (0, 1)])
         x0, y = images_to_model_input(train.images[idx], BASE["resolution"], True), train.labels[idx]
         model = ClassConditionalPipeline.from_pretrained(work / "runs" / folder / "task_01").denoiser.eval()
-        stats = estimate_fisher(model, training_noise_scheduler(), [(x0[i:i + 50], y[i:i + 50])
-                                                                    for i in range(0, len(y), 50)],
-                                kinds=("rank1", "diag"), generator=torch.Generator().manual_seed(1),
-                                show_progress=False)
+        stats = estimate_fisher(
+            model,
+            training_noise_scheduler(),
+            [(x0[i : i + 50], y[i : i + 50]) for i in range(0, len(y), 50)],
+            kinds=("rank1", "diag"),
+            generator=torch.Generator().manual_seed(1),
+            show_progress=False,
+        )
         mu2 = sum(float(v.double().pow(2).sum()) for v in stats.mu.values())
         trace = sum(float(v.double().sum()) for v in stats.diag.values())
         cache[folder] = {"trace_F": trace, "mu_sq_over_noise_floor": mu2 / ((trace - mu2) / len(y))}
@@ -174,16 +222,22 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     for k in TASK1_LENGTHS:
         rows = [m for s in seeds if (m := read_json(runs / task1_folder(s, k) / "task_01" / "metrics.json"))]
         if rows:
-            signal = [fisher_signal(work, task1_folder(s, k)) for s in seeds
-                      if (runs / task1_folder(s, k) / "task_01" / "metrics.json").exists()]
-            task1[k] = {"seeds": len(rows), "mu_norm": mse([r["mu_norm"] for r in rows]),
-                        "trace_F": mse([x["trace_F"] for x in signal]),
-                        "mu_sq_over_noise_floor": mse([x["mu_sq_over_noise_floor"] for x in signal]),
-                        "c_star": mse([r["c_star"] for r in rows]),
-                        "stiffness": mse([PAPER_LAMBDA * r["c_star"] * r["mu_norm"] ** 2 for r in rows]),
-                        "fid_1": mse([r["fid"]["1"] for r in rows]),
-                        "final_denoise_loss": mse([final_loss(r) for r in rows]),
-                        "rule_lambda": mse([rule_lambda(final_loss(r)) for r in rows])}
+            signal = [
+                fisher_signal(work, task1_folder(s, k))
+                for s in seeds
+                if (runs / task1_folder(s, k) / "task_01" / "metrics.json").exists()
+            ]
+            task1[k] = {
+                "seeds": len(rows),
+                "mu_norm": mse([r["mu_norm"] for r in rows]),
+                "trace_F": mse([x["trace_F"] for x in signal]),
+                "mu_sq_over_noise_floor": mse([x["mu_sq_over_noise_floor"] for x in signal]),
+                "c_star": mse([r["c_star"] for r in rows]),
+                "stiffness": mse([PAPER_LAMBDA * r["c_star"] * r["mu_norm"] ** 2 for r in rows]),
+                "fid_1": mse([r["fid"]["1"] for r in rows]),
+                "final_denoise_loss": mse([final_loss(r) for r in rows]),
+                "rule_lambda": mse([rule_lambda(final_loss(r)) for r in rows]),
+            }
     # ---- part 2: the 5-task runs
     study, per_task, results_by_run = {}, {}, {}
     for k in lengths:
@@ -196,18 +250,24 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
             for o, r in zip(done, res):
                 results_by_run[str(o)] = {**r, "label": f"{name} @ {k}x"}
             study.setdefault(name, {})[k] = {
-                "seeds": [r["seed"] for r in res], "afid": mse([r["afid"]["5"] for r in res]),
-                "forgetting": mse([r["forgetting"] for r in res]), "plasticity": mse([r["plasticity"] for r in res])}
+                "seeds": [r["seed"] for r in res],
+                "afid": mse([r["afid"]["5"] for r in res]),
+                "forgetting": mse([r["forgetting"] for r in res]),
+                "plasticity": mse([r["plasticity"] for r in res]),
+            }
             tasks = {}
             for t in range(1, 6):
                 ms = [m for o in done if (m := read_json(o / f"task_{t:02d}" / "metrics.json"))]
                 nxt = [m for o in done if (m := read_json(o / f"task_{t + 1:02d}" / "metrics.json"))]
-                ratios = [m["ewc_grad_ratio_per_epoch"][1] for m in nxt
-                          if len(m.get("ewc_grad_ratio_per_epoch") or []) > 1]
-                tasks[t] = {"mu_norm": mse([m["mu_norm"] for m in ms]) if ms and ms[0].get("mu_norm") else None,
-                            "c_star": mse([m["c_star"] for m in ms]) if ms and ms[0].get("c_star") else None,
-                            "grad_ratio_next_task": mse(ratios) if ratios else None,
-                            "fid_when_learned": mse([m["fid"][str(t)] for m in ms]) if ms else None}
+                ratios = [
+                    m["ewc_grad_ratio_per_epoch"][1] for m in nxt if len(m.get("ewc_grad_ratio_per_epoch") or []) > 1
+                ]
+                tasks[t] = {
+                    "mu_norm": mse([m["mu_norm"] for m in ms]) if ms and ms[0].get("mu_norm") else None,
+                    "c_star": mse([m["c_star"] for m in ms]) if ms and ms[0].get("c_star") else None,
+                    "grad_ratio_next_task": mse(ratios) if ratios else None,
+                    "fid_when_learned": mse([m["fid"][str(t)] for m in ms]) if ms else None,
+                }
             per_task.setdefault(name, {})[k] = tasks
     paired = {}
     for k in lengths:
@@ -218,10 +278,13 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     lam_rule, rule = rule_lambda_of_study(work), {}
     if lam_rule is not None:
         best = "rank-1 + GD, λ = 100 (sweep's best)"
-        arms = [("GD", None, "GD"), ("rank-1 + GD", SWEEP_BEST_LAMBDA, best),
-                ("rank-1 + GD", lam_rule, f"rank-1 + GD, λ = {lam_rule:g} = D / (2L) (rule)"),
-                ("rank-1 + GD", PAPER_LAMBDA, "rank-1 + GD, λ = 15000"),
-                ("decoupled rank-1 + GD", PAPER_LAMBDA, "decoupled rank-1 + GD, λ = 15000")]
+        arms = [
+            ("GD", None, "GD"),
+            ("rank-1 + GD", SWEEP_BEST_LAMBDA, best),
+            ("rank-1 + GD", lam_rule, f"rank-1 + GD, λ = {lam_rule:g} = D / (2L) (rule)"),
+            ("rank-1 + GD", PAPER_LAMBDA, "rank-1 + GD, λ = 15000"),
+            ("decoupled rank-1 + GD", PAPER_LAMBDA, "decoupled rank-1 + GD, λ = 15000"),
+        ]
         rule_runs = {}
         for name, lam, label in arms:
             for s in RULE_SEEDS:
@@ -231,63 +294,100 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
         labels = {r["label"] for r in rule_runs.values()}
         if len(labels) > 1:
             of = {label: [r for r in rule_runs.values() if r["label"] == label] for label in labels}
-            rule = {"lambda": lam_rule, "paired_vs_gd": paired_differences(rule_runs, "GD"),
-                    "paired_vs_sweep_best": paired_differences(rule_runs, best) if best in labels else {},
-                    "per_method": {label: {"seeds": sorted(r["seed"] for r in rs),
-                                           "afid": mse([r["afid"]["5"] for r in rs]),
-                                           "plasticity": mse([r["plasticity"] for r in rs])}
-                                   for label, rs in of.items()}}
-    table = {"steps_per_task_at_1x": STEPS_PER_TASK, "scale": BASE, "task1_alone": task1, "study": study,
-             "per_task": per_task, "paired_vs_gd": paired, "lambda_rule": rule}
+            rule = {
+                "lambda": lam_rule,
+                "paired_vs_gd": paired_differences(rule_runs, "GD"),
+                "paired_vs_sweep_best": paired_differences(rule_runs, best) if best in labels else {},
+                "per_method": {
+                    label: {
+                        "seeds": sorted(r["seed"] for r in rs),
+                        "afid": mse([r["afid"]["5"] for r in rs]),
+                        "plasticity": mse([r["plasticity"] for r in rs]),
+                    }
+                    for label, rs in of.items()
+                },
+            }
+    table = {
+        "steps_per_task_at_1x": STEPS_PER_TASK,
+        "scale": BASE,
+        "task1_alone": task1,
+        "study": study,
+        "per_task": per_task,
+        "paired_vs_gd": paired,
+        "lambda_rule": rule,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "training_length.json").write_text(json.dumps(table, indent=1, default=str))
 
     fmt = lambda p, d=1: "—" if p is None else (f"{p[0]:.{d}f} ± {p[1]:.{d}f}" if p[1] == p[1] else f"{p[0]:.{d}f}")  # noqa: E731
-    lines = ["# Training length at the CPU table-1 scale (issue 18)\n",
-             f"The CPU scale of table1_fmnist_cpu.md (280 optimizer steps per task at 1x) at longer training: the "
-             f"epochs per task times 1, 3, 9 (27 for task 1 alone). FID features: a CNN classifier (NOT comparable "
-             f"to Inception FID). Mean ± standard error over the seeds listed.\n", provenance() + "\n",
-             "\n## Task 1 alone: how the Fisher changes as the task converges\n",
-             "‖μ‖ and c* from the run's Fisher (N = 200, one (t, ε) per image); tr F and ‖μ‖² / noise floor from a "
-             "re-estimate on the same images, the floor being (tr F − ‖μ‖²)/N, what ‖μ̂‖² would be if the true mean "
-             "gradient were 0. λ c* ‖μ‖² = λ μᵀFμ/‖μ‖² is the curvature the rank-1 penalty adds along μ: it does not "
-             "depend on ‖μ‖ itself.\n",
-             "The denoising loss L is the mean over the last quarter of the epochs; D / (2L) is item 3's λ rule "
-             "(below) at that loss.\n",
-             "| steps | seeds | denoising loss L | D / (2L) | FID_1(m_1) | ‖μ‖ | c* | λ c* ‖μ‖² (λ = 15000) | tr F | "
-             "‖μ‖² / noise floor |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Training length at the CPU table-1 scale (issue 18)\n",
+        "The CPU scale of table1_fmnist_cpu.md (280 optimizer steps per task at 1x) at longer training: the "
+        "epochs per task times 1, 3, 9 (27 for task 1 alone). FID features: a CNN classifier (NOT comparable "
+        "to Inception FID). Mean ± standard error over the seeds listed.\n",
+        provenance() + "\n",
+        "\n## Task 1 alone: how the Fisher changes as the task converges\n",
+        "‖μ‖ and c* from the run's Fisher (N = 200, one (t, ε) per image); tr F and ‖μ‖² / noise floor from a "
+        "re-estimate on the same images, the floor being (tr F − ‖μ‖²)/N, what ‖μ̂‖² would be if the true mean "
+        "gradient were 0. λ c* ‖μ‖² = λ μᵀFμ/‖μ‖² is the curvature the rank-1 penalty adds along μ: it does not "
+        "depend on ‖μ‖ itself.\n",
+        "The denoising loss L is the mean over the last quarter of the epochs; D / (2L) is item 3's λ rule "
+        "(below) at that loss.\n",
+        "| steps | seeds | denoising loss L | D / (2L) | FID_1(m_1) | ‖μ‖ | c* | λ c* ‖μ‖² (λ = 15000) | tr F | "
+        "‖μ‖² / noise floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for k, r in task1.items():
-        lines.append(f"| {k * STEPS_PER_TASK} ({k}x) | {r['seeds']} | {fmt(r['final_denoise_loss'], 4)} | "
-                     f"{fmt(r['rule_lambda'], 0)} | {fmt(r['fid_1'])} | {fmt(r['mu_norm'], 4)} | "
-                     f"{fmt(r['c_star'], 2)} | {fmt(r['stiffness'], 0)} | "
-                     f"{fmt(r['trace_F'], 3)} | {fmt(r['mu_sq_over_noise_floor'], 1)} |")
-    lines += ["\n## Five tasks: AFID@5, forgetting F and plasticity P by training length\n",
-              "| method | steps per task | seeds | AFID@5 ↓ | F ↓ | P ↓ | ‖μ‖ of task 1 | c* of task 1 | "
-              "penalty / loss gradient, task 2 epoch 2 | same, task 5 epoch 2 |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {k * STEPS_PER_TASK} ({k}x) | {r['seeds']} | {fmt(r['final_denoise_loss'], 4)} | "
+            f"{fmt(r['rule_lambda'], 0)} | {fmt(r['fid_1'])} | {fmt(r['mu_norm'], 4)} | "
+            f"{fmt(r['c_star'], 2)} | {fmt(r['stiffness'], 0)} | "
+            f"{fmt(r['trace_F'], 3)} | {fmt(r['mu_sq_over_noise_floor'], 1)} |"
+        )
+    lines += [
+        "\n## Five tasks: AFID@5, forgetting F and plasticity P by training length\n",
+        "| method | steps per task | seeds | AFID@5 ↓ | F ↓ | P ↓ | ‖μ‖ of task 1 | c* of task 1 | "
+        "penalty / loss gradient, task 2 epoch 2 | same, task 5 epoch 2 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, by_k in study.items():
         for k, e in sorted(by_k.items()):
             t = per_task[name][k]
-            lines.append(f"| {name} | {k * STEPS_PER_TASK} ({k}x) | {len(e['seeds'])} | {fmt(e['afid'])} | "
-                         f"{fmt(e['forgetting'])} | {fmt(e['plasticity'])} | {fmt(t[1]['mu_norm'], 4)} | "
-                         f"{fmt(t[1]['c_star'], 2)} | {fmt(t[1]['grad_ratio_next_task'], 2)} | "
-                         f"{fmt(t[4]['grad_ratio_next_task'], 2)} |")
-    missing = [f"{name} {k}x seed {s}" for k in lengths for name, lam in METHODS for s in seeds
-               if not finished(runs / run_folder(work, name, lam, s, k))]
+            lines.append(
+                f"| {name} | {k * STEPS_PER_TASK} ({k}x) | {len(e['seeds'])} | {fmt(e['afid'])} | "
+                f"{fmt(e['forgetting'])} | {fmt(e['plasticity'])} | {fmt(t[1]['mu_norm'], 4)} | "
+                f"{fmt(t[1]['c_star'], 2)} | {fmt(t[1]['grad_ratio_next_task'], 2)} | "
+                f"{fmt(t[4]['grad_ratio_next_task'], 2)} |"
+            )
+    missing = [
+        f"{name} {k}x seed {s}"
+        for k in lengths
+        for name, lam in METHODS
+        for s in seeds
+        if not finished(runs / run_folder(work, name, lam, s, k))
+    ]
     if missing:
         lines += [f"\nNot yet run ({len(missing)}): " + ", ".join(missing) + "."]
     for k, table_k in paired.items():
-        lines.append(paired_markdown(table_k, f"GD @ {k}x").replace("## Paired", f"## {k}x ({k * STEPS_PER_TASK} "
-                                                                                   f"steps per task): paired"))
+        lines.append(
+            paired_markdown(table_k, f"GD @ {k}x").replace(
+                "## Paired", f"## {k}x ({k * STEPS_PER_TASK} steps per task): paired"
+            )
+        )
     if rule:
-        lines += [f"\n## Item 3: a λ without a sweep, λ = D / (2L) = {rule['lambda']:g} (1x, seeds 0-4)\n",
-                  f"D = {PIXELS} pixels; L = GD's task-1 denoising loss over its last quarter of epochs, mean over the "
-                  f"seeds. The per-pixel-mean MSE makes the empirical Fisher ≈ (2L/D) × the loss's Gauss-Newton "
-                  f"curvature, so at λ = D/(2L) the penalty's curvature along μ equals task 1's own loss curvature "
-                  f"(the old task weighs as much as the new). The other rows are the paired study's runs.\n",
-                  "| method | seeds | AFID@5 ↓ | P ↓ |", "| --- | --- | --- | --- |"]
-        lines += [f"| {label} | {len(e['seeds'])} | {fmt(e['afid'])} | {fmt(e['plasticity'])} |"
-                  for label, e in sorted(rule["per_method"].items())]
+        lines += [
+            f"\n## Item 3: a λ without a sweep, λ = D / (2L) = {rule['lambda']:g} (1x, seeds 0-4)\n",
+            f"D = {PIXELS} pixels; L = GD's task-1 denoising loss over its last quarter of epochs, mean over the "
+            f"seeds. The per-pixel-mean MSE makes the empirical Fisher ≈ (2L/D) × the loss's Gauss-Newton "
+            f"curvature, so at λ = D/(2L) the penalty's curvature along μ equals task 1's own loss curvature "
+            f"(the old task weighs as much as the new). The other rows are the paired study's runs.\n",
+            "| method | seeds | AFID@5 ↓ | P ↓ |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {label} | {len(e['seeds'])} | {fmt(e['afid'])} | {fmt(e['plasticity'])} |"
+            for label, e in sorted(rule["per_method"].items())
+        ]
         lines.append(paired_markdown(rule["paired_vs_gd"], "GD").replace("## Paired", "### Paired"))
         if rule["paired_vs_sweep_best"]:
             lines.append(paired_markdown(rule["paired_vs_sweep_best"], best).replace("## Paired", "### Paired"))
@@ -295,18 +395,35 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     reading = md.read_text().partition("\n## Reading")[2] if md.exists() else ""
     md.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
     if study:
-        plot_against({q: {name: {k * STEPS_PER_TASK: e[key] for k, e in by_k.items()} for name, by_k in study.items()}
-                      for q, key in (("AFID@5 ↓", "afid"), ("forgetting F ↓", "forgetting"),
-                                     ("plasticity P ↓", "plasticity"))},
-                     RESULTS / "training_length_afid_f_p.png", "optimizer steps per task", log_x=True)
+        plot_against(
+            {
+                q: {name: {k * STEPS_PER_TASK: e[key] for k, e in by_k.items()} for name, by_k in study.items()}
+                for q, key in (
+                    ("AFID@5 ↓", "afid"),
+                    ("forgetting F ↓", "forgetting"),
+                    ("plasticity P ↓", "plasticity"),
+                )
+            },
+            RESULTS / "training_length_afid_f_p.png",
+            "optimizer steps per task",
+            log_x=True,
+        )
     if task1:
         # (task 1 of a 5-task run trains exactly as task 1 alone, same seed and length: one line serves both)
-        plot_against({"‖μ‖ (task 1)": {"task 1 alone": {k * STEPS_PER_TASK: r["mu_norm"] for k, r in task1.items()}},
-                      "λ c* ‖μ‖² (task 1 alone)": {"task 1 alone": {k * STEPS_PER_TASK: r["stiffness"]
-                                                                     for k, r in task1.items()}},
-                      "FID_1(m_1) (task 1 alone)": {"task 1 alone": {k * STEPS_PER_TASK: r["fid_1"]
-                                                                      for k, r in task1.items()}}},
-                     RESULTS / "training_length_mu.png", "optimizer steps per task", log_x=True)
+        plot_against(
+            {
+                "‖μ‖ (task 1)": {"task 1 alone": {k * STEPS_PER_TASK: r["mu_norm"] for k, r in task1.items()}},
+                "λ c* ‖μ‖² (task 1 alone)": {
+                    "task 1 alone": {k * STEPS_PER_TASK: r["stiffness"] for k, r in task1.items()}
+                },
+                "FID_1(m_1) (task 1 alone)": {
+                    "task 1 alone": {k * STEPS_PER_TASK: r["fid_1"] for k, r in task1.items()}
+                },
+            },
+            RESULTS / "training_length_mu.png",
+            "optimizer steps per task",
+            log_x=True,
+        )
     print("\n".join(lines))
 
 
@@ -315,8 +432,11 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--lengths", default="1,3,9", help="multiples of the CPU scale's 280 steps per task")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(m for m, _ in METHODS),
-                   help="the five-task methods to queue, comma-separated (default: all four)")
+    p.add_argument(
+        "--methods",
+        default=",".join(m for m, _ in METHODS),
+        help="the five-task methods to queue, comma-separated (default: all four)",
+    )
     p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "table1"))
     p.add_argument("--report_only", action="store_true", help="write the results from the finished runs")
@@ -330,9 +450,26 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
         if not (work / "fid_classifier" / "model.safetensors").exists():
-            subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "train-classifier", "--dataset_name",
-                            args.data_dir, "--output_dir", str(work / "fid_classifier"), "--resolution", "16",
-                            "--resize", "--epochs", "2"], check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "hf_r1ewc.evaluate",
+                    "train-classifier",
+                    "--dataset_name",
+                    args.data_dir,
+                    "--output_dir",
+                    str(work / "fid_classifier"),
+                    "--resolution",
+                    "16",
+                    "--resize",
+                    "--epochs",
+                    "2",
+                ],
+                check=True,
+                cwd=ROOT,
+                env={**os.environ, "TQDM_DISABLE": "1"},
+            )
         run_all(work, args.data_dir, args.jobs, lengths, seeds, methods)
     report(work, lengths, seeds)
 

@@ -77,10 +77,11 @@ def gram_and_diagonal(
             for s in range(0, n, chunk_size):
                 sl = slice(s, s + chunk_size)
                 g = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(
-                    {k: params[k] for k in group}, noisy_images[sl], timesteps[sl], class_labels[sl], noise[sl])
+                    {k: params[k] for k in group}, noisy_images[sl], timesteps[sl], class_labels[sl], noise[sl]
+                )
                 rows.append(torch.cat([g[k].flatten(1) for k in group], dim=1))
             G = torch.cat(rows)  # [n, |group|] float32
-            gram += (G.double() @ G.double().T)
+            gram += G.double() @ G.double().T
             diag_sq += (G.double().pow(2).sum(0) / n).pow(2).sum()
             if mean_grad is not None:
                 offset = 0
@@ -136,8 +137,13 @@ def fisher_geometry(
 
 
 @torch.no_grad()
-def scaled_identity_mse(unet: nn.Module, noisy_images: torch.Tensor, timesteps: torch.Tensor,
-                        class_labels: torch.Tensor, alphas_cumprod: torch.Tensor | None = None) -> float:
+def scaled_identity_mse(
+    unet: nn.Module,
+    noisy_images: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor,
+    alphas_cumprod: torch.Tensor | None = None,
+) -> float:
     """mean over samples and pixels of (x_t - sqrt(1 - abar_t) eps_hat)^2 (paper fig. 1, Proposition 1)."""
     if alphas_cumprod is None:
         from .models import training_noise_scheduler
@@ -148,8 +154,16 @@ def scaled_identity_mse(unet: nn.Module, noisy_images: torch.Tensor, timesteps: 
     return float((noisy_images.float() - scale * eps_hat).pow(2).mean())
 
 
-def analyse_checkpoint(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, timesteps: Sequence[int], seed: int = 0,
-                       top_k: int = 5, chunk_size: int = 64, memory_bytes: float = 2e9) -> dict:
+def analyse_checkpoint(
+    unet: nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: Sequence[int],
+    seed: int = 0,
+    top_k: int = 5,
+    chunk_size: int = 64,
+    memory_bytes: float = 2e9,
+) -> dict:
     """Geometry at each timestep (fresh eps per sample, same x0) plus pairwise cos(mu_t, mu_s) (fig. 3a)."""
     from .models import training_noise_scheduler
 
@@ -161,8 +175,9 @@ def analyse_checkpoint(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, 
         noise = torch.randn(x0.shape, generator=g).to(device)
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
         x_t = scheduler.add_noise(x0.to(device), noise, tt)
-        gram, diag_sq, mu = gram_and_diagonal(unet, x_t, tt, labels.to(device), noise, chunk_size, memory_bytes,
-                                              return_mean_gradient=True)
+        gram, diag_sq, mu = gram_and_diagonal(
+            unet, x_t, tt, labels.to(device), noise, chunk_size, memory_bytes, return_mean_gradient=True
+        )
         per_t[t] = geometry_from_gram(gram, diag_sq, top_k)
         per_t[t]["mse_scaled_identity"] = scaled_identity_mse(unet, x_t, tt, labels.to(device))
         means[t] = torch.cat([v.flatten().double() for v in mu.values()]).cpu()
@@ -184,7 +199,9 @@ def plot_analysis(result: dict, output_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.plot(ts, [p["mse_scaled_identity"] for p in per], marker="o")
     ax.set(xlabel="timestep t", ylabel="MSE(x_t, sqrt(1-abar) eps_hat)", title="fig. 1")
-    fig.tight_layout(); fig.savefig(output_dir / "fig1_scaled_identity_mse.png", dpi=120); plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(output_dir / "fig1_scaled_identity_mse.png", dpi=120)
+    plt.close(fig)
 
     cos = np.array([p["abs_cos_to_mean"] for p in per])
     side = int(math.ceil(math.sqrt(cos.shape[1])))
@@ -193,25 +210,33 @@ def plot_analysis(result: dict, output_dir: Path) -> None:
         padded = np.full(side * side, np.nan)
         padded[: len(row)] = row
         ax.imshow(padded.reshape(side, side), cmap="Reds", vmin=0, vmax=1)
-        ax.set_title(f"t={t}", fontsize=7); ax.axis("off")
+        ax.set_title(f"t={t}", fontsize=7)
+        ax.axis("off")
     fig.suptitle("fig. 2: |cos(g_i, mu)|", fontsize=8)
-    fig.savefig(output_dir / "fig2_abs_cos_to_mean.png", dpi=120); plt.close(fig)
+    fig.savefig(output_dir / "fig2_abs_cos_to_mean.png", dpi=120)
+    plt.close(fig)
 
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
     im = axes[0].imshow(np.array(result["mean_gradient_cosine"]), cmap="viridis", vmin=-1, vmax=1)
-    axes[0].set(xticks=range(len(ts)), xticklabels=ts, yticks=range(len(ts)), yticklabels=ts,
-                title="(a) cos(mu_t, mu_s)")
-    axes[0].tick_params(labelsize=6); fig.colorbar(im, ax=axes[0])
+    axes[0].set(
+        xticks=range(len(ts)), xticklabels=ts, yticks=range(len(ts)), yticklabels=ts, title="(a) cos(mu_t, mu_s)"
+    )
+    axes[0].tick_params(labelsize=6)
+    fig.colorbar(im, ax=axes[0])
     tops = np.array([p["top_eigenvalues"] for p in per])
     for j in range(tops.shape[1]):
         axes[1].semilogy(ts, tops[:, j], marker="o", label=f"lambda{j + 1}")
-    axes[1].set(title="(b) top eigenvalues of F_t", xlabel="t"); axes[1].legend(fontsize=6)
+    axes[1].set(title="(b) top eigenvalues of F_t", xlabel="t")
+    axes[1].legend(fontsize=6)
     axes[2].plot(ts, [p["eigengap_ratio"] for p in per], marker="o")
     axes[2].set(title="(c) lambda2 / lambda1", xlabel="t")
     axes[3].plot(ts, [p["rel_frobenius_error_rank1"] for p in per], marker="o", label="rank-1 c* mu mu^T")
     axes[3].plot(ts, [p["rel_frobenius_error_diag"] for p in per], marker="o", label="diagonal")
-    axes[3].set(title="(d) ||F - F_hat||_F / ||F||_F", xlabel="t"); axes[3].legend(fontsize=6)
-    fig.tight_layout(); fig.savefig(output_dir / "fig3_fisher_geometry.png", dpi=120); plt.close(fig)
+    axes[3].set(title="(d) ||F - F_hat||_F / ||F||_F", xlabel="t")
+    axes[3].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(output_dir / "fig3_fisher_geometry.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     from .hub import resolve_task_source
     from .pipeline import ClassConditionalPipeline
 
-    p = argparse.ArgumentParser(prog="python -m hf_r1ewc.analysis", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hf_r1ewc.analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="a task folder (or REPO_ID@REVISION)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset_name")
@@ -234,9 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_k", type=int, default=5)
     p.add_argument("--chunk_size", type=int, default=64)
     p.add_argument("--memory_gb", type=float, default=2.0, help="memory for per-sample gradients of one group")
-    p.add_argument("--resize", action=argparse.BooleanOptionalAction, default=None,
-                   help="rescale the images to the model's resolution (default: as the run that wrote the folder "
-                        "did, from its training_state.json; else zero-pad)")
+    p.add_argument(
+        "--resize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rescale the images to the model's resolution (default: as the run that wrote the folder "
+        "did, from its training_state.json; else zero-pad)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
@@ -255,19 +285,33 @@ def main(argv: list[str] | None = None) -> None:
         state = Path(folder) / "training_state.json"
         resize = bool(json.loads(state.read_text()).get("run_config", {}).get("resize")) if state.exists() else False
     x0 = images_to_model_input(data.images[order], resolution if resolution != data.image_size else None, resize)
-    result = analyse_checkpoint(unet, x0, data.labels[order], [int(t) for t in args.timesteps.split(",")],
-                                args.seed, args.top_k, args.chunk_size, args.memory_gb * 1e9)
-    result.update(checkpoint=str(args.checkpoint), task=args.task, classes=tasks[args.task - 1],
-                  num_parameters=sum(p.numel() for p in unet.parameters()))
+    result = analyse_checkpoint(
+        unet,
+        x0,
+        data.labels[order],
+        [int(t) for t in args.timesteps.split(",")],
+        args.seed,
+        args.top_k,
+        args.chunk_size,
+        args.memory_gb * 1e9,
+    )
+    result.update(
+        checkpoint=str(args.checkpoint),
+        task=args.task,
+        classes=tasks[args.task - 1],
+        num_parameters=sum(p.numel() for p in unet.parameters()),
+    )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(result, indent=1))
     plot_analysis(result, out)
     for t in result["timesteps"]:
         r = result["per_timestep"][t]
-        print(f"t={t:4d}  lambda2/lambda1={r['eigengap_ratio']:.3f}  rank-1 err={r['rel_frobenius_error_rank1']:.3f}  "
-              f"diag err={r['rel_frobenius_error_diag']:.3f}  median|cos|="
-              f"{sorted(r['abs_cos_to_mean'])[len(r['abs_cos_to_mean']) // 2]:.3f}")
+        print(
+            f"t={t:4d}  lambda2/lambda1={r['eigengap_ratio']:.3f}  rank-1 err={r['rel_frobenius_error_rank1']:.3f}  "
+            f"diag err={r['rel_frobenius_error_diag']:.3f}  median|cos|="
+            f"{sorted(r['abs_cos_to_mean'])[len(r['abs_cos_to_mean']) // 2]:.3f}"
+        )
     print(f"wrote {out / 'analysis.json'} and figures")
 
 

@@ -30,6 +30,7 @@ from .fisher import FisherStatistics, estimate_fisher, subset_indices
 from .penalty import EWCPenalty
 from .sharding import local_tensor
 
+
 EWC_MODES = ("loss", "decoupled")
 
 
@@ -58,13 +59,15 @@ class Replay:
     sampler: SchedulerMixin | None = None  # the sampling scheduler of online replay
     online_steps: int = 2
 
-    def batch(self, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
+    def batch(
+        self, batch_size: int, generator: torch.Generator, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(images float32 ``[B, C, H, W]`` in [-1, 1], labels ``[B]``) on ``device``."""
         if self.pool is not None:
             return self.pool.sample(batch_size, generator, device)
-        images, labels = online_replay_batch(self.teacher, self.sampler, self.classes, batch_size, self.online_steps,
-                                             generator)
+        images, labels = online_replay_batch(
+            self.teacher, self.sampler, self.classes, batch_size, self.online_steps, generator
+        )
         return images.to(device), labels.to(device)
 
 
@@ -87,9 +90,16 @@ class ContinualLearner:
     when ``start_task`` is never given old classes. ``replay_batch_size`` None = the real batch size.
     """
 
-    def __init__(self, noise_scheduler: SchedulerMixin, penalty: EWCPenalty | None = None, ewc_mode: str = "loss",
-                 distill_weight: float = 1.0, replay_in_denoise: bool = True, replay_batch_size: int | None = None,
-                 max_grad_norm: float | None = None) -> None:
+    def __init__(
+        self,
+        noise_scheduler: SchedulerMixin,
+        penalty: EWCPenalty | None = None,
+        ewc_mode: str = "loss",
+        distill_weight: float = 1.0,
+        replay_in_denoise: bool = True,
+        replay_batch_size: int | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
         if ewc_mode not in EWC_MODES:
             raise ValueError(f"ewc_mode must be one of {EWC_MODES}, got {ewc_mode!r}")
         self.noise_scheduler, self.penalty, self.ewc_mode = noise_scheduler, penalty, ewc_mode
@@ -99,10 +109,22 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------------------------------ start of a task
 
-    def start_task(self, model: nn.Module, sampler: SchedulerMixin, old_classes: Sequence[int], *, per_class: int | None,
-                   directory: str | os.PathLike | None, num_inference_steps: int = 50, seed: int = 0,
-                   online_steps: int | None = None, rank: int = 0, world_size: int = 1,
-                   barrier: Callable[[], None] | None = None, show_progress: bool = True) -> None:
+    def start_task(
+        self,
+        model: nn.Module,
+        sampler: SchedulerMixin,
+        old_classes: Sequence[int],
+        *,
+        per_class: int | None,
+        directory: str | os.PathLike | None,
+        num_inference_steps: int = 50,
+        seed: int = 0,
+        online_steps: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] | None = None,
+        show_progress: bool = True,
+    ) -> None:
         """Freeze a copy of ``model`` (whole weights: gather FSDP shards first) as the teacher of ``old_classes``
         and generate its replay pool into ``directory`` with ``sampler``; ``online_steps`` instead samples fresh
         replay every step with that many sampler steps. No old classes: no replay."""
@@ -113,16 +135,34 @@ class ContinualLearner:
         if online_steps is not None:
             self.replay = Replay(teacher, list(old_classes), None, sampler, online_steps)
             return
-        pool = ReplayPool.generate(teacher, sampler, old_classes, per_class, directory, num_inference_steps,
-                                   seed=seed, rank=rank, world_size=world_size, barrier=barrier,
-                                   show_progress=show_progress)
+        pool = ReplayPool.generate(
+            teacher,
+            sampler,
+            old_classes,
+            per_class,
+            directory,
+            num_inference_steps,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+            show_progress=show_progress,
+        )
         self.replay = Replay(teacher, list(old_classes), pool)
 
     # ------------------------------------------------------------------------------------------------- a step
 
-    def training_step(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                      class_labels: torch.Tensor, generator: torch.Generator, ema: EMAModel | None = None,
-                      measure_penalty: bool = False) -> StepOutput:
+    def training_step(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        class_labels: torch.Tensor,
+        generator: torch.Generator,
+        ema: EMAModel | None = None,
+        measure_penalty: bool = False,
+    ) -> StepOutput:
         """One micro-batch under ``accelerator.accumulate``: loss, backward, (clip, optimizer step, proximal step,
         EMA update when the accumulation window closes). Raises ``NonFiniteLossError`` before any update.
         ``measure_penalty``: on a step that closes the window, also report ||grad lambda*EWC|| relative to the
@@ -134,8 +174,17 @@ class ContinualLearner:
             replay = self.replay.batch(self.replay_batch_size or images.shape[0], generator, images.device)
             teacher = self.replay.teacher
         with accelerator.accumulate(model):
-            parts = continual_loss(model, self.noise_scheduler, images, class_labels, replay, teacher,
-                                   self.distill_weight, self.replay_in_denoise, generator)
+            parts = continual_loss(
+                model,
+                self.noise_scheduler,
+                images,
+                class_labels,
+                replay,
+                teacher,
+                self.distill_weight,
+                self.replay_in_denoise,
+                generator,
+            )
             loss, ewc = parts["loss"], torch.zeros((), device=images.device)
             if self.penalty is not None and self.ewc_mode == "loss" and self.penalty.num_tasks:
                 ewc = self.penalty(accelerator.unwrap_model(model))
@@ -156,8 +205,14 @@ class ContinualLearner:
             self.penalty.proximal_step(accelerator.unwrap_model(model), optimizer.param_groups[0]["lr"])
         if stepped and ema is not None:
             ema.step(model.parameters())
-        return StepOutput(float(loss.detach()), float(parts["denoise"]), float(parts["distill"]),
-                          float(ewc.detach()), accelerator.sync_gradients, ratio)
+        return StepOutput(
+            float(loss.detach()),
+            float(parts["denoise"]),
+            float(parts["distill"]),
+            float(ewc.detach()),
+            accelerator.sync_gradients,
+            ratio,
+        )
 
     def _penalty_gradient_ratio(self, model: nn.Module) -> float | None:
         """||grad of lambda*EWC|| / ||grad of the other terms||, from the gradients that backward just left."""
@@ -176,24 +231,45 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------------------------------- end of a task
 
-    def consolidate(self, model: nn.Module, fisher_loader: Iterable, *, seed: int,
-                    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, num_samples: int | None = None,
-                    show_progress: bool = True) -> FisherStatistics | None:
+    def consolidate(
+        self,
+        model: nn.Module,
+        fisher_loader: Iterable,
+        *,
+        seed: int,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        num_samples: int | None = None,
+        show_progress: bool = True,
+    ) -> FisherStatistics | None:
         """Estimate the finished task's Fisher at theta*_k = ``model`` (whole, unwrapped weights; float32 whatever
         the training precision) and add its term to the penalty. None when training without EWC. Raises
         ``ValueError`` on a non-finite estimate, before the penalty takes it."""
         if self.penalty is None:
             return None
         kinds = ("diag",) if self.penalty.kind == "diag" else ("rank1",)
-        stats = estimate_fisher(model, self.noise_scheduler, fisher_loader, kinds=kinds, num_samples=num_samples,
-                                generator=torch.Generator().manual_seed(seed), reduce_sum=reduce_sum,
-                                show_progress=show_progress).check_finite("the finished task's Fisher estimate")
+        stats = estimate_fisher(
+            model,
+            self.noise_scheduler,
+            fisher_loader,
+            kinds=kinds,
+            num_samples=num_samples,
+            generator=torch.Generator().manual_seed(seed),
+            reduce_sum=reduce_sum,
+            show_progress=show_progress,
+        ).check_finite("the finished task's Fisher estimate")
         self.penalty.add_task(stats, model)
         return stats
 
 
-def fisher_loader(images: torch.Tensor, labels: torch.Tensor, num_samples: int | None, batch_size: int, seed: int,
-                  rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+def fisher_loader(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_samples: int | None,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.utils.data.DataLoader:
     """The Fisher's in-memory loader: a seeded random subset of ``num_samples`` (``subset_indices``), this process's
     share of it (every ``world_size``-th), with global indices so that the estimate does not depend on the process
     count. Yields ``(images [B, C, H, W], labels [B], global_index [B])`` in a fixed order."""

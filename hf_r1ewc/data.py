@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.data_loader import DataLoaderStateMixin
 
+
 if TYPE_CHECKING:
     import datasets
 
@@ -285,7 +286,9 @@ def _load_idx(folder: Path, split: str) -> LabeledImages:
     images = _read_idx(image_path)
     labels = _read_idx(label_path)
     if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{image_path.name} has {images.shape[0]} images but {label_path.name} {labels.shape[0]} labels.")
+        raise DataError(
+            f"{image_path.name} has {images.shape[0]} images but {label_path.name} {labels.shape[0]} labels."
+        )
     return LabeledImages(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
 
 
@@ -346,16 +349,18 @@ def parse_tasks(
 # ------------------------------------------------------------------------------------------------ streaming
 
 
-def _filtered_stream(source: str, split: str, classes: Sequence[int], image_column: str | None,
-                     label_column: str | None):
+def _filtered_stream(
+    source: str, split: str, classes: Sequence[int], image_column: str | None, label_column: str | None
+):
     """(streamed dataset holding only ``classes``, image column, label column); parquet gets the filter pushed down."""
     wanted = [int(c) for c in classes]
     try:
         dataset = load_hf_dataset(source, split, streaming=True, filters=[(label_column or "label", "in", wanted)])
     except (DataError, TypeError, ValueError):
         dataset = load_hf_dataset(source, split, streaming=True)
-    image_column, label_column = resolve_columns(list(dataset.features or {}) or dataset.column_names,
-                                                 image_column, label_column)
+    image_column, label_column = resolve_columns(
+        list(dataset.features or {}) or dataset.column_names, image_column, label_column
+    )
     wanted_set = set(wanted)
     dataset = dataset.select_columns([image_column, label_column])
     dataset = dataset.filter(lambda label: int(label) in wanted_set, input_columns=[label_column])
@@ -423,8 +428,15 @@ class StreamedTaskLoader(DataLoaderStateMixin):
     under gradient accumulation the last micro-batch of an epoch closes the window, nothing spills into the next.
     """
 
-    def __init__(self, stream, batch_size: int, num_batches: int | None = None, device: torch.device | str = "cpu",
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        stream,
+        batch_size: int,
+        num_batches: int | None = None,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         from accelerate.state import GradientState
 
         self.stream, self.batch_size, self.num_batches = stream, batch_size, num_batches
@@ -473,8 +485,10 @@ class StreamedTaskLoader(DataLoaderStateMixin):
             if self.num_batches is None:
                 return
             if read == 0:
-                raise DataError(f"process {self.rank}'s share of the streamed task is empty; use fewer processes "
-                                f"or a dataset with more files")
+                raise DataError(
+                    f"process {self.rank}'s share of the streamed task is empty; use fewer processes "
+                    f"or a dataset with more files"
+                )
 
 
 # ---------------------------------------------------------------------------------------------------- preview

@@ -28,6 +28,7 @@ from torch import nn
 from .pipeline import default_autocast_dtype, sample, sampler_name
 from .progress import progress_bar
 
+
 POOL_CHUNK = 250  # images per pool chunk: the unit of generation, of resume and of multi-process sharing
 
 
@@ -68,8 +69,9 @@ class ReplayPool:
         """The sorted classes the pool holds."""
         return sorted(int(c) for c in torch.unique(self.labels))
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A uniformly drawn replay batch: (float32 images ``[B, C, H, W]``, labels ``[B]``) on ``device``."""
         index = torch.randint(0, len(self), (batch_size,), generator=generator)
         return self.images[index].to(device, torch.float32), self.labels[index].to(device)
@@ -109,30 +111,53 @@ class ReplayPool:
             raise ValueError(f"per_class must be >= 1, got {per_class}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        spec = {"classes": classes, "per_class": per_class, "num_inference_steps": num_inference_steps,
-                "seed": seed, "chunk": POOL_CHUNK, "sampler": sampler_name(scheduler), "eta": 0.0}
+        spec = {
+            "classes": classes,
+            "per_class": per_class,
+            "num_inference_steps": num_inference_steps,
+            "seed": seed,
+            "chunk": POOL_CHUNK,
+            "sampler": sampler_name(scheduler),
+            "eta": 0.0,
+        }
         spec_path = directory / "pool.json"
         if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
-            raise ValueError(f"{directory} holds a replay pool made with other settings "
-                             f"({spec_path.read_text().strip()}); delete it or choose another folder.")
+            raise ValueError(
+                f"{directory} holds a replay pool made with other settings "
+                f"({spec_path.read_text().strip()}); delete it or choose another folder."
+            )
         if rank == 0:
             _atomic_write_text(spec_path, json.dumps(spec))
         labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
         num_chunks = -(-len(labels) // POOL_CHUNK)
-        mine = [c for c in range(rank, num_chunks, world_size) if not (directory / f"chunk-{c:05d}.safetensors").exists()]
-        bar = progress_bar(mine, show=show_progress, unit="chunk",
-                           desc=f"replay pool ({len(classes)} classes x {per_class} images, chunks of {POOL_CHUNK})")
+        mine = [
+            c for c in range(rank, num_chunks, world_size) if not (directory / f"chunk-{c:05d}.safetensors").exists()
+        ]
+        bar = progress_bar(
+            mine,
+            show=show_progress,
+            unit="chunk",
+            desc=f"replay pool ({len(classes)} classes x {per_class} images, chunks of {POOL_CHUNK})",
+        )
         for chunk in bar:
             chunk_labels = labels[chunk * POOL_CHUNK : (chunk + 1) * POOL_CHUNK]
             generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
             parts = [
-                sample(teacher, scheduler, chunk_labels[i : i + batch_size], num_inference_steps, generator,
-                       autocast_dtype)
+                sample(
+                    teacher,
+                    scheduler,
+                    chunk_labels[i : i + batch_size],
+                    num_inference_steps,
+                    generator,
+                    autocast_dtype,
+                )
                 for i in range(0, len(chunk_labels), batch_size)
             ]
             path = directory / f"chunk-{chunk:05d}.safetensors"
-            save_file({"images": torch.cat(parts).half().cpu().contiguous(), "labels": chunk_labels.contiguous()},
-                      f"{path}.{os.getpid()}.tmp")
+            save_file(
+                {"images": torch.cat(parts).half().cpu().contiguous(), "labels": chunk_labels.contiguous()},
+                f"{path}.{os.getpid()}.tmp",
+            )
             os.replace(f"{path}.{os.getpid()}.tmp", path)
         if barrier is not None:
             barrier()
@@ -205,10 +230,16 @@ def continual_loss(
     if replay is not None:
         x0 = torch.cat([images, replay[0].to(device, images.dtype)])
         labels = torch.cat([class_labels, replay[1].to(device)])
-    noise = torch.randn(x0.shape, generator=generator, device="cpu" if generator is not None else device,
-                        dtype=x0.dtype).to(device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator,
-                      device="cpu" if generator is not None else device).to(device)
+    noise = torch.randn(
+        x0.shape, generator=generator, device="cpu" if generator is not None else device, dtype=x0.dtype
+    ).to(device)
+    t = torch.randint(
+        0,
+        noise_scheduler.config.num_train_timesteps,
+        (x0.shape[0],),
+        generator=generator,
+        device="cpu" if generator is not None else device,
+    ).to(device)
     noisy = noise_scheduler.add_noise(x0, noise, t)
     pred = unet(noisy, t, class_labels=labels).sample
     per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)

@@ -35,8 +35,10 @@ from .plots import plot_afid_curves, plot_task_fid_curves, save_labeled_grid
 
 def train_classifier_main(argv: list[str]) -> None:
     """``python -m hf_r1ewc.evaluate train-classifier``: the offline FID feature classifier."""
-    p = argparse.ArgumentParser(prog="python -m hf_r1ewc.evaluate train-classifier",
-                                description="Train the offline FID feature classifier on a dataset's training split.")
+    p = argparse.ArgumentParser(
+        prog="python -m hf_r1ewc.evaluate train-classifier",
+        description="Train the offline FID feature classifier on a dataset's training split.",
+    )
     p.add_argument("--dataset_name", required=True, help="'digits', a Hub id or a local folder")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--resolution", type=int, default=None, help="default: 28x28 padded to 32, else native")
@@ -48,8 +50,14 @@ def train_classifier_main(argv: list[str]) -> None:
     train = load_labeled_images(args.dataset_name, "train")
     test = load_labeled_images(args.dataset_name, "test")
     resolution = args.resolution or default_resolution(train.image_size)
-    model = train_classifier(images_to_model_input(train.images, resolution, args.resize), train.labels,
-                             max(train.classes) + 1, feature_dim=args.feature_dim, epochs=args.epochs, seed=args.seed)
+    model = train_classifier(
+        images_to_model_input(train.images, resolution, args.resize),
+        train.labels,
+        max(train.classes) + 1,
+        feature_dim=args.feature_dim,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
     accuracy = classifier_accuracy(model, images_to_model_input(test.images, resolution, args.resize), test.labels)
     model.save_pretrained(args.output_dir)
     (Path(args.output_dir) / "accuracy.json").write_text(json.dumps({"test_accuracy": accuracy}))
@@ -67,8 +75,10 @@ def complete_run(run_dir: Path, all_tasks: bool = False, num_samples: int | None
     process if a training run holds it."""
     lock = OutputLock(run_dir)
     if not lock.acquire():
-        raise ValueError(f"{run_dir} is being written by process {lock.holder()} (a training run); wait for it to "
-                         f"finish, or evaluate a copy of the folder")
+        raise ValueError(
+            f"{run_dir} is being written by process {lock.holder()} (a training run); wait for it to "
+            f"finish, or evaluate a copy of the folder"
+        )
     try:
         return _complete_run(run_dir, all_tasks, num_samples)
     finally:
@@ -84,23 +94,35 @@ def _complete_run(run_dir: Path, all_tasks: bool, num_samples: int | None) -> di
                 results.setdefault(key, {}).setdefault(k, {})
                 results[key][k] = {**row, **results[key][k]}
     manifest = run_dir / "run_manifest.json"  # (args.json: runs written before the manifest)
-    args = json.loads(manifest.read_text())["settings"] if manifest.exists() else \
-        json.loads((run_dir / "args.json").read_text())
+    args = (
+        json.loads(manifest.read_text())["settings"]
+        if manifest.exists()
+        else json.loads((run_dir / "args.json").read_text())
+    )
     source = args["dataset_name"] or args["train_data_dir"]
-    test = load_labeled_images(source, args.get("eval_split", "test"), args.get("image_column"),
-                               args.get("label_column"))
+    test = load_labeled_images(
+        source, args.get("eval_split", "test"), args.get("image_column"), args.get("label_column")
+    )
     resolution = args.get("resolution") or default_resolution(test.image_size)
-    extractor = load_feature_extractor(results["fid_backend"],
-                                       classifier_path=args.get("fid_classifier") or str(run_dir / "fid_classifier"),
-                                       fid_weights=args.get("fid_weights"),
-                                       dinov2_model=args.get("dinov2_model", "facebook/dinov2-base"))
+    extractor = load_feature_extractor(
+        results["fid_backend"],
+        classifier_path=args.get("fid_classifier") or str(run_dir / "fid_classifier"),
+        fid_weights=args.get("fid_weights"),
+        dinov2_model=args.get("dinov2_model", "facebook/dinov2-base"),
+    )
     precision = results.get("sampling", {}).get("precision", "fp32")
     tasks = results["tasks"]
-    evaluator = TaskFID(extractor, images_to_model_input(test.images, resolution, args.get("resize", False)),
-                        test.labels, tasks, num_samples=num_samples or args.get("fid_num_samples"),
-                        num_inference_steps=args.get("num_inference_steps", 50), seed=args.get("seed", 0),
-                        autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
-                        cache_dir=args.get("fid_reference_dir") or run_dir / "fid_reference")
+    evaluator = TaskFID(
+        extractor,
+        images_to_model_input(test.images, resolution, args.get("resize", False)),
+        test.labels,
+        tasks,
+        num_samples=num_samples or args.get("fid_num_samples"),
+        num_inference_steps=args.get("num_inference_steps", 50),
+        seed=args.get("seed", 0),
+        autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        cache_dir=args.get("fid_reference_dir") or run_dir / "fid_reference",
+    )
     matrix = matrix_from_json(results["fid"])
     accuracy = matrix_from_json(results.get("accuracy", {}))
     for k in range(1, len(tasks) + 1):
@@ -138,15 +160,23 @@ def results_from_revisions(repo_id: str, revisions: list[str]) -> dict:
         backend, tasks = metrics["fid_backend"], state["tasks"]
         method = state.get("method") or repo_id
     s = summarize(matrix)
-    return {"method": method, "fid_backend": backend, "tasks": tasks, "joint": False,
-            "fid": {str(k): {str(i): v for i, v in row.items()} for k, row in matrix.items()},
-            "afid": {str(k): v for k, v in s.get("afid", {}).items()}, "forgetting": s.get("forgetting"),
-            "plasticity": s.get("plasticity")}
+    return {
+        "method": method,
+        "fid_backend": backend,
+        "tasks": tasks,
+        "joint": False,
+        "fid": {str(k): {str(i): v for i, v in row.items()} for k, row in matrix.items()},
+        "afid": {str(k): v for k, v in s.get("afid", {}).items()},
+        "forgetting": s.get("forgetting"),
+        "plasticity": s.get("plasticity"),
+    }
 
 
 def _final_afid(results: dict) -> float | None:
     """AFID@T of a run (the joint run's AFID over all tasks); None while the last task is missing."""
-    return results.get("afid_final") if results.get("joint") else results.get("afid", {}).get(str(len(results["tasks"])))
+    return (
+        results.get("afid_final") if results.get("joint") else results.get("afid", {}).get(str(len(results["tasks"])))
+    )
 
 
 def aggregate(results_by_run: dict[str, dict]) -> dict:
@@ -162,8 +192,9 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
         for key in ("forgetting", "plasticity"):
             values = [r[key] for r in runs if r.get(key) is not None]
             row[key] = mean_and_standard_error(values) if values else None
-        final_accuracy = [sum(a.values()) / len(a) for r in runs
-                          if (a := r.get("accuracy", {}).get(str(len(r["tasks"]))))]
+        final_accuracy = [
+            sum(a.values()) / len(a) for r in runs if (a := r.get("accuracy", {}).get(str(len(r["tasks"]))))
+        ]
         row["accuracy"] = mean_and_standard_error(final_accuracy) if final_accuracy else None
         bwt = [r["bwt"] for r in runs if r.get("bwt") is not None]
         row["bwt"] = mean_and_standard_error(bwt) if bwt else None
@@ -190,8 +221,9 @@ def paired_differences(results_by_run: dict[str, dict], baseline: str) -> dict:
     by_method: dict[str, dict[int, dict]] = defaultdict(dict)
     for run, results in results_by_run.items():
         if results.get("seed") is None:
-            raise ValueError(f"{run}: results.json records no seed (written before seeds were recorded); pairing "
-                             f"needs it")
+            raise ValueError(
+                f"{run}: results.json records no seed (written before seeds were recorded); pairing needs it"
+            )
         by_method[results.get("label") or results["method"]][int(results["seed"])] = results
     if baseline not in by_method:
         raise ValueError(f"--paired_against {baseline!r} names no method of these runs; methods: {sorted(by_method)}")
@@ -218,9 +250,11 @@ def paired_differences(results_by_run: dict[str, dict], baseline: str) -> dict:
 
 def paired_markdown(table: dict, baseline: str) -> str:
     """The paired table: one row per method, per metric the mean difference +- SE, t's p and Wilcoxon's p."""
-    lines = [f"\n## Paired against {baseline} (method − {baseline}, per seed; negative = better)\n",
-             "| method | seeds | " + " | ".join(f"Δ{name} (p_t, p_W)" for name in PAIRED_METRICS.values()) + " |",
-             "| --- | --- |" + " --- |" * len(PAIRED_METRICS)]
+    lines = [
+        f"\n## Paired against {baseline} (method − {baseline}, per seed; negative = better)\n",
+        "| method | seeds | " + " | ".join(f"Δ{name} (p_t, p_W)" for name in PAIRED_METRICS.values()) + " |",
+        "| --- | --- |" + " --- |" * len(PAIRED_METRICS),
+    ]
     for method, row in table.items():
         cells = []
         for key in PAIRED_METRICS:
@@ -232,9 +266,17 @@ def paired_markdown(table: dict, baseline: str) -> str:
             cells.append(_fmt(e["mean_se"]) + tests)
         lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     n = max((len(r["seeds"]) for r in table.values()), default=0)
-    lines.append(f"\np_t: paired t-test (two-sided); p_W: exact Wilcoxon signed-rank test, whose smallest possible p "
-                 f"with {n} seeds is {2 / 2 ** n:.4f}" + (" — it cannot show significance at 0.05 with so few seeds; "
-                 "read p_t, which assumes roughly normal differences" if n and 2 / 2 ** n > 0.05 else "") + ".\n")
+    lines.append(
+        f"\np_t: paired t-test (two-sided); p_W: exact Wilcoxon signed-rank test, whose smallest possible p "
+        f"with {n} seeds is {2 / 2**n:.4f}"
+        + (
+            " — it cannot show significance at 0.05 with so few seeds; "
+            "read p_t, which assumes roughly normal differences"
+            if n and 2 / 2**n > 0.05
+            else ""
+        )
+        + ".\n"
+    )
     return "\n".join(lines)
 
 
@@ -248,33 +290,64 @@ def _fmt(pair) -> str:
 def write_summary(table: dict, output_dir: Path) -> None:
     """``summary.md``, ``summary.csv``, ``summary.json`` and the AFID@k plot from ``aggregate``'s table."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ | accuracy after T (ACC) ↑ | BWT ↑ |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ | accuracy after T (ACC) ↑ | BWT ↑ |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     percent = lambda pair: pair and (100 * pair[0], 100 * pair[1])  # noqa: E731
     for method, row in table.items():
-        lines.append(f"| {method} | {row['runs']} | {_fmt(row['afid'])} | {_fmt(row['forgetting'])} | "
-                     f"{_fmt(row['plasticity'])} | {_fmt(percent(row.get('accuracy')))} | "
-                     f"{_fmt(percent(row.get('bwt')))} |")
+        lines.append(
+            f"| {method} | {row['runs']} | {_fmt(row['afid'])} | {_fmt(row['forgetting'])} | "
+            f"{_fmt(row['plasticity'])} | {_fmt(percent(row.get('accuracy')))} | "
+            f"{_fmt(percent(row.get('bwt')))} |"
+        )
     backends = sorted({row["fid_backend"] for row in table.values()})
-    note = ("\nFID backend: " + ", ".join(backends) + (" (a classifier trained on the dataset's training split: NOT "
-            "comparable to Inception FID)" if "classifier" in backends else "") + ". Mean ± standard error over runs. "
-            "ACC: mean over tasks of the sample accuracy after the last task (%); BWT: mean over earlier tasks of "
-            "accuracy after the last task minus accuracy when learned (points; negative = forgotten).\n")
+    note = (
+        "\nFID backend: "
+        + ", ".join(backends)
+        + (
+            " (a classifier trained on the dataset's training split: NOT comparable to Inception FID)"
+            if "classifier" in backends
+            else ""
+        )
+        + ". Mean ± standard error over runs. "
+        "ACC: mean over tasks of the sample accuracy after the last task (%); BWT: mean over earlier tasks of "
+        "accuracy after the last task minus accuracy when learned (points; negative = forgotten).\n"
+    )
     (output_dir / "summary.md").write_text("\n".join(lines) + "\n" + note)
     with open(output_dir / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "runs", "afid_mean", "afid_se", "forgetting_mean", "forgetting_se",
-                         "plasticity_mean", "plasticity_se", "accuracy_mean", "accuracy_se", "bwt_mean", "bwt_se",
-                         "fid_backend"])
+        writer.writerow(
+            [
+                "method",
+                "runs",
+                "afid_mean",
+                "afid_se",
+                "forgetting_mean",
+                "forgetting_se",
+                "plasticity_mean",
+                "plasticity_se",
+                "accuracy_mean",
+                "accuracy_se",
+                "bwt_mean",
+                "bwt_se",
+                "fid_backend",
+            ]
+        )
         for method, row in table.items():
             cells = []
             for key in ("afid", "forgetting", "plasticity", "accuracy", "bwt"):
                 cells += list(row[key]) if row[key] else ["", ""]
             writer.writerow([method, row["runs"], *cells, row["fid_backend"]])
-    write_json(output_dir / "summary.json", {m: {**row, "afid_at_k": {str(k): v for k, v in row["afid_at_k"].items()}}
-                                            for m, row in table.items()})
-    plot_afid_curves({m: row["afid_at_k"] for m, row in table.items() if row["afid_at_k"]},
-                     output_dir / "afid_at_k.png", backend=", ".join(backends))
+    write_json(
+        output_dir / "summary.json",
+        {m: {**row, "afid_at_k": {str(k): v for k, v in row["afid_at_k"].items()}} for m, row in table.items()},
+    )
+    plot_afid_curves(
+        {m: row["afid_at_k"] for m, row in table.items() if row["afid_at_k"]},
+        output_dir / "afid_at_k.png",
+        backend=", ".join(backends),
+    )
 
 
 @torch.no_grad()
@@ -283,7 +356,7 @@ def sample_grid_across_tasks(run_dir: Path, classes: list[int], path: Path, step
     saved scheduler, labelled. Same noise in every column."""
     columns, names = [], []
     for folder in sorted(run_dir.glob("task_[0-9][0-9]")):  # the finished ones (a run resumed from another
-        if not is_complete_task_folder(folder):               # folder's task holds only the later tasks)
+        if not is_complete_task_folder(folder):  # folder's task holds only the later tasks)
             continue
         read_training_state(folder)
         pipe = ClassConditionalPipeline.from_pretrained(folder)
@@ -303,24 +376,39 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train-classifier":
         return train_classifier_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m hf_r1ewc.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hf_r1ewc.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run_dir", nargs="+", default=[], help="run output folders (each with results.json)")
-    p.add_argument("--hub_repo", action="append", default=[],
-                   help="a Hub model repo pushed with --push_to_hub (repeatable): read from its task revisions")
-    p.add_argument("--revisions", default="task-01,task-02,task-03,task-04,task-05",
-                   help="with --hub_repo: the task revisions to read")
+    p.add_argument(
+        "--hub_repo",
+        action="append",
+        default=[],
+        help="a Hub model repo pushed with --push_to_hub (repeatable): read from its task revisions",
+    )
+    p.add_argument(
+        "--revisions",
+        default="task-01,task-02,task-03,task-04,task-05",
+        help="with --hub_repo: the task revisions to read",
+    )
     p.add_argument("--output_dir", default=None, help="where the summary goes (default: the first run's parent)")
     p.add_argument("--complete", action="store_true", help="compute missing FID_i(m_k) from the task folders")
     p.add_argument("--all_tasks", action="store_true", help="with --complete: FID of every task, also i > k")
     p.add_argument("--fid_num_samples", type=int, default=None)
     p.add_argument("--grid_classes", default=None, help="with one run: classes for the class x task sample grid")
-    p.add_argument("--include_unfinished", action="store_true",
-                   help="aggregate runs that have not finished their last task too, as methods of their own marked "
-                        "'[unfinished]' (default: refuse them)")
-    p.add_argument("--paired_against", default=None, metavar="METHOD",
-                   help="also compare every method with METHOD (e.g. 'generative replay + distillation (weight 1)', "
-                        "as the summary names it) seed by seed: mean difference +- SE, paired t and Wilcoxon tests")
+    p.add_argument(
+        "--include_unfinished",
+        action="store_true",
+        help="aggregate runs that have not finished their last task too, as methods of their own marked "
+        "'[unfinished]' (default: refuse them)",
+    )
+    p.add_argument(
+        "--paired_against",
+        default=None,
+        metavar="METHOD",
+        help="also compare every method with METHOD (e.g. 'generative replay + distillation (weight 1)', "
+        "as the summary names it) seed by seed: mean difference +- SE, paired t and Wilcoxon tests",
+    )
     args = p.parse_args(argv)
     runs = {}
     for run in args.run_dir:
@@ -328,8 +416,11 @@ def main(argv: list[str] | None = None) -> None:
         if not (run_dir / "results.json").exists():
             raise SystemExit(f"error: {run_dir} has no results.json (is it a train_continual_ddpm.py output_dir?)")
         try:
-            runs[str(run_dir)] = complete_run(run_dir, args.all_tasks, args.fid_num_samples) if args.complete \
+            runs[str(run_dir)] = (
+                complete_run(run_dir, args.all_tasks, args.fid_num_samples)
+                if args.complete
                 else json.loads((run_dir / "results.json").read_text())
+            )
         except ValueError as err:  # a run being trained, an altered task folder, unreadable results
             raise SystemExit(f"error: {err}") from None
     for repo in args.hub_repo:
@@ -338,10 +429,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: pass --run_dir DIR [DIR ...] and/or --hub_repo REPO_ID")
     unfinished = {run: r for run, r in runs.items() if _final_afid(r) is None}
     if unfinished and not args.include_unfinished:
-        listed = "; ".join(f"{run} ({len(r.get('afid', {}))} of {len(r['tasks'])} tasks)" for run, r in
-                           unfinished.items())
-        raise SystemExit(f"error: runs that have not finished: {listed}. Let them finish (re-run their command), "
-                         f"leave them out, or pass --include_unfinished to show them apart, marked '[unfinished]'")
+        listed = "; ".join(
+            f"{run} ({len(r.get('afid', {}))} of {len(r['tasks'])} tasks)" for run, r in unfinished.items()
+        )
+        raise SystemExit(
+            f"error: runs that have not finished: {listed}. Let them finish (re-run their command), "
+            f"leave them out, or pass --include_unfinished to show them apart, marked '[unfinished]'"
+        )
     for r in unfinished.values():
         r["label"] = f"{r.get('label') or r['method']} [unfinished]"
     output_dir = Path(args.output_dir or (Path(args.run_dir[0]).parent if args.run_dir else "."))
@@ -356,13 +450,18 @@ def main(argv: list[str] | None = None) -> None:
         with open(output_dir / "summary.md", "a") as f:
             f.write(paired_markdown(paired, args.paired_against))
     for run, results in runs.items():
-        plot_task_fid_curves(matrix_from_json(results["fid"]),
-                             output_dir / f"fid_curves_{Path(run).name.replace('/', '_')}.png",
-                             title=results["method"])
+        plot_task_fid_curves(
+            matrix_from_json(results["fid"]),
+            output_dir / f"fid_curves_{Path(run).name.replace('/', '_')}.png",
+            title=results["method"],
+        )
     if args.grid_classes:
         try:
-            sample_grid_across_tasks(Path(args.run_dir[0]), [int(c) for c in args.grid_classes.split(",")],
-                                     output_dir / "samples_across_tasks.png")
+            sample_grid_across_tasks(
+                Path(args.run_dir[0]),
+                [int(c) for c in args.grid_classes.split(",")],
+                output_dir / "samples_across_tasks.png",
+            )
         except ValueError as err:  # an altered task folder, a class the model does not know
             raise SystemExit(f"error: --grid_classes: {err}") from None
     print((output_dir / "summary.md").read_text())

@@ -21,6 +21,7 @@ from torch import nn
 
 from .progress import progress_bar
 
+
 BACKENDS = ("classifier", "inception", "dinov2")
 
 
@@ -59,8 +60,10 @@ class FeatureStatistics:
         if n < 2:
             raise ValueError(f"FID needs at least 2 samples, got {n}")
         if n <= dim:
-            warnings.warn(f"FID on {n} samples of {dim}-dimensional features: the covariance is singular and the "
-                          f"distance strongly biased; use more samples or a lower-dimensional backend.")
+            warnings.warn(
+                f"FID on {n} samples of {dim}-dimensional features: the covariance is singular and the "
+                f"distance strongly biased; use more samples or a lower-dimensional backend."
+            )
         mu = features.mean(0)
         centered = features - mu
         return cls(mu, centered.T @ centered / (n - 1), n, backend)
@@ -70,8 +73,11 @@ class FeatureStatistics:
         from safetensors.torch import save_file
 
         tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: runs may share a folder
-        save_file({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, tmp,
-                  metadata={"num_samples": str(self.num_samples), "backend": self.backend})
+        save_file(
+            {"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()},
+            tmp,
+            metadata={"num_samples": str(self.num_samples), "backend": self.backend},
+        )
         os.replace(tmp, path)
 
     @classmethod
@@ -105,8 +111,9 @@ class FeatureExtractor(nn.Module):
     def features(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """``[N, D]`` float32 features on the CPU."""
         device = next(self.parameters()).device
-        return torch.cat([self(images[i : i + batch_size].to(device)).float().cpu()
-                          for i in range(0, images.shape[0], batch_size)])
+        return torch.cat(
+            [self(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, images.shape[0], batch_size)]
+        )
 
     def predict_from_features(self, features: torch.Tensor) -> torch.Tensor | None:
         """``[N]`` predicted classes from ``features`` where the backend is a classifier of the dataset, else None."""
@@ -121,14 +128,27 @@ class ClassifierFeatures(FeatureExtractor):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, resolution: int = 32, feature_dim: int = 64):
         super().__init__()
-        self.config = {"in_channels": in_channels, "num_classes": num_classes, "resolution": resolution,
-                       "feature_dim": feature_dim}
+        self.config = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "resolution": resolution,
+            "feature_dim": feature_dim,
+        }
         self.dim = feature_dim
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.GroupNorm(8, 64), nn.SiLU(),
-            nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.GroupNorm(8, 64), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, feature_dim), nn.SiLU(),
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.GroupNorm(8, 32),
+            nn.SiLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2),
+            nn.GroupNorm(8, 64),
+            nn.SiLU(),
+            nn.Conv2d(64, 64, 3, padding=1, stride=2),
+            nn.GroupNorm(8, 64),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(256, feature_dim),
+            nn.SiLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -163,7 +183,8 @@ class ClassifierFeatures(FeatureExtractor):
         if not (directory / "model.safetensors").exists():
             raise FileNotFoundError(
                 f"no feature classifier in {directory}; train one with `python -m hf_r1ewc.evaluate "
-                f"train-classifier --dataset_name DATA --output_dir {directory}`")
+                f"train-classifier --dataset_name DATA --output_dir {directory}`"
+            )
         model = cls(**json.loads((directory / "config.json").read_text()))
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
         return model.eval()
@@ -228,13 +249,15 @@ class InceptionFeatures(FeatureExtractor):
         except (ImportError, ModuleNotFoundError) as err:
             raise ImportError("the inception backend needs torch-fidelity: pip install 'hf-r1ewc[inception]'") from err
         try:
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=weights_path)
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+            )
         except Exception as err:  # a failed download surfaces as many exception types
             raise RuntimeError(
                 "cannot load the FID Inception-v3 weights (this machine may be offline): download "
                 "pt_inception-2015-12-05-6726825d.pth elsewhere and pass --fid_weights PATH, or use "
-                f"--fid_backend classifier. Cause: {type(err).__name__}: {err}") from err
+                f"--fid_backend classifier. Cause: {type(err).__name__}: {err}"
+            ) from err
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 2048]`` pool features of uint8-quantised images, grey expanded to RGB."""
@@ -259,8 +282,10 @@ class Dinov2Features(FeatureExtractor):
         try:
             self.net = Dinov2Model.from_pretrained(name_or_path).eval()
         except OSError as err:
-            raise RuntimeError(f"cannot load DINOv2 from {name_or_path!r} (offline?): pass a local folder with "
-                               f"--dinov2_model PATH, or use --fid_backend classifier. Cause: {err}") from err
+            raise RuntimeError(
+                f"cannot load DINOv2 from {name_or_path!r} (offline?): pass a local folder with "
+                f"--dinov2_model PATH, or use --fid_backend classifier. Cause: {err}"
+            ) from err
         self.dim = self.net.config.hidden_size
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
@@ -274,13 +299,20 @@ class Dinov2Features(FeatureExtractor):
         return self.net(pixel_values=(x - self.mean) / self.std).pooler_output
 
 
-def load_feature_extractor(backend: str, *, classifier_path: str | None = None, fid_weights: str | None = None,
-                           dinov2_model: str = "facebook/dinov2-base") -> FeatureExtractor:
+def load_feature_extractor(
+    backend: str,
+    *,
+    classifier_path: str | None = None,
+    fid_weights: str | None = None,
+    dinov2_model: str = "facebook/dinov2-base",
+) -> FeatureExtractor:
     """The feature network named by ``backend`` (one of ``BACKENDS``)."""
     if backend == "classifier":
         if classifier_path is None:
-            raise ValueError("the classifier backend needs --fid_classifier DIR (train one with "
-                             "`python -m hf_r1ewc.evaluate train-classifier`)")
+            raise ValueError(
+                "the classifier backend needs --fid_classifier DIR (train one with "
+                "`python -m hf_r1ewc.evaluate train-classifier`)"
+            )
         return ClassifierFeatures.from_pretrained(classifier_path)
     if backend == "inception":
         return InceptionFeatures(fid_weights)
@@ -289,23 +321,28 @@ def load_feature_extractor(backend: str, *, classifier_path: str | None = None, 
     raise ValueError(f"unknown FID backend {backend!r}; choose from {BACKENDS}")
 
 
-def reference_cache_path(cache_dir: str | os.PathLike, extractor: FeatureExtractor, classes: Sequence[int],
-                         images: torch.Tensor) -> Path:
+def reference_cache_path(
+    cache_dir: str | os.PathLike, extractor: FeatureExtractor, classes: Sequence[int], images: torch.Tensor
+) -> Path:
     """Cache file for the real statistics of one task, keyed by backend, feature weights, classes and the exact
     images (a content hash), so that runs of other methods and seeds can share one ``cache_dir`` safely."""
     import hashlib
 
     digest = hashlib.sha1()
-    digest.update(json.dumps({"backend": extractor.name, "classes": [int(c) for c in classes],
-                              "shape": list(images.shape)}).encode())
+    digest.update(
+        json.dumps(
+            {"backend": extractor.name, "classes": [int(c) for c in classes], "shape": list(images.shape)}
+        ).encode()
+    )
     digest.update(images.contiguous().cpu().numpy().tobytes())
     for tensor in extractor.state_dict().values():
         digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes()[:65536])
     return Path(cache_dir) / f"{extractor.name}_{digest.hexdigest()[:16]}.safetensors"
 
 
-def real_statistics(extractor: FeatureExtractor, images: torch.Tensor, cache_path: str | os.PathLike | None = None
-                    ) -> FeatureStatistics:
+def real_statistics(
+    extractor: FeatureExtractor, images: torch.Tensor, cache_path: str | os.PathLike | None = None
+) -> FeatureStatistics:
     """Statistics of real images ``[N, C, H, W]`` in [-1, 1], cached as safetensors when ``cache_path`` is given
     (see ``reference_cache_path`` for a key that is safe to share across runs)."""
     if cache_path is not None and Path(cache_path).exists():

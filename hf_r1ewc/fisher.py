@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from .progress import progress_bar
 
+
 KINDS = ("rank1", "diag")
 LOSS_NORMALIZATION = "mean_over_pixels"
 
@@ -54,15 +55,21 @@ class FisherStatistics:
 
     def check_finite(self, source: str) -> "FisherStatistics":
         """Raise ``ValueError`` naming ``source`` if c* or any value of mu or diag is NaN or infinite; else self."""
-        bad = {f"{kind} {name}": int((~torch.isfinite(v)).sum()) for kind, store in (("mu", self.mu),
-               ("diag", self.diag)) for name, v in (store or {}).items() if not bool(torch.isfinite(v).all())}
+        bad = {
+            f"{kind} {name}": int((~torch.isfinite(v)).sum())
+            for kind, store in (("mu", self.mu), ("diag", self.diag))
+            for name, v in (store or {}).items()
+            if not bool(torch.isfinite(v).all())
+        }
         if self.c_star is not None and not math.isfinite(self.c_star):
             bad["c*"] = 1
         if bad:
             total = sum(bad.values())
-            raise ValueError(f"{source}: {total} non-finite Fisher values ({', '.join(list(bad)[:3])}"
-                             f"{' ...' if len(bad) > 3 else ''}): the weights or losses they were estimated from "
-                             f"were not finite, or the file is damaged; a penalty built on them would be NaN")
+            raise ValueError(
+                f"{source}: {total} non-finite Fisher values ({', '.join(list(bad)[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}): the weights or losses they were estimated from "
+                f"were not finite, or the file is damaged; a penalty built on them would be NaN"
+            )
         return self
 
     def mu_norm(self) -> float:
@@ -79,15 +86,19 @@ class FisherSums:
     proj_sq_sum: float = 0.0  # sum_i (mu^T g_i)^2, for a fixed mu
     grad_sq_sum: dict[str, torch.Tensor] | None = None  # sum_i g_i * g_i
 
-    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str) -> "FisherSums":
+    def all_reduce(
+        self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str
+    ) -> "FisherSums":
         """Sum every field across processes with ``reduce_sum`` (e.g. ``lambda t: accelerator.reduce(t, "sum")``).
         Every reduced tensor lives on ``device``, the parameters' device (NCCL reduces GPU tensors only)."""
+
         def reduce_dict(d):
             return None if d is None else {k: reduce_sum(v.to(device)) for k, v in d.items()}
 
         scalars = reduce_sum(torch.tensor([float(self.count), self.proj_sq_sum], dtype=torch.float64, device=device))
-        return FisherSums(int(round(float(scalars[0]))), reduce_dict(self.grad_sum), float(scalars[1]),
-                          reduce_dict(self.grad_sq_sum))
+        return FisherSums(
+            int(round(float(scalars[0]))), reduce_dict(self.grad_sum), float(scalars[1]), reduce_dict(self.grad_sq_sum)
+        )
 
 
 # ----------------------------------------------------------------------------------------- model plumbing
@@ -152,8 +163,9 @@ def per_sample_losses(
     noise: torch.Tensor,
 ) -> torch.Tensor:
     """``[B]`` pixel-mean squared errors of the noise prediction, computed with ``params`` substituted."""
-    pred = functional_call(unet, params, (noisy_images, timesteps), {"class_labels": class_labels,
-                                                                       "return_dict": False})[0]
+    pred = functional_call(
+        unet, params, (noisy_images, timesteps), {"class_labels": class_labels, "return_dict": False}
+    )[0]
     return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
 
 
@@ -176,6 +188,7 @@ def _projections(unet, params, mu, x_t, t, y, noise) -> torch.Tensor:
 
 def _per_sample_grads(unet, params, x_t, t, y, noise) -> dict[str, torch.Tensor]:
     """``{name: [B, *shape]}`` per-sample gradients by ``vmap(grad(.))``."""
+
     def one(p, xi, ti, yi, ni):
         return per_sample_losses(unet, p, xi[None], ti[None], yi[None], ni[None])[0]
 
@@ -187,8 +200,9 @@ def _chunks(batch_size: int, chunk_size: int | None) -> Iterable[slice]:
     return (slice(i, min(i + step, batch_size)) for i in range(0, batch_size, step))
 
 
-def accumulate_first_pass(unet: nn.Module, sums: FisherSums, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                          noise: torch.Tensor) -> None:
+def accumulate_first_pass(
+    unet: nn.Module, sums: FisherSums, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor
+) -> None:
     """Pass 1: add sum_i g_i of this batch to ``sums`` (float64)."""
     batch = _batch_grad_sum(unet, x_t, t, y, noise)
     if sums.grad_sum is None:
@@ -199,8 +213,15 @@ def accumulate_first_pass(unet: nn.Module, sums: FisherSums, x_t: torch.Tensor, 
 
 
 def accumulate_second_pass(
-    unet: nn.Module, params: dict[str, torch.Tensor], mu: dict[str, torch.Tensor], sums: FisherSums,
-    x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, kinds: Sequence[str],
+    unet: nn.Module,
+    params: dict[str, torch.Tensor],
+    mu: dict[str, torch.Tensor],
+    sums: FisherSums,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    noise: torch.Tensor,
+    kinds: Sequence[str],
     chunk_size: int | None = None,
 ) -> None:
     """Pass 2 with mu fixed: add sum_i (mu^T g_i)^2 (if rank1) and sum_i g_i*g_i (if diag) to ``sums``."""
@@ -267,8 +288,9 @@ def fisher_statistics(
         accumulate_first_pass(unet, sums, noisy_images, timesteps, class_labels, noise)
         mu = {k: (v / sums.count).to(params[k].dtype) for k, v in sums.grad_sum.items()}
         with forward_ad_safe(unet):
-            accumulate_second_pass(unet, params, mu, sums, noisy_images, timesteps, class_labels, noise, kinds,
-                                   chunk_size)
+            accumulate_second_pass(
+                unet, params, mu, sums, noisy_images, timesteps, class_labels, noise, kinds, chunk_size
+            )
     return finalize(sums, kinds)
 
 
@@ -280,8 +302,9 @@ def subset_indices(num_examples: int, num_samples: int | None, seed: int) -> tor
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
 
 
-def sample_noise(index: int, seed: int, shape: Sequence[int], timestep_range: tuple[int, int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_noise(
+    index: int, seed: int, shape: Sequence[int], timestep_range: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, eps) of the sample with global ``index``: drawn from its own seed, so that the draws do not depend on
     batching or on how the samples are sharded across processes."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -342,7 +365,9 @@ def estimate_fisher(
     """
     kinds = _check_kinds(kinds)
     if not 0 <= timestep_range[0] < timestep_range[1] <= noise_scheduler.config.num_train_timesteps:
-        raise ValueError(f"timestep_range {timestep_range} must lie in [0, {noise_scheduler.config.num_train_timesteps}]")
+        raise ValueError(
+            f"timestep_range {timestep_range} must lie in [0, {noise_scheduler.config.num_train_timesteps}]"
+        )
     seed = int(generator.initial_seed()) if generator is not None else 0
     reduce_sum = reduce_sum or (lambda tensor: tensor)
     params = trainable_parameters(unet)
@@ -374,8 +399,9 @@ def estimate_fisher(
                     accumulate_second_pass(unet, params, mu, second, x_t, t, y, eps, kinds, chunk_size)
                     labels_second.append(y.cpu())
         if not torch.equal(torch.cat(labels_first), torch.cat(labels_second)):
-            raise ValueError("the dataloader yielded different samples on the two Fisher passes; "
-                             "pass a loader without shuffling")
+            raise ValueError(
+                "the dataloader yielded different samples on the two Fisher passes; pass a loader without shuffling"
+            )
         local = FisherSums(proj_sq_sum=second.proj_sq_sum, grad_sq_sum=second.grad_sq_sum)
         reduced = local.all_reduce(reduce_sum, device)
         merged = FisherSums(first.count, first.grad_sum, reduced.proj_sq_sum, reduced.grad_sq_sum)
@@ -442,17 +468,23 @@ def load_fisher(path: str, model: nn.Module | None = None, device: str | torch.d
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read Fisher file {path}: {err}. The file is truncated or corrupt; "
-                         f"re-estimate it or copy it again.") from err
+        raise ValueError(
+            f"cannot read Fisher file {path}: {err}. The file is truncated or corrupt; "
+            f"re-estimate it or copy it again."
+        ) from err
     for key in ("kinds", "c_star", "num_samples", "loss_normalization"):
         if key not in metadata:
             raise ValueError(f"{path} is not an hf_r1ewc Fisher file: metadata key {key!r} is missing")
     if metadata["loss_normalization"] != LOSS_NORMALIZATION:
-        raise ValueError(f"{path} was estimated with loss normalisation {metadata['loss_normalization']!r}, "
-                         f"this version uses {LOSS_NORMALIZATION!r}")
+        raise ValueError(
+            f"{path} was estimated with loss normalisation {metadata['loss_normalization']!r}, "
+            f"this version uses {LOSS_NORMALIZATION!r}"
+        )
     kinds = [k for k in metadata["kinds"].split(",") if k]
-    stores = {kind: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-              for kind, prefix in (("rank1", "mu"), ("diag", "diag"))}
+    stores = {
+        kind: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        for kind, prefix in (("rank1", "mu"), ("diag", "diag"))
+    }
     if model is not None:
         expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
         for kind in kinds:
@@ -465,8 +497,10 @@ def load_fisher(path: str, model: nn.Module | None = None, device: str | torch.d
                     for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                     if names
                 )
-                raise ValueError(f"{path} does not match this model ({kind} statistics) — {detail}. "
-                                 f"Was it estimated for another UNet config?")
+                raise ValueError(
+                    f"{path} does not match this model ({kind} statistics) — {detail}. "
+                    f"Was it estimated for another UNet config?"
+                )
     known = {"kinds", "c_star", "num_samples", "timestep_range", "loss_normalization"}
     stats = FisherStatistics(
         mu=stores["rank1"] if "rank1" in kinds else None,

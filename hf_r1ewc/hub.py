@@ -19,6 +19,7 @@ from typing import Callable
 
 from .integrity import DIGESTS_KEY, IntegrityError, folder_digests, verify_folder
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,8 +59,10 @@ def is_complete_task_folder(path: str | os.PathLike) -> bool:
 def write_training_state(folder: str | os.PathLike, state: dict) -> None:
     """Write ``training_state.json`` last, with the SHA-256 of every other file of the folder under ``"sha256"``."""
     folder = Path(folder)
-    write_json(folder / "training_state.json",
-               {**state, DIGESTS_KEY: folder_digests(folder, exclude=("training_state.json",))})
+    write_json(
+        folder / "training_state.json",
+        {**state, DIGESTS_KEY: folder_digests(folder, exclude=("training_state.json",))},
+    )
 
 
 def read_training_state(folder: str | os.PathLike) -> dict:
@@ -73,8 +76,9 @@ def read_training_state(folder: str | os.PathLike) -> dict:
     if DIGESTS_KEY in state:
         verify_folder(folder, state[DIGESTS_KEY])
     else:
-        logger.warning("%s records no SHA-256 digests (written by an older hf-r1ewc): its files are not verified",
-                       folder)
+        logger.warning(
+            "%s records no SHA-256 digests (written by an older hf-r1ewc): its files are not verified", folder
+        )
     return state
 
 
@@ -118,8 +122,7 @@ def write_folder_atomically(target: str | os.PathLike, fill: Callable[[Path], No
 def fid_markdown_table(matrix: dict[int, dict[int, float]], upto: int) -> str:
     """Rows: model after task k; columns: FID on task i."""
     tasks = list(range(1, upto + 1))
-    lines = ["| model after | " + " | ".join(f"FID task {i}" for i in tasks) + " |",
-             "| --- |" + " --- |" * len(tasks)]
+    lines = ["| model after | " + " | ".join(f"FID task {i}" for i in tasks) + " |", "| --- |" + " --- |" * len(tasks)]
     for k in sorted(matrix):
         cells = [f"{matrix[k][i]:.2f}" if i in matrix[k] else "" for i in tasks]
         lines.append(f"| task {k} | " + " | ".join(cells) + " |")
@@ -154,34 +157,60 @@ def write_model_card(
     row = matrix.get(task_index, {})
     per_task_n = fid_num_samples if isinstance(fid_num_samples, dict) else {i: fid_num_samples for i in row}
     eval_results = [
-        EvalResult(task_type="image-generation", dataset_type=dataset_name, dataset_name=dataset_name,
-                   metric_type="fid", metric_value=round(value, 4),
-                   metric_name=f"FID task {i} after task {task_index} ({fid_backend}, N={per_task_n.get(i)})")
+        EvalResult(
+            task_type="image-generation",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            metric_type="fid",
+            metric_value=round(value, 4),
+            metric_name=f"FID task {i} after task {task_index} ({fid_backend}, N={per_task_n.get(i)})",
+        )
         for i, value in sorted(row.items())
     ]
     eval_results += [
-        EvalResult(task_type="image-generation", dataset_type=dataset_name, dataset_name=dataset_name,
-                   metric_type="accuracy", metric_value=round(value, 4),
-                   metric_name=f"sample accuracy task {i} after task {task_index} ({fid_backend})")
+        EvalResult(
+            task_type="image-generation",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            metric_type="accuracy",
+            metric_value=round(value, 4),
+            metric_name=f"sample accuracy task {i} after task {task_index} ({fid_backend})",
+        )
         for i, value in sorted((accuracy or {}).items())
     ]
     afid = summary.get("afid", {}).get(task_index)
     if afid is not None:
-        eval_results.append(EvalResult(task_type="image-generation", dataset_type=dataset_name,
-                                       dataset_name=dataset_name, metric_type="afid",
-                                       metric_value=round(afid, 4),
-                                       metric_name=f"AFID@{task_index} ({fid_backend})"))
+        eval_results.append(
+            EvalResult(
+                task_type="image-generation",
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                metric_type="afid",
+                metric_value=round(afid, 4),
+                metric_name=f"AFID@{task_index} ({fid_backend})",
+            )
+        )
     card_data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
-        tags=["continual-learning", "ewc", "rank-1-fisher", "generative-distillation",
-              "class-conditional-image-generation", "diffusers", "hf-r1ewc"],
+        tags=[
+            "continual-learning",
+            "ewc",
+            "rank-1-fisher",
+            "generative-distillation",
+            "class-conditional-image-generation",
+            "diffusers",
+            "hf-r1ewc",
+        ],
         datasets=[dataset_name] if "/" in dataset_name and not Path(dataset_name).exists() else None,
         model_name=hub_model_id or f"hf-r1ewc {task_folder_name(task_index)}",
         eval_results=eval_results or None,
     )
-    load_target = f'"{hub_model_id}", revision="{task_folder_name(task_index).replace("_", "-")}"' if hub_model_id \
+    load_target = (
+        f'"{hub_model_id}", revision="{task_folder_name(task_index).replace("_", "-")}"'
+        if hub_model_id
         else '"path/to/' + task_folder_name(task_index) + '"'
+    )
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
@@ -217,8 +246,9 @@ def resolve_task_source(spec: str) -> Path:
             raise ValueError(f"{spec} is not a complete task folder: missing {missing}")
         return path
     if "@" not in spec:
-        raise ValueError(f"--resume_from_task {spec!r}: no such folder; for the Hub write REPO_ID@REVISION, "
-                         f"e.g. user/model@task-03")
+        raise ValueError(
+            f"--resume_from_task {spec!r}: no such folder; for the Hub write REPO_ID@REVISION, e.g. user/model@task-03"
+        )
     repo_id, revision = spec.rsplit("@", 1)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionNotFoundError
@@ -226,11 +256,15 @@ def resolve_task_source(spec: str) -> Path:
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SAFE_PATTERNS))
     except RevisionNotFoundError as err:
-        raise ValueError(f"{repo_id} has no revision {revision!r}; task revisions are named task-01, task-02, ...") from err
+        raise ValueError(
+            f"{repo_id} has no revision {revision!r}; task revisions are named task-01, task-02, ..."
+        ) from err
     except LocalEntryNotFoundError as err:
-        raise ValueError(f"{repo_id}@{revision} is not in the local Hub cache and the Hub cannot be reached "
-                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): connect, or pass a local "
-                         f"task folder") from err
+        raise ValueError(
+            f"{repo_id}@{revision} is not in the local Hub cache and the Hub cannot be reached "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): connect, or pass a local "
+            f"task folder"
+        ) from err
     except HfHubHTTPError as err:
         raise ValueError(f"cannot fetch {repo_id}@{revision}: {err}") from err
     if not is_complete_task_folder(folder):
@@ -245,8 +279,9 @@ class TaskUploader:
     ``retries`` times, then logged and recorded in ``failures`` — local results are never touched.
     """
 
-    def __init__(self, repo_id: str, api=None, retries: int = 3, backoff_seconds: float = 5.0,
-                 private: bool | None = None) -> None:
+    def __init__(
+        self, repo_id: str, api=None, retries: int = 3, backoff_seconds: float = 5.0, private: bool | None = None
+    ) -> None:
         from huggingface_hub import HfApi
 
         self.repo_id = repo_id
@@ -277,9 +312,14 @@ class TaskUploader:
             self.api.create_repo(self.repo_id, repo_type="model", exist_ok=True, private=self._private)
             self._repo_ready = True
         branch = f"task-{task_index:02d}"
-        commit = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision="main",
-                                        commit_message=f"hf-r1ewc: model after task {task_index}",
-                                        allow_patterns=SAFE_PATTERNS, delete_patterns=["*"])
+        commit = self.api.upload_folder(
+            repo_id=self.repo_id,
+            folder_path=str(folder),
+            revision="main",
+            commit_message=f"hf-r1ewc: model after task {task_index}",
+            allow_patterns=SAFE_PATTERNS,
+            delete_patterns=["*"],
+        )
         refs = self.api.list_repo_refs(self.repo_id)
         if any(ref.name == branch for ref in refs.branches):
             self.api.delete_branch(self.repo_id, branch=branch)
@@ -294,7 +334,9 @@ class TaskUploader:
             for attempt in range(1, self.retries + 1):
                 try:
                     self._upload(folder, task_index)
-                    logger.info("pushed %s to %s (main, and branch task-%02d at that commit)", folder, self.repo_id, task_index)
+                    logger.info(
+                        "pushed %s to %s (main, and branch task-%02d at that commit)", folder, self.repo_id, task_index
+                    )
                     break
                 except Exception as err:  # network, auth, server: report and retry, never crash training
                     logger.warning("upload of %s failed (attempt %d/%d): %s", folder, attempt, self.retries, err)
@@ -302,4 +344,3 @@ class TaskUploader:
                         self.failures.append({"folder": str(folder), "task": task_index, "error": repr(err)})
                     else:
                         time.sleep(self.backoff_seconds * attempt)
-

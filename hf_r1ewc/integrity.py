@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+
 DIGESTS_KEY = "sha256"
 
 
@@ -42,16 +43,20 @@ def sha256_tensors(*tensors) -> str:
 def folder_digests(folder: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """``{relative posix path: sha256}`` of every file under ``folder`` except ``exclude`` (relative paths)."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() not in exclude}
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in exclude
+    }
 
 
 class IntegrityError(ValueError):
     """An artifact is missing or its bytes differ from the digest recorded when it was written."""
 
 
-def folder_problems(folder: str | os.PathLike, digests: dict[str, str],
-                    only: tuple[str, ...] | None = None) -> list[str]:
+def folder_problems(
+    folder: str | os.PathLike, digests: dict[str, str], only: tuple[str, ...] | None = None
+) -> list[str]:
     """One line per file of ``digests`` (or of the subset ``only``) that is missing or differs from its SHA-256."""
     folder = Path(folder)
     problems = []
@@ -71,8 +76,10 @@ def verify_folder(folder: str | os.PathLike, digests: dict[str, str], only: tupl
     ``IntegrityError`` naming every missing or altered file."""
     problems = folder_problems(folder, digests, only)
     if problems:
-        raise IntegrityError(f"{folder}: " + "; ".join(problems) + ". Copy the folder again from where it was made "
-                             "(or pull it from the Hub), or retrain that task.")
+        raise IntegrityError(
+            f"{folder}: " + "; ".join(problems) + ". Copy the folder again from where it was made "
+            "(or pull it from the Hub), or retrain that task."
+        )
 
 
 CHECKPOINT_DIGESTS = "digests.json"
@@ -107,8 +114,11 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
 
 def manifest_differences(recorded: dict, current: dict) -> dict[str, tuple]:
     """``{key: (recorded, current)}`` for every key whose value differs (keys missing on one side included)."""
-    return {k: (recorded.get(k), current.get(k)) for k in sorted(set(recorded) | set(current))
-            if recorded.get(k) != current.get(k)}
+    return {
+        k: (recorded.get(k), current.get(k))
+        for k in sorted(set(recorded) | set(current))
+        if recorded.get(k) != current.get(k)
+    }
 
 
 class OutputLock:

@@ -29,6 +29,7 @@ from .features import FeatureExtractor, FeatureStatistics, fid_from_statistics, 
 from .pipeline import precision_name, sample
 from .progress import progress_bar
 
+
 FID_CHUNK = 500  # generated images per sampling call: the unit of seeding and of sharing among processes
 
 
@@ -62,10 +63,19 @@ class TaskFID:
     in chunks of ``FID_CHUNK`` whose noise depends on (seed, i, chunk) only, so every model m_k sees the same noise
     for task i, and processes can share the chunks (``rank``/``world_size``, features merged by ``gather``)."""
 
-    def __init__(self, extractor: FeatureExtractor, test_images: torch.Tensor, test_labels: torch.Tensor,
-                 tasks: Sequence[Sequence[int]], *, num_samples: int | None = None, num_inference_steps: int = 50,
-                 seed: int = 0, autocast_dtype: torch.dtype | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        test_images: torch.Tensor,
+        test_labels: torch.Tensor,
+        tasks: Sequence[Sequence[int]],
+        *,
+        num_samples: int | None = None,
+        num_inference_steps: int = 50,
+        seed: int = 0,
+        autocast_dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         self.extractor, self.test_images, self.test_labels = extractor, test_images, test_labels
         self.tasks = [list(t) for t in tasks]
         self.num_samples, self.num_inference_steps, self.seed = num_samples, num_inference_steps, seed
@@ -82,8 +92,11 @@ class TaskFID:
     def real(self, task: int) -> FeatureStatistics:
         """Feature statistics of task ``task``'s test images (cached)."""
         images = self.test_images[self._mask(task)]
-        cache = None if self.cache_dir is None else \
-            reference_cache_path(self.cache_dir, self.extractor, self.tasks[task - 1], images)
+        cache = (
+            None
+            if self.cache_dir is None
+            else reference_cache_path(self.cache_dir, self.extractor, self.tasks[task - 1], images)
+        )
         return real_statistics(self.extractor, images, cache)
 
     def labels(self, task: int) -> torch.Tensor:
@@ -91,13 +104,26 @@ class TaskFID:
         test = self.test_labels[self._mask(task)]
         return labels_in_test_proportions(test, self.num_samples or int(test.shape[0]))
 
-    def __call__(self, model: torch.nn.Module, scheduler, task: int, rank: int = 0, world_size: int = 1,
-                 gather: Callable[[list], list] | None = None, show_progress: bool = False) -> TaskScore:
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        scheduler,
+        task: int,
+        rank: int = 0,
+        world_size: int = 1,
+        gather: Callable[[list], list] | None = None,
+        show_progress: bool = False,
+    ) -> TaskScore:
         """Score ``model`` (sampled with ``scheduler``) on task ``task`` (1-based). Every process gets the score."""
         labels = self.labels(task)
         chunks = list(range(rank, -(-labels.shape[0] // FID_CHUNK), world_size))
-        bar = progress_bar(total=len(chunks) * self.num_inference_steps, desc=f"FID samples, task {task}",
-                           unit="step", leave=False, show=show_progress)
+        bar = progress_bar(
+            total=len(chunks) * self.num_inference_steps,
+            desc=f"FID samples, task {task}",
+            unit="step",
+            leave=False,
+            show=show_progress,
+        )
 
         def ticking(steps):
             for step in steps:
@@ -108,8 +134,15 @@ class TaskFID:
         for chunk in chunks:
             chunk_labels = labels[chunk * FID_CHUNK : (chunk + 1) * FID_CHUNK]
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + task) * 100_003 + chunk)
-            images = sample(model, scheduler, chunk_labels, self.num_inference_steps, generator, self.autocast_dtype,
-                            progress=ticking)
+            images = sample(
+                model,
+                scheduler,
+                chunk_labels,
+                self.num_inference_steps,
+                generator,
+                self.autocast_dtype,
+                progress=ticking,
+            )
             mine.append((chunk, self.extractor.features(images)))
         bar.close()
         parts = sorted(gather(mine) if gather is not None else mine, key=lambda part: part[0])
@@ -161,19 +194,26 @@ def accuracy_summary(accuracy: Mapping[int, Mapping[int, float]]) -> dict:
     return out
 
 
-def run_summary_table(matrix: Mapping[int, Mapping[int, float]], accuracy: Mapping[int, Mapping[int, float]],
-                      tasks: Sequence[Sequence[int]]) -> str:
+def run_summary_table(
+    matrix: Mapping[int, Mapping[int, float]],
+    accuracy: Mapping[int, Mapping[int, float]],
+    tasks: Sequence[Sequence[int]],
+) -> str:
     """The end-of-run table: per task k, FID_k(m_k) (when learned), FID_k(m_T) and ACC_k(m_T) (after the last task
     T), then AFID@T, F, P and the mean accuracy after T. ``accuracy`` is keyed like ``matrix``."""
     last = max(matrix)
     acc = accuracy.get(last, {})
-    lines = ["task  classes        FID when learned  FID after last  accuracy after last",
-             "----  -------------  ----------------  --------------  -------------------"]
+    lines = [
+        "task  classes        FID when learned  FID after last  accuracy after last",
+        "----  -------------  ----------------  --------------  -------------------",
+    ]
     for k, classes in enumerate(tasks, start=1):
         own, final = matrix.get(k, {}).get(k), matrix[last].get(k)
-        cells = [f"{own:16.2f}" if own is not None else f"{'-':>16}",
-                 f"{final:14.2f}" if final is not None else f"{'-':>14}",
-                 f"{100 * acc[k]:18.1f}%" if k in acc else f"{'-':>19}"]
+        cells = [
+            f"{own:16.2f}" if own is not None else f"{'-':>16}",
+            f"{final:14.2f}" if final is not None else f"{'-':>14}",
+            f"{100 * acc[k]:18.1f}%" if k in acc else f"{'-':>19}",
+        ]
         lines.append(f"{k:4d}  {','.join(map(str, classes))[:13]:13s}  " + "  ".join(cells))
     summary = summarize(matrix)
     parts = [f"AFID@{last} = {summary['afid'][last]:.2f}"] if last in summary.get("afid", {}) else []
@@ -185,8 +225,10 @@ def run_summary_table(matrix: Mapping[int, Mapping[int, float]], accuracy: Mappi
         notes = ["ACC: mean over tasks of the sample accuracy after the last task"]
     if "bwt" in (transfer := accuracy_summary(accuracy)):
         parts.append(f"BWT = {100 * transfer['bwt']:+.1f} points")
-        notes.append("BWT: mean over earlier tasks of (accuracy after the last task - accuracy when learned), "
-                     "negative = forgotten")
+        notes.append(
+            "BWT: mean over earlier tasks of (accuracy after the last task - accuracy when learned), "
+            "negative = forgotten"
+        )
     return "\n".join(lines + ["", ", ".join(parts)] + (["; ".join(notes)] if notes else []))
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from diffusers import DDPMScheduler, DiTTransformer2DModel, ModelMixin, UNet2DModel
 
+
 # the denoisers the training script builds, by config ``_class_name``, and the pipeline folder each is saved in
 MODEL_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
 MODEL_SUBFOLDERS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}
@@ -43,19 +44,57 @@ class DiTPreset:
 
 PAPER_SAMPLING = dict(num_inference_steps=50, use_ema=False, ema_decay=0.999)
 PRESETS = {
-    "paper": Preset((128, 256, 256, 256), 2, 1, dict(
-        learning_rate=2e-4, train_batch_size=128, num_epochs_per_task=200, replay_per_class=5000,
-        fisher_num_samples=None, fid_num_samples=None, ewc_mode="loss", **PAPER_SAMPLING)),
-    "cpu-small": Preset((32, 64, 64), 1, 2, dict(
-        learning_rate=1e-3, train_batch_size=64, num_epochs_per_task=10, replay_per_class=200,
-        fisher_num_samples=1024, fid_num_samples=500, ewc_mode="decoupled", **PAPER_SAMPLING)),
+    "paper": Preset(
+        (128, 256, 256, 256),
+        2,
+        1,
+        dict(
+            learning_rate=2e-4,
+            train_batch_size=128,
+            num_epochs_per_task=200,
+            replay_per_class=5000,
+            fisher_num_samples=None,
+            fid_num_samples=None,
+            ewc_mode="loss",
+            **PAPER_SAMPLING,
+        ),
+    ),
+    "cpu-small": Preset(
+        (32, 64, 64),
+        1,
+        2,
+        dict(
+            learning_rate=1e-3,
+            train_batch_size=64,
+            num_epochs_per_task=10,
+            replay_per_class=200,
+            fisher_num_samples=1024,
+            fid_num_samples=500,
+            ewc_mode="decoupled",
+            **PAPER_SAMPLING,
+        ),
+    ),
     # chosen from measured runs (README "The demo"): decoupled, because at small budgets lambda = 15000 in the loss
     # freezes learning; DDIM-10, whose samples of this under-trained model the classifier recognises more often than
     # DDIM-50's; an EMA with a short window; 32 replay images per step to fit the 3-minute budget
-    "demo": Preset((32, 64), 1, 1, dict(
-        learning_rate=2e-3, train_batch_size=64, num_epochs_per_task=40, replay_per_class=150,
-        fisher_num_samples=None, fid_num_samples=200, ewc_mode="decoupled", num_inference_steps=10,
-        use_ema=True, ema_decay=0.95, replay_batch_size=32)),
+    "demo": Preset(
+        (32, 64),
+        1,
+        1,
+        dict(
+            learning_rate=2e-3,
+            train_batch_size=64,
+            num_epochs_per_task=40,
+            replay_per_class=150,
+            fisher_num_samples=None,
+            fid_num_samples=200,
+            ewc_mode="decoupled",
+            num_inference_steps=10,
+            use_ema=True,
+            ema_decay=0.95,
+            replay_batch_size=32,
+        ),
+    ),
 }
 PRESETS |= {
     "dit-small": DiTPreset(4, 4, 16, 2, PRESETS["cpu-small"].defaults),
@@ -70,12 +109,20 @@ def model_from_preset(preset: str, resolution: int, channels: int, num_classes: 
     spec = PRESETS[preset]
     if isinstance(spec, DiTPreset):
         if resolution % spec.patch_size:
-            raise ValueError(f"--resolution {resolution} is not divisible by the {preset!r} DiT's patch size "
-                             f"{spec.patch_size}")
+            raise ValueError(
+                f"--resolution {resolution} is not divisible by the {preset!r} DiT's patch size {spec.patch_size}"
+            )
         return DiTTransformer2DModel(
-            num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
-            in_channels=channels, out_channels=channels, num_layers=spec.num_layers, sample_size=resolution,
-            patch_size=spec.patch_size, num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero")
+            num_attention_heads=spec.num_attention_heads,
+            attention_head_dim=spec.attention_head_dim,
+            in_channels=channels,
+            out_channels=channels,
+            num_layers=spec.num_layers,
+            sample_size=resolution,
+            patch_size=spec.patch_size,
+            num_embeds_ada_norm=num_classes,
+            norm_type="ada_norm_zero",
+        )
     return unet_from_preset(preset, resolution, channels, num_classes)
 
 
@@ -95,8 +142,10 @@ def unet_from_preset(preset: str, resolution: int, channels: int, num_classes: i
         raise ValueError(f"{preset!r} is not a UNet preset; use model_from_preset")
     levels = len(spec.block_out_channels)
     if resolution % 2 ** (levels - 1):
-        raise ValueError(f"--resolution {resolution} is not divisible by {2 ** (levels - 1)}, which the "
-                         f"{preset!r} UNet's {levels} levels need; pad or resize to a multiple.")
+        raise ValueError(
+            f"--resolution {resolution} is not divisible by {2 ** (levels - 1)}, which the "
+            f"{preset!r} UNet's {levels} levels need; pad or resize to a multiple."
+        )
     down = ["DownBlock2D"] * levels
     down[spec.attention_block] = "AttnDownBlock2D"
     up = list(reversed(["AttnUpBlock2D" if t.startswith("Attn") else "UpBlock2D" for t in down]))

@@ -30,6 +30,7 @@ from torch import nn
 from .fisher import FisherStatistics
 from .sharding import all_reduce_keeping_local_grad, local_slice, local_tensor, shard_groups
 
+
 PENALTY_KINDS = ("rank1", "rank1_unscaled", "diag")
 
 
@@ -69,8 +70,10 @@ def _matvec(matrix: torch.Tensor, vector: torch.Tensor, dtype: torch.dtype = tor
     block), returned as float64 ``[K]``."""
     if matrix.dtype == dtype:
         return (matrix @ vector.to(dtype)).double()
-    return sum((matrix[:, i : i + BLOCK].to(dtype) @ vector[i : i + BLOCK].to(dtype)).double()
-               for i in range(0, matrix.shape[1], BLOCK))
+    return sum(
+        (matrix[:, i : i + BLOCK].to(dtype) @ vector[i : i + BLOCK].to(dtype)).double()
+        for i in range(0, matrix.shape[1], BLOCK)
+    )
 
 
 def _combination(weights: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ class Rank1Terms:
         new = {n: stats.mu[n].detach().to(params[n].device, self.mu_dtype) for n in params}
         b = sum(float(new[n].double().flatten() @ params[n].double().flatten()) for n in params)
         cross = torch.zeros(self.num_tasks, dtype=torch.float64)
-        for n in (params if self.mu else ()):  # the model's order, whatever the order of a loaded file
+        for n in params if self.mu else ():  # the model's order, whatever the order of a loaded file
             m = self.mu[n]
             cross += (m.double().flatten(1) @ new[n].double().flatten().to(m.device)).cpu()
         k = self.num_tasks
@@ -135,8 +138,10 @@ class Rank1Terms:
         gram[k, k] = float(sum(v.double().pow(2).sum() for v in new.values()))
         self.gram = gram
         # stored where the earlier tasks' statistics are (the CPU in the script), new tensors moved there
-        self.mu = {n: new[n][None] if n not in self.mu else torch.cat([self.mu[n], new[n][None].to(self.mu[n].device)])
-                   for n in params}
+        self.mu = {
+            n: new[n][None] if n not in self.mu else torch.cat([self.mu[n], new[n][None].to(self.mu[n].device)])
+            for n in params
+        }
         self.b = torch.cat([self.b, torch.tensor([b], dtype=torch.float64)])
         c = float(stats.c_star) if self.scaled else 1.0
         self.c = torch.cat([self.c, torch.tensor([c], dtype=torch.float64)])
@@ -188,10 +193,10 @@ class Rank1Terms:
         """Restore from ``state_dict`` tensors (as read from safetensors)."""
         if "b" not in state:
             raise ValueError(f"state holds no rank-1 penalty (keys {sorted(state)[:5]}...)")
-        self.mu = {k[len("mu."):]: v.to(self.mu_dtype) for k, v in state.items() if k.startswith("mu.")}
+        self.mu = {k[len("mu.") :]: v.to(self.mu_dtype) for k, v in state.items() if k.startswith("mu.")}
         self.b, self.c, self.gram = state["b"].double(), state["c"].double(), state["gram"].double()
         # files written before the anchor was stored: anchored at theta when first bound (same maths, other rounding)
-        anchor = {k[len("theta_star."):]: v.float() for k, v in state.items() if k.startswith("theta_star.")}
+        anchor = {k[len("theta_star.") :]: v.float() for k, v in state.items() if k.startswith("theta_star.")}
         self.anchor = None
         if anchor:
             self.set_anchor(anchor)
@@ -238,8 +243,9 @@ class DiagonalQuadratic:
 
     def value(self, groups: list[FlatGroup]) -> torch.Tensor:
         """The penalty without lambda: float64 scalar, differentiable w.r.t. the bound parameters."""
-        total = sum_over_shards([((g.stored[0] * (g.theta() - g.stored[1]).pow(2)).sum(dtype=torch.float64),
-                                  g.groups) for g in groups])
+        total = sum_over_shards(
+            [((g.stored[0] * (g.theta() - g.stored[1]).pow(2)).sum(dtype=torch.float64), g.groups) for g in groups]
+        )
         return 0.5 * total + self.constant
 
     @torch.no_grad()
@@ -251,16 +257,18 @@ class DiagonalQuadratic:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors, the ``ewc_penalty.safetensors`` layout."""
-        return {**{f"precision.{n}": v for n, v in self.precision.items()},
-                **{f"anchor.{n}": v for n, v in self.anchor.items()},
-                "constant": torch.tensor(self.constant, dtype=torch.float64)}
+        return {
+            **{f"precision.{n}": v for n, v in self.precision.items()},
+            **{f"anchor.{n}": v for n, v in self.anchor.items()},
+            "constant": torch.tensor(self.constant, dtype=torch.float64),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from ``state_dict`` tensors (as read from safetensors)."""
         if "constant" not in state:
             raise ValueError(f"state holds no diagonal penalty (keys {sorted(state)[:5]}...)")
-        self.precision = {k[len("precision."):]: v for k, v in state.items() if k.startswith("precision.")}
-        self.anchor = {k[len("anchor."):]: v for k, v in state.items() if k.startswith("anchor.")}
+        self.precision = {k[len("precision.") :]: v for k, v in state.items() if k.startswith("precision.")}
+        self.anchor = {k[len("anchor.") :]: v for k, v in state.items() if k.startswith("anchor.")}
         self.constant = float(state["constant"])
         self.num_tasks = int(state["num_tasks"])
 
@@ -299,16 +307,21 @@ class EWCPenalty:
         """Flat tensors (safetensors-ready): ``mu.<name>`` [K, *shape], ``b``, ``c``, ``gram``, ``theta_star.<name>``
         (rank-1; theta*_K, the projections' float32 anchor, so that a restored penalty rounds as the saved one) or
         ``precision.<name>``, ``anchor.<name>``, ``constant`` (diagonal); plus ``num_tasks`` and ``ewc_lambda``."""
-        state = {"num_tasks": torch.tensor(self.num_tasks),
-                 "ewc_lambda": torch.tensor(self.ewc_lambda, dtype=torch.float64), **self.terms.state_dict()}
+        state = {
+            "num_tasks": torch.tensor(self.num_tasks),
+            "ewc_lambda": torch.tensor(self.ewc_lambda, dtype=torch.float64),
+            **self.terms.state_dict(),
+        }
         return {k: v.contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from ``state_dict`` tensors (as read from safetensors); refuses non-finite values."""
         bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
         if bad:
-            raise ValueError(f"the penalty state holds non-finite values in {bad[:3]}{' ...' if len(bad) > 3 else ''}"
-                             f" ({len(bad)} tensors): damaged, or estimated from weights that were not finite")
+            raise ValueError(
+                f"the penalty state holds non-finite values in {bad[:3]}{' ...' if len(bad) > 3 else ''}"
+                f" ({len(bad)} tensors): damaged, or estimated from weights that were not finite"
+            )
         self.terms.load_state_dict(state)
         self.ewc_lambda = float(state["ewc_lambda"])
         self._bound = None
@@ -343,8 +356,11 @@ class EWCPenalty:
                 stored.append(torch.cat([t.reshape(*t.shape[:keep], -1) for t in parts], dim=keep))
             group = FlatGroup([named[n] for n in names], tuple(stored), groups)
             if lead:  # rank-1: projections relative to theta*_K (see FlatGroup), or to theta now
-                anchor = group.theta().detach() if self.terms.anchor is None else torch.cat(
-                    [local_slice(self.terms.anchor[n], named[n]).reshape(-1) for n in names])
+                anchor = (
+                    group.theta().detach()
+                    if self.terms.anchor is None
+                    else torch.cat([local_slice(self.terms.anchor[n], named[n]).reshape(-1) for n in names])
+                )
                 group = group._replace(anchor=anchor, offset=_matvec(stored[0], anchor, torch.float64))
             bound.append(group)
         self._bound = (id(model), bound)

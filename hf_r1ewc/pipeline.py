@@ -33,6 +33,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+
 # --replay_scheduler names -> (scheduler class, config overrides). All are built from the training DDPM config.
 SAMPLERS = {
     "ddim": (DDIMScheduler, {}),
@@ -66,8 +67,10 @@ def default_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                           "_is_amx_tile_supported")]
+        native = [
+            getattr(torch.cpu, name, lambda: False)()
+            for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        ]
         return torch.bfloat16 if any(native) else None
     return None
 
@@ -113,11 +116,14 @@ def sample(
     if "generator" in step_parameters:
         extra["generator"] = generator
     timesteps = scheduler.timesteps
-    for t in (progress(timesteps) if progress is not None else timesteps):
+    for t in progress(timesteps) if progress is not None else timesteps:
         model_input = scheduler.scale_model_input(x, t)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            eps = unet(model_input.to(params.dtype) if autocast_dtype is None else model_input,
-                       t.expand(x.shape[0]), class_labels=labels).sample  # [N] timesteps: DiTs take no scalar
+            eps = unet(
+                model_input.to(params.dtype) if autocast_dtype is None else model_input,
+                t.expand(x.shape[0]),
+                class_labels=labels,
+            ).sample  # [N] timesteps: DiTs take no scalar
         x = scheduler.step(eps.float(), t, x, **extra).prev_sample
     return x.clamp(-1, 1).float()
 
@@ -137,12 +143,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->transformer"
     _optional_components = ["unet", "transformer"]
 
-    def __init__(self, unet: torch.nn.Module | None, scheduler: SchedulerMixin,
-                 transformer: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self, unet: torch.nn.Module | None, scheduler: SchedulerMixin, transformer: torch.nn.Module | None = None
+    ) -> None:
         super().__init__()
         if (unet is None) == (transformer is None):
-            raise ValueError("pass exactly one denoiser: a UNet2DModel as unet, or a DiTTransformer2DModel as "
-                             "transformer (with unet=None); ClassConditionalPipeline.for_model picks the slot")
+            raise ValueError(
+                "pass exactly one denoiser: a UNet2DModel as unet, or a DiTTransformer2DModel as "
+                "transformer (with unet=None); ClassConditionalPipeline.for_model picks the slot"
+            )
         self.register_modules(unet=unet, scheduler=scheduler, transformer=transformer)
 
     @classmethod
@@ -190,8 +199,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         labels = self.check_class_labels(class_labels)
-        image = sample(self.denoiser, self.scheduler, labels, num_inference_steps, generator, autocast_dtype, eta,
-                       progress=self.progress_bar)
+        image = sample(
+            self.denoiser,
+            self.scheduler,
+            labels,
+            num_inference_steps,
+            generator,
+            autocast_dtype,
+            eta,
+            progress=self.progress_bar,
+        )
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             output = image

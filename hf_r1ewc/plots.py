@@ -38,8 +38,9 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     os.replace(tmp, path)
 
 
-def save_labeled_grid(images: torch.Tensor, path: str | os.PathLike, row_labels: list[str],
-                      column_labels: list[str], title: str = "") -> None:
+def save_labeled_grid(
+    images: torch.Tensor, path: str | os.PathLike, row_labels: list[str], column_labels: list[str], title: str = ""
+) -> None:
     """Row-major ``[rows * columns, C, H, W]`` images in [-1, 1] as one PNG grid with a label per row and column."""
     plt = _pyplot()
     rows, columns = len(row_labels), len(column_labels)
@@ -74,8 +75,9 @@ def _pyplot():
     return plt
 
 
-def plot_afid_curves(curves: dict[str, dict[int, tuple[float, float]]], path: str | os.PathLike,
-                     backend: str = "classifier") -> None:
+def plot_afid_curves(
+    curves: dict[str, dict[int, tuple[float, float]]], path: str | os.PathLike, backend: str = "classifier"
+) -> None:
     """AFID@k over tasks, one line per method with a standard-error band (paper fig. 4).
     ``curves[method][k] = (mean, standard_error)``."""
     plt = _pyplot()
@@ -125,7 +127,7 @@ def plot_loss_curves(curves: dict[str, dict[int, list[float]]], path: str | os.P
         ax.set_title(run, fontsize=8)
         ax.set_yscale("log")
         ax.set_xlabel("epoch", fontsize=7)
-    for ax in list(axes.flat)[len(curves):]:
+    for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
     axes[0][0].set_ylabel("denoising loss (epoch mean)")
     axes[0][0].legend(fontsize=6)
@@ -134,8 +136,12 @@ def plot_loss_curves(curves: dict[str, dict[int, list[float]]], path: str | os.P
     plt.close(fig)
 
 
-def plot_against(panels: dict[str, dict[str, dict[float, tuple[float, float]]]], path: str | os.PathLike,
-                 x_label: str, log_x: bool = False) -> None:
+def plot_against(
+    panels: dict[str, dict[str, dict[float, tuple[float, float]]]],
+    path: str | os.PathLike,
+    x_label: str,
+    log_x: bool = False,
+) -> None:
     """One panel per quantity, one line per method with standard-error bars:
     ``panels[quantity][method][x] = (mean, standard_error)`` (e.g. AFID@T, F and P against steps per task)."""
     plt = _pyplot()
@@ -143,8 +149,14 @@ def plot_against(panels: dict[str, dict[str, dict[float, tuple[float, float]]]],
     for ax, (quantity, lines) in zip(axes[0], panels.items()):
         for method, points in sorted(lines.items()):
             xs = sorted(points)
-            ax.errorbar(xs, [points[x][0] for x in xs], yerr=np.nan_to_num([points[x][1] for x in xs]),
-                        marker="o", capsize=3, label=method)
+            ax.errorbar(
+                xs,
+                [points[x][0] for x in xs],
+                yerr=np.nan_to_num([points[x][1] for x in xs]),
+                marker="o",
+                capsize=3,
+                label=method,
+            )
         if log_x:
             ax.set_xscale("log")
             ax.minorticks_off()

@@ -9,6 +9,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
+
 LOG_FILE_INTERVAL_SECONDS = 60.0  # one line a minute instead of redraws when stderr is a file or a pipe
 
 

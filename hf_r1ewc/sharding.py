@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+
 try:
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # torch built without distributed support

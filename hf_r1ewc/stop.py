@@ -14,6 +14,7 @@ import signal
 import threading
 from types import FrameType
 
+
 # the exit status of a run stopped by a signal after writing its checkpoint: EX_TEMPFAIL, "try again later"
 EXIT_STOPPED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -45,5 +46,8 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name} received: finishing the current optimizer step, then saving a checkpoint "
-              f"(send it again to stop at once)", flush=True)
+        print(
+            f"\n{self.signal_name} received: finishing the current optimizer step, then saving a checkpoint "
+            f"(send it again to stop at once)",
+            flush=True,
+        )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -49,8 +50,15 @@ def make_tiny_dit(channels: int = 1, num_classes: int = 4, sample_size: int = 8,
 
     torch.manual_seed(seed)
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=4, in_channels=channels, out_channels=channels, num_layers=1,
-        sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero",
+        num_attention_heads=2,
+        attention_head_dim=4,
+        in_channels=channels,
+        out_channels=channels,
+        num_layers=1,
+        sample_size=sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_type="ada_norm_zero",
     ).eval()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-
 import types
 from pathlib import Path
 
@@ -24,9 +23,9 @@ import torch.nn.functional as F
 import yaml
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from conftest import make_tiny_unet
 from torch.distributed.fsdp import FSDPModule
 
-from conftest import make_tiny_unet
 from hf_r1ewc.fisher import FisherStatistics, estimate_fisher, trainable_parameters
 from hf_r1ewc.models import training_noise_scheduler
 from hf_r1ewc.penalty import PENALTY_KINDS, EWCPenalty
@@ -53,13 +52,21 @@ def shard_as_configured(model: torch.nn.Module) -> torch.nn.Module:
     config = yaml.safe_load((Path(__file__).parent.parent / "accelerate_configs" / "fsdp.yaml").read_text())
     fsdp = config["fsdp_config"]
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+        fsdp_version=fsdp["fsdp_version"],
+        auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
         transformer_cls_names_to_wrap=fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","),
-        reshard_after_forward=fsdp["fsdp_reshard_after_forward"], state_dict_type=fsdp["fsdp_state_dict_type"].lower(),
-        cpu_ram_efficient_loading=fsdp["fsdp_cpu_ram_efficient_loading"])
-    stand_in = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), parallelism_config=None,
-                                     torch_device_mesh=None, device=torch.device("cpu"), mixed_precision="no",
-                                     is_main_process=dist.get_rank() == 0)
+        reshard_after_forward=fsdp["fsdp_reshard_after_forward"],
+        state_dict_type=fsdp["fsdp_state_dict_type"].lower(),
+        cpu_ram_efficient_loading=fsdp["fsdp_cpu_ram_efficient_loading"],
+    )
+    stand_in = types.SimpleNamespace(
+        state=types.SimpleNamespace(fsdp_plugin=plugin),
+        parallelism_config=None,
+        torch_device_mesh=None,
+        device=torch.device("cpu"),
+        mixed_precision="no",
+        is_main_process=dist.get_rank() == 0,
+    )
     return fsdp2_prepare_model(stand_in, model)
 
 
@@ -92,7 +99,8 @@ def main(out_path: str) -> None:
         (denoise_loss(model, mine) + value).backward()
         (denoise_loss(reference, slice(0, 8)) + ref_value).backward()
         errors[f"{kind}/gradient"] = max(
-            rel(p.grad.full_tensor(), q.grad) for p, q in zip(model.parameters(), reference.parameters()))
+            rel(p.grad.full_tensor(), q.grad) for p, q in zip(model.parameters(), reference.parameters())
+        )
 
         with torch.no_grad():  # move off the anchors so the proximal step has work to do
             for p, q in zip(model.parameters(), reference.parameters()):
@@ -103,7 +111,8 @@ def main(out_path: str) -> None:
         gathered = full_model_copy(model)
         assert not model_is_sharded(gathered)
         errors[f"{kind}/proximal_step"] = max(
-            rel(p.data, q.data) for p, q in zip(gathered.parameters(), reference.parameters()))
+            rel(p.data, q.data) for p, q in zip(gathered.parameters(), reference.parameters())
+        )
 
     # Fisher on the gathered weights: each process its half of the samples, partial sums all-reduced
     indices = torch.arange(8)
@@ -113,10 +122,21 @@ def main(out_path: str) -> None:
         dist.all_reduce(t)
         return t
 
-    sharded_stats = estimate_fisher(gathered, scheduler, loader, generator=torch.Generator().manual_seed(3),
-                                    reduce_sum=all_reduce, show_progress=False)
-    single = estimate_fisher(reference, scheduler, [(images, labels, indices)],
-                             generator=torch.Generator().manual_seed(3), show_progress=False)
+    sharded_stats = estimate_fisher(
+        gathered,
+        scheduler,
+        loader,
+        generator=torch.Generator().manual_seed(3),
+        reduce_sum=all_reduce,
+        show_progress=False,
+    )
+    single = estimate_fisher(
+        reference,
+        scheduler,
+        [(images, labels, indices)],
+        generator=torch.Generator().manual_seed(3),
+        show_progress=False,
+    )
     names = list(trainable_parameters(reference))
     flat = lambda d: torch.cat([d[n].flatten() for n in names])  # noqa: E731
     errors["fisher/mu"] = rel(flat(sharded_stats.mu), flat(single.mu))

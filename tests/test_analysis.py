@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import torch
-
 from conftest import make_tiny_unet
+
 from hf_r1ewc.analysis import analyse_checkpoint, fisher_geometry, gram_and_diagonal, plot_analysis
 from hf_r1ewc.models import training_noise_scheduler
 
@@ -24,8 +24,14 @@ def _dense(unet, x_t, t, y, noise):
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for i in range(x_t.shape[0]):
-        loss = (model(x_t[i : i + 1].double(), t[i : i + 1], class_labels=y[i : i + 1]).sample
-                - noise[i : i + 1].double()).pow(2).mean()
+        loss = (
+            (
+                model(x_t[i : i + 1].double(), t[i : i + 1], class_labels=y[i : i + 1]).sample
+                - noise[i : i + 1].double()
+            )
+            .pow(2)
+            .mean()
+        )
         rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
     G = torch.stack(rows)
     return G, G.T @ G / G.shape[0]
@@ -98,8 +104,22 @@ def test_cli_analyses_a_folder_trained_on_resized_images(tmp_path, capsys):
     folder = tmp_path / "task_01"
     ClassConditionalPipeline(make_tiny_unet(num_classes=10).eval(), scheduler()).save_pretrained(folder)
     write_training_state(folder, {"task_index": 1, "run_config": {"resize": True, "resolution": 8}})
-    main(["--checkpoint", str(folder), "--train_data_dir", fmnist, "--task", "1", "--timesteps", "100,900",
-          "--num_samples", "8", "--output_dir", str(tmp_path / "out")])
+    main(
+        [
+            "--checkpoint",
+            str(folder),
+            "--train_data_dir",
+            fmnist,
+            "--task",
+            "1",
+            "--timesteps",
+            "100,900",
+            "--num_samples",
+            "8",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     result = json.loads((tmp_path / "out" / "analysis.json").read_text())
     assert sorted(int(t) for t in result["per_timestep"]) == [100, 900] and result["num_samples"] == 8
     assert "lambda2/lambda1" in capsys.readouterr().out

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
-from conftest import make_tiny_unet
 from hf_r1ewc.continual import ContinualLearner, NonFiniteLossError, fisher_loader, step_generator
 from hf_r1ewc.fisher import FisherStatistics, FisherSums, estimate_fisher, subset_indices
 from hf_r1ewc.penalty import EWCPenalty
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
@@ -45,18 +46,44 @@ def test_accumulation_micro_batches_draw_different_noise(tmp_path, monkeypatch):
 
     def recording(*args, **kwargs):
         generator = args[8] if len(args) > 8 else kwargs["generator"]
-        seen.append(torch.rand(4, generator=generator.clone_state() if hasattr(generator, "clone_state")
-                               else torch.Generator().manual_seed(generator.initial_seed())).tolist())
+        seen.append(
+            torch.rand(
+                4,
+                generator=generator.clone_state()
+                if hasattr(generator, "clone_state")
+                else torch.Generator().manual_seed(generator.initial_seed()),
+            ).tolist()
+        )
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(continual, "continual_loss", recording)
     sys.path.insert(0, str(ROOT))
     import train_continual_ddpm
 
-    train_continual_ddpm.main(["--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1", "--num_epochs_per_task",
-                               "1", "--train_batch_size", "16", "--max_train_per_class", "32",
-                               "--gradient_accumulation_steps", "2", "--fid_backend", "none", "--ewc_type", "none",
-                               "--output_dir", str(tmp_path / "out")])
+    train_continual_ddpm.main(
+        [
+            "--dataset_name",
+            "digits",
+            "--preset",
+            "demo",
+            "--tasks",
+            "0,1",
+            "--num_epochs_per_task",
+            "1",
+            "--train_batch_size",
+            "16",
+            "--max_train_per_class",
+            "32",
+            "--gradient_accumulation_steps",
+            "2",
+            "--fid_backend",
+            "none",
+            "--ewc_type",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert len(seen) == 4 and len({tuple(s) for s in seen}) == 4
 
 
@@ -93,15 +120,23 @@ def test_non_finite_term_is_named():
     model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters()))
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(NonFiniteLossError) as err:
-        ContinualLearner(SCHEDULER, penalty).training_step(accelerator, model, optimizer, *_batches(4),
-                                                           torch.Generator().manual_seed(0))
+        ContinualLearner(SCHEDULER, penalty).training_step(
+            accelerator, model, optimizer, *_batches(4), torch.Generator().manual_seed(0)
+        )
     assert err.value.term == "ewc"
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was updated
 
 
 def _fisher(model, loader, kinds, reduce_sum=None):
-    return estimate_fisher(model, SCHEDULER, loader, kinds=kinds, generator=torch.Generator().manual_seed(3),
-                           reduce_sum=reduce_sum, show_progress=False)
+    return estimate_fisher(
+        model,
+        SCHEDULER,
+        loader,
+        kinds=kinds,
+        generator=torch.Generator().manual_seed(3),
+        reduce_sum=reduce_sum,
+        show_progress=False,
+    )
 
 
 @pytest.mark.parametrize("kinds", [("rank1",), ("diag",), ("rank1", "diag")])
@@ -119,7 +154,8 @@ def test_fisher_reduces_only_tensors_on_the_parameters_device(kinds):
     _fisher(model, [(x, y)], kinds, recording)
     assert devices and set(devices) == {next(model.parameters()).device}
     FisherSums(count=3, proj_sq_sum=2.0).all_reduce(
-        lambda t: devices.append(t.device) or torch.zeros(t.shape, dtype=t.dtype), torch.device("meta"))
+        lambda t: devices.append(t.device) or torch.zeros(t.shape, dtype=t.dtype), torch.device("meta")
+    )
     assert devices[-1] == torch.device("meta")  # the scalars follow the device asked for, not a CPU default
 
 
@@ -133,8 +169,10 @@ def test_fisher_is_fp32_under_accelerate_bf16_autocast():
     prepared = accelerator.unwrap_model(accelerator.prepare(make_tiny_unet()))
     assert "forward" in prepared.__dict__  # the autocast wrapper is there
     with torch.no_grad():
-        assert not torch.equal(prepared(x, torch.full((16,), 500), class_labels=y).sample,
-                               reference_model(x, torch.full((16,), 500), class_labels=y).sample)
+        assert not torch.equal(
+            prepared(x, torch.full((16,), 500), class_labels=y).sample,
+            reference_model(x, torch.full((16,), 500), class_labels=y).sample,
+        )
     stats = _fisher(prepared, [(x, y)], ("rank1", "diag"))
     assert stats.c_star == pytest.approx(reference.c_star, rel=1e-5)
     for name in reference.mu:
@@ -152,8 +190,9 @@ def test_fisher_subset_is_random_and_independent_of_the_process_count():
     assert len(chosen) == 20 and set(labels[chosen].tolist()) == {0, 1}
     assert torch.equal(chosen, subset_indices(100, 20, seed=7)) and not torch.equal(chosen, subset_indices(100, 20, 8))
     one = torch.cat([b[2] for b in fisher_loader(images, labels, 20, 8, seed=7)])
-    two = torch.cat([b[2] for r in range(2) for b in fisher_loader(images, labels, 20, 8, seed=7, rank=r,
-                                                                     world_size=2)])
+    two = torch.cat(
+        [b[2] for r in range(2) for b in fisher_loader(images, labels, 20, 8, seed=7, rank=r, world_size=2)]
+    )
     assert sorted(one.tolist()) == sorted(two.tolist()) == chosen.tolist()
     assert len(subset_indices(10, None, 0)) == 10 and len(subset_indices(10, 50, 0)) == 10
 
@@ -191,13 +230,15 @@ def test_penalty_gradient_ratio_against_separate_backward_passes():
     params = list(unet.parameters())
     from hf_r1ewc.distill import continual_loss
 
-    rest = torch.autograd.grad(continual_loss(unet, SCHEDULER, x, y, generator=torch.Generator().manual_seed(0))["loss"],
-                               params)
+    rest = torch.autograd.grad(
+        continual_loss(unet, SCHEDULER, x, y, generator=torch.Generator().manual_seed(0))["loss"], params
+    )
     pen = torch.autograd.grad(penalty(unet), params)
     norm = lambda gs: sum(float(t.double().pow(2).sum()) for t in gs) ** 0.5  # noqa: E731
     model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=0.0))
-    out = ContinualLearner(SCHEDULER, penalty).training_step(accelerator, model, optimizer, x, y,
-                                                              torch.Generator().manual_seed(0), measure_penalty=True)
+    out = ContinualLearner(SCHEDULER, penalty).training_step(
+        accelerator, model, optimizer, x, y, torch.Generator().manual_seed(0), measure_penalty=True
+    )
     assert out.penalty_gradient_ratio == pytest.approx(norm(pen) / norm(rest), rel=1e-4)
 
 
@@ -211,6 +252,7 @@ def test_penalty_gradient_ratio_is_not_reported_under_a_gradient_scaler():
     mu = {n: torch.ones_like(p) for n, p in unet.named_parameters()}
     penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 0.01 for n, p in unet.named_parameters()})
     model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=0.0))
-    out = ContinualLearner(SCHEDULER, penalty).training_step(accelerator, model, optimizer, *_batches(4),
-                                                              torch.Generator().manual_seed(0), measure_penalty=True)
+    out = ContinualLearner(SCHEDULER, penalty).training_step(
+        accelerator, model, optimizer, *_batches(4), torch.Generator().manual_seed(0), measure_penalty=True
+    )
     assert out.penalty_gradient_ratio is None

@@ -76,7 +76,9 @@ def _tiny_hf_dataset(num=40, num_classes=4, size=6, channels=3, image_col="img",
     rng = np.random.default_rng(0)
     mode = "RGB" if channels == 3 else "L"
     images = [
-        Image.fromarray(rng.integers(0, 256, (size, size, channels) if channels == 3 else (size, size), np.uint8), mode)
+        Image.fromarray(
+            rng.integers(0, 256, (size, size, channels) if channels == 3 else (size, size), np.uint8), mode
+        )
         for _ in range(num)
     ]
     labels = [i % num_classes for i in range(num)]
@@ -225,11 +227,16 @@ def test_streaming_filters_labels_and_converts(parquet_dataset):
 def test_streaming_shards_across_processes_without_overlap(parquet_dataset):
     folder, _ = parquet_dataset
     classes = list(range(0, 120, 3))
-    whole = sorted(float(p.sum()) for _, p in _collect(stream_task(str(folder), "train", classes, resolution=4, num_channels=3)))
+    whole = sorted(
+        float(p.sum()) for _, p in _collect(stream_task(str(folder), "train", classes, resolution=4, num_channels=3))
+    )
     parts = [
-        [float(p.sum()) for _, p in _collect(
-            stream_task(str(folder), "train", classes, resolution=4, num_channels=3, rank=r, world_size=2)
-        )]
+        [
+            float(p.sum())
+            for _, p in _collect(
+                stream_task(str(folder), "train", classes, resolution=4, num_channels=3, rank=r, world_size=2)
+            )
+        ]
         for r in range(2)
     ]
     assert len(parts[0]) > 0 and len(parts[1]) > 0

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
-from conftest import make_tiny_unet
 from hf_r1ewc.distill import (
     POOL_CHUNK,
     ReplayPool,
@@ -15,6 +15,7 @@ from hf_r1ewc.distill import (
 )
 from hf_r1ewc.pipeline import sampling_scheduler
 
+
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)  # the training schedule (noising)
 SAMPLER = sampling_scheduler("ddim", SCHEDULER.config)  # what the pool samples with
 
@@ -24,12 +25,14 @@ def test_pool_samples_through_the_pipeline_sampler(tmp_path):
     from hf_r1ewc.pipeline import ClassConditionalPipeline
 
     teacher = frozen_teacher(make_tiny_unet())
-    pool = ReplayPool.generate(teacher, SAMPLER, [0, 3], 2, tmp_path, num_inference_steps=5, seed=4,
-                               autocast_dtype=None, show_progress=False)
+    pool = ReplayPool.generate(
+        teacher, SAMPLER, [0, 3], 2, tmp_path, num_inference_steps=5, seed=4, autocast_dtype=None, show_progress=False
+    )
     pipe = ClassConditionalPipeline(teacher, SAMPLER)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(pool.labels, num_inference_steps=5, generator=torch.Generator().manual_seed(4 * 1_000_003),
-               output_type="pt").images
+    ref = pipe(
+        pool.labels, num_inference_steps=5, generator=torch.Generator().manual_seed(4 * 1_000_003), output_type="pt"
+    ).images
     torch.testing.assert_close((pool.images.float() + 1) / 2, ref, atol=2e-3, rtol=0)  # pool stored as fp16
 
 
@@ -85,8 +88,15 @@ def test_pool_errors(tmp_path):
 def _distill_term_and_grad(student, teacher, real, replay, seed):
     """The distillation term as continual_loss reports it, and the gradient norm of distillation_loss on the same
     noised replay batch (the same forward shapes: real + replay through the student, replay through the teacher)."""
-    out = continual_loss(student, SCHEDULER, *real, replay=replay, teacher=teacher, distill_weight=1.0,
-                         generator=torch.Generator().manual_seed(seed))
+    out = continual_loss(
+        student,
+        SCHEDULER,
+        *real,
+        replay=replay,
+        teacher=teacher,
+        distill_weight=1.0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     g = torch.Generator().manual_seed(seed)
     x0, labels = torch.cat([real[0], replay[0]]), torch.cat([real[1], replay[1]])
     noise = torch.randn(x0.shape, generator=g)
@@ -136,6 +146,7 @@ def test_loss_parts_and_replay_switch():
 
 def test_online_replay_batch():
     teacher = frozen_teacher(make_tiny_unet())
-    images, labels = online_replay_batch(teacher, SAMPLER, [1, 2], 7, num_inference_steps=2,
-                                         generator=torch.Generator().manual_seed(0))
+    images, labels = online_replay_batch(
+        teacher, SAMPLER, [1, 2], 7, num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    )
     assert images.shape == (7, 1, 8, 8) and set(labels.tolist()) <= {1, 2} and images.requires_grad is False

@@ -20,12 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from test_train import FAST, unet_weights  # noqa: E402
+
 import train_continual_ddpm as script  # noqa: E402
 from hf_r1ewc.integrity import write_checkpoint_digests  # noqa: E402
-from test_train import FAST, unet_weights  # noqa: E402
+
 
 COMMON = [*FAST, "--fid_num_samples", "16", "--checkpointing_steps", "2", "--ewc_type", "rank1"]
 
@@ -78,11 +81,11 @@ def crash_on_call(monkeypatch, owner, name: str, call: int = 1) -> None:
 
 # the phase boundaries of task 2: (owner, function, call that crashes)
 PHASES = {
-    "replay pool": (script.ContinualLearner, "start_task", 2),      # task 2's teacher and pool
-    "training": (script.ContinualLearner, "training_step", 9),      # mid task 2, after checkpoint-8
+    "replay pool": (script.ContinualLearner, "start_task", 2),  # task 2's teacher and pool
+    "training": (script.ContinualLearner, "training_step", 9),  # mid task 2, after checkpoint-8
     "FID": (script, "evaluate_task", 2),
     "Fisher": (script.ContinualLearner, "consolidate", 2),
-    "folder write": (script, "write_training_state", 2),            # task_02 is half written (.partial)
+    "folder write": (script, "write_training_state", 2),  # task_02 is half written (.partial)
 }
 
 
@@ -119,14 +122,17 @@ def test_crash_at_each_phase_resumes_without_redoing_or_losing_work(reference, t
         assert f"resuming from the newest, checkpoint-{8 if phase == 'training' else 12}" in caplog.text
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("delete ewc_penalty.safetensors", "ewc_penalty.safetensors is missing"),
-    ("flip ewc_penalty.safetensors", "ewc_penalty.safetensors differs from the SHA-256"),
-    ("truncate ewc_penalty.safetensors", "ewc_penalty.safetensors differs from the SHA-256"),
-    ("flip unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors differs"),
-    ("delete fisher.safetensors", "fisher.safetensors is missing"),
-    ("truncate training_state.json", "training_state.json cannot be read"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("delete ewc_penalty.safetensors", "ewc_penalty.safetensors is missing"),
+        ("flip ewc_penalty.safetensors", "ewc_penalty.safetensors differs from the SHA-256"),
+        ("truncate ewc_penalty.safetensors", "ewc_penalty.safetensors differs from the SHA-256"),
+        ("flip unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors differs"),
+        ("delete fisher.safetensors", "fisher.safetensors is missing"),
+        ("truncate training_state.json", "training_state.json cannot be read"),
+    ],
+)
 def test_damaged_task_folder_is_refused_with_the_file_named(reference, tmp_path, damage, message):
     folder = tmp_path / "task_01"
     shutil.copytree(reference / "task_01", folder)
@@ -142,7 +148,9 @@ def test_damaged_task_folder_is_refused_with_the_file_named(reference, tmp_path,
         path.write_bytes(bytes(data))
     with pytest.raises(SystemExit) as err:
         run([*COMMON, "--output_dir", str(tmp_path / "next"), "--resume_from_task", str(folder)])
-    assert message in str(err.value) and ("Copy the folder again" in str(err.value) or "copy the folder" in str(err.value))
+    assert message in str(err.value) and (
+        "Copy the folder again" in str(err.value) or "copy the folder" in str(err.value)
+    )
     assert not (tmp_path / "next" / "task_02").exists()
 
 
@@ -171,14 +179,17 @@ def test_load_fisher_verifies_the_recorded_digest(reference, tmp_path):
         load_fisher(str(folder / "fisher.safetensors"))
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--ewc_lambda", "10"], "--ewc_lambda: 15000.0 in the folder, 10.0 now"),
-    (["--seed", "1"], "--seed: 0 in the folder, 1 now"),
-    (["--resolution", "16"], "model but --resolution is 16"),
-    (["--tasks", "0,1;2,3;4,5"], "was trained on tasks [[0, 1], [2, 3]], not [[0, 1], [2, 3], [4, 5]]"),
-    (["--max_train_per_class", "40"], "dataset train_sha256"),  # same source, other images
-    (["--replay", "off"], "--replay: 'on' in the folder, 'off' now"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--ewc_lambda", "10"], "--ewc_lambda: 15000.0 in the folder, 10.0 now"),
+        (["--seed", "1"], "--seed: 0 in the folder, 1 now"),
+        (["--resolution", "16"], "model but --resolution is 16"),
+        (["--tasks", "0,1;2,3;4,5"], "was trained on tasks [[0, 1], [2, 3]], not [[0, 1], [2, 3], [4, 5]]"),
+        (["--max_train_per_class", "40"], "dataset train_sha256"),  # same source, other images
+        (["--replay", "off"], "--replay: 'on' in the folder, 'off' now"),
+    ],
+)
 def test_changed_result_settings_are_refused(reference, tmp_path, flags, named):
     out = copy_run(reference, tmp_path / "out")
     before = (out / "run_manifest.json").read_bytes()
@@ -252,7 +263,6 @@ def test_latest_without_checkpoints_says_so(tmp_path, caplog):
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
     from accelerate import Accelerator
-
     from conftest import make_tiny_unet
 
     accelerator = Accelerator(cpu=True)
@@ -260,16 +270,32 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     with torch.no_grad():
         next(model.parameters())[0] = float("inf")
     with pytest.raises(SystemExit, match="no longer finite at step 4, so no checkpoint was saved"):
-        script.save_checkpoint(accelerator, model, tmp_path, 4, {"task": 1, "epoch": 0, "step_in_epoch": 4,
-                                                                  "global_step": 4}, 2)
+        script.save_checkpoint(
+            accelerator, model, tmp_path, 4, {"task": 1, "epoch": 0, "step_in_epoch": 4, "global_step": 4}, 2
+        )
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_non_finite_loss_names_the_term_and_what_a_resume_does(tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as err:
-        run([*COMMON, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type", "rank1_unscaled",
-             "--ewc_mode", "loss", "--ewc_lambda", "1e300", "--output_dir", str(out)])
+        run(
+            [
+                *COMMON,
+                "--num_epochs_per_task",
+                "1",
+                "--fid_backend",
+                "none",
+                "--ewc_type",
+                "rank1_unscaled",
+                "--ewc_mode",
+                "loss",
+                "--ewc_lambda",
+                "1e300",
+                "--output_dir",
+                str(out),
+            ]
+        )
     message = str(err.value)
     assert "the ewc term of the loss is inf at task 2" in message
     assert "starts task 2 from the finished task_01" in message and "--max_grad_norm" in message
@@ -316,10 +342,13 @@ def test_planted_pickle_in_a_checkpoint_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--image_column", "img"], "the builtin digits data has no columns"),
-    (["--hub_model_id", "not a repo id"], "is not a valid Hub repo id"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image_column", "img"], "the builtin digits data has no columns"),
+        (["--hub_model_id", "not a repo id"], "is not a valid Hub repo id"),
+    ],
+)
 def test_flags_refused_up_front(flags, message):
     with pytest.raises(SystemExit, match=message):
         script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
@@ -340,9 +369,18 @@ def test_unwritable_output_dir_fails_before_any_training(tmp_path, monkeypatch):
 
 
 def test_config_without_class_embedding_is_refused(tmp_path):
-    config = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
-              "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "num_class_embeds": None,
-              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    config = {
+        "_class_name": "UNet2DModel",
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": [8, 16],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "num_class_embeds": None,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    }
     (tmp_path / "unet.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="no class embedding \\(num_class_embeds: null\\)"):
         run([*COMMON, "--model_config_name_or_path", str(tmp_path / "unet.json"), "--output_dir", str(tmp_path / "o")])
@@ -366,8 +404,16 @@ def stopped(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("damage", ["flip unet_ema/diffusion_pytorch_model.safetensors", "flip optimizer.bin",
-                                    "truncate position.json", "empty position.json", "delete model.safetensors"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "flip unet_ema/diffusion_pytorch_model.safetensors",
+        "flip optimizer.bin",
+        "truncate position.json",
+        "empty position.json",
+        "delete model.safetensors",
+    ],
+)
 def test_checkpoint_damage_is_found(stopped, tmp_path, damage):
     from hf_r1ewc.integrity import checkpoint_problem
 
@@ -405,8 +451,11 @@ def test_folder_with_work_but_no_manifest_is_refused_until_adopted(reference, st
     out = copy_run(stopped, tmp_path / "out")
     (out / "run_manifest.json").unlink()
     changed = [*COMMON, "--ewc_lambda", "100", "--learning_rate", "5e-4", "--output_dir", str(out)]
-    with pytest.raises(SystemExit, match="holds earlier work \\(checkpoint-6, checkpoint-8, task_01\\) but no "
-                                         "run_manifest.json.*--adopt_manifest"):
+    with pytest.raises(
+        SystemExit,
+        match="holds earlier work \\(checkpoint-6, checkpoint-8, task_01\\) but no "
+        "run_manifest.json.*--adopt_manifest",
+    ):
         run(changed)
     assert not (out / "run_manifest.json").exists()
     run([*COMMON, "--output_dir", str(out), "--adopt_manifest"])
@@ -424,6 +473,7 @@ def test_unreadable_manifest_is_a_message(reference, tmp_path, content):
 
 def test_manifest_is_written_only_after_every_check(tmp_path, monkeypatch):
     """A new run that stops at a later check leaves no manifest behind to block the corrected command."""
+
     def refuse(*args, **kwargs):
         raise SystemExit("error: a later check failed")
 
@@ -458,8 +508,9 @@ def test_every_process_passes_the_same_barriers_whenever_it_reads_the_manifest(t
     PartialState(cpu=True)  # for the script's logger
     try:
         if recorded != "none":
-            earlier = script.check_run_manifest(script.parse_args([*argv, "--learning_rate", "5e-4"]),
-                                                BarrierCounter(True), data)
+            earlier = script.check_run_manifest(
+                script.parse_args([*argv, "--learning_rate", "5e-4"]), BarrierCounter(True), data
+            )
             script.write_json(out / "run_manifest.json", earlier)
         main_process, other = BarrierCounter(True), BarrierCounter(False)
         manifest = script.check_run_manifest(args, main_process, data)
@@ -504,30 +555,47 @@ def test_non_finite_fisher_is_refused_where_estimated_and_where_loaded(reference
     assert not (tmp_path / "out" / "task_01").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--replay_per_class", "1000000000"], "the replay pool before the last task \\(2 classes x 1000000000 images"),
-    (["--resolution", "100000"], "--resolution 100000: the .* images in memory as float32 need"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--replay_per_class", "1000000000"],
+            "the replay pool before the last task \\(2 classes x 1000000000 images",
+        ),
+        (["--resolution", "100000"], "--resolution 100000: the .* images in memory as float32 need"),
+    ],
+)
 def test_impossible_budgets_are_refused_before_any_work(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         run([*COMMON, *flags, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--resolution", "0"), ("--max_train_per_class", "0"),
-                                         ("--replay_batch_size", "0"), ("--stop_after_steps", "0"),
-                                         ("--stop_after_steps", "-1"), ("--fisher_num_samples", "0"),
-                                         ("--fid_num_samples", "0")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--resolution", "0"),
+        ("--max_train_per_class", "0"),
+        ("--replay_batch_size", "0"),
+        ("--stop_after_steps", "0"),
+        ("--stop_after_steps", "-1"),
+        ("--fisher_num_samples", "0"),
+        ("--fid_num_samples", "0"),
+    ],
+)
 def test_zero_or_negative_counts_are_refused_not_defaulted(flag, value):
     with pytest.raises(SystemExit, match=f"{flag} must be >= 1, got {value} \\(leave it out for the default\\)"):
         script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", flag, value])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--ema_decay", "2"], "--ema_decay must be a number in \\[0, 1\\], got 2.0"),
-    (["--ema_decay", "nan"], "--ema_decay must be a number in \\[0, 1\\], got nan"),
-    (["--report_to", "nonsense"], "--report_to 'nonsense' is no Accelerate tracker; choose from"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ema_decay", "2"], "--ema_decay must be a number in \\[0, 1\\], got 2.0"),
+        (["--ema_decay", "nan"], "--ema_decay must be a number in \\[0, 1\\], got nan"),
+        (["--report_to", "nonsense"], "--report_to 'nonsense' is no Accelerate tracker; choose from"),
+    ],
+)
 def test_invalid_values_are_refused_up_front(flags, message):
     with pytest.raises(SystemExit, match=message):
         script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
@@ -540,8 +608,9 @@ def test_write_error_is_a_message_with_the_way_back(tmp_path, monkeypatch):
         raise OSError(errno.EFBIG, "File too large", str(tmp_path / "out" / "task_01.partial" / "metrics.json"))
 
     monkeypatch.setattr(script, "write_training_state", full)
-    with pytest.raises(SystemExit, match="cannot write .*metrics.json: File too large. Make room .*re-run the same "
-                                         "command"):
+    with pytest.raises(
+        SystemExit, match="cannot write .*metrics.json: File too large. Make room .*re-run the same command"
+    ):
         run([*COMMON, "--output_dir", str(tmp_path / "out")])
 
 

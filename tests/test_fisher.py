@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
 from hf_r1ewc.fisher import (
@@ -21,7 +22,6 @@ from hf_r1ewc.fisher import (
     save_fisher,
     trainable_parameters,
 )
-from conftest import make_tiny_unet
 
 
 def _inputs(n=10, seed=0, classes=4):
@@ -102,8 +102,12 @@ def test_partial_sums_merge_like_one_process(tiny_unet):
 
     def add(a: FisherSums, b: FisherSums) -> FisherSums:
         plus = lambda d, e: None if d is None else {k: d[k] + e[k] for k in d}  # noqa: E731
-        return FisherSums(a.count + b.count, plus(a.grad_sum, b.grad_sum), a.proj_sq_sum + b.proj_sq_sum,
-                          plus(a.grad_sq_sum, b.grad_sq_sum))
+        return FisherSums(
+            a.count + b.count,
+            plus(a.grad_sum, b.grad_sum),
+            a.proj_sq_sum + b.proj_sq_sum,
+            plus(a.grad_sq_sum, b.grad_sq_sum),
+        )
 
     with forward_ad_safe(tiny_unet):
         parts = [FisherSums(), FisherSums()]
@@ -115,8 +119,9 @@ def test_partial_sums_merge_like_one_process(tiny_unet):
         for part, s in zip(seconds, halves):
             accumulate_second_pass(tiny_unet, params, mu, part, x_t[s], t[s], y[s], noise[s], ("rank1", "diag"))
     second = add(*seconds)
-    stats = finalize(FisherSums(merged.count, merged.grad_sum, second.proj_sq_sum, second.grad_sq_sum),
-                     ("rank1", "diag"))
+    stats = finalize(
+        FisherSums(merged.count, merged.grad_sum, second.proj_sq_sum, second.grad_sq_sum), ("rank1", "diag")
+    )
     assert abs(stats.c_star - whole.c_star) / whole.c_star <= 1e-6
     names = list(whole.mu)
     assert _rel(_flat(stats.mu, names), _flat(whole.mu, names)) <= 1e-6
@@ -129,14 +134,26 @@ def test_estimate_fisher_draws_and_matches_explicit_inputs(tiny_unet):
     x0 = torch.rand(12, 1, 8, 8, generator=g) * 2 - 1
     y = torch.randint(0, 4, (12,), generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x0, y), batch_size=5)
-    stats = estimate_fisher(tiny_unet, scheduler, loader, num_samples=9, timestep_range=(300, 700),
-                            generator=torch.Generator().manual_seed(11), show_progress=False)
+    stats = estimate_fisher(
+        tiny_unet,
+        scheduler,
+        loader,
+        num_samples=9,
+        timestep_range=(300, 700),
+        generator=torch.Generator().manual_seed(11),
+        show_progress=False,
+    )
     assert stats.num_samples == 9 and stats.timestep_range == (300, 700)
     # a shard with explicit global indices reproduces the same draws (what each process of a multi-GPU run does)
     shard = [(x0[i : i + 3], y[i : i + 3], torch.arange(i, i + 3)) for i in (6, 3, 0)]
-    reordered = estimate_fisher(tiny_unet, scheduler, shard, timestep_range=(300, 700),
-                                generator=torch.Generator().manual_seed(11),
-                                show_progress=False)
+    reordered = estimate_fisher(
+        tiny_unet,
+        scheduler,
+        shard,
+        timestep_range=(300, 700),
+        generator=torch.Generator().manual_seed(11),
+        show_progress=False,
+    )
     assert abs(reordered.c_star - stats.c_star) / stats.c_star <= 1e-6
     # rebuild the same draws: one generator per sample, seeded from (seed, sample index)
     draws = [sample_noise(i, 11, (1, 8, 8), (300, 700)) for i in range(9)]
@@ -173,10 +190,17 @@ def test_save_load_bit_exact_with_metadata(tiny_unet, tmp_path):
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    for key in ("kinds", "c_star", "num_samples", "timestep_range", "loss_normalization", "task_index", "classes",
-                "hf_r1ewc_version"):
+    for key in (
+        "kinds",
+        "c_star",
+        "num_samples",
+        "timestep_range",
+        "loss_normalization",
+        "task_index",
+        "classes",
+        "hf_r1ewc_version",
+    ):
         assert key in meta
-
 
 
 def test_load_rejects_other_model_and_corrupt_file(tiny_unet, tmp_path):

@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_unet
 from diffusers import DDIMScheduler
 
-from conftest import make_tiny_unet
 from hf_r1ewc.hub import TaskUploader, fid_markdown_table, write_folder_atomically, write_model_card
 from hf_r1ewc.pipeline import ClassConditionalPipeline
+
 
 REPO = "someone/continual-digits"
 
@@ -28,8 +29,9 @@ REPO = "someone/continual-digits"
 def _task_folder(path: Path, task_index: int = 1) -> Path:
     pipe = ClassConditionalPipeline(make_tiny_unet(), DDIMScheduler())
     pipe.save_pretrained(path)
-    (path / "training_state.json").write_text(json.dumps({"task_index": task_index, "tasks": [[0, 1], [2, 3]],
-                                                          "run_config": {}, "method": "rank1 EWC + GD"}))
+    (path / "training_state.json").write_text(
+        json.dumps({"task_index": task_index, "tasks": [[0, 1], [2, 3]], "run_config": {}, "method": "rank1 EWC + GD"})
+    )
     fid = {1: {"1": 10.0}, 2: {"1": 13.0, "2": 20.0}}[task_index]
     (path / "metrics.json").write_text(json.dumps({"task": task_index, "fid": fid, "fid_backend": "classifier"}))
     (path / "fisher.safetensors").write_bytes(b"")  # name only: the pull test checks which files arrive
@@ -73,7 +75,7 @@ try:
 except ValueError as err:
     print("MISSING", err)
 from hf_r1ewc.evaluate import main
-main(["--hub_repo", "{REPO}", "--revisions", "task-01,task-02", "--output_dir", "{tmp_path / 'summary'}"])
+main(["--hub_repo", "{REPO}", "--revisions", "task-01,task-02", "--output_dir", "{tmp_path / "summary"}"])
 """
     proc = _offline_python(code, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,8 +121,11 @@ class RecordingHfApi:
         import fnmatch
         from types import SimpleNamespace
 
-        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
-                       and any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns))
+        files = sorted(
+            str(p.relative_to(folder_path))
+            for p in Path(folder_path).rglob("*")
+            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns)
+        )
         self.calls.append(("upload_folder", repo_id, revision, files, delete_patterns))
         self.branches[revision] = f"{len(self.calls):040d}"
         return SimpleNamespace(oid=self.branches[revision])
@@ -161,11 +166,22 @@ def test_model_card_parses_and_metadata_round_trips(tmp_path):
 
     matrix = {1: {1: 12.5}, 2: {1: 14.0, 2: 20.25}}
     summary = {"afid": {1: 12.5, 2: 17.125}, "forgetting": 0.75, "plasticity": 16.375}
-    write_model_card(tmp_path, task_index=2, num_tasks=5, seen_classes=[0, 1, 2, 3],
-                     dataset_name="zalando-datasets/fashion_mnist", method_description="rank1 EWC + GD",
-                     hyperparameters={"ewc_lambda": 15000}, command="accelerate launch train_continual_ddpm.py",
-                     matrix=matrix, summary=summary, fid_backend="classifier", fid_comparable=False,
-                     fid_num_samples=2000, hub_model_id=REPO)
+    write_model_card(
+        tmp_path,
+        task_index=2,
+        num_tasks=5,
+        seen_classes=[0, 1, 2, 3],
+        dataset_name="zalando-datasets/fashion_mnist",
+        method_description="rank1 EWC + GD",
+        hyperparameters={"ewc_lambda": 15000},
+        command="accelerate launch train_continual_ddpm.py",
+        matrix=matrix,
+        summary=summary,
+        fid_backend="classifier",
+        fid_comparable=False,
+        fid_num_samples=2000,
+        hub_model_id=REPO,
+    )
     card = ModelCard.load(tmp_path / "README.md")
     data = card.data
     assert data.library_name == "diffusers" and "continual-learning" in data.tags and "ewc" in data.tags

@@ -129,13 +129,20 @@ def test_missing_weights_errors(tmp_path):
 def test_plots_are_written(tmp_path):
     from hf_r1ewc.plots import plot_afid_curves, plot_against, plot_loss_curves, plot_task_fid_curves
 
-    plot_afid_curves({"rank-1 + GD": {1: (10.0, 1.0), 2: (12.0, 0.5)}, "GD": {1: (11.0, math.nan), 2: (15.0, 1.0)}},
-                     tmp_path / "afid.png")
+    plot_afid_curves(
+        {"rank-1 + GD": {1: (10.0, 1.0), 2: (12.0, 0.5)}, "GD": {1: (11.0, math.nan), 2: (15.0, 1.0)}},
+        tmp_path / "afid.png",
+    )
     plot_task_fid_curves({1: {1: 10.0}, 2: {1: 12.0, 2: 20.0}}, tmp_path / "curves.png")
-    plot_loss_curves({"GD seed 0": {1: [0.2, 0.1, 0.08], 2: [0.1, 0.09]}, "rank-1": {1: [0.3, 0.2]}},
-                     tmp_path / "loss.png")
-    plot_against({"AFID@5": {"GD": {280: (10.0, 1.0), 840: (9.0, math.nan)}}, "P": {"GD": {280: (3.0, 0.5)}}},
-                 tmp_path / "against.png", "optimizer steps per task", log_x=True)
+    plot_loss_curves(
+        {"GD seed 0": {1: [0.2, 0.1, 0.08], 2: [0.1, 0.09]}, "rank-1": {1: [0.3, 0.2]}}, tmp_path / "loss.png"
+    )
+    plot_against(
+        {"AFID@5": {"GD": {280: (10.0, 1.0), 840: (9.0, math.nan)}}, "P": {"GD": {280: (3.0, 0.5)}}},
+        tmp_path / "against.png",
+        "optimizer steps per task",
+        log_x=True,
+    )
     for name in ("afid.png", "curves.png", "loss.png", "against.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -163,8 +170,9 @@ def test_dinov2_backend_from_a_local_folder(tmp_path):
     cannot be downloaded here) and maps [-1, 1] images of any channel count to its hidden size."""
     from transformers import Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          patch_size=14, image_size=224)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=224
+    )
     Dinov2Model(config).save_pretrained(tmp_path / "dino")
     extractor = load_feature_extractor("dinov2", dinov2_model=str(tmp_path / "dino"))
     features = extractor.features(torch.rand(3, 1, 32, 32) * 2 - 1)
@@ -176,9 +184,9 @@ def test_dinov2_backend_from_a_local_folder(tmp_path):
 def test_task_fid_shared_by_processes_equals_one_process():
     """TaskFID: chunks of FID samples split over processes (rank r takes chunks r, r + W, ...) and merged by
     `gather` give the one-process FID exactly; accuracy is the share of samples classified as their label."""
+    from conftest import make_tiny_unet
     from diffusers import DDPMScheduler
 
-    from conftest import make_tiny_unet
     from hf_r1ewc.features import ClassifierFeatures
     from hf_r1ewc.metrics import FID_CHUNK, TaskFID
     from hf_r1ewc.pipeline import sampling_scheduler
@@ -187,8 +195,9 @@ def test_task_fid_shared_by_processes_equals_one_process():
     extractor = ClassifierFeatures(1, 4, 8, feature_dim=8).eval()
     g = torch.Generator().manual_seed(1)
     test_images, test_labels = torch.rand(60, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1, 2] * 20)
-    evaluator = TaskFID(extractor, test_images, test_labels, [[0, 1], [2]], num_samples=FID_CHUNK + 30,
-                        num_inference_steps=2, seed=3)
+    evaluator = TaskFID(
+        extractor, test_images, test_labels, [[0, 1], [2]], num_samples=FID_CHUNK + 30, num_inference_steps=2, seed=3
+    )
     model, sampler = make_tiny_unet().eval(), sampling_scheduler("ddim", DDPMScheduler().config)
     whole = evaluator(model, sampler, 1)
     # two "processes" as threads; gather_object exchanges their chunks (a barrier stands in for the collective)
@@ -213,11 +222,22 @@ def test_task_fid_shared_by_processes_equals_one_process():
     assert scores[0].fid == scores[1].fid == whole.fid and scores[0].accuracy == whole.accuracy
     assert whole.num_samples == FID_CHUNK + 30 and set(whole.accuracy_per_class) == {0, 1}
     labels = evaluator.labels(1)
-    predicted = torch.cat([extractor.predict_from_features(extractor.features(
-        __import__("hf_r1ewc.pipeline", fromlist=["sample"]).sample(
-            model, sampler, labels[i : i + FID_CHUNK], 2,
-            torch.Generator().manual_seed((3 * 1_000_003 + 1) * 100_003 + i // FID_CHUNK))))
-        for i in range(0, len(labels), FID_CHUNK)])
+    predicted = torch.cat(
+        [
+            extractor.predict_from_features(
+                extractor.features(
+                    __import__("hf_r1ewc.pipeline", fromlist=["sample"]).sample(
+                        model,
+                        sampler,
+                        labels[i : i + FID_CHUNK],
+                        2,
+                        torch.Generator().manual_seed((3 * 1_000_003 + 1) * 100_003 + i // FID_CHUNK),
+                    )
+                )
+            )
+            for i in range(0, len(labels), FID_CHUNK)
+        ]
+    )
     assert whole.accuracy == pytest.approx(float((predicted == labels).float().mean()))
 
 
@@ -232,8 +252,9 @@ def test_run_summary_table_by_hand():
     assert rows[3].split() == ["2", "2,3", "20.00", "20.00", "50.0%"]
     # AFID@2 = (14 + 20) / 2; F = ((14 - 10) + 0) / 2; P = (10 + 20) / 2; mean accuracy (75 + 50) / 2;
     # BWT = 75 - 90 (task 1 only); each defined in the line below
-    assert rows[-2] == ("AFID@2 = 17.00, F = 2.00, P = 15.00, mean accuracy after task 2 (ACC) = 62.5 %, "
-                        "BWT = -15.0 points")
+    assert rows[-2] == (
+        "AFID@2 = 17.00, F = 2.00, P = 15.00, mean accuracy after task 2 (ACC) = 62.5 %, BWT = -15.0 points"
+    )
     assert rows[-1].startswith("ACC: mean over tasks") and "BWT: mean over earlier tasks" in rows[-1]
 
 
@@ -253,8 +274,14 @@ def test_paired_differences_by_hand():
     from hf_r1ewc.evaluate import paired_differences, paired_markdown
 
     def results(method, seed, afid, f, p):
-        return {"method": method, "seed": seed, "tasks": [[0, 1], [2, 3]], "afid": {"2": afid}, "forgetting": f,
-                "plasticity": p}
+        return {
+            "method": method,
+            "seed": seed,
+            "tasks": [[0, 1], [2, 3]],
+            "afid": {"2": afid},
+            "forgetting": f,
+            "plasticity": p,
+        }
 
     runs = {}
     for seed, (gd, ours) in enumerate([(10.0, 9.0), (12.0, 10.0), (11.0, 8.0)]):

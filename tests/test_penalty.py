@@ -9,6 +9,7 @@ from torch import nn
 from hf_r1ewc.fisher import FisherStatistics, fisher_statistics, load_fisher, save_fisher
 from hf_r1ewc.penalty import EWCPenalty
 
+
 KINDS = ("rank1", "rank1_unscaled", "diag")
 
 
@@ -121,7 +122,6 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
         assert float(restored(model)) == float(penalty(model))
 
 
-
 @pytest.mark.parametrize("mode", ["value", "proximal"])
 def test_restored_penalty_rounds_as_the_saved_one_wherever_it_is_bound(mode):
     """A run resumed mid-task binds its restored penalty at other weights than the uninterrupted run did: both take
@@ -178,13 +178,16 @@ def test_consolidating_after_a_restore_matches_bit_for_bit(tmp_path):
     a, b = kept.state_dict(), restored.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
 def test_penalty_from_real_fisher_file(tmp_path):
     from conftest import make_tiny_unet
 
     unet = make_tiny_unet()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 8, 8, generator=g)
-    stats = fisher_statistics(unet, x, torch.tensor([10, 500, 900, 300]), torch.tensor([0, 1, 2, 3]), torch.randn_like(x))
+    stats = fisher_statistics(
+        unet, x, torch.tensor([10, 500, 900, 300]), torch.tensor([0, 1, 2, 3]), torch.randn_like(x)
+    )
     save_fisher(str(tmp_path / "f.safetensors"), stats)
     penalty = EWCPenalty("rank1", 15000.0)
     penalty.add_task(load_fisher(str(tmp_path / "f.safetensors"), unet), unet)
@@ -275,8 +278,16 @@ def test_bf16_mu_storage_is_consistent(kind):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.add_(0.05)
-    expected = _dense_minimiser(theta_tilde, 0.01, 1e4,
-                                [(scale * torch.outer(stored, stored), torch.cat([theta_star[n].double().flatten()
-                                                                                  for n, _ in model.named_parameters()]))])
+    expected = _dense_minimiser(
+        theta_tilde,
+        0.01,
+        1e4,
+        [
+            (
+                scale * torch.outer(stored, stored),
+                torch.cat([theta_star[n].double().flatten() for n, _ in model.named_parameters()]),
+            )
+        ],
+    )
     penalty.proximal_step(model, step_size=0.01)
     assert float((_flat(model) - expected).norm() / expected.norm()) <= 1e-6

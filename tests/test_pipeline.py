@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_dit, make_tiny_unet
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 
-from conftest import make_tiny_dit, make_tiny_unet
 from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, sampling_scheduler
 
 
@@ -55,8 +55,10 @@ def test_deterministic_with_generator_and_output_types(pipe):
 
 def test_labels_respected(pipe):
     """Same noise, different labels -> different images; the class embedding is really used."""
-    outs = [pipe([label], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
-            for label in (0, 1)]
+    outs = [
+        pipe([label], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        for label in (0, 1)
+    ]
     with torch.no_grad():
         pipe.unet.class_embedding.weight[1] = pipe.unet.class_embedding.weight[0]
     same = pipe([1], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images

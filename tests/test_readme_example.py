@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import torch
-
 from conftest import make_tiny_unet
+
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -20,8 +20,10 @@ def test_readme_library_example_runs_and_consolidates(tmp_path, monkeypatch):
     exec(compile(code, "README example", "exec"), namespace)
     monkeypatch.chdir(tmp_path)  # the example writes its replay pools under ./replay
     g = torch.Generator().manual_seed(0)
-    tasks = [(torch.rand(48, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1] * 24)),
-             (torch.rand(48, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([2, 3] * 24))]
+    tasks = [
+        (torch.rand(48, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1] * 24)),
+        (torch.rand(48, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([2, 3] * 24)),
+    ]
     before = [p.detach().clone() for p in make_tiny_unet().parameters()]
     unet, learner = namespace["train_continually"](make_tiny_unet(), tasks, replay_per_class=8)
     assert learner.penalty.num_tasks == 2  # both tasks consolidated

@@ -15,10 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from hf_r1ewc.sharding import all_reduce_keeping_local_grad, local_slice, local_tensor, model_is_sharded
+
 
 TESTS = Path(__file__).resolve().parent
 
@@ -37,9 +37,21 @@ def test_penalty_gradient_step_and_fisher_on_fsdp2_shards_match_unsharded(tmp_pa
     out = tmp_path / "errors.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(TESTS / "fsdp_worker.py"), str(out)],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(TESTS / "fsdp_worker.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     errors = json.loads(out.read_text())
     assert len(errors) == 15, errors

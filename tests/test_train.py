@@ -12,11 +12,31 @@ from pathlib import Path
 import pytest
 import torch
 
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "train_continual_ddpm.py")
-FAST = ["--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1;2,3", "--num_epochs_per_task", "2",
-        "--train_batch_size", "32", "--replay_per_class", "16", "--num_inference_steps", "4",
-        "--fisher_num_samples", "64", "--max_train_per_class", "48", "--checkpointing_steps", "1000"]
+FAST = [
+    "--dataset_name",
+    "digits",
+    "--preset",
+    "demo",
+    "--tasks",
+    "0,1;2,3",
+    "--num_epochs_per_task",
+    "2",
+    "--train_batch_size",
+    "32",
+    "--replay_per_class",
+    "16",
+    "--num_inference_steps",
+    "4",
+    "--fisher_num_samples",
+    "64",
+    "--max_train_per_class",
+    "48",
+    "--checkpointing_steps",
+    "1000",
+]
 
 
 def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
@@ -25,15 +45,39 @@ def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subpr
     spreads CPU processes only through mpirun); the Accelerator then runs MULTI_CPU over gloo."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     if num_processes == 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            SCRIPT,
+            *args,
+        ]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
-               SCRIPT, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(num_processes),
+            SCRIPT,
+            *args,
+        ]
         env["ACCELERATE_USE_CPU"] = "true"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -56,9 +100,18 @@ def test_layout_fisher_pipeline_and_results(two_task_run):
 
     for k in (1, 2):
         folder = two_task_run / f"task_{k:02d}"
-        for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "pipeline.py",
-                     "fisher.safetensors", "ewc_penalty.safetensors", "metrics.json", "samples.png", "README.md",
-                     "training_state.json"):
+        for name in (
+            "model_index.json",
+            "unet/config.json",
+            "scheduler/scheduler_config.json",
+            "pipeline.py",
+            "fisher.safetensors",
+            "ewc_penalty.safetensors",
+            "metrics.json",
+            "samples.png",
+            "README.md",
+            "training_state.json",
+        ):
             assert (folder / name).exists(), f"{folder}/{name} missing"
         pipe = ClassConditionalPipeline.from_pretrained(folder)
         stats = load_fisher(str(folder / "fisher.safetensors"), model=pipe.unet)
@@ -119,14 +172,33 @@ def test_bf16_training_saves_the_fp32_fisher(tmp_path):
     from hf_r1ewc.pipeline import ClassConditionalPipeline
 
     out = tmp_path / "bf16"
-    launch([*FAST, "--tasks", "0,1", "--fid_backend", "none", "--ewc_type", "rank1", "--mixed_precision", "bf16",
-            "--output_dir", str(out)])
+    launch(
+        [
+            *FAST,
+            "--tasks",
+            "0,1",
+            "--fid_backend",
+            "none",
+            "--ewc_type",
+            "rank1",
+            "--mixed_precision",
+            "bf16",
+            "--output_dir",
+            str(out),
+        ]
+    )
     pipe = ClassConditionalPipeline.from_pretrained(out / "task_01")
     saved = load_fisher(str(out / "task_01" / "fisher.safetensors"), model=pipe.unet)
     data = load_labeled_images("digits", "train").head_per_class(48).subset([0, 1])
     loader = fisher_loader(images_to_model_input(data.images), data.labels, 64, 64, seed=0 + 1)
-    fp32 = estimate_fisher(pipe.unet, training_noise_scheduler(), loader, kinds=("rank1",),
-                           generator=torch.Generator().manual_seed(0 + 1), show_progress=False)
+    fp32 = estimate_fisher(
+        pipe.unet,
+        training_noise_scheduler(),
+        loader,
+        kinds=("rank1",),
+        generator=torch.Generator().manual_seed(0 + 1),
+        show_progress=False,
+    )
     assert saved.c_star == pytest.approx(fp32.c_star, rel=1e-5)
     num = sum(float((saved.mu[n] - fp32.mu[n]).double().pow(2).sum()) for n in fp32.mu) ** 0.5
     assert num <= 1e-5 * fp32.mu_norm()
@@ -146,8 +218,18 @@ def test_long_main_process_phases_get_a_long_process_group_timeout():
 def test_kill_and_resume_gives_the_same_weights(tmp_path, ewc_mode):
     """Bit for bit: a run stopped mid-task and resumed from its checkpoint ends with exactly the weights and penalty
     of the uninterrupted run (the restored penalty's projections are anchored where the saved one's were)."""
-    common = [*FAST, "--fid_backend", "none", "--ewc_type", "rank1", "--checkpointing_steps", "2",
-              "--ewc_mode", ewc_mode, *(["--ewc_lambda", "100"] if ewc_mode == "loss" else [])]
+    common = [
+        *FAST,
+        "--fid_backend",
+        "none",
+        "--ewc_type",
+        "rank1",
+        "--checkpointing_steps",
+        "2",
+        "--ewc_mode",
+        ewc_mode,
+        *(["--ewc_lambda", "100"] if ewc_mode == "loss" else []),
+    ]
     launch([*common, "--output_dir", str(tmp_path / "whole")])
     # stop in the middle of task 2 (task 1 has 3 steps per epoch x 2 epochs = 6 steps), then resume
     launch([*common, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "8"])
@@ -171,13 +253,29 @@ def test_sigterm_checkpoints_the_step_and_resumes_bit_for_bit(tmp_path):
     import signal
     import time
 
-    common = [*FAST, "--tasks", "0,1", "--num_epochs_per_task", "40", "--fid_backend", "none", "--ewc_type", "rank1",
-              "--checkpointing_steps", "10"]
+    common = [
+        *FAST,
+        "--tasks",
+        "0,1",
+        "--num_epochs_per_task",
+        "40",
+        "--fid_backend",
+        "none",
+        "--ewc_type",
+        "rank1",
+        "--checkpointing_steps",
+        "10",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "cut.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, SCRIPT, *common, "--output_dir", str(tmp_path / "cut")], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *common, "--output_dir", str(tmp_path / "cut")],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
         deadline = time.time() + 300
         first = tmp_path / "cut" / "checkpoints" / "checkpoint-10"
         while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -198,19 +296,54 @@ def test_sigterm_checkpoints_the_step_and_resumes_bit_for_bit(tmp_path):
 
 def test_resume_from_task_folder_alone(two_task_run, tmp_path):
     """A new output_dir continues after task 1 from the task folder alone."""
-    launch([*FAST, "--fid_backend", "none", "--ewc_type", "rank1", "--output_dir", str(tmp_path / "next"),
-            "--resume_from_task", str(two_task_run / "task_01")])
+    launch(
+        [
+            *FAST,
+            "--fid_backend",
+            "none",
+            "--ewc_type",
+            "rank1",
+            "--output_dir",
+            str(tmp_path / "next"),
+            "--resume_from_task",
+            str(two_task_run / "task_01"),
+        ]
+    )
     assert not (tmp_path / "next" / "task_01").exists() and (tmp_path / "next" / "task_02").exists()
     state = json.loads((tmp_path / "next" / "task_02" / "training_state.json").read_text())
     assert state["task_index"] == 2
 
 
 def test_incompatible_resume_folder_is_refused(two_task_run, tmp_path):
-    proc = launch([*FAST, "--fid_backend", "none", "--ewc_type", "diag", "--output_dir", str(tmp_path / "next"),
-                   "--resume_from_task", str(two_task_run / "task_01")], check=False)
+    proc = launch(
+        [
+            *FAST,
+            "--fid_backend",
+            "none",
+            "--ewc_type",
+            "diag",
+            "--output_dir",
+            str(tmp_path / "next"),
+            "--resume_from_task",
+            str(two_task_run / "task_01"),
+        ],
+        check=False,
+    )
     assert proc.returncode != 0 and "'ewc_type': ('rank1', 'diag')" in proc.stderr
-    proc = launch([*FAST, "--fid_backend", "none", "--resolution", "16", "--output_dir", str(tmp_path / "next"),
-                   "--resume_from_task", str(two_task_run / "task_01")], check=False)
+    proc = launch(
+        [
+            *FAST,
+            "--fid_backend",
+            "none",
+            "--resolution",
+            "16",
+            "--output_dir",
+            str(tmp_path / "next"),
+            "--resume_from_task",
+            str(two_task_run / "task_01"),
+        ],
+        check=False,
+    )
     assert proc.returncode != 0 and "--resolution is 16" in proc.stderr
 
 
@@ -223,16 +356,34 @@ def test_two_processes(tmp_path):
     from hf_r1ewc.models import training_noise_scheduler
     from hf_r1ewc.pipeline import ClassConditionalPipeline
 
-    launch([*FAST, "--tasks", "0,1", "--fid_backend", "none", "--ewc_type", "rank1",
-            "--output_dir", str(tmp_path / "ddp")], num_processes=2)
+    launch(
+        [
+            *FAST,
+            "--tasks",
+            "0,1",
+            "--fid_backend",
+            "none",
+            "--ewc_type",
+            "rank1",
+            "--output_dir",
+            str(tmp_path / "ddp"),
+        ],
+        num_processes=2,
+    )
     folder = tmp_path / "ddp" / "task_01"
     assert json.loads((folder / "training_state.json").read_text())["num_processes"] == 2
     pipe = ClassConditionalPipeline.from_pretrained(folder)
     two_proc = load_fisher(str(folder / "fisher.safetensors"), model=pipe.unet)
     data = load_labeled_images("digits", "train").head_per_class(48).subset([0, 1])
     loader = fisher_loader(images_to_model_input(data.images), data.labels, 64, 16, seed=0 + 1)
-    one_proc = estimate_fisher(pipe.unet, training_noise_scheduler(), loader, kinds=("rank1",),
-                               generator=torch.Generator().manual_seed(0 + 1), show_progress=False)
+    one_proc = estimate_fisher(
+        pipe.unet,
+        training_noise_scheduler(),
+        loader,
+        kinds=("rank1",),
+        generator=torch.Generator().manual_seed(0 + 1),
+        show_progress=False,
+    )
     assert two_proc.num_samples == one_proc.num_samples == 64
     assert two_proc.c_star == pytest.approx(one_proc.c_star, rel=1e-5)
     for name in one_proc.mu:
@@ -250,9 +401,25 @@ def test_every_method_runs(tmp_path, ewc_type, replay, ewc_mode):
     import train_continual_ddpm
 
     out = tmp_path / "m"
-    train_continual_ddpm.main([*FAST, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type", ewc_type,
-                               "--replay", replay, "--ewc_mode", ewc_mode, "--gradient_accumulation_steps", "2",
-                               "--output_dir", str(out)])
+    train_continual_ddpm.main(
+        [
+            *FAST,
+            "--num_epochs_per_task",
+            "1",
+            "--fid_backend",
+            "none",
+            "--ewc_type",
+            ewc_type,
+            "--replay",
+            replay,
+            "--ewc_mode",
+            ewc_mode,
+            "--gradient_accumulation_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert (out / "task_02" / "model_index.json").exists()
     assert (out / "task_02" / "fisher.safetensors").exists() == (ewc_type != "none")
     # the penalty's gradient ratio is measured on the epoch's first optimizer step, also under accumulation
@@ -267,12 +434,32 @@ def test_bad_input_fails_before_training(tmp_path):
     assert proc.returncode != 0 and "--ewc_lambda must be a finite number >= 0" in proc.stderr
     proc = launch(["--dataset_name", "nobody/nothing", "--output_dir", str(tmp_path / "x")], check=False)
     assert proc.returncode != 0 and "could not load Hub dataset 'nobody/nothing'" in proc.stderr
-    config = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
-              "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "num_class_embeds": 4,
-              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    config = {
+        "_class_name": "UNet2DModel",
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": [8, 16],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "num_class_embeds": 4,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    }
     (tmp_path / "unet.json").write_text(json.dumps(config))
-    proc = launch(["--dataset_name", "digits", "--tasks", "0,1;8,9", "--model_config_name_or_path",
-                   str(tmp_path / "unet.json"), "--output_dir", str(tmp_path / "x")], check=False)
+    proc = launch(
+        [
+            "--dataset_name",
+            "digits",
+            "--tasks",
+            "0,1;8,9",
+            "--model_config_name_or_path",
+            str(tmp_path / "unet.json"),
+            "--output_dir",
+            str(tmp_path / "x"),
+        ],
+        check=False,
+    )
     assert proc.returncode != 0 and "classes [8, 9] lie outside the model's class embedding" in proc.stderr
     assert not (tmp_path / "x").exists()
 
@@ -283,18 +470,35 @@ def test_evaluate_cli_completes_and_aggregates(two_task_run, tmp_path):
     import shutil
 
     shutil.copytree(two_task_run, run)
-    proc = subprocess.run([sys.executable, "-m", "hf_r1ewc.evaluate", "--run_dir", str(run), "--complete",
-                           "--all_tasks", "--fid_num_samples", "40", "--grid_classes", "0,2",
-                           "--output_dir", str(tmp_path / "summary")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hf_r1ewc.evaluate",
+            "--run_dir",
+            str(run),
+            "--complete",
+            "--all_tasks",
+            "--fid_num_samples",
+            "40",
+            "--grid_classes",
+            "0,2",
+            "--output_dir",
+            str(tmp_path / "summary"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "results.json").read_bytes() == (two_task_run / "results.json").read_bytes()  # the run's own
     results = json.loads((run / "results_completed.json").read_text())
     assert "2" in results["fid"]["1"]  # FID of task 2 under the model after task 1 (i > k) was added
     assert results["fid"]["2"] == json.loads((two_task_run / "results.json").read_text())["fid"]["2"]
     summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
-    (method, row), = summary.items()
+    ((method, row),) = summary.items()
     assert row["runs"] == 1 and row["afid"][0] == pytest.approx(results["afid"]["2"])
     assert "| " + method in (tmp_path / "summary" / "summary.md").read_text()
     assert (tmp_path / "summary" / "summary.csv").read_text().startswith("method,runs,afid_mean")
@@ -315,7 +519,9 @@ def test_ema_run_and_resume(tmp_path):
     for k in ("task_01", "task_02"):
         a, b = unet_weights(tmp_path / "whole" / k), unet_weights(tmp_path / "cut" / k)
         assert max(float((a[n] - b[n]).abs().max()) for n in a) <= 1e-5
-    launch([*common, "--output_dir", str(tmp_path / "next"), "--resume_from_task", str(tmp_path / "whole" / "task_01")])
+    launch(
+        [*common, "--output_dir", str(tmp_path / "next"), "--resume_from_task", str(tmp_path / "whole" / "task_01")]
+    )
     whole = json.loads((tmp_path / "whole" / "task_02" / "training_state.json").read_text())
     resumed = json.loads((tmp_path / "next" / "task_02" / "training_state.json").read_text())
     assert whole["ema_optimization_step"] == resumed["ema_optimization_step"] == 12
@@ -330,9 +536,23 @@ def test_non_finite_loss_stops_with_last_good_state(tmp_path):
 
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match="the ewc term of the loss is inf at task 2"):
-        train_continual_ddpm.main([*FAST, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type",
-                                   "rank1_unscaled", "--ewc_mode", "loss", "--ewc_lambda", "1e300",
-                                   "--output_dir", str(out)])
+        train_continual_ddpm.main(
+            [
+                *FAST,
+                "--num_epochs_per_task",
+                "1",
+                "--fid_backend",
+                "none",
+                "--ewc_type",
+                "rank1_unscaled",
+                "--ewc_mode",
+                "loss",
+                "--ewc_lambda",
+                "1e300",
+                "--output_dir",
+                str(out),
+            ]
+        )
     assert (out / "task_01" / "model_index.json").exists() and not (out / "task_02").exists()
 
 
@@ -344,8 +564,9 @@ def _imagenet32_like_parquet(root: Path, num_classes: int = 100, train_per_class
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=[f"n{c:08d}" for c in range(num_classes)])})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"n{c:08d}" for c in range(num_classes)])}
+    )
 
     def split(per_class):
         labels = [c for _ in range(per_class) for c in range(num_classes)]
@@ -368,16 +589,56 @@ def test_streamed_imagenet32_protocol_end_to_end(tmp_path):
 
     source = _imagenet32_like_parquet(tmp_path / "imagenet32")
     config = tmp_path / "unet.json"
-    config.write_text(json.dumps({
-        "_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 3, "out_channels": 3,
-        "block_out_channels": [4, 4], "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 2, "attention_head_dim": 4,
-        "num_class_embeds": 100}))
+    config.write_text(
+        json.dumps(
+            {
+                "_class_name": "UNet2DModel",
+                "sample_size": 8,
+                "in_channels": 3,
+                "out_channels": 3,
+                "block_out_channels": [4, 4],
+                "layers_per_block": 1,
+                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+                "norm_num_groups": 2,
+                "attention_head_dim": 4,
+                "num_class_embeds": 100,
+            }
+        )
+    )
     out = tmp_path / "out"
-    launch(["--train_data_dir", str(source), "--streaming", "--eval_split", "validation", "--classes_per_task", "50",
-            "--resolution", "8", "--model_config_name_or_path", str(config), "--num_epochs_per_task", "1",
-            "--train_batch_size", "8", "--ewc_type", "rank1", "--replay_per_class", "1", "--num_inference_steps", "2",
-            "--fisher_num_samples", "40", "--fid_backend", "none", "--output_dir", str(out)], num_processes=2)
+    launch(
+        [
+            "--train_data_dir",
+            str(source),
+            "--streaming",
+            "--eval_split",
+            "validation",
+            "--classes_per_task",
+            "50",
+            "--resolution",
+            "8",
+            "--model_config_name_or_path",
+            str(config),
+            "--num_epochs_per_task",
+            "1",
+            "--train_batch_size",
+            "8",
+            "--ewc_type",
+            "rank1",
+            "--replay_per_class",
+            "1",
+            "--num_inference_steps",
+            "2",
+            "--fisher_num_samples",
+            "40",
+            "--fid_backend",
+            "none",
+            "--output_dir",
+            str(out),
+        ],
+        num_processes=2,
+    )
     for k in (1, 2):
         state = json.loads((out / f"task_{k:02d}" / "training_state.json").read_text())
         assert state["tasks"] == [list(range(0, 50)), list(range(50, 100))] and state["num_processes"] == 2
@@ -393,8 +654,10 @@ def test_streamed_imagenet32_protocol_end_to_end(tmp_path):
 
 
 def test_streaming_refuses_settings_that_need_the_split_in_memory(tmp_path):
-    proc = launch(["--dataset_name", "digits", "--streaming", "--max_train_per_class", "4",
-                   "--output_dir", str(tmp_path / "x")], check=False)
+    proc = launch(
+        ["--dataset_name", "digits", "--streaming", "--max_train_per_class", "4", "--output_dir", str(tmp_path / "x")],
+        check=False,
+    )
     assert proc.returncode != 0 and "--max_train_per_class" in proc.stderr and "--streaming" in proc.stderr
     proc = launch(["--dataset_name", "digits", "--streaming", "--output_dir", str(tmp_path / "y")], check=False)
     assert proc.returncode != 0 and "--fid_classifier" in proc.stderr
@@ -405,6 +668,7 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
     flags that the script accepts, with the paper's model and protocol on the GPU scale."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import reproduce_table1 as table1
+
     import train_continual_ddpm as script
 
     (tmp_path / "fid_classifier").mkdir()
@@ -424,15 +688,18 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
                 assert args.max_train_per_class is None and args.fisher_num_samples is None
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1"),
-    (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0"),
-    (["--fisher_batch_size", "0"], "--fisher_batch_size must be >= 1"),
-    (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
-    (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0"),
-    (["--distill_weight", "nan"], "--distill_weight must be a finite number >= 0"),
-    (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1"),
+        (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0"),
+        (["--fisher_batch_size", "0"], "--fisher_batch_size must be >= 1"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0"),
+        (["--distill_weight", "nan"], "--distill_weight must be a finite number >= 0"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number > 0"),
+    ],
+)
 def test_flags_rejected_before_any_work(flags, message, capsys):
     """Settings that used to fail after training started (ZeroDivisionError, deleted checkpoints, NaN) are refused
     by the argument check."""
@@ -456,13 +723,20 @@ def test_dit_backbone_run_resume_and_folder(tmp_path):
     launch([*common, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "8"])
     launch([*common, "--output_dir", str(tmp_path / "cut")])
     folder = tmp_path / "whole" / "task_02"
-    for name in ("transformer/config.json", "fisher.safetensors", "ewc_penalty.safetensors", "README.md",
-                 "samples.png"):
+    for name in (
+        "transformer/config.json",
+        "fisher.safetensors",
+        "ewc_penalty.safetensors",
+        "README.md",
+        "samples.png",
+    ):
         assert (folder / name).exists(), name
     assert not (folder / "unet").exists()
     pipe = ClassConditionalPipeline.from_pretrained(folder)
     assert type(pipe.denoiser).__name__ == "DiTTransformer2DModel"
     assert load_fisher(str(folder / "fisher.safetensors"), model=pipe.denoiser).c_star > 0
-    a, b = (load_file(str(tmp_path / run / "task_02" / "transformer" / "diffusion_pytorch_model.safetensors"))
-            for run in ("whole", "cut"))
+    a, b = (
+        load_file(str(tmp_path / run / "task_02" / "transformer" / "diffusion_pytorch_model.safetensors"))
+        for run in ("whole", "cut")
+    )
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
