@@ -29,7 +29,7 @@ from hf_r1ewc.penalty import EWCPenalty  # noqa: E402
 from hf_r1ewc.pipeline import sample, sampling_scheduler  # noqa: E402
 
 
-# The protocol (DESIGN section 2/3): ImageNet-1k 32x32, 20 tasks of 50 classes, ~1281 training images per class,
+# The protocol (the paper's ImageNet setting): ImageNet-1k 32x32, 20 tasks of 50 classes, ~1281 training images per class,
 # 100 epochs per task, batch 128 real + 128 replay, replay pool of 1300 images per seen class by DDIM 50 steps.
 TASKS, CLASSES_PER_TASK, IMAGES_PER_CLASS, EPOCHS, BATCH, POOL_PER_CLASS, DDIM_STEPS = 20, 50, 1281, 100, 128, 1300, 50
 H100_BF16_DENSE_PEAK = 989e12  # FLOP/s, NVIDIA H100 SXM datasheet (dense, no sparsity)

@@ -7,7 +7,7 @@ and its pool) — and the three phases a training loop calls::
     learner.training_step(accelerator, model, optimizer, x, y, generator)   # per micro-batch
     learner.consolidate(model, fisher_loader, ...)              # Fisher of the finished task -> penalty term
 
-One step's loss (DESIGN section 2): ``denoise(real ∪ replay) + distill_weight * distill(replay) + λ·EWC(θ)`` with
+One step's loss (docs/method.md): ``denoise(real ∪ replay) + distill_weight * distill(replay) + λ·EWC(θ)`` with
 ``ewc_mode="loss"``; with ``ewc_mode="decoupled"`` the penalty instead acts as an exact proximal step after each
 optimizer step that really happened (not on accumulation micro-steps, not when fp16's gradient scaler skipped it).
 """

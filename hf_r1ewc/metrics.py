@@ -1,7 +1,7 @@
 """Continual-learning metrics: the FID matrix FID_i(m_k), AFID@k, forgetting F, plasticity P, sample accuracy.
 
 FID_i(m_k) compares samples of model m_k for task i's classes (labels in the proportions of task i's test set) with
-task i's held-out test images. From the matrix (DESIGN section 3)::
+task i's held-out test images. From the matrix (docs/method.md, Metrics)::
 
     AFID@k = (1/k) sum_{i<=k} FID_i(m_k)
     F      = (1/T) sum_k (FID_k(m_T) - FID_k(m_k))      forgetting

@@ -1,6 +1,6 @@
 """The multi-task EWC penalty (rank-1, rank-1 without c*, diagonal) and its exact proximal step.
 
-After tasks 1..K, with theta*_k the weights after task k (DESIGN section 2)::
+After tasks 1..K, with theta*_k the weights after task k (docs/method.md)::
 
     rank1           lambda/2 * sum_k c*_k (mu_k^T theta - b_k)^2,   b_k = mu_k^T theta*_k      (paper eq. 6)
     rank1_unscaled  lambda/2 * sum_k      (mu_k^T theta - b_k)^2
