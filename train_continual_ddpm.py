@@ -14,19 +14,15 @@ and P. A quick run: --preset demo --num_epochs_per_task 2 --fid_num_samples 40 (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
-import json
 import math
 import os
-import pickle
 import shlex
 import shutil
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -36,13 +32,11 @@ from accelerate.utils import (
     DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
-    broadcast_object_list,
     gather_object,
     set_seed,
 )
 from diffusers import ModelMixin
 from diffusers.training_utils import EMAModel
-from safetensors import SafetensorError
 
 from hf_r1ewc import __version__
 from hf_r1ewc.continual import ContinualLearner, NonFiniteLossError, fisher_loader, step_generator
@@ -61,9 +55,6 @@ from hf_r1ewc.features import load_feature_extractor, train_classifier
 from hf_r1ewc.fisher import save_fisher
 from hf_r1ewc.hub import (
     TaskUploader,
-    is_complete_task_folder,
-    read_training_state,
-    resolve_task_source,
     task_folder_name,
     write_folder_atomically,
     write_json,
@@ -71,15 +62,10 @@ from hf_r1ewc.hub import (
     write_training_state,
 )
 from hf_r1ewc.integrity import (
-    OutputLock,
-    checkpoint_problem,
-    manifest_differences,
     sha256_tensors,
-    write_checkpoint_digests,
 )
-from hf_r1ewc.metrics import TaskFID, accuracy_summary, matrix_from_json, run_summary_table, summarize
+from hf_r1ewc.metrics import TaskFID, accuracy_summary, run_summary_table, summarize
 from hf_r1ewc.models import (
-    MODEL_SUBFOLDERS,
     PRESETS,
     model_from_config,
     model_from_preset,
@@ -96,6 +82,19 @@ from hf_r1ewc.pipeline import (
 )
 from hf_r1ewc.plots import save_image_grid
 from hf_r1ewc.progress import configure_logging, progress_bar
+from hf_r1ewc.run import (
+    MANIFEST,
+    RunPosition,
+    RunState,
+    check_manifest,
+    load_checkpoint,
+    lock_output_dir,
+    register_ema,
+    released_on_error,
+    resume_advice,
+    resume_run,
+    save_checkpoint,
+)
 from hf_r1ewc.sharding import full_model_copy
 from hf_r1ewc.stop import EXIT_STOPPED, StopRequest
 
@@ -506,98 +505,6 @@ def run_manifest(args, accelerator, data: "TaskData") -> dict:
     return {"settings": settings, "dataset": dataset, "tasks": data.tasks}
 
 
-def check_run_manifest(args, accelerator, data: "TaskData") -> dict | None:
-    """Compare OUTPUT_DIR/run_manifest.json with this run and refuse any difference except in RECOVERY_SETTINGS,
-    whose changes are logged and recorded. Returns the manifest to write (a new run's, or the folder's with the
-    recovery changes appended; None when nothing changes), for main() to write once every other check has passed.
-    Every process reads the folder's manifest before a barrier that every process reaches, so none can read the
-    file the main process writes afterwards. A folder that holds checkpoints or task folders but no readable
-    manifest is refused: nothing would say what settings its work was trained with."""
-    output_dir = Path(args.output_dir)
-    path = output_dir / "run_manifest.json"
-    current = run_manifest(args, accelerator, data)
-    fix = (
-        f"restore {path}, or re-run with the flags that run was started with and --adopt_manifest to record "
-        f"them, or use another --output_dir"
-    )
-    if not path.exists():
-        work = [d.name for d in checkpoint_dirs(output_dir)] + [d.name for d in sorted(output_dir.glob("task_[0-9]*"))]
-        if work and not args.adopt_manifest:
-            raise SystemExit(
-                f"error: {output_dir} holds earlier work ({', '.join(work[:4])}"
-                f"{', ...' if len(work) > 4 else ''}) but no run_manifest.json, which records the "
-                f"settings it was trained with, so continuing could mix settings silently: {fix}"
-            )
-        accelerator.wait_for_everyone()
-        return {**current, "changes": [], "hf_r1ewc_version": __version__}
-    try:
-        recorded = json.loads(path.read_text())
-        if not isinstance(recorded, dict) or not {"settings", "dataset", "tasks", "changes"} <= set(recorded):
-            raise ValueError("it lacks the settings, dataset, tasks or changes of a run")
-    except (ValueError, OSError) as err:
-        raise SystemExit(f"error: {path} cannot be read ({type(err).__name__}: {err}): {fix}") from None
-    differences = {f"--{k}": d for k, d in manifest_differences(recorded["settings"], current["settings"]).items()}
-    differences |= {
-        f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()
-    }
-    if recorded["tasks"] != current["tasks"]:
-        differences["tasks"] = (recorded["tasks"], current["tasks"])
-    recovery = {k: d for k, d in differences.items() if k[2:] in RECOVERY_SETTINGS}
-    refused = {k: d for k, d in differences.items() if k not in recovery}
-    if refused:
-        lines = "\n".join(f"  {k}: {old!r} in the folder, {new!r} now" for k, (old, new) in refused.items())
-        raise SystemExit(
-            f"error: {args.output_dir} holds a run with other settings (run_manifest.json):\n{lines}\n"
-            f"Continue it with the recorded settings, or start the new run in another --output_dir. "
-            f"Settings that may change when a run continues: "
-            f"{', '.join('--' + k for k in MAY_CHANGE + RECOVERY_SETTINGS)}."
-        )
-    for key, (old, new) in recovery.items():
-        logger.warning("%s changes from %r to %r from here on (recorded in run_manifest.json)", key, old, new)
-        recorded["settings"][key[2:]] = new
-        recorded["changes"].append(
-            {
-                "setting": key[2:],
-                "from": old,
-                "to": new,
-                "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-        )
-    accelerator.wait_for_everyone()
-    return recorded if recovery else None
-
-
-def lock_output_dir(accelerator, output_dir: Path) -> OutputLock | None:
-    """Create OUTPUT_DIR and hold its lock (main process) for the run: a second run on the same folder, or a folder
-    that cannot be written, stops here, before any expensive work."""
-    lock = OutputLock(output_dir) if accelerator.is_main_process else None
-    try:
-        held = [lock.acquire() if lock is not None else True]
-    except OSError as err:
-        raise SystemExit(f"error: cannot write to --output_dir {output_dir}: {err}") from None
-    if accelerator.num_processes > 1:
-        broadcast_object_list(held)
-    if not held[0]:
-        holder = lock.holder() if lock is not None else "see the main process"
-        raise SystemExit(
-            f"error: another run (process {holder}) is writing {output_dir}; wait for it to finish or "
-            f"use another --output_dir"
-        )
-    return lock
-
-
-@contextlib.contextmanager
-def released_on_error(lock: OutputLock | None) -> Iterator[None]:
-    """Release OUTPUT_DIR's lock if the block fails (a refusal before the task loop), so that the same process (a
-    test, a notebook) can run again; the OS releases it when a process dies."""
-    try:
-        yield
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-
 def resolve_mixed_precision(flag: str | None) -> str:
     """The fastest safe default per device: bf16 autocast on CUDA GPUs with bf16 (weights, optimizer, penalty and
     Fisher stay fp32); fp32 on CPU, where bf16 autocast was 1.19x faster on an AVX512-BF16 machine but would make CPU
@@ -748,274 +655,6 @@ def build_model(args, data: TaskData) -> ModelMixin:
     return model
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    root = output_dir / "checkpoints"
-    if not root.exists():
-        return []
-    return sorted(
-        (d for d in root.iterdir() if d.name.startswith("checkpoint-") and (d / "position.json").exists()),
-        key=lambda d: int(d.name.split("-")[1]),
-    )
-
-
-def save_checkpoint(accelerator, model, output_dir: Path, global_step: int, position: dict, limit: int) -> None:
-    """Accelerate state + our position (task, epoch, step in epoch, process count) + the SHA-256 of every file,
-    atomically; old checkpoints pruned. Weights that are no longer finite are never saved."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    largest = torch.stack([p.detach().abs().max().float() for p in local if p.numel()]).max()
-    largest = float(accelerator.gather(largest.reshape(1)).max())
-    if not math.isfinite(largest):
-        raise SystemExit(
-            f"error: the weights are no longer finite at step {global_step}, so no checkpoint was saved "
-            f"there. {resume_advice(output_dir)}"
-        )
-    position = {**position, "num_processes": accelerator.num_processes, "max_abs_weight": largest}
-    root = output_dir / "checkpoints"
-    target = root / f"checkpoint-{global_step}"
-    tmp = root / f"checkpoint-{global_step}.partial"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every process's random states are written
-    if accelerator.is_main_process:
-        (tmp / "position.json").write_text(json.dumps(position))
-        write_checkpoint_digests(tmp)  # last: a checkpoint with digests.json is complete
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        for old in checkpoint_dirs(output_dir)[:-limit] if limit else []:
-            shutil.rmtree(old)
-        logger.info("saved %s (task %d)", target, position["task"])
-    accelerator.wait_for_everyone()
-
-
-def finished_tasks(output_dir: Path, num_tasks: int | None = None) -> int:
-    """How many tasks of OUTPUT_DIR are finished: the length of the unbroken run of complete task_XX folders."""
-    k = 0
-    while (num_tasks is None or k < num_tasks) and is_complete_task_folder(output_dir / task_folder_name(k + 1)):
-        k += 1
-    return k
-
-
-def checkpoint_position(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "position.json").read_text())
-
-
-def resume_advice(output_dir: Path) -> str:
-    """What a resume of OUTPUT_DIR will do now, and how to get past a divergence (for error messages)."""
-    saved = [d for d in checkpoint_dirs(output_dir) if checkpoint_problem(d) is None]
-    done = finished_tasks(output_dir)
-    position = checkpoint_position(saved[-1]) if saved else None
-    if position is not None and position["task"] > done:
-        where = (
-            f"A resume (re-run the command, or --resume_from_checkpoint latest) restarts at {saved[-1].name} "
-            f"(task {position['task']}, step {position['global_step']}; its weights were checked finite, "
-            f"largest |w| = {position.get('max_abs_weight', float('nan')):.3g}), with the same data and noise"
-        )
-    elif done:
-        where = f"A resume (re-run the command) starts task {done + 1} from the finished task_{done:02d}"
-    else:
-        where = "No checkpoint or task folder was saved yet: a re-run starts from the beginning"
-    return (
-        f"{where}. To get past this point change the optimisation as you resume: add --max_grad_norm 1.0 or "
-        f"lower --learning_rate (both may change on resume; the optimizer's stored learning rate is replaced and "
-        f"run_manifest.json records the change)."
-    )
-
-
-def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: a path, a name under OUTPUT_DIR/checkpoints (``checkpoint-26``, the diffusers
-    form), or the newest intact one for ``latest`` and for a re-run into a folder that holds checkpoints (a damaged
-    one, whose files differ from its digests, is skipped with a warning)."""
-    available = checkpoint_dirs(output_dir)
-    if spec is None or spec == "latest":
-        for candidate in reversed(available):
-            problem = checkpoint_problem(candidate)
-            if problem is None:
-                if spec is None:
-                    logger.info(
-                        "%s holds checkpoints: resuming from the newest, %s (a new run needs another --output_dir)",
-                        output_dir,
-                        candidate.name,
-                    )
-                return candidate
-            logger.warning("%s is damaged (%s): skipping it for an older one", candidate, problem)
-        if spec == "latest":
-            logger.info(
-                "--resume_from_checkpoint latest: %s holds no %scheckpoint; starting after the finished "
-                "task folders, if any",
-                output_dir / "checkpoints",
-                "intact " if available else "",
-            )
-        return None
-    for candidate in (Path(spec), output_dir / "checkpoints" / spec, output_dir / spec):
-        if (candidate / "position.json").exists():
-            problem = checkpoint_problem(candidate)
-            if problem is not None:
-                intact = [d.name for d in available if d != candidate and checkpoint_problem(d) is None]
-                raise SystemExit(
-                    f"error: --resume_from_checkpoint {spec}: {candidate} is damaged ({problem}). "
-                    f"Resume from an intact one ({intact[-1] if intact else 'none left'}; "
-                    f"--resume_from_checkpoint latest picks the newest intact) or delete it."
-                )
-            return candidate
-    raise SystemExit(
-        f"error: --resume_from_checkpoint {spec}: no such checkpoint (looked for it as given and in "
-        f"{output_dir / 'checkpoints'}); available: {[d.name for d in available] or 'none'}"
-    )
-
-
-def register_ema(accelerator, ema: EMAModel) -> None:
-    """Checkpoints hold the EMA as ``unet_ema/`` (diffusers' ``save_pretrained`` layout, safetensors: nothing
-    pickled), written and read through Accelerate's save/load state hooks, as diffusers' training examples do."""
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
-
-    def load_hook(models, input_dir):
-        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), ema.model_cls)
-        ema.load_state_dict(loaded.state_dict())
-        ema.to(accelerator.device)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-@dataclass
-class RunState:
-    """What the task loop carries: the FID matrix, the step counter, and where a resumed run picks up."""
-
-    start_task: int
-    matrix: dict
-    accuracy: dict
-    global_step: int = 0
-    steps_this_process: int = 0
-    resume_dir: Path | None = None
-    resume_position: dict | None = None
-
-
-def resume_run(
-    args,
-    accelerator,
-    denoiser: ModelMixin,
-    learner: ContinualLearner,
-    ema: EMAModel | None,
-    training_tasks: list,
-    resolution: int,
-) -> RunState:
-    """Where to start: after the newest of (a finished task folder of OUTPUT_DIR, --resume_from_task, a checkpoint).
-    A finished task folder is newer than every checkpoint of its task, so finished work is never redone. The task
-    folder continued from restores the weights, the penalty and the EMA's warm-up position, after its files are
-    checked against their SHA-256."""
-    output_dir = Path(args.output_dir)
-    state = RunState(start_task=1, matrix={}, accuracy={})
-    checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
-    done = finished_tasks(output_dir, len(training_tasks))
-    previous = output_dir / task_folder_name(done) if done else None
-    try:
-        saved = read_training_state(previous) if previous else None
-        if args.resume_from_task:
-            external = resolve_task_source(args.resume_from_task)
-            external_state = read_training_state(external)
-            if saved is None or external_state["task_index"] > saved["task_index"]:
-                previous, saved = external, external_state
-    except ValueError as err:  # a missing, corrupt or altered artifact
-        raise SystemExit(f"error: {err}") from None
-    finished = saved["task_index"] if saved else 0
-    if checkpoint is not None:
-        position = checkpoint_position(checkpoint)
-        if position["task"] <= finished:
-            logger.info(
-                "%s (task %d) is older than the finished task %d: continuing after task %d",
-                checkpoint.name,
-                position["task"],
-                finished,
-                finished,
-            )
-        elif position["task"] != finished + 1:
-            raise SystemExit(
-                f"error: {checkpoint} is in task {position['task']}, which continues from task folder "
-                f"{task_folder_name(position['task'] - 1)}, but the newest finished task is {finished}: "
-                f"restore that folder in {output_dir}"
-            )
-        elif position.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
-            raise SystemExit(
-                f"error: {checkpoint} was written by {position['num_processes']} processes and this run "
-                f"has {accelerator.num_processes}: the data order and random states are per process. "
-                f"Resume with {position['num_processes']} processes, or drop the checkpoints to restart "
-                f"task {position['task']} from the finished task folder."
-            )
-        else:
-            state.resume_dir, state.resume_position = checkpoint, position
-            state.start_task, state.global_step = position["task"], position["global_step"]
-    if saved is not None:
-        conflicts = {
-            k: (saved["run_config"].get(k), v)
-            for k, v in run_config(args).items()
-            if k in RESUME_MUST_MATCH and saved["run_config"].get(k) != v
-        }
-        if conflicts:
-            raise SystemExit(
-                f"error: {previous} was trained with other settings "
-                f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir"
-            )
-        if saved["tasks"] != training_tasks:
-            raise SystemExit(
-                f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}; match "
-                f"them or use another --output_dir"
-            )
-        if state.resume_position is None:
-            state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
-        restore_task_folder(args, previous, denoiser, learner, ema, saved, resolution)
-    results_path = output_dir / "results.json"
-    if results_path.exists():
-        results = json.loads(results_path.read_text())
-        state.matrix = {k: r for k, r in matrix_from_json(results["fid"]).items() if k < state.start_task}
-        state.accuracy = {
-            k: r for k, r in matrix_from_json(results.get("accuracy", {})).items() if k < state.start_task
-        }
-    return state
-
-
-def restore_task_folder(
-    args,
-    folder: Path,
-    denoiser: ModelMixin,
-    learner: ContinualLearner,
-    ema: EMAModel | None,
-    saved: dict,
-    resolution: int,
-) -> None:
-    """Weights, EWC penalty and EMA position of a (verified) task folder."""
-    loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
-    if loaded.config.sample_size != resolution:
-        raise SystemExit(
-            f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
-            f"model but --resolution is {resolution}; match it or use another --output_dir"
-        )
-    denoiser.load_state_dict(loaded.state_dict())
-    if learner.penalty is not None:
-        path = folder / "ewc_penalty.safetensors"
-        if not path.exists():
-            raise SystemExit(
-                f"error: {folder} has no ewc_penalty.safetensors, the EWC penalty over tasks 1..."
-                f"{saved['task_index']} that a {args.ewc_type} run continues from; copy the whole folder "
-                f"again (or pull it from the Hub)"
-            )
-        from safetensors.torch import load_file
-
-        try:
-            learner.penalty.load_state_dict(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise SystemExit(f"error: {path} cannot be used ({err}); copy the folder again") from None
-        learner.penalty.ewc_lambda = args.ewc_lambda
-    if ema is not None:
-        ema.shadow_params = [p.detach().clone() for p in denoiser.parameters()]
-        ema.optimization_step = saved.get("ema_optimization_step", 0)
-
-
 def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
     """The FID scorer of every task (the main process trains the feature classifier once, if needed)."""
     if args.fid_backend == "none":
@@ -1134,21 +773,15 @@ def train_task(
     checkpoints it."""
     output_dir = Path(args.output_dir)
     first_epoch, skip, loss_curve, denoise_curve, ratio_curve, carried = 0, 0, [], [], [], ([], [])
-    if run.resume_position is not None and run.resume_position["task"] == task_index:
-        try:
-            accelerator.load_state(str(run.resume_dir))
-        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, SafetensorError) as err:
-            raise SystemExit(
-                f"error: {run.resume_dir} cannot be loaded ({type(err).__name__}: {str(err)[:300]}). "
-                f"Delete it to resume from the checkpoint or task folder before it."
-            ) from None
+    position = run.resume_position
+    if position is not None and position.task == task_index:
+        load_checkpoint(accelerator, run.resume_dir)
         for group in optimizer.param_groups:  # the flag's rate, not the stored one (a recovery may lower it)
             group["lr"] = args.learning_rate
-        first_epoch, skip = run.resume_position["epoch"], run.resume_position["step_in_epoch"]
+        first_epoch, skip = position.epoch, position.step_in_epoch
         # the losses logged before the stop: per finished epoch, and of the epoch it stopped in
-        loss_curve, denoise_curve, *ratio = run.resume_position.get("curves", ([], []))
-        ratio_curve = ratio[0] if ratio else []  # (checkpoints before the ratio was recorded have two curves)
-        carried = run.resume_position.get("epoch_losses", ([], []))
+        loss_curve, denoise_curve = position.loss_per_epoch, position.denoise_per_epoch
+        ratio_curve, carried = position.ewc_grad_ratio_per_epoch, (position.epoch_losses, position.epoch_denoise)
         if not skip and carried[0]:  # stopped at an epoch's end
             loss_curve, denoise_curve = (
                 loss_curve + [sum(carried[0]) / len(carried[0])],
@@ -1213,14 +846,17 @@ def train_task(
                 progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
                 accelerator.log({**logs, "task": task_index}, step=run.global_step)
                 end_of_epoch = step_in_epoch == len(loader)
-                position = {
-                    "task": task_index,
-                    "epoch": epoch + end_of_epoch,
-                    "step_in_epoch": 0 if end_of_epoch else step_in_epoch,
-                    "global_step": run.global_step,
-                    "curves": [loss_curve, denoise_curve, ratio_curve],
-                    "epoch_losses": [losses, denoise],
-                }
+                position = RunPosition(
+                    task_index,
+                    epoch + end_of_epoch,
+                    0 if end_of_epoch else step_in_epoch,
+                    run.global_step,
+                    loss_curve,
+                    denoise_curve,
+                    ratio_curve,
+                    losses,
+                    denoise,
+                )
                 stop = (
                     "--stop_after_steps"
                     if args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
@@ -1233,9 +869,7 @@ def train_task(
                     signalled = accelerator.check_trigger()
                 stop = (stop_request.signal_name or "a signal to another process") if signalled else stop
                 if run.global_step % args.checkpointing_steps == 0 or stop:
-                    save_checkpoint(
-                        accelerator, model, output_dir, run.global_step, position, args.checkpoints_total_limit
-                    )
+                    save_checkpoint(accelerator, model, output_dir, position, args.checkpoints_total_limit)
                 if stop:
                     progress.close()
                     return loss_curve, denoise_curve, ratio_curve, stop
@@ -1452,11 +1086,30 @@ def main(argv=None) -> None:
     )
     lock = lock_output_dir(accelerator, output_dir)
     with released_on_error(lock):
-        run = resume_run(args, accelerator, denoiser, learner, ema, training_tasks, data.resolution)
-        new_manifest = check_run_manifest(args, accelerator, data)
+        run = resume_run(
+            accelerator,
+            output_dir,
+            denoiser,
+            learner,
+            ema,
+            training_tasks,
+            data.resolution,
+            checkpoint_spec=args.resume_from_checkpoint,
+            task_source=args.resume_from_task,
+            must_match={k: v for k, v in run_config(args).items() if k in RESUME_MUST_MATCH},
+            ewc_lambda=args.ewc_lambda,
+        )
+        new_manifest = check_manifest(
+            accelerator,
+            output_dir,
+            run_manifest(args, accelerator, data),
+            recovery_settings=RECOVERY_SETTINGS,
+            may_change=MAY_CHANGE,
+            adopt=args.adopt_manifest,
+        )
         evaluator = make_evaluator(args, accelerator, data, device) if run.start_task <= num_tasks else None
     if new_manifest is not None and accelerator.is_main_process:  # written once every check has passed
-        write_json(output_dir / "run_manifest.json", new_manifest)
+        write_json(output_dir / MANIFEST, new_manifest)
     if run.start_task > num_tasks:
         logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
         if lock is not None:

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel
 from diffusers import SchedulerMixin
 from diffusers.training_utils import EMAModel
 from torch import nn
@@ -152,6 +153,51 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------------------------------------- a step
 
+    def loss(
+        self, model: nn.Module, images: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """The loss of one micro-batch and its terms, 0-dim tensors on the model's device: ``loss`` = ``denoise`` on
+        real ∪ replay + distill_weight · ``distill`` on replay + ``ewc`` (λ·EWC(θ) with ``ewc_mode="loss"``, else 0).
+
+        Args:
+            model: the denoiser as trained (an Accelerate-prepared wrapper is fine).
+            images: ``[B, C, H, W]`` in [-1, 1]; class_labels: ``[B]``.
+            generator: the CPU generator of this micro-batch (noise, timesteps, replay indices), e.g. ``step_generator``.
+
+        Raises ``NonFiniteLossError``, naming the term, before anything is updated. No backward, no optimizer: a
+        custom loop calls ``backward``, its optimizer and LR scheduler, then ``after_optimizer_step``.
+        """
+        replay, teacher = None, None
+        if self.replay is not None:
+            replay = self.replay.batch(self.replay_batch_size or images.shape[0], generator, images.device)
+            teacher = self.replay.teacher
+        parts = continual_loss(
+            model,
+            self.noise_scheduler,
+            images,
+            class_labels,
+            replay,
+            teacher,
+            self.distill_weight,
+            self.replay_in_denoise,
+            generator,
+        )
+        loss, ewc = parts["loss"], torch.zeros((), device=images.device)
+        if self.penalty is not None and self.ewc_mode == "loss" and self.penalty.num_tasks:
+            ewc = self.penalty(extract_model_from_parallel(model))
+            loss = loss + ewc
+        for term, value in (("denoise", parts["denoise"]), ("distill", parts["distill"]), ("ewc", ewc)):
+            if not torch.isfinite(value):
+                raise NonFiniteLossError(term, float(value.detach()))
+        return {"loss": loss, "denoise": parts["denoise"], "distill": parts["distill"], "ewc": ewc}
+
+    def after_optimizer_step(self, model: nn.Module, lr: float) -> None:
+        """Call after every optimizer step that happened (not on accumulation micro-steps, not when fp16's scaler
+        skipped it), with the step's learning rate. With ``ewc_mode="decoupled"`` this is the exact proximal step
+        θ ← argmin_θ ½‖θ − θ̃‖² + lr·λ·EWC(θ) (θ̃ the weights the optimizer left); nothing otherwise."""
+        if self.penalty is not None and self.ewc_mode == "decoupled":
+            self.penalty.proximal_step(extract_model_from_parallel(model), lr)
+
     def training_step(
         self,
         accelerator: Accelerator,
@@ -163,36 +209,15 @@ class ContinualLearner:
         ema: EMAModel | None = None,
         measure_penalty: bool = False,
     ) -> StepOutput:
-        """One micro-batch under ``accelerator.accumulate``: loss, backward, (clip, optimizer step, proximal step,
-        EMA update when the accumulation window closes). Raises ``NonFiniteLossError`` before any update.
+        """The convenience step the training script uses: ``loss`` under ``accelerator.accumulate``, backward, (clip,
+        optimizer step, ``after_optimizer_step``, EMA update when the accumulation window closes).
         ``measure_penalty``: on a step that closes the window, also report ||grad lambda*EWC|| relative to the
         gradient of the rest of the loss (one extra small backward through the penalty): the number that says
         lambda is too large when it is >> 1 (under FSDP, of this process's shards; not measured under fp16's
         gradient scaler)."""
-        replay, teacher = None, None
-        if self.replay is not None:
-            replay = self.replay.batch(self.replay_batch_size or images.shape[0], generator, images.device)
-            teacher = self.replay.teacher
         with accelerator.accumulate(model):
-            parts = continual_loss(
-                model,
-                self.noise_scheduler,
-                images,
-                class_labels,
-                replay,
-                teacher,
-                self.distill_weight,
-                self.replay_in_denoise,
-                generator,
-            )
-            loss, ewc = parts["loss"], torch.zeros((), device=images.device)
-            if self.penalty is not None and self.ewc_mode == "loss" and self.penalty.num_tasks:
-                ewc = self.penalty(accelerator.unwrap_model(model))
-                loss = loss + ewc
-            for term, value in (("denoise", parts["denoise"]), ("distill", parts["distill"]), ("ewc", ewc)):
-                if not torch.isfinite(value):
-                    raise NonFiniteLossError(term, float(value.detach()))
-            accelerator.backward(loss)
+            terms = self.loss(model, images, class_labels, generator)
+            accelerator.backward(terms["loss"])
             # not under fp16's gradient scaler: the gradients are still scaled here, the penalty's would not be
             measure = measure_penalty and accelerator.sync_gradients and accelerator.scaler is None
             ratio = self._penalty_gradient_ratio(accelerator.unwrap_model(model)) if measure else None
@@ -201,15 +226,15 @@ class ContinualLearner:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         stepped = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
-        if stepped and self.penalty is not None and self.ewc_mode == "decoupled":
-            self.penalty.proximal_step(accelerator.unwrap_model(model), optimizer.param_groups[0]["lr"])
+        if stepped:
+            self.after_optimizer_step(accelerator.unwrap_model(model), optimizer.param_groups[0]["lr"])
         if stepped and ema is not None:
             ema.step(model.parameters())
         return StepOutput(
-            float(loss.detach()),
-            float(parts["denoise"]),
-            float(parts["distill"]),
-            float(ewc.detach()),
+            float(terms["loss"].detach()),
+            float(terms["denoise"]),
+            float(terms["distill"]),
+            float(terms["ewc"].detach()),
             accelerator.sync_gradients,
             ratio,
         )
@@ -228,6 +253,27 @@ class ContinualLearner:
             pen_sq += float(g.double().pow(2).sum())
             rest_sq += float(rest.double().pow(2).sum())
         return (pen_sq / rest_sq) ** 0.5 if rest_sq > 0 else float("inf")
+
+    def state_dict(self) -> dict:
+        """What carries across tasks and is not in the model: ``ewc_mode`` and the penalty's tensors under
+        ``penalty.``, so that ``accelerator.register_for_checkpointing(learner)`` keeps it in a checkpoint (the
+        replay pool lives on disk and the teacher is rebuilt by ``start_task``)."""
+        state: dict = {"ewc_mode": self.ewc_mode}
+        if self.penalty is not None:
+            state |= {f"penalty.{k}": v for k, v in self.penalty.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``; refuses a state written with another ``ewc_mode`` or penalty presence."""
+        penalty = {k.removeprefix("penalty."): v for k, v in state.items() if k.startswith("penalty.")}
+        if state.get("ewc_mode") != self.ewc_mode or bool(penalty) != (self.penalty is not None):
+            raise ValueError(
+                f"the learner state was written with ewc_mode {state.get('ewc_mode')!r} and "
+                f"{'a' if penalty else 'no'} penalty; this learner has ewc_mode {self.ewc_mode!r} and "
+                f"{'a' if self.penalty is not None else 'no'} penalty"
+            )
+        if self.penalty is not None:
+            self.penalty.load_state_dict(penalty)
 
     # ------------------------------------------------------------------------------------------- end of a task
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
@@ -256,3 +257,69 @@ def test_penalty_gradient_ratio_is_not_reported_under_a_gradient_scaler():
         accelerator, model, optimizer, *_batches(4), torch.Generator().manual_seed(0), measure_penalty=True
     )
     assert out.penalty_gradient_ratio is None
+
+
+def _learner_with_a_task(unet, ewc_mode: str, lam: float = 1e3) -> ContinualLearner:
+    penalty = EWCPenalty("rank1", lam)
+    g = torch.Generator().manual_seed(3)
+    mu = {n: torch.randn(p.shape, generator=g) * 1e-2 for n, p in unet.named_parameters()}
+    penalty.add_task(FisherStatistics(mu, None, 2.0, 8), {n: p.detach() + 0.01 for n, p in unet.named_parameters()})
+    return ContinualLearner(SCHEDULER, penalty, ewc_mode=ewc_mode)
+
+
+@pytest.mark.parametrize("ewc_mode", ["loss", "decoupled"])
+def test_own_loop_with_an_lr_scheduler_matches_training_step(ewc_mode):
+    """``loss`` + backward + optimizer + LR scheduler + ``after_optimizer_step``, written out as a user's loop,
+    gives the weights ``training_step`` gives when the learning rate is changed between its steps the same way."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    weights = []
+    for own_loop in (True, False):
+        accelerator = Accelerator(cpu=True)
+        unet = make_tiny_unet()
+        learner = _learner_with_a_task(unet, ewc_mode)
+        optimizer = torch.optim.Adam(unet.parameters(), lr=1e-2)
+        schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=6)
+        model, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
+        for step in range(6):
+            x, y = _batches(8, seed=step)
+            generator = step_generator(0, 1, 0, step, 0)
+            if own_loop:
+                with accelerator.accumulate(model):
+                    terms = learner.loss(model, x, y, generator)
+                    accelerator.backward(terms["loss"])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                learner.after_optimizer_step(model, optimizer.param_groups[0]["lr"])
+                assert terms["ewc"].item() > 0 if ewc_mode == "loss" else terms["ewc"].item() == 0
+            else:
+                learner.training_step(accelerator, model, optimizer, x, y, generator)
+            schedule.step()
+        weights.append([p.detach().clone() for p in accelerator.unwrap_model(model).parameters()])
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    untouched = make_tiny_unet()
+    assert any(not torch.equal(a, b) for a, b in zip(weights[0], untouched.parameters()))
+
+
+def test_learner_state_round_trips_through_an_accelerate_checkpoint(tmp_path):
+    """``accelerator.register_for_checkpointing(learner)`` keeps the penalty: a fresh learner loaded from the
+    checkpoint has the same penalty value and gradient; another ewc_mode is refused."""
+    accelerator = Accelerator(cpu=True)
+    unet = make_tiny_unet()
+    learner = _learner_with_a_task(unet, "loss")
+    accelerator.register_for_checkpointing(learner)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    accelerator = Accelerator(cpu=True)
+    fresh = ContinualLearner(SCHEDULER, EWCPenalty("rank1", 1.0), ewc_mode="loss")
+    accelerator.register_for_checkpointing(fresh)
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert fresh.penalty.num_tasks == 1 and fresh.penalty.ewc_lambda == 1e3
+    assert torch.equal(fresh.penalty(unet).detach(), learner.penalty(unet).detach())
+    with pytest.raises(ValueError, match="ewc_mode 'loss'.*this learner has ewc_mode 'decoupled'"):
+        ContinualLearner(SCHEDULER, EWCPenalty("rank1", 1.0), ewc_mode="decoupled").load_state_dict(
+            learner.state_dict()
+        )
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -28,6 +28,7 @@ from test_train import FAST, unet_weights  # noqa: E402
 
 import train_continual_ddpm as script  # noqa: E402
 from hf_r1ewc.integrity import write_checkpoint_digests  # noqa: E402
+from hf_r1ewc.run import checkpoint_dirs  # noqa: E402
 
 
 COMMON = [*FAST, "--fid_num_samples", "16", "--checkpointing_steps", "2", "--ewc_type", "rank1"]
@@ -107,7 +108,7 @@ def test_crash_at_each_phase_resumes_without_redoing_or_losing_work(reference, t
     assert (out / "task_01" / "training_state.json").stat().st_mtime_ns == task1_mtime
     assert max_difference(reference / "task_02", out / "task_02") == 0.0
     # the step count went on from where it was (a restart at 0 had its new checkpoints pruned by the older ones)
-    assert [d.name for d in script.checkpoint_dirs(out)] == [d.name for d in script.checkpoint_dirs(reference)]
+    assert [d.name for d in checkpoint_dirs(out)] == [d.name for d in checkpoint_dirs(reference)]
     fid = [json.loads((run / "results.json").read_text())["fid"] for run in (reference, out)]
     assert fid[0] == fid[1]
     # the per-epoch losses of the interrupted task are not lost either
@@ -259,21 +260,6 @@ def test_latest_without_checkpoints_says_so(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     run([*COMMON, "--tasks", "0,1", "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "latest"])
     assert "holds no checkpoint; starting after the finished task folders" in caplog.text
-
-
-def test_non_finite_weights_are_never_checkpointed(tmp_path):
-    from accelerate import Accelerator
-    from conftest import make_tiny_unet
-
-    accelerator = Accelerator(cpu=True)
-    model = make_tiny_unet()
-    with torch.no_grad():
-        next(model.parameters())[0] = float("inf")
-    with pytest.raises(SystemExit, match="no longer finite at step 4, so no checkpoint was saved"):
-        script.save_checkpoint(
-            accelerator, model, tmp_path, 4, {"task": 1, "epoch": 0, "step_in_epoch": 4, "global_step": 4}, 2
-        )
-    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_non_finite_loss_names_the_term_and_what_a_resume_does(tmp_path):
@@ -481,45 +467,6 @@ def test_manifest_is_written_only_after_every_check(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="a later check failed"):
         run([*COMMON, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "run_manifest.json").exists()
-
-
-class BarrierCounter:
-    """The parts of an Accelerator that the manifest check uses, counting its barriers."""
-
-    def __init__(self, is_main_process: bool) -> None:
-        self.is_main_process, self.mixed_precision, self.barriers = is_main_process, "no", 0
-
-    def wait_for_everyone(self) -> None:
-        self.barriers += 1
-
-
-@pytest.mark.parametrize("recorded", ["none", "earlier learning rate"])
-def test_every_process_passes_the_same_barriers_whenever_it_reads_the_manifest(tmp_path, recorded):
-    """Multi-process: the main process writes run_manifest.json right after the check; a slower process that reads
-    the folder only then must pass as many barriers as the main process did, or the run deadlocks (seen as a 900 s
-    hang of the 2-process streamed test)."""
-    out = tmp_path / "out"
-    argv = [*COMMON, "--output_dir", str(out)]
-    args = script.parse_args(argv)
-    data = script.load_task_data(args)
-    out.mkdir()  # as the lock does
-    from accelerate.state import PartialState
-
-    PartialState(cpu=True)  # for the script's logger
-    try:
-        if recorded != "none":
-            earlier = script.check_run_manifest(
-                script.parse_args([*argv, "--learning_rate", "5e-4"]), BarrierCounter(True), data
-            )
-            script.write_json(out / "run_manifest.json", earlier)
-        main_process, other = BarrierCounter(True), BarrierCounter(False)
-        manifest = script.check_run_manifest(args, main_process, data)
-        script.write_json(out / "run_manifest.json", manifest)  # what main() does next on the main process
-        script.check_run_manifest(args, other, data)
-    finally:
-        PartialState._reset_state()
-    assert main_process.barriers == other.barriers == 1
-    assert len(json.loads((out / "run_manifest.json").read_text())["changes"]) == (recorded != "none")
 
 
 def test_non_finite_penalty_in_a_folder_without_digests_is_refused(reference, tmp_path):

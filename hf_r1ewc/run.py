@@ -1,0 +1,465 @@
+"""The run directory of a continual training run: its lock, its manifest, its checkpoints and where a resume starts.
+
+OUTPUT_DIR holds ``run_manifest.json`` (the settings, data and tasks of the run), ``checkpoints/checkpoint-N``
+(Accelerate state + ``position.json`` + ``digests.json``) and the finished ``task_XX`` folders (``hub.py`` writes
+and verifies those; ``integrity.py`` is the digest layer under both). A finished task folder is newer than every
+checkpoint of its task, so finished work is never redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
+
+from . import __version__
+from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name
+from .integrity import OutputLock, checkpoint_problem, manifest_differences, write_checkpoint_digests
+from .metrics import matrix_from_json
+from .models import MODEL_SUBFOLDERS
+
+
+logger = get_logger(__name__, log_level="INFO")
+MANIFEST = "run_manifest.json"
+
+
+@dataclass
+class RunPosition:
+    """Where a checkpoint stands: the task, the epoch and micro-step within it, the optimizer-step count, and the
+    losses logged so far in the task (per finished epoch, and each micro-step of the epoch it stopped in)."""
+
+    task: int
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    loss_per_epoch: list[float] = field(default_factory=list)
+    denoise_per_epoch: list[float] = field(default_factory=list)
+    ewc_grad_ratio_per_epoch: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_denoise: list[float] = field(default_factory=list)
+    num_processes: int | None = None
+    max_abs_weight: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "task": self.task,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "curves": [self.loss_per_epoch, self.denoise_per_epoch, self.ewc_grad_ratio_per_epoch],
+            "epoch_losses": [self.epoch_losses, self.epoch_denoise],
+            "num_processes": self.num_processes,
+            "max_abs_weight": self.max_abs_weight,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> RunPosition:
+        """Also reads older ``position.json`` files (two curves, or none)."""
+        curves = list(record.get("curves", [])) + [[], [], []]
+        carried = list(record.get("epoch_losses", [])) + [[], []]
+        return cls(
+            record["task"],
+            record["epoch"],
+            record["step_in_epoch"],
+            record["global_step"],
+            *curves[:3],
+            *carried[:2],
+            record.get("num_processes"),
+            record.get("max_abs_weight"),
+        )
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> RunPosition:
+        return cls.from_json(json.loads((checkpoint / "position.json").read_text()))
+
+
+@dataclass
+class RunState:
+    """What the task loop carries: the FID and accuracy matrices, the step counter, where a resumed run picks up."""
+
+    start_task: int
+    matrix: dict
+    accuracy: dict
+    global_step: int = 0
+    steps_this_process: int = 0
+    resume_dir: Path | None = None
+    resume_position: RunPosition | None = None
+
+
+# ------------------------------------------------------------------------------------------ lock and manifest
+
+
+def lock_output_dir(accelerator, output_dir: Path) -> OutputLock | None:
+    """Create OUTPUT_DIR and hold its lock (main process) for the run: a second run on the same folder, or a folder
+    that cannot be written, stops here, before any expensive work."""
+    lock = OutputLock(output_dir) if accelerator.is_main_process else None
+    try:
+        held = [lock.acquire() if lock is not None else True]
+    except OSError as err:
+        raise SystemExit(f"error: cannot write to --output_dir {output_dir}: {err}") from None
+    if accelerator.num_processes > 1:
+        broadcast_object_list(held)
+    if not held[0]:
+        holder = lock.holder() if lock is not None else "see the main process"
+        raise SystemExit(
+            f"error: another run (process {holder}) is writing {output_dir}; wait for it to finish or "
+            f"use another --output_dir"
+        )
+    return lock
+
+
+@contextlib.contextmanager
+def released_on_error(lock: OutputLock | None) -> Iterator[None]:
+    """Release OUTPUT_DIR's lock if the block fails (a refusal before the task loop), so that the same process (a
+    test, a notebook) can run again; the OS releases it when a process dies."""
+    try:
+        yield
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def check_manifest(
+    accelerator,
+    output_dir: Path,
+    current: dict,
+    *,
+    recovery_settings: tuple[str, ...],
+    may_change: tuple[str, ...],
+    adopt: bool = False,
+) -> dict | None:
+    """Compare ``OUTPUT_DIR/run_manifest.json`` with ``current`` (``{"settings", "dataset", "tasks"}``) and refuse
+    any difference except in ``recovery_settings``, whose changes are logged and recorded.
+
+    Returns the manifest to write (a new run's, or the folder's with the recovery changes appended; None when
+    nothing changes), for the caller to write once every other check has passed. Every process reads the file
+    before one barrier that every process reaches, so none reads what the main process writes afterwards. A
+    folder that holds checkpoints or task folders but no readable manifest is refused unless ``adopt``: nothing
+    would say what settings its work was trained with.
+    """
+    path = output_dir / MANIFEST
+    fix = (
+        f"restore {path}, or re-run with the flags that run was started with and --adopt_manifest to record "
+        f"them, or use another --output_dir"
+    )
+    if not path.exists():
+        work = [d.name for d in checkpoint_dirs(output_dir)] + [d.name for d in sorted(output_dir.glob("task_[0-9]*"))]
+        if work and not adopt:
+            raise SystemExit(
+                f"error: {output_dir} holds earlier work ({', '.join(work[:4])}"
+                f"{', ...' if len(work) > 4 else ''}) but no {MANIFEST}, which records the "
+                f"settings it was trained with, so continuing could mix settings silently: {fix}"
+            )
+        accelerator.wait_for_everyone()
+        return {**current, "changes": [], "hf_r1ewc_version": __version__}
+    try:
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict) or not {"settings", "dataset", "tasks", "changes"} <= set(recorded):
+            raise ValueError("it lacks the settings, dataset, tasks or changes of a run")
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: {path} cannot be read ({type(err).__name__}: {err}): {fix}") from None
+    differences = {f"--{k}": d for k, d in manifest_differences(recorded["settings"], current["settings"]).items()}
+    differences |= {
+        f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()
+    }
+    if recorded["tasks"] != current["tasks"]:
+        differences["tasks"] = (recorded["tasks"], current["tasks"])
+    recovery = {k: d for k, d in differences.items() if k[2:] in recovery_settings}
+    refused = {k: d for k, d in differences.items() if k not in recovery}
+    if refused:
+        lines = "\n".join(f"  {k}: {old!r} in the folder, {new!r} now" for k, (old, new) in refused.items())
+        raise SystemExit(
+            f"error: {output_dir} holds a run with other settings ({MANIFEST}):\n{lines}\n"
+            f"Continue it with the recorded settings, or start the new run in another --output_dir. "
+            f"Settings that may change when a run continues: "
+            f"{', '.join('--' + k for k in may_change + recovery_settings)}."
+        )
+    for key, (old, new) in recovery.items():
+        logger.warning("%s changes from %r to %r from here on (recorded in %s)", key, old, new, MANIFEST)
+        recorded["settings"][key[2:]] = new
+        at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        recorded["changes"].append({"setting": key[2:], "from": old, "to": new, "at": at})
+    accelerator.wait_for_everyone()
+    return recorded if recovery else None
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """``OUTPUT_DIR/checkpoints/checkpoint-N`` folders with a position, oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(
+        (d for d in root.iterdir() if d.name.startswith("checkpoint-") and (d / "position.json").exists()),
+        key=lambda d: int(d.name.split("-")[1]),
+    )
+
+
+def save_checkpoint(accelerator, model, output_dir: Path, position: RunPosition, limit: int | None) -> None:
+    """Accelerate state + ``position.json`` (with the process count and the largest weight) + the SHA-256 of every
+    file, atomically; all but the newest ``limit`` checkpoints pruned. Weights that are no longer finite are never
+    saved."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    largest = torch.stack([p.detach().abs().max().float() for p in local if p.numel()]).max()
+    largest = float(accelerator.gather(largest.reshape(1)).max())
+    if not math.isfinite(largest):
+        raise SystemExit(
+            f"error: the weights are no longer finite at step {position.global_step}, so no checkpoint was saved "
+            f"there. {resume_advice(output_dir)}"
+        )
+    position.num_processes, position.max_abs_weight = accelerator.num_processes, largest
+    root = output_dir / "checkpoints"
+    target = root / f"checkpoint-{position.global_step}"
+    tmp = root / f"checkpoint-{position.global_step}.partial"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's random states are written
+    if accelerator.is_main_process:
+        (tmp / "position.json").write_text(json.dumps(position.to_json()))
+        write_checkpoint_digests(tmp)  # last: a checkpoint with digests.json is complete
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        for old in checkpoint_dirs(output_dir)[:-limit] if limit else []:
+            shutil.rmtree(old)
+        logger.info("saved %s (task %d)", target, position.task)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> None:
+    """Accelerate's ``load_state``, with an unloadable checkpoint turned into a message."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, SafetensorError) as err:
+        raise SystemExit(
+            f"error: {checkpoint} cannot be loaded ({type(err).__name__}: {str(err)[:300]}). "
+            f"Delete it to resume from the checkpoint or task folder before it."
+        ) from None
+
+
+def finished_tasks(output_dir: Path, num_tasks: int | None = None) -> int:
+    """How many tasks of OUTPUT_DIR are finished: the length of the unbroken run of complete task_XX folders."""
+    k = 0
+    while (num_tasks is None or k < num_tasks) and is_complete_task_folder(output_dir / task_folder_name(k + 1)):
+        k += 1
+    return k
+
+
+def resume_advice(output_dir: Path) -> str:
+    """What a resume of OUTPUT_DIR will do now, and how to get past a divergence (for error messages)."""
+    saved = [d for d in checkpoint_dirs(output_dir) if checkpoint_problem(d) is None]
+    done = finished_tasks(output_dir)
+    position = RunPosition.read(saved[-1]) if saved else None
+    if position is not None and position.task > done:
+        largest = position.max_abs_weight if position.max_abs_weight is not None else float("nan")
+        where = (
+            f"A resume (re-run the command, or --resume_from_checkpoint latest) restarts at {saved[-1].name} "
+            f"(task {position.task}, step {position.global_step}; its weights were checked finite, "
+            f"largest |w| = {largest:.3g}), with the same data and noise"
+        )
+    elif done:
+        where = f"A resume (re-run the command) starts task {done + 1} from the finished task_{done:02d}"
+    else:
+        where = "No checkpoint or task folder was saved yet: a re-run starts from the beginning"
+    return (
+        f"{where}. To get past this point change the optimisation as you resume: add --max_grad_norm 1.0 or "
+        f"lower --learning_rate (both may change on resume; the optimizer's stored learning rate is replaced and "
+        f"{MANIFEST} records the change)."
+    )
+
+
+def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: a path, a name under OUTPUT_DIR/checkpoints (``checkpoint-26``, the diffusers
+    form), or the newest intact one for ``latest`` and for a re-run into a folder that holds checkpoints (a damaged
+    one, whose files differ from its digests, is skipped with a warning)."""
+    available = checkpoint_dirs(output_dir)
+    if spec is None or spec == "latest":
+        for candidate in reversed(available):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                if spec is None:
+                    logger.info(
+                        "%s holds checkpoints: resuming from the newest, %s (a new run needs another --output_dir)",
+                        output_dir,
+                        candidate.name,
+                    )
+                return candidate
+            logger.warning("%s is damaged (%s): skipping it for an older one", candidate, problem)
+        if spec == "latest":
+            logger.info(
+                "--resume_from_checkpoint latest: %s holds no %scheckpoint; starting after the finished "
+                "task folders, if any",
+                output_dir / "checkpoints",
+                "intact " if available else "",
+            )
+        return None
+    for candidate in (Path(spec), output_dir / "checkpoints" / spec, output_dir / spec):
+        if (candidate / "position.json").exists():
+            problem = checkpoint_problem(candidate)
+            if problem is not None:
+                intact = [d.name for d in available if d != candidate and checkpoint_problem(d) is None]
+                raise SystemExit(
+                    f"error: --resume_from_checkpoint {spec}: {candidate} is damaged ({problem}). "
+                    f"Resume from an intact one ({intact[-1] if intact else 'none left'}; "
+                    f"--resume_from_checkpoint latest picks the newest intact) or delete it."
+                )
+            return candidate
+    raise SystemExit(
+        f"error: --resume_from_checkpoint {spec}: no such checkpoint (looked for it as given and in "
+        f"{output_dir / 'checkpoints'}); available: {[d.name for d in available] or 'none'}"
+    )
+
+
+def register_ema(accelerator, ema) -> None:
+    """Checkpoints hold the EMA as ``unet_ema/`` (diffusers' ``save_pretrained`` layout, safetensors: nothing
+    pickled), written and read through Accelerate's save/load state hooks, as diffusers' training examples do."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_hook(models, input_dir):
+        loaded = type(ema).from_pretrained(os.path.join(input_dir, "unet_ema"), ema.model_cls)
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ----------------------------------------------------------------------------------------------------- resume
+
+
+def resume_run(
+    accelerator,
+    output_dir: Path,
+    denoiser,
+    learner,
+    ema,
+    training_tasks: list[list[int]],
+    resolution: int,
+    *,
+    checkpoint_spec: str | None,
+    task_source: str | None,
+    must_match: dict,
+    ewc_lambda: float,
+) -> RunState:
+    """Where to start: after the newest of (a finished task folder of OUTPUT_DIR, ``task_source``, a checkpoint).
+
+    The task folder continued from restores the weights, the penalty (at ``ewc_lambda``) and the EMA's warm-up
+    position, after its files are checked against their SHA-256; its recorded ``run_config`` must agree with
+    ``must_match`` and its tasks with ``training_tasks``. The checkpoint itself is loaded by ``load_checkpoint``
+    when its task starts.
+    """
+    state = RunState(start_task=1, matrix={}, accuracy={})
+    checkpoint = find_checkpoint(checkpoint_spec, output_dir)
+    done = finished_tasks(output_dir, len(training_tasks))
+    previous = output_dir / task_folder_name(done) if done else None
+    try:
+        saved = read_training_state(previous) if previous else None
+        if task_source:
+            external = resolve_task_source(task_source)
+            external_state = read_training_state(external)
+            if saved is None or external_state["task_index"] > saved["task_index"]:
+                previous, saved = external, external_state
+    except ValueError as err:  # a missing, corrupt or altered artifact
+        raise SystemExit(f"error: {err}") from None
+    finished = saved["task_index"] if saved else 0
+    if checkpoint is not None:
+        position = RunPosition.read(checkpoint)
+        processes = position.num_processes or accelerator.num_processes
+        if position.task <= finished:
+            logger.info(
+                "%s (task %d) is older than the finished task %d: continuing after task %d",
+                checkpoint.name,
+                position.task,
+                finished,
+                finished,
+            )
+        elif position.task != finished + 1:
+            raise SystemExit(
+                f"error: {checkpoint} is in task {position.task}, which continues from task folder "
+                f"{task_folder_name(position.task - 1)}, but the newest finished task is {finished}: "
+                f"restore that folder in {output_dir}"
+            )
+        elif processes != accelerator.num_processes:
+            raise SystemExit(
+                f"error: {checkpoint} was written by {processes} processes and this run "
+                f"has {accelerator.num_processes}: the data order and random states are per process. "
+                f"Resume with {processes} processes, or drop the checkpoints to restart "
+                f"task {position.task} from the finished task folder."
+            )
+        else:
+            state.resume_dir, state.resume_position = checkpoint, position
+            state.start_task, state.global_step = position.task, position.global_step
+    if saved is not None:
+        conflicts = {
+            k: (saved["run_config"].get(k), v) for k, v in must_match.items() if saved["run_config"].get(k) != v
+        }
+        if conflicts:
+            raise SystemExit(
+                f"error: {previous} was trained with other settings "
+                f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir"
+            )
+        if saved["tasks"] != training_tasks:
+            raise SystemExit(
+                f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}; match "
+                f"them or use another --output_dir"
+            )
+        if state.resume_position is None:
+            state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
+        restore_task_folder(previous, denoiser, learner, ema, saved, resolution, ewc_lambda)
+    results_path = output_dir / "results.json"
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+        state.matrix = {k: r for k, r in matrix_from_json(results["fid"]).items() if k < state.start_task}
+        state.accuracy = {
+            k: r for k, r in matrix_from_json(results.get("accuracy", {})).items() if k < state.start_task
+        }
+    return state
+
+
+def restore_task_folder(folder: Path, denoiser, learner, ema, saved: dict, resolution: int, ewc_lambda: float) -> None:
+    """Weights, EWC penalty (at ``ewc_lambda``) and EMA position of a verified task folder."""
+    loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
+    if loaded.config.sample_size != resolution:
+        raise SystemExit(
+            f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
+            f"model but --resolution is {resolution}; match it or use another --output_dir"
+        )
+    denoiser.load_state_dict(loaded.state_dict())
+    if learner.penalty is not None:
+        path = folder / "ewc_penalty.safetensors"
+        if not path.exists():
+            raise SystemExit(
+                f"error: {folder} has no ewc_penalty.safetensors, the EWC penalty over tasks 1..."
+                f"{saved['task_index']} that a {learner.penalty.kind} run continues from; copy the whole folder "
+                f"again (or pull it from the Hub)"
+            )
+        from safetensors.torch import load_file
+
+        try:
+            learner.penalty.load_state_dict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise SystemExit(f"error: {path} cannot be used ({err}); copy the folder again") from None
+        learner.penalty.ewc_lambda = ewc_lambda
+    if ema is not None:
+        ema.shadow_params = [p.detach().clone() for p in denoiser.parameters()]
+        ema.optimization_step = saved.get("ema_optimization_step", 0)

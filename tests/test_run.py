@@ -1,0 +1,137 @@
+"""hf_r1ewc.run without a launch: the manifest check, checkpoint positions, saving, finding and resume advice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from conftest import make_tiny_unet
+
+from hf_r1ewc.hub import write_json
+from hf_r1ewc.integrity import write_checkpoint_digests
+from hf_r1ewc.run import (
+    MANIFEST,
+    RunPosition,
+    check_manifest,
+    checkpoint_dirs,
+    find_checkpoint,
+    resume_advice,
+    save_checkpoint,
+)
+
+
+@pytest.fixture
+def accelerator():
+    accelerator = Accelerator(cpu=True)
+    yield accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class BarrierCounter:
+    """The parts of an Accelerator that the manifest check uses, counting its barriers."""
+
+    def __init__(self, is_main_process: bool) -> None:
+        self.is_main_process, self.barriers = is_main_process, 0
+
+    def wait_for_everyone(self) -> None:
+        self.barriers += 1
+
+
+def manifest(learning_rate: float, ewc_lambda: float = 15000.0) -> dict:
+    settings = {"learning_rate": learning_rate, "ewc_lambda": ewc_lambda}
+    return {"settings": settings, "dataset": {"source": "digits", "num_test": 10}, "tasks": [[0, 1], [2, 3]]}
+
+
+def check(accelerator, folder: Path, current: dict, adopt: bool = False) -> dict | None:
+    return check_manifest(
+        accelerator, folder, current, recovery_settings=("learning_rate",), may_change=("output_dir",), adopt=adopt
+    )
+
+
+@pytest.mark.parametrize("recorded", ["none", "earlier learning rate"])
+def test_every_process_passes_the_same_barriers_whenever_it_reads_the_manifest(accelerator, tmp_path, recorded):
+    """Multi-process: the main process writes run_manifest.json right after the check; a slower process that reads
+    the folder only then must pass as many barriers as the main process did, or the run deadlocks (seen as a 900 s
+    hang of the 2-process streamed test when each path had its own barriers)."""
+    if recorded != "none":
+        write_json(tmp_path / MANIFEST, check(BarrierCounter(True), tmp_path, manifest(5e-4)))
+    main_process, other = BarrierCounter(True), BarrierCounter(False)
+    written = check(main_process, tmp_path, manifest(1e-3))
+    write_json(tmp_path / MANIFEST, written)  # what the caller does next on the main process
+    assert check(other, tmp_path, manifest(1e-3)) is None  # the slower process reads the new file: no change
+    assert main_process.barriers == other.barriers == 1
+    changes = json.loads((tmp_path / MANIFEST).read_text())["changes"]
+    assert [(c["setting"], c["from"], c["to"]) for c in changes] == (
+        [] if recorded == "none" else [("learning_rate", 5e-4, 1e-3)]
+    )
+
+
+def test_manifest_refuses_a_result_setting_and_names_it(accelerator, tmp_path):
+    write_json(tmp_path / MANIFEST, check(accelerator, tmp_path, manifest(1e-3)))
+    with pytest.raises(SystemExit, match=r"--ewc_lambda: 15000.0 in the folder, 100.0 now(.|\n)*--output_dir"):
+        check(accelerator, tmp_path, manifest(1e-3, ewc_lambda=100.0))
+
+
+def test_work_without_a_manifest_is_refused_unless_adopted(accelerator, tmp_path):
+    (tmp_path / "task_01").mkdir()
+    with pytest.raises(SystemExit, match=r"holds earlier work \(task_01\) but no run_manifest.json"):
+        check(accelerator, tmp_path, manifest(1e-3))
+    assert check(accelerator, tmp_path, manifest(1e-3), adopt=True)["changes"] == []
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"task": 2, "epoch": 1, "step_in_epoch": 3, "global_step": 9},  # the oldest checkpoints: no curves
+        {
+            "task": 2,
+            "epoch": 1,
+            "step_in_epoch": 3,
+            "global_step": 9,
+            "curves": [[0.5], [0.4]],
+            "epoch_losses": [[0.3], [0.2]],
+            "num_processes": 2,
+        },  # two curves, before the penalty's gradient ratio
+    ],
+)
+def test_older_positions_are_read(record):
+    position = RunPosition.from_json(record)
+    assert (position.task, position.epoch, position.step_in_epoch, position.global_step) == (2, 1, 3, 9)
+    assert position.loss_per_epoch == record.get("curves", [[]])[0]
+    assert position.ewc_grad_ratio_per_epoch == []
+    assert position.epoch_losses == record.get("epoch_losses", [[]])[0]
+    assert position.num_processes == record.get("num_processes")
+    assert RunPosition.from_json(position.to_json()) == position
+
+
+def test_saved_checkpoints_are_found_pruned_and_verified(accelerator, tmp_path, caplog):
+    model = accelerator.prepare(make_tiny_unet())
+    for step in (2, 4, 6):
+        position = RunPosition(1, 0, step, step, [], [], [], [0.5] * step, [0.4] * step)
+        save_checkpoint(accelerator, model, tmp_path, position, limit=2)
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    saved = RunPosition.read(tmp_path / "checkpoints" / "checkpoint-6")
+    assert saved.num_processes == 1 and saved.max_abs_weight > 0 and saved.epoch_losses == [0.5] * 6
+    assert find_checkpoint("checkpoint-4", tmp_path) == tmp_path / "checkpoints" / "checkpoint-4"
+    assert "restarts at checkpoint-6 (task 1, step 6" in resume_advice(tmp_path)
+    newest = tmp_path / "checkpoints" / "checkpoint-6" / "position.json"
+    newest.write_text(newest.read_text().replace('"global_step": 6', '"global_step": 7'))
+    assert find_checkpoint("latest", tmp_path).name == "checkpoint-4"  # the damaged one is skipped
+    with pytest.raises(SystemExit, match="checkpoint-6 is damaged .*Resume from an intact one \\(checkpoint-4"):
+        find_checkpoint("checkpoint-6", tmp_path)
+    write_checkpoint_digests(newest.parent)  # as if its writer had written it so
+    assert find_checkpoint(None, tmp_path).name == "checkpoint-6"
+
+
+def test_non_finite_weights_are_never_checkpointed(accelerator, tmp_path):
+    model = make_tiny_unet()
+    with torch.no_grad():
+        next(model.parameters())[0] = float("inf")
+    with pytest.raises(SystemExit, match="no longer finite at step 4, so no checkpoint was saved"):
+        save_checkpoint(accelerator, model, tmp_path, RunPosition(1, 0, 4, 4), limit=2)
+    assert not (tmp_path / "checkpoints").exists()
