@@ -36,6 +36,7 @@ from accelerate.utils import (
     set_seed,
 )
 from diffusers import ModelMixin
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from hf_r1ewc import __version__
@@ -94,6 +95,7 @@ from hf_r1ewc.run import (
     resume_advice,
     resume_run,
     save_checkpoint,
+    set_learning_rate,
 )
 from hf_r1ewc.sharding import full_model_copy
 from hf_r1ewc.stop import EXIT_STOPPED, StopRequest
@@ -101,6 +103,16 @@ from hf_r1ewc.stop import EXIT_STOPPED, StopRequest
 
 logger = get_logger(__name__, log_level="INFO")
 GRID_MAX_CLASSES = 10  # samples.png shows 8 samples of at most this many seen classes, chosen evenly
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# settings added after runs were recorded, with the value that reproduces those runs (an older manifest lacks them)
+ADDED_SETTINGS = {
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "adam_weight_decay": 0.0,
+}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -237,6 +249,23 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_epochs_per_task", type=int, default=None, help="epochs over each task (preset)")
     g.add_argument("--train_batch_size", type=int, default=None, help="real images per step and process (preset)")
     g.add_argument("--learning_rate", type=float, default=None, help="Adam learning rate (preset)")
+    g.add_argument(
+        "--lr_scheduler",
+        choices=list(LR_SCHEDULERS),
+        default="constant",
+        help="diffusers' get_scheduler, restarted at every task (each task warms up and decays on its own steps) "
+        "and kept in checkpoints",
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up optimizer steps at the start of each task")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument(
+        "--adam_weight_decay",
+        type=float,
+        default=0.0,
+        help="decoupled weight decay (AdamW, as diffusers' examples); 0 = Adam, as the paper",
+    )
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping (default: none, as the paper)")
     g.add_argument(
@@ -397,6 +426,13 @@ def validate_args(args: argparse.Namespace) -> None:
                 fail(f"--report_to {name}: the {name} package is not installed (pip install {name})")
     if not 0 < args.learning_rate < math.inf:
         fail(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    if args.lr_warmup_steps < 0:
+        fail(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            fail(f"--{flag} must be a number in [0, 1), got {getattr(args, flag)}")
+    if not 0 < args.adam_epsilon < math.inf or not 0 <= args.adam_weight_decay < math.inf:
+        fail("--adam_epsilon must be a finite number > 0 and --adam_weight_decay a finite number >= 0")
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
         fail(f"--max_grad_norm must be a finite number > 0, got {args.max_grad_norm}")
     if args.checkpoints_total_limit < 0:
@@ -539,6 +575,30 @@ def make_accelerator(args) -> Accelerator:
             "avoid; train without --use_ema under FSDP or use DDP (accelerate_configs/multi_gpu_ddp.yaml)"
         )
     return accelerator
+
+
+def make_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam (the paper), or AdamW when --adam_weight_decay > 0 (diffusers' examples)."""
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    if args.adam_weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), weight_decay=args.adam_weight_decay, **kwargs)
+    return torch.optim.Adam(model.parameters(), **kwargs)
+
+
+def make_lr_scheduler(args, accelerator, optimizer, batches_per_epoch: int):
+    """This task's LR schedule over its optimizer steps, prepared by Accelerate (so it is checkpointed), or None for
+    a constant rate without warm-up (checkpoints then hold no scheduler, as before the flag existed). Accelerate
+    steps a prepared schedule once per process for each optimizer step, hence the factor (as diffusers' examples)."""
+    if args.lr_scheduler == "constant" and args.lr_warmup_steps == 0:
+        return None
+    steps = math.ceil(batches_per_epoch / args.gradient_accumulation_steps) * args.num_epochs_per_task
+    schedule = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=steps * accelerator.num_processes,
+    )
+    return accelerator.prepare(schedule)
 
 
 @dataclass
@@ -761,6 +821,7 @@ def train_task(
     learner: ContinualLearner,
     model,
     optimizer,
+    lr_scheduler,
     loader,
     run: RunState,
     task_index: int,
@@ -776,8 +837,7 @@ def train_task(
     position = run.resume_position
     if position is not None and position.task == task_index:
         load_checkpoint(accelerator, run.resume_dir)
-        for group in optimizer.param_groups:  # the flag's rate, not the stored one (a recovery may lower it)
-            group["lr"] = args.learning_rate
+        set_learning_rate(optimizer, lr_scheduler, args.learning_rate)  # the flag's, not the stored one (recovery)
         first_epoch, skip = position.epoch, position.step_in_epoch
         # the losses logged before the stop: per finished epoch, and of the epoch it stopped in
         loss_curve, denoise_curve = position.loss_per_epoch, position.denoise_per_epoch
@@ -829,6 +889,8 @@ def train_task(
                         f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}; "
                         f"nothing after the last checkpoint was saved. {resume_advice(output_dir)}"
                     ) from None
+                if lr_scheduler is not None:  # Accelerate's wrapper steps it only when the optimizer stepped
+                    lr_scheduler.step()
                 step_in_epoch += 1
                 losses.append(out.loss)
                 denoise.append(out.denoise)
@@ -838,6 +900,8 @@ def train_task(
                 run.steps_this_process += 1
                 progress.update(1)
                 logs = {"loss": out.loss, "denoise": out.denoise, "distill": out.distill, "ewc": out.ewc}
+                if lr_scheduler is not None:
+                    logs["lr"] = lr_scheduler.get_last_lr()[0]
                 if out.penalty_gradient_ratio is not None:
                     ratio = out.penalty_gradient_ratio
                     ratio_curve.append(ratio)
@@ -1105,6 +1169,7 @@ def main(argv=None) -> None:
             run_manifest(args, accelerator, data),
             recovery_settings=RECOVERY_SETTINGS,
             may_change=MAY_CHANGE,
+            added_settings=ADDED_SETTINGS,
             adopt=args.adopt_manifest,
         )
         evaluator = make_evaluator(args, accelerator, data, device) if run.start_task <= num_tasks else None
@@ -1160,14 +1225,15 @@ def main(argv=None) -> None:
                     barrier=accelerator.wait_for_everyone,
                     show_progress=accelerator.is_local_main_process,
                 )
-            # a fresh optimizer per task (the penalty and the teacher carry what earlier tasks taught)
-            optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.learning_rate)
+            # a fresh optimizer and LR schedule per task (the penalty and the teacher carry what earlier tasks taught)
+            optimizer = make_optimizer(args, denoiser)
             if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
                 model, optimizer = accelerator.prepare(denoiser, optimizer)
             else:
                 model, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
+            lr_scheduler = make_lr_scheduler(args, accelerator, optimizer, len(loader))
             *curves, stopped = train_task(
-                args, accelerator, learner, model, optimizer, loader, run, task_index, num_tasks, ema
+                args, accelerator, learner, model, optimizer, lr_scheduler, loader, run, task_index, num_tasks, ema
             )
             if stopped:
                 logger.info(

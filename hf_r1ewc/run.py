@@ -139,6 +139,7 @@ def check_manifest(
     *,
     recovery_settings: tuple[str, ...],
     may_change: tuple[str, ...],
+    added_settings: dict | None = None,
     adopt: bool = False,
 ) -> dict | None:
     """Compare ``OUTPUT_DIR/run_manifest.json`` with ``current`` (``{"settings", "dataset", "tasks"}``) and refuse
@@ -148,7 +149,8 @@ def check_manifest(
     nothing changes), for the caller to write once every other check has passed. Every process reads the file
     before one barrier that every process reaches, so none reads what the main process writes afterwards. A
     folder that holds checkpoints or task folders but no readable manifest is refused unless ``adopt``: nothing
-    would say what settings its work was trained with.
+    would say what settings its work was trained with. ``added_settings`` maps settings introduced after a folder
+    was recorded to the value that reproduces its runs; a manifest without them is read as having that value.
     """
     path = output_dir / MANIFEST
     fix = (
@@ -171,7 +173,8 @@ def check_manifest(
             raise ValueError("it lacks the settings, dataset, tasks or changes of a run")
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {path} cannot be read ({type(err).__name__}: {err}): {fix}") from None
-    differences = {f"--{k}": d for k, d in manifest_differences(recorded["settings"], current["settings"]).items()}
+    recorded_settings = {**(added_settings or {}), **recorded["settings"]}
+    differences = {f"--{k}": d for k, d in manifest_differences(recorded_settings, current["settings"]).items()}
     differences |= {
         f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()
     }
@@ -241,6 +244,22 @@ def save_checkpoint(accelerator, model, output_dir: Path, position: RunPosition,
             shutil.rmtree(old)
         logger.info("saved %s (task %d)", target, position.task)
     accelerator.wait_for_everyone()
+
+
+def set_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:
+    """Make ``learning_rate`` the rate a resumed run goes on with (a recovery may lower it): the optimizer's rate,
+    or, under a prepared LR schedule (``LambdaLR``, as all of diffusers' are), its base rate with the rate at the
+    schedule's current step."""
+    if lr_scheduler is None:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        return
+    schedule = lr_scheduler.scheduler
+    schedule.base_lrs = [learning_rate for _ in schedule.base_lrs]
+    rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    schedule._last_lr = rates
 
 
 def load_checkpoint(accelerator, checkpoint: Path) -> None:

@@ -541,6 +541,9 @@ def test_zero_or_negative_counts_are_refused_not_defaulted(flag, value):
         (["--ema_decay", "2"], "--ema_decay must be a number in \\[0, 1\\], got 2.0"),
         (["--ema_decay", "nan"], "--ema_decay must be a number in \\[0, 1\\], got nan"),
         (["--report_to", "nonsense"], "--report_to 'nonsense' is no Accelerate tracker; choose from"),
+        (["--lr_warmup_steps", "-1"], "--lr_warmup_steps must be >= 0, got -1"),
+        (["--adam_beta2", "1"], "--adam_beta2 must be a number in \\[0, 1\\), got 1.0"),
+        (["--adam_weight_decay", "-0.1"], "--adam_epsilon must be a finite number > 0 and --adam_weight_decay"),
     ],
 )
 def test_invalid_values_are_refused_up_front(flags, message):
@@ -592,3 +595,47 @@ def test_evaluate_grid_on_an_altered_folder_is_a_message(reference, tmp_path):
     _flip_tail(out / "task_02" / "unet" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(SystemExit, match="--grid_classes: .*diffusion_pytorch_model.safetensors differs"):
         evaluate.main(["--run_dir", str(out), "--grid_classes", "0,2", "--output_dir", str(tmp_path / "s")])
+
+
+def test_lr_schedule_restarts_per_task_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """--lr_scheduler linear --lr_warmup_steps 2: the rate of every optimizer step follows diffusers' schedule over
+    each task's own steps (2 epochs of 3 batches: 6 steps), restarting at task 2; a run stopped after step 4 resumes
+    the schedule where it was (the checkpoint holds it) and ends with the same rates and weights, bit for bit."""
+    from hf_r1ewc.continual import ContinualLearner
+
+    rates: list[float] = []
+    original = ContinualLearner.training_step
+
+    def recording(self, accelerator, model, optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return original(self, accelerator, model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(ContinualLearner, "training_step", recording)
+    flags = [*COMMON, "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--fid_backend", "none"]
+    run([*flags, "--output_dir", str(tmp_path / "whole")])
+    lr = json.loads((tmp_path / "whole" / "run_manifest.json").read_text())["settings"]["learning_rate"]
+    per_task = [lr * f for f in (0.0, 0.5, 1.0, 0.75, 0.5, 0.25)]
+    assert rates == pytest.approx(per_task * 2, rel=1e-12)
+    whole, rates[:] = list(rates), []
+    run([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "4"])
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-4" / "scheduler.bin").exists()
+    run([*flags, "--output_dir", str(tmp_path / "resumed")])
+    assert rates == whole
+    assert max_difference(tmp_path / "whole" / "task_02", tmp_path / "resumed" / "task_02") == 0.0
+
+
+def test_adam_flags_reach_the_optimizer():
+    """Adam with the paper's defaults; AdamW (decoupled decay, as diffusers' examples) once --adam_weight_decay > 0."""
+    from conftest import make_tiny_unet
+
+    base = ["--dataset_name", "digits", "--output_dir", "unused", "--learning_rate", "1e-3"]
+    plain = script.make_optimizer(script.parse_args(base), make_tiny_unet())
+    assert type(plain) is torch.optim.Adam and plain.defaults["betas"] == (0.9, 0.999)
+    flags = ["--adam_weight_decay", "0.01", "--adam_beta1", "0.8", "--adam_epsilon", "1e-6"]
+    decayed = script.make_optimizer(script.parse_args([*base, *flags]), make_tiny_unet())
+    assert type(decayed) is torch.optim.AdamW
+    assert (decayed.defaults["weight_decay"], decayed.defaults["betas"], decayed.defaults["eps"]) == (
+        0.01,
+        (0.8, 0.999),
+        1e-6,
+    )

@@ -135,3 +135,26 @@ def test_non_finite_weights_are_never_checkpointed(accelerator, tmp_path):
     with pytest.raises(SystemExit, match="no longer finite at step 4, so no checkpoint was saved"):
         save_checkpoint(accelerator, model, tmp_path, RunPosition(1, 0, 4, 4), limit=2)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_setting_added_later_reads_as_its_old_behaviour(accelerator, tmp_path):
+    """A folder recorded before --lr_scheduler existed resumes when the flag keeps the old behaviour, and is
+    refused when it does not."""
+    write_json(tmp_path / MANIFEST, check(accelerator, tmp_path, manifest(1e-3)))
+    newer = manifest(1e-3)
+    newer["settings"]["lr_scheduler"] = "constant"
+
+    def check_with_added(current):
+        return check_manifest(
+            accelerator,
+            tmp_path,
+            current,
+            recovery_settings=(),
+            may_change=(),
+            added_settings={"lr_scheduler": "constant"},
+        )
+
+    assert check_with_added(newer) is None
+    newer["settings"]["lr_scheduler"] = "cosine"
+    with pytest.raises(SystemExit, match="--lr_scheduler: 'constant' in the folder, 'cosine' now"):
+        check_with_added(newer)
