@@ -1,0 +1,248 @@
+"""Achieved FLOP/s and MFU of every phase of the method, against the device's peak measured in the same run.
+
+    python benchmarks/bench_throughput.py [--quick] [--device cpu|cuda]
+
+FLOPs are counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` over one call of each workload
+(a multiply-add counts 2). The peak is the best of a few large matmuls in the workload's precision (fp32 on CPU,
+bf16 autocast's matmul dtype on CUDA); known GPUs also get their datasheet dense-bf16 peak. Workloads, all through
+the library's own code paths:
+
+* plain step: ``ContinualLearner.training_step`` with no penalty and no replay (batch B);
+* GD step: + a replay batch of B from a pool, the frozen teacher's forward and the distillation term;
+* rank-1 step (K tasks): GD step + the rank-1 penalty over K tasks in the loss (``penalty_overhead`` = its extra time
+  relative to the GD step);
+* sampling: ``pipeline.sample`` (DDIM, S steps) at batch N, images per second;
+* Fisher: ``estimate_fisher`` (rank-1: μ and c*) over M samples.
+
+Writes ``benchmarks/results/throughput[_quick].{json,md}``. ``--quick`` (a 0.28M UNet at 16x16) takes < 1 min on 2
+CPU cores; the default (the cpu-small preset's 1.11M UNet at 32x32, batch 64) a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, interleaved_medians, machine, print_table, sync, unet, write_results  # noqa: E402
+
+from hf_r1ewc.continual import ContinualLearner, Replay, fisher_loader, step_generator  # noqa: E402
+from hf_r1ewc.distill import ReplayPool, frozen_teacher  # noqa: E402
+from hf_r1ewc.fisher import FisherStatistics, estimate_fisher  # noqa: E402
+from hf_r1ewc.models import training_noise_scheduler  # noqa: E402
+from hf_r1ewc.penalty import EWCPenalty  # noqa: E402
+from hf_r1ewc.pipeline import default_autocast_dtype, sample, sampling_scheduler  # noqa: E402
+
+
+# dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), TFLOP/s
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+SIZES = {  # (UNet channels, resolution, batch, sampling batch, sampling steps, Fisher samples, timed repeats)
+    "quick": ((16, 32, 32), 16, 32, 64, 10, 64, 3),
+    "full": ((32, 64, 64), 32, 64, 128, 20, 256, 5),
+}
+
+
+def counted_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` square matmuls of side ``size`` (after one warm-up)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in DATASHEET_BF16_TFLOPS.items() if key in name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a 0.28M UNet at 16x16: < 1 min on 2 CPU cores")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num_tasks", type=int, default=19, help="K, the tasks the rank-1 penalty holds")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    channels, resolution, batch, sample_batch, sample_steps, fisher_samples, repeats = SIZES[
+        "quick" if args.quick else "full"
+    ]
+    mixed_precision = "bf16" if device.type == "cuda" else "no"
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    autocast_dtype = default_autocast_dtype(device) if device.type == "cuda" else None
+    scheduler = training_noise_scheduler()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 1, resolution, resolution, generator=g) * 2 - 1).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+
+    model = unet(channels, sample_size=resolution).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    pool = ReplayPool((torch.rand(512, 1, resolution, resolution, generator=g) * 2 - 1).half(), torch.arange(512) % 8)
+    penalty = EWCPenalty("rank1", 10.0)
+    for k in range(args.num_tasks):
+        mu = {n: torch.randn(p.shape, generator=g) * 1e-3 for n, p in model.named_parameters()}
+        penalty.add_task(
+            FisherStatistics(mu, None, 1.0, 64), {n: p.detach().cpu() for n, p in model.named_parameters()}
+        )
+    penalty.to(device)
+
+    learners = {
+        "plain step": ContinualLearner(scheduler),
+        "GD step": ContinualLearner(scheduler),
+        f"rank-1 step (K={args.num_tasks})": ContinualLearner(scheduler, penalty, ewc_mode="loss"),
+    }
+    teacher = frozen_teacher(model)
+    for name, learner in learners.items():
+        if name != "plain step":
+            learner.replay = Replay(teacher, list(range(8)), pool)
+    prepared, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-5))
+    counter = {"step": 0}
+
+    def step_fn(learner):
+        def step():
+            counter["step"] += 1
+            learner.training_step(accelerator, prepared, optimizer, x, y, step_generator(0, counter["step"]))
+
+        return step
+
+    sampler = sampling_scheduler("ddim", scheduler.config)
+    labels = (torch.arange(sample_batch) % 10).to(device)
+
+    def sample_fn():
+        sample(teacher, sampler, labels, sample_steps, torch.Generator().manual_seed(1), autocast_dtype)
+
+    fisher_data = fisher_loader(
+        x.cpu().repeat(fisher_samples // batch + 1, 1, 1, 1)[:fisher_samples],
+        y.cpu().repeat(fisher_samples // batch + 1)[:fisher_samples],
+        None,
+        64,
+        0,
+    )
+
+    fisher_model = unet(channels, sample_size=resolution).to(device)
+
+    def fisher_fn():
+        estimate_fisher(
+            fisher_model,
+            scheduler,
+            fisher_data,
+            kinds=("rank1",),
+            generator=torch.Generator().manual_seed(0),
+            show_progress=False,
+        )
+
+    workloads = {name: step_fn(learner) for name, learner in learners.items()}
+    workloads[f"DDIM-{sample_steps} sampling (batch {sample_batch})"] = sample_fn
+    workloads[f"Fisher mu + c* ({fisher_samples} samples)"] = fisher_fn
+    # FlopCounterMode segfaults inside torch.func.jvp (the Fisher's second pass) in torch 2.13: time only there
+    flops = {name: None if name.startswith("Fisher") else counted_flops(fn) for name, fn in workloads.items()}
+    seconds = interleaved_medians(workloads, repeats, device)
+
+    matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    measured_peak = matmul_peak(device, matmul_dtype, 8192 if device.type == "cuda" else 1536)
+    sheet = datasheet_peak(device)
+    rows, results = [], {}
+    for name in workloads:
+        achieved = flops[name] / seconds[name] if flops[name] else None
+        results[name] = {
+            "flops": flops[name],
+            "seconds": seconds[name],
+            "tflops_per_s": achieved / 1e12 if achieved else None,
+            "mfu_measured_peak": achieved / measured_peak if achieved else None,
+            "mfu_datasheet_peak": achieved / sheet if achieved and sheet else None,
+        }
+        counted = (
+            f"{flops[name] / 1e9:.2f} GFLOP, {achieved / 1e12:.3f} TFLOP/s, {100 * achieved / measured_peak:.1f} % "
+            f"of the measured peak"
+            if achieved
+            else "FLOPs not counted (forward-mode AD)"
+        )
+        rows.append((name, f"{seconds[name] * 1e3:.1f} ms", counted))
+    gd, rank1 = seconds["GD step"], seconds[f"rank-1 step (K={args.num_tasks})"]
+    sampling_name = next(n for n in workloads if "sampling" in n)
+    summary = {
+        "penalty_overhead": rank1 / gd - 1,
+        "gd_step_vs_plain_step": gd / seconds["plain step"],
+        "sampling_images_per_s": sample_batch / seconds[sampling_name],
+        "measured_peak_tflops_per_s": measured_peak / 1e12,
+        "datasheet_peak_tflops_per_s": sheet / 1e12 if sheet else None,
+        "peak_dtype": str(matmul_dtype),
+    }
+    rows += [
+        ("penalty_overhead", f"{summary['penalty_overhead']:.3f}", f"rank-1 (K={args.num_tasks}) over the GD step"),
+        ("gd_step_vs_plain_step", f"{summary['gd_step_vs_plain_step']:.2f}", "real + replay + teacher vs real"),
+        ("sampling_images_per_s", f"{summary['sampling_images_per_s']:.1f}", sampling_name),
+        ("measured_peak", f"{measured_peak / 1e12:.3f}", f"TFLOP/s, {matmul_dtype} matmul"),
+    ]
+    print_table(rows)
+    name = "throughput_quick" if args.quick else "throughput"
+    config = {
+        "unet_channels": list(channels),
+        "resolution": resolution,
+        "batch": batch,
+        "num_params": num_params,
+        "device": str(device),
+        "mixed_precision": mixed_precision,
+        "threads": torch.get_num_threads(),
+    }
+    path = write_results(name, {"config": config, "workloads": results, "summary": summary})
+    write_markdown(RESULTS / f"{name}.md", config, results, summary)
+    print(f"wrote {path}")
+
+
+def write_markdown(path: Path, config: dict, results: dict, summary: dict) -> None:
+    info = machine()
+    lines = [
+        f"# Throughput ({config['device']}, {config['mixed_precision']}, {config['threads']} threads)",
+        "",
+        f"UNet {config['unet_channels']} ({config['num_params'] / 1e6:.2f}M parameters) at {config['resolution']}x"
+        f"{config['resolution']}, batch {config['batch']}; {info['platform']}, torch {info['torch']}, commit "
+        f"{info['commit']}. FLOPs counted by FlopCounterMode; MFU against a {summary['peak_dtype']} matmul measured in "
+        f"the same run ({summary['measured_peak_tflops_per_s']:.3f} TFLOP/s).",
+        "",
+        "| workload | ms | GFLOP | TFLOP/s | MFU (measured peak) | MFU (datasheet) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        if r["flops"] is None:
+            lines.append(f"| {name} | {r['seconds'] * 1e3:.1f} | not counted (forward-mode AD) | — | — | — |")
+            continue
+        sheet = f"{100 * r['mfu_datasheet_peak']:.1f} %" if r["mfu_datasheet_peak"] else "—"
+        lines.append(
+            f"| {name} | {r['seconds'] * 1e3:.1f} | {r['flops'] / 1e9:.2f} | {r['tflops_per_s']:.3f} | "
+            f"{100 * r['mfu_measured_peak']:.1f} % | {sheet} |"
+        )
+    lines += [
+        "",
+        f"Rank-1 penalty overhead on the GD step: {100 * summary['penalty_overhead']:.1f} %; GD step / plain step: "
+        f"{summary['gd_step_vs_plain_step']:.2f}; sampling: {summary['sampling_images_per_s']:.1f} images/s.",
+        "",
+    ]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
