@@ -77,6 +77,15 @@ def interleaved_medians(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux), e.g. "AMD EPYC": timings are compared only within one machine."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def machine() -> dict:
     try:
         commit = subprocess.run(
@@ -85,6 +94,7 @@ def machine() -> dict:
     except OSError:
         commit = "unknown"
     info = {
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),

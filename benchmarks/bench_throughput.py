@@ -217,7 +217,7 @@ def write_markdown(path: Path, config: dict, results: dict, summary: dict) -> No
         f"# Throughput ({config['device']}, {config['mixed_precision']}, {config['threads']} threads)",
         "",
         f"UNet {config['unet_channels']} ({config['num_params'] / 1e6:.2f}M parameters) at {config['resolution']}x"
-        f"{config['resolution']}, batch {config['batch']}; {info['platform']}, torch {info['torch']}, commit "
+        f"{config['resolution']}, batch {config['batch']}; {info['cpu']}, {info['platform']}, torch {info['torch']}, commit "
         f"{info['commit']}. FLOPs counted by FlopCounterMode; MFU against a {summary['peak_dtype']} matmul measured in "
         f"the same run ({summary['measured_peak_tflops_per_s']:.3f} TFLOP/s).",
         "",
