@@ -65,7 +65,7 @@ from hf_r1ewc.hub import (
 from hf_r1ewc.integrity import (
     sha256_tensors,
 )
-from hf_r1ewc.metrics import TaskFID, accuracy_summary, run_summary_table, summarize
+from hf_r1ewc.metrics import TaskFID, accuracy_summary, class_distribution_kl, run_summary_table, summarize
 from hf_r1ewc.models import (
     PRESETS,
     model_from_config,
@@ -1012,6 +1012,7 @@ def write_task_folder(
         "fid_num_samples": {i: s.num_samples for i, s in scores.items()},
         "accuracy": {i: s.accuracy for i, s in scores.items() if s.accuracy is not None},
         "accuracy_per_class": {c: a for s in scores.values() for c, a in (s.accuracy_per_class or {}).items()},
+        "class_kl": run.class_kl.get(task_index),
         "fid_backend": args.fid_backend,
         "sampling": sampling,
         "loss_per_epoch": curves[0],
@@ -1103,6 +1104,7 @@ def write_task_folder(
         "sampling": sampling,
         "fid": run.matrix,
         "accuracy": run.accuracy,
+        "class_kl": run.class_kl,
     }
     if args.joint and scores:
         results["afid_final"] = sum(s.fid for s in scores.values()) / len(scores)
@@ -1265,6 +1267,8 @@ def main(argv=None) -> None:
             )
             run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
             run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
+            if (kl := class_distribution_kl(scores.values())) is not None:
+                run.class_kl[task_index] = kl
             try:
                 stats = learner.consolidate(
                     trained,
@@ -1349,7 +1353,7 @@ def finish_run(args, data: TaskData, run: RunState) -> None:
     rows = evenly_chosen(sorted({c for t in data.tasks for c in t}))
     sample_grid_across_tasks(output_dir, rows, output_dir / "samples_by_task.png", args.num_inference_steps, args.seed)
     if run.matrix and not args.joint:
-        print("\n" + run_summary_table(run.matrix, run.accuracy, data.tasks))
+        print("\n" + run_summary_table(run.matrix, run.accuracy, data.tasks, run.class_kl))
     print(
         f"\nDone. Task folders: {output_dir}/task_XX (pipeline, fisher.safetensors, samples.png, README.md); "
         f"classes x tasks: {output_dir / 'samples_by_task.png'}"

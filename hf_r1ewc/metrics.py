@@ -11,6 +11,8 @@ and, from the sample-accuracy matrix ACC_i(m_k) (classifier features; Lopez-Paz 
 
     ACC    = (1/T) sum_i ACC_i(m_T)                      average accuracy after the last task
     BWT    = (1/(T-1)) sum_{i<T} (ACC_i(m_T) - ACC_i(m_i))   backward transfer (negative: forgetting)
+    KL_k   = KL(p || q) of m_k's samples for every task so far: p the classes they were drawn for, q the classes
+             the classifier assigns them (class balance, Masip et al.; 0 = every class generated as often as asked)
 
 ``TaskFID`` is the one place where FID_i(m_k) is computed: the training script and
 ``python -m hf_r1ewc.evaluate --complete`` both call it, with the same noise seeds.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -52,6 +54,8 @@ class TaskScore:
     num_samples: int
     accuracy: float | None
     accuracy_per_class: dict[int, float] | None
+    intended_counts: dict[int, int] | None = None  # samples drawn per class
+    predicted_counts: dict[int, int] | None = None  # samples the classifier assigns to each class
 
 
 class TaskFID:
@@ -153,7 +157,29 @@ class TaskFID:
             return TaskScore(fid, int(labels.shape[0]), None, None)
         correct = (predicted == labels).float()
         per_class = {int(c): float(correct[labels == c].mean()) for c in torch.unique(labels)}
-        return TaskScore(fid, int(labels.shape[0]), float(correct.mean()), per_class)
+        intended = {int(c): int(n) for c, n in zip(*torch.unique(labels, return_counts=True))}
+        assigned = {int(c): int(n) for c, n in zip(*torch.unique(predicted, return_counts=True))}
+        return TaskScore(fid, int(labels.shape[0]), float(correct.mean()), per_class, intended, assigned)
+
+
+def class_distribution_kl(scores: Iterable[TaskScore]) -> float | None:
+    """KL(p || q) in nats between the class frequencies the samples were drawn for (p, over the classes of every
+    scored task) and the frequencies the classifier assigns to them (q, over all its classes), pooled over
+    ``scores`` (Masip et al.'s measure of class balance). q is floored at half a sample, 1/(2N), so that a class
+    never recognised gives a large, finite value. None without classifier predictions."""
+    scores = list(scores)
+    if not scores or any(s.predicted_counts is None for s in scores):
+        return None
+    intended: dict[int, int] = {}
+    assigned: dict[int, int] = {}
+    for score in scores:
+        for counts, total in ((score.intended_counts, intended), (score.predicted_counts, assigned)):
+            for c, n in counts.items():
+                total[c] = total.get(c, 0) + n
+    n = sum(intended.values())
+    return sum(
+        (m / n) * math.log((m / n) / max(assigned.get(c, 0) / n, 1 / (2 * n))) for c, m in intended.items() if m
+    )
 
 
 def afid_at(matrix: Mapping[int, Mapping[int, float]], k: int) -> float:
@@ -198,9 +224,11 @@ def run_summary_table(
     matrix: Mapping[int, Mapping[int, float]],
     accuracy: Mapping[int, Mapping[int, float]],
     tasks: Sequence[Sequence[int]],
+    class_kl: Mapping[int, float] | None = None,
 ) -> str:
     """The end-of-run table: per task k, FID_k(m_k) (when learned), FID_k(m_T) and ACC_k(m_T) (after the last task
-    T), then AFID@T, F, P and the mean accuracy after T. ``accuracy`` is keyed like ``matrix``."""
+    T), then AFID@T, F, P, ACC, BWT and the class-distribution KL of m_T. ``accuracy`` is keyed like ``matrix``,
+    ``class_kl`` by k."""
     last = max(matrix)
     acc = accuracy.get(last, {})
     lines = [
@@ -229,6 +257,9 @@ def run_summary_table(
             "BWT: mean over earlier tasks of (accuracy after the last task - accuracy when learned), "
             "negative = forgotten"
         )
+    if class_kl and class_kl.get(last) is not None:
+        parts.append(f"class KL = {class_kl[last]:.3f} nats")
+        notes.append("class KL: classes the final model generated against those asked for, 0 = as asked")
     return "\n".join(lines + ["", ", ".join(parts)] + (["; ".join(notes)] if notes else []))
 
 

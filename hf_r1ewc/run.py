@@ -92,6 +92,7 @@ class RunState:
     start_task: int
     matrix: dict
     accuracy: dict
+    class_kl: dict = field(default_factory=dict)  # k -> KL of m_k's class frequencies (metrics.class_distribution_kl)
     global_step: int = 0
     steps_this_process: int = 0
     resume_dir: Path | None = None
@@ -452,6 +453,7 @@ def resume_run(
         state.accuracy = {
             k: r for k, r in matrix_from_json(results.get("accuracy", {})).items() if k < state.start_task
         }
+        state.class_kl = {int(k): v for k, v in results.get("class_kl", {}).items() if int(k) < state.start_task}
     return state
 
 

@@ -297,3 +297,19 @@ def test_paired_differences_by_hand():
     assert "| ours | 3 | -2.00 ± 0.58 (" in paired_markdown(table, "GD")
     with pytest.raises(ValueError, match="names no method of these runs"):
         paired_differences(runs, "rank-1")
+
+
+def test_class_distribution_kl_by_hand():
+    """Two tasks pooled: asked for 0:2, 1:2, 2:4 (p = 1/4, 1/4, 1/2); the classifier assigned 0:4, 2:3 and one
+    image to class 7, which was never asked for (q = 1/2, 0 -> floored at 1/(2*8), 3/8)."""
+    from hf_r1ewc.metrics import TaskScore, class_distribution_kl, run_summary_table
+
+    first = TaskScore(1.0, 4, 0.5, None, intended_counts={0: 2, 1: 2}, predicted_counts={0: 4})
+    second = TaskScore(1.0, 4, 0.5, None, intended_counts={2: 4}, predicted_counts={2: 3, 7: 1})
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.25 * math.log(0.25 / (1 / 16)) + 0.5 * math.log(0.5 / 0.375)
+    assert class_distribution_kl([first, second]) == pytest.approx(expected, rel=1e-12)
+    balanced = TaskScore(1.0, 4, 1.0, None, intended_counts={0: 2, 1: 2}, predicted_counts={0: 2, 1: 2})
+    assert class_distribution_kl([balanced]) == 0.0
+    assert class_distribution_kl([TaskScore(1.0, 4, None, None)]) is None  # no classifier predictions
+    table = run_summary_table({1: {1: 10.0}}, {1: {1: 0.5}}, [[0, 1]], {1: expected})
+    assert f"class KL = {expected:.3f} nats" in table.splitlines()[-2]
