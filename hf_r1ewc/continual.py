@@ -186,10 +186,13 @@ class ContinualLearner:
         if self.penalty is not None and self.ewc_mode == "loss" and self.penalty.num_tasks:
             ewc = self.penalty(extract_model_from_parallel(model))
             loss = loss + ewc
-        for term, value in (("denoise", parts["denoise"]), ("distill", parts["distill"]), ("ewc", ewc)):
-            if not torch.isfinite(value):
-                raise NonFiniteLossError(term, float(value.detach()))
-        return {"loss": loss, "denoise": parts["denoise"], "distill": parts["distill"], "ewc": ewc}
+        terms = {"loss": loss, "denoise": parts["denoise"], "distill": parts["distill"], "ewc": ewc}
+        names = ("denoise", "distill", "ewc")
+        finite = torch.isfinite(torch.stack([terms[k].detach().float() for k in names]))
+        if not bool(finite.all()):  # one host sync for the three checks; the term is named only on failure
+            term = names[int((~finite).nonzero()[0])]
+            raise NonFiniteLossError(term, float(terms[term].detach()))
+        return terms
 
     def after_optimizer_step(self, model: nn.Module, lr: float) -> None:
         """Call after every optimizer step that happened (not on accumulation micro-steps, not when fp16's scaler
@@ -230,14 +233,8 @@ class ContinualLearner:
             self.after_optimizer_step(accelerator.unwrap_model(model), optimizer.param_groups[0]["lr"])
         if stepped and ema is not None:
             ema.step(model.parameters())
-        return StepOutput(
-            float(terms["loss"].detach()),
-            float(terms["denoise"]),
-            float(terms["distill"]),
-            float(terms["ewc"].detach()),
-            accelerator.sync_gradients,
-            ratio,
-        )
+        values = torch.stack([terms[k].detach().float() for k in ("loss", "denoise", "distill", "ewc")]).tolist()
+        return StepOutput(*values, accelerator.sync_gradients, ratio)  # one host sync for the four logged values
 
     def _penalty_gradient_ratio(self, model: nn.Module) -> float | None:
         """||grad of lambda*EWC|| / ||grad of the other terms||, from the gradients that backward just left."""

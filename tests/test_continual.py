@@ -323,3 +323,19 @@ def test_learner_state_round_trips_through_an_accelerate_checkpoint(tmp_path):
             learner.state_dict()
         )
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_first_non_finite_term_in_the_loss_order_is_named():
+    """NaN images (denoise NaN) and a penalty that overflows (ewc inf): denoise, first in the loss's order, is named."""
+    accelerator = Accelerator(cpu=True)
+    unet = make_tiny_unet()
+    penalty = EWCPenalty("rank1_unscaled", 1e300)
+    mu = {n: torch.ones_like(p) for n, p in unet.named_parameters()}
+    penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 1 for n, p in unet.named_parameters()})
+    model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters()))
+    images, labels = _batches(4)
+    learner = ContinualLearner(SCHEDULER, penalty)
+    with pytest.raises(NonFiniteLossError) as err:
+        learner.loss(model, images * float("nan"), labels, torch.Generator().manual_seed(0))
+    assert err.value.term == "denoise"
+    AcceleratorState._reset_state(reset_partial_state=True)
