@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine  # noqa: E402
-from reproduce_table1 import SCALES, UNET_CONFIG, run_flags  # noqa: E402
+from _runs import SCALES, UNET_CONFIG, run_flags, train_fid_classifier  # noqa: E402
 
 from hf_r1ewc.data import images_to_model_input, load_labeled_images  # noqa: E402
 from hf_r1ewc.distill import frozen_teacher  # noqa: E402
@@ -43,27 +43,7 @@ def teacher_folder(work: Path, data_dir: str) -> Path:
     """Train (once) the task-1 model of a GD run at the cpu scale; returns its task folder."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
-    if not (work / "fid_classifier" / "model.safetensors").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hf_r1ewc.evaluate",
-                "train-classifier",
-                "--dataset_name",
-                data_dir,
-                "--output_dir",
-                str(work / "fid_classifier"),
-                "--resolution",
-                "16",
-                "--resize",
-                "--epochs",
-                "2",
-            ],
-            check=True,
-            cwd=ROOT,
-            env={**os.environ, "TQDM_DISABLE": "1"},
-        )
+    train_fid_classifier(work, data_dir, ["--resolution", "16", "--resize"])
     folder = work / "gd_seed0" / "task_01"
     if not (folder / "model_index.json").exists():
         flags = run_flags("GD", None, 0, work, data_dir, SCALES["cpu"])

@@ -23,67 +23,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import (  # noqa: E402
+    DIT_CONFIG,
+    HAS_PENALTY,
+    METHODS,
+    PAPER_LAMBDA,
+    RESULTS,
+    ROOT,
+    SCALES,
+    UNET_CONFIG,
+    finished,
+    launch,
+    provenance,
+    run_dir_name,
+    train_fid_classifier,
+)
+
+
 sys.path.insert(0, str(ROOT))
 
 LAMBDAS = (10.0, 100.0, 1000.0, 15000.0)
-PAPER_LAMBDA = 15000.0
 SWEEP_SEED = 100
 SEEDS = (0, 1, 2)
 PAIRED_SEEDS = (0, 1, 2, 3, 4)
 # the paired study: GD against rank-1 + GD in the loss at the paper's lambda and at the sweep's best (100, CPU
 # table), and decoupled rank-1 + GD at the paper's lambda
 PAIRED = [("GD", None), ("rank-1 + GD", PAPER_LAMBDA), ("rank-1 + GD", 100.0), ("decoupled rank-1 + GD", PAPER_LAMBDA)]
-# name -> flags (lambda added where the method has a penalty)
-METHODS = {
-    "non-continual": ["--joint", "--ewc_type", "none"],
-    "diag w/o GD": ["--ewc_type", "diag", "--ewc_mode", "loss", "--replay", "off"],
-    "rank-1 w/o GD": ["--ewc_type", "rank1", "--ewc_mode", "loss", "--replay", "off"],
-    "GD": ["--ewc_type", "none"],
-    "diag + GD": ["--ewc_type", "diag", "--ewc_mode", "loss"],
-    "rank-1 + GD": ["--ewc_type", "rank1", "--ewc_mode", "loss"],
-    "rank-1-unscaled + GD": ["--ewc_type", "rank1_unscaled", "--ewc_mode", "loss"],
-    "decoupled diag + GD": ["--ewc_type", "diag", "--ewc_mode", "decoupled"],
-    "decoupled rank-1 + GD": ["--ewc_type", "rank1", "--ewc_mode", "decoupled"],
-}
 SWEPT = ["diag + GD", "rank-1 + GD", "rank-1-unscaled + GD", "decoupled diag + GD", "decoupled rank-1 + GD"]
-HAS_PENALTY = {m for m, flags in METHODS.items() if "none" not in flags}
 
-UNET_CONFIG = {
-    "_class_name": "UNet2DModel",
-    "sample_size": 16,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": [16, 32, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-    "num_class_embeds": 10,
-}
-# a DiT of about the UNet's parameter count (0.30M vs 0.28M): 3 blocks of width 64 over 8x8 patches of 2x2 pixels
-DIT_CONFIG = {
-    "_class_name": "DiTTransformer2DModel",
-    "sample_size": 16,
-    "in_channels": 1,
-    "out_channels": 1,
-    "patch_size": 2,
-    "num_layers": 3,
-    "num_attention_heads": 4,
-    "attention_head_dim": 16,
-    "num_embeds_ada_norm": 10,
-    "norm_type": "ada_norm_zero",
-}
 # the DiT study (benchmarks/results/dit.md): GD, rank-1 + GD in the loss and decoupled, at the paper's lambda
 DIT_METHODS = [("GD", None), ("rank-1 + GD", PAPER_LAMBDA), ("decoupled rank-1 + GD", PAPER_LAMBDA)]
 # the long horizon (benchmarks/results/long_horizon.md): Fashion-MNIST as 10 one-class tasks at the CPU scale's data
@@ -94,116 +68,6 @@ LONG_TASKS, LONG_EPOCHS, LONG_LAMBDAS = 10, 47, (10.0, 100.0, 1000.0)
 LONG_SWEPT = ("rank-1 + GD", "diag + GD")
 LONG_LENGTHS = {"1x": 1, "3x": 3}  # 3x: GD and the best rank-1 variant
 
-SCALES = {
-    # Sized from measured costs on 2 CPU cores (one thread per run, 2 runs at a time): a step of 32 real + 32 replay
-    # images at 16x16 on the (16, 32, 32) UNet takes ~80 ms and one image-step of DDIM ~0.3 ms, so a run is ~3-4 min
-    # and the ~60 runs fit the 3-hour budget. On one task (200 images) the epoch loss of this UNet falls from 0.17 to
-    # ~0.06 by epoch 30 and then drifts down slowly (memorisation); DDIM uses 20 steps (not 50) to fit.
-    "cpu": dict(
-        model="config",
-        resolution=16,
-        per_class=100,
-        epochs=40,
-        replay=100,
-        fid=200,
-        steps=20,
-        batch=32,
-        lr=2e-3,
-        stem="table1_fmnist_cpu",
-    ),
-    "smoke": dict(
-        model="config",
-        resolution=16,
-        per_class=50,
-        epochs=5,
-        replay=20,
-        fid=100,
-        steps=10,
-        batch=32,
-        lr=2e-3,
-        stem="table1_fmnist_cpu_smoke",
-    ),
-    # The paper's model and protocol (35M UNet at 32x32, zero-padded 28x28, 200 epochs per task, Adam 2e-4, batch
-    # 128, 5000 replay images per class, DDIM 50, Fisher on the whole task, FID on each task's 2,000 test images).
-    "gpu": dict(
-        model="paper",
-        resolution=32,
-        per_class=None,
-        epochs=200,
-        replay=5000,
-        fid=None,
-        steps=50,
-        batch=128,
-        lr=2e-4,
-        stem="table1_fmnist_gpu",
-    ),
-    # The paper's UNet and optimiser on 400 images per class (120 optimizer steps per task), sized to the 15 minutes
-    # of GPU time a task may get (the four runs side by side on one GPU, `--jobs 4`): GD, diag + GD, rank-1 + GD and
-    # decoupled rank-1 + GD on seed 0, classifier FID on 200 samples per task (Inception weights cannot be fetched
-    # offline). From the H200 check: a bf16 training step of this UNet at batch 128 takes ~0.1 s, launch-bound.
-    "gpu-reduced": dict(
-        model="paper",
-        resolution=32,
-        per_class=400,
-        epochs=20,
-        replay=100,
-        fid=200,
-        steps=50,
-        batch=128,
-        lr=2e-4,
-        stem="table1_fmnist_gpu_reduced",
-    ),
-}
-
-
-def run_flags(
-    name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, backbone: str = "unet"
-) -> list[str]:
-    flags = ["--train_data_dir", data_dir, "--classes_per_task", "2", "--resolution", str(sc["resolution"])]
-    if sc["model"] == "config":
-        flags += [
-            "--resize",
-            "--model_config_name_or_path",
-            str(work / f"{backbone}_config.json"),
-            "--preset",
-            "cpu-small",
-        ]
-    else:
-        flags += ["--preset", sc["model"]]
-    if sc["per_class"]:
-        flags += ["--max_train_per_class", str(sc["per_class"]), "--fisher_num_samples", str(2 * sc["per_class"])]
-    if sc["fid"]:
-        flags += ["--fid_num_samples", str(sc["fid"])]
-    flags += [
-        "--num_epochs_per_task",
-        str(sc["epochs"]),
-        "--train_batch_size",
-        str(sc["batch"]),
-        "--learning_rate",
-        str(sc["lr"]),
-        "--replay_per_class",
-        str(sc["replay"]),
-        "--num_inference_steps",
-        str(sc["steps"]),
-        "--fid_classifier",
-        str(work / "fid_classifier"),
-        "--fid_reference_dir",
-        str(work / "fid_reference"),
-        "--checkpointing_steps",
-        "250",
-        "--seed",
-        str(seed),
-        *METHODS[name],
-    ]
-    if lam is not None:
-        flags += ["--ewc_lambda", str(lam)]
-    return flags
-
-
-def run_dir_name(name: str, lam: float | None, seed: int, backbone: str = "unet") -> str:
-    slug = name.replace(" + ", "+").replace(" ", "_").replace("/", "")
-    return f"{'dit_' if backbone == 'dit' else ''}{slug}{'' if lam is None else f'_lam{lam:g}'}_seed{seed}"
-
 
 def long_folder(name: str, lam: float | None, seed: int, length: str = "1x") -> str:
     return f"long_{run_dir_name(name, lam, seed)}" + ("" if length == "1x" else f"_{length}")
@@ -211,53 +75,6 @@ def long_folder(name: str, lam: float | None, seed: int, length: str = "1x") -> 
 
 def long_extra(length: str = "1x") -> list[str]:
     return ["--classes_per_task", "1", "--num_epochs_per_task", str(LONG_EPOCHS * LONG_LENGTHS[length])]
-
-
-def finished(out: Path, num_tasks: int = 5) -> bool:
-    path = out / "results.json"
-    if not path.exists():
-        return False
-    results = json.loads(path.read_text())
-    return results.get("joint") and "afid_final" in results or str(num_tasks) in results.get("afid", {})
-
-
-def launch(
-    name: str,
-    lam: float | None,
-    seed: int,
-    work: Path,
-    data_dir: str,
-    sc: dict,
-    log: Path,
-    on_gpu: bool = False,
-    backbone: str = "unet",
-    folder: str | None = None,
-    extra: Sequence[str] = (),
-    num_tasks: int = 5,
-) -> Path:
-    """Run (or resume) one training run into work/runs/FOLDER (default: run_dir_name); skipped when finished."""
-    out = work / "runs" / (folder or run_dir_name(name, lam, seed, backbone))
-    if finished(out, num_tasks):
-        return out
-    cmd = [
-        sys.executable,
-        str(ROOT / "train_continual_ddpm.py"),
-        *run_flags(name, lam, seed, work, data_dir, sc, backbone),
-        *extra,
-        "--output_dir",
-        str(out),
-    ]
-    if (out / "checkpoints").exists():
-        cmd += ["--resume_from_checkpoint", "latest"]
-    env = {**os.environ, "TQDM_DISABLE": "1", **({} if on_gpu else {"OMP_NUM_THREADS": "1"})}
-    start = time.time()
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
-    print(f"[{time.strftime('%H:%M:%S')}] {out.name}: {status} in {time.time() - start:.0f} s", flush=True)
-    return out
 
 
 def best_lambdas(work: Path) -> dict[str, float]:
@@ -289,34 +106,6 @@ def late_drop(losses: list[float]) -> float:
     q = max(1, len(losses) // 4)
     third, last = losses[-2 * q : -q] or losses[:1], losses[-q:]
     return 1 - (sum(last) / len(last)) / (sum(third) / len(third))
-
-
-def provenance() -> str:
-    """The command, the commit and the machine, for the results file."""
-    import platform
-
-    import torch
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
-    )
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (
-        f"Command: `python {' '.join(sys.argv)}`; commit {commit}; machine: {cpu}, {os.cpu_count()} CPU cores"
-        f"{gpu}, torch {torch.__version__}."
-    )
 
 
 def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> None:
@@ -965,26 +754,8 @@ def main() -> None:
     (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
     (work / "dit_config.json").write_text(json.dumps(DIT_CONFIG))
     log = work / "runs.log"
-    if not (work / "fid_classifier" / "model.safetensors").exists():
-        size = ["--resolution", "16", "--resize"] if sc["model"] == "config" else ["--resolution", "32"]
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hf_r1ewc.evaluate",
-                "train-classifier",
-                "--dataset_name",
-                args.data_dir,
-                "--output_dir",
-                str(work / "fid_classifier"),
-                *size,
-                "--epochs",
-                "2",
-            ],
-            check=True,
-            cwd=ROOT,
-            env={**os.environ, "TQDM_DISABLE": "1"},
-        )
+    size = ["--resolution", "16", "--resize"] if sc["model"] == "config" else ["--resolution", "32"]
+    train_fid_classifier(work, args.data_dir, size)
     sweep = [(m, lam, SWEEP_SEED) for m in SWEPT for lam in LAMBDAS]
     methods, seeds = list(METHODS), SEEDS
     if args.scale == "smoke":  # one sweep point per family and one seed keep the smoke run short

@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_table1 import (  # noqa: E402
+from _runs import (  # noqa: E402
     PAPER_LAMBDA,
     RESULTS,
     ROOT,
@@ -47,6 +45,7 @@ from reproduce_table1 import (  # noqa: E402
     launch,
     provenance,
     run_dir_name,
+    train_fid_classifier,
 )
 
 
@@ -449,27 +448,7 @@ def main() -> None:
     if not args.report_only:
         work.mkdir(parents=True, exist_ok=True)
         (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
-        if not (work / "fid_classifier" / "model.safetensors").exists():
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "hf_r1ewc.evaluate",
-                    "train-classifier",
-                    "--dataset_name",
-                    args.data_dir,
-                    "--output_dir",
-                    str(work / "fid_classifier"),
-                    "--resolution",
-                    "16",
-                    "--resize",
-                    "--epochs",
-                    "2",
-                ],
-                check=True,
-                cwd=ROOT,
-                env={**os.environ, "TQDM_DISABLE": "1"},
-            )
+        train_fid_classifier(work, args.data_dir, ["--resolution", "16", "--resize"])
         run_all(work, args.data_dir, args.jobs, lengths, seeds, methods)
     report(work, lengths, seeds)
 

@@ -667,10 +667,10 @@ def test_streaming_refuses_settings_that_need_the_split_in_memory(tmp_path):
 
 
 def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnist_dir):
-    """Every scale of benchmarks/reproduce_table1.py (the GPU ones included, which this machine cannot run) builds
-    flags that the script accepts, with the paper's model and protocol on the GPU scale."""
+    """Every scale of the table-1 studies (benchmarks/_runs.py; the GPU ones included, which this machine cannot run)
+    builds flags that the script accepts, with the paper's model and protocol on the GPU scale."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import reproduce_table1 as table1
+    import _runs as table1
 
     import train_continual_ddpm as script
 
