@@ -82,7 +82,7 @@ from hf_r1ewc.pipeline import (
     sampling_scheduler,
 )
 from hf_r1ewc.plots import save_image_grid
-from hf_r1ewc.progress import configure_logging, progress_bar
+from hf_r1ewc.progress import PhaseTimer, configure_logging, progress_bar
 from hf_r1ewc.run import (
     MANIFEST,
     RunPosition,
@@ -994,6 +994,7 @@ def write_task_folder(
     training_tasks: list,
     evaluator,
     ema,
+    phase_seconds: dict[str, float],
 ) -> Path:
     """OUTPUT_DIR/task_XX (atomically) and results.json; main process only. ``eval_model`` (the pipeline's model
     as sampled for FID) draws ``samples.png``."""
@@ -1018,6 +1019,7 @@ def write_task_folder(
         "loss_per_epoch": curves[0],
         "denoise_loss_per_epoch": curves[1],
         "ewc_grad_ratio_per_epoch": curves[2],
+        "seconds_by_phase": dict(phase_seconds),  # this task's wall time in this process (writing not included)
         "c_star": stats.c_star if stats else None,
         "mu_norm": stats.mu_norm() if stats and stats.mu else None,
         **summary,
@@ -1128,7 +1130,9 @@ def main(argv=None) -> None:
     configure_logging()
     set_seed(args.seed)
     device = accelerator.device
-    data = load_task_data(args)
+    timer = PhaseTimer()  # wall seconds per phase in this process, reported per task and at the end
+    with timer("data"):
+        data = load_task_data(args)
     check_budgets(args, data)
     denoiser = build_model(args, data)
     noise_scheduler = training_noise_scheduler()
@@ -1174,7 +1178,8 @@ def main(argv=None) -> None:
             added_settings=ADDED_SETTINGS,
             adopt=args.adopt_manifest,
         )
-        evaluator = make_evaluator(args, accelerator, data, device) if run.start_task <= num_tasks else None
+        with timer("FID classifier and reference statistics"):
+            evaluator = make_evaluator(args, accelerator, data, device) if run.start_task <= num_tasks else None
     if new_manifest is not None and accelerator.is_main_process:  # written once every check has passed
         write_json(output_dir / MANIFEST, new_manifest)
     if run.start_task > num_tasks:
@@ -1201,6 +1206,7 @@ def main(argv=None) -> None:
 
     try:
         for task_index in range(run.start_task, num_tasks + 1):
+            phases = PhaseTimer()
             classes = training_tasks[task_index - 1]
             old_classes = sorted({c for t in training_tasks[: task_index - 1] for c in t})
             loader, num_examples, fisher_batches = task_loader(args, accelerator, data, classes, task_index)
@@ -1213,20 +1219,21 @@ def main(argv=None) -> None:
                 method_description(args),
             )
             if args.replay == "on" and not args.joint:  # the teacher: whole weights (gathered once under FSDP)
-                learner.start_task(
-                    full_model_copy(denoiser),
-                    sampler,
-                    old_classes,
-                    per_class=args.replay_per_class,
-                    directory=output_dir / "replay" / task_folder_name(task_index),
-                    num_inference_steps=args.num_inference_steps,
-                    seed=args.seed * 100 + task_index,
-                    online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
-                    rank=accelerator.process_index,
-                    world_size=accelerator.num_processes,
-                    barrier=accelerator.wait_for_everyone,
-                    show_progress=accelerator.is_local_main_process,
-                )
+                with phases("replay pool"):
+                    learner.start_task(
+                        full_model_copy(denoiser),
+                        sampler,
+                        old_classes,
+                        per_class=args.replay_per_class,
+                        directory=output_dir / "replay" / task_folder_name(task_index),
+                        num_inference_steps=args.num_inference_steps,
+                        seed=args.seed * 100 + task_index,
+                        online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
+                        rank=accelerator.process_index,
+                        world_size=accelerator.num_processes,
+                        barrier=accelerator.wait_for_everyone,
+                        show_progress=accelerator.is_local_main_process,
+                    )
             # a fresh optimizer and LR schedule per task (the penalty and the teacher carry what earlier tasks taught)
             optimizer = make_optimizer(args, denoiser)
             if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
@@ -1234,9 +1241,10 @@ def main(argv=None) -> None:
             else:
                 model, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
             lr_scheduler = make_lr_scheduler(args, accelerator, optimizer, len(loader))
-            *curves, stopped = train_task(
-                args, accelerator, learner, model, optimizer, lr_scheduler, loader, run, task_index, num_tasks, ema
-            )
+            with phases("training"):
+                *curves, stopped = train_task(
+                    args, accelerator, learner, model, optimizer, lr_scheduler, loader, run, task_index, num_tasks, ema
+                )
             if stopped:
                 logger.info(
                     "stopped by %s after step %d (checkpoint-%d saved); re-run the same command to continue",
@@ -1257,29 +1265,31 @@ def main(argv=None) -> None:
                 ClassConditionalPipeline.for_model(trained, sampler),
                 frozen_teacher(trained),
             )  # fast copy
-            scores = evaluate_task(
-                accelerator,
-                evaluator,
-                eval_model,
-                sampler,
-                data.tasks if args.joint else data.tasks[:task_index],
-                task_index,
-            )
+            with phases("FID"):
+                scores = evaluate_task(
+                    accelerator,
+                    evaluator,
+                    eval_model,
+                    sampler,
+                    data.tasks if args.joint else data.tasks[:task_index],
+                    task_index,
+                )
             run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
             run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
             if (kl := class_distribution_kl(scores.values())) is not None:
                 run.class_kl[task_index] = kl
             try:
-                stats = learner.consolidate(
-                    trained,
-                    fisher_batches,
-                    seed=args.seed + task_index,
-                    reduce_sum=lambda t: accelerator.reduce(t, "sum"),
-                    num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
-                    if args.streaming and args.fisher_num_samples
-                    else None,
-                    show_progress=accelerator.is_local_main_process,
-                )
+                with phases("Fisher"):
+                    stats = learner.consolidate(
+                        trained,
+                        fisher_batches,
+                        seed=args.seed + task_index,
+                        reduce_sum=lambda t: accelerator.reduce(t, "sum"),
+                        num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
+                        if args.streaming and args.fisher_num_samples
+                        else None,
+                        show_progress=accelerator.is_local_main_process,
+                    )
             except ValueError as err:
                 raise SystemExit(f"error: task {task_index}: {err}. {resume_advice(output_dir)}") from None
             if penalty is not None:
@@ -1291,24 +1301,28 @@ def main(argv=None) -> None:
                     stats.num_samples,
                 )
             if accelerator.is_main_process:
-                folder = write_task_folder(
-                    args,
-                    accelerator,
-                    data,
-                    run,
-                    pipeline,
-                    eval_model,
-                    stats,
-                    penalty,
-                    scores,
-                    curves,
-                    task_index,
-                    training_tasks,
-                    evaluator,
-                    ema,
-                )
+                with phases("writing the task folder"):
+                    folder = write_task_folder(
+                        args,
+                        accelerator,
+                        data,
+                        run,
+                        pipeline,
+                        eval_model,
+                        stats,
+                        penalty,
+                        scores,
+                        curves,
+                        task_index,
+                        training_tasks,
+                        evaluator,
+                        ema,
+                        phases.seconds,
+                    )
                 if uploader is not None:
                     uploader.submit(folder, task_index)
+            timer.add(phases)
+            logger.info("task %d took %s", task_index, phases.summary())
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:  # the pool served this task only; the task folder is safely written
                 shutil.rmtree(output_dir / "replay" / task_folder_name(task_index), ignore_errors=True)
@@ -1330,6 +1344,7 @@ def main(argv=None) -> None:
         sys.exit(EXIT_STOPPED)
     if accelerator.is_main_process and not stopped:
         finish_run(args, data, run)
+    logger.info("wall time in this process by phase: %s", timer.summary())
 
 
 def close_uploader(uploader: TaskUploader | None, output_dir: Path) -> None:

@@ -54,3 +54,20 @@ def test_hub_warnings_print_once_and_lines_go_above_the_bars():
         import datasets.utils.logging
 
         datasets.utils.logging.enable_propagation()
+
+
+def test_phase_timer_sums_each_phase_and_ranks_them(monkeypatch):
+    import hf_r1ewc.progress as progress
+
+    clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 26.0])  # training 3 s, FID 1 s, training again 6 s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    timer = progress.PhaseTimer()
+    for phase in ("training", "FID", "training"):
+        with timer(phase):
+            pass
+    assert timer.seconds == {"training": 9.0, "FID": 1.0}
+    total = progress.PhaseTimer()
+    total.add(timer)
+    total.add(timer)
+    assert total.seconds == {"training": 18.0, "FID": 2.0}
+    assert total.summary() == "training 18 s (90 %), FID 2 s (10 %)"

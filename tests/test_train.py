@@ -130,6 +130,9 @@ def test_layout_fisher_pipeline_and_results(two_task_run):
     # the class balance of m_k's samples over every task so far, in results.json and the task's metrics.json
     assert set(results["class_kl"]) == {"1", "2"} and all(0 <= v < 10 for v in results["class_kl"].values())
     assert metrics["class_kl"] == results["class_kl"]["2"]
+    # where the task's wall time went (task 2 samples its teacher's replay pool first)
+    assert set(metrics["seconds_by_phase"]) == {"replay pool", "training", "FID", "Fisher"}
+    assert all(v > 0 for v in metrics["seconds_by_phase"].values())
     assert metrics["fid_num_samples"] == {"1": 40, "2": 40} and len(metrics["loss_per_epoch"]) == 2
     assert len(metrics["denoise_loss_per_epoch"]) == 2 and all(v > 0 for v in metrics["denoise_loss_per_epoch"])
     # ||grad lambda*EWC|| / ||grad rest|| at each epoch's first step: 0 at theta*_1 itself, then the pull back
