@@ -715,6 +715,34 @@ def build_model(args, data: TaskData) -> ModelMixin:
     return model
 
 
+def open_run(args, accelerator, data: TaskData, denoiser, learner: ContinualLearner, ema, training_tasks) -> RunState:
+    """Where this run starts in OUTPUT_DIR (restoring what it continues from) and its manifest checked; the
+    manifest to write, if any, is ``run.manifest``."""
+    run = resume_run(
+        accelerator,
+        Path(args.output_dir),
+        denoiser,
+        learner,
+        ema,
+        training_tasks,
+        data.resolution,
+        checkpoint_spec=args.resume_from_checkpoint,
+        task_source=args.resume_from_task,
+        must_match={k: v for k, v in run_config(args).items() if k in RESUME_MUST_MATCH},
+        ewc_lambda=args.ewc_lambda,
+    )
+    run.manifest = check_manifest(
+        accelerator,
+        Path(args.output_dir),
+        run_manifest(args, accelerator, data),
+        recovery_settings=RECOVERY_SETTINGS,
+        may_change=MAY_CHANGE,
+        added_settings=ADDED_SETTINGS,
+        adopt=args.adopt_manifest,
+    )
+    return run
+
+
 def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
     """The FID scorer of every task (the main process trains the feature classifier once, if needed)."""
     if args.fid_backend == "none":
@@ -972,6 +1000,67 @@ def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_t
     return scores
 
 
+def start_replay(args, accelerator, learner: ContinualLearner, denoiser, sampler, old_classes, task_index: int):
+    """The task's teacher (whole weights, gathered once under FSDP) and its replay pool of the old classes, written
+    in shares by every process into OUTPUT_DIR/replay/task_XX (or online replay)."""
+    learner.start_task(
+        full_model_copy(denoiser),
+        sampler,
+        old_classes,
+        per_class=args.replay_per_class,
+        directory=Path(args.output_dir) / "replay" / task_folder_name(task_index),
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed * 100 + task_index,
+        online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+        show_progress=accelerator.is_local_main_process,
+    )
+
+
+def theta_star(accelerator, model, ema: EMAModel | None, sampler) -> tuple:
+    """The end of a task's training: (the fp32 model to continue from (the EMA weights with --use_ema), its whole
+    weights (gathered once under FSDP, else itself), the pipeline to save, a frozen copy to sample from)."""
+    denoiser = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast wrapper: fp32 from here
+    accelerator.free_memory()
+    if ema is not None:
+        ema.copy_to(denoiser.parameters())
+    denoiser.eval()
+    trained = full_model_copy(denoiser)
+    return denoiser, trained, ClassConditionalPipeline.for_model(trained, sampler), frozen_teacher(trained)
+
+
+def record_scores(run: RunState, scores: dict, task_index: int) -> None:
+    """Row k of the FID and accuracy matrices, and the class-distribution KL of m_k."""
+    run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
+    run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
+    if (kl := class_distribution_kl(scores.values())) is not None:
+        run.class_kl[task_index] = kl
+
+
+def consolidate_task(args, accelerator, learner: ContinualLearner, trained, fisher_batches, task_index: int):
+    """The finished task's Fisher at theta*_k -> a new penalty term (None without EWC); the statistics go back to
+    the CPU between tasks."""
+    streamed_share = -(-args.fisher_num_samples // accelerator.num_processes) if args.fisher_num_samples else None
+    try:
+        stats = learner.consolidate(
+            trained,
+            fisher_batches,
+            seed=args.seed + task_index,
+            reduce_sum=lambda t: accelerator.reduce(t, "sum"),
+            num_samples=streamed_share if args.streaming else None,
+            show_progress=accelerator.is_local_main_process,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: task {task_index}: {err}. {resume_advice(Path(args.output_dir))}") from None
+    if learner.penalty is not None:
+        learner.penalty.to("cpu")
+        mu = f"c* = {stats.c_star:.4g}, ||mu|| = {stats.mu_norm():.4g}" if stats.mu else "diagonal"
+        logger.info("Fisher after task %d: %s, N = %d", task_index, mu, stats.num_samples)
+    return stats
+
+
 def evenly_chosen(classes: list[int]) -> list[int]:
     """At most GRID_MAX_CLASSES of ``classes``, spread evenly (first and last included): sample grids stay readable
     for 1000 classes."""
@@ -1156,32 +1245,11 @@ def main(argv=None) -> None:
     )
     lock = lock_output_dir(accelerator, output_dir)
     with released_on_error(lock):
-        run = resume_run(
-            accelerator,
-            output_dir,
-            denoiser,
-            learner,
-            ema,
-            training_tasks,
-            data.resolution,
-            checkpoint_spec=args.resume_from_checkpoint,
-            task_source=args.resume_from_task,
-            must_match={k: v for k, v in run_config(args).items() if k in RESUME_MUST_MATCH},
-            ewc_lambda=args.ewc_lambda,
-        )
-        new_manifest = check_manifest(
-            accelerator,
-            output_dir,
-            run_manifest(args, accelerator, data),
-            recovery_settings=RECOVERY_SETTINGS,
-            may_change=MAY_CHANGE,
-            added_settings=ADDED_SETTINGS,
-            adopt=args.adopt_manifest,
-        )
+        run = open_run(args, accelerator, data, denoiser, learner, ema, training_tasks)
         with timer("FID classifier and reference statistics"):
             evaluator = make_evaluator(args, accelerator, data, device) if run.start_task <= num_tasks else None
-    if new_manifest is not None and accelerator.is_main_process:  # written once every check has passed
-        write_json(output_dir / MANIFEST, new_manifest)
+    if run.manifest is not None and accelerator.is_main_process:  # written once every check has passed
+        write_json(output_dir / MANIFEST, run.manifest)
     if run.start_task > num_tasks:
         logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
         if lock is not None:
@@ -1218,22 +1286,9 @@ def main(argv=None) -> None:
                 num_examples,
                 method_description(args),
             )
-            if args.replay == "on" and not args.joint:  # the teacher: whole weights (gathered once under FSDP)
+            if args.replay == "on" and not args.joint:
                 with phases("replay pool"):
-                    learner.start_task(
-                        full_model_copy(denoiser),
-                        sampler,
-                        old_classes,
-                        per_class=args.replay_per_class,
-                        directory=output_dir / "replay" / task_folder_name(task_index),
-                        num_inference_steps=args.num_inference_steps,
-                        seed=args.seed * 100 + task_index,
-                        online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
-                        rank=accelerator.process_index,
-                        world_size=accelerator.num_processes,
-                        barrier=accelerator.wait_for_everyone,
-                        show_progress=accelerator.is_local_main_process,
-                    )
+                    start_replay(args, accelerator, learner, denoiser, sampler, old_classes, task_index)
             # a fresh optimizer and LR schedule per task (the penalty and the teacher carry what earlier tasks taught)
             optimizer = make_optimizer(args, denoiser)
             if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
@@ -1255,51 +1310,13 @@ def main(argv=None) -> None:
                 break
 
             # ---- end of task: theta*_k, evaluation, consolidation, the task folder
-            denoiser = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast wrapper: fp32 from here
-            accelerator.free_memory()
-            if ema is not None:
-                ema.copy_to(denoiser.parameters())
-            denoiser.eval()
-            trained = full_model_copy(denoiser)  # whole weights, gathered once per task under FSDP (else itself)
-            pipeline, eval_model = (
-                ClassConditionalPipeline.for_model(trained, sampler),
-                frozen_teacher(trained),
-            )  # fast copy
+            denoiser, trained, pipeline, eval_model = theta_star(accelerator, model, ema, sampler)
             with phases("FID"):
-                scores = evaluate_task(
-                    accelerator,
-                    evaluator,
-                    eval_model,
-                    sampler,
-                    data.tasks if args.joint else data.tasks[:task_index],
-                    task_index,
-                )
-            run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
-            run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
-            if (kl := class_distribution_kl(scores.values())) is not None:
-                run.class_kl[task_index] = kl
-            try:
-                with phases("Fisher"):
-                    stats = learner.consolidate(
-                        trained,
-                        fisher_batches,
-                        seed=args.seed + task_index,
-                        reduce_sum=lambda t: accelerator.reduce(t, "sum"),
-                        num_samples=-(-args.fisher_num_samples // accelerator.num_processes)
-                        if args.streaming and args.fisher_num_samples
-                        else None,
-                        show_progress=accelerator.is_local_main_process,
-                    )
-            except ValueError as err:
-                raise SystemExit(f"error: task {task_index}: {err}. {resume_advice(output_dir)}") from None
-            if penalty is not None:
-                penalty.to("cpu")
-                logger.info(
-                    "Fisher after task %d: %s, N = %d",
-                    task_index,
-                    f"c* = {stats.c_star:.4g}, ||mu|| = {stats.mu_norm():.4g}" if stats.mu else "diagonal",
-                    stats.num_samples,
-                )
+                eval_tasks = data.tasks if args.joint else data.tasks[:task_index]
+                scores = evaluate_task(accelerator, evaluator, eval_model, sampler, eval_tasks, task_index)
+            record_scores(run, scores, task_index)
+            with phases("Fisher"):
+                stats = consolidate_task(args, accelerator, learner, trained, fisher_batches, task_index)
             if accelerator.is_main_process:
                 with phases("writing the task folder"):
                     folder = write_task_folder(

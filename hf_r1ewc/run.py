@@ -97,6 +97,7 @@ class RunState:
     steps_this_process: int = 0
     resume_dir: Path | None = None
     resume_position: RunPosition | None = None
+    manifest: dict | None = None  # the run_manifest.json to write once every check has passed (None: unchanged)
 
 
 # ------------------------------------------------------------------------------------------ lock and manifest
