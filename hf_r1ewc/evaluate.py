@@ -179,9 +179,14 @@ def _final_afid(results: dict) -> float | None:
     )
 
 
+def _final_class_kl(results: dict) -> float | None:
+    """The class-distribution KL of the final model (classifier backend); None where not recorded."""
+    return results.get("class_kl", {}).get(str(len(results["tasks"])))
+
+
 def aggregate(results_by_run: dict[str, dict]) -> dict:
-    """Group runs by method: mean +- standard error of AFID@T, F, P, the mean sample accuracy after the last task
-    and BWT (classifier backend), and AFID@k for each k."""
+    """Group runs by method: mean +- standard error of AFID@T, F, P, the mean sample accuracy after the last task,
+    BWT and the final model's class KL (classifier backend), and AFID@k for each k."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for run, results in results_by_run.items():
         groups[results.get("label") or results["method"]].append(results)
@@ -198,6 +203,8 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
         row["accuracy"] = mean_and_standard_error(final_accuracy) if final_accuracy else None
         bwt = [r["bwt"] for r in runs if r.get("bwt") is not None]
         row["bwt"] = mean_and_standard_error(bwt) if bwt else None
+        kl = [v for r in runs if (v := _final_class_kl(r)) is not None]
+        row["class_kl"] = mean_and_standard_error(kl) if kl else None
         curve = defaultdict(list)
         for r in runs:
             for k, v in r.get("afid", {}).items():
@@ -208,7 +215,8 @@ def aggregate(results_by_run: dict[str, dict]) -> dict:
     return table
 
 
-PAIRED_METRICS = {"afid": "AFID@T", "forgetting": "F", "plasticity": "P", "bwt": "BWT"}
+PAIRED_METRICS = {"afid": "AFID@T", "forgetting": "F", "plasticity": "P", "bwt": "BWT", "class_kl": "class KL"}
+FINAL_VALUE = {"afid": _final_afid, "class_kl": _final_class_kl}  # the other metrics are results.json keys
 
 
 def paired_differences(results_by_run: dict[str, dict], baseline: str) -> dict:
@@ -234,7 +242,7 @@ def paired_differences(results_by_run: dict[str, dict], baseline: str) -> dict:
             continue
         row = {"seeds": seeds}
         for key in PAIRED_METRICS:
-            get = _final_afid if key == "afid" else (lambda r, key=key: r.get(key))
+            get = FINAL_VALUE.get(key, lambda r, key=key: r.get(key))
             pairs = [(get(runs[s]), get(by_method[baseline][s])) for s in seeds]
             if any(a is None or b is None for a, b in pairs):
                 continue
@@ -291,15 +299,15 @@ def write_summary(table: dict, output_dir: Path) -> None:
     """``summary.md``, ``summary.csv``, ``summary.json`` and the AFID@k plot from ``aggregate``'s table."""
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = [
-        "| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ | accuracy after T (ACC) ↑ | BWT ↑ |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | runs | AFID@T ↓ | forgetting F ↓ | plasticity P ↓ | accuracy after T (ACC) ↑ | BWT ↑ | class KL ↓ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     percent = lambda pair: pair and (100 * pair[0], 100 * pair[1])  # noqa: E731
     for method, row in table.items():
         lines.append(
             f"| {method} | {row['runs']} | {_fmt(row['afid'])} | {_fmt(row['forgetting'])} | "
             f"{_fmt(row['plasticity'])} | {_fmt(percent(row.get('accuracy')))} | "
-            f"{_fmt(percent(row.get('bwt')))} |"
+            f"{_fmt(percent(row.get('bwt')))} | {_fmt(row.get('class_kl'))} |"
         )
     backends = sorted({row["fid_backend"] for row in table.values()})
     note = (
@@ -312,7 +320,8 @@ def write_summary(table: dict, output_dir: Path) -> None:
         )
         + ". Mean ± standard error over runs. "
         "ACC: mean over tasks of the sample accuracy after the last task (%); BWT: mean over earlier tasks of "
-        "accuracy after the last task minus accuracy when learned (points; negative = forgotten).\n"
+        "accuracy after the last task minus accuracy when learned (points; negative = forgotten); class KL: "
+        "KL(asked || generated) of the final model's class frequencies (nats; 0 = every class as often as asked).\n"
     )
     (output_dir / "summary.md").write_text("\n".join(lines) + "\n" + note)
     with open(output_dir / "summary.csv", "w", newline="") as f:
@@ -331,12 +340,14 @@ def write_summary(table: dict, output_dir: Path) -> None:
                 "accuracy_se",
                 "bwt_mean",
                 "bwt_se",
+                "class_kl_mean",
+                "class_kl_se",
                 "fid_backend",
             ]
         )
         for method, row in table.items():
             cells = []
-            for key in ("afid", "forgetting", "plasticity", "accuracy", "bwt"):
+            for key in ("afid", "forgetting", "plasticity", "accuracy", "bwt", "class_kl"):
                 cells += list(row[key]) if row[key] else ["", ""]
             writer.writerow([method, row["runs"], *cells, row["fid_backend"]])
     write_json(

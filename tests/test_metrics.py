@@ -313,3 +313,24 @@ def test_class_distribution_kl_by_hand():
     assert class_distribution_kl([TaskScore(1.0, 4, None, None)]) is None  # no classifier predictions
     table = run_summary_table({1: {1: 10.0}}, {1: {1: 0.5}}, [[0, 1]], {1: expected})
     assert f"class KL = {expected:.3f} nats" in table.splitlines()[-2]
+
+
+def test_class_kl_is_aggregated_and_paired_over_seeds(tmp_path):
+    """The final model's class KL (results.json ``class_kl`` at T) goes into the summary (mean ± SE) and the paired
+    table like AFID: GD 0.1, 0.2, 0.3 against ours 0.0, 0.1, 0.1 -> differences -0.1, -0.1, -0.2."""
+    from hf_r1ewc.evaluate import aggregate, paired_differences, write_summary
+
+    def results(method, seed, kl):
+        return {"method": method, "seed": seed, "tasks": [[0, 1], [2, 3]], "afid": {"2": 1.0}, "fid_backend": "classifier",
+                "class_kl": {"1": 9.9, "2": kl}}  # fmt: skip
+
+    runs = {}
+    for seed, (gd, ours) in enumerate([(0.1, 0.0), (0.2, 0.1), (0.3, 0.1)]):
+        runs[f"gd{seed}"], runs[f"ours{seed}"] = results("GD", seed, gd), results("ours", seed, ours)
+    table = aggregate(runs)
+    assert table["GD"]["class_kl"][0] == pytest.approx(0.2) and table["GD"]["class_kl"][1] == pytest.approx(
+        0.1 / 3**0.5
+    )
+    assert paired_differences(runs, "GD")["ours"]["class_kl"]["differences"] == pytest.approx([-0.1, -0.1, -0.2])
+    write_summary(table, tmp_path)
+    assert "| GD | 3 | 1.00 ± 0.00 | — | — | — | — | 0.20 ± 0.06 |" in (tmp_path / "summary.md").read_text()
