@@ -53,14 +53,12 @@ from hf_r1ewc.data import (
 from hf_r1ewc.distill import frozen_teacher
 from hf_r1ewc.evaluate import sample_grid_across_tasks
 from hf_r1ewc.features import load_feature_extractor, train_classifier
-from hf_r1ewc.fisher import save_fisher
 from hf_r1ewc.hub import (
+    TaskArtifacts,
     TaskUploader,
     task_folder_name,
-    write_folder_atomically,
     write_json,
-    write_model_card,
-    write_training_state,
+    write_task_artifacts,
 )
 from hf_r1ewc.integrity import (
     sha256_tensors,
@@ -81,7 +79,6 @@ from hf_r1ewc.pipeline import (
     sample,
     sampling_scheduler,
 )
-from hf_r1ewc.plots import save_image_grid
 from hf_r1ewc.progress import PhaseTimer, configure_logging, progress_bar
 from hf_r1ewc.run import (
     MANIFEST,
@@ -1122,69 +1119,68 @@ def write_task_folder(
         evaluator.autocast_dtype if evaluator else None,
     )
 
-    def fill(tmp: Path) -> None:
-        pipeline.save_pretrained(tmp)
-        if stats is not None:
-            save_fisher(str(tmp / "fisher.safetensors"), stats, task_index=task_index, classes=classes)
-        if penalty is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.cpu() for k, v in penalty.state_dict().items()}, str(tmp / "ewc_penalty.safetensors"))
-        write_json(tmp / "metrics.json", metrics)
-        save_image_grid(grid, tmp / "samples.png", nrow=8)
-        state = {
-            "task_index": task_index,
-            "tasks": training_tasks,
-            "seen_classes": seen,
-            "run_config": run_config(args),
-            "global_step": run.global_step,
-            "method": method_description(args),
-            "num_processes": accelerator.num_processes,
-            "ema_optimization_step": ema.optimization_step if ema else None,
-            "hf_r1ewc_version": __version__,
+    state = {
+        "task_index": task_index,
+        "tasks": training_tasks,
+        "seen_classes": seen,
+        "run_config": run_config(args),
+        "global_step": run.global_step,
+        "method": method_description(args),
+        "num_processes": accelerator.num_processes,
+        "ema_optimization_step": ema.optimization_step if ema else None,
+        "hf_r1ewc_version": __version__,
+    }
+    card = dict(
+        task_index=task_index,
+        num_tasks=len(training_tasks),
+        seen_classes=seen,
+        dataset_name=data.source,
+        method_description=method_description(args),
+        hyperparameters={
+            k: getattr(args, k)
+            for k in (
+                "preset",
+                "ewc_type",
+                "ewc_lambda",
+                "ewc_mode",
+                "distill_weight",
+                "replay",
+                "replay_mode",
+                "replay_per_class",
+                "replay_scheduler",
+                "num_epochs_per_task",
+                "train_batch_size",
+                "learning_rate",
+                "num_inference_steps",
+                "seed",
+            )
         }
-        write_model_card(
-            tmp,
-            task_index=task_index,
-            num_tasks=len(training_tasks),
-            seen_classes=seen,
-            dataset_name=data.source,
-            method_description=method_description(args),
-            hyperparameters={
-                k: getattr(args, k)
-                for k in (
-                    "preset",
-                    "ewc_type",
-                    "ewc_lambda",
-                    "ewc_mode",
-                    "distill_weight",
-                    "replay",
-                    "replay_mode",
-                    "replay_per_class",
-                    "replay_scheduler",
-                    "num_epochs_per_task",
-                    "train_batch_size",
-                    "learning_rate",
-                    "num_inference_steps",
-                    "seed",
-                )
-            }
-            | {"mixed_precision": accelerator.mixed_precision},
-            command=f"accelerate launch --num_processes {accelerator.num_processes} --mixed_precision "
-            f"{accelerator.mixed_precision} " + " ".join(shlex.quote(a) for a in sys.argv),
-            matrix=run.matrix,
-            summary=summary,
-            fid_backend=args.fid_backend,
-            fid_comparable=evaluator is not None and evaluator.extractor.comparable_to_inception,
-            fid_num_samples=metrics["fid_num_samples"],
-            accuracy=metrics["accuracy"],
-            sampling=f"{args.replay_scheduler}, {args.num_inference_steps} steps, {sampling['precision']}",
-            hub_model_id=args.hub_model_id,
-        )
-        write_training_state(tmp, state)  # last: the SHA-256 of every file above
+        | {"mixed_precision": accelerator.mixed_precision},
+        command=f"accelerate launch --num_processes {accelerator.num_processes} --mixed_precision "
+        f"{accelerator.mixed_precision} " + " ".join(shlex.quote(a) for a in sys.argv),
+        matrix=run.matrix,
+        summary=summary,
+        fid_backend=args.fid_backend,
+        fid_comparable=evaluator is not None and evaluator.extractor.comparable_to_inception,
+        fid_num_samples=metrics["fid_num_samples"],
+        accuracy=metrics["accuracy"],
+        sampling=f"{args.replay_scheduler}, {args.num_inference_steps} steps, {sampling['precision']}",
+        hub_model_id=args.hub_model_id,
+    )
 
-    folder = output_dir / task_folder_name(task_index)
-    write_folder_atomically(folder, fill)
+    folder = write_task_artifacts(
+        output_dir / task_folder_name(task_index),
+        TaskArtifacts(
+            pipeline,
+            metrics,
+            grid,
+            card,
+            state,
+            stats,
+            {"task_index": task_index, "classes": classes},
+            penalty.state_dict() if penalty is not None else None,
+        ),
+    )
     results = {
         "method": method_description(args),
         "fid_backend": args.fid_backend,

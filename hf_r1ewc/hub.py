@@ -14,6 +14,7 @@ import queue
 import shutil
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -127,6 +128,48 @@ def fid_markdown_table(matrix: dict[int, dict[int, float]], upto: int) -> str:
         cells = [f"{matrix[k][i]:.2f}" if i in matrix[k] else "" for i in tasks]
         lines.append(f"| task {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@dataclass
+class TaskArtifacts:
+    """What a task folder holds: the pipeline (saved with ``save_pretrained``), ``metrics.json``, the sample grid
+    ``samples`` (``[N, C, H, W]`` in [-1, 1], 8 per row), the model card (``write_model_card``'s keyword arguments),
+    ``training_state.json``, and with EWC the Fisher statistics (with ``save_fisher``'s metadata keywords) and the
+    penalty's ``state_dict``."""
+
+    pipeline: object
+    metrics: dict
+    samples: object
+    card: dict
+    state: dict
+    fisher: object | None = None
+    fisher_metadata: dict = field(default_factory=dict)
+    penalty_state: dict | None = None
+
+
+def write_task_artifacts(folder: str | os.PathLike, artifacts: TaskArtifacts) -> Path:
+    """Write a task folder atomically (``write_folder_atomically``): the pipeline, ``fisher.safetensors``,
+    ``ewc_penalty.safetensors``, ``metrics.json``, ``samples.png``, ``README.md``, and ``training_state.json`` last,
+    with the SHA-256 of every file before it. Returns the folder."""
+    from safetensors.torch import save_file
+
+    from .fisher import save_fisher
+    from .plots import save_image_grid
+
+    def fill(tmp: Path) -> None:
+        artifacts.pipeline.save_pretrained(tmp)
+        if artifacts.fisher is not None:
+            save_fisher(str(tmp / "fisher.safetensors"), artifacts.fisher, **artifacts.fisher_metadata)
+        if artifacts.penalty_state is not None:
+            penalty = {k: v.cpu() for k, v in artifacts.penalty_state.items()}
+            save_file(penalty, str(tmp / "ewc_penalty.safetensors"))
+        write_json(tmp / "metrics.json", artifacts.metrics)
+        save_image_grid(artifacts.samples, tmp / "samples.png", nrow=8)
+        write_model_card(tmp, **artifacts.card)
+        write_training_state(tmp, artifacts.state)  # last: the SHA-256 of every file above
+
+    write_folder_atomically(folder, fill)
+    return Path(folder)
 
 
 def write_model_card(

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from test_train import FAST, unet_weights  # noqa: E402
 
+import hf_r1ewc.hub as hub  # noqa: E402
 import train_continual_ddpm as script  # noqa: E402
 from hf_r1ewc.integrity import write_checkpoint_digests  # noqa: E402
 from hf_r1ewc.run import checkpoint_dirs  # noqa: E402
@@ -86,7 +87,7 @@ PHASES = {
     "training": (script.ContinualLearner, "training_step", 9),  # mid task 2, after checkpoint-8
     "FID": (script, "evaluate_task", 2),
     "Fisher": (script.ContinualLearner, "consolidate", 2),
-    "folder write": (script, "write_training_state", 2),  # task_02 is half written (.partial)
+    "folder write": (hub, "write_training_state", 2),  # task_02 is half written (.partial)
 }
 
 
@@ -557,7 +558,7 @@ def test_write_error_is_a_message_with_the_way_back(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.EFBIG, "File too large", str(tmp_path / "out" / "task_01.partial" / "metrics.json"))
 
-    monkeypatch.setattr(script, "write_training_state", full)
+    monkeypatch.setattr(hub, "write_training_state", full)
     with pytest.raises(
         SystemExit, match="cannot write .*metrics.json: File too large. Make room .*re-run the same command"
     ):
