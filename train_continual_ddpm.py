@@ -574,6 +574,61 @@ def make_accelerator(args) -> Accelerator:
     return accelerator
 
 
+def make_learner(args, noise_scheduler) -> ContinualLearner:
+    """The method: the EWC penalty (none for --ewc_type none and --joint) and generative distillation."""
+    penalty = EWCPenalty(args.ewc_type, args.ewc_lambda) if args.ewc_type != "none" and not args.joint else None
+    return ContinualLearner(
+        noise_scheduler,
+        penalty,
+        args.ewc_mode,
+        args.distill_weight,
+        not args.no_replay_in_denoise,
+        args.replay_batch_size,
+        args.max_grad_norm,
+    )
+
+
+def make_ema(args, denoiser: ModelMixin) -> EMAModel | None:
+    if not args.use_ema:
+        return None
+    return EMAModel(
+        denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser), model_config=denoiser.config
+    )
+
+
+def prepare_task(args, accelerator, denoiser: ModelMixin, loader) -> tuple:
+    """A fresh optimizer and LR schedule per task (the penalty and the teacher carry what earlier tasks taught),
+    prepared by Accelerate: (model, optimizer, LR schedule or None, loader). A streamed loader is sharded by
+    ``stream_task`` itself, so it does not go through prepare."""
+    optimizer = make_optimizer(args, denoiser)
+    if args.streaming:
+        model, optimizer = accelerator.prepare(denoiser, optimizer)
+    else:
+        model, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
+    return model, optimizer, make_lr_scheduler(args, accelerator, optimizer, len(loader)), loader
+
+
+def start_outputs(args, accelerator, ema: EMAModel | None) -> TaskUploader | None:
+    """The EMA in checkpoints, the trackers of --report_to, and the Hub uploader (main process) of --push_to_hub."""
+    if ema is not None:
+        ema.to(accelerator.device)
+        register_ema(accelerator, ema)
+    if accelerator.is_main_process and args.report_to:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("continual-ddpm", config=config)
+    if args.push_to_hub and accelerator.is_main_process:
+        return TaskUploader(args.hub_model_id, private=args.hub_private or None)
+    return None
+
+
+def full_disk_message(err: OSError, output_dir: Path) -> str:
+    """What a full disk, quota, file-size limit or read-only folder means for the run, and the way back."""
+    return (
+        f"error: cannot write {err.filename or 'to ' + str(output_dir)}: {err.strerror}. Make room "
+        f"(or raise the file-size or quota limit) and re-run the same command: {resume_advice(output_dir)}"
+    )
+
+
 def make_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Adam (the paper), or AdamW when --adam_weight_decay > 0 (diffusers' examples)."""
     kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
@@ -1224,21 +1279,9 @@ def main(argv=None) -> None:
     sampler = sampling_scheduler(args.replay_scheduler, noise_scheduler.config)
     training_tasks = [sorted(c for t in data.tasks for c in t)] if args.joint else data.tasks
     num_tasks = len(training_tasks)
-    penalty = EWCPenalty(args.ewc_type, args.ewc_lambda) if args.ewc_type != "none" and not args.joint else None
-    learner = ContinualLearner(
-        noise_scheduler,
-        penalty,
-        args.ewc_mode,
-        args.distill_weight,
-        not args.no_replay_in_denoise,
-        args.replay_batch_size,
-        args.max_grad_norm,
-    )
-    ema = (
-        EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser), model_config=denoiser.config)
-        if args.use_ema
-        else None
-    )
+    learner = make_learner(args, noise_scheduler)
+    penalty = learner.penalty
+    ema = make_ema(args, denoiser)
     lock = lock_output_dir(accelerator, output_dir)
     with released_on_error(lock):
         run = open_run(args, accelerator, data, denoiser, learner, ema, training_tasks)
@@ -1251,18 +1294,7 @@ def main(argv=None) -> None:
         if lock is not None:
             lock.release()
         return
-    if ema is not None:
-        ema.to(device)
-        register_ema(accelerator, ema)
-    if accelerator.is_main_process and args.report_to:
-        accelerator.init_trackers(
-            "continual-ddpm", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
-    uploader = (
-        TaskUploader(args.hub_model_id, private=args.hub_private or None)
-        if args.push_to_hub and accelerator.is_main_process
-        else None
-    )
+    uploader = start_outputs(args, accelerator, ema)
     denoiser.to(device)
     if penalty is not None:  # the statistics stay on the CPU; the penalty binds one flat copy (FSDP: the local
         penalty.to("cpu")  # shard's slice) to the model's device per task
@@ -1285,13 +1317,7 @@ def main(argv=None) -> None:
             if args.replay == "on" and not args.joint:
                 with phases("replay pool"):
                     start_replay(args, accelerator, learner, denoiser, sampler, old_classes, task_index)
-            # a fresh optimizer and LR schedule per task (the penalty and the teacher carry what earlier tasks taught)
-            optimizer = make_optimizer(args, denoiser)
-            if args.streaming:  # sharded by stream_task itself, so the loader does not go through prepare
-                model, optimizer = accelerator.prepare(denoiser, optimizer)
-            else:
-                model, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
-            lr_scheduler = make_lr_scheduler(args, accelerator, optimizer, len(loader))
+            model, optimizer, lr_scheduler, loader = prepare_task(args, accelerator, denoiser, loader)
             with phases("training"):
                 *curves, stopped = train_task(
                     args, accelerator, learner, model, optimizer, lr_scheduler, loader, run, task_index, num_tasks, ema
@@ -1342,11 +1368,7 @@ def main(argv=None) -> None:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
             raise
-        raise SystemExit(
-            f"error: cannot write {err.filename or 'to ' + str(output_dir)}: {err.strerror}. Make room "
-            f"(or raise the file-size or quota limit) and re-run the same command: "
-            f"{resume_advice(output_dir)}"
-        ) from None
+        raise SystemExit(full_disk_message(err, output_dir)) from None
     finally:  # also when the run ends in an error: the uploads so far are reported, the folder unlocked
         close_uploader(uploader, output_dir)
         if lock is not None:
