@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,6 +68,8 @@ DIT_METHODS = [("GD", None), ("rank-1 + GD", PAPER_LAMBDA), ("decoupled rank-1 +
 LONG_TASKS, LONG_EPOCHS, LONG_LAMBDAS = 10, 47, (10.0, 100.0, 1000.0)
 LONG_SWEPT = ("rank-1 + GD", "diag + GD")
 LONG_LENGTHS = {"1x": 1, "3x": 3}  # 3x: GD and the best rank-1 variant
+# every finished long run leaves its record here (committed), so that seeds run in different sessions pool
+LONG_RECORDS = RESULTS / "long_horizon_runs"
 
 
 def long_folder(name: str, lam: float | None, seed: int, length: str = "1x") -> str:
@@ -377,29 +380,66 @@ def write_dit_table(work: Path, output: Path) -> None:
     print("\n".join(lines))
 
 
-def long_runs(work: Path, best: dict[str, float]) -> dict[str, dict]:
-    """results.json of every finished long-horizon run, labelled "METHOD (LENGTH)", by folder."""
+def long_record_path(name: str, lam: float | None, seed: int, length: str = "1x") -> Path:
+    return LONG_RECORDS / f"{long_folder(name, lam, seed, length)}.json"
+
+
+def long_record(name: str, lam: float | None, seed: int, length: str = "1x") -> dict | None:
+    path = long_record_path(name, lam, seed, length)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_long_record(work: Path, data_dir: str, sc: dict, name: str, lam: float | None, seed: int, length: str):
+    """Keep what the report needs of a finished run in the repository (LONG_RECORDS/FOLDER.json): its results.json,
+    the penalty-gradient ratio of every task, GD's geometry, and the digest of the FID classifier that scored it,
+    so that runs from different sessions and machines pool into one table (the run folder itself is not kept)."""
+    from _common import machine
+
+    from hf_r1ewc.integrity import sha256_file
+
+    out = work / "runs" / long_folder(name, lam, seed, length)
+    if not finished(out, LONG_TASKS):
+        return
+    ratios = {}
+    for k in range(2, LONG_TASKS + 1):
+        metrics = json.loads((out / f"task_{k:02d}" / "metrics.json").read_text())
+        ratios[str(k)] = metrics.get("ewc_grad_ratio_per_epoch", [])
+    record = {
+        "results": json.loads((out / "results.json").read_text()),
+        "ewc_grad_ratio_per_epoch": ratios,
+        "geometry": gd_geometry(out, data_dir, sc, seed) if name == "GD" and length == "1x" else None,
+        "fid_classifier_sha256": sha256_file(work / "fid_classifier" / "model.safetensors"),
+        "machine": machine(),
+    }
+    LONG_RECORDS.mkdir(parents=True, exist_ok=True)
+    path = long_record_path(name, lam, seed, length)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+
+
+def long_runs(best: dict[str, float]) -> dict[str, dict]:
+    """results.json of every recorded long-horizon run, labelled "METHOD (LENGTH)", by record name."""
     methods = [("GD", None), ("decoupled rank-1 + GD", PAPER_LAMBDA)] + [(m, best[m]) for m in LONG_SWEPT if m in best]
     runs = {}
     for length in LONG_LENGTHS:
         for name, lam in methods:
             for seed in PAIRED_SEEDS:
-                out = work / "runs" / long_folder(name, lam, seed, length)
-                if finished(out, LONG_TASKS):
-                    r = json.loads((out / "results.json").read_text())
+                if record := long_record(name, lam, seed, length):
+                    r = record["results"]
                     r["label"] = f"{name}{'' if lam is None else f' λ={lam:g}'} ({length})"
-                    runs[str(out)] = r
+                    runs[long_folder(name, lam, seed, length)] = r
     return runs
 
 
-def long_best(work: Path) -> dict[str, float]:
+def long_best() -> dict[str, float]:
     """Each swept method's lambda with the lowest AFID@10 on SWEEP_SEED (never the reported seeds)."""
     best = {}
     for name in LONG_SWEPT:
         scores = {
-            lam: json.loads((out / "results.json").read_text())["afid"][str(LONG_TASKS)]
+            lam: record["results"]["afid"][str(LONG_TASKS)]
             for lam in LONG_LAMBDAS
-            if finished(out := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)
+            if (record := long_record(name, lam, SWEEP_SEED))
         }
         if len(scores) == len(LONG_LAMBDAS):
             best[name] = min(scores, key=scores.get)
@@ -495,8 +535,8 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
     from hf_r1ewc.plots import plot_afid_curves
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    best = long_best(work)
-    runs = long_runs(work, best)
+    best = long_best()
+    runs = long_runs(best)
     fmt = lambda pair, d=".1f": (
         "—"
         if pair is None
@@ -507,11 +547,7 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
         )
     )
     sweep = {
-        name: {
-            lam: json.loads((o / "results.json").read_text())
-            for lam in LONG_LAMBDAS
-            if finished(o := work / "runs" / long_folder(name, lam, SWEEP_SEED), LONG_TASKS)
-        }
+        name: {lam: r["results"] for lam in LONG_LAMBDAS if (r := long_record(name, lam, SWEEP_SEED))}
         for name in LONG_SWEPT
     }
     lines = [
@@ -546,6 +582,21 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
         },
     }
     if runs:
+        digests = {
+            long_folder(n, lam, sd, ln): r["fid_classifier_sha256"]
+            for n, lam in [("GD", None), ("decoupled rank-1 + GD", PAPER_LAMBDA), *best.items()]
+            for sd in PAIRED_SEEDS
+            for ln in LONG_LENGTHS
+            if (r := long_record(n, lam, sd, ln))
+        }
+        lines.append(
+            "\nEvery run is kept as a record in `long_horizon_runs/` (runs of different sessions pool). FID "
+            + (
+                f"classifier: one for all {len(digests)} runs (sha256 {next(iter(digests.values()))[:12]})."
+                if len(set(digests.values())) == 1
+                else f"classifiers DIFFER between runs, so their FIDs are not comparable: {digests}."
+            )
+        )
         summary = aggregate(runs)
         table["summary"] = summary
         lines += [
@@ -604,13 +655,8 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
             {m: row["afid_at_k"] for m, row in summary.items()}, output.with_name(output.stem + "_afid_at_k.png")
         )
         lines.append(f"\nAFID@k per method with standard-error bands: `{output.stem}_afid_at_k.png`.")
-    gd_runs = [
-        (work / "runs" / long_folder("GD", None, s), s)
-        for s in PAIRED_SEEDS
-        if finished(work / "runs" / long_folder("GD", None, s), LONG_TASKS)
-    ]
-    if gd_runs:
-        geometry = [gd_geometry(out, data_dir, sc, seed) for out, seed in gd_runs]
+    geometry = [r["geometry"] for s in PAIRED_SEEDS if (r := long_record("GD", None, s)) and r["geometry"]]
+    if geometry:
         table["gd_geometry"] = geometry
         ms = lambda xs: fmt(mean_and_standard_error(xs), ".3f")  # noqa: E731
         lines += [
@@ -641,12 +687,10 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
             )
     ratios = {}
     for seed in PAIRED_SEEDS:
-        if "rank-1 + GD" in best:
-            out = work / "runs" / long_folder("rank-1 + GD", best["rank-1 + GD"], seed)
-            for k in range(2, LONG_TASKS + 1):
-                path = out / f"task_{k:02d}" / "metrics.json"
-                if path.exists() and (r := json.loads(path.read_text()).get("ewc_grad_ratio_per_epoch")):
-                    ratios.setdefault(k, []).append((r[0], r[-1]))
+        record = long_record("rank-1 + GD", best["rank-1 + GD"], seed) if "rank-1 + GD" in best else None
+        for k, r in (record or {}).get("ewc_grad_ratio_per_epoch", {}).items():
+            if r:
+                ratios.setdefault(int(k), []).append((r[0], r[-1]))
     if ratios:
         table["penalty_gradient_ratio"] = ratios
         lines += [
@@ -673,7 +717,9 @@ def run_long_horizon(work: Path, data_dir: str, sc: dict, log: Path, jobs: int, 
 
     def run(job):
         name, lam, seed, length = job
-        out = launch(
+        if long_record(*job):
+            return
+        launch(
             name,
             lam,
             seed,
@@ -686,12 +732,12 @@ def run_long_horizon(work: Path, data_dir: str, sc: dict, log: Path, jobs: int, 
             num_tasks=LONG_TASKS,
         )
         with lock:
+            write_long_record(work, data_dir, sc, *job)
             write_long_horizon(work, data_dir, sc, RESULTS / "long_horizon.md")
-        return out
 
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(run, [(m, lam, SWEEP_SEED, "1x") for m in LONG_SWEPT for lam in LONG_LAMBDAS]))
-        best = long_best(work)
+        best = long_best()
         methods = [("GD", None), *((m, best[m]) for m in LONG_SWEPT), ("decoupled rank-1 + GD", PAPER_LAMBDA)]
         list(pool.map(run, [(m, lam, s, "1x") for s in PAIRED_SEEDS for m, lam in methods]))
         longer = [length for length in lengths if length != "1x"]
@@ -755,7 +801,12 @@ def main() -> None:
     (work / "dit_config.json").write_text(json.dumps(DIT_CONFIG))
     log = work / "runs.log"
     size = ["--resolution", "16", "--resize"] if sc["model"] == "config" else ["--resolution", "32"]
+    kept = LONG_RECORDS / "fid_classifier"  # the long horizon's runs pool across sessions: one classifier scores all
+    if args.phase == "long" and kept.exists() and not (work / "fid_classifier").exists():
+        shutil.copytree(kept, work / "fid_classifier")
     train_fid_classifier(work, args.data_dir, size)
+    if args.phase == "long" and not kept.exists():
+        shutil.copytree(work / "fid_classifier", kept)
     sweep = [(m, lam, SWEEP_SEED) for m in SWEPT for lam in LAMBDAS]
     methods, seeds = list(METHODS), SEEDS
     if args.scale == "smoke":  # one sweep point per family and one seed keep the smoke run short
