@@ -80,6 +80,7 @@ from hf_r1ewc.pipeline import (
     sampling_scheduler,
 )
 from hf_r1ewc.progress import PhaseTimer, configure_logging, progress_bar
+from hf_r1ewc.report import write_report
 from hf_r1ewc.run import (
     MANIFEST,
     RunPosition,
@@ -96,6 +97,7 @@ from hf_r1ewc.run import (
 )
 from hf_r1ewc.sharding import full_model_copy
 from hf_r1ewc.stop import EXIT_STOPPED, StopRequest
+from hf_r1ewc.tracking import grid_image, log_images, matrix_images, sample_grid, task_scalars
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -109,6 +111,7 @@ ADDED_SETTINGS = {
     "adam_beta2": 0.999,
     "adam_epsilon": 1e-8,
     "adam_weight_decay": 0.0,
+    "allow_tf32": False,
 }
 
 
@@ -162,6 +165,12 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "--eval_split",
         default="test",
         help="the split that FID and the class list come from (ImageNet 32x32: validation)",
+    )
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="worker processes of the in-memory training loader (0: the main process; the batches are the same)",
     )
 
 
@@ -264,6 +273,12 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
         help="decoupled weight decay (AdamW, as diffusers' examples); 0 = Adam, as the paper",
     )
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, ~30 %% more compute; same results)",
+    )
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs (faster)")
     g.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping (default: none, as the paper)")
     g.add_argument(
         "--mixed_precision",
@@ -359,7 +374,21 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
         help="stop (after checkpointing) once this many optimizer steps ran in this process: for tests and "
         "for splitting long runs",
     )
-    g.add_argument("--report_to", default=None, help="tensorboard, wandb, ... (Accelerate trackers)")
+    g.add_argument(
+        "--report_to",
+        default=None,
+        help="tensorboard (pip install .[tensorboard]), wandb, ... (Accelerate trackers): the losses every step; "
+        "per task the sample grid, the FID and accuracy matrices as heatmaps, fid/task_i, afid@k, forgetting, "
+        "plasticity, acc, bwt and class_kl",
+    )
+    g.add_argument("--logging_dir", default="logs", help="the trackers' folder, inside OUTPUT_DIR")
+    g.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=None,
+        help="with --report_to: every N epochs of a task, a grid of 8 samples per seen class (at most 10 classes) "
+        "from the current weights (the EMA's with --use_ema)",
+    )
     g.add_argument("--push_to_hub", action="store_true", help="push each task folder to main and branch task-XX")
     g.add_argument("--hub_model_id", default=None, help="the Hub model repo, USER/NAME")
     g.add_argument("--hub_private", action="store_true")
@@ -405,9 +434,16 @@ def validate_args(args: argparse.Namespace) -> None:
         "stop_after_steps",
         "resolution",
         "classes_per_task",
+        "validation_epochs",
     ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be >= 1, got {getattr(args, name)} (leave it out for the default)")
+    if args.validation_epochs and not args.report_to:
+        fail("--validation_epochs logs sample grids to the trackers: add --report_to tensorboard (or wandb)")
+    if args.dataloader_num_workers < 0:
+        fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.streaming and args.dataloader_num_workers:
+        fail("--dataloader_num_workers is for the in-memory loader; a streamed task reads through `datasets`")
     if args.ema_decay is not None and not 0 <= args.ema_decay <= 1:
         fail(f"--ema_decay must be a number in [0, 1], got {args.ema_decay}")
     if args.report_to:
@@ -499,6 +535,10 @@ MAY_CHANGE = (
     "hub_private",
     "fid_reference_dir",
     "fisher_batch_size",
+    "logging_dir",
+    "validation_epochs",
+    "gradient_checkpointing",
+    "dataloader_num_workers",
 )
 # the recovery from a diverged run: these may change on resume, and run_manifest.json records each change
 RECOVERY_SETTINGS = ("learning_rate", "max_grad_norm")
@@ -557,10 +597,14 @@ def make_accelerator(args) -> Accelerator:
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
     )
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise SystemExit(
             "error: the EWC penalty works on FSDP2's DTensor shards; set fsdp_version: 2 in the "
@@ -764,6 +808,8 @@ def build_model(args, data: TaskData) -> ModelMixin:
         raise SystemExit(
             f"error: the model takes {model.config.in_channels} channels but the images have {data.num_channels}"
         )
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     return model
 
 
@@ -879,6 +925,8 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
         shuffle=True,
         drop_last=len(labels) > args.train_batch_size,
         generator=torch.Generator().manual_seed(args.seed + task_index),
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
     )
     fisher = fisher_loader(
         images,
@@ -907,6 +955,7 @@ def train_task(
     task_index: int,
     num_tasks: int,
     ema,
+    seen_classes: list[int],
 ) -> tuple[list[float], list[float], list[float], str | None]:
     """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, ||grad lambda*EWC|| /
     ||grad of the rest of the loss|| at each epoch's first optimizer step (empty without a penalty), why it stopped
@@ -990,6 +1039,8 @@ def train_task(
                 progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
                 accelerator.log({**logs, "task": task_index}, step=run.global_step)
                 end_of_epoch = step_in_epoch == len(loader)
+                if end_of_epoch and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
+                    log_validation_grid(args, accelerator, learner, model, ema, seen_classes, run.global_step)
                 position = RunPosition(
                     task_index,
                     epoch + end_of_epoch,
@@ -1022,6 +1073,19 @@ def train_task(
                 denoise_curve.append(sum(denoise) / len(denoise))
     progress.close()
     return loss_curve, denoise_curve, ratio_curve, None
+
+
+def log_validation_grid(
+    args, accelerator, learner, model, ema: EMAModel | None, classes: list[int], step: int
+) -> None:
+    """--validation_epochs: 8 samples of each of (at most GRID_MAX_CLASSES of) ``classes`` from the current weights
+    (the EMA's with --use_ema) to the trackers, as diffusers' examples log their validation images. Every process
+    samples (a sharded model's forward needs all of them); the main process logs."""
+    scheduler = sampling_scheduler(args.replay_scheduler, learner.noise_scheduler.config)
+    grid = sample_grid(
+        accelerator.unwrap_model(model), scheduler, evenly_chosen(classes), args.num_inference_steps, args.seed, ema
+    )
+    log_images(accelerator, {"validation": grid}, step)
 
 
 def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_tasks: list, task_index: int):
@@ -1221,6 +1285,8 @@ def write_task_folder(
         accuracy=metrics["accuracy"],
         sampling=f"{args.replay_scheduler}, {args.num_inference_steps} steps, {sampling['precision']}",
         hub_model_id=args.hub_model_id,
+        transfer=accuracy_summary(run.accuracy),
+        class_kl=run.class_kl.get(task_index),
     )
 
     folder = write_task_artifacts(
@@ -1257,6 +1323,11 @@ def write_task_folder(
         results["final_accuracy_per_class"] = metrics["accuracy_per_class"]
     write_json(output_dir / "results.json", results)
     logger.info("wrote %s", folder)
+    if accelerator.trackers:
+        scalars = task_scalars(run.matrix, run.accuracy, run.class_kl, task_index)
+        accelerator.log({**scalars, "task": task_index}, step=run.global_step)
+        images = {"samples": grid_image(grid), **matrix_images(run.matrix, run.accuracy)}
+        log_images(accelerator, images, run.global_step)
     return folder
 
 
@@ -1320,7 +1391,18 @@ def main(argv=None) -> None:
             model, optimizer, lr_scheduler, loader = prepare_task(args, accelerator, denoiser, loader)
             with phases("training"):
                 *curves, stopped = train_task(
-                    args, accelerator, learner, model, optimizer, lr_scheduler, loader, run, task_index, num_tasks, ema
+                    args,
+                    accelerator,
+                    learner,
+                    model,
+                    optimizer,
+                    lr_scheduler,
+                    loader,
+                    run,
+                    task_index,
+                    num_tasks,
+                    ema,
+                    sorted({*old_classes, *classes}),
                 )
             if stopped:
                 logger.info(
@@ -1398,7 +1480,7 @@ def close_uploader(uploader: TaskUploader | None, output_dir: Path) -> None:
 
 def finish_run(args, data: TaskData, run: RunState) -> None:
     """The picture and the numbers of a finished run: OUTPUT_DIR/samples_by_task.png (rows: classes, at most 10,
-    chosen evenly; columns: the model after each task) and the summary table."""
+    chosen evenly; columns: the model after each task), the summary table and OUTPUT_DIR/report.html."""
     output_dir = Path(args.output_dir)
     rows = evenly_chosen(sorted({c for t in data.tasks for c in t}))
     sample_grid_across_tasks(output_dir, rows, output_dir / "samples_by_task.png", args.num_inference_steps, args.seed)
@@ -1409,6 +1491,7 @@ def finish_run(args, data: TaskData, run: RunState) -> None:
         f"classes x tasks: {output_dir / 'samples_by_task.png'}"
     )
     print(f"Results (FID matrix, AFID@k, forgetting, plasticity, sample accuracy): {output_dir / 'results.json'}")
+    print(f"Everything on one page: {write_report([output_dir], output_dir / 'report.html')}")
 
 
 if __name__ == "__main__":

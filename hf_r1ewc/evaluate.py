@@ -3,6 +3,7 @@
     python -m hf_r1ewc.evaluate --run_dir runs/a runs/b ... [--complete] [--output_dir DIR]
     python -m hf_r1ewc.evaluate --hub_repo USER/NAME [--revisions task-01,...,task-05]
     python -m hf_r1ewc.evaluate train-classifier --dataset_name DATA --output_dir DIR
+    python -m hf_r1ewc.evaluate report RUN_DIR [RUN_DIR ...] [--output report.html] [--paired_against METHOD]
 
 The first form reads each run's ``results.json`` (completing missing FID_i(m_k) entries from the task folders with
 ``--complete``, e.g. every i instead of i <= k with ``--all_tasks``, into ``results_completed.json`` beside it: the
@@ -11,6 +12,7 @@ finished runs by method (unfinished ones are refused, or with ``--include_unfini
 AFID@T, forgetting F, plasticity P, ACC and BWT as mean +- standard error over runs (seeds) to ``summary.md``,
 ``summary.csv`` and ``summary.json``, plus the AFID@k plot, per-run FID curves and a class x task sample grid. ``--paired_against
 METHOD`` adds seed-by-seed differences of every method against METHOD with paired tests (``paired.json``).
+``report`` writes one self-contained HTML page of the runs (``hf_r1ewc.report``).
 """
 
 from __future__ import annotations
@@ -380,6 +382,24 @@ def sample_grid_across_tasks(run_dir: Path, classes: list[int], path: Path, step
     save_labeled_grid(grid, path, [f"class {c}" for c in classes], names, title="the model after each task")
 
 
+def report_main(argv: list[str]) -> None:
+    """``python -m hf_r1ewc.evaluate report``: one self-contained report.html of one or several runs."""
+    from .report import write_report
+
+    p = argparse.ArgumentParser(prog="python -m hf_r1ewc.evaluate report", description=report_main.__doc__)
+    p.add_argument("run_dirs", nargs="+", help="run output folders (each with results.json)")
+    p.add_argument(
+        "--output", default=None, help="default: RUN_DIR/report.html for one run, ./report.html for several"
+    )
+    p.add_argument("--paired_against", default=None, metavar="METHOD", help="add per-seed differences against METHOD")
+    args = p.parse_args(argv)
+    output = args.output or (Path(args.run_dirs[0]) / "report.html" if len(args.run_dirs) == 1 else "report.html")
+    try:
+        print(f"wrote {write_report(args.run_dirs, output, args.paired_against)}")
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m hf_r1ewc.evaluate``: aggregate runs (see the module docstring)."""
     import sys
@@ -387,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train-classifier":
         return train_classifier_main(argv[1:])
+    if argv and argv[0] == "report":
+        return report_main(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m hf_r1ewc.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -120,9 +120,23 @@ def fp32_forward(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def without_gradient_checkpointing(unet: nn.Module) -> Iterator[None]:
+    """Within the block a diffusers model runs without activation checkpointing (``torch.func``'s transforms do not
+    support its saved-tensor hooks); restored after. The gradients are the same either way."""
+    checkpointed = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    for module in checkpointed:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in checkpointed:
+            module.gradient_checkpointing = True
+
+
+@contextlib.contextmanager
 def forward_ad_safe(unet: nn.Module) -> Iterator[None]:
     """Within the block the UNet supports forward-mode AD and vmap: plain attention, contiguous GroupNorm inputs,
-    float32 (``fp32_forward``)."""
+    float32 (``fp32_forward``), no activation checkpointing."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     attention = [m for m in unet.modules() if isinstance(m, Attention)]
@@ -135,7 +149,7 @@ def forward_ad_safe(unet: nn.Module) -> Iterator[None]:
         if isinstance(module, nn.GroupNorm)
     ]
     try:
-        with fp32_forward(unet):
+        with fp32_forward(unet), without_gradient_checkpointing(unet):
             yield
     finally:
         for hook in hooks:
@@ -384,7 +398,7 @@ def estimate_fisher(
     was_training = unet.training
     unet.eval()
     try:
-        with fp32_forward(unet):
+        with fp32_forward(unet), without_gradient_checkpointing(unet):
             first = FisherSums()
             labels_first = []
             for x_t, t, y, eps in batches("Fisher pass 1/2 (mean gradient)"):

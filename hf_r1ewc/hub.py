@@ -190,11 +190,14 @@ def write_model_card(
     sampling: str = "DDIM, 50 steps, fp32",
     accuracy: dict[int, float] | None = None,
     hub_model_id: str | None = None,
+    transfer: dict | None = None,
+    class_kl: float | None = None,
 ) -> None:
     """``README.md`` from ``model_cards/task_card.md`` through ``ModelCard.from_template`` with ``eval_results``.
 
     ``fid_num_samples``: generated images per task i (or one number for all); ``sampling``: the sampler, steps and
-    precision the FID samples used; ``accuracy``: ACC_i of this model per task i (classifier backend)."""
+    precision the FID samples used; ``accuracy``: ACC_i of this model per task i (classifier backend); ``transfer``:
+    ``metrics.accuracy_summary`` (ACC, BWT) over the tasks so far; ``class_kl``: this model's class-distribution KL."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     row = matrix.get(task_index, {})
@@ -271,6 +274,9 @@ def write_model_card(
         afid=afid,
         forgetting=summary.get("forgetting"),
         plasticity=summary.get("plasticity"),
+        acc=(transfer or {}).get("acc"),
+        bwt=(transfer or {}).get("bwt"),
+        class_kl=class_kl,
         hyperparameters=hyperparameters,
         command=command,
         load_target=load_target,

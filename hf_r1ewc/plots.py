@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -115,8 +117,13 @@ def plot_task_fid_curves(matrix: dict[int, dict[int, float]], path: str | os.Pat
     plt.close(fig)
 
 
-def plot_loss_curves(curves: dict[str, dict[int, list[float]]], path: str | os.PathLike) -> None:
-    """Per-epoch training loss of every task, one panel per run: ``curves[run][task] = [loss at epoch 1, ...]``."""
+def plot_loss_curves(
+    curves: dict[str, dict[int, list[float]]],
+    path: str | os.PathLike | io.BytesIO,
+    y_label: str = "denoising loss (epoch mean)",
+) -> None:
+    """A per-epoch quantity of every task (log scale), one panel per run: ``curves[run][task] = [value at epoch 1,
+    ...]``; by default the training loss."""
     plt = _pyplot()
     cols = min(3, len(curves))
     rows = math.ceil(len(curves) / cols)
@@ -129,7 +136,7 @@ def plot_loss_curves(curves: dict[str, dict[int, list[float]]], path: str | os.P
         ax.set_xlabel("epoch", fontsize=7)
     for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
-    axes[0][0].set_ylabel("denoising loss (epoch mean)")
+    axes[0][0].set_ylabel(y_label)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -168,3 +175,35 @@ def plot_against(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_task_matrix(
+    matrix: Mapping[int, Mapping[int, float]], path: str | os.PathLike | io.BytesIO, title: str, percent: bool = False
+) -> None:
+    """A heatmap of ``matrix[k][i]`` (row k: the model after task k; column i: task i), each value written in its
+    cell (as a percentage with ``percent``); missing entries stay blank."""
+    plt = _pyplot()
+    rows = sorted(matrix)
+    columns = sorted({i for row in matrix.values() for i in row})
+    values = np.array([[matrix[k].get(i, np.nan) for i in columns] for k in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(columns), 1.0 + 0.4 * len(rows)))
+    shown = ax.imshow(values, cmap="viridis" if percent else "viridis_r", aspect="auto")
+    for r, c in np.argwhere(~np.isnan(values)):
+        text = f"{100 * values[r, c]:.0f}" if percent else f"{values[r, c]:.1f}"
+        light = np.mean(shown.cmap(shown.norm(values[r, c]))[:3]) > 0.5
+        ax.text(c, r, text, ha="center", va="center", fontsize=6, color="black" if light else "white")
+    ax.set_xticks(range(len(columns)), [str(i) for i in columns], fontsize=7)
+    ax.set_yticks(range(len(rows)), [str(k) for k in rows], fontsize=7)
+    ax.set_xlabel("task i", fontsize=8)
+    ax.set_ylabel("model after task k", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def png_rgb(png: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 ``[H, W, 3]`` (the form trackers take images in)."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

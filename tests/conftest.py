@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,97 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# ---------------------------------------------------------------------- the training script, launched
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "train_continual_ddpm.py")
+FAST = [
+    "--dataset_name",
+    "digits",
+    "--preset",
+    "demo",
+    "--tasks",
+    "0,1;2,3",
+    "--num_epochs_per_task",
+    "2",
+    "--train_batch_size",
+    "32",
+    "--replay_per_class",
+    "16",
+    "--num_inference_steps",
+    "4",
+    "--fisher_num_samples",
+    "64",
+    "--max_train_per_class",
+    "48",
+    "--checkpointing_steps",
+    "1000",
+]
+
+
+def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """One process: `accelerate launch --cpu`. Several: torchrun with ACCELERATE_USE_CPU=true, because
+    `accelerate launch --cpu --num_processes N` starts ONE process on a machine without GPUs (its simple launcher
+    spreads CPU processes only through mpirun); the Accelerator then runs MULTI_CPU over gloo."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    if num_processes == 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            SCRIPT,
+            *args,
+        ]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(num_processes),
+            SCRIPT,
+            *args,
+        ]
+        env["ACCELERATE_USE_CPU"] = "true"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def two_task_run(tmp_path_factory):
+    """A finished two-task rank-1 run of the script, with TensorBoard and a validation grid every epoch."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    flags = [
+        "--ewc_type",
+        "rank1",
+        "--fid_num_samples",
+        "40",
+        "--report_to",
+        "tensorboard",
+        "--validation_epochs",
+        "1",
+    ]
+    launch([*FAST, "--output_dir", str(out), *flags])
+    return out

@@ -339,3 +339,24 @@ def test_the_first_non_finite_term_in_the_loss_order_is_named():
         learner.loss(model, images * float("nan"), labels, torch.Generator().manual_seed(0))
     assert err.value.term == "denoise"
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("make", ["unet", "dit"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make):
+    """--gradient_checkpointing trades compute for memory only: the learner's loss and every gradient agree."""
+    from conftest import make_tiny_dit
+
+    images, labels = _batches(8)
+    learner = ContinualLearner(SCHEDULER, None)
+    results = []
+    for checkpointed in (False, True):
+        model = (make_tiny_unet() if make == "unet" else make_tiny_dit()).train()
+        if checkpointed:
+            model.enable_gradient_checkpointing()
+        loss = learner.loss(model, images, labels, torch.Generator().manual_seed(3))["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain_loss, plain), (loss, grads) = results
+    assert torch.equal(loss, plain_loss)
+    for name, g in plain.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)

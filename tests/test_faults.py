@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from test_train import FAST, unet_weights  # noqa: E402
+from conftest import FAST, unet_weights  # noqa: E402
 
 import hf_r1ewc.hub as hub  # noqa: E402
 import train_continual_ddpm as script  # noqa: E402

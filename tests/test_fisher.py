@@ -217,3 +217,34 @@ def test_load_rejects_other_model_and_corrupt_file(tiny_unet, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_fisher(str(tmp_path / "junk.safetensors"))
+
+
+@pytest.mark.parametrize("make", ["unet", "dit"])
+def test_fisher_of_a_gradient_checkpointed_model_equals_the_plain_one(make):
+    """--gradient_checkpointing leaves the model checkpointed when the task ends; torch.func refuses checkpointing's
+    saved-tensor hooks, so the Fisher runs without it, and gives the same statistics. It is switched back on."""
+    from conftest import make_tiny_dit
+
+    from hf_r1ewc.continual import fisher_loader
+    from hf_r1ewc.fisher import without_gradient_checkpointing
+
+    model = (make_tiny_unet() if make == "unet" else make_tiny_dit()).eval()
+    x_t, _, y, _ = _inputs(n=12)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def fisher():
+        loader = fisher_loader(x_t, y, 12, 6, 0)
+        generator = torch.Generator().manual_seed(0)
+        return estimate_fisher(model, scheduler, loader, generator=generator, show_progress=False)
+
+    plain = fisher()
+    model.enable_gradient_checkpointing()
+    checkpointed = fisher()
+    assert model.is_gradient_checkpointing
+    assert checkpointed.c_star == plain.c_star
+    for name in plain.mu:
+        assert torch.equal(checkpointed.mu[name], plain.mu[name])
+        assert torch.equal(checkpointed.diag[name], plain.diag[name])
+    with without_gradient_checkpointing(model):
+        assert not model.is_gradient_checkpointing
+    assert model.is_gradient_checkpointing

@@ -11,87 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = str(ROOT / "train_continual_ddpm.py")
-FAST = [
-    "--dataset_name",
-    "digits",
-    "--preset",
-    "demo",
-    "--tasks",
-    "0,1;2,3",
-    "--num_epochs_per_task",
-    "2",
-    "--train_batch_size",
-    "32",
-    "--replay_per_class",
-    "16",
-    "--num_inference_steps",
-    "4",
-    "--fisher_num_samples",
-    "64",
-    "--max_train_per_class",
-    "48",
-    "--checkpointing_steps",
-    "1000",
-]
-
-
-def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """One process: `accelerate launch --cpu`. Several: torchrun with ACCELERATE_USE_CPU=true, because
-    `accelerate launch --cpu --num_processes N` starts ONE process on a machine without GPUs (its simple launcher
-    spreads CPU processes only through mpirun); the Accelerator then runs MULTI_CPU over gloo."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    if num_processes == 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--cpu",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            SCRIPT,
-            *args,
-        ]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(num_processes),
-            SCRIPT,
-            *args,
-        ]
-        env["ACCELERATE_USE_CPU"] = "true"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-        )
-    return proc
-
-
-def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def two_task_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    launch([*FAST, "--output_dir", str(out), "--ewc_type", "rank1", "--fid_num_samples", "40"])
-    return out
+from conftest import FAST, ROOT, SCRIPT, launch, unet_weights
 
 
 def test_layout_fisher_pipeline_and_results(two_task_run):
@@ -143,6 +63,8 @@ def test_layout_fisher_pipeline_and_results(two_task_run):
     assert penalty_state["seen_classes"] == [0, 1, 2, 3]
     card = (two_task_run / "task_02" / "README.md").read_text()
     assert "library_name: diffusers" in card and "AFID@2" in card and "sample accuracy task 1" in card
+    assert f"ACC = {100 * results['acc']:.1f} %" in card and f"BWT = {100 * results['bwt']:+.1f} points" in card
+    assert f"class KL = {results['class_kl']['2']:.3f} nats" in card
     assert set(results["final_accuracy_per_class"]) == {"0", "1", "2", "3"}
     assert (two_task_run / "samples_by_task.png").stat().st_size > 500  # classes x tasks
 
@@ -704,6 +626,8 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
         (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0"),
         (["--distill_weight", "nan"], "--distill_weight must be a finite number >= 0"),
         (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number > 0"),
+        (["--validation_epochs", "1"], "--validation_epochs logs sample grids to the trackers: add --report_to"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
     ],
 )
 def test_flags_rejected_before_any_work(flags, message, capsys):
@@ -746,3 +670,47 @@ def test_dit_backbone_run_resume_and_folder(tmp_path):
         for run in ("whole", "cut")
     )
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_trackers_get_grids_heatmaps_and_the_metric_scalars(two_task_run):
+    """--report_to tensorboard --validation_epochs 1: TensorBoard's own reader finds the per-task grid and heatmaps,
+    a validation grid after every epoch, the step losses and the per-task metrics at each task's last step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(two_task_run / "logs" / "continual-ddpm"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"samples", "fid_matrix", "accuracy_matrix", "validation"} <= set(tags["images"])
+    results = json.loads((two_task_run / "results.json").read_text())
+    ends = [e.step for e in events.Images("samples")]
+    assert len(ends) == 2 and len(events.Images("validation")) == 4  # 2 tasks x 2 epochs
+    assert [e.step for e in events.Scalars("afid@k")] == ends
+    assert [e.value for e in events.Scalars("afid@k")] == pytest.approx([results["afid"]["1"], results["afid"]["2"]])
+    assert events.Scalars("fid/task_1")[-1].value == pytest.approx(results["fid"]["2"]["1"])
+    assert events.Scalars("forgetting")[-1].value == pytest.approx(results["forgetting"])
+    assert events.Scalars("acc")[-1].value == pytest.approx(results["acc"])
+    assert events.Scalars("bwt")[-1].value == pytest.approx(results["bwt"])
+    assert len(events.Scalars("loss")) == ends[-1]  # every optimizer step
+
+
+def test_gradient_checkpointing_and_loader_workers_change_no_result(tmp_path):
+    """Memory and loading flags are not in the manifest because they change nothing: the same weights after a
+    task with activation checkpointing and two loader workers as without (the Fisher too, computed without it)."""
+    from safetensors.torch import load_file
+
+    one_task = [*FAST, "--tasks", "0,1", "--fid_backend", "none", "--ewc_type", "rank1"]
+    launch([*one_task, "--output_dir", str(tmp_path / "plain")])
+    launch(
+        [
+            *one_task,
+            "--output_dir",
+            str(tmp_path / "lean"),
+            "--gradient_checkpointing",
+            "--dataloader_num_workers",
+            "2",
+        ]
+    )
+    plain, lean = (unet_weights(tmp_path / run / "task_01") for run in ("plain", "lean"))
+    assert max(float((plain[k] - lean[k]).abs().max()) for k in plain) <= 1e-5
+    fisher = [load_file(str(tmp_path / run / "task_01" / "fisher.safetensors")) for run in ("plain", "lean")]
+    assert max(float((fisher[0][k] - fisher[1][k]).abs().max()) for k in fisher[0]) <= 1e-5
