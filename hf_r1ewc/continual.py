@@ -15,23 +15,31 @@ optimizer step that really happened (not on accumulation micro-steps, not when f
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import extract_model_from_parallel
-from diffusers import SchedulerMixin
+from diffusers import ModelMixin, SchedulerMixin
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .distill import ReplayPool, continual_loss, frozen_teacher, online_replay_batch
 from .fisher import FisherStatistics, estimate_fisher, subset_indices
+from .hub import task_folder_name
 from .penalty import EWCPenalty
-from .sharding import local_tensor
+from .pipeline import ClassConditionalPipeline
+from .run import resume_advice
+from .sharding import full_model_copy, local_tensor
 
 
+logger = get_logger(__name__, log_level="INFO")
 EWC_MODES = ("loss", "decoupled")
 
 
@@ -319,3 +327,102 @@ def fisher_loader(
     chosen = subset_indices(images.shape[0], num_samples, seed)[rank::world_size]
     dataset = torch.utils.data.TensorDataset(images[chosen], labels[chosen], chosen)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+def make_learner(args, noise_scheduler) -> ContinualLearner:
+    """The method: the EWC penalty (none for --ewc_type none and --joint) and generative distillation."""
+    penalty = EWCPenalty(args.ewc_type, args.ewc_lambda) if args.ewc_type != "none" and not args.joint else None
+    return ContinualLearner(
+        noise_scheduler,
+        penalty,
+        args.ewc_mode,
+        args.distill_weight,
+        not args.no_replay_in_denoise,
+        args.replay_batch_size,
+        args.max_grad_norm,
+    )
+
+
+def make_ema(args, denoiser: ModelMixin) -> EMAModel | None:
+    if not args.use_ema:
+        return None
+    return EMAModel(
+        denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser), model_config=denoiser.config
+    )
+
+
+def make_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam (the paper), or AdamW when --adam_weight_decay > 0 (diffusers' examples)."""
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    if args.adam_weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), weight_decay=args.adam_weight_decay, **kwargs)
+    return torch.optim.Adam(model.parameters(), **kwargs)
+
+
+def make_lr_scheduler(args, accelerator, optimizer, batches_per_epoch: int):
+    """This task's LR schedule over its optimizer steps, prepared by Accelerate (so it is checkpointed), or None for
+    a constant rate without warm-up (checkpoints then hold no scheduler, as before the flag existed). Accelerate
+    steps a prepared schedule once per process for each optimizer step, hence the factor (as diffusers' examples)."""
+    if args.lr_scheduler == "constant" and args.lr_warmup_steps == 0:
+        return None
+    steps = math.ceil(batches_per_epoch / args.gradient_accumulation_steps) * args.num_epochs_per_task
+    schedule = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=steps * accelerator.num_processes,
+    )
+    return accelerator.prepare(schedule)
+
+
+def start_replay(args, accelerator, learner: ContinualLearner, denoiser, sampler, old_classes, task_index: int):
+    """The task's teacher (whole weights, gathered once under FSDP) and its replay pool of the old classes, written
+    in shares by every process into OUTPUT_DIR/replay/task_XX (or online replay)."""
+    learner.start_task(
+        full_model_copy(denoiser),
+        sampler,
+        old_classes,
+        per_class=args.replay_per_class,
+        directory=Path(args.output_dir) / "replay" / task_folder_name(task_index),
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed * 100 + task_index,
+        online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+        show_progress=accelerator.is_local_main_process,
+    )
+
+
+def theta_star(accelerator, model, ema: EMAModel | None, sampler) -> tuple:
+    """The end of a task's training: (the fp32 model to continue from (the EMA weights with --use_ema), its whole
+    weights (gathered once under FSDP, else itself), the pipeline to save, a frozen copy to sample from)."""
+    denoiser = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast wrapper: fp32 from here
+    accelerator.free_memory()
+    if ema is not None:
+        ema.copy_to(denoiser.parameters())
+    denoiser.eval()
+    trained = full_model_copy(denoiser)
+    return denoiser, trained, ClassConditionalPipeline.for_model(trained, sampler), frozen_teacher(trained)
+
+
+def consolidate_task(args, accelerator, learner: ContinualLearner, trained, fisher_batches, task_index: int):
+    """The finished task's Fisher at theta*_k -> a new penalty term (None without EWC); the statistics go back to
+    the CPU between tasks."""
+    streamed_share = -(-args.fisher_num_samples // accelerator.num_processes) if args.fisher_num_samples else None
+    try:
+        stats = learner.consolidate(
+            trained,
+            fisher_batches,
+            seed=args.seed + task_index,
+            reduce_sum=lambda t: accelerator.reduce(t, "sum"),
+            num_samples=streamed_share if args.streaming else None,
+            show_progress=accelerator.is_local_main_process,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: task {task_index}: {err}. {resume_advice(Path(args.output_dir))}") from None
+    if learner.penalty is not None:
+        learner.penalty.to("cpu")
+        mu = f"c* = {stats.c_star:.4g}, ||mu|| = {stats.mu_norm():.4g}" if stats.mu else "diagonal"
+        logger.info("Fisher after task %d: %s, N = %d", task_index, mu, stats.num_samples)
+    return stats

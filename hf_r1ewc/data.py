@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -520,3 +521,148 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@dataclass
+class TaskData:
+    """The data of a run: the eval split in memory, the training split in memory (None when streaming), tasks."""
+
+    source: str
+    test: object
+    train: object | None
+    train_inputs: torch.Tensor | None
+    test_inputs: torch.Tensor
+    resolution: int
+    num_channels: int
+    num_classes: int
+    tasks: list[list[int]]
+
+
+def load_task_data(args) -> TaskData:
+    """Read and check the data and tasks; every data error stops here, before any model is built."""
+    source = args.dataset_name or args.train_data_dir
+    try:
+        test = load_labeled_images(source, args.eval_split, args.image_column, args.label_column)
+        train = None if args.streaming else load_labeled_images(source, "train", args.image_column, args.label_column)
+        if args.max_train_per_class:
+            train = train.head_per_class(args.max_train_per_class)
+        known = test if args.streaming else train  # streamed: the eval split names the classes and the image shape
+        resolution = args.resolution or default_resolution(known.image_size)
+        count = len(test) + (len(train) if train is not None else 0)
+        held = count * known.num_channels * resolution**2 * 4
+        if held > memory_bytes():
+            raise ValueError(
+                f"--resolution {resolution}: the {count} images in memory as "
+                f"float32 need {held / 2**30:.3g} GiB, more than this machine's "
+                f"{memory_bytes() / 2**30:.3g} GiB; lower --resolution (or use --streaming)"
+            )
+        num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
+        tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, known.classes)
+        data = TaskData(
+            source,
+            test,
+            train,
+            None if train is None else images_to_model_input(train.images, resolution, args.resize),
+            images_to_model_input(test.images, resolution, args.resize),
+            resolution,
+            known.num_channels,
+            num_classes,
+            tasks,
+        )
+    except ValueError as err:  # DataError: stop before any training
+        raise SystemExit(f"error: {err}") from None
+    missing = [c for t in data.tasks for c in t if c not in test.classes]
+    if missing and args.fid_backend != "none":
+        raise SystemExit(
+            f"error: the test split has no images of classes {missing}: FID needs them (or pass --fid_backend none)"
+        )
+    return data
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_budgets(args, data: TaskData) -> None:
+    """Refuse, before any training, a replay pool that cannot fit: it is written to OUTPUT_DIR (float16 images,
+    int64 labels) and then held whole in memory, once for the largest set of old classes (before the last task)."""
+    if args.replay != "on" or args.replay_mode != "pool" or args.joint or len(data.tasks) < 2:
+        return
+    old_classes = sum(len(t) for t in data.tasks[:-1])
+    pool = args.replay_per_class * old_classes * (2 * data.num_channels * data.resolution**2 + 8)
+    free = shutil.disk_usage(
+        next(p for p in (Path(args.output_dir), *Path(args.output_dir).resolve().parents) if p.exists())
+    ).free
+    for where, limit in (("free disk space in --output_dir", free), ("this machine's memory", memory_bytes())):
+        if pool > limit:
+            raise SystemExit(
+                f"error: --replay_per_class {args.replay_per_class}: the replay pool before the last "
+                f"task ({old_classes} classes x {args.replay_per_class} images at {data.resolution}x"
+                f"{data.resolution}) needs {pool / 2**30:.3g} GiB, more than the {limit / 2**30:.3g} GiB "
+                f"of {where}; lower --replay_per_class (the paper: 5000, ImageNet 1300)"
+            )
+
+
+def task_loader(args, accelerator, data: TaskData, classes: list[int], task_index: int):
+    """(training loader, number of training images, Fisher loader) of one task."""
+    from .continual import fisher_loader  # continual builds on this module
+
+    if args.streaming:
+
+        def streamed(shuffle: bool, seed: int = 0):
+            return stream_task(
+                data.source,
+                "train",
+                classes,
+                resolution=data.resolution,
+                num_channels=data.num_channels,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                resize=args.resize,
+                shuffle=shuffle,
+                seed=seed,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+            )
+
+        num_examples = count_task_examples(data.source, "train", classes, args.label_column)
+        num_batches = num_examples // (args.train_batch_size * accelerator.num_processes)
+        if num_batches == 0:
+            raise SystemExit(
+                f"error: task {task_index} has {num_examples} training images, fewer than one batch "
+                f"of {args.train_batch_size} per process; lower --train_batch_size"
+            )
+        loader = StreamedTaskLoader(
+            streamed(True, args.seed + task_index), args.train_batch_size, num_batches, accelerator.device
+        )
+        fisher = StreamedTaskLoader(
+            streamed(False),
+            args.fisher_batch_size,
+            None,
+            accelerator.device,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        return loader, num_examples, fisher
+    mask = torch.isin(data.train.labels, torch.tensor(classes))
+    images, labels = data.train_inputs[mask], data.train.labels[mask]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, labels),
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(labels) > args.train_batch_size,
+        generator=torch.Generator().manual_seed(args.seed + task_index),
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    fisher = fisher_loader(
+        images,
+        labels,
+        args.fisher_num_samples,
+        args.fisher_batch_size,
+        args.seed + task_index,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    return loader, len(labels), fisher

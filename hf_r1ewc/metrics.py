@@ -23,13 +23,30 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import torch
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
 
-from .features import FeatureExtractor, FeatureStatistics, fid_from_statistics, real_statistics, reference_cache_path
-from .pipeline import precision_name, sample
+from .features import (
+    FeatureExtractor,
+    FeatureStatistics,
+    fid_from_statistics,
+    load_feature_extractor,
+    real_statistics,
+    reference_cache_path,
+    train_classifier,
+)
+from .pipeline import default_autocast_dtype, precision_name, sample
 from .progress import progress_bar
+
+
+if TYPE_CHECKING:
+    from .data import TaskData
+    from .run import RunState
+logger = get_logger(__name__, log_level="INFO")
 
 
 FID_CHUNK = 500  # generated images per sampling call: the unit of seeding and of sharing among processes
@@ -276,3 +293,76 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
+    """The FID scorer of every task (the main process trains the feature classifier once, if needed)."""
+    if args.fid_backend == "none":
+        return None
+    output_dir = Path(args.output_dir)
+    classifier_dir = args.fid_classifier or str(output_dir / "fid_classifier")
+    if args.fid_backend == "classifier" and not (Path(classifier_dir) / "model.safetensors").exists():
+        if accelerator.is_main_process:
+            logger.info("training the FID feature classifier on the training split -> %s", classifier_dir)
+            feature_dim = 64 if min(len(data.test.subset(t)) for t in data.tasks) > 64 else 32
+            classifier = train_classifier(
+                data.train_inputs,
+                data.train.labels,
+                data.num_classes,
+                feature_dim=feature_dim,
+                epochs=2 if len(data.train) > 20_000 else 20,
+                seed=args.seed,
+                show_progress=accelerator.is_local_main_process,
+            )
+            classifier.save_pretrained(classifier_dir)
+        accelerator.wait_for_everyone()
+    extractor = load_feature_extractor(
+        args.fid_backend, classifier_path=classifier_dir, fid_weights=args.fid_weights, dinov2_model=args.dinov2_model
+    ).to(device)
+    return TaskFID(
+        extractor,
+        data.test_inputs,
+        data.test.labels,
+        data.tasks,
+        num_samples=args.fid_num_samples,
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+        autocast_dtype=default_autocast_dtype(device),
+        cache_dir=args.fid_reference_dir or output_dir / "fid_reference",
+    )
+
+
+def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_tasks: list, task_index: int):
+    """FID_i(m_k) (and sample accuracy) for every task i in ``eval_tasks``, the sampling shared by all processes."""
+    scores = {}
+    if evaluator is None:
+        return scores
+    for i in range(1, len(eval_tasks) + 1):
+        scores[i] = evaluator(
+            model,
+            sampler,
+            i,
+            accelerator.process_index,
+            accelerator.num_processes,
+            gather_object if accelerator.num_processes > 1 else None,
+            show_progress=accelerator.is_local_main_process,
+        )
+        accuracy = f", accuracy {100 * scores[i].accuracy:.1f} %" if scores[i].accuracy is not None else ""
+        logger.info(
+            "FID_%d(m_%d) = %.3f (%s, N=%d)%s",
+            i,
+            task_index,
+            scores[i].fid,
+            evaluator.extractor.name,
+            scores[i].num_samples,
+            accuracy,
+        )
+    return scores
+
+
+def record_scores(run: RunState, scores: dict, task_index: int) -> None:
+    """Row k of the FID and accuracy matrices, and the class-distribution KL of m_k."""
+    run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
+    run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
+    if (kl := class_distribution_kl(scores.values())) is not None:
+        run.class_kl[task_index] = kl

@@ -16,8 +16,16 @@ script builds the two kinds named in ``MODEL_CLASSES``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from diffusers import DDPMScheduler, DiTTransformer2DModel, ModelMixin, UNet2DModel
+
+from .data import parse_tasks
+from .pipeline import num_classes_of
+
+
+if TYPE_CHECKING:
+    from .data import TaskData
 
 
 # the denoisers the training script builds, by config ``_class_name``, and the pipeline folder each is saved in
@@ -165,3 +173,38 @@ def unet_from_preset(preset: str, resolution: int, channels: int, num_classes: i
 def training_noise_scheduler() -> DDPMScheduler:
     """The paper's DDPM schedule: 1000 steps, linear betas 1e-4 .. 0.02."""
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+def build_model(args, data: TaskData) -> ModelMixin:
+    """The denoiser: the preset's UNet or DiT, or a ``UNet2DModel`` / ``DiTTransformer2DModel`` config, checked
+    against the data and the tasks."""
+    try:
+        if args.model_config_name_or_path:
+            model = model_from_config(args.model_config_name_or_path)
+        else:
+            model = model_from_preset(args.preset, data.resolution, data.num_channels, data.num_classes)
+        if num_classes_of(model) is None:
+            raise ValueError(
+                f"the model config has no class embedding (num_class_embeds: null); this method "
+                f"trains a label-conditioned model: set num_class_embeds (a DiT: num_embeds_ada_norm) "
+                f"to at least {data.num_classes}"
+            )
+        parse_tasks(
+            args.tasks,
+            None if args.tasks else args.classes_per_task,
+            sorted({c for t in data.tasks for c in t}),
+            num_classes_of(model),
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if model.config.sample_size != data.resolution:
+        raise SystemExit(
+            f"error: the model's sample_size {model.config.sample_size} differs from --resolution {data.resolution}"
+        )
+    if model.config.in_channels != data.num_channels:
+        raise SystemExit(
+            f"error: the model takes {model.config.in_channels} channels but the images have {data.num_channels}"
+        )
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model

@@ -207,3 +207,13 @@ def png_rgb(png: bytes) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+GRID_MAX_CLASSES = 10  # samples.png shows 8 samples of at most this many seen classes, chosen evenly
+
+
+def evenly_chosen(classes: list[int]) -> list[int]:
+    """At most GRID_MAX_CLASSES of ``classes``, spread evenly (first and last included): sample grids stay readable
+    for 1000 classes."""
+    n = min(len(classes), GRID_MAX_CLASSES)
+    return [classes[round(i * (len(classes) - 1) / max(1, n - 1))] for i in range(n)]

@@ -21,8 +21,9 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100p
 h1 { font-size: 1.5em } h2 { border-bottom: 1px solid #ccc; margin-top: 2em } h3 { font-size: 1.05em }
 table { border-collapse: collapse; margin: .5em 0 } td, th { border: 1px solid #ddd; padding: 3px 8px }
 th { background: #f4f4f4 } td.n { text-align: right; font-variant-numeric: tabular-nums }
-img { max-width: 100%; image-rendering: pixelated } figure { display: inline-block; margin: .3em 1em .3em 0 }
-figcaption { font-size: .85em; color: #555 } pre { background: #f7f7f7; padding: .6em; overflow-x: auto }
+img { max-width: 100%; image-rendering: pixelated }
+figure { display: inline-block; margin: .3em 1em .3em 0; vertical-align: top }
+figcaption { font-size: .85em; color: #555 } pre { background: #f7f7f7; padding: .6em; white-space: pre-wrap }
 .note { color: #555; font-size: .9em }
 """
 

@@ -98,6 +98,7 @@ class RunState:
     resume_dir: Path | None = None
     resume_position: RunPosition | None = None
     manifest: dict | None = None  # the run_manifest.json to write once every check has passed (None: unchanged)
+    tasks: list = field(default_factory=list)  # the classes of each training task, in order
 
 
 # ------------------------------------------------------------------------------------------ lock and manifest

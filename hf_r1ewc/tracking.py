@@ -97,3 +97,15 @@ def grid_image(images: torch.Tensor, min_width: int = 256) -> np.ndarray:
     grid = image_grid(images, nrow=8)
     scale = max(1, -(-min_width // grid.shape[1]))
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def log_task(accelerator, run, task_index: int, samples: torch.Tensor) -> None:
+    """After task k = ``task_index``: ``task_scalars`` of ``run`` (an ``hf_r1ewc.run.RunState``), the grid of
+    ``samples`` (``[8 * classes, C, H, W]`` in [-1, 1]) and the FID/accuracy heatmaps, at the run's global step;
+    nothing without trackers."""
+    if not accelerator.trackers:
+        return
+    scalars = task_scalars(run.matrix, run.accuracy, run.class_kl, task_index)
+    accelerator.log({**scalars, "task": task_index}, step=run.global_step)
+    images = {"samples": grid_image(samples), **matrix_images(run.matrix, run.accuracy)}
+    log_images(accelerator, images, run.global_step)

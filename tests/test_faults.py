@@ -27,7 +27,10 @@ sys.path.insert(0, str(ROOT))
 from conftest import FAST, unet_weights  # noqa: E402
 
 import hf_r1ewc.hub as hub  # noqa: E402
+import hf_r1ewc.metrics as metrics  # noqa: E402
 import train_continual_ddpm as script  # noqa: E402
+from hf_r1ewc.config import parse_args  # noqa: E402
+from hf_r1ewc.continual import ContinualLearner, make_optimizer  # noqa: E402
 from hf_r1ewc.integrity import write_checkpoint_digests  # noqa: E402
 from hf_r1ewc.run import checkpoint_dirs  # noqa: E402
 
@@ -83,10 +86,10 @@ def crash_on_call(monkeypatch, owner, name: str, call: int = 1) -> None:
 
 # the phase boundaries of task 2: (owner, function, call that crashes)
 PHASES = {
-    "replay pool": (script.ContinualLearner, "start_task", 2),  # task 2's teacher and pool
-    "training": (script.ContinualLearner, "training_step", 9),  # mid task 2, after checkpoint-8
-    "FID": (script, "evaluate_task", 2),
-    "Fisher": (script.ContinualLearner, "consolidate", 2),
+    "replay pool": (ContinualLearner, "start_task", 2),  # task 2's teacher and pool
+    "training": (ContinualLearner, "training_step", 9),  # mid task 2, after checkpoint-8
+    "FID": (metrics.TaskFID, "__call__", 2),  # FID_1(m_2): task 1 scored one task, task 2 starts with task 1
+    "Fisher": (ContinualLearner, "consolidate", 2),
     "folder write": (hub, "write_training_state", 2),  # task_02 is half written (.partial)
 }
 
@@ -300,8 +303,9 @@ def test_upload_failures_are_recorded_when_the_run_ends_in_an_error(tmp_path, mo
         def close(self):
             return [{"folder": "task_01", "task": task, "error": "offline"} for task in self.submitted]
 
-    monkeypatch.setattr(script, "TaskUploader", FailingUploader)
-    crash_on_call(monkeypatch, script, "evaluate_task", 2)
+    for name in ("__init__", "submit", "close"):
+        monkeypatch.setattr(hub.TaskUploader, name, getattr(FailingUploader, name))
+    crash_on_call(monkeypatch, metrics.TaskFID, "__call__", 2)
     with pytest.raises(Crash):
         run([*COMMON, "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "user/model"])
     failures = json.loads((tmp_path / "out" / "upload_failures.json").read_text())["failures"]
@@ -338,18 +342,18 @@ def test_planted_pickle_in_a_checkpoint_runs_no_code(tmp_path):
 )
 def test_flags_refused_up_front(flags, message):
     with pytest.raises(SystemExit, match=message):
-        script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
+        parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
 
 
 def test_missing_relative_train_data_dir_is_not_taken_for_a_hub_id(tmp_path):
     with pytest.raises(SystemExit, match="--train_data_dir data/none is not a folder"):
-        script.parse_args(["--train_data_dir", "data/none", "--output_dir", str(tmp_path)])
+        parse_args(["--train_data_dir", "data/none", "--output_dir", str(tmp_path)])
 
 
 def test_unwritable_output_dir_fails_before_any_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     trained = []
-    monkeypatch.setattr(script, "train_classifier", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: trained.append(1))
     with pytest.raises(SystemExit, match="cannot write to --output_dir"):
         run([*COMMON, "--output_dir", str(tmp_path / "file" / "out")])
     assert not trained
@@ -464,7 +468,7 @@ def test_manifest_is_written_only_after_every_check(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise SystemExit("error: a later check failed")
 
-    monkeypatch.setattr(script, "make_evaluator", refuse)
+    monkeypatch.setattr(metrics, "train_classifier", refuse)  # the evaluator trains its classifier first
     with pytest.raises(SystemExit, match="a later check failed"):
         run([*COMMON, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "run_manifest.json").exists()
@@ -533,7 +537,7 @@ def test_impossible_budgets_are_refused_before_any_work(tmp_path, flags, message
 )
 def test_zero_or_negative_counts_are_refused_not_defaulted(flag, value):
     with pytest.raises(SystemExit, match=f"{flag} must be >= 1, got {value} \\(leave it out for the default\\)"):
-        script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", flag, value])
+        parse_args(["--dataset_name", "digits", "--output_dir", "unused", flag, value])
 
 
 @pytest.mark.parametrize(
@@ -549,7 +553,7 @@ def test_zero_or_negative_counts_are_refused_not_defaulted(flag, value):
 )
 def test_invalid_values_are_refused_up_front(flags, message):
     with pytest.raises(SystemExit, match=message):
-        script.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
+        parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
 
 
 def test_write_error_is_a_message_with_the_way_back(tmp_path, monkeypatch):
@@ -630,10 +634,10 @@ def test_adam_flags_reach_the_optimizer():
     from conftest import make_tiny_unet
 
     base = ["--dataset_name", "digits", "--output_dir", "unused", "--learning_rate", "1e-3"]
-    plain = script.make_optimizer(script.parse_args(base), make_tiny_unet())
+    plain = make_optimizer(parse_args(base), make_tiny_unet())
     assert type(plain) is torch.optim.Adam and plain.defaults["betas"] == (0.9, 0.999)
     flags = ["--adam_weight_decay", "0.01", "--adam_beta1", "0.8", "--adam_epsilon", "1e-6"]
-    decayed = script.make_optimizer(script.parse_args([*base, *flags]), make_tiny_unet())
+    decayed = make_optimizer(parse_args([*base, *flags]), make_tiny_unet())
     assert type(decayed) is torch.optim.AdamW
     assert (decayed.defaults["weight_decay"], decayed.defaults["betas"], decayed.defaults["eps"]) == (
         0.01,

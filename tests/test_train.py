@@ -135,11 +135,10 @@ def test_bf16_training_saves_the_fp32_fisher(tmp_path):
 def test_long_main_process_phases_get_a_long_process_group_timeout():
     from datetime import timedelta
 
-    sys.path.insert(0, str(ROOT))
-    import train_continual_ddpm
+    from hf_r1ewc.config import make_accelerator, parse_args
 
-    args = train_continual_ddpm.parse_args(["--dataset_name", "digits", "--output_dir", "unused"])
-    assert train_continual_ddpm.make_accelerator(args).init_handler.timeout >= timedelta(hours=1)
+    args = parse_args(["--dataset_name", "digits", "--output_dir", "unused"])
+    assert make_accelerator(args).init_handler.timeout >= timedelta(hours=1)
 
 
 @pytest.mark.parametrize("ewc_mode", ["decoupled", "loss"])
@@ -597,7 +596,7 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import _runs as table1
 
-    import train_continual_ddpm as script
+    from hf_r1ewc.config import parse_args
 
     (tmp_path / "fid_classifier").mkdir()
     (tmp_path / "fid_classifier" / "model.safetensors").write_bytes(b"")
@@ -605,7 +604,7 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
         for method in table1.METHODS:
             lam = 15000.0 if method in table1.HAS_PENALTY else None
             flags = table1.run_flags(method, lam, 0, tmp_path, str(fashion_mnist_dir), sc)
-            args = script.parse_args([*flags, "--output_dir", str(tmp_path / "out")])
+            args = parse_args([*flags, "--output_dir", str(tmp_path / "out")])
             assert args.seed == 0 and (lam is None or args.ewc_lambda == lam)
             assert not args.use_ema and args.replay_batch_size is None  # the demo preset's choices stay out
             if method in table1.HAS_PENALTY:  # the in-loss methods say so: the demo preset's default is decoupled
@@ -633,11 +632,10 @@ def test_table1_reproduction_scales_are_valid_invocations(tmp_path, fashion_mnis
 def test_flags_rejected_before_any_work(flags, message, capsys):
     """Settings that used to fail after training started (ZeroDivisionError, deleted checkpoints, NaN) are refused
     by the argument check."""
-    sys.path.insert(0, str(ROOT))
-    import train_continual_ddpm
+    from hf_r1ewc.config import parse_args
 
     with pytest.raises(SystemExit, match=message):
-        train_continual_ddpm.parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
+        parse_args(["--dataset_name", "digits", "--output_dir", "unused", *flags])
 
 
 def test_dit_backbone_run_resume_and_folder(tmp_path):

@@ -1,0 +1,543 @@
+"""The training script's settings: its flags (grouped as in ``--help``), the presets filling the ones left unset, the
+checks made before anything is loaded, and what a run's manifest records of them (``hf_r1ewc.run`` compares it)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+
+from .integrity import sha256_tensors
+from .models import PRESETS
+from .pipeline import SAMPLERS
+
+
+if TYPE_CHECKING:
+    from .data import TaskData
+
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+# settings added after runs were recorded, with the value that reproduces those runs (an older manifest lacks them)
+ADDED_SETTINGS = {
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "adam_weight_decay": 0.0,
+    "allow_tf32": False,
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows every default."""
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset_name",
+        default=None,
+        help="'digits' (builtin), a Hub dataset id (zalando-datasets/fashion_mnist, ylecun/mnist, "
+        "uoft-cs/cifar10, ...) or a local folder",
+    )
+    g.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="a local folder: raw IDX files, a save_to_disk folder, an imagefolder or parquet files",
+    )
+    g.add_argument("--image_column", default=None, help="image column (detected when omitted)")
+    g.add_argument("--label_column", default=None, help="label column (detected when omitted)")
+    g.add_argument("--tasks", default=None, help="explicit class-incremental tasks, e.g. '0,1;2,3;4,5;6,7;8,9'")
+    g.add_argument(
+        "--classes_per_task",
+        type=int,
+        default=2,
+        help="contiguous groups of labels in label order (the paper: 2; ImageNet: 50)",
+    )
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="model resolution; default: 28x28 zero-padded to 32 (paper), otherwise the native size",
+    )
+    g.add_argument("--resize", action="store_true", help="resize images to --resolution instead of padding")
+    g.add_argument(
+        "--max_train_per_class",
+        type=int,
+        default=None,
+        help="use only the first N training images of each class (small CPU runs; default: all)",
+    )
+    g.add_argument(
+        "--streaming",
+        action="store_true",
+        help="stream the training split with `datasets` instead of reading it into memory (ImageNet): each "
+        "task reads only its classes (label filter pushed down to parquet), a shuffle buffer "
+        "reseeded per epoch, one shard per process. The --eval_split is still read into memory.",
+    )
+    g.add_argument(
+        "--eval_split",
+        default="test",
+        help="the split that FID and the class list come from (ImageNet 32x32: validation)",
+    )
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="worker processes of the in-memory training loader (0: the main process; the batches are the same)",
+    )
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="demo",
+        help="model shape and the defaults of the flags marked 'preset': paper (35.7M params at 32x32, the "
+        "paper's protocol), cpu-small (1.1M), demo (0.7M, 8x8 digits); DiTs (DiTTransformer2DModel, "
+        "pixel space, patch 2): dit-paper-scale (35.2M at 32x32, the paper's protocol), dit-small "
+        "(0.39M, cpu-small's settings)",
+    )
+    g.add_argument(
+        "--model_config_name_or_path",
+        default=None,
+        help="a UNet2DModel or DiTTransformer2DModel config (json file or folder, by its _class_name) "
+        "instead of the preset's model",
+    )
+    g = p.add_argument_group("continual learning (the paper's method and baselines)")
+    g.add_argument(
+        "--ewc_type",
+        choices=["none", "diag", "rank1", "rank1_unscaled"],
+        default="rank1",
+        help="EWC penalty: rank1 = paper eq. 6 (with c*), rank1_unscaled = without c*, diag = diagonal",
+    )
+    g.add_argument("--ewc_lambda", type=float, default=15000.0, help="EWC weight lambda (paper: 15000)")
+    g.add_argument(
+        "--ewc_mode",
+        choices=["loss", "decoupled"],
+        default=None,
+        help="loss: penalty added to the loss (paper); decoupled: exact proximal step after each "
+        "optimizer step with step size = learning rate (preset: paper -> loss, demo and cpu-small -> "
+        "decoupled, see the README's 'Choosing lambda')",
+    )
+    g.add_argument(
+        "--fisher_num_samples",
+        type=int,
+        default=None,
+        help="a seeded random subset of the task's samples for the Fisher (preset; default: all)",
+    )
+    g.add_argument("--fisher_batch_size", type=int, default=64, help="samples per Fisher batch (memory)")
+    g.add_argument(
+        "--distill_weight",
+        type=float,
+        default=1.0,
+        help="generative distillation weight (paper: 1.0; 0 disables distillation)",
+    )
+    g.add_argument(
+        "--replay",
+        choices=["on", "off"],
+        default="on",
+        help="'off' disables the replay batch entirely (no GD): the 'w/o GD' baselines",
+    )
+    g.add_argument(
+        "--no_replay_in_denoise",
+        action="store_true",
+        help="keep replay images out of the denoising loss (default: they join it, as in the authors' code)",
+    )
+    g.add_argument(
+        "--replay_per_class", type=int, default=None, help="replay pool images per class (preset; paper: 5000)"
+    )
+    g.add_argument(
+        "--replay_mode",
+        choices=["pool", "online"],
+        default="pool",
+        help="pool: teacher-generated pool (paper); online: fresh few-step replay each step",
+    )
+    g.add_argument(
+        "--replay_batch_size",
+        type=int,
+        default=None,
+        help="replay images per step (preset: demo 32; default: the real batch)",
+    )
+    g.add_argument("--online_replay_steps", type=int, default=2, help="sampler steps of online replay")
+    g.add_argument("--joint", action="store_true", help="non-continual upper bound: all classes at once")
+
+
+def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--num_epochs_per_task", type=int, default=None, help="epochs over each task (preset)")
+    g.add_argument("--train_batch_size", type=int, default=None, help="real images per step and process (preset)")
+    g.add_argument("--learning_rate", type=float, default=None, help="Adam learning rate (preset)")
+    g.add_argument(
+        "--lr_scheduler",
+        choices=list(LR_SCHEDULERS),
+        default="constant",
+        help="diffusers' get_scheduler, restarted at every task (each task warms up and decays on its own steps) "
+        "and kept in checkpoints",
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up optimizer steps at the start of each task")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument(
+        "--adam_weight_decay",
+        type=float,
+        default=0.0,
+        help="decoupled weight decay (AdamW, as diffusers' examples); 0 = Adam, as the paper",
+    )
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, ~30 %% more compute; same results)",
+    )
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs (faster)")
+    g.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping (default: none, as the paper)")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="default: the accelerate config's fp16/bf16 if it sets one, else bf16 on a CUDA GPU that "
+        "supports it and no (fp32) on CPU. Weights, Adam, the penalty and the Fisher stay fp32",
+    )
+    g.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA of the weights (diffusers EMAModel; preset: on for demo). At the end of each task the EMA "
+        "weights replace the model: they are theta*_k, where the Fisher is estimated, what is saved and "
+        "evaluated, and what the next task starts from",
+    )
+    g.add_argument(
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="the EMA's largest decay (preset: demo 0.95, others 0.999); diffusers warms it up as "
+        "(1 + step) / (10 + step)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, noise, replay, Fisher and FID samples")
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling and evaluation")
+    g.add_argument(
+        "--replay_scheduler",
+        choices=sorted(SAMPLERS),
+        default="ddim",
+        help="diffusers scheduler for the replay pool, FID samples and the saved pipeline",
+    )
+    g.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="sampler steps for replay, samples and FID (preset: the paper's 50; demo 10, see the README)",
+    )
+    g.add_argument(
+        "--fid_backend",
+        choices=["classifier", "inception", "dinov2", "none"],
+        default="classifier",
+        help="classifier: a CNN trained on the dataset's training split (offline default, NOT comparable "
+        "to Inception FID); inception: the paper's metric (needs --fid_weights offline); dinov2",
+    )
+    g.add_argument(
+        "--fid_classifier",
+        default=None,
+        help="a trained feature classifier folder; default: train one into OUTPUT_DIR/fid_classifier",
+    )
+    g.add_argument("--fid_weights", default=None, help="Inception FID weights file for offline use")
+    g.add_argument("--dinov2_model", default="facebook/dinov2-base")
+    g.add_argument(
+        "--fid_reference_dir",
+        default=None,
+        help="cache of real-image FID statistics (default OUTPUT_DIR/fid_reference); share one folder "
+        "across runs of other methods and seeds to compute each task's statistics once",
+    )
+    g.add_argument(
+        "--fid_num_samples",
+        type=int,
+        default=None,
+        help="generated images per task for FID (preset; default: the task's test set size)",
+    )
+    g = p.add_argument_group("checkpoints, resume and logging")
+    g.add_argument("--output_dir", default="runs/continual-ddpm", help="task folders, results.json, checkpoints")
+    g.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="save Accelerate state every N optimizer steps (also on SIGTERM/SIGINT during training, "
+        "after the current step; the run then exits with status 75)",
+    )
+    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the newest N checkpoints (0: all)")
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    g.add_argument(
+        "--adopt_manifest",
+        action="store_true",
+        help="record this run's settings as the run_manifest.json of an OUTPUT_DIR that holds work but "
+        "lost its manifest (pass the flags that work was trained with)",
+    )
+    g.add_argument(
+        "--resume_from_task",
+        default=None,
+        help="start after a finished task: a task folder or REPO_ID@REVISION (e.g. user/model@task-03)",
+    )
+    g.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=None,
+        help="stop (after checkpointing) once this many optimizer steps ran in this process: for tests and "
+        "for splitting long runs",
+    )
+    g.add_argument(
+        "--report_to",
+        default=None,
+        help="tensorboard (pip install .[tensorboard]), wandb, ... (Accelerate trackers): the losses every step; "
+        "per task the sample grid, the FID and accuracy matrices as heatmaps, fid/task_i, afid@k, forgetting, "
+        "plasticity, acc, bwt and class_kl",
+    )
+    g.add_argument("--logging_dir", default="logs", help="the trackers' folder, inside OUTPUT_DIR")
+    g.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=None,
+        help="with --report_to: every N epochs of a task, a grid of 8 samples per seen class (at most 10 classes) "
+        "from the current weights (the EMA's with --use_ema)",
+    )
+    g.add_argument("--push_to_hub", action="store_true", help="push each task folder to main and branch task-XX")
+    g.add_argument("--hub_model_id", default=None, help="the Hub model repo, USER/NAME")
+    g.add_argument("--hub_private", action="store_true")
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """Flags (preset values fill the ones left unset), validated before anything is loaded; ``description`` heads
+    ``--help``."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    for add in (add_data_arguments, add_method_arguments, add_optimisation_arguments, add_output_arguments):
+        add(p)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading data or models."""
+
+    def fail(message: str) -> None:
+        raise SystemExit(f"error: {message}")
+
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        fail("pass exactly one of --dataset_name and --train_data_dir")
+    for name in ("ewc_lambda", "distill_weight"):
+        if not 0 <= getattr(args, name) < math.inf:
+            fail(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
+    for name in (
+        "num_epochs_per_task",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_inference_steps",
+        "replay_per_class",
+        "fisher_batch_size",
+        "checkpointing_steps",
+        "online_replay_steps",
+        "fisher_num_samples",
+        "max_train_per_class",
+        "replay_batch_size",
+        "fid_num_samples",
+        "stop_after_steps",
+        "resolution",
+        "classes_per_task",
+        "validation_epochs",
+    ):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(args, name)} (leave it out for the default)")
+    if args.validation_epochs and not args.report_to:
+        fail("--validation_epochs logs sample grids to the trackers: add --report_to tensorboard (or wandb)")
+    if args.dataloader_num_workers < 0:
+        fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.streaming and args.dataloader_num_workers:
+        fail("--dataloader_num_workers is for the in-memory loader; a streamed task reads through `datasets`")
+    if args.ema_decay is not None and not 0 <= args.ema_decay <= 1:
+        fail(f"--ema_decay must be a number in [0, 1], got {args.ema_decay}")
+    if args.report_to:
+        import accelerate.tracking as trackers
+
+        for name in args.report_to.split(","):
+            if name != "all" and name not in trackers.LOGGER_TYPE_TO_CLASS:
+                fail(
+                    f"--report_to {name!r} is no Accelerate tracker; choose from "
+                    f"{', '.join(sorted(trackers.LOGGER_TYPE_TO_CLASS))} or all"
+                )
+            if name != "all" and not getattr(trackers, f"is_{name}_available")():
+                fail(f"--report_to {name}: the {name} package is not installed (pip install {name})")
+    if not 0 < args.learning_rate < math.inf:
+        fail(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    if args.lr_warmup_steps < 0:
+        fail(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            fail(f"--{flag} must be a number in [0, 1), got {getattr(args, flag)}")
+    if not 0 < args.adam_epsilon < math.inf or not 0 <= args.adam_weight_decay < math.inf:
+        fail("--adam_epsilon must be a finite number > 0 and --adam_weight_decay a finite number >= 0")
+    if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
+        fail(f"--max_grad_norm must be a finite number > 0, got {args.max_grad_norm}")
+    if args.checkpoints_total_limit < 0:
+        fail("--checkpoints_total_limit must be >= 0 (0 keeps every checkpoint)")
+    if args.push_to_hub and not args.hub_model_id:
+        fail("--push_to_hub needs --hub_model_id USER/NAME")
+    if args.hub_model_id:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.hub_model_id)
+        except HFValidationError as err:
+            fail(f"--hub_model_id {args.hub_model_id!r} is not a valid Hub repo id ({err}); write USER/NAME")
+    if args.dataset_name == "digits" and (args.image_column or args.label_column):
+        fail("the builtin digits data has no columns to choose: drop --image_column/--label_column")
+    if args.train_data_dir and not Path(args.train_data_dir).is_dir():
+        fail(
+            f"--train_data_dir {args.train_data_dir} is not a folder (resolved: {Path(args.train_data_dir).resolve()}); "
+            f"for a Hub dataset use --dataset_name"
+        )
+    if args.joint and args.resume_from_task:
+        fail("--joint trains all classes at once; it cannot continue from a task folder")
+    if args.fid_backend == "inception" and args.fid_weights and not Path(args.fid_weights).exists():
+        fail(f"--fid_weights {args.fid_weights} does not exist")
+    if args.streaming and args.max_train_per_class:
+        fail("--max_train_per_class reads the whole training split into memory; drop it with --streaming")
+    if args.streaming and args.fid_backend == "classifier" and not args.fid_classifier:
+        fail(
+            "--streaming never holds the training split in memory, so the FID classifier cannot be trained here: "
+            "train it with `python -m hf_r1ewc.evaluate train-classifier` and pass --fid_classifier DIR, or use "
+            "--fid_backend inception, dinov2 or none"
+        )
+    if args.fid_classifier and not (Path(args.fid_classifier) / "model.safetensors").exists():
+        fail(f"--fid_classifier {args.fid_classifier} holds no model.safetensors")
+
+
+def method_description(args) -> str:
+    if args.joint:
+        return "non-continual upper bound (all classes at once)"
+    parts = []
+    if args.ewc_type != "none":
+        parts.append(f"{args.ewc_type} EWC (lambda={args.ewc_lambda:g}, {args.ewc_mode})")
+    if args.replay == "on":
+        parts.append(
+            "generative replay"
+            + (f" + distillation (weight {args.distill_weight:g})" if args.distill_weight > 0 else "")
+        )
+    return " + ".join(parts) or "plain fine-tuning"
+
+
+RESUME_MUST_MATCH = ("preset", "model_config_name_or_path", "ewc_type", "ewc_mode", "joint", "resize")
+
+
+# settings a run may change when it continues (none changes results); every other flag is in run_manifest.json
+MAY_CHANGE = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "resume_from_task",
+    "adopt_manifest",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "stop_after_steps",
+    "report_to",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private",
+    "fid_reference_dir",
+    "fisher_batch_size",
+    "logging_dir",
+    "validation_epochs",
+    "gradient_checkpointing",
+    "dataloader_num_workers",
+)
+
+
+# the recovery from a diverged run: these may change on resume, and run_manifest.json records each change
+RECOVERY_SETTINGS = ("learning_rate", "max_grad_norm")
+
+
+def run_config(args) -> dict:
+    """The settings a run continued from a task folder (--resume_from_task) must share with that folder's run."""
+    keys = (
+        "dataset_name",
+        "train_data_dir",
+        "tasks",
+        "classes_per_task",
+        "resolution",
+        "resize",
+        "preset",
+        "model_config_name_or_path",
+        "ewc_type",
+        "ewc_mode",
+        "joint",
+        "max_train_per_class",
+    )
+    return {k: getattr(args, k) for k in keys}
+
+
+def run_manifest(args: argparse.Namespace, accelerator, data: TaskData) -> dict:
+    """What the run in OUTPUT_DIR is: every result-changing setting (the resolved precision included), the dataset's
+    identity (source, sizes, SHA-256 of the images and labels held in memory) and the tasks."""
+    settings = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE}
+    settings["mixed_precision"] = accelerator.mixed_precision
+    dataset = {
+        "source": data.source,
+        "num_test": len(data.test),
+        "test_sha256": sha256_tensors(data.test.images, data.test.labels),
+    }
+    if data.train is not None:
+        dataset |= {"num_train": len(data.train), "train_sha256": sha256_tensors(data.train.images, data.train.labels)}
+    return {"settings": settings, "dataset": dataset, "tasks": data.tasks}
+
+
+def resolve_mixed_precision(flag: str | None) -> str:
+    """The fastest safe default per device: bf16 autocast on CUDA GPUs with bf16 (weights, optimizer, penalty and
+    Fisher stay fp32); fp32 on CPU, where bf16 autocast was 1.19x faster on an AVX512-BF16 machine but would make CPU
+    results depend on the processor. An explicit flag or an accelerate config's fp16/bf16 wins."""
+    if flag is not None:
+        return flag
+    configured = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if configured != "no":
+        return configured
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(args) -> Accelerator:
+    """The Accelerator, with a process-group timeout long enough for the main-process phases of a task."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+    )
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise SystemExit(
+            "error: the EWC penalty works on FSDP2's DTensor shards; set fsdp_version: 2 in the "
+            "accelerate config (accelerate_configs/fsdp.yaml)"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP and args.use_ema:
+        raise SystemExit(
+            "error: --use_ema keeps a full copy of the weights per process, which FSDP is meant to "
+            "avoid; train without --use_ema under FSDP or use DDP (accelerate_configs/multi_gpu_ddp.yaml)"
+        )
+    return accelerator
