@@ -348,9 +348,8 @@ def main(argv=None) -> None:
                     args, accelerator, learner, model, optimizer, lr_scheduler, loader, run, task_index, ema
                 )
             if stopped:
-                logger.info(
-                    "stopped by %s after checkpoint-%d; re-run the same command to continue", stopped, run.global_step
-                )
+                message = "stopped by %s after step %d (checkpoint-%d saved); re-run the same command to continue"
+                logger.info(message, stopped, run.global_step, run.global_step)
                 break
 
             # ---- end of task: theta*_k, evaluation, consolidation, the task folder
@@ -410,6 +409,7 @@ def finish_run(args, data: TaskData, run: RunState) -> None:
     """The picture and the numbers of a finished run: OUTPUT_DIR/samples_by_task.png (rows: classes, at most 10,
     chosen evenly; columns: the model after each task), the summary table and OUTPUT_DIR/report.html."""
     output_dir = Path(args.output_dir)
+    shutil.rmtree(output_dir / "replay" / "accumulated", ignore_errors=True)  # --replay_pool accumulate's pools
     rows = evenly_chosen(sorted({c for t in data.tasks for c in t}))
     sample_grid_across_tasks(output_dir, rows, output_dir / "samples_by_task.png", args.num_inference_steps, args.seed)
     if run.matrix and not args.joint:

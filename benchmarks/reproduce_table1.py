@@ -49,6 +49,8 @@ from _runs import (  # noqa: E402
 
 
 sys.path.insert(0, str(ROOT))
+from hf_r1ewc.evaluate import format_mean_se  # noqa: E402
+
 
 LAMBDAS = (10.0, 100.0, 1000.0, 15000.0)
 SWEEP_SEED = 100
@@ -176,10 +178,7 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
         return "—" if drop is None else f"{100 * drop['median']:.0f}% ({100 * drop['max']:.0f}%)"
 
     def fmt(pair):
-        if pair is None:
-            return "—"
-        mean, se = pair
-        return f"{mean:.1f} ± {se:.1f}" if se == se else f"{mean:.1f}"
+        return format_mean_se(pair, ".1f")
 
     scale = "CPU scale" if sc["model"] == "config" else "GPU scale (the paper's UNet)"
     lines = [
@@ -252,7 +251,7 @@ def write_paired(work: Path, outs: list[Path], output: Path) -> None:
         "| method | seeds | AFID@5 ↓ | F ↓ | P ↓ |",
         "| --- | --- | --- | --- | --- |",
     ]
-    fmt = lambda pair: "—" if pair is None else f"{pair[0]:.1f} ± {pair[1]:.1f}"  # noqa: E731
+    fmt = lambda pair: format_mean_se(pair, ".1f")  # noqa: E731
     for method, row in table.items():
         lines.append(
             f"| {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | {fmt(row['plasticity'])} |"
@@ -293,7 +292,7 @@ def write_dit_table(work: Path, output: Path) -> None:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ],
     )
-    fmt = lambda pair, d=1: "—" if pair is None else f"{pair[0]:.{d}f} ± {pair[1]:.{d}f}"  # noqa: E731
+    fmt = lambda pair, d=1: format_mean_se(pair, f".{d}f")  # noqa: E731
     for backbone in ("unet", "dit"):
         outs = [work / "runs" / run_dir_name(m, lam, s, backbone) for s in SEEDS for m, lam in DIT_METHODS]
         runs = {str(o): json.loads((o / "results.json").read_text()) for o in outs if finished(o)}
@@ -537,15 +536,7 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
     output.parent.mkdir(parents=True, exist_ok=True)
     best = long_best()
     runs = long_runs(best)
-    fmt = lambda pair, d=".1f": (
-        "—"
-        if pair is None
-        else (
-            f"{pair[0]:{d}} ± {pair[1]:{d}}"  # noqa: E731
-            if pair[1] == pair[1]
-            else f"{pair[0]:{d}}"
-        )
-    )
+    fmt = lambda pair, d=".1f": format_mean_se(pair, d)  # noqa: E731
     sweep = {
         name: {lam: r["results"] for lam in LONG_LAMBDAS if (r := long_record(name, lam, SWEEP_SEED))}
         for name in LONG_SWEPT

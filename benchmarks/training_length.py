@@ -50,6 +50,8 @@ from _runs import (  # noqa: E402
 
 
 sys.path.insert(0, str(ROOT))
+from hf_r1ewc.evaluate import format_mean_se  # noqa: E402
+
 
 METHODS = [
     ("GD", None),
@@ -318,7 +320,7 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "training_length.json").write_text(json.dumps(table, indent=1, default=str))
 
-    fmt = lambda p, d=1: "—" if p is None else (f"{p[0]:.{d}f} ± {p[1]:.{d}f}" if p[1] == p[1] else f"{p[0]:.{d}f}")  # noqa: E731
+    fmt = lambda p, d=1: format_mean_se(p, f".{d}f")  # noqa: E731
     lines = [
         "# Training length at the CPU table-1 scale (issue 18)\n",
         "The CPU scale of table1_fmnist_cpu.md (280 optimizer steps per task at 1x) at longer training: the "

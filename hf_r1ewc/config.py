@@ -35,6 +35,7 @@ ADDED_SETTINGS = {
     "adam_epsilon": 1e-8,
     "adam_weight_decay": 0.0,
     "allow_tf32": False,
+    "replay_pool": "regenerate",
 }
 
 
@@ -162,6 +163,15 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         choices=["pool", "online"],
         default="pool",
         help="pool: teacher-generated pool (paper); online: fresh few-step replay each step",
+    )
+    g.add_argument(
+        "--replay_pool",
+        choices=["regenerate", "accumulate"],
+        default="regenerate",
+        help="regenerate: after every task the teacher samples every class seen so far (the paper); accumulate: it "
+        "samples only the classes it has just learned, and older classes keep the images sampled right after their "
+        "own task (ImageNet-32's 20 tasks: 1.2M pool images instead of 12.4M). Pools live in OUTPUT_DIR/replay "
+        "until the run ends",
     )
     g.add_argument(
         "--replay_batch_size",
@@ -366,6 +376,13 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--validation_epochs logs sample grids to the trackers: add --report_to tensorboard (or wandb)")
     if args.dataloader_num_workers < 0:
         fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.replay_pool == "accumulate" and args.replay_mode == "online":
+        fail("--replay_pool accumulate keeps pool images; online replay has no pool: drop one of the two")
+    if args.replay_pool == "accumulate" and args.resume_from_task:
+        fail(
+            "--replay_pool accumulate needs the earlier tasks' pools, which a task folder does not hold: continue "
+            "with --replay_pool regenerate, or re-run into the run's own OUTPUT_DIR"
+        )
     if args.streaming and args.dataloader_num_workers:
         fail("--dataloader_num_workers is for the in-memory loader; a streamed task reads through `datasets`")
     if args.ema_decay is not None and not 0 <= args.ema_decay <= 1:
@@ -433,8 +450,10 @@ def method_description(args) -> str:
     if args.ewc_type != "none":
         parts.append(f"{args.ewc_type} EWC (lambda={args.ewc_lambda:g}, {args.ewc_mode})")
     if args.replay == "on":
+        accumulated = args.replay_pool == "accumulate" and args.replay_mode == "pool"
         parts.append(
             "generative replay"
+            + (" (accumulated pool)" if accumulated else "")
             + (f" + distillation (weight {args.distill_weight:g})" if args.distill_weight > 0 else "")
         )
     return " + ".join(parts) or "plain fine-tuning"

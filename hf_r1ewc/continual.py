@@ -133,10 +133,13 @@ class ContinualLearner:
         world_size: int = 1,
         barrier: Callable[[], None] | None = None,
         show_progress: bool = True,
+        kept: ReplayPool | None = None,
     ) -> None:
         """Freeze a copy of ``model`` (whole weights: gather FSDP shards first) as the teacher of ``old_classes``
         and generate its replay pool into ``directory`` with ``sampler``; ``online_steps`` instead samples fresh
-        replay every step with that many sampler steps. No old classes: no replay."""
+        replay every step with that many sampler steps. No old classes: no replay. ``kept``: pool images of some old
+        classes sampled earlier (by the teachers that had just learned them): only the other old classes are
+        generated, and replay draws from both (``--replay_pool accumulate``)."""
         self.replay = None
         if not old_classes:
             return
@@ -144,20 +147,25 @@ class ContinualLearner:
         if online_steps is not None:
             self.replay = Replay(teacher, list(old_classes), None, sampler, online_steps)
             return
-        pool = ReplayPool.generate(
-            teacher,
-            sampler,
-            old_classes,
-            per_class,
-            directory,
-            num_inference_steps,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            barrier=barrier,
-            show_progress=show_progress,
-        )
-        self.replay = Replay(teacher, list(old_classes), pool)
+        new_classes = [c for c in old_classes if kept is None or c not in kept.classes]
+        pools = [kept] if kept is not None else []
+        if new_classes:
+            pools.append(
+                ReplayPool.generate(
+                    teacher,
+                    sampler,
+                    new_classes,
+                    per_class,
+                    directory,
+                    num_inference_steps,
+                    seed=seed,
+                    rank=rank,
+                    world_size=world_size,
+                    barrier=barrier,
+                    show_progress=show_progress,
+                )
+            )
+        self.replay = Replay(teacher, list(old_classes), ReplayPool.concat(pools) if len(pools) > 1 else pools[0])
 
     # ------------------------------------------------------------------------------------------------- a step
 
@@ -377,13 +385,26 @@ def make_lr_scheduler(args, accelerator, optimizer, batches_per_epoch: int):
 
 def start_replay(args, accelerator, learner: ContinualLearner, denoiser, sampler, old_classes, task_index: int):
     """The task's teacher (whole weights, gathered once under FSDP) and its replay pool of the old classes, written
-    in shares by every process into OUTPUT_DIR/replay/task_XX (or online replay)."""
+    in shares by every process into OUTPUT_DIR/replay/task_XX (or online replay). With ``--replay_pool accumulate``
+    the teacher samples only task k-1's classes, into OUTPUT_DIR/replay/accumulated/task_{k-1}, and the classes of
+    tasks 1..k-2 keep their folders there (same seed as regenerate's: at task 2 both pools are the same images)."""
+    directory, kept = Path(args.output_dir) / "replay" / task_folder_name(task_index), None
+    if args.replay_pool == "accumulate" and args.replay_mode == "pool":
+        directory = Path(args.output_dir) / "replay" / "accumulated" / task_folder_name(task_index - 1)
+        earlier = [directory.parent / task_folder_name(j) for j in range(1, task_index - 1)]
+        try:
+            kept = ReplayPool.concat([ReplayPool.load(d) for d in earlier]) if earlier else None
+        except (OSError, ValueError) as err:
+            raise SystemExit(
+                f"error: --replay_pool accumulate: an earlier task's pool cannot be read ({err}); re-run with "
+                f"--replay_pool regenerate to sample every old class again"
+            ) from None
     learner.start_task(
         full_model_copy(denoiser),
         sampler,
         old_classes,
         per_class=args.replay_per_class,
-        directory=Path(args.output_dir) / "replay" / task_folder_name(task_index),
+        directory=directory,
         num_inference_steps=args.num_inference_steps,
         seed=args.seed * 100 + task_index,
         online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
@@ -391,6 +412,7 @@ def start_replay(args, accelerator, learner: ContinualLearner, denoiser, sampler
         world_size=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone,
         show_progress=accelerator.is_local_main_process,
+        kept=kept,
     )
 
 

@@ -164,6 +164,11 @@ class ReplayPool:
         return cls.load(directory)
 
     @classmethod
+    def concat(cls, pools: Sequence["ReplayPool"]) -> "ReplayPool":
+        """One pool holding the images of ``pools``, in order."""
+        return cls(torch.cat([p.images for p in pools]), torch.cat([p.labels for p in pools]))
+
+    @classmethod
     def load(cls, directory: str | os.PathLike) -> "ReplayPool":
         """Load a complete pool written by ``generate`` (safetensors chunks + ``pool.json``)."""
         from safetensors.torch import load_file
@@ -219,10 +224,27 @@ def continual_loss(
     replay_in_denoise: bool = True,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One step's loss: ``{"loss", "denoise", "distill"}`` (scalars; ``loss = denoise + distill_weight * distill``).
+    r"""One step's loss, generative distillation included:
 
-    The real batch ``[B, C, H, W]`` and the replay batch ``[R, C, H, W]`` are noised once at uniform t and go
-    through the student in ONE forward pass; the teacher sees the same noised replay batch.
+    .. math::
+
+        \mathcal{L} = \underbrace{\tfrac{1}{B'}\textstyle\sum_j \|\epsilon_j - \epsilon_\theta(x_{t,j}, t_j, y_j)\|^2
+        / d}_{\text{denoise}} + w \underbrace{\tfrac{1}{R}\textstyle\sum_{r}
+        \|\epsilon_{\theta^*}(x_{t,r}, t_r, y_r) - \epsilon_\theta(x_{t,r}, t_r, y_r)\|^2 / d}_{\text{distill}}
+
+    over the B real images (and the R replay images when ``replay_in_denoise``: B' = B + R), d pixels per image.
+    The real and replay batches are noised once at uniform t and go through the student in ONE forward pass; the
+    teacher θ* sees the same noised replay batch.
+
+    Args:
+        unet: the student; noise_scheduler: the training schedule.
+        images: ``[B, C, H, W]`` in [-1, 1]; class_labels: ``[B]``.
+        replay: ``(images [R, C, H, W], labels [R])`` from the teacher's pool, or None (no distillation).
+        teacher: the frozen teacher θ*; distill_weight: w.
+        generator: a CPU generator for ε and t (reproducible on every device).
+
+    Returns:
+        ``{"loss", "denoise", "distill"}``, 0-dim tensors on the images' device.
     """
     device = images.device
     num_real = images.shape[0]

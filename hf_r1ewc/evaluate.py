@@ -273,7 +273,7 @@ def paired_markdown(table: dict, baseline: str) -> str:
                 cells.append("—")
                 continue
             tests = f" ({e['t_p']:.3f}, {e['wilcoxon_p']:.3f})" if "t_p" in e else ""
-            cells.append(_fmt(e["mean_se"]) + tests)
+            cells.append(format_mean_se(e["mean_se"]) + tests)
         lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     n = max((len(r["seeds"]) for r in table.values()), default=0)
     lines.append(
@@ -290,11 +290,13 @@ def paired_markdown(table: dict, baseline: str) -> str:
     return "\n".join(lines)
 
 
-def _fmt(pair) -> str:
+def format_mean_se(pair: tuple[float, float] | None, spec: str = ".2f") -> str:
+    """``(mean, standard error)`` as "mean ± SE" with the format ``spec`` ("mean" alone when the error is NaN: one
+    run; "—" for None)."""
     if pair is None:
         return "—"
     mean, se = pair
-    return f"{mean:.2f} ± {se:.2f}" if se == se else f"{mean:.2f}"
+    return f"{mean:{spec}} ± {se:{spec}}" if se == se else f"{mean:{spec}}"
 
 
 def write_summary(table: dict, output_dir: Path) -> None:
@@ -307,9 +309,9 @@ def write_summary(table: dict, output_dir: Path) -> None:
     percent = lambda pair: pair and (100 * pair[0], 100 * pair[1])  # noqa: E731
     for method, row in table.items():
         lines.append(
-            f"| {method} | {row['runs']} | {_fmt(row['afid'])} | {_fmt(row['forgetting'])} | "
-            f"{_fmt(row['plasticity'])} | {_fmt(percent(row.get('accuracy')))} | "
-            f"{_fmt(percent(row.get('bwt')))} | {_fmt(row.get('class_kl'))} |"
+            f"| {method} | {row['runs']} | {format_mean_se(row['afid'])} | {format_mean_se(row['forgetting'])} | "
+            f"{format_mean_se(row['plasticity'])} | {format_mean_se(percent(row.get('accuracy')))} | "
+            f"{format_mean_se(percent(row.get('bwt')))} | {format_mean_se(row.get('class_kl'))} |"
         )
     backends = sorted({row["fid_backend"] for row in table.values()})
     note = (

@@ -293,8 +293,22 @@ def fisher_statistics(
     kinds: Sequence[str] = KINDS,
     chunk_size: int | None = None,
 ) -> FisherStatistics:
-    """Exact statistics on exactly these B inputs (``noisy_images``/``noise`` ``[B, C, H, W]``, ``timesteps`` and
-    ``class_labels`` ``[B]``). ``chunk_size`` bounds the samples per vmap/JVP call (memory)."""
+    r"""Exact Fisher statistics on exactly these B noised samples, with :math:`g_i = \nabla_\theta l_i`:
+
+    .. math::
+
+        \mu = \frac{1}{B}\sum_i g_i, \qquad c^* = \frac{1}{B}\sum_i \frac{(\mu^\top g_i)^2}{\|\mu\|^4},
+        \qquad \mathrm{diag} = \frac{1}{B}\sum_i g_i \odot g_i
+
+    Args:
+        unet: the denoiser, called as ``unet(x_t, t, class_labels=y).sample``; its trainable parameters define θ.
+        noisy_images: ``[B, C, H, W]`` x_t; timesteps: ``[B]``; class_labels: ``[B]``; noise: ``[B, C, H, W]`` ε.
+        kinds: which statistics: ``"rank1"`` (μ, c*) and/or ``"diag"``.
+        chunk_size: samples per vmap/JVP call (bounds memory); None: all at once.
+
+    Returns:
+        ``FisherStatistics`` in float32 (sums kept in float64), keyed like ``named_parameters()``.
+    """
     kinds = _check_kinds(kinds)
     params = trainable_parameters(unet)
     sums = FisherSums()
@@ -369,7 +383,20 @@ def estimate_fisher(
     chunk_size: int | None = 64,
     show_progress: bool = True,
 ) -> FisherStatistics:
-    """Exact Fisher statistics over a task's samples in two passes over ``dataloader``.
+    """Exact Fisher statistics over a task's samples in two passes over ``dataloader`` (μ, then c* and diag; the
+    formulas of ``fisher_statistics``), with the loss in float32 whatever precision the model trained in.
+
+    Args:
+        unet: the trained denoiser (put in eval mode for the passes, restored after).
+        noise_scheduler: the training (DDPM) schedule that noises x0 into x_t.
+        dataloader: yields ``(pixel_values [B, C, H, W] in [-1, 1], class_labels [B][, global_index [B]])``.
+        kinds: ``"rank1"`` and/or ``"diag"``; num_samples: cap on this process's samples.
+        timestep_range: t ~ U{lo, ..., hi - 1}; generator: its seed seeds every sample's (t, ε).
+        reduce_sum: all-reduce of the partial sums across processes (None: one process).
+        chunk_size: samples per vmap/JVP call; show_progress: a progress bar per pass.
+
+    Returns:
+        The global ``FisherStatistics`` on every process.
 
     The loader must yield ``(pixel_values, class_labels[, global_index])`` (or dicts) in the same order on both
     passes (no shuffling). t ~ U{timestep_range[0], ..., timestep_range[1] - 1} and eps ~ N(0, I) are drawn per

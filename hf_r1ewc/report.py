@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .evaluate import PAIRED_METRICS, aggregate, paired_differences
+from .evaluate import PAIRED_METRICS, aggregate, format_mean_se, paired_differences
 from .metrics import matrix_from_json, run_summary_table
 from .plots import plot_afid_curves, plot_loss_curves, plot_task_matrix
 
@@ -54,13 +54,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _mean_se(pair) -> str:
-    if pair is None:
-        return "—"
-    mean, se = pair
-    return f"{mean:.2f} ± {se:.2f}" if se == se else f"{mean:.2f}"
-
-
 def _task_metrics(run_dir: Path) -> dict[int, dict]:
     """metrics.json of every task folder of a run, by task number."""
     out = {}
@@ -93,7 +86,7 @@ def run_section(run_dir: Path) -> str:
     if samples:
         parts += ["<h3>Samples of the classes seen so far, after each task</h3>", *samples]
     figures = []
-    if matrix:
+    if any(matrix.values()):
         figures.append(_figure(_png(lambda b: plot_task_matrix(matrix, b, "FID_i(m_k)")), "FID matrix"))
         afid = {int(k): (v, float("nan")) for k, v in results.get("afid", {}).items()}
         if afid:
@@ -134,7 +127,11 @@ def comparison_section(runs: dict[str, dict], paired_against: str | None) -> str
     table = aggregate(runs)
     header = ["method", "runs", "AFID@T", "F", "P", "ACC", "BWT", "class KL"]
     rows = [
-        (m, r["runs"], *(_mean_se(r[k]) for k in ("afid", "forgetting", "plasticity", "accuracy", "bwt", "class_kl")))
+        (
+            m,
+            r["runs"],
+            *(format_mean_se(r[k]) for k in ("afid", "forgetting", "plasticity", "accuracy", "bwt", "class_kl")),
+        )
         for m, r in table.items()
     ]
     parts = ["<h2>Comparison (mean ± standard error over runs)</h2>", _table(header, rows)]
@@ -149,7 +146,9 @@ def comparison_section(runs: dict[str, dict], paired_against: str | None) -> str
                 m,
                 len(r["seeds"]),
                 *(
-                    _mean_se(e["mean_se"]) + (f" ({e['t_p']:.3f})" if "t_p" in e else "") if (e := r.get(k)) else "—"
+                    format_mean_se(e["mean_se"]) + (f" ({e['t_p']:.3f})" if "t_p" in e else "")
+                    if (e := r.get(k))
+                    else "—"
                     for k in PAIRED_METRICS
                 ),
             )

@@ -712,3 +712,24 @@ def test_gradient_checkpointing_and_loader_workers_change_no_result(tmp_path):
     assert max(float((plain[k] - lean[k]).abs().max()) for k in plain) <= 1e-5
     fisher = [load_file(str(tmp_path / run / "task_01" / "fisher.safetensors")) for run in ("plain", "lean")]
     assert max(float((fisher[0][k] - fisher[1][k]).abs().max()) for k in fisher[0]) <= 1e-5
+
+
+def test_accumulated_replay_pools_sample_each_class_once(tmp_path):
+    """--replay_pool accumulate on 3 tasks: at task 2 its pool is regenerate's (same teacher, classes and seed); at
+    task 3 the teacher samples only task 2's classes while task 1's keep their images; the pools go when the run
+    ends, and the method is named apart from regenerate's in results.json."""
+    from safetensors.torch import load_file
+
+    three = [*FAST, "--tasks", "0,1;2,3;4,5", "--fid_backend", "none", "--checkpointing_steps", "2"]
+    regenerate, accumulate = tmp_path / "regenerate", tmp_path / "accumulate"
+    launch([*three, "--output_dir", str(regenerate), "--stop_after_steps", "8"])  # mid task 2 (6 steps per task)
+    launch([*three, "--output_dir", str(accumulate), "--replay_pool", "accumulate", "--stop_after_steps", "14"])
+    pools = accumulate / "replay" / "accumulated"
+    assert sorted(p.name for p in pools.iterdir()) == ["task_01", "task_02"]  # task 3 is under way
+    assert json.loads((pools / "task_02" / "pool.json").read_text())["classes"] == [2, 3]
+    for chunk in sorted((regenerate / "replay" / "task_02").glob("chunk-*.safetensors")):
+        a, b = load_file(str(chunk)), load_file(str(pools / "task_01" / chunk.name))
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+    launch([*three, "--output_dir", str(accumulate), "--replay_pool", "accumulate"])  # resumes and finishes
+    assert not pools.exists()
+    assert "generative replay (accumulated pool)" in json.loads((accumulate / "results.json").read_text())["method"]
