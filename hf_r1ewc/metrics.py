@@ -200,17 +200,44 @@ def class_distribution_kl(scores: Iterable[TaskScore]) -> float | None:
 
 
 def afid_at(matrix: Mapping[int, Mapping[int, float]], k: int) -> float:
-    """AFID@k from ``matrix[k][i] = FID_i(m_k)`` (1-based task indices)."""
+    r"""Average FID over the first k tasks after task k.
+
+    .. math:: \mathrm{AFID}@k = \frac{1}{k}\sum_{i=1}^{k} \mathrm{FID}_i(m_k)
+
+    Args:
+        matrix: ``matrix[k][i] = FID_i(m_k)`` (1-based task indices); k: the model after task k.
+
+    Returns:
+        AFID@k.
+    """
     return sum(matrix[k][i] for i in range(1, k + 1)) / k
 
 
 def forgetting(matrix: Mapping[int, Mapping[int, float]], num_tasks: int) -> float:
-    """F = (1/T) sum_k (FID_k(m_T) - FID_k(m_k)); the last task contributes 0."""
+    r"""Forgetting after T tasks (the last task contributes 0).
+
+    .. math:: F = \frac{1}{T}\sum_{k=1}^{T} \big(\mathrm{FID}_k(m_T) - \mathrm{FID}_k(m_k)\big)
+
+    Args:
+        matrix: ``matrix[k][i] = FID_i(m_k)``; num_tasks: T.
+
+    Returns:
+        F (positive: the tasks' FID rose after they were learned).
+    """
     return sum(matrix[num_tasks][k] - matrix[k][k] for k in range(1, num_tasks + 1)) / num_tasks
 
 
 def plasticity(matrix: Mapping[int, Mapping[int, float]], num_tasks: int) -> float:
-    """P = (1/T) sum_k FID_k(m_k)."""
+    r"""Plasticity: how well each task was learned when it was new.
+
+    .. math:: P = \frac{1}{T}\sum_{k=1}^{T} \mathrm{FID}_k(m_k)
+
+    Args:
+        matrix: ``matrix[k][i] = FID_i(m_k)``; num_tasks: T.
+
+    Returns:
+        P (lower is better).
+    """
     return sum(matrix[k][k] for k in range(1, num_tasks + 1)) / num_tasks
 
 

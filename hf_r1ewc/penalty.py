@@ -367,7 +367,18 @@ class EWCPenalty:
         return bound
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
-        """The scalar penalty (already multiplied by lambda), float32, differentiable w.r.t. the model."""
+        r"""The penalty over the K consolidated tasks, multiplied by λ (rank-1; the other kinds in the module text):
+
+        .. math::
+
+            \frac{\lambda}{2}\sum_{k=1}^{K} c^*_k\,(\mu_k^\top\theta - \mu_k^\top\theta^*_k)^2
+
+        Args:
+            model: the model being trained (its trainable parameters are θ; FSDP2 shards allowed).
+
+        Returns:
+            A float32 0-dim tensor on the parameters' device, differentiable w.r.t. θ (0 before any task).
+        """
         device = local_tensor(next(model.parameters())).device
         if self.num_tasks == 0 or self.ewc_lambda == 0:
             return torch.zeros((), device=device)
@@ -376,7 +387,18 @@ class EWCPenalty:
 
     @torch.no_grad()
     def proximal_step(self, model: nn.Module, step_size: float) -> None:
-        """Replace theta by argmin_theta 1/2 ||theta - theta~||^2 + step_size * penalty(theta), exactly."""
+        r"""Replace θ̃ (the weights after an optimizer step) by the exact proximal point
+
+        .. math::
+
+            \theta \leftarrow \arg\min_\theta \tfrac{1}{2}\|\theta - \tilde\theta\|^2 + \eta\,
+            \mathrm{penalty}(\theta)
+
+        (rank-1: a K×K linear solve in the span of the μ_k; diagonal: elementwise).
+
+        Args:
+            model: updated in place; step_size: η ≥ 0, the optimizer's learning rate.
+        """
         if step_size < 0:
             raise ValueError(f"step_size must be >= 0, got {step_size}")
         if self.num_tasks == 0 or self.ewc_lambda == 0 or step_size == 0:

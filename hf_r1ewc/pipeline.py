@@ -91,12 +91,22 @@ def sample(
     eta: float = 0.0,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> torch.Tensor:
-    """Samples ``[N, C, H, W]`` float32 in [-1, 1] for ``class_labels`` ``[N]``, through ``scheduler.step``.
+    """Samples for ``class_labels`` through ``scheduler.step``: the one sampler of the package (replay pools, FID
+    samples, grids and ``ClassConditionalPipeline``).
 
-    The initial noise is drawn on the generator's device (CPU generators give the same images on every device);
-    the UNet runs under ``autocast_dtype`` (None: its own dtype), the scheduler update in float32. ``eta`` is
-    passed to schedulers whose ``step`` takes it (DDIM). The latents follow the UNet's memory format
-    (channels_last for ``frozen_teacher`` copies)."""
+    Args:
+        unet: the denoiser, called as ``unet(x_t, t, class_labels=y).sample``.
+        scheduler: any diffusers sampling scheduler (DDIM, DPM-Solver++, UniPC, ...).
+        class_labels: ``[N]`` int64.
+        num_inference_steps: sampler steps; eta: passed to schedulers whose ``step`` takes it (DDIM).
+        generator: draws the initial noise on its own device (CPU generators give the same images everywhere).
+        autocast_dtype: the UNet's autocast dtype (None: its own dtype); the scheduler update stays float32.
+        progress: wraps the timestep loop (e.g. a progress bar).
+
+    Returns:
+        ``[N, C, H, W]`` float32 in [-1, 1]; the latents follow the UNet's memory format (channels_last for
+        ``frozen_teacher`` copies).
+    """
     params = next(unet.parameters())
     device = params.device
     size = unet.config.sample_size
