@@ -113,6 +113,65 @@ def late_drop(losses: list[float]) -> float:
     return 1 - (sum(last) / len(last)) / (sum(third) / len(third))
 
 
+def write_replay_pool(work: Path, output: Path) -> None:
+    """replay_pool.md/.json: GD with the accumulated replay pool against the regenerated one (the paper's), seed by
+    seed (hf_r1ewc.evaluate's paired comparison), with the pools' images and wall seconds per run."""
+    from hf_r1ewc.evaluate import aggregate, paired_differences, paired_markdown
+
+    runs, pools = {}, {}
+    for seed in PAIRED_SEEDS:
+        for schedule, folder in (("regenerate", run_dir_name("GD", None, seed)), ("accumulate", pool_folder(seed))):
+            out = work / "runs" / folder
+            if not finished(out):
+                continue
+            runs[str(out)] = json.loads((out / "results.json").read_text())
+            seconds = [
+                json.loads((out / f"task_{k:02d}" / "metrics.json").read_text())["seconds_by_phase"].get(
+                    "replay pool", 0
+                )
+                for k in range(2, 6)
+            ]
+            pools.setdefault(schedule, []).append(sum(seconds))
+    if not runs:
+        return
+    table = aggregate(runs)
+    regenerate = next((r["method"] for r in runs.values() if "accumulated" not in r["method"]), None)
+    paired = paired_differences(runs, regenerate) if regenerate and len(table) == 2 else {}
+    per_class = SCALES["cpu"]["replay"]
+    images = {"regenerate": per_class * 2 * (1 + 2 + 3 + 4), "accumulate": per_class * 2 * 4}
+    lines = [
+        "# Replay pool schedules: regenerate (the paper) against accumulate, GD at the CPU table-1 scale\n",
+        f"The CPU scale of table1_fmnist_cpu.md, seeds {list(PAIRED_SEEDS)}; GD alone (generative distillation), "
+        "`--replay_pool regenerate` (after each task the teacher samples every class seen so far) against "
+        "`accumulate` (it samples only the classes it has just learned; older classes keep their images). Task 1 and "
+        "the task-2 pool are the same images in both, so the differences are paired. FID features: a CNN classifier "
+        "(NOT comparable to Inception FID).\n",
+        provenance() + "\n",
+        "\n| schedule | runs | AFID@5 ↓ | F ↓ | P ↓ | pool images | pool seconds per run (tasks 2-5) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    fmt = lambda pair: format_mean_se(pair, ".1f")  # noqa: E731
+    for method, row in table.items():
+        schedule = "accumulate" if "accumulated" in method else "regenerate"
+        seconds = pools.get(schedule, [])
+        lines.append(
+            f"| {schedule} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
+            f"{fmt(row['plasticity'])} | {images[schedule]:,} | {sum(seconds) / max(1, len(seconds)):.0f} |"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
+    text = "\n".join(lines) + "\n" + (paired_markdown(paired, regenerate) if paired else "")
+    output.write_text(text + (f"\n## Reading{reading}" if reading else ""))
+    output.with_suffix(".json").write_text(
+        json.dumps({"summary": table, "paired": paired, "pool_seconds": pools, "pool_images": images}, indent=1)
+    )
+    print(text, flush=True)
+
+
+def pool_folder(seed: int) -> str:
+    return f"pool-accumulate_{run_dir_name('GD', None, seed)}"
+
+
 def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> None:
     from hf_r1ewc.metrics import mean_and_standard_error
     from hf_r1ewc.plots import plot_afid_curves, plot_loss_curves
@@ -772,14 +831,15 @@ def main() -> None:
     p.add_argument("--work_dir", default=None, help="default: runs/table1 (cpu) or runs/table1_SCALE")
     p.add_argument(
         "--phase",
-        choices=["all", "sweep", "table", "paired", "dit", "long"],
+        choices=["all", "sweep", "table", "paired", "dit", "long", "pool"],
         default="all",
         help="paired: GD, rank-1 + GD (lambda 15000 and 100, in the loss) and decoupled rank-1 + GD on "
         "seeds 0-4, compared with GD seed by seed -> table1_paired.md; dit: GD, rank-1 + GD and "
         "decoupled rank-1 + GD with a DiT of the UNet's size on seeds 0-2, beside the UNet's runs "
         "of the same seeds, and the Fisher geometry of task 1 -> dit.md; long: 10 one-class tasks "
         "(lambda sweep, GD, rank-1 + GD, decoupled rank-1 + GD, diag + GD on seeds 0-4; ~8 h on 2 "
-        "cores, resumable) -> long_horizon.md",
+        "cores, resumable) -> long_horizon.md; pool: GD with --replay_pool accumulate against regenerate on seeds "
+        "0-4 (~1 h on 2 cores) -> replay_pool.md",
     )
     p.add_argument("--lengths", default="1x,3x", help="with --phase long: training lengths (1x, 3x)")
     args = p.parse_args()
@@ -815,6 +875,20 @@ def main() -> None:
         if unknown := sorted(set(lengths) - set(LONG_LENGTHS)):
             p.error(f"--lengths: unknown {unknown}; choose from {sorted(LONG_LENGTHS)}")
         run_long_horizon(work, args.data_dir, sc, log, jobs, lengths)
+        return
+    if args.phase == "pool":
+        jobs_pool = [(s, schedule) for s in PAIRED_SEEDS for schedule in ("regenerate", "accumulate")]
+
+        def run_pool(job):
+            seed, schedule = job
+            accumulate = schedule == "accumulate"
+            folder = pool_folder(seed) if accumulate else None
+            extra = ["--replay_pool", "accumulate"] if accumulate else []
+            launch("GD", None, seed, work, args.data_dir, sc, log, on_gpu, folder=folder, extra=extra)
+            write_replay_pool(work, RESULTS / "replay_pool.md")
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(run_pool, jobs_pool))
         return
     if args.phase == "paired":
         with ThreadPoolExecutor(jobs) as pool:
