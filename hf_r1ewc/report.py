@@ -99,7 +99,8 @@ def run_section(run_dir: Path) -> str:
     if losses:
         draw = lambda b: plot_loss_curves({run_dir.name: losses}, b, "training loss (epoch mean)")  # noqa: E731
         figures.append(_figure(_png(draw), "loss per epoch, by task"))
-    ratios = {k: m["ewc_grad_ratio_per_epoch"] for k, m in tasks.items() if m.get("ewc_grad_ratio_per_epoch")}
+    ratios = {k: m.get("ewc_grad_ratio_per_epoch") or [] for k, m in tasks.items()}
+    ratios = {k: r for k, r in ratios.items() if any(v > 0 for v in r)}  # log scale: 0 at θ*_{k-1} exactly
     if ratios:
         draw = lambda b: plot_loss_curves({run_dir.name: ratios}, b, "||grad λ·EWC|| / ||grad rest||")  # noqa: E731
         figures.append(_figure(_png(draw), "penalty-gradient ratio at each epoch's first step"))
