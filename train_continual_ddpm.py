@@ -8,7 +8,8 @@ diffusion models".
 Per task: train -> evaluate FID on every task so far -> consolidate (Fisher -> EWC term) -> write OUTPUT_DIR/task_XX
 (a loadable pipeline with fisher.safetensors, ewc_penalty.safetensors, metrics.json, samples.png, README.md) -> the
 next task starts with a frozen teacher and its replay pool. OUTPUT_DIR/results.json holds the FID matrix, AFID@k, F
-and P. A quick run: --preset demo --num_epochs_per_task 2 --fid_num_samples 40 (see the README).
+and P; OUTPUT_DIR/report.html shows the run on one page. The flags, presets and checks live in hf_r1ewc.config, the
+steps this recipe calls in the library. A quick run: --preset demo --num_epochs_per_task 2 --fid_num_samples 40.
 """
 
 from __future__ import annotations
