@@ -3,9 +3,12 @@
 ``ContinualLearner`` holds what carries from task to task — the EWC penalty and the replay source (a frozen teacher
 and its pool) — and the three phases a training loop calls::
 
-    learner.start_task(model, sampler, old_classes, ...)        # teacher + replay pool from the model so far
-    learner.training_step(accelerator, model, optimizer, x, y, generator)   # per micro-batch
-    learner.consolidate(model, fisher_loader, ...)              # Fisher of the finished task -> penalty term
+    learner.start_task(model, sampler, old_classes, ..., accelerator=accelerator)  # teacher + replay pool
+    learner.training_step(accelerator, model, optimizer, x, y, generator)           # per micro-batch
+    learner.consolidate(model, fisher_loader, ..., accelerator=accelerator)        # Fisher -> penalty term
+
+Each phase takes the distributed context the same way, from the ``accelerator`` (None: one process): the pool is
+generated in shares and gathered, the Fisher's partial sums are all-reduced.
 
 One step's loss (docs/method.md): ``denoise(real ∪ replay) + distill_weight * distill(replay) + λ·EWC(θ)`` with
 ``ewc_mode="loss"``; with ``ewc_mode="decoupled"`` the penalty instead acts as an exact proximal step after each
@@ -19,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -129,9 +132,7 @@ class ContinualLearner:
         num_inference_steps: int = 50,
         seed: int = 0,
         online_steps: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        barrier: Callable[[], None] | None = None,
+        accelerator: Accelerator | None = None,
         show_progress: bool = True,
         kept: ReplayPool | None = None,
     ) -> None:
@@ -159,9 +160,9 @@ class ContinualLearner:
                     directory,
                     num_inference_steps,
                     seed=seed,
-                    rank=rank,
-                    world_size=world_size,
-                    barrier=barrier,
+                    rank=accelerator.process_index if accelerator else 0,
+                    world_size=accelerator.num_processes if accelerator else 1,
+                    barrier=accelerator.wait_for_everyone if accelerator else None,
                     show_progress=show_progress,
                 )
             )
@@ -296,7 +297,7 @@ class ContinualLearner:
         fisher_loader: Iterable,
         *,
         seed: int,
-        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        accelerator: Accelerator | None = None,
         num_samples: int | None = None,
         show_progress: bool = True,
     ) -> FisherStatistics | None:
@@ -313,7 +314,9 @@ class ContinualLearner:
             kinds=kinds,
             num_samples=num_samples,
             generator=torch.Generator().manual_seed(seed),
-            reduce_sum=reduce_sum,
+            reduce_sum=(lambda t: accelerator.reduce(t, "sum"))
+            if accelerator and accelerator.num_processes > 1
+            else None,
             show_progress=show_progress,
         ).check_finite("the finished task's Fisher estimate")
         self.penalty.add_task(stats, model)
@@ -408,9 +411,7 @@ def start_replay(args, accelerator, learner: ContinualLearner, denoiser, sampler
         num_inference_steps=args.num_inference_steps,
         seed=args.seed * 100 + task_index,
         online_steps=args.online_replay_steps if args.replay_mode == "online" else None,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        barrier=accelerator.wait_for_everyone,
+        accelerator=accelerator,
         show_progress=accelerator.is_local_main_process,
         kept=kept,
     )
@@ -437,7 +438,7 @@ def consolidate_task(args, accelerator, learner: ContinualLearner, trained, fish
             trained,
             fisher_batches,
             seed=args.seed + task_index,
-            reduce_sum=lambda t: accelerator.reduce(t, "sum"),
+            accelerator=accelerator,
             num_samples=streamed_share if args.streaming else None,
             show_progress=accelerator.is_local_main_process,
         )
