@@ -340,6 +340,9 @@ def fisher_loader(
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
 
 
+# -------------------------------------------------------------- from the training script's settings (hf_r1ewc.config)
+
+
 def make_learner(args, noise_scheduler) -> ContinualLearner:
     """The method: the EWC penalty (none for --ewc_type none and --joint) and generative distillation."""
     penalty = EWCPenalty(args.ewc_type, args.ewc_lambda) if args.ewc_type != "none" and not args.joint else None

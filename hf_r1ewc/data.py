@@ -492,35 +492,7 @@ class StreamedTaskLoader(DataLoaderStateMixin):
                 )
 
 
-# ---------------------------------------------------------------------------------------------------- preview
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m hf_r1ewc.data``: print a dataset's class-incremental split and save a sample grid per task."""
-    import argparse
-
-    from .plots import save_image_grid
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--dataset_name", default=BUILTIN_DIGITS, help="'digits', a Hub id or a local folder")
-    parser.add_argument("--tasks", default=None, help="explicit tasks, e.g. '0,1;2,3'")
-    parser.add_argument("--classes_per_task", type=int, default=2)
-    parser.add_argument("--output", default="data_preview.png")
-    args = parser.parse_args(argv)
-    train = load_labeled_images(args.dataset_name, "train")
-    test = load_labeled_images(args.dataset_name, "test")
-    tasks = parse_tasks(args.tasks, args.classes_per_task, train.classes)
-    rows = []
-    for index, classes in enumerate(tasks, start=1):
-        task_train, task_test = train.subset(classes), test.subset(classes)
-        print(f"task {index}: classes {classes}  train {len(task_train)}  test {len(task_test)}")
-        rows.append(images_to_model_input(task_train.head_per_class(4).images, default_resolution(train.image_size)))
-    save_image_grid(torch.cat(rows), args.output, nrow=len(rows[0]))
-    print(f"wrote {args.output}")
-
-
-if __name__ == "__main__":
-    main()
+# ------------------------------------------------------------------------------------ a training run's data
 
 
 @dataclass
@@ -666,3 +638,34 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
         accelerator.num_processes,
     )
     return loader, len(labels), fisher
+
+
+# ---------------------------------------------------------------------------------------------------- preview
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m hf_r1ewc.data``: print a dataset's class-incremental split and save a sample grid per task."""
+    import argparse
+
+    from .plots import save_image_grid
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--dataset_name", default=BUILTIN_DIGITS, help="'digits', a Hub id or a local folder")
+    parser.add_argument("--tasks", default=None, help="explicit tasks, e.g. '0,1;2,3'")
+    parser.add_argument("--classes_per_task", type=int, default=2)
+    parser.add_argument("--output", default="data_preview.png")
+    args = parser.parse_args(argv)
+    train = load_labeled_images(args.dataset_name, "train")
+    test = load_labeled_images(args.dataset_name, "test")
+    tasks = parse_tasks(args.tasks, args.classes_per_task, train.classes)
+    rows = []
+    for index, classes in enumerate(tasks, start=1):
+        task_train, task_test = train.subset(classes), test.subset(classes)
+        print(f"task {index}: classes {classes}  train {len(task_train)}  test {len(task_test)}")
+        rows.append(images_to_model_input(task_train.head_per_class(4).images, default_resolution(train.image_size)))
+    save_image_grid(torch.cat(rows), args.output, nrow=len(rows[0]))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -407,6 +407,9 @@ class TaskUploader:
                         time.sleep(self.backoff_seconds * attempt)
 
 
+# -------------------------------------------------------------- from the training script's settings (hf_r1ewc.config)
+
+
 @dataclass
 class TaskOutcome:
     """What one task produced, for its folder: the pipeline to save and the model FID was sampled with (it draws

@@ -322,6 +322,9 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+# -------------------------------------------------------------- from the training script's settings (hf_r1ewc.config)
+
+
 def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
     """The FID scorer of every task (the main process trains the feature classifier once, if needed)."""
     if args.fid_backend == "none":

@@ -175,6 +175,9 @@ def training_noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
 
+# -------------------------------------------------------------- from the training script's settings (hf_r1ewc.config)
+
+
 def build_model(args, data: TaskData) -> ModelMixin:
     """The denoiser: the preset's UNet or DiT, or a ``UNet2DModel`` / ``DiTTransformer2DModel`` config, checked
     against the data and the tasks."""
