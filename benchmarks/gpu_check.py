@@ -22,6 +22,11 @@ Sections (each one recorded even when another fails), written to DIR/gpu_check.j
    ends, then hf_r1ewc.analysis at t = 100, 300, 500, 700, 900 on 1024 training images: lambda2/lambda1, the rank-1
    and diagonal relative errors and |cos(g_i, mu)|, side by side -> DIR/geometry_by_size.md. ``--tiny``: the digits
    at 8x8 with two tiny UNets, a dry run.
+7. throughput (issue 26): FLOPs counted per step (FlopCounterMode), the plain step (batch 128) and the GD step
+   (128 real + 128 replay through the student, the teacher's forward) eager, compiled (torch.compile) and compiled
+   with CUDA graphs (mode="reduce-overhead"), each with its MFU against the datasheet and a measured bf16 matmul peak;
+   DDIM-50 images/s at batch 500; and each paper protocol projected in GPU-hours from these times -> DIR/
+   throughput_gpu.md. ``--tiny`` on CPU: eager only (compiling on 2 cores takes minutes), a dry run.
 """
 
 from __future__ import annotations
@@ -177,6 +182,139 @@ def check_sampling(args, device) -> dict:
 
 
 GEOMETRY_TIMESTEPS = (100, 300, 500, 700, 900)
+# the paper's protocols: (tasks, optimizer steps per task, classes per task, replay images per class)
+PROTOCOLS = {"Fashion-MNIST / CIFAR-10": (5, 18_750, 2, 5000), "ImageNet 32x32": (20, 50_000, 50, 1300)}
+
+
+def check_throughput(args, device) -> dict:
+    from accelerate import Accelerator
+    from bench_throughput import counted_flops, datasheet_peak, matmul_peak
+
+    from hf_r1ewc.continual import ContinualLearner, Replay, step_generator
+    from hf_r1ewc.distill import ReplayPool, frozen_teacher
+    from hf_r1ewc.pipeline import sample, sampling_scheduler
+
+    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+    model = paper_unet(args).to(device)
+    n = 8 if args.tiny else 128
+    x, y = batch(n, model, device)
+    scheduler = training_noise_scheduler()
+    size = model.config.sample_size
+    g = torch.Generator().manual_seed(1)
+    pool = ReplayPool((torch.rand(4 * n, 1, size, size, generator=g) * 2 - 1).half(), torch.arange(4 * n) % 10)
+    teacher = frozen_teacher(model)
+    plain, gd = ContinualLearner(scheduler), ContinualLearner(scheduler, replay_batch_size=n)
+    gd.replay = Replay(teacher, list(range(10)), pool)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    variants = {"eager": prepared}
+    if device.type == "cuda":
+        variants["compiled"] = torch.compile(prepared)
+        variants["compiled + CUDA graphs"] = torch.compile(prepared, mode="reduce-overhead")
+    counter = {"step": 0}
+
+    def step(learner, m):
+        def run_step():
+            counter["step"] += 1
+            learner.training_step(accelerator, m, optimizer, x, y, step_generator(0, counter["step"]))
+
+        return run_step
+
+    flops = {"plain": counted_flops(step(plain, prepared)), "GD": counted_flops(step(gd, prepared))}
+    workloads, errors = {}, {}
+    for name, m in variants.items():
+        for kind, learner in (("plain", plain), ("GD", gd)):
+            fn = step(learner, m)
+            try:
+                start = time.perf_counter()
+                for _ in range(3):  # warm-up: compilation and graph capture happen here
+                    fn()
+                sync(device)
+                workloads[f"{kind} step, {name}"] = fn
+                errors[f"{kind} step, {name} warm-up seconds"] = time.perf_counter() - start
+            except Exception:  # a variant that does not compile is recorded, the others still run
+                errors[f"{kind} step, {name}"] = traceback.format_exc()[-1500:]
+    seconds = interleaved_medians(workloads, 3 if args.tiny else 10, device)
+    sampler = sampling_scheduler("ddim", scheduler.config)
+    labels = torch.arange(16 if args.tiny else 500, device=device) % 10
+    steps = 2 if args.tiny else 10
+    sample_seconds = interleaved_medians(
+        {"ddim": lambda: sample(teacher, sampler, labels, steps, torch.Generator().manual_seed(0), torch.bfloat16)},
+        1 if args.tiny else 2,
+        device,
+    )["ddim"]
+    images_per_s = len(labels) / sample_seconds * steps / 50  # per 50-step image
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    measured_peak = matmul_peak(device, peak_dtype, 8192 if device.type == "cuda" else 1024)
+    sheet = datasheet_peak(device)
+    steps_out = {
+        name: {
+            "seconds": s,
+            "tflops_per_s": flops[name.split(" ")[0]] / s / 1e12,
+            "mfu_datasheet": flops[name.split(" ")[0]] / s / sheet if sheet else None,
+            "mfu_measured_peak": flops[name.split(" ")[0]] / s / measured_peak,
+        }
+        for name, s in seconds.items()
+    }
+    best = {kind: min(s for k, s in seconds.items() if k.startswith(kind)) for kind in ("plain", "GD")}
+    projection = {}
+    for protocol, (tasks, per_task, classes, per_class) in PROTOCOLS.items():
+        training = per_task * (best["plain"] + (tasks - 1) * best["GD"])
+        for schedule, images in (
+            ("regenerate", per_class * classes * tasks * (tasks - 1) // 2),
+            ("accumulate", per_class * classes * (tasks - 1)),
+        ):
+            projection[f"{protocol}, {schedule}"] = {
+                "training_hours": training / 3600,
+                "pool_images": images,
+                "pool_hours": images / images_per_s / 3600,
+                "total_hours": (training + images / images_per_s) / 3600,
+            }
+    out = {
+        "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
+        "batch": n,
+        "flops_per_step": flops,
+        "steps": steps_out,
+        "ddim50_images_per_s": images_per_s,
+        "measured_peak_tflops_per_s": measured_peak / 1e12,
+        "datasheet_peak_tflops_per_s": sheet / 1e12 if sheet else None,
+        "projection_hours": projection,
+        "notes": errors,
+    }
+    write_throughput_markdown(out, Path(args.out) / "throughput_gpu.md", device)
+    return out
+
+
+def write_throughput_markdown(out: dict, path: Path, device) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    lines = [
+        f"# Throughput on {name} (issue 26)\n",
+        f"The paper's UNet ({out['params_millions']:.2f}M), batch {out['batch']} (+ {out['batch']} replay for GD), "
+        f"bf16 autocast on CUDA; FLOPs counted with FlopCounterMode (plain {out['flops_per_step']['plain'] / 1e12:.2f}"
+        f" TFLOP, GD {out['flops_per_step']['GD'] / 1e12:.2f} TFLOP per step). Peaks: measured matmul "
+        f"{out['measured_peak_tflops_per_s']:.0f} TFLOP/s, datasheet {out['datasheet_peak_tflops_per_s']} TFLOP/s.\n",
+        "| step | ms | TFLOP/s | MFU (datasheet) | MFU (measured peak) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for step_name, r in out["steps"].items():
+        mfu = f"{100 * r['mfu_datasheet']:.1f} %" if r["mfu_datasheet"] else "—"
+        lines.append(
+            f"| {step_name} | {1e3 * r['seconds']:.1f} | {r['tflops_per_s']:.1f} | {mfu} | "
+            f"{100 * r['mfu_measured_peak']:.1f} % |"
+        )
+    lines += [
+        f"\nDDIM-50 sampling at batch 500: {out['ddim50_images_per_s']:.0f} images/s.\n",
+        "Projection of each protocol from the fastest variant's step times (task 1 plain, later tasks GD; ImageNet's "
+        "UNet, 3 channels and 1000 classes, has 1.4 % more parameters and is not timed separately):\n",
+        "| protocol, pool schedule | training h | pool images | pool h | total h |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for protocol, p in out["projection_hours"].items():
+        lines.append(
+            f"| {protocol} | {p['training_hours']:.2f} | {p['pool_images']:,} | {p['pool_hours']:.2f} | "
+            f"{p['total_hours']:.2f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
 
 
 def train_to_plateau(model, images, labels, device, seconds: float, batch_size: int, lr: float) -> dict:
@@ -476,6 +614,7 @@ def main() -> None:
         "script_bf16": lambda: check_script_bf16(args, device, Path(args.work_dir)),
         "fsdp": lambda: check_fsdp(args, device, Path(args.work_dir)),
         "geometry": lambda: check_geometry(args, device),
+        "throughput": lambda: check_throughput(args, device),
     }
     for name, section in sections.items():
         if args.only and name not in args.only.split(","):
