@@ -450,10 +450,9 @@ def method_description(args) -> str:
     if args.ewc_type != "none":
         parts.append(f"{args.ewc_type} EWC (lambda={args.ewc_lambda:g}, {args.ewc_mode})")
     if args.replay == "on":
-        accumulated = args.replay_pool == "accumulate" and args.replay_mode == "pool"
         parts.append(
             "generative replay"
-            + (" (accumulated pool)" if accumulated else "")
+            + (" (accumulated pool)" if args.replay_pool == "accumulate" else "")
             + (f" + distillation (weight {args.distill_weight:g})" if args.distill_weight > 0 else "")
         )
     return " + ".join(parts) or "plain fine-tuning"

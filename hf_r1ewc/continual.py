@@ -395,7 +395,7 @@ def start_replay(args, accelerator, learner: ContinualLearner, denoiser, sampler
     the teacher samples only task k-1's classes, into OUTPUT_DIR/replay/accumulated/task_{k-1}, and the classes of
     tasks 1..k-2 keep their folders there (same seed as regenerate's: at task 2 both pools are the same images)."""
     directory, kept = Path(args.output_dir) / "replay" / task_folder_name(task_index), None
-    if args.replay_pool == "accumulate" and args.replay_mode == "pool":
+    if args.replay_pool == "accumulate":  # (validate_args refuses it with online replay)
         directory = Path(args.output_dir) / "replay" / "accumulated" / task_folder_name(task_index - 1)
         earlier = [directory.parent / task_folder_name(j) for j in range(1, task_index - 1)]
         try:

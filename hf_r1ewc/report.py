@@ -28,15 +28,19 @@ figcaption { font-size: .85em; color: #555 } pre { background: #f7f7f7; padding:
 """
 
 
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def _png(draw: Callable[[io.BytesIO], None]) -> str:
     """A figure drawn by ``draw(buffer)`` as a PNG data URI."""
     buffer = io.BytesIO()
     draw(buffer)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return _data_uri(buffer.getvalue())
 
 
 def _file_png(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return _data_uri(path.read_bytes())
 
 
 def _figure(src: str, caption: str) -> str:
