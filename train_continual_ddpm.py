@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,7 +41,9 @@ from hf_r1ewc.config import (
 )
 from hf_r1ewc.continual import (
     ContinualLearner,
+    LossLog,
     NonFiniteLossError,
+    bare_model,
     consolidate_task,
     make_ema,
     make_learner,
@@ -87,7 +90,7 @@ def prepare_task(args, accelerator, denoiser: ModelMixin, loader) -> tuple:
     """A fresh optimizer and LR schedule per task (the penalty and the teacher carry what earlier tasks taught),
     prepared by Accelerate: (model, optimizer, LR schedule or None, loader). A streamed loader is sharded by
     ``stream_task`` itself, so it does not go through prepare."""
-    optimizer = make_optimizer(args, denoiser)
+    optimizer = make_optimizer(args, denoiser, accelerator.device)
     if args.streaming:
         model, optimizer = accelerator.prepare(denoiser, optimizer)
     else:
@@ -190,6 +193,7 @@ def train_task(
         show=accelerator.is_local_main_process,
     )
     ratio = ratio_curve[-1] if ratio_curve else None
+    loss_log = LossLog()
     with StopRequest() as stop_request:  # the first SIGTERM/SIGINT: finish the step, checkpoint, stop
         for epoch in range(first_epoch, args.num_epochs_per_task):
             if hasattr(loader, "set_epoch"):
@@ -203,45 +207,57 @@ def train_task(
             (losses, denoise), carried = carried, ([], [])
             model.train()
             for images, labels in batches:
-                generator = step_generator(args.seed, task_index, epoch, step_in_epoch, accelerator.process_index)
-                try:
-                    out = learner.training_step(
-                        accelerator,
-                        model,
-                        optimizer,
-                        images,
-                        labels,
-                        generator,
-                        ema,
-                        # the epoch's first optimizer step (the window's closing micro-batch)
-                        measure_penalty=step_in_epoch < args.gradient_accumulation_steps,
-                    )
-                except NonFiniteLossError as err:
-                    raise SystemExit(
-                        f"error: {err} at task {task_index}, epoch {epoch}, step {run.global_step}; "
-                        f"nothing after the last checkpoint was saved. {resume_advice(output_dir)}"
-                    ) from None
+                generator = step_generator(
+                    args.seed, task_index, epoch, step_in_epoch, accelerator.process_index, device=accelerator.device
+                )
+                out = learner.training_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    images,
+                    labels,
+                    generator,
+                    ema,
+                    # the epoch's first optimizer step (the window's closing micro-batch)
+                    measure_penalty=step_in_epoch < args.gradient_accumulation_steps,
+                    check_finite=False,  # read (and checked) with the log, not at every step
+                )
                 if lr_scheduler is not None:  # Accelerate's wrapper steps it only when the optimizer stepped
                     lr_scheduler.step()
                 step_in_epoch += 1
-                losses.append(out.loss)
-                denoise.append(out.denoise)
+                loss_log.append(out, run.global_step + 1)
                 if not out.optimizer_stepped:
                     continue
                 run.global_step += 1
                 run.steps_this_process += 1
                 progress.update(1)
-                logs = {"loss": out.loss, "denoise": out.denoise, "distill": out.distill, "ewc": out.ewc}
-                if lr_scheduler is not None:
-                    logs["lr"] = lr_scheduler.get_last_lr()[0]
                 if out.penalty_gradient_ratio is not None:
                     ratio = out.penalty_gradient_ratio
                     ratio_curve.append(ratio)
-                if ratio is not None:  # ||grad EWC|| / ||grad rest of the loss||, at each epoch's first optimizer step
-                    logs["ewc_grad_ratio"] = ratio
-                progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-                accelerator.log({**logs, "task": task_index}, step=run.global_step)
                 end_of_epoch = step_in_epoch == len(loader)
+                stop = (
+                    "--stop_after_steps"
+                    if args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
+                    else None
+                )
+                signalled = stop_request.signal_name is not None
+                if accelerator.num_processes > 1:  # every process stops after the same step
+                    if signalled:
+                        accelerator.set_trigger()
+                    signalled = accelerator.check_trigger()
+                stop = (stop_request.signal_name or "a signal to another process") if signalled else stop
+                checkpoint = run.global_step % args.checkpointing_steps == 0 or stop
+                if end_of_epoch or checkpoint or run.global_step % args.logging_steps == 0:
+                    window = read_losses(loss_log, task_index, epoch, output_dir)
+                    losses += [w[0] for w in window]
+                    denoise += [w[1] for w in window]
+                    logs = dict(zip(("loss", "denoise", "distill", "ewc"), map(statistics.fmean, zip(*window))))
+                    if lr_scheduler is not None:
+                        logs["lr"] = lr_scheduler.get_last_lr()[0]
+                    if ratio is not None:  # ||grad EWC|| / ||grad rest||, at each epoch's first optimizer step
+                        logs["ewc_grad_ratio"] = ratio
+                    progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+                    accelerator.log({**logs, "task": task_index}, step=run.global_step)
                 if end_of_epoch and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
                     seen = sorted({c for t in run.tasks[:task_index] for c in t})
                     log_validation_grid(args, accelerator, learner, model, ema, seen, run.global_step)
@@ -256,18 +272,7 @@ def train_task(
                     losses,
                     denoise,
                 )
-                stop = (
-                    "--stop_after_steps"
-                    if args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
-                    else None
-                )
-                signalled = stop_request.signal_name is not None
-                if accelerator.num_processes > 1:  # every process stops after the same step
-                    if signalled:
-                        accelerator.set_trigger()
-                    signalled = accelerator.check_trigger()
-                stop = (stop_request.signal_name or "a signal to another process") if signalled else stop
-                if run.global_step % args.checkpointing_steps == 0 or stop:
+                if checkpoint:
                     save_checkpoint(accelerator, model, output_dir, position, args.checkpoints_total_limit)
                 if stop:
                     progress.close()
@@ -279,6 +284,17 @@ def train_task(
     return loss_curve, denoise_curve, ratio_curve, None
 
 
+def read_losses(loss_log: LossLog, task_index: int, epoch: int, output_dir: Path) -> list[list[float]]:
+    """The logged micro-batches' (loss, denoise, distill, ewc); a non-finite term ends the run, naming it."""
+    try:
+        return loss_log.read()
+    except NonFiniteLossError as err:
+        raise SystemExit(
+            f"error: {err} at task {task_index}, epoch {epoch}, step {err.step}; nothing after the last checkpoint "
+            f"was saved. {resume_advice(output_dir)}"
+        ) from None
+
+
 def log_validation_grid(
     args, accelerator, learner, model, ema: EMAModel | None, classes: list[int], step: int
 ) -> None:
@@ -287,7 +303,7 @@ def log_validation_grid(
     samples (a sharded model's forward needs all of them); the main process logs."""
     scheduler = sampling_scheduler(args.replay_scheduler, learner.noise_scheduler.config)
     grid = sample_grid(
-        accelerator.unwrap_model(model), scheduler, evenly_chosen(classes), args.num_inference_steps, args.seed, ema
+        bare_model(accelerator, model), scheduler, evenly_chosen(classes), args.num_inference_steps, args.seed, ema
     )
     log_images(accelerator, {"validation": grid}, step)
 

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    DynamoBackend,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+)
 
 from .integrity import sha256_tensors
 from .models import PRESETS
@@ -212,6 +219,14 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
         help="recompute activations in the backward pass (less memory, ~30 %% more compute; same results)",
     )
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs (faster)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the student (through Accelerate: the backend `accelerate launch --dynamo_backend` "
+        "names, else inductor), the teacher and the replay sampler, with static shapes. Each task compiles "
+        "again (CPU, 2 cores: ~3 min for the CPU table-1 UNet, for no gain; GPU: see "
+        "benchmarks/results/throughput_gpu.md)",
+    )
     g.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping (default: none, as the paper)")
     g.add_argument(
         "--mixed_precision",
@@ -316,6 +331,14 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--logging_dir", default="logs", help="the trackers' folder, inside OUTPUT_DIR")
     g.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="log the loss terms (their mean over the window) every N optimizer steps, and at each epoch's end: "
+        "the losses stay on the device in between, one host sync per log instead of per step; a NaN or inf "
+        "term stops the run at the next log, before any checkpoint holds the weights it touched",
+    )
+    g.add_argument(
         "--validation_epochs",
         type=int,
         default=None,
@@ -360,6 +383,7 @@ def validate_args(args: argparse.Namespace) -> None:
         "replay_per_class",
         "fisher_batch_size",
         "checkpointing_steps",
+        "logging_steps",
         "online_replay_steps",
         "fisher_num_samples",
         "max_train_per_class",
@@ -477,6 +501,8 @@ MAY_CHANGE = (
     "fid_reference_dir",
     "fisher_batch_size",
     "logging_dir",
+    "logging_steps",
+    "compile",
     "validation_epochs",
     "gradient_checkpointing",
     "dataloader_num_workers",
@@ -536,7 +562,13 @@ def resolve_mixed_precision(flag: str | None) -> str:
 def make_accelerator(args) -> Accelerator:
     """The Accelerator, with a process-group timeout long enough for the main-process phases of a task."""
     output_dir = Path(args.output_dir)
+    dynamo = TorchDynamoPlugin()  # what `accelerate launch --dynamo_backend` or the config file set
+    if args.compile and dynamo.backend == DynamoBackend.NO:
+        dynamo.backend = DynamoBackend.INDUCTOR
+    if dynamo.dynamic is None:
+        dynamo.dynamic = False  # static shapes: drop_last batches, [B] timesteps
     accelerator = Accelerator(
+        dynamo_plugin=dynamo,
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to,

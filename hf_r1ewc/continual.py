@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import extract_model_from_parallel
+from accelerate.utils import DynamoBackend, extract_model_from_parallel
 from diffusers import ModelMixin, SchedulerMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -46,19 +46,72 @@ logger = get_logger(__name__, log_level="INFO")
 EWC_MODES = ("loss", "decoupled")
 
 
-def step_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator for one micro-batch, seeded from (seed, *keys) through a hash: no two different key tuples
-    share a stream (e.g. keys = task, epoch, micro-step in the epoch, process index)."""
+def step_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` for one micro-batch, seeded from (seed, *keys) through a hash: no two different key
+    tuples share a stream (e.g. keys = task, epoch, micro-step in the epoch, process index). On the model's device
+    the step's noise, timesteps and replay indices are drawn there, with no copy from the host; a stream differs
+    between device types (CPU and CUDA draw differently from the same seed), never between runs on one."""
     digest = hashlib.blake2b(repr((int(seed), *map(int, keys))).encode(), digest_size=7).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little"))
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; ``term`` names it (denoise, distill or ewc)."""
 
-    def __init__(self, term: str, value: float) -> None:
+    def __init__(self, term: str, value: float, step: int | None = None) -> None:
         super().__init__(f"the {term} term of the loss is {value}")
-        self.term, self.value = term, value
+        self.term, self.value, self.step = term, value, step
+
+
+def compile_options(accelerator: Accelerator) -> dict | None:
+    """``torch.compile``'s keyword arguments from the accelerator's dynamo plugin, or None when it compiles
+    nothing: the models it does not prepare (the teacher) are compiled the way it compiles the student."""
+    plugin = accelerator.state.dynamo_plugin
+    return None if plugin.backend == DynamoBackend.NO else plugin.to_kwargs()
+
+
+def bare_model(accelerator: Accelerator, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
+    """The model itself, without DDP and without ``torch.compile``'s wrapper (whose parameter names carry an
+    ``_orig_mod.`` prefix: the penalty binds by name, torch.func and ``save_pretrained`` need the module)."""
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=keep_fp32_wrapper, keep_torch_compile=False)
+
+
+TERMS = ("denoise", "distill", "ewc")  # the loss's terms, in the order a non-finite one is named
+
+
+def check_terms(values: Sequence[float], step: int | None = None) -> None:
+    """Raise ``NonFiniteLossError`` naming the first non-finite of (denoise, distill, ewc) = ``values[-3:]``."""
+    for term, value in zip(TERMS, values[-3:]):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(term, value, step)
+
+
+class LossLog:
+    """Each micro-batch's loss terms, kept on the device until read: one host sync per ``read``, not per step.
+
+    A loop appends every ``StepOutput`` and reads when it logs (every few optimizer steps), at an epoch's end and
+    before it checkpoints, so a non-finite term stops the run before any weights it touched are written.
+    """
+
+    def __init__(self) -> None:
+        self._terms: list[torch.Tensor] = []
+        self._steps: list[int] = []
+
+    def append(self, out: StepOutput, step: int) -> None:
+        """``step``: the optimizer step the micro-batch belongs to (named if one of its terms is not finite)."""
+        self._terms.append(out.terms)
+        self._steps.append(step)
+
+    def read(self) -> list[list[float]]:
+        """(loss, denoise, distill, ewc) of each micro-batch appended since the last read, oldest first; raises
+        ``NonFiniteLossError`` (with its ``step``) for the first micro-batch with a non-finite term."""
+        if not self._terms:
+            return []
+        values = torch.stack(self._terms).tolist()
+        steps, self._terms, self._steps = self._steps, [], []
+        for row, step in zip(values, steps):
+            check_terms(row, step)
+        return values
 
 
 @dataclass
@@ -85,12 +138,10 @@ class Replay:
 
 @dataclass
 class StepOutput:
-    """One micro-batch: the loss and its terms (floats), and whether an optimizer step happened."""
+    """One micro-batch: ``terms``, float32 ``[4]`` on the model's device = (loss, denoise, distill, ewc), detached and
+    not read back (no host sync: ``LossLog`` reads many at once), and whether an optimizer step happened."""
 
-    loss: float
-    denoise: float
-    distill: float
-    ewc: float
+    terms: torch.Tensor
     optimizer_stepped: bool
     penalty_gradient_ratio: float | None = None  # ||grad lambda*EWC|| / ||grad of the rest of the loss||, if measured
 
@@ -140,11 +191,15 @@ class ContinualLearner:
         and generate its replay pool into ``directory`` with ``sampler``; ``online_steps`` instead samples fresh
         replay every step with that many sampler steps. No old classes: no replay. ``kept``: pool images of some old
         classes sampled earlier (by the teachers that had just learned them): only the other old classes are
-        generated, and replay draws from both (``--replay_pool accumulate``)."""
+        generated, and replay draws from both (``--replay_pool accumulate``). When the ``accelerator`` compiles
+        models (``--compile``, ``accelerate launch --dynamo_backend``) the teacher is compiled the same way: its
+        distillation forward and the pool's sampler run compiled."""
         self.replay = None
         if not old_classes:
             return
         teacher = frozen_teacher(model)
+        if accelerator is not None and (options := compile_options(accelerator)) is not None:
+            teacher = torch.compile(teacher, **options)  # as Accelerate compiled the student
         if online_steps is not None:
             self.replay = Replay(teacher, list(old_classes), None, sampler, online_steps)
             return
@@ -166,12 +221,18 @@ class ContinualLearner:
                     show_progress=show_progress,
                 )
             )
-        self.replay = Replay(teacher, list(old_classes), ReplayPool.concat(pools) if len(pools) > 1 else pools[0])
+        pool = ReplayPool.concat(pools) if len(pools) > 1 else pools[0]
+        self.replay = Replay(teacher, list(old_classes), pool.to(next(teacher.parameters()).device))
 
     # ------------------------------------------------------------------------------------------------- a step
 
     def loss(
-        self, model: nn.Module, images: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        class_labels: torch.Tensor,
+        generator: torch.Generator,
+        check_finite: bool = True,
     ) -> dict[str, torch.Tensor]:
         """The loss of one micro-batch and its terms, 0-dim tensors on the model's device: ``loss`` = ``denoise`` on
         real ∪ replay + distill_weight · ``distill`` on replay + ``ewc`` (λ·EWC(θ) with ``ewc_mode="loss"``, else 0).
@@ -179,10 +240,12 @@ class ContinualLearner:
         Args:
             model: the denoiser as trained (an Accelerate-prepared wrapper is fine).
             images: ``[B, C, H, W]`` in [-1, 1]; class_labels: ``[B]``.
-            generator: the CPU generator of this micro-batch (noise, timesteps, replay indices), e.g. ``step_generator``.
+            generator: this micro-batch's generator (noise, timesteps, replay indices), e.g. ``step_generator``.
+            check_finite: raise ``NonFiniteLossError``, naming the term, before anything is updated (one host sync
+                per call); False leaves the check to whoever reads the terms (``LossLog``).
 
-        Raises ``NonFiniteLossError``, naming the term, before anything is updated. No backward, no optimizer: a
-        custom loop calls ``backward``, its optimizer and LR scheduler, then ``after_optimizer_step``.
+        No backward, no optimizer: a custom loop calls ``backward``, its optimizer and LR scheduler, then
+        ``after_optimizer_step``.
         """
         replay, teacher = None, None
         if self.replay is not None:
@@ -201,14 +264,11 @@ class ContinualLearner:
         )
         loss, ewc = parts["loss"], torch.zeros((), device=images.device)
         if self.penalty is not None and self.ewc_mode == "loss" and self.penalty.num_tasks:
-            ewc = self.penalty(extract_model_from_parallel(model))
+            ewc = self.penalty(extract_model_from_parallel(model, keep_torch_compile=False))
             loss = loss + ewc
         terms = {"loss": loss, "denoise": parts["denoise"], "distill": parts["distill"], "ewc": ewc}
-        names = ("denoise", "distill", "ewc")
-        finite = torch.isfinite(torch.stack([terms[k].detach().float() for k in names]))
-        if not bool(finite.all()):  # one host sync for the three checks; the term is named only on failure
-            term = names[int((~finite).nonzero()[0])]
-            raise NonFiniteLossError(term, float(terms[term].detach()))
+        if check_finite:
+            check_terms(torch.stack([terms[k].detach().float() for k in TERMS]).tolist())
         return terms
 
     def after_optimizer_step(self, model: nn.Module, lr: float) -> None:
@@ -216,7 +276,7 @@ class ContinualLearner:
         skipped it), with the step's learning rate. With ``ewc_mode="decoupled"`` this is the exact proximal step
         θ ← argmin_θ ½‖θ − θ̃‖² + lr·λ·EWC(θ) (θ̃ the weights the optimizer left); nothing otherwise."""
         if self.penalty is not None and self.ewc_mode == "decoupled":
-            self.penalty.proximal_step(extract_model_from_parallel(model), lr)
+            self.penalty.proximal_step(extract_model_from_parallel(model, keep_torch_compile=False), lr)
 
     def training_step(
         self,
@@ -228,30 +288,32 @@ class ContinualLearner:
         generator: torch.Generator,
         ema: EMAModel | None = None,
         measure_penalty: bool = False,
+        check_finite: bool = True,
     ) -> StepOutput:
         """The convenience step the training script uses: ``loss`` under ``accelerator.accumulate``, backward, (clip,
         optimizer step, ``after_optimizer_step``, EMA update when the accumulation window closes).
         ``measure_penalty``: on a step that closes the window, also report ||grad lambda*EWC|| relative to the
         gradient of the rest of the loss (one extra small backward through the penalty): the number that says
         lambda is too large when it is >> 1 (under FSDP, of this process's shards; not measured under fp16's
-        gradient scaler)."""
+        gradient scaler). ``check_finite``: as in ``loss``; the training script passes False and reads the terms
+        through a ``LossLog`` every few steps, so that a step never waits for the device."""
         with accelerator.accumulate(model):
-            terms = self.loss(model, images, class_labels, generator)
+            terms = self.loss(model, images, class_labels, generator, check_finite)
             accelerator.backward(terms["loss"])
             # not under fp16's gradient scaler: the gradients are still scaled here, the penalty's would not be
             measure = measure_penalty and accelerator.sync_gradients and accelerator.scaler is None
-            ratio = self._penalty_gradient_ratio(accelerator.unwrap_model(model)) if measure else None
+            ratio = self._penalty_gradient_ratio(bare_model(accelerator, model)) if measure else None
             if accelerator.sync_gradients and self.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         stepped = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
         if stepped:
-            self.after_optimizer_step(accelerator.unwrap_model(model), optimizer.param_groups[0]["lr"])
+            self.after_optimizer_step(bare_model(accelerator, model), optimizer.param_groups[0]["lr"])
         if stepped and ema is not None:
             ema.step(model.parameters())
-        values = torch.stack([terms[k].detach().float() for k in ("loss", "denoise", "distill", "ewc")]).tolist()
-        return StepOutput(*values, accelerator.sync_gradients, ratio)  # one host sync for the four logged values
+        values = torch.stack([terms[k].detach().float() for k in ("loss", *TERMS)])
+        return StepOutput(values, accelerator.sync_gradients, ratio)
 
     def _penalty_gradient_ratio(self, model: nn.Module) -> float | None:
         """||grad of lambda*EWC|| / ||grad of the other terms||, from the gradients that backward just left."""
@@ -365,9 +427,12 @@ def make_ema(args, denoiser: ModelMixin) -> EMAModel | None:
     )
 
 
-def make_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam (the paper), or AdamW when --adam_weight_decay > 0 (diffusers' examples)."""
+def make_optimizer(args, model: torch.nn.Module, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """Adam (the paper), or AdamW when --adam_weight_decay > 0 (diffusers' examples), for parameters trained on
+    ``device``: one fused kernel per step on CUDA, the multi-tensor implementation elsewhere (on the CPU it gives the
+    per-parameter loop's weights bit for bit, in fewer operator calls)."""
     kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    kwargs.update({"fused": True} if torch.device(device).type == "cuda" else {"foreach": True})
     if args.adam_weight_decay > 0:
         return torch.optim.AdamW(model.parameters(), weight_decay=args.adam_weight_decay, **kwargs)
     return torch.optim.Adam(model.parameters(), **kwargs)
@@ -423,7 +488,7 @@ def start_replay(args, accelerator, learner: ContinualLearner, denoiser, sampler
 def theta_star(accelerator, model, ema: EMAModel | None, sampler) -> tuple:
     """The end of a task's training: (the fp32 model to continue from (the EMA weights with --use_ema), its whole
     weights (gathered once under FSDP, else itself), the pipeline to save, a frozen copy to sample from)."""
-    denoiser = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast wrapper: fp32 from here
+    denoiser = bare_model(accelerator, model, keep_fp32_wrapper=False)  # no autocast wrapper: fp32 from here
     accelerator.free_memory()
     if ema is not None:
         ema.copy_to(denoiser.parameters())

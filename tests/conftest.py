@@ -114,8 +114,10 @@ FAST = [
 ]
 
 
-def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """One process: `accelerate launch --cpu`. Several: torchrun with ACCELERATE_USE_CPU=true, because
+def launch(
+    args: list[str], num_processes: int = 1, check: bool = True, dynamo_backend: str = "no"
+) -> subprocess.CompletedProcess:
+    """One process: `accelerate launch --cpu [--dynamo_backend ...]`. Several: torchrun with ACCELERATE_USE_CPU=true, because
     `accelerate launch --cpu --num_processes N` starts ONE process on a machine without GPUs (its simple launcher
     spreads CPU processes only through mpirun); the Accelerator then runs MULTI_CPU over gloo."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -132,7 +134,7 @@ def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subpr
             "--mixed_precision",
             "no",
             "--dynamo_backend",
-            "no",
+            dynamo_backend,
             SCRIPT,
             *args,
         ]

@@ -382,3 +382,161 @@ def test_an_accumulated_pool_samples_only_the_new_classes_and_keeps_the_old_imag
     regenerated.start_task(teacher, sampler, [0, 1], directory=tmp_path / "all", **common)
     other = regenerated.replay.pool
     assert not torch.equal(pool.images[pool.labels == 0], other.images[other.labels == 0])  # the old teacher's
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records where a tensor's value is read back to Python (item, float, bool: ``_local_scalar_dense``; and
+    ``tolist``, which bypasses the dispatcher), each of which waits for a GPU, from code outside torch.optim, whose
+    non-capturable Adam keeps its step count on the host by design (fused Adam on CUDA keeps it on the device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def _record(self) -> None:
+        import traceback
+
+        frames = [
+            f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename or "torch/optim" in f.filename
+        ]
+        if not any("torch/optim" in f.filename for f in frames):
+            self.reads.append(f"{frames[-1].filename}:{frames[-1].lineno}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self._record()
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(tensor):
+            self._record()
+            return self._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def _gd_rank1_learner(unet):
+    from hf_r1ewc.continual import Replay
+    from hf_r1ewc.distill import ReplayPool, frozen_teacher
+
+    learner = _learner_with_a_task(unet, "loss")
+    g = torch.Generator().manual_seed(5)
+    pool = ReplayPool((torch.rand(16, 1, 8, 8, generator=g) * 2 - 1).half(), torch.arange(16) % 2)
+    learner.replay = Replay(frozen_teacher(unet), [0, 1], pool)
+    return learner
+
+
+def test_the_training_step_never_reads_a_value_back_to_the_host():
+    """The script's step (GD replay, teacher, rank-1 penalty in the loss, EMA, gradient accumulation and clipping,
+    check_finite=False) reads nothing back: the device never has to drain between steps. The checked step reads
+    the three terms once."""
+    from diffusers.training_utils import EMAModel
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    unet = make_tiny_unet()
+    learner = _gd_rank1_learner(unet)
+    learner.max_grad_norm = 1.0
+    ema = EMAModel(unet.parameters(), decay=0.9)
+    model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters(), lr=1e-3, foreach=True))
+    x, y = _batches(4)
+    for i in range(4):
+        with _HostReads() as reads:
+            out = learner.training_step(accelerator, model, optimizer, x, y, step_generator(0, i), ema, False, False)
+        assert reads.reads == [], reads.reads
+        assert out.terms.shape == (4,) and out.optimizer_stepped == (i % 2 == 1)
+    with _HostReads() as reads:
+        learner.training_step(accelerator, model, optimizer, x, y, step_generator(0, 9), ema)
+    assert len(reads.reads) == 1  # one tolist of the three checked terms
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_loss_log_reads_many_steps_at_once_and_names_the_first_non_finite_one():
+    """Terms as each step returns them; read returns them in order, in one go; a NaN in step 3's distill term (and
+    an inf in step 4's denoise) raises for step 3's distill, and the log starts empty after a read."""
+    from hf_r1ewc.continual import LossLog, StepOutput
+
+    log = LossLog()
+    rows = [[1.0, 0.5, 0.5, 0.0], [2.0, 1.0, 1.0, 0.0]]
+    for step, row in enumerate(rows, 1):
+        log.append(StepOutput(torch.tensor(row), True), step)
+    with _HostReads() as reads:
+        assert log.read() == rows
+    assert len(reads.reads) == 1 and log.read() == []
+    log.append(StepOutput(torch.tensor([1.0, 0.5, 0.5, 0.0]), True), 2)
+    log.append(StepOutput(torch.tensor([float("nan"), 0.5, float("nan"), 0.0]), True), 3)
+    log.append(StepOutput(torch.tensor([float("inf"), float("inf"), 0.0, 0.0]), True), 4)
+    with pytest.raises(NonFiniteLossError) as err:
+        log.read()
+    assert (err.value.term, err.value.step) == ("distill", 3) and log.read() == []
+
+
+def test_a_device_generator_draws_the_step_where_the_model_is():
+    """The step's noise, timesteps and replay indices come from the generator's device (no host copy); on the CPU
+    a generator made for the device draws exactly what the host generator draws, so CPU runs are unchanged."""
+    from hf_r1ewc.distill import ReplayPool, continual_loss
+
+    unet = make_tiny_unet()
+    x, y = _batches(4)
+    pool = ReplayPool((torch.rand(16, 1, 8, 8) * 2 - 1).half(), torch.arange(16) % 2)
+    host = step_generator(0, 1, 2, device="cpu")
+    on_device = step_generator(0, 1, 2, device=torch.device("cpu"))
+    assert on_device.device == torch.device("cpu")
+    a = continual_loss(unet, SCHEDULER, x, y, pool.sample(4, host), generator=host)["loss"]
+    b = continual_loss(unet, SCHEDULER, x, y, pool.sample(4, on_device), generator=on_device)["loss"]
+    assert torch.equal(a, b)
+    moved = pool.to("meta")
+    assert moved.images.device.type == "meta" and pool.images.device.type == "cpu"
+
+
+def test_a_compiled_student_and_teacher_match_eager_and_compile_once(tmp_path):
+    """Accelerate compiles the student (as --compile asks), start_task the teacher the same way: the GD + rank-1 step
+    gives eager's loss and gradients, dynamo breaks no graph, and after the first step nothing recompiles (static
+    shapes). The backend here is aot_eager (dynamo's capture and AOT autograd, what a compile can get wrong in our
+    code); inductor's kernels take minutes to build on 2 CPU cores and are measured in bench_throughput instead."""
+    from accelerate.utils import TorchDynamoPlugin
+    from torch._dynamo.utils import counters
+
+    from hf_r1ewc.continual import compile_options
+    from hf_r1ewc.pipeline import sampling_scheduler
+
+    torch._dynamo.reset()
+    counters.clear()
+    results = {}
+    for backend in ("no", "aot_eager"):
+        accelerator = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend=backend, dynamic=False))
+        assert (compile_options(accelerator) is None) == (backend == "no")
+        unet = make_tiny_unet()
+        learner = _learner_with_a_task(unet, "loss")
+        learner.start_task(
+            unet,
+            sampling_scheduler("ddim", SCHEDULER.config),
+            [0, 1],
+            per_class=4,
+            directory=tmp_path / backend,
+            num_inference_steps=2,
+            accelerator=accelerator,
+            show_progress=False,
+        )
+        assert isinstance(learner.replay.teacher, torch._dynamo.eval_frame.OptimizedModule) == (backend != "no")
+        model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=0.05))
+        x, y = _batches(4)
+        terms, graphs = [], []
+        for i in range(4):
+            out = learner.training_step(accelerator, model, optimizer, x, y, step_generator(0, i), check_finite=False)
+            terms.append(out.terms)
+            graphs.append(counters["stats"]["unique_graphs"])
+        results[backend] = (torch.stack(terms), [p.detach().clone() for p in unet.parameters()], graphs)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    terms, weights, graphs = results["aot_eager"]
+    torch.testing.assert_close(terms, results["no"][0], rtol=1e-5, atol=1e-6)  # every step's loss terms
+    for a, b in zip(weights, results["no"][1]):  # the weights 4 SGD steps made: the gradients agreed
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert graphs[0] > 0 and graphs[-1] == graphs[0], graphs  # compiled at step 1, never again
+    assert not counters["graph_break"], dict(counters["graph_break"])
