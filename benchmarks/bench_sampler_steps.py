@@ -4,10 +4,14 @@ and step count, against DDIM-50 and its seed-to-seed spread, at the CPU table-1 
     python benchmarks/bench_sampler_steps.py [--data_dir /usr/share/datasets/fashion-mnist] [--num_samples 1000]
 
 The teacher is the model after task 1 (classes 0, 1) of a GD run at reproduce_table1's ``cpu`` scale (16x16
-Fashion-MNIST, (16, 32, 32) UNet, 100 images per class, 40 epochs): the model that generates task 2's replay pool.
-For each deterministic scheduler (DDIM, DPM-Solver++, UniPC) and 10 / 20 / 50 steps, ``num_samples`` images (labels in the
-test proportions) are scored by ``TaskFID`` (classifier features) on seeds 0, 1, 2; DDIM-50's spread over the
-seeds is the noise floor. Also images/s per setting. Writes benchmarks/results/sampler_steps.{json,md,png}.
+Fashion-MNIST, (16, 32, 32) UNet, 100 images per class), trained ``--epochs`` epochs (default 360, 9x the scale's 40,
+where GD's forgetting had nearly vanished in training_length.md): the model that generates task 2's replay pool.
+Whether its FID has stopped falling is measured, not assumed: a second teacher trained half as long is scored with
+DDIM-50 on the same seeds, and the final one's loss curve is read over its last quarter. For each deterministic
+scheduler (DDIM, DPM-Solver++, UniPC) and 10 / 15 / 20 / 25 / 50 steps, ``num_samples`` images (labels in the test
+proportions) are scored by ``TaskFID`` (classifier features) on seeds 0, 1, 2; DDIM-50's spread over the seeds is
+the noise floor. Also images/s per setting. Writes benchmarks/results/sampler_steps[_EPOCHSep].{json,md,png}
+(``sampler_steps`` for the first study's 40 epochs). About 25 minutes on one core.
 """
 
 from __future__ import annotations
@@ -34,19 +38,20 @@ from hf_r1ewc.metrics import TaskFID  # noqa: E402
 from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, sampling_scheduler  # noqa: E402
 
 
-STEPS = (10, 20, 50)
+STEPS = (10, 15, 20, 25, 50)
 SEEDS = (0, 1, 2)
 MEASURED = ("ddim", "dpmsolver++", "unipc")  # the deterministic ODE samplers; ancestral DDPM/Euler are not candidates
 
 
-def teacher_folder(work: Path, data_dir: str) -> Path:
-    """Train (once) the task-1 model of a GD run at the cpu scale; returns its task folder."""
+def teacher_folder(work: Path, data_dir: str, epochs: int) -> Path:
+    """Train (once) the task-1 model of a GD run at the cpu scale for ``epochs`` epochs; returns its task folder."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
     train_fid_classifier(work, data_dir, ["--resolution", "16", "--resize"])
-    folder = work / "gd_seed0" / "task_01"
+    run = "gd_seed0" if epochs == SCALES["cpu"]["epochs"] else f"gd_seed0_{epochs}ep"
+    folder = work / run / "task_01"
     if not (folder / "model_index.json").exists():
-        flags = run_flags("GD", None, 0, work, data_dir, SCALES["cpu"])
+        flags = [*run_flags("GD", None, 0, work, data_dir, SCALES["cpu"]), "--num_epochs_per_task", str(epochs)]
         subprocess.run(
             [
                 sys.executable,
@@ -57,7 +62,7 @@ def teacher_folder(work: Path, data_dir: str) -> Path:
                 "--fid_backend",
                 "none",
                 "--output_dir",
-                str(work / "gd_seed0"),
+                str(work / run),
             ],
             check=True,
             cwd=ROOT,
@@ -72,34 +77,57 @@ def main() -> None:
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "sampler_steps"))
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--samplers", default=",".join(MEASURED), help=f"comma-separated, from {sorted(SAMPLERS)}")
+    p.add_argument("--epochs", type=int, default=360, help="the teacher's training epochs (the first study: 40)")
     args = p.parse_args()
-    folder = teacher_folder(Path(args.work_dir), args.data_dir)
-    pipe = ClassConditionalPipeline.from_pretrained(folder)
-    teacher = frozen_teacher(pipe.unet)
+    work = Path(args.work_dir)
     test = load_labeled_images(args.data_dir, "test")
-    extractor = load_feature_extractor("classifier", classifier_path=str(Path(args.work_dir) / "fid_classifier"))
     inputs = images_to_model_input(test.images, 16, resize=True)
-    cache = Path(args.work_dir) / "rows.json"  # finished settings: rerunning the command resumes
+    extractor = None
+
+    def score(folder: Path, name: str, steps: int) -> tuple[list[float], float]:
+        """FIDs on SEEDS of the teacher in ``folder`` sampled by ``name`` with ``steps`` steps, and the seconds."""
+        nonlocal extractor
+        extractor = extractor or load_feature_extractor("classifier", classifier_path=str(work / "fid_classifier"))
+        pipe = ClassConditionalPipeline.from_pretrained(folder)
+        teacher = frozen_teacher(pipe.unet)
+        fids, seconds = [], 0.0
+        for seed in SEEDS:
+            evaluator = TaskFID(
+                extractor,
+                inputs,
+                test.labels,
+                [[0, 1]],
+                num_samples=args.num_samples,
+                num_inference_steps=steps,
+                seed=seed,
+                cache_dir=work / "fid_reference",
+            )
+            start = time.perf_counter()
+            fids.append(evaluator(teacher, sampling_scheduler(name, pipe.scheduler.config), 1).fid)
+            seconds += time.perf_counter() - start
+        return fids, seconds
+
+    folder = teacher_folder(work, args.data_dir, args.epochs)
+    stem = "sampler_steps" if args.epochs == SCALES["cpu"]["epochs"] else f"sampler_steps_{args.epochs}ep"
+    cache = work / f"{stem}_rows.json"  # finished settings: rerunning the command resumes
     rows = json.loads(cache.read_text()) if cache.exists() else []
+    plateau = None
+    if args.epochs != SCALES["cpu"]["epochs"]:  # has the teacher's FID stopped falling?
+        half = teacher_folder(work, args.data_dir, args.epochs // 2)
+        plateau_file = work / f"{stem}_plateau.json"
+        if not plateau_file.exists():
+            plateau_file.write_text(json.dumps({"half": score(half, "ddim", 50)[0]}))
+        plateau = json.loads(plateau_file.read_text())
+        losses = json.loads((folder / "metrics.json").read_text())["loss_per_epoch"]
+        quarter = max(1, len(losses) // 4)
+        plateau["loss_change_last_quarter"] = (
+            statistics.mean(losses[-quarter:]) / statistics.mean(losses[-2 * quarter : -quarter]) - 1
+        )
     for name in args.samplers.split(","):
         for steps in STEPS:
             if any(r["sampler"] == name and r["steps"] == steps for r in rows):
                 continue
-            fids, seconds = [], 0.0
-            for seed in SEEDS:
-                evaluator = TaskFID(
-                    extractor,
-                    inputs,
-                    test.labels,
-                    [[0, 1]],
-                    num_samples=args.num_samples,
-                    num_inference_steps=steps,
-                    seed=seed,
-                    cache_dir=Path(args.work_dir) / "fid_reference",
-                )
-                start = time.perf_counter()
-                fids.append(evaluator(teacher, sampling_scheduler(name, pipe.scheduler.config), 1).fid)
-                seconds += time.perf_counter() - start
+            fids, seconds = score(folder, name, steps)
             rows.append(
                 {
                     "sampler": name,
@@ -120,28 +148,42 @@ def main() -> None:
     spread = reference["fid_sd"]
     for r in rows:
         r["within_ddim50_spread"] = abs(r["fid_mean"] - reference["fid_mean"]) <= spread
-    write(rows, reference, args)
+    write(rows, reference, args, stem, plateau)
 
 
-def write(rows: list[dict], reference: dict, args) -> None:
+def write(rows: list[dict], reference: dict, args, stem: str, plateau: dict | None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "machine": machine(),
+        "teacher_epochs": args.epochs,
         "num_samples": args.num_samples,
         "seeds": list(SEEDS),
         "rows": rows,
         "ddim50_mean": reference["fid_mean"],
         "ddim50_seed_sd": reference["fid_sd"],
+        "plateau": plateau,
     }
-    (RESULTS / "sampler_steps.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        "# Replay sampler and step count",
+        f"# Replay sampler and step count (teacher trained {args.epochs} epochs)",
         "",
         f"FID (classifier features, N = {args.num_samples} per seed, seeds {list(SEEDS)}) of the task-1 teacher's "
         "samples of classes 0 and 1 at the CPU table-1 scale, per diffusers scheduler and step count. DDIM-50 "
         f"(the paper's pool sampler): {reference['fid_mean']:.2f}, seed-to-seed SD {reference['fid_sd']:.2f}. "
-        "`python benchmarks/bench_sampler_steps.py`.",
+        f"`python benchmarks/bench_sampler_steps.py --epochs {args.epochs}`; {machine()['cpu']}.",
         "",
+    ]
+    if plateau is not None:
+        half = statistics.mean(plateau["half"])
+        lines += [
+            f"Has the teacher's FID stopped falling? DDIM-50 FID after {args.epochs // 2} epochs {half:.2f} ± "
+            f"{statistics.stdev(plateau['half']):.2f}, after {args.epochs}: {reference['fid_mean']:.2f} ± "
+            f"{reference['fid_sd']:.2f} (same seeds); the epoch-mean loss changed "
+            f"{100 * plateau['loss_change_last_quarter']:+.1f} % over the last quarter of training against the "
+            "quarter before.",
+            "",
+        ]
+    lines += [
         "| sampler | steps | FID mean ± SD over seeds | within DDIM-50's spread | images/s |",
         "| --- | --- | --- | --- | --- |",
     ]
@@ -150,7 +192,7 @@ def write(rows: list[dict], reference: dict, args) -> None:
         f"{'yes' if r['within_ddim50_spread'] else 'no'} | {r['images_per_second']:.0f} |"
         for r in rows
     ]
-    (RESULTS / "sampler_steps.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,8 +223,8 @@ def write(rows: list[dict], reference: dict, args) -> None:
     ax.set_ylabel("FID (classifier features)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(RESULTS / "sampler_steps.png", dpi=120)
-    print((RESULTS / "sampler_steps.md").read_text())
+    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+    print((RESULTS / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

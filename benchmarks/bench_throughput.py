@@ -14,6 +14,13 @@ the library's own code paths:
 * sampling: ``pipeline.sample`` (DDIM, S steps) at batch N, images per second;
 * Fisher: ``estimate_fisher`` (rank-1: μ and c*) over M samples.
 
+The GD step again, one optimisation at a time and all together, against the step as it was before them (``base``:
+Adam's per-parameter loop, the loss terms read back to the host at every step, noise and timesteps drawn on the
+host): ``adam`` (multi-tensor Adam on the CPU, fused on CUDA), ``no host read`` (the terms stay on the device, as the
+script logs them every ``--logging_steps``), ``device noise`` (the step's generator on the device; the same thing on
+a CPU), ``compiled`` (inductor, static shapes; only with ``--compile``: the first step compiles for minutes on 2 CPU
+cores). ``--phases RUN_DIR ...``: where a finished run's wall time went, from its task folders' metrics.json.
+
 Writes ``benchmarks/results/throughput[_quick].{json,md}``. ``--quick`` (a 0.28M UNet at 16x16) takes < 1 min on 2
 CPU cores; the default (the cpu-small preset's 1.11M UNet at 32x32, batch 64) a few minutes.
 """
@@ -21,10 +28,12 @@ CPU cores; the default (the cpu-small preset's 1.11M UNet at 32x32, batch 64) a 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, interleaved_medians, machine, print_table, sync, unet, write_results  # noqa: E402
 
-from hf_r1ewc.continual import ContinualLearner, Replay, fisher_loader, step_generator  # noqa: E402
+from hf_r1ewc.continual import ContinualLearner, Replay, fisher_loader, make_optimizer, step_generator  # noqa: E402
 from hf_r1ewc.distill import ReplayPool, frozen_teacher  # noqa: E402
 from hf_r1ewc.fisher import FisherStatistics, estimate_fisher  # noqa: E402
 from hf_r1ewc.models import training_noise_scheduler  # noqa: E402
@@ -71,6 +80,69 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: in
     return 2 * size**3 / best
 
 
+OPTIMIZER_ARGS = SimpleNamespace(
+    learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=0.0
+)
+VARIANTS = {  # the GD step with each optimisation alone and all together; base = the step before them
+    "base": {},
+    "adam": {"adam": True},
+    "no host read": {"host_read": False},
+    "device noise": {"device_noise": True},
+    "compiled": {"compiled": True},
+    "all": {"adam": True, "host_read": False, "device_noise": True},
+    "all + compiled": {"adam": True, "host_read": False, "device_noise": True, "compiled": True},
+}
+
+
+def gd_step_variant(
+    accelerator,
+    channels,
+    resolution,
+    x,
+    y,
+    pool,
+    scheduler,
+    adam: bool = False,
+    host_read: bool = True,
+    device_noise: bool = False,
+    compiled: bool = False,
+):
+    """A GD step (real + replay through the student, the teacher's forward) on its own model and optimizer.
+    adam: ``make_optimizer``'s (multi-tensor on the CPU, fused on CUDA) instead of the per-parameter loop;
+    host_read: the step reads its loss terms back and checks them (one host sync); device_noise: the generator
+    and the pool on the device; compiled: student and teacher through torch.compile (inductor, static shapes)."""
+    device = accelerator.device
+    model = unet(channels, sample_size=resolution).to(device)
+    teacher = frozen_teacher(model)
+    optimizer = (
+        make_optimizer(OPTIMIZER_ARGS, model, device) if adam else torch.optim.Adam(model.parameters(), lr=1e-5)
+    )
+    if compiled:
+        model, teacher = torch.compile(model, dynamic=False), torch.compile(teacher, dynamic=False)
+    learner = ContinualLearner(scheduler)
+    learner.replay = Replay(teacher, list(range(8)), pool.to(device) if device_noise else pool)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    counter = {"step": 0}
+
+    def step():
+        counter["step"] += 1
+        generator = step_generator(0, counter["step"], device=device if device_noise else "cpu")
+        learner.training_step(accelerator, prepared, optimizer, x, y, generator, check_finite=host_read)
+
+    return step
+
+
+def phase_profile(run_dir: Path) -> dict[str, float]:
+    """Wall seconds by phase (replay pool, training, FID, Fisher) summed over a finished run's task folders."""
+    totals: dict[str, float] = {}
+    for metrics in sorted(run_dir.glob("task_*/metrics.json")):
+        for phase, seconds in json.loads(metrics.read_text()).get("seconds_by_phase", {}).items():
+            totals[phase] = totals.get(phase, 0.0) + seconds
+    if not totals:
+        raise SystemExit(f"error: --phases {run_dir}: no task folder with metrics.json there (a finished run?)")
+    return totals
+
+
 def datasheet_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -83,6 +155,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 0.28M UNet at 16x16: < 1 min on 2 CPU cores")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num_tasks", type=int, default=19, help="K, the tasks the rank-1 penalty holds")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the compiled GD step (inductor; its first step compiles: ~3 min on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--phases", nargs="*", default=[], metavar="RUN_DIR", help="finished runs whose wall time to break down"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     channels, resolution, batch, sample_batch, sample_steps, fisher_samples, repeats = SIZES[
@@ -115,14 +195,15 @@ def main() -> None:
     teacher = frozen_teacher(model)
     for name, learner in learners.items():
         if name != "plain step":
-            learner.replay = Replay(teacher, list(range(8)), pool)
-    prepared, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-5))
+            learner.replay = Replay(teacher, list(range(8)), pool.to(device))
+    prepared, optimizer = accelerator.prepare(model, make_optimizer(OPTIMIZER_ARGS, model, device))
     counter = {"step": 0}
 
     def step_fn(learner):
-        def step():
+        def step():  # the script's step: the terms stay on the device, noise is drawn there
             counter["step"] += 1
-            learner.training_step(accelerator, prepared, optimizer, x, y, step_generator(0, counter["step"]))
+            generator = step_generator(0, counter["step"], device=device)
+            learner.training_step(accelerator, prepared, optimizer, x, y, generator, check_finite=False)
 
         return step
 
@@ -153,11 +234,20 @@ def main() -> None:
         )
 
     workloads = {name: step_fn(learner) for name, learner in learners.items()}
+    variants = {
+        name: gd_step_variant(accelerator, channels, resolution, x, y, pool, scheduler, **flags)
+        for name, flags in VARIANTS.items()
+        if args.compile or not flags.get("compiled")
+    }
     workloads[f"DDIM-{sample_steps} sampling (batch {sample_batch})"] = sample_fn
     workloads[f"Fisher mu + c* ({fisher_samples} samples)"] = fisher_fn
     # FlopCounterMode segfaults inside torch.func.jvp (the Fisher's second pass) in torch 2.13: time only there
     flops = {name: None if name.startswith("Fisher") else counted_flops(fn) for name, fn in workloads.items()}
     seconds = interleaved_medians(workloads, repeats, device)
+    variant_seconds = interleaved_medians(variants, repeats, device)  # the first call of each compiles
+    variant_results = {
+        name: {"seconds": t, "speedup_vs_base": variant_seconds["base"] / t} for name, t in variant_seconds.items()
+    }
 
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     measured_peak = matmul_peak(device, matmul_dtype, 8192 if device.type == "cuda" else 1536)
@@ -206,12 +296,18 @@ def main() -> None:
         "mixed_precision": mixed_precision,
         "threads": torch.get_num_threads(),
     }
-    path = write_results(name, {"config": config, "workloads": results, "summary": summary})
-    write_markdown(RESULTS / f"{name}.md", config, results, summary)
+    for variant, r in variant_results.items():
+        print(f"GD step, {variant}: {r['seconds'] * 1e3:.1f} ms, {r['speedup_vs_base']:.2f}x the base step")
+    phases = {str(run): phase_profile(Path(run)) for run in args.phases}
+    data = {"config": config, "workloads": results, "summary": summary, "gd_step_variants": variant_results}
+    path = write_results(name, {**data, "phases": phases})
+    write_markdown(RESULTS / f"{name}.md", config, results, summary, variant_results, phases)
     print(f"wrote {path}")
 
 
-def write_markdown(path: Path, config: dict, results: dict, summary: dict) -> None:
+def write_markdown(
+    path: Path, config: dict, results: dict, summary: dict, variants: dict, phases: dict[str, dict[str, float]]
+) -> None:
     info = machine()
     lines = [
         f"# Throughput ({config['device']}, {config['mixed_precision']}, {config['threads']} threads)",
@@ -238,7 +334,32 @@ def write_markdown(path: Path, config: dict, results: dict, summary: dict) -> No
         f"Rank-1 penalty overhead on the GD step: {100 * summary['penalty_overhead']:.1f} %; GD step / plain step: "
         f"{summary['gd_step_vs_plain_step']:.2f}; sampling: {summary['sampling_images_per_s']:.1f} images/s.",
         "",
+        "## The GD step, one optimisation at a time",
+        "",
+        "base: the step before them (per-parameter Adam, the loss terms read back at every step, noise drawn on the "
+        "host); each row adds one (see the script's docstring), `all` adds every one but compilation.",
+        "",
+        "| GD step | ms | speed-up vs base |",
+        "| --- | --- | --- |",
+        *(f"| {name} | {r['seconds'] * 1e3:.1f} | {r['speedup_vs_base']:.2f}x |" for name, r in variants.items()),
+        "",
     ]
+    for run, seconds in phases.items():
+        total = sum(seconds.values())
+        lines += [
+            f"## Where a run's time goes: `{run}`",
+            "",
+            f"Wall seconds summed over its tasks ({total:.0f} s; data loading and the FID classifier, once per run, "
+            "and writing the task folders are not in the task metrics).",
+            "",
+            "| phase | seconds | share |",
+            "| --- | --- | --- |",
+            *(
+                f"| {phase} | {t:.1f} | {100 * t / total:.1f} % |"
+                for phase, t in sorted(seconds.items(), key=lambda kv: -kv[1])
+            ),
+            "",
+        ]
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)

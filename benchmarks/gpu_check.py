@@ -23,8 +23,9 @@ Sections (each one recorded even when another fails), written to DIR/gpu_check.j
    and diagonal relative errors and |cos(g_i, mu)|, side by side -> DIR/geometry_by_size.md. ``--tiny``: the digits
    at 8x8 with two tiny UNets, a dry run.
 7. throughput (issue 26): FLOPs counted per step (FlopCounterMode), the plain step (batch 128) and the GD step
-   (128 real + 128 replay through the student, the teacher's forward) eager, compiled (torch.compile) and compiled
-   with CUDA graphs (mode="reduce-overhead"), each with its MFU against the datasheet and a measured bf16 matmul peak;
+   (128 real + 128 replay through the student, the teacher's forward) as the script runs it (fused Adam, noise on the
+   GPU, no host read per step) eager, compiled (torch.compile) and compiled with CUDA graphs (mode="reduce-overhead"),
+   and eager with the step as before issue 26 (terms read back every step, noise drawn on the host), each with its MFU against the datasheet and a measured bf16 matmul peak;
    DDIM-50 images/s at batch 500; and each paper protocol projected in GPU-hours from these times -> DIR/
    throughput_gpu.md. ``--tiny`` on CPU: eager only (compiling on 2 cores takes minutes), a dry run.
 """
@@ -72,12 +73,13 @@ def batch(n, model, device, seed=0):
 
 def check_train_step(args, device) -> dict:
     from accelerate import Accelerator
+    from bench_throughput import OPTIMIZER_ARGS
 
-    from hf_r1ewc.continual import ContinualLearner
+    from hf_r1ewc.continual import ContinualLearner, make_optimizer, step_generator
 
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
     model = paper_unet(args).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    optimizer = make_optimizer(OPTIMIZER_ARGS, model, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     n = 8 if args.tiny else 128
     x, y = batch(n, model, device)
@@ -93,7 +95,9 @@ def check_train_step(args, device) -> dict:
         learners[f"rank1_k{k}"] = ContinualLearner(scheduler, penalty.to(device))
 
     def step(learner):
-        return lambda: learner.training_step(accelerator, model, optimizer, x, y, torch.Generator().manual_seed(0))
+        return lambda: learner.training_step(
+            accelerator, model, optimizer, x, y, step_generator(0, device=device), check_finite=False
+        )
 
     med = interleaved_medians({k: step(v) for k, v in learners.items()}, 3 if args.tiny else 10, device)
     return {
@@ -188,9 +192,9 @@ PROTOCOLS = {"Fashion-MNIST / CIFAR-10": (5, 18_750, 2, 5000), "ImageNet 32x32":
 
 def check_throughput(args, device) -> dict:
     from accelerate import Accelerator
-    from bench_throughput import counted_flops, datasheet_peak, matmul_peak
+    from bench_throughput import OPTIMIZER_ARGS, counted_flops, datasheet_peak, matmul_peak
 
-    from hf_r1ewc.continual import ContinualLearner, Replay, step_generator
+    from hf_r1ewc.continual import ContinualLearner, Replay, make_optimizer, step_generator
     from hf_r1ewc.distill import ReplayPool, frozen_teacher
     from hf_r1ewc.pipeline import sample, sampling_scheduler
 
@@ -204,27 +208,30 @@ def check_throughput(args, device) -> dict:
     pool = ReplayPool((torch.rand(4 * n, 1, size, size, generator=g) * 2 - 1).half(), torch.arange(4 * n) % 10)
     teacher = frozen_teacher(model)
     plain, gd = ContinualLearner(scheduler), ContinualLearner(scheduler, replay_batch_size=n)
-    gd.replay = Replay(teacher, list(range(10)), pool)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    variants = {"eager": prepared}
+    gd.replay = Replay(teacher, list(range(10)), pool.to(device))
+    prepared, optimizer = accelerator.prepare(model, make_optimizer(OPTIMIZER_ARGS, model, device))
+    # (name, model, the step as before #26: loss terms read back every step, noise drawn on the host)
+    variants = [("eager, host read + host noise", prepared, True), ("eager", prepared, False)]
     if device.type == "cuda":
-        variants["compiled"] = torch.compile(prepared)
-        variants["compiled + CUDA graphs"] = torch.compile(prepared, mode="reduce-overhead")
+        variants.append(("compiled", torch.compile(prepared, dynamic=False), False))
+        variants.append(
+            ("compiled + CUDA graphs", torch.compile(prepared, mode="reduce-overhead", dynamic=False), False)
+        )
     counter = {"step": 0}
 
-    def step(learner, m):
+    def step(learner, m, before=False):
         def run_step():
             counter["step"] += 1
-            learner.training_step(accelerator, m, optimizer, x, y, step_generator(0, counter["step"]))
+            generator = step_generator(0, counter["step"], device="cpu" if before else device)
+            learner.training_step(accelerator, m, optimizer, x, y, generator, check_finite=before)
 
         return run_step
 
     flops = {"plain": counted_flops(step(plain, prepared)), "GD": counted_flops(step(gd, prepared))}
     workloads, warm_up_seconds, errors = {}, {}, {}
-    for name, m in variants.items():
+    for name, m, before in variants:
         for kind, learner in (("plain", plain), ("GD", gd)):
-            fn = step(learner, m)
+            fn = step(learner, m, before)
             try:
                 start = time.perf_counter()
                 for _ in range(3):  # warm-up: compilation and graph capture happen here
@@ -337,7 +344,9 @@ def train_to_plateau(model, images, labels, device, seconds: float, batch_size: 
     while time.perf_counter() - start < seconds:
         epoch = [
             float(
-                learner.training_step(accelerator, prepared, optimizer, x, y, step_generator(0, len(losses), i)).loss
+                learner.training_step(accelerator, prepared, optimizer, x, y, step_generator(0, len(losses), i)).terms[
+                    0
+                ]
             )
             for i, (x, y) in enumerate(loader)
         ]
