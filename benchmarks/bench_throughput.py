@@ -37,6 +37,7 @@ from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, interleaved_medians, machine, print_table, sync, unet, write_results  # noqa: E402
 
 from hf_r1ewc.continual import ContinualLearner, Replay, fisher_loader, make_optimizer, step_generator  # noqa: E402
+from hf_r1ewc.data import InMemoryTask, whole_batch  # noqa: E402
 from hf_r1ewc.distill import ReplayPool, frozen_teacher  # noqa: E402
 from hf_r1ewc.fisher import FisherStatistics, estimate_fisher  # noqa: E402
 from hf_r1ewc.models import training_noise_scheduler  # noqa: E402
@@ -130,6 +132,21 @@ def gd_step_variant(
         learner.training_step(accelerator, prepared, optimizer, x, y, generator, check_finite=host_read)
 
     return step
+
+
+def loader_epoch_seconds(resolution: int, batch: int, repeats: int, num_images: int = 6000) -> dict[str, float]:
+    """Seconds per batch of an epoch over an in-memory task: a TensorDataset read image by image and stacked (the
+    loader before #26) against ``InMemoryTask``'s one gather per batch (the script's)."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(num_images, 1, resolution, resolution, generator=g), torch.arange(num_images) % 2
+    loaders = {
+        "per image": DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=True, drop_last=True),
+        "gathered": DataLoader(
+            InMemoryTask(images, labels), batch_size=batch, shuffle=True, drop_last=True, collate_fn=whole_batch
+        ),
+    }
+    epochs = interleaved_medians({k: lambda loader=loader: list(loader) for k, loader in loaders.items()}, repeats)
+    return {k: t / (num_images // batch) for k, t in epochs.items()}
 
 
 def phase_profile(run_dir: Path) -> dict[str, float]:
@@ -248,6 +265,7 @@ def main() -> None:
     variant_results = {
         name: {"seconds": t, "speedup_vs_base": variant_seconds["base"] / t} for name, t in variant_seconds.items()
     }
+    loader_seconds = loader_epoch_seconds(resolution, batch, repeats)
 
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     measured_peak = matmul_peak(device, matmul_dtype, 8192 if device.type == "cuda" else 1536)
@@ -299,14 +317,22 @@ def main() -> None:
     for variant, r in variant_results.items():
         print(f"GD step, {variant}: {r['seconds'] * 1e3:.1f} ms, {r['speedup_vs_base']:.2f}x the base step")
     phases = {str(run): phase_profile(Path(run)) for run in args.phases}
+    for kind, t in loader_seconds.items():
+        print(f"task loader, {kind}: {t * 1e3:.2f} ms per batch")
     data = {"config": config, "workloads": results, "summary": summary, "gd_step_variants": variant_results}
-    path = write_results(name, {**data, "phases": phases})
-    write_markdown(RESULTS / f"{name}.md", config, results, summary, variant_results, phases)
+    path = write_results(name, {**data, "loader_seconds_per_batch": loader_seconds, "phases": phases})
+    write_markdown(RESULTS / f"{name}.md", config, results, summary, variant_results, loader_seconds, phases)
     print(f"wrote {path}")
 
 
 def write_markdown(
-    path: Path, config: dict, results: dict, summary: dict, variants: dict, phases: dict[str, dict[str, float]]
+    path: Path,
+    config: dict,
+    results: dict,
+    summary: dict,
+    variants: dict,
+    loader: dict[str, float],
+    phases: dict[str, dict[str, float]],
 ) -> None:
     info = machine()
     lines = [
@@ -342,6 +368,10 @@ def write_markdown(
         "| GD step | ms | speed-up vs base |",
         "| --- | --- | --- |",
         *(f"| {name} | {r['seconds'] * 1e3:.1f} | {r['speedup_vs_base']:.2f}x |" for name, r in variants.items()),
+        "",
+        f"Reading an in-memory task (batch {config['batch']}): {loader['per image'] * 1e3:.2f} ms per batch image by "
+        f"image and stacked (before), {loader['gathered'] * 1e3:.2f} ms as one gather (`InMemoryTask`), "
+        f"{loader['per image'] / loader['gathered']:.1f}x.",
         "",
     ]
     for run, seconds in phases.items():

@@ -575,7 +575,8 @@ def make_accelerator(args) -> Accelerator:
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # pinned batches (task_loader, on CUDA) reach the device without blocking the host
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
     )
     if args.allow_tf32 and torch.cuda.is_available():

@@ -8,7 +8,8 @@ and its pool) — and the three phases a training loop calls::
     learner.consolidate(model, fisher_loader, ..., accelerator=accelerator)        # Fisher -> penalty term
 
 Each phase takes the distributed context the same way, from the ``accelerator`` (None: one process): the pool is
-generated in shares and gathered, the Fisher's partial sums are all-reduced.
+generated in shares and gathered, the Fisher's partial sums are all-reduced. ``training_step(..., check_finite=False)``
+reads nothing back to the host; a ``LossLog`` then reads the terms of many steps at once (and checks them).
 
 One step's loss (docs/method.md): ``denoise(real ∪ replay) + distill_weight * distill(replay) + λ·EWC(θ)`` with
 ``ewc_mode="loss"``; with ``ewc_mode="decoupled"`` the penalty instead acts as an exact proximal step after each

@@ -473,12 +473,13 @@ class StreamedTaskLoader(DataLoaderStateMixin):
         step, position = 0, 0
         while self.num_batches is None or step < self.num_batches:
             read = 0
-            for batch in torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size):
+            pin = self.device.type == "cuda"  # pinned batches copy to the GPU without blocking the host
+            for batch in torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, pin_memory=pin):
                 if self.num_batches is not None and step >= self.num_batches:
                     return
                 n = batch["pixel_values"].shape[0]
                 if step >= num_batches:
-                    out = (batch["pixel_values"].to(self.device), batch["class_labels"].to(self.device))
+                    out = tuple(batch[k].to(self.device, non_blocking=pin) for k in ("pixel_values", "class_labels"))
                     if self.num_batches is None:
                         out += (torch.arange(position, position + n) * self.world_size + self.rank,)
                     yield out
@@ -493,6 +494,31 @@ class StreamedTaskLoader(DataLoaderStateMixin):
 
 
 # ------------------------------------------------------------------------------------ a training run's data
+
+
+class InMemoryTask(torch.utils.data.Dataset):
+    """A task's training images ``[N, C, H, W]`` and labels ``[N]`` in memory, read a batch at a time: a DataLoader's
+    index list becomes one gather (``__getitems__``) instead of N single-image reads and a stack (the same batches,
+    in the same order: the loader's sampler, Accelerate's sharding and its resume skip are unchanged). Load it with
+    ``collate_fn=whole_batch``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
+
+
+def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The collate function of ``InMemoryTask``: its batches come gathered already."""
+    return batch
 
 
 @dataclass
@@ -620,8 +646,9 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
     mask = torch.isin(data.train.labels, torch.tensor(classes))
     images, labels = data.train_inputs[mask], data.train.labels[mask]
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(images, labels),
+        InMemoryTask(images, labels),
         batch_size=args.train_batch_size,
+        collate_fn=whole_batch,
         shuffle=True,
         drop_last=len(labels) > args.train_batch_size,
         generator=torch.Generator().manual_seed(args.seed + task_index),

@@ -252,3 +252,39 @@ def test_streaming_shuffle_reseeded_per_epoch(parquet_dataset):
     assert sorted(first) == sorted(second) and first != second
     stream.set_epoch(0)
     assert [label for label, _ in _collect(stream)] == first
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_in_memory_task_batches_are_the_per_image_loaders_batches(num_workers):
+    """A task read one gather per batch gives, through Accelerate's prepared loader and its resume skip, exactly the
+    batches (and order) the per-image TensorDataset loader gave: runs and resumes are unchanged by it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration
+
+    from hf_r1ewc.data import InMemoryTask, whole_batch
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(100, 1, 8, 8, generator=g), torch.randint(0, 10, (100,), generator=g)
+    batches = {}
+    for name, dataset, extra in (
+        ("per image", torch.utils.data.TensorDataset(images, labels), {}),
+        ("gathered", InMemoryTask(images, labels), {"collate_fn": whole_batch}),
+    ):
+        accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=16,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(7),
+            num_workers=num_workers,
+            **extra,
+        )
+        loader = accelerator.prepare(loader)
+        loader.set_epoch(2)
+        batches[name] = list(loader) + list(accelerator.skip_first_batches(loader, 4))
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert len(batches["gathered"]) == 6 + 2
+    for (a, b), (c, d) in zip(batches["per image"], batches["gathered"]):
+        assert torch.equal(a, c) and torch.equal(b, d)
