@@ -192,7 +192,9 @@ def write(rows: list[dict], reference: dict, args, stem: str, plateau: dict | No
         f"{'yes' if r['within_ddim50_spread'] else 'no'} | {r['images_per_second']:.0f} |"
         for r in rows
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    output = RESULTS / f"{stem}.md"
+    reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""  # kept across reruns
+    output.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
     import matplotlib
 
     matplotlib.use("Agg")
