@@ -19,7 +19,8 @@ Adam's per-parameter loop, the loss terms read back to the host at every step, n
 host): ``adam`` (multi-tensor Adam on the CPU, fused on CUDA), ``no host read`` (the terms stay on the device, as the
 script logs them every ``--logging_steps``), ``device noise`` (the step's generator on the device; the same thing on
 a CPU), ``compiled`` (inductor, static shapes; only with ``--compile``: the first step compiles for minutes on 2 CPU
-cores). ``--phases RUN_DIR ...``: where a finished run's wall time went, from its task folders' metrics.json.
+cores; run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` for the cold compile, else inductor's on-disk cache from an
+earlier run shortens the first call). ``--phases RUN_DIR ...``: where a finished run's wall time went, from its task folders' metrics.json.
 
 Writes ``benchmarks/results/throughput[_quick].{json,md}``. ``--quick`` (a 0.28M UNet at 16x16) takes < 1 min on 2
 CPU cores; the default (the cpu-small preset's 1.11M UNet at 32x32, batch 64) a few minutes.
@@ -251,16 +252,17 @@ def main() -> None:
         )
 
     workloads = {name: step_fn(learner) for name, learner in learners.items()}
-    variants = {
-        name: gd_step_variant(accelerator, channels, resolution, x, y, pool, scheduler, **flags)
-        for name, flags in VARIANTS.items()
-        if args.compile or not flags.get("compiled")
-    }
     workloads[f"DDIM-{sample_steps} sampling (batch {sample_batch})"] = sample_fn
     workloads[f"Fisher mu + c* ({fisher_samples} samples)"] = fisher_fn
     # FlopCounterMode segfaults inside torch.func.jvp (the Fisher's second pass) in torch 2.13: time only there
     flops = {name: None if name.startswith("Fisher") else counted_flops(fn) for name, fn in workloads.items()}
     seconds = interleaved_medians(workloads, repeats, device)
+    # built after the table above: compiling starts inductor's worker processes, which would share its cores
+    variants = {
+        name: gd_step_variant(accelerator, channels, resolution, x, y, pool, scheduler, **flags)
+        for name, flags in VARIANTS.items()
+        if args.compile or not flags.get("compiled")
+    }
     first_call = {}
     for name, fn in variants.items():  # the first call of a compiled variant compiles
         sync(device)

@@ -497,10 +497,10 @@ class StreamedTaskLoader(DataLoaderStateMixin):
 
 
 class InMemoryTask(torch.utils.data.Dataset):
-    """A task's training images ``[N, C, H, W]`` and labels ``[N]`` in memory, read a batch at a time: a DataLoader's
-    index list becomes one gather (``__getitems__``) instead of N single-image reads and a stack (the same batches,
-    in the same order: the loader's sampler, Accelerate's sharding and its resume skip are unchanged). Load it with
-    ``collate_fn=whole_batch``."""
+    """A task's training images ``[N, C, H, W]`` and labels ``[N]`` in memory (the host's or a GPU's), read a batch at a
+    time: a DataLoader's index list becomes one gather there (``__getitems__``) instead of N single-image reads and a
+    stack (the same batches, in the same order: the loader's sampler, Accelerate's sharding and its resume skip are
+    unchanged). Load it with ``collate_fn=whole_batch``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images, self.labels = images, labels
@@ -512,7 +512,7 @@ class InMemoryTask(torch.utils.data.Dataset):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
+        index = torch.as_tensor(indices, device=self.images.device)
         return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
@@ -645,15 +645,20 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
         return loader, num_examples, fisher
     mask = torch.isin(data.train.labels, torch.tensor(classes))
     images, labels = data.train_inputs[mask], data.train.labels[mask]
+    # on a GPU the task's images live there and each batch is gathered there (no copy per step), unless loader
+    # workers (which cannot hold CUDA tensors) are asked for: then pinned host batches, copied without blocking
+    on_device = accelerator.device.type == "cuda" and not args.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
-        InMemoryTask(images, labels),
+        InMemoryTask(images.to(accelerator.device), labels.to(accelerator.device))
+        if on_device
+        else InMemoryTask(images, labels),
         batch_size=args.train_batch_size,
         collate_fn=whole_batch,
         shuffle=True,
         drop_last=len(labels) > args.train_batch_size,
         generator=torch.Generator().manual_seed(args.seed + task_index),
         num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=accelerator.device.type == "cuda" and not on_device,
     )
     fisher = fisher_loader(
         images,
