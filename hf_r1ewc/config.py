@@ -224,7 +224,7 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the student (through Accelerate: the backend `accelerate launch --dynamo_backend` "
         "names, else inductor), the teacher and the replay sampler, with static shapes. Each task compiles "
-        "again: on 2 CPU cores ~3 min for the CPU table-1 UNet's step, then 1.1x (benchmarks/results/"
+        "again: on 2 CPU cores ~3 min for the CPU table-1 UNet's step, then 1.15-1.25x (benchmarks/results/"
         "throughput_quick.md); on a GPU see benchmarks/results/throughput_gpu.md",
     )
     g.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping (default: none, as the paper)")
