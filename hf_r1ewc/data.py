@@ -648,10 +648,9 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
     # on a GPU the task's images live there and each batch is gathered there (no copy per step), unless loader
     # workers (which cannot hold CUDA tensors) are asked for: then pinned host batches, copied without blocking
     on_device = accelerator.device.type == "cuda" and not args.dataloader_num_workers
+    place = accelerator.device if on_device else images.device
     loader = torch.utils.data.DataLoader(
-        InMemoryTask(images.to(accelerator.device), labels.to(accelerator.device))
-        if on_device
-        else InMemoryTask(images, labels),
+        InMemoryTask(images.to(place), labels.to(place)),
         batch_size=args.train_batch_size,
         collate_fn=whole_batch,
         shuffle=True,
