@@ -662,6 +662,14 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
                 f"| {method} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
                 f"{fmt(row['plasticity'])} | {fmt(acc and (100 * acc[0], 100 * acc[1]))} % |"
             )
+        lines += [
+            "\n### The horizon curve: AFID@k per method (mean ± SE over seeds)\n",
+            "| method | " + " | ".join(f"k={k}" for k in range(1, LONG_TASKS + 1)) + " |",
+            "| --- |" + " --- |" * LONG_TASKS,
+        ]
+        for method, row in summary.items():
+            cells = [fmt(row["afid_at_k"][k]) for k in range(1, LONG_TASKS + 1)]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
         table["paired"] = {}
         for length in LONG_LENGTHS:
             subset = {o: r for o, r in runs.items() if r["label"].endswith(f"({length})")}
