@@ -465,7 +465,7 @@ def write_long_record(work: Path, data_dir: str, sc: dict, name: str, lam: float
     record = {
         "results": json.loads((out / "results.json").read_text()),
         "ewc_grad_ratio_per_epoch": ratios,
-        "geometry": gd_geometry(out, data_dir, sc, seed) if name == "GD" and length == "1x" else None,
+        "geometry": gd_geometry(out, data_dir, sc, seed) if name == "GD" else None,
         "fid_classifier_sha256": sha256_file(work / "fid_classifier" / "model.safetensors"),
         "machine": machine(),
     }
@@ -724,12 +724,15 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
             {m: row["afid_at_k"] for m, row in summary.items()}, output.with_name(output.stem + "_afid_at_k.png")
         )
         lines.append(f"\nAFID@k per method with standard-error bands: `{output.stem}_afid_at_k.png`.")
-    geometry = [r["geometry"] for s in PAIRED_SEEDS if (r := long_record("GD", None, s)) and r["geometry"]]
-    if geometry:
-        table["gd_geometry"] = geometry
+    table["gd_geometry"] = {}
+    for length in LONG_LENGTHS:
+        geometry = [g for s in PAIRED_SEEDS if (r := long_record("GD", None, s, length)) and (g := r["geometry"])]
+        if not geometry:
+            continue
+        table["gd_geometry"][length] = geometry
         ms = lambda xs: fmt(mean_and_standard_error(xs), ".3f")  # noqa: E731
         lines += [
-            f"\n## Where GD's forgetting goes ({len(geometry)} GD runs, mean ± SE)\n",
+            f"\n## Where GD's forgetting goes, {length} ({len(geometry)} GD runs, mean ± SE)\n",
             "μ_k: task k's mean per-sample gradient at θ*_k (estimated as consolidation does, on the task's "
             "100 images). Share along old μ: of task k's parameter change θ*_k − θ*_{k−1}, the fraction of its "
             "squared norm inside span(μ_1..μ_{k−1}), against (k−1)/P for a random direction.\n",
@@ -737,9 +740,9 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
             "| --- | --- | --- | --- |",
         ]
         for k in range(2, LONG_TASKS + 1):
+            share = mean_and_standard_error([g["change_along_old_mu"][k - 2]["share"] for g in geometry])
             lines.append(
-                f"| {k} | {ms([g['cos_consecutive_mu'][k - 2] for g in geometry])} | "
-                f"{fmt(mean_and_standard_error([g['change_along_old_mu'][k - 2]['share'] for g in geometry]), '.2e')} | "
+                f"| {k} | {ms([g['cos_consecutive_mu'][k - 2] for g in geometry])} | {fmt(share, '.2e')} | "
                 f"{geometry[0]['change_along_old_mu'][k - 2]['random']:.1e} |"
             )
         lines += [
