@@ -724,13 +724,13 @@ def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> Non
             {m: row["afid_at_k"] for m, row in summary.items()}, output.with_name(output.stem + "_afid_at_k.png")
         )
         lines.append(f"\nAFID@k per method with standard-error bands: `{output.stem}_afid_at_k.png`.")
+    ms = lambda xs: fmt(mean_and_standard_error(xs), ".3f")  # noqa: E731
     table["gd_geometry"] = {}
     for length in LONG_LENGTHS:
         geometry = [g for s in PAIRED_SEEDS if (r := long_record("GD", None, s, length)) and (g := r["geometry"])]
         if not geometry:
             continue
         table["gd_geometry"][length] = geometry
-        ms = lambda xs: fmt(mean_and_standard_error(xs), ".3f")  # noqa: E731
         lines += [
             f"\n## Where GD's forgetting goes, {length} ({len(geometry)} GD runs, mean ± SE)\n",
             "μ_k: task k's mean per-sample gradient at θ*_k (estimated as consolidation does, on the task's "
