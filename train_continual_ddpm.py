@@ -14,53 +14,57 @@ steps this recipe calls in the library. A quick run: --preset demo --num_epochs_
 
 from __future__ import annotations
 
+import argparse
 import errno
 import math
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    set_seed,
-)
-from diffusers import ModelMixin
+from accelerate.utils import set_seed
+from diffusers import ModelMixin, SchedulerMixin
 from diffusers.training_utils import EMAModel
 
 from hf_r1ewc.config import (
-    ADDED_SETTINGS,
     MAY_CHANGE,
     RECOVERY_SETTINGS,
     RESUME_MUST_MATCH,
     make_accelerator,
-    method_description,
     parse_args,
+    recorded_defaults,
     run_config,
     run_manifest,
 )
-from hf_r1ewc.continual import (
-    ContinualLearner,
-    LossLog,
-    NonFiniteLossError,
-    bare_model,
-    consolidate_task,
-    make_ema,
-    make_learner,
-    make_lr_scheduler,
-    make_optimizer,
-    start_replay,
-    step_generator,
-    theta_star,
-)
-from hf_r1ewc.data import TaskData, check_budgets, load_task_data, task_loader
+from hf_r1ewc.continual import ContinualLearner, LossLog, NonFiniteLossError, bare_model, step_generator
+from hf_r1ewc.data import TaskData
 from hf_r1ewc.evaluate import sample_grid_across_tasks
-from hf_r1ewc.hub import TaskOutcome, TaskUploader, task_folder_name, write_json, write_task_folder
-from hf_r1ewc.metrics import evaluate_task, make_evaluator, record_scores, run_summary_table
-from hf_r1ewc.models import build_model, training_noise_scheduler
+from hf_r1ewc.hub import TaskUploader, task_folder_name, write_json
+from hf_r1ewc.metrics import TaskFID, evaluate_task, run_summary_table
+from hf_r1ewc.models import training_noise_scheduler
 from hf_r1ewc.pipeline import sampling_scheduler
 from hf_r1ewc.plots import evenly_chosen
 from hf_r1ewc.progress import PhaseTimer, configure_logging, progress_bar
+from hf_r1ewc.recipe import (
+    TaskOutcome,
+    end_task,
+    load_data,
+    make_ema,
+    make_learner,
+    make_lr_scheduler,
+    make_model,
+    make_task_evaluator,
+    make_task_loader,
+    method_description,
+    optimizer_for,
+    start_task,
+    theta_star,
+    training_tasks,
+    write_task_folder,
+)
 from hf_r1ewc.report import write_report
 from hf_r1ewc.run import (
     MANIFEST,
@@ -70,6 +74,7 @@ from hf_r1ewc.run import (
     load_checkpoint,
     lock_output_dir,
     register_ema,
+    register_methods,
     released_on_error,
     resume_advice,
     resume_run,
@@ -86,29 +91,77 @@ logger = get_logger(__name__, log_level="INFO")
 # -------------------------------------------------------------------------------------------------- set-up
 
 
-def prepare_task(args, accelerator, denoiser: ModelMixin, loader) -> tuple:
-    """A fresh optimizer and LR schedule per task (the penalty and the teacher carry what earlier tasks taught),
-    prepared by Accelerate: (model, optimizer, LR schedule or None, loader). A streamed loader is sharded by
-    ``stream_task`` itself, so it does not go through prepare."""
-    optimizer = make_optimizer(args, denoiser, accelerator.device)
+@dataclass
+class Run:
+    """What every task of the run uses: the settings, the accelerator, the data, the method and its models, where
+    the run stands, the FID scorer, the Hub uploader and the wall time by phase."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    data: TaskData
+    learner: ContinualLearner
+    sampler: SchedulerMixin
+    ema: EMAModel | None
+    state: RunState
+    evaluator: TaskFID | None = None
+    uploader: TaskUploader | None = None
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+
+
+def open_run(args, accelerator, data: TaskData, denoiser, learner: ContinualLearner, ema, tasks) -> RunState:
+    """Where this run starts in OUTPUT_DIR (restoring what it continues from) and its manifest checked; the
+    manifest to write, if any, is ``run.manifest``."""
+    run = resume_run(
+        accelerator,
+        Path(args.output_dir),
+        denoiser,
+        learner,
+        ema,
+        tasks,
+        data.resolution,
+        checkpoint_spec=args.resume_from_checkpoint,
+        task_source=args.resume_from_task,
+        must_match={k: v for k, v in run_config(args).items() if k in RESUME_MUST_MATCH},
+    )
+    run.manifest = check_manifest(
+        accelerator,
+        Path(args.output_dir),
+        run_manifest(args, accelerator, data),
+        recovery_settings=RECOVERY_SETTINGS,
+        may_change=MAY_CHANGE,
+        added_settings=recorded_defaults,
+        adopt=args.adopt_manifest,
+    )
+    run.tasks = tasks
+    return run
+
+
+def start_outputs(run: Run) -> None:
+    """The EMA and the methods' changing state in checkpoints, the trackers of --report_to, and the Hub uploader
+    (main process) of --push_to_hub."""
+    args, accelerator = run.args, run.accelerator
+    if run.ema is not None:
+        run.ema.to(accelerator.device)
+        register_ema(accelerator, run.ema)
+    register_methods(accelerator, run.learner)
+    if accelerator.is_main_process and args.report_to:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("continual-ddpm", config=config)
+    if args.push_to_hub and accelerator.is_main_process:
+        run.uploader = TaskUploader(args.hub_model_id, private=args.hub_private or None)
+
+
+def prepare_task(run: Run, denoiser: ModelMixin, loader) -> tuple:
+    """A fresh optimizer and LR schedule per task (the methods carry what earlier tasks taught), prepared by
+    Accelerate: (model, optimizer, LR schedule or None, loader). A streamed loader is sharded by ``stream_task``
+    itself, so it does not go through prepare."""
+    args, accelerator = run.args, run.accelerator
+    optimizer = optimizer_for(args, denoiser, accelerator.device)
     if args.streaming:
         model, optimizer = accelerator.prepare(denoiser, optimizer)
     else:
         model, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
     return model, optimizer, make_lr_scheduler(args, accelerator, optimizer, len(loader)), loader
-
-
-def start_outputs(args, accelerator, ema: EMAModel | None) -> TaskUploader | None:
-    """The EMA in checkpoints, the trackers of --report_to, and the Hub uploader (main process) of --push_to_hub."""
-    if ema is not None:
-        ema.to(accelerator.device)
-        register_ema(accelerator, ema)
-    if accelerator.is_main_process and args.report_to:
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("continual-ddpm", config=config)
-    if args.push_to_hub and accelerator.is_main_process:
-        return TaskUploader(args.hub_model_id, private=args.hub_private or None)
-    return None
 
 
 def full_disk_message(err: OSError, output_dir: Path) -> str:
@@ -119,105 +172,102 @@ def full_disk_message(err: OSError, output_dir: Path) -> str:
     )
 
 
-def open_run(args, accelerator, data: TaskData, denoiser, learner: ContinualLearner, ema, training_tasks) -> RunState:
-    """Where this run starts in OUTPUT_DIR (restoring what it continues from) and its manifest checked; the
-    manifest to write, if any, is ``run.manifest``."""
-    run = resume_run(
-        accelerator,
-        Path(args.output_dir),
-        denoiser,
-        learner,
-        ema,
-        training_tasks,
-        data.resolution,
-        checkpoint_spec=args.resume_from_checkpoint,
-        task_source=args.resume_from_task,
-        must_match={k: v for k, v in run_config(args).items() if k in RESUME_MUST_MATCH},
-        ewc_lambda=args.ewc_lambda,
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class TaskCurves:
+    """The losses of a task: mean loss and denoising loss per finished epoch, ||grad penalties|| / ||grad rest|| at
+    each epoch's first optimizer step, and the micro-batch losses of the epoch in progress."""
+
+    loss: list[float] = field(default_factory=list)
+    denoise: list[float] = field(default_factory=list)
+    ratio: list[float] = field(default_factory=list)
+    epoch_loss: list[float] = field(default_factory=list)
+    epoch_denoise: list[float] = field(default_factory=list)
+
+    def close_epoch(self) -> None:
+        if self.epoch_loss:
+            self.loss.append(sum(self.epoch_loss) / len(self.epoch_loss))
+            self.denoise.append(sum(self.epoch_denoise) / len(self.epoch_denoise))
+        self.epoch_loss, self.epoch_denoise = [], []
+
+    def position(self, task: int, epoch: int, step_in_epoch: int, global_step: int) -> RunPosition:
+        return RunPosition(
+            task,
+            epoch,
+            step_in_epoch,
+            global_step,
+            self.loss,
+            self.denoise,
+            self.ratio,
+            self.epoch_loss,
+            self.epoch_denoise,
+        )
+
+
+def resume_within_task(run: Run, optimizer, lr_scheduler, task_index: int) -> tuple[int, int, TaskCurves]:
+    """(first epoch, micro-batches to skip in it, the curves so far): from the checkpoint the run resumes in, if
+    it is in this task (its state loaded), else from the task's start."""
+    position = run.state.resume_position
+    if position is None or position.task != task_index:
+        return 0, 0, TaskCurves()
+    load_checkpoint(run.accelerator, run.state.resume_dir)
+    set_learning_rate(optimizer, lr_scheduler, run.args.learning_rate)  # the flag's, not the stored one (recovery)
+    curves = TaskCurves(
+        position.loss_per_epoch,
+        position.denoise_per_epoch,
+        position.ewc_grad_ratio_per_epoch,
+        position.epoch_losses,
+        position.epoch_denoise,
     )
-    run.manifest = check_manifest(
-        accelerator,
-        Path(args.output_dir),
-        run_manifest(args, accelerator, data),
-        recovery_settings=RECOVERY_SETTINGS,
-        may_change=MAY_CHANGE,
-        added_settings=ADDED_SETTINGS,
-        adopt=args.adopt_manifest,
+    if not position.step_in_epoch:  # stopped at an epoch's end
+        curves.close_epoch()
+    logger.info(
+        "resumed from %s (task %d, epoch %d, step %d)",
+        run.state.resume_dir,
+        task_index,
+        position.epoch,
+        position.step_in_epoch,
     )
-    run.tasks = training_tasks
-    return run
+    run.state.resume_position = None
+    return position.epoch, position.step_in_epoch, curves
 
 
-# ------------------------------------------------------------------------------------------ the task phases
-
-
-def train_task(
-    args,
-    accelerator,
-    learner: ContinualLearner,
-    model,
-    optimizer,
-    lr_scheduler,
-    loader,
-    run: RunState,
-    task_index: int,
-    ema,
-) -> tuple[list[float], list[float], list[float], str | None]:
-    """The epochs of one task; returns (mean loss per epoch, mean denoising loss per epoch, ||grad lambda*EWC|| /
-    ||grad of the rest of the loss|| at each epoch's first optimizer step (empty without a penalty), why it stopped
-    early: None, "--stop_after_steps" or the signal's name). A SIGTERM/SIGINT finishes the optimizer step and
-    checkpoints it."""
-    output_dir = Path(args.output_dir)
-    first_epoch, skip, loss_curve, denoise_curve, ratio_curve, carried = 0, 0, [], [], [], ([], [])
-    position = run.resume_position
-    if position is not None and position.task == task_index:
-        load_checkpoint(accelerator, run.resume_dir)
-        set_learning_rate(optimizer, lr_scheduler, args.learning_rate)  # the flag's, not the stored one (recovery)
-        first_epoch, skip = position.epoch, position.step_in_epoch
-        # the losses logged before the stop: per finished epoch, and of the epoch it stopped in
-        loss_curve, denoise_curve = position.loss_per_epoch, position.denoise_per_epoch
-        ratio_curve, carried = position.ewc_grad_ratio_per_epoch, (position.epoch_losses, position.epoch_denoise)
-        if not skip and carried[0]:  # stopped at an epoch's end
-            loss_curve, denoise_curve = (
-                loss_curve + [sum(carried[0]) / len(carried[0])],
-                denoise_curve + [sum(carried[1]) / len(carried[1])],
-            )
-            carried = ([], [])
-        logger.info("resumed from %s (task %d, epoch %d, step %d)", run.resume_dir, task_index, first_epoch, skip)
-        run.resume_position = None
+def train_task(run: Run, model, optimizer, lr_scheduler, loader, task_index: int) -> tuple[TaskCurves, str | None]:
+    """The epochs of one task; returns (its curves, why it stopped early: None, "--stop_after_steps" or the signal's
+    name). A SIGTERM/SIGINT finishes the optimizer step and checkpoints it."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    first_epoch, skip, curves = resume_within_task(run, optimizer, lr_scheduler, task_index)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     progress = progress_bar(
         total=args.num_epochs_per_task * steps_per_epoch,
         initial=first_epoch * steps_per_epoch + skip // args.gradient_accumulation_steps,
-        desc=f"task {task_index}/{len(run.tasks)}",
+        desc=f"task {task_index}/{len(state.tasks)}",
         show=accelerator.is_local_main_process,
     )
-    ratio = ratio_curve[-1] if ratio_curve else None
-    loss_log = LossLog()
-    with StopRequest() as stop_request:  # the first SIGTERM/SIGINT: finish the step, checkpoint, stop
+    loss_log = LossLog(run.learner.term_names)
+    with StopRequest() as stop_request, progress:  # the first SIGTERM/SIGINT: finish the step, checkpoint, stop
         for epoch in range(first_epoch, args.num_epochs_per_task):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
-            batches = (
-                loader
-                if not skip
-                else (loader.skip_first(skip) if args.streaming else accelerator.skip_first_batches(loader, skip))
-            )
+            batches = loader
+            if skip:
+                batches = loader.skip_first(skip) if args.streaming else accelerator.skip_first_batches(loader, skip)
             step_in_epoch, skip = skip, 0
-            (losses, denoise), carried = carried, ([], [])
             model.train()
             for images, labels in batches:
                 generator = step_generator(
                     args.seed, task_index, epoch, step_in_epoch, accelerator.process_index, device=accelerator.device
                 )
-                out = learner.training_step(
+                out = run.learner.training_step(
                     accelerator,
                     model,
                     optimizer,
                     images,
                     labels,
                     generator,
-                    ema,
+                    run.ema,
                     # the epoch's first optimizer step (the window's closing micro-batch)
                     measure_penalty=step_in_epoch < args.gradient_accumulation_steps,
                     check_finite=False,  # read (and checked) with the log, not at every step
@@ -225,178 +275,179 @@ def train_task(
                 if lr_scheduler is not None:  # Accelerate's wrapper steps it only when the optimizer stepped
                     lr_scheduler.step()
                 step_in_epoch += 1
-                loss_log.append(out, run.global_step + 1)
+                loss_log.append(out, state.global_step + 1)
                 if not out.optimizer_stepped:
                     continue
-                run.global_step += 1
-                run.steps_this_process += 1
+                state.global_step += 1
+                state.steps_this_process += 1
                 progress.update(1)
                 if out.penalty_gradient_ratio is not None:
-                    ratio = out.penalty_gradient_ratio
-                    ratio_curve.append(ratio)
+                    curves.ratio.append(out.penalty_gradient_ratio)
                 end_of_epoch = step_in_epoch == len(loader)
-                stop = (
-                    "--stop_after_steps"
-                    if args.stop_after_steps is not None and run.steps_this_process >= args.stop_after_steps
-                    else None
-                )
-                signalled = stop_request.signal_name is not None
-                if accelerator.num_processes > 1:  # every process stops after the same step
-                    if signalled:
-                        accelerator.set_trigger()
-                    signalled = accelerator.check_trigger()
-                stop = (stop_request.signal_name or "a signal to another process") if signalled else stop
-                checkpoint = run.global_step % args.checkpointing_steps == 0 or stop
-                if end_of_epoch or checkpoint or run.global_step % args.logging_steps == 0:
-                    window = read_losses(loss_log, task_index, epoch, output_dir)
-                    losses += [w[0] for w in window]
-                    denoise += [w[1] for w in window]
-                    logs = dict(zip(("loss", "denoise", "distill", "ewc"), map(statistics.fmean, zip(*window))))
-                    if lr_scheduler is not None:
-                        logs["lr"] = lr_scheduler.get_last_lr()[0]
-                    if ratio is not None:  # ||grad EWC|| / ||grad rest||, at each epoch's first optimizer step
-                        logs["ewc_grad_ratio"] = ratio
-                    progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-                    accelerator.log({**logs, "task": task_index}, step=run.global_step)
+                stop = stop_reason(run, stop_request)
+                checkpoint = state.global_step % args.checkpointing_steps == 0 or stop
+                if end_of_epoch or checkpoint or state.global_step % args.logging_steps == 0:
+                    log_losses(run, loss_log, curves, lr_scheduler, progress, task_index, epoch)
                 if end_of_epoch and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
-                    seen = sorted({c for t in run.tasks[:task_index] for c in t})
-                    log_validation_grid(args, accelerator, learner, model, ema, seen, run.global_step)
-                position = RunPosition(
-                    task_index,
-                    epoch + end_of_epoch,
-                    0 if end_of_epoch else step_in_epoch,
-                    run.global_step,
-                    loss_curve,
-                    denoise_curve,
-                    ratio_curve,
-                    losses,
-                    denoise,
-                )
+                    log_validation_grid(run, model, task_index)
                 if checkpoint:
-                    save_checkpoint(accelerator, model, output_dir, position, args.checkpoints_total_limit)
+                    position = curves.position(
+                        task_index, epoch + end_of_epoch, 0 if end_of_epoch else step_in_epoch, state.global_step
+                    )
+                    save_checkpoint(accelerator, model, Path(args.output_dir), position, args.checkpoints_total_limit)
                 if stop:
-                    progress.close()
-                    return loss_curve, denoise_curve, ratio_curve, stop
-            if losses:
-                loss_curve.append(sum(losses) / len(losses))
-                denoise_curve.append(sum(denoise) / len(denoise))
-    progress.close()
-    return loss_curve, denoise_curve, ratio_curve, None
+                    return curves, stop
+            curves.close_epoch()
+    return curves, None
 
 
-def read_losses(loss_log: LossLog, task_index: int, epoch: int, output_dir: Path) -> list[list[float]]:
-    """The logged micro-batches' (loss, denoise, distill, ewc); a non-finite term ends the run, naming it."""
+def stop_reason(run: Run, stop_request: StopRequest) -> str | None:
+    """Why training stops after this optimizer step: "--stop_after_steps", a signal's name (every process stops
+    after the same step), or None."""
+    args, accelerator = run.args, run.accelerator
+    stop = None
+    if args.stop_after_steps is not None and run.state.steps_this_process >= args.stop_after_steps:
+        stop = "--stop_after_steps"
+    signalled = stop_request.signal_name is not None
+    if accelerator.num_processes > 1:
+        if signalled:
+            accelerator.set_trigger()
+        signalled = accelerator.check_trigger()
+    return (stop_request.signal_name or "a signal to another process") if signalled else stop
+
+
+def log_losses(run: Run, loss_log: LossLog, curves: TaskCurves, lr_scheduler, progress, task_index: int, epoch: int):
+    """Read the logged micro-batches' terms (a non-finite one ends the run, naming it), keep them in the epoch's
+    curves and log their means (and the LR, the latest penalty-gradient ratio) to the bar and the trackers."""
     try:
-        return loss_log.read()
+        window = loss_log.read()
     except NonFiniteLossError as err:
         raise SystemExit(
             f"error: {err} at task {task_index}, epoch {epoch}, step {err.step}; nothing after the last checkpoint "
-            f"was saved. {resume_advice(output_dir)}"
+            f"was saved. {resume_advice(Path(run.args.output_dir))}"
         ) from None
+    curves.epoch_loss += [w[0] for w in window]
+    curves.epoch_denoise += [w[1] for w in window]
+    logs = dict(zip(loss_log.names, map(statistics.fmean, zip(*window))))
+    if lr_scheduler is not None:
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+    if curves.ratio:  # ||grad penalties|| / ||grad rest||, at each epoch's first optimizer step
+        logs["ewc_grad_ratio"] = curves.ratio[-1]
+    progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+    run.accelerator.log({**logs, "task": task_index}, step=run.state.global_step)
 
 
-def log_validation_grid(
-    args, accelerator, learner, model, ema: EMAModel | None, classes: list[int], step: int
-) -> None:
-    """--validation_epochs: 8 samples of each of (at most GRID_MAX_CLASSES of) ``classes`` from the current weights
-    (the EMA's with --use_ema) to the trackers, as diffusers' examples log their validation images. Every process
-    samples (a sharded model's forward needs all of them); the main process logs."""
-    scheduler = sampling_scheduler(args.replay_scheduler, learner.noise_scheduler.config)
+def log_validation_grid(run: Run, model, task_index: int) -> None:
+    """--validation_epochs: 8 samples of each of (at most GRID_MAX_CLASSES of) the classes seen so far from the
+    current weights (the EMA's with --use_ema) to the trackers, as diffusers' examples log their validation images.
+    Every process samples (a sharded model's forward needs all of them); the main process logs."""
+    args, accelerator = run.args, run.accelerator
+    seen = sorted({c for t in run.state.tasks[:task_index] for c in t})
     grid = sample_grid(
-        bare_model(accelerator, model), scheduler, evenly_chosen(classes), args.num_inference_steps, args.seed, ema
+        bare_model(accelerator, model), run.sampler, evenly_chosen(seen), args.num_inference_steps, args.seed, run.ema
     )
-    log_images(accelerator, {"validation": grid}, step)
+    log_images(accelerator, {"validation": grid}, run.state.global_step)
+
+
+# ---------------------------------------------------------------------------------------------------- a task
+
+
+def run_task(run: Run, denoiser: ModelMixin, task_index: int) -> tuple[ModelMixin, str | None]:
+    """Task ``task_index``: start it (the teacher and its replay), train, evaluate FID on every task so far,
+    consolidate (the Fisher -> a penalty term) and write its folder. Returns (theta*_k to continue from, why training
+    stopped early or None)."""
+    args, accelerator, learner, state = run.args, run.accelerator, run.learner, run.state
+    phases = PhaseTimer()
+    loader, num_examples, fisher_batches = make_task_loader(
+        args, accelerator, run.data, state.tasks[task_index - 1], task_index
+    )
+    logger.info(
+        "task %d/%d: classes %s, %d training images",
+        task_index,
+        len(state.tasks),
+        state.tasks[task_index - 1],
+        num_examples,
+    )
+    with phases("replay pool" if learner.method("gd") else "start of task"):
+        start_task(args, accelerator, learner, denoiser, run.sampler, state.tasks, task_index)
+    model, optimizer, lr_scheduler, loader = prepare_task(run, denoiser, loader)
+    with phases("training"):
+        curves, stopped = train_task(run, model, optimizer, lr_scheduler, loader, task_index)
+    if stopped:
+        message = "stopped by %s after step %d (checkpoint-%d saved); re-run the same command to continue"
+        logger.info(message, stopped, state.global_step, state.global_step)
+        return denoiser, stopped
+
+    denoiser, trained, pipeline, eval_model = theta_star(accelerator, model, run.ema, run.sampler)
+    with phases("FID"):
+        eval_tasks = run.data.tasks if args.joint else run.data.tasks[:task_index]
+        scores = evaluate_task(accelerator, run.evaluator, eval_model, run.sampler, eval_tasks, task_index)
+    state.record(scores, task_index)
+    with phases("Fisher" if any(m.term == "ewc" for m in learner.methods) else "end of task"):
+        method_metrics = end_task(args, accelerator, learner, trained, fisher_batches, state.tasks, task_index)
+    if accelerator.is_main_process:
+        with phases("writing the task folder"):
+            curve_lists = [curves.loss, curves.denoise, curves.ratio]
+            outcome = TaskOutcome(pipeline, eval_model, method_metrics, scores, curve_lists, phases.seconds)
+            folder, grid = write_task_folder(
+                args, accelerator, run.data, state, outcome, task_index, learner, run.evaluator, run.ema
+            )
+        logger.info("wrote %s", folder)
+        log_task(accelerator, state, task_index, grid)
+        if run.uploader is not None:
+            run.uploader.submit(folder, task_index)
+    run.timer.add(phases)
+    logger.info("task %d took %s", task_index, phases.summary())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # the pool served this task only; the task folder is safely written
+        shutil.rmtree(Path(args.output_dir) / "replay" / task_folder_name(task_index), ignore_errors=True)
+    return denoiser, None
 
 
 # --------------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv, __doc__)
+    args = parse_args(argv, __doc__)  # every flag checked before anything is loaded
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
     configure_logging()
     set_seed(args.seed)
-    device = accelerator.device
     timer = PhaseTimer()  # wall seconds per phase in this process, reported per task and at the end
     with timer("data"):
-        data = load_task_data(args)
-    check_budgets(args, data)
-    denoiser = build_model(args, data)
+        data = load_data(args)
+    denoiser = make_model(args, data)
     noise_scheduler = training_noise_scheduler()
     sampler = sampling_scheduler(args.replay_scheduler, noise_scheduler.config)
-    training_tasks = [sorted(c for t in data.tasks for c in t)] if args.joint else data.tasks
-    num_tasks = len(training_tasks)
-    learner = make_learner(args, noise_scheduler)
-    penalty = learner.penalty
-    ema = make_ema(args, denoiser)
-    logger.info("method: %s; %d tasks", method_description(args), num_tasks)
+    learner, ema, tasks = make_learner(args, noise_scheduler), make_ema(args, denoiser), training_tasks(args, data)
+    logger.info("method: %s; %d tasks", method_description(args, learner), len(tasks))
     lock = lock_output_dir(accelerator, output_dir)
     with released_on_error(lock):
-        run = open_run(args, accelerator, data, denoiser, learner, ema, training_tasks)
+        state = open_run(args, accelerator, data, denoiser, learner, ema, tasks)
+        run = Run(args, accelerator, data, learner, sampler, ema, state, timer=timer)
         with timer("FID classifier and reference statistics"):
-            evaluator = make_evaluator(args, accelerator, data, device) if run.start_task <= num_tasks else None
-    if run.manifest is not None and accelerator.is_main_process:  # written once every check has passed
-        write_json(output_dir / MANIFEST, run.manifest)
-    if run.start_task > num_tasks:
-        logger.info("all %d tasks are finished in %s", num_tasks, output_dir)
+            run.evaluator = make_task_evaluator(args, accelerator, data) if state.start_task <= len(tasks) else None
+    if state.manifest is not None and accelerator.is_main_process:  # written once every check has passed
+        write_json(output_dir / MANIFEST, state.manifest)
+    if state.start_task > len(tasks):
+        logger.info("all %d tasks are finished in %s", len(tasks), output_dir)
         if lock is not None:
             lock.release()
         return
-    uploader = start_outputs(args, accelerator, ema)
-    denoiser.to(device)
-    if penalty is not None:  # the statistics stay on the CPU; the penalty binds one flat copy (FSDP: the local
-        penalty.to("cpu")  # shard's slice) to the model's device per task
+    start_outputs(run)
+    denoiser.to(accelerator.device)
     stopped: str | None = None
-
     try:
-        for task_index in range(run.start_task, num_tasks + 1):
-            phases = PhaseTimer()
-            classes = training_tasks[task_index - 1]
-            old_classes = sorted({c for t in training_tasks[: task_index - 1] for c in t})
-            loader, num_examples, fisher_batches = task_loader(args, accelerator, data, classes, task_index)
-            logger.info("task %d/%d: classes %s, %d training images", task_index, num_tasks, classes, num_examples)
-            if args.replay == "on" and not args.joint:
-                with phases("replay pool"):
-                    start_replay(args, accelerator, learner, denoiser, sampler, old_classes, task_index)
-            model, optimizer, lr_scheduler, loader = prepare_task(args, accelerator, denoiser, loader)
-            with phases("training"):
-                *curves, stopped = train_task(
-                    args, accelerator, learner, model, optimizer, lr_scheduler, loader, run, task_index, ema
-                )
+        for task_index in range(state.start_task, len(tasks) + 1):  # train -> evaluate -> consolidate -> write
+            denoiser, stopped = run_task(run, denoiser, task_index)
             if stopped:
-                message = "stopped by %s after step %d (checkpoint-%d saved); re-run the same command to continue"
-                logger.info(message, stopped, run.global_step, run.global_step)
                 break
-
-            # ---- end of task: theta*_k, evaluation, consolidation, the task folder
-            denoiser, trained, pipeline, eval_model = theta_star(accelerator, model, ema, sampler)
-            with phases("FID"):
-                eval_tasks = data.tasks if args.joint else data.tasks[:task_index]
-                scores = evaluate_task(accelerator, evaluator, eval_model, sampler, eval_tasks, task_index)
-            record_scores(run, scores, task_index)
-            with phases("Fisher"):
-                stats = consolidate_task(args, accelerator, learner, trained, fisher_batches, task_index)
-            if accelerator.is_main_process:
-                with phases("writing the task folder"):
-                    outcome = TaskOutcome(pipeline, eval_model, stats, scores, curves, phases.seconds)
-                    folder, grid = write_task_folder(
-                        args, accelerator, data, run, outcome, task_index, training_tasks, evaluator, ema, penalty
-                    )
-                log_task(accelerator, run, task_index, grid)
-                if uploader is not None:
-                    uploader.submit(folder, task_index)
-            timer.add(phases)
-            logger.info("task %d took %s", task_index, phases.summary())
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:  # the pool served this task only; the task folder is safely written
-                shutil.rmtree(output_dir / "replay" / task_folder_name(task_index), ignore_errors=True)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
             raise
         raise SystemExit(full_disk_message(err, output_dir)) from None
     finally:  # also when the run ends in an error: the uploads so far are reported, the folder unlocked
-        close_uploader(uploader, output_dir)
+        close_uploader(run.uploader, output_dir)
         if lock is not None:
             lock.release()
 
@@ -404,7 +455,7 @@ def main(argv=None) -> None:
     if stopped and stopped != "--stop_after_steps":
         sys.exit(EXIT_STOPPED)
     if accelerator.is_main_process and not stopped:
-        finish_run(args, data, run)
+        finish_run(args, data, state)
     logger.info("wall time in this process by phase: %s", timer.summary())
 
 
@@ -432,7 +483,7 @@ def finish_run(args, data: TaskData, run: RunState) -> None:
     if run.matrix and not args.joint:
         print("\n" + run_summary_table(run.matrix, run.accuracy, data.tasks, run.class_kl))
     print(
-        f"\nDone. Task folders: {output_dir}/task_XX (pipeline, fisher.safetensors, samples.png, README.md); "
+        f"\nDone. Task folders: {output_dir}/task_XX (pipeline, the methods' files, samples.png, README.md); "
         f"classes x tasks: {output_dir / 'samples_by_task.png'}"
     )
     print(f"Results (FID matrix, AFID@k, forgetting, plasticity, sample accuracy): {output_dir / 'results.json'}")

@@ -49,7 +49,7 @@ from _runs import (  # noqa: E402
 
 
 sys.path.insert(0, str(ROOT))
-from hf_r1ewc.evaluate import format_mean_se  # noqa: E402
+from hf_r1ewc.comparison import format_mean_se  # noqa: E402
 
 
 LAMBDAS = (10.0, 100.0, 1000.0, 15000.0)
@@ -116,7 +116,7 @@ def late_drop(losses: list[float]) -> float:
 def write_replay_pool(work: Path, output: Path) -> None:
     """replay_pool.md/.json: GD with the accumulated replay pool against the regenerated one (the paper's), seed by
     seed (hf_r1ewc.evaluate's paired comparison), with the pools' images and wall seconds per run."""
-    from hf_r1ewc.evaluate import aggregate, paired_differences, paired_markdown
+    from hf_r1ewc.comparison import aggregate, paired_differences, paired_markdown
 
     runs, pools = {}, {}
     for seed in PAIRED_SEEDS:
@@ -294,7 +294,7 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
 
 def write_paired(work: Path, outs: list[Path], output: Path) -> None:
     """table1_paired.md/.json: every method minus GD, seed by seed (hf_r1ewc.evaluate's paired comparison)."""
-    from hf_r1ewc.evaluate import aggregate, paired_differences, paired_markdown
+    from hf_r1ewc.comparison import aggregate, paired_differences, paired_markdown
 
     runs = {str(o): json.loads((o / "results.json").read_text()) for o in outs}
     gd = next(r["method"] for o, r in runs.items() if Path(o).name.startswith("GD_"))
@@ -334,7 +334,7 @@ def write_dit_table(work: Path, output: Path) -> None:
     """dit.md/.json: per backbone, AFID@5 / F / P (mean +- SE over seeds 0-2) and each method minus GD paired by seed,
     for the DiT runs and the UNet runs of the same seeds and methods (from the paired study); and the Fisher geometry
     of task 1 (the analysis folders of GEOMETRY that exist) side by side by timestep."""
-    from hf_r1ewc.evaluate import aggregate, paired_differences, paired_markdown
+    from hf_r1ewc.comparison import aggregate, paired_differences, paired_markdown
 
     table, lines = (
         {},
@@ -588,7 +588,7 @@ def gd_geometry(out: Path, data_dir: str, sc: dict, seed: int) -> dict:
 
 def write_long_horizon(work: Path, data_dir: str, sc: dict, output: Path) -> None:
     """long_horizon.md/.json and the AFID@k plot, from whatever has finished (rerun to update)."""
-    from hf_r1ewc.evaluate import aggregate, paired_differences, paired_markdown
+    from hf_r1ewc.comparison import aggregate, paired_differences, paired_markdown
     from hf_r1ewc.metrics import mean_and_standard_error
     from hf_r1ewc.plots import plot_afid_curves
 

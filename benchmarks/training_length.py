@@ -50,7 +50,7 @@ from _runs import (  # noqa: E402
 
 
 sys.path.insert(0, str(ROOT))
-from hf_r1ewc.evaluate import format_mean_se  # noqa: E402
+from hf_r1ewc.comparison import format_mean_se  # noqa: E402
 
 
 METHODS = [
@@ -213,7 +213,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
-    from hf_r1ewc.evaluate import paired_differences, paired_markdown
+    from hf_r1ewc.comparison import paired_differences, paired_markdown
     from hf_r1ewc.metrics import mean_and_standard_error as mse
     from hf_r1ewc.plots import plot_against
 

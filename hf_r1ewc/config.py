@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from accelerate import Accelerator
@@ -20,14 +21,122 @@ from accelerate.utils import (
     ProjectConfiguration,
     TorchDynamoPlugin,
 )
+from diffusers import SchedulerMixin
 
 from .integrity import sha256_tensors
+from .methods import EWC, ContinualMethod, GenerativeDistillation
 from .models import PRESETS
 from .pipeline import SAMPLERS
 
 
 if TYPE_CHECKING:
     from .data import TaskData
+
+
+@dataclass
+class MethodSpec:
+    """A component of ``--method``: its word, a line for ``--help``, how the settings build it (``build(args,
+    noise_scheduler)`` -> a ``ContinualMethod``; None: nothing to compose, e.g. naive), its own flags (added to
+    the parser's method group) and whether it must stand alone."""
+
+    name: str
+    help: str
+    build: Callable[[argparse.Namespace, SchedulerMixin], ContinualMethod] | None = None
+    add_flags: Callable[[argparse._ArgumentGroup], None] | None = None
+    alone: bool = False
+
+
+def _ewc(kind: str) -> Callable:
+    return lambda args, noise: EWC(noise, kind, args.ewc_lambda, args.ewc_mode)
+
+
+def _gd(args: argparse.Namespace, noise_scheduler: SchedulerMixin) -> ContinualMethod:
+    return GenerativeDistillation(
+        args.replay_per_class,
+        args.distill_weight,
+        args.num_inference_steps,
+        args.replay_pool,
+        args.online_replay_steps if args.replay_mode == "online" else None,
+        args.replay_batch_size,
+        not args.no_replay_in_denoise,
+    )
+
+
+# the components of --method, in the order they compose (penalties, then replay): each is one file of hf_r1ewc.methods
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> None:
+    """Add a component to ``--method`` (after those registered before it, in composition order): its flags join
+    ``--help`` and the run manifest (a manifest recorded without them reads as their defaults)."""
+    if spec.name in METHODS or "+" in spec.name:
+        raise ValueError(f"a method named {spec.name!r} is registered already (or has a '+')")
+    METHODS[spec.name] = spec
+
+
+for _spec in (
+    MethodSpec("naive", "fine-tuning, nothing protects old tasks", alone=True),
+    MethodSpec("joint", "the non-continual upper bound, all classes at once", alone=True),
+    MethodSpec("rank1", "rank-1 EWC, the paper's eq. 6 (--ewc_lambda, --ewc_mode)", _ewc("rank1")),
+    MethodSpec("rank1_unscaled", "rank-1 EWC without c*", _ewc("rank1_unscaled")),
+    MethodSpec("diag", "diagonal EWC", _ewc("diag")),
+    MethodSpec("gd", "generative replay from a frozen teacher + distillation (--distill_weight, --replay_*)", _gd),
+):
+    register_method(_spec)
+EWC_KINDS = ("rank1", "rank1_unscaled", "diag")
+
+
+def canonical_method(spec: str) -> str:
+    """``--method``'s components checked and put in composition order (``METHODS``), joined by '+'; raises
+    ``ValueError`` naming the problem."""
+    parts = [p.strip() for p in spec.split("+")]
+    unknown = [p for p in parts if p not in METHODS]
+    if unknown or not parts:
+        raise ValueError(f"--method {spec!r}: unknown component(s) {unknown}; choose from {', '.join(METHODS)}")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"--method {spec!r} names a component twice")
+    alone = [p for p in parts if METHODS[p].alone]
+    if len(parts) > 1 and alone:
+        raise ValueError(f"--method {spec!r}: {' and '.join(alone)} cannot be combined with another component")
+    if sum(p in EWC_KINDS for p in parts) > 1:
+        raise ValueError(f"--method {spec!r}: choose one EWC kind of {', '.join(EWC_KINDS)}")
+    return "+".join(sorted(parts, key=list(METHODS).index))
+
+
+def method_from_legacy(ewc_type: str, replay: str, joint: bool) -> str:
+    """The ``--method`` that ``--ewc_type``, ``--replay`` and ``--joint`` spell (what a run recorded before
+    ``--method`` existed)."""
+    if joint:
+        return "joint"
+    parts = ([ewc_type] if ewc_type != "none" else []) + (["gd"] if replay == "on" else [])
+    return "+".join(parts) or "naive"
+
+
+def resolve_method(args: argparse.Namespace) -> None:
+    """Make ``--method`` and the older ``--ewc_type``/``--replay``/``--joint`` say the same thing: one of them sets
+    the other (the older flags take the values that spell the method, ignored ones their old defaults, so that every
+    spelling of a method records the same settings); both given and disagreeing is refused."""
+    if args.method is None:
+        args.ewc_type, args.replay = args.ewc_type or "rank1", args.replay or "on"
+        args.method = method_from_legacy(args.ewc_type, args.replay, args.joint)
+        return
+    method = canonical_method(args.method)
+    parts = method.split("+")
+    spelled = {
+        "ewc_type": next((p for p in parts if p in EWC_KINDS), "rank1" if method == "joint" else "none"),
+        "replay": "on" if "gd" in parts or method == "joint" else "off",
+    }
+    for flag, value in spelled.items():
+        if getattr(args, flag) not in (None, value):
+            raise ValueError(f"--method {method} and --{flag} {getattr(args, flag)} disagree: drop --{flag}")
+    if args.joint and method != "joint":
+        raise ValueError(f"--method {method} and --joint disagree: drop --joint (or use --method joint)")
+    args.method, args.ewc_type, args.replay, args.joint = (
+        method,
+        spelled["ewc_type"],
+        spelled["replay"],
+        method == "joint",
+    )
 
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -44,6 +153,20 @@ ADDED_SETTINGS = {
     "allow_tf32": False,
     "replay_pool": "regenerate",
 }
+
+
+def recorded_defaults(settings: dict) -> dict:
+    """The values of the settings that a recorded manifest lacks (added after it was written) which reproduce its
+    run: ``ADDED_SETTINGS``, and ``method`` as its ``--ewc_type``, ``--replay`` and ``--joint`` spell it."""
+    defaults = dict(ADDED_SETTINGS)
+    for spec in METHODS.values():
+        if spec.add_flags is not None:
+            flags = argparse.ArgumentParser(add_help=False)
+            spec.add_flags(flags)
+            defaults |= vars(flags.parse_args([]))
+    if {"ewc_type", "replay", "joint"} <= set(settings):
+        defaults["method"] = method_from_legacy(settings["ewc_type"], settings["replay"], settings["joint"])
+    return defaults
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -124,10 +247,18 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("continual learning (the paper's method and baselines)")
     g.add_argument(
+        "--method",
+        default=None,
+        help="the continual method, a '+'-joined list of components (docs/method.md): "
+        + "; ".join(f"{name}: {spec.help}" for name, spec in METHODS.items())
+        + ". E.g. rank1+gd (the paper), gd, diag. Default: from --ewc_type, --replay and --joint (rank1+gd)",
+    )
+    g.add_argument(
         "--ewc_type",
         choices=["none", "diag", "rank1", "rank1_unscaled"],
-        default="rank1",
-        help="EWC penalty: rank1 = paper eq. 6 (with c*), rank1_unscaled = without c*, diag = diagonal",
+        default=None,
+        help="the EWC component of --method (older spelling; default rank1): rank1 = paper eq. 6 (with c*), "
+        "rank1_unscaled = without c*, diag = diagonal, none",
     )
     g.add_argument("--ewc_lambda", type=float, default=15000.0, help="EWC weight lambda (paper: 15000)")
     g.add_argument(
@@ -154,8 +285,9 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--replay",
         choices=["on", "off"],
-        default="on",
-        help="'off' disables the replay batch entirely (no GD): the 'w/o GD' baselines",
+        default=None,
+        help="the gd component of --method (older spelling; default on): 'off' disables the replay batch entirely "
+        "(no GD): the 'w/o GD' baselines",
     )
     g.add_argument(
         "--no_replay_in_denoise",
@@ -187,7 +319,12 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         help="replay images per step (preset: demo 32; default: the real batch)",
     )
     g.add_argument("--online_replay_steps", type=int, default=2, help="sampler steps of online replay")
-    g.add_argument("--joint", action="store_true", help="non-continual upper bound: all classes at once")
+    g.add_argument(
+        "--joint", action="store_true", help="non-continual upper bound: all classes at once (--method joint)"
+    )
+    for spec in METHODS.values():
+        if spec.add_flags is not None:
+            spec.add_flags(g)
 
 
 def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
@@ -360,6 +497,10 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     for key, value in PRESETS[args.preset].defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    try:
+        resolve_method(args)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     validate_args(args)
     return args
 
@@ -467,21 +608,7 @@ def validate_args(args: argparse.Namespace) -> None:
         fail(f"--fid_classifier {args.fid_classifier} holds no model.safetensors")
 
 
-def method_description(args) -> str:
-    if args.joint:
-        return "non-continual upper bound (all classes at once)"
-    parts = []
-    if args.ewc_type != "none":
-        parts.append(f"{args.ewc_type} EWC (lambda={args.ewc_lambda:g}, {args.ewc_mode})")
-    if args.replay == "on":
-        parts.append(
-            "generative replay"
-            + (" (accumulated pool)" if args.replay_pool == "accumulate" else "")
-            + (f" + distillation (weight {args.distill_weight:g})" if args.distill_weight > 0 else "")
-        )
-    return " + ".join(parts) or "plain fine-tuning"
-
-
+# compared with the run_config of the task folder a run continues from (a key the folder lacks is not compared)
 RESUME_MUST_MATCH = ("preset", "model_config_name_or_path", "ewc_type", "ewc_mode", "joint", "resize")
 
 
@@ -524,6 +651,7 @@ def run_config(args) -> dict:
         "resize",
         "preset",
         "model_config_name_or_path",
+        "method",
         "ewc_type",
         "ewc_mode",
         "joint",

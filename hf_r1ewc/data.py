@@ -536,16 +536,30 @@ class TaskData:
     tasks: list[list[int]]
 
 
-def load_task_data(args) -> TaskData:
-    """Read and check the data and tasks; every data error stops here, before any model is built."""
-    source = args.dataset_name or args.train_data_dir
+def load_task_data(
+    source: str,
+    *,
+    eval_split: str = "test",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    streaming: bool = False,
+    max_train_per_class: int | None = None,
+    resolution: int | None = None,
+    resize: bool = False,
+    tasks: str | None = None,
+    classes_per_task: int = 2,
+    need_test_classes: bool = True,
+) -> TaskData:
+    """Read and check the data of ``source`` and its class-incremental tasks (``tasks`` as '0,1;2,3', else groups
+    of ``classes_per_task`` in label order); ``need_test_classes``: every class must have test images (FID). Every
+    data error raises ``SystemExit`` here, before any model is built."""
     try:
-        test = load_labeled_images(source, args.eval_split, args.image_column, args.label_column)
-        train = None if args.streaming else load_labeled_images(source, "train", args.image_column, args.label_column)
-        if args.max_train_per_class:
-            train = train.head_per_class(args.max_train_per_class)
-        known = test if args.streaming else train  # streamed: the eval split names the classes and the image shape
-        resolution = args.resolution or default_resolution(known.image_size)
+        test = load_labeled_images(source, eval_split, image_column, label_column)
+        train = None if streaming else load_labeled_images(source, "train", image_column, label_column)
+        if max_train_per_class:
+            train = train.head_per_class(max_train_per_class)
+        known = test if streaming else train  # streamed: the eval split names the classes and the image shape
+        resolution = resolution or default_resolution(known.image_size)
         count = len(test) + (len(train) if train is not None else 0)
         held = count * known.num_channels * resolution**2 * 4
         if held > memory_bytes():
@@ -555,22 +569,21 @@ def load_task_data(args) -> TaskData:
                 f"{memory_bytes() / 2**30:.3g} GiB; lower --resolution (or use --streaming)"
             )
         num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
-        tasks = parse_tasks(args.tasks, None if args.tasks else args.classes_per_task, known.classes)
         data = TaskData(
             source,
             test,
             train,
-            None if train is None else images_to_model_input(train.images, resolution, args.resize),
-            images_to_model_input(test.images, resolution, args.resize),
+            None if train is None else images_to_model_input(train.images, resolution, resize),
+            images_to_model_input(test.images, resolution, resize),
             resolution,
             known.num_channels,
             num_classes,
-            tasks,
+            parse_tasks(tasks, None if tasks else classes_per_task, known.classes),
         )
     except ValueError as err:  # DataError: stop before any training
         raise SystemExit(f"error: {err}") from None
     missing = [c for t in data.tasks for c in t if c not in test.classes]
-    if missing and args.fid_backend != "none":
+    if missing and need_test_classes:
         raise SystemExit(
             f"error: the test split has no images of classes {missing}: FID needs them (or pass --fid_backend none)"
         )
@@ -582,61 +595,76 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_budgets(args, data: TaskData) -> None:
-    """Refuse, before any training, a replay pool that cannot fit: it is written to OUTPUT_DIR (float16 images,
-    int64 labels) and then held whole in memory, once for the largest set of old classes (before the last task)."""
-    if args.replay != "on" or args.replay_mode != "pool" or args.joint or len(data.tasks) < 2:
+def check_pool_budget(data: TaskData, per_class: int, output_dir: str | os.PathLike) -> None:
+    """Refuse, before any training, a replay pool of ``per_class`` images per old class that cannot fit: it is
+    written to ``output_dir`` (float16 images, int64 labels) and then held whole in memory, once for the largest set
+    of old classes (before the last task)."""
+    if len(data.tasks) < 2:
         return
     old_classes = sum(len(t) for t in data.tasks[:-1])
-    pool = args.replay_per_class * old_classes * (2 * data.num_channels * data.resolution**2 + 8)
+    pool = per_class * old_classes * (2 * data.num_channels * data.resolution**2 + 8)
     free = shutil.disk_usage(
-        next(p for p in (Path(args.output_dir), *Path(args.output_dir).resolve().parents) if p.exists())
+        next(p for p in (Path(output_dir), *Path(output_dir).resolve().parents) if p.exists())
     ).free
     for where, limit in (("free disk space in --output_dir", free), ("this machine's memory", memory_bytes())):
         if pool > limit:
             raise SystemExit(
-                f"error: --replay_per_class {args.replay_per_class}: the replay pool before the last "
-                f"task ({old_classes} classes x {args.replay_per_class} images at {data.resolution}x"
+                f"error: --replay_per_class {per_class}: the replay pool before the last "
+                f"task ({old_classes} classes x {per_class} images at {data.resolution}x"
                 f"{data.resolution}) needs {pool / 2**30:.3g} GiB, more than the {limit / 2**30:.3g} GiB "
                 f"of {where}; lower --replay_per_class (the paper: 5000, ImageNet 1300)"
             )
 
 
-def task_loader(args, accelerator, data: TaskData, classes: list[int], task_index: int):
-    """(training loader, number of training images, Fisher loader) of one task."""
-    from .continual import fisher_loader  # continual builds on this module
+def task_loader(
+    accelerator,
+    data: TaskData,
+    classes: list[int],
+    *,
+    batch_size: int,
+    seed: int,
+    fisher_num_samples: int | None,
+    fisher_batch_size: int,
+    streaming: bool = False,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    resize: bool = False,
+    num_workers: int = 0,
+):
+    """(training loader, number of training images, Fisher loader) of the task of ``classes``: shuffled with
+    ``seed`` (the run's seed + the task index), ``batch_size`` images per process; the Fisher loader yields a seeded
+    subset of ``fisher_num_samples`` (``fisher_loader``), this process's share."""
+    from .continual import fisher_loader
 
-    if args.streaming:
+    if streaming:
 
-        def streamed(shuffle: bool, seed: int = 0):
+        def streamed(shuffle: bool, shuffle_seed: int = 0):
             return stream_task(
                 data.source,
                 "train",
                 classes,
                 resolution=data.resolution,
                 num_channels=data.num_channels,
-                image_column=args.image_column,
-                label_column=args.label_column,
-                resize=args.resize,
+                image_column=image_column,
+                label_column=label_column,
+                resize=resize,
                 shuffle=shuffle,
-                seed=seed,
+                seed=shuffle_seed,
                 rank=accelerator.process_index,
                 world_size=accelerator.num_processes,
             )
 
-        num_examples = count_task_examples(data.source, "train", classes, args.label_column)
-        num_batches = num_examples // (args.train_batch_size * accelerator.num_processes)
+        num_examples = count_task_examples(data.source, "train", classes, label_column)
+        num_batches = num_examples // (batch_size * accelerator.num_processes)
         if num_batches == 0:
             raise SystemExit(
-                f"error: task {task_index} has {num_examples} training images, fewer than one batch "
-                f"of {args.train_batch_size} per process; lower --train_batch_size"
+                f"error: the task of classes {classes} has {num_examples} training images, fewer than one batch "
+                f"of {batch_size} per process; lower --train_batch_size"
             )
-        loader = StreamedTaskLoader(
-            streamed(True, args.seed + task_index), args.train_batch_size, num_batches, accelerator.device
-        )
+        loader = StreamedTaskLoader(streamed(True, seed), batch_size, num_batches, accelerator.device)
         fisher = StreamedTaskLoader(
             streamed(False),
-            args.fisher_batch_size,
+            fisher_batch_size,
             None,
             accelerator.device,
             accelerator.process_index,
@@ -647,24 +675,24 @@ def task_loader(args, accelerator, data: TaskData, classes: list[int], task_inde
     images, labels = data.train_inputs[mask], data.train.labels[mask]
     # on a GPU the task's images live there and each batch is gathered there (no copy per step), unless loader
     # workers (which cannot hold CUDA tensors) are asked for: then pinned host batches, copied without blocking
-    on_device = accelerator.device.type == "cuda" and not args.dataloader_num_workers
+    on_device = accelerator.device.type == "cuda" and not num_workers
     place = accelerator.device if on_device else images.device
     loader = torch.utils.data.DataLoader(
         InMemoryTask(images.to(place), labels.to(place)),
-        batch_size=args.train_batch_size,
+        batch_size=batch_size,
         collate_fn=whole_batch,
         shuffle=True,
-        drop_last=len(labels) > args.train_batch_size,
-        generator=torch.Generator().manual_seed(args.seed + task_index),
-        num_workers=args.dataloader_num_workers,
+        drop_last=len(labels) > batch_size,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
         pin_memory=accelerator.device.type == "cuda" and not on_device,
     )
     fisher = fisher_loader(
         images,
         labels,
-        args.fisher_num_samples,
-        args.fisher_batch_size,
-        args.seed + task_index,
+        fisher_num_samples,
+        fisher_batch_size,
+        seed,
         accelerator.process_index,
         accelerator.num_processes,
     )

@@ -1,15 +1,11 @@
-"""Generative distillation (paper section 3.4): a frozen teacher, its replay pool, and the training loss.
+"""Generative distillation's pieces (paper section 3.4): a frozen teacher, its replay pool, the distillation loss.
 
 After task k a frozen copy of the model (the teacher) generates a replay pool for every class seen so far through
-``hf_r1ewc.pipeline.sample`` (the paper: DDIM, 50 steps, eta 0; any diffusers scheduler). Each training step draws
-a replay batch, noises it ONCE at uniform t, and that single noising serves both terms, so the student sees the replay batch once per step:
-
-* the replay images join the real batch in the ordinary denoising loss (generative replay, as in the authors' code;
-  ``replay_in_denoise=False`` turns this off);
-* distillation: ``distill_weight * mean_pixels (eps_student(x~_t) - eps_teacher(x~_t))^2``.
-
-``replay_mode="online"`` (Masip et al.) skips the pool and samples a fresh replay batch from the teacher every step
-with a few sampler steps.
+``hf_r1ewc.pipeline.sample`` (the paper: DDIM, 50 steps, eta 0; any diffusers scheduler), or (Masip et al.) a fresh
+few-step batch every step (``online_replay_batch``). The method that composes them into a training step is
+``hf_r1ewc.methods.generative_distillation``: each step's replay batch is noised ONCE at uniform t with the real
+batch, joins the denoising loss, and the distillation term ``mean_pixels (eps_student(x~_t) - eps_teacher(x~_t))^2``
+reads the same forward.
 """
 
 from __future__ import annotations
@@ -219,59 +215,3 @@ def online_replay_batch(
 def distillation_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
     """mean over samples and pixels of (eps_student - eps_teacher)^2, in float32."""
     return (student_eps.float() - teacher_eps.float()).pow(2).mean()
-
-
-def continual_loss(
-    unet: nn.Module,
-    noise_scheduler: SchedulerMixin,
-    images: torch.Tensor,
-    class_labels: torch.Tensor,
-    replay: tuple[torch.Tensor, torch.Tensor] | None = None,
-    teacher: nn.Module | None = None,
-    distill_weight: float = 1.0,
-    replay_in_denoise: bool = True,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    r"""One step's loss, generative distillation included:
-
-    .. math::
-
-        \mathcal{L} = \underbrace{\tfrac{1}{B'}\textstyle\sum_j \|\epsilon_j - \epsilon_\theta(x_{t,j}, t_j, y_j)\|^2
-        / d}_{\text{denoise}} + w \underbrace{\tfrac{1}{R}\textstyle\sum_{r}
-        \|\epsilon_{\theta^*}(x_{t,r}, t_r, y_r) - \epsilon_\theta(x_{t,r}, t_r, y_r)\|^2 / d}_{\text{distill}}
-
-    over the B real images (and the R replay images when ``replay_in_denoise``: B' = B + R), d pixels per image.
-    The real and replay batches are noised once at uniform t and go through the student in ONE forward pass; the
-    teacher θ* sees the same noised replay batch.
-
-    Args:
-        unet: the student; noise_scheduler: the training schedule.
-        images: ``[B, C, H, W]`` in [-1, 1]; class_labels: ``[B]``.
-        replay: ``(images [R, C, H, W], labels [R])`` from the teacher's pool, or None (no distillation).
-        teacher: the frozen teacher θ*; distill_weight: w.
-        generator: the generator of ε and t, drawn on its device (a CPU one reproduces a run on every device).
-
-    Returns:
-        ``{"loss", "denoise", "distill"}``, 0-dim tensors on the images' device.
-    """
-    device = images.device
-    num_real = images.shape[0]
-    x0, labels = images, class_labels
-    if replay is not None:
-        x0 = torch.cat([images, replay[0].to(device, images.dtype)])
-        labels = torch.cat([class_labels, replay[1].to(device)])
-    draw_on = generator.device if generator is not None else device
-    noise = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=x0.dtype).to(device)
-    t = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=draw_on
-    ).to(device)
-    noisy = noise_scheduler.add_noise(x0, noise, t)
-    pred = unet(noisy, t, class_labels=labels).sample
-    per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
-    denoise = per_sample.mean() if (replay is None or replay_in_denoise) else per_sample[:num_real].mean()
-    distill = torch.zeros((), device=device)
-    if replay is not None and teacher is not None and distill_weight > 0:
-        with torch.no_grad():
-            teacher_eps = teacher(noisy[num_real:], t[num_real:], class_labels=labels[num_real:]).sample
-        distill = distillation_loss(pred[num_real:], teacher_eps)
-    return {"loss": denoise + distill_weight * distill, "denoise": denoise.detach(), "distill": distill.detach()}

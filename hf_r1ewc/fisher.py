@@ -454,18 +454,15 @@ def estimate_fisher(
 # ------------------------------------------------------------------------------------------------ file format
 
 
-def save_fisher(
-    path: str,
+def fisher_payload(
     stats: FisherStatistics,
     task_index: int | None = None,
     classes: Sequence[int] | None = None,
     extra_metadata: dict[str, str] | None = None,
-) -> None:
-    """Write ``fisher.safetensors`` atomically: tensors ``mu.<param>`` / ``diag.<param>`` and string metadata."""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``fisher.safetensors``'s content: (tensors ``mu.<param>`` / ``diag.<param>`` float32 on the CPU, string
+    metadata: kinds, c*, sample count, timestep range, loss normalisation, task index and classes)."""
     import json
-    import os
-
-    from safetensors.torch import save_file
 
     from . import __version__
 
@@ -485,6 +482,22 @@ def save_fisher(
         "classes": json.dumps(list(classes) if classes is not None else None),
         "hf_r1ewc_version": __version__,
     }
+    return tensors, metadata
+
+
+def save_fisher(
+    path: str,
+    stats: FisherStatistics,
+    task_index: int | None = None,
+    classes: Sequence[int] | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``fisher.safetensors`` (``fisher_payload``) atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors, metadata = fisher_payload(stats, task_index, classes, extra_metadata)
     tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: runs may share a folder
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)

@@ -1,8 +1,9 @@
 """Task folders: their layout, atomic writing, model cards, and their trip to and from the Hub.
 
 A task folder ``OUTPUT_DIR/task_XX/`` is a loadable pipeline (``model_index.json``, ``unet/`` or ``transformer/``,
-``scheduler/``, ``pipeline.py``) plus ``fisher.safetensors``, ``ewc_penalty.safetensors`` (the penalty over tasks
-1..XX), ``training_state.json``, ``metrics.json``, ``samples.png`` and ``README.md`` (the model card).
+``scheduler/``, ``pipeline.py``) plus what its continual methods keep (EWC: ``fisher.safetensors`` and
+``ewc_penalty.safetensors``, the penalty over tasks 1..XX), ``training_state.json``, ``metrics.json``,
+``samples.png`` and ``README.md`` (the model card).
 """
 
 from __future__ import annotations
@@ -11,29 +12,18 @@ import json
 import logging
 import os
 import queue
-import shlex
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-import torch
-
-from . import __version__
-from .config import method_description, run_config
 from .integrity import DIGESTS_KEY, IntegrityError, folder_digests, verify_folder
-from .metrics import accuracy_summary, summarize
-from .pipeline import sample
-from .plots import evenly_chosen
+from .methods.base import SafetensorsFile, task_folder_name
 
 
 logger = logging.getLogger(__name__)
-if TYPE_CHECKING:
-    from .data import TaskData
-    from .run import RunState
 
 
 def _template_path() -> Path:
@@ -50,11 +40,6 @@ TEMPLATE = _template_path()
 REQUIRED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "training_state.json")
 DENOISER_CONFIGS = ("unet/config.json", "transformer/config.json")  # a task folder holds one of them
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "pipeline.py"]
-
-
-def task_folder_name(task_index: int) -> str:
-    """``task_XX`` (two digits, 1-based)."""
-    return f"task_{task_index:02d}"
 
 
 def missing_task_files(path: str | os.PathLike) -> list[str]:
@@ -146,35 +131,34 @@ def fid_markdown_table(matrix: dict[int, dict[int, float]], upto: int) -> str:
 class TaskArtifacts:
     """What a task folder holds: the pipeline (saved with ``save_pretrained``), ``metrics.json``, the sample grid
     ``samples`` (``[N, C, H, W]`` in [-1, 1], 8 per row), the model card (``write_model_card``'s keyword arguments),
-    ``training_state.json``, and with EWC the Fisher statistics (with ``save_fisher``'s metadata keywords) and the
-    penalty's ``state_dict``."""
+    ``training_state.json``, and the continual methods' files (``ContinualLearner.task_files``: name -> safetensors
+    payload or JSON dict)."""
 
     pipeline: object
     metrics: dict
     samples: object
     card: dict
     state: dict
-    fisher: object | None = None
-    fisher_metadata: dict = field(default_factory=dict)
-    penalty_state: dict | None = None
+    method_files: dict = field(default_factory=dict)
 
 
 def write_task_artifacts(folder: str | os.PathLike, artifacts: TaskArtifacts) -> Path:
-    """Write a task folder atomically (``write_folder_atomically``): the pipeline, ``fisher.safetensors``,
-    ``ewc_penalty.safetensors``, ``metrics.json``, ``samples.png``, ``README.md``, and ``training_state.json`` last,
-    with the SHA-256 of every file before it. Returns the folder."""
+    """Write a task folder atomically (``write_folder_atomically``): the pipeline, the methods' files (safetensors
+    or JSON, nothing else), ``metrics.json``, ``samples.png``, ``README.md``, and ``training_state.json`` last, with
+    the SHA-256 of every file before it. Returns the folder."""
     from safetensors.torch import save_file
 
-    from .fisher import save_fisher
     from .plots import save_image_grid
 
     def fill(tmp: Path) -> None:
         artifacts.pipeline.save_pretrained(tmp)
-        if artifacts.fisher is not None:
-            save_fisher(str(tmp / "fisher.safetensors"), artifacts.fisher, **artifacts.fisher_metadata)
-        if artifacts.penalty_state is not None:
-            penalty = {k: v.cpu() for k, v in artifacts.penalty_state.items()}
-            save_file(penalty, str(tmp / "ewc_penalty.safetensors"))
+        for name, payload in artifacts.method_files.items():
+            if isinstance(payload, SafetensorsFile):
+                save_file(
+                    {k: v.cpu().contiguous() for k, v in payload.tensors.items()}, str(tmp / name), payload.metadata
+                )
+            else:
+                write_json(tmp / name, payload)
         write_json(tmp / "metrics.json", artifacts.metrics)
         save_image_grid(artifacts.samples, tmp / "samples.png", nrow=8)
         write_model_card(tmp, **artifacts.card)
@@ -405,159 +389,3 @@ class TaskUploader:
                         self.failures.append({"folder": str(folder), "task": task_index, "error": repr(err)})
                     else:
                         time.sleep(self.backoff_seconds * attempt)
-
-
-# -------------------------------------------------------------- from the training script's settings (hf_r1ewc.config)
-
-
-@dataclass
-class TaskOutcome:
-    """What one task produced, for its folder: the pipeline to save and the model FID was sampled with (it draws
-    ``samples.png``), the Fisher statistics (None without EWC), the FID scores by task i, the per-epoch curves (loss,
-    denoising loss, penalty-gradient ratio) and the task's wall seconds by phase."""
-
-    pipeline: object
-    eval_model: torch.nn.Module
-    stats: object | None
-    scores: dict
-    curves: list
-    seconds: dict[str, float]
-
-
-def write_task_folder(
-    args,
-    accelerator,
-    data: TaskData,
-    run: RunState,
-    outcome: TaskOutcome,
-    task_index: int,
-    training_tasks: list,
-    evaluator,
-    ema,
-    penalty,
-) -> tuple[Path, torch.Tensor]:
-    """OUTPUT_DIR/task_XX (atomically) and results.json from the training script's settings (``hf_r1ewc.config``) and
-    the task's results; main process only. ``eval_model`` (the pipeline's model as sampled for FID) draws the
-    ``samples.png`` grid, returned with the folder: ``(folder, [8 * classes, C, H, W] samples in [-1, 1])``."""
-    output_dir = Path(args.output_dir)
-    pipeline, stats, scores, curves = outcome.pipeline, outcome.stats, outcome.scores, outcome.curves
-    classes, seen = training_tasks[task_index - 1], sorted({c for t in training_tasks[:task_index] for c in t})
-    summary = summarize(run.matrix) if not args.joint else {}
-    sampling = {
-        "sampler": args.replay_scheduler,
-        "num_inference_steps": args.num_inference_steps,
-        "precision": evaluator.precision if evaluator else "fp32",
-    }
-    metrics = {
-        "task": task_index,
-        "classes": classes,
-        "fid": {i: s.fid for i, s in scores.items()},
-        "fid_num_samples": {i: s.num_samples for i, s in scores.items()},
-        "accuracy": {i: s.accuracy for i, s in scores.items() if s.accuracy is not None},
-        "accuracy_per_class": {c: a for s in scores.values() for c, a in (s.accuracy_per_class or {}).items()},
-        "class_kl": run.class_kl.get(task_index),
-        "fid_backend": args.fid_backend,
-        "sampling": sampling,
-        "loss_per_epoch": curves[0],
-        "denoise_loss_per_epoch": curves[1],
-        "ewc_grad_ratio_per_epoch": curves[2],
-        "seconds_by_phase": dict(outcome.seconds),  # this task's wall time in this process (writing not included)
-        "c_star": stats.c_star if stats else None,
-        "mu_norm": stats.mu_norm() if stats and stats.mu else None,
-        **summary,
-    }
-    grid = sample(
-        outcome.eval_model,
-        pipeline.scheduler,
-        torch.tensor(evenly_chosen(seen)).repeat_interleave(8),
-        args.num_inference_steps,
-        torch.Generator().manual_seed(args.seed),
-        evaluator.autocast_dtype if evaluator else None,
-    )
-
-    state = {
-        "task_index": task_index,
-        "tasks": training_tasks,
-        "seen_classes": seen,
-        "run_config": run_config(args),
-        "global_step": run.global_step,
-        "method": method_description(args),
-        "num_processes": accelerator.num_processes,
-        "ema_optimization_step": ema.optimization_step if ema else None,
-        "hf_r1ewc_version": __version__,
-    }
-    card = dict(
-        task_index=task_index,
-        num_tasks=len(training_tasks),
-        seen_classes=seen,
-        dataset_name=data.source,
-        method_description=method_description(args),
-        hyperparameters={
-            k: getattr(args, k)
-            for k in (
-                "preset",
-                "ewc_type",
-                "ewc_lambda",
-                "ewc_mode",
-                "distill_weight",
-                "replay",
-                "replay_mode",
-                "replay_per_class",
-                "replay_scheduler",
-                "num_epochs_per_task",
-                "train_batch_size",
-                "learning_rate",
-                "num_inference_steps",
-                "seed",
-            )
-        }
-        | {"mixed_precision": accelerator.mixed_precision},
-        command=f"accelerate launch --num_processes {accelerator.num_processes} --mixed_precision "
-        f"{accelerator.mixed_precision} " + " ".join(shlex.quote(a) for a in sys.argv),
-        matrix=run.matrix,
-        summary=summary,
-        fid_backend=args.fid_backend,
-        fid_comparable=evaluator is not None and evaluator.extractor.comparable_to_inception,
-        fid_num_samples=metrics["fid_num_samples"],
-        accuracy=metrics["accuracy"],
-        sampling=f"{args.replay_scheduler}, {args.num_inference_steps} steps, {sampling['precision']}",
-        hub_model_id=args.hub_model_id,
-        transfer=accuracy_summary(run.accuracy),
-        class_kl=run.class_kl.get(task_index),
-    )
-
-    folder = write_task_artifacts(
-        output_dir / task_folder_name(task_index),
-        TaskArtifacts(
-            pipeline,
-            metrics,
-            grid,
-            card,
-            state,
-            stats,
-            {"task_index": task_index, "classes": classes},
-            penalty.state_dict() if penalty is not None else None,
-        ),
-    )
-    results = {
-        "method": method_description(args),
-        "fid_backend": args.fid_backend,
-        "fid_comparable_to_inception": bool(evaluator and evaluator.extractor.comparable_to_inception),
-        "tasks": data.tasks,
-        "joint": args.joint,
-        "seed": args.seed,
-        "sampling": sampling,
-        "fid": run.matrix,
-        "accuracy": run.accuracy,
-        "class_kl": run.class_kl,
-    }
-    if args.joint and scores:
-        results["afid_final"] = sum(s.fid for s in scores.values()) / len(scores)
-    else:
-        results.update(summarize(run.matrix))
-        results.update(accuracy_summary(run.accuracy))
-    if metrics["accuracy_per_class"] and task_index == len(training_tasks):
-        results["final_accuracy_per_class"] = metrics["accuracy_per_class"]
-    write_json(output_dir / "results.json", results)
-    logger.info("wrote %s", folder)
-    return folder, grid

@@ -45,7 +45,6 @@ from .progress import progress_bar
 
 if TYPE_CHECKING:
     from .data import TaskData
-    from .run import RunState
 logger = get_logger(__name__, log_level="INFO")
 
 
@@ -322,16 +321,28 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-# -------------------------------------------------------------- from the training script's settings (hf_r1ewc.config)
+# ----------------------------------------------------------------------------------------- the training script's FID
 
 
-def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
-    """The FID scorer of every task (the main process trains the feature classifier once, if needed)."""
-    if args.fid_backend == "none":
+def make_evaluator(
+    backend: str,
+    accelerator,
+    data: TaskData,
+    *,
+    classifier_dir: str | Path,
+    reference_dir: str | Path,
+    num_samples: int | None,
+    num_inference_steps: int,
+    seed: int,
+    fid_weights: str | None = None,
+    dinov2_model: str = "facebook/dinov2-base",
+) -> TaskFID | None:
+    """The FID scorer of every task (None for ``backend="none"``): with the classifier backend the main process first
+    trains the feature classifier into ``classifier_dir`` unless it holds one; real statistics are cached in
+    ``reference_dir``."""
+    if backend == "none":
         return None
-    output_dir = Path(args.output_dir)
-    classifier_dir = args.fid_classifier or str(output_dir / "fid_classifier")
-    if args.fid_backend == "classifier" and not (Path(classifier_dir) / "model.safetensors").exists():
+    if backend == "classifier" and not (Path(classifier_dir) / "model.safetensors").exists():
         if accelerator.is_main_process:
             logger.info("training the FID feature classifier on the training split -> %s", classifier_dir)
             feature_dim = 64 if min(len(data.test.subset(t)) for t in data.tasks) > 64 else 32
@@ -341,24 +352,24 @@ def make_evaluator(args, accelerator, data: TaskData, device) -> TaskFID | None:
                 data.num_classes,
                 feature_dim=feature_dim,
                 epochs=2 if len(data.train) > 20_000 else 20,
-                seed=args.seed,
+                seed=seed,
                 show_progress=accelerator.is_local_main_process,
             )
             classifier.save_pretrained(classifier_dir)
         accelerator.wait_for_everyone()
     extractor = load_feature_extractor(
-        args.fid_backend, classifier_path=classifier_dir, fid_weights=args.fid_weights, dinov2_model=args.dinov2_model
-    ).to(device)
+        backend, classifier_path=str(classifier_dir), fid_weights=fid_weights, dinov2_model=dinov2_model
+    ).to(accelerator.device)
     return TaskFID(
         extractor,
         data.test_inputs,
         data.test.labels,
         data.tasks,
-        num_samples=args.fid_num_samples,
-        num_inference_steps=args.num_inference_steps,
-        seed=args.seed,
-        autocast_dtype=default_autocast_dtype(device),
-        cache_dir=args.fid_reference_dir or output_dir / "fid_reference",
+        num_samples=num_samples,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        autocast_dtype=default_autocast_dtype(accelerator.device),
+        cache_dir=reference_dir,
     )
 
 
@@ -388,11 +399,3 @@ def evaluate_task(accelerator, evaluator: TaskFID | None, model, sampler, eval_t
             accuracy,
         )
     return scores
-
-
-def record_scores(run: RunState, scores: dict, task_index: int) -> None:
-    """Row k of the FID and accuracy matrices, and the class-distribution KL of m_k."""
-    run.matrix[task_index] = {i: s.fid for i, s in scores.items()}
-    run.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
-    if (kl := class_distribution_kl(scores.values())) is not None:
-        run.class_kl[task_index] = kl

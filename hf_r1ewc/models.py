@@ -175,29 +175,23 @@ def training_noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
 
-# -------------------------------------------------------------- from the training script's settings (hf_r1ewc.config)
-
-
-def build_model(args, data: TaskData) -> ModelMixin:
-    """The denoiser: the preset's UNet or DiT, or a ``UNet2DModel`` / ``DiTTransformer2DModel`` config, checked
-    against the data and the tasks."""
+def build_model(
+    data: TaskData, preset: str, config_path: str | None = None, gradient_checkpointing: bool = False
+) -> ModelMixin:
+    """The denoiser: the ``preset``'s UNet or DiT, or a ``UNet2DModel`` / ``DiTTransformer2DModel`` config (a file or
+    folder), checked against the data and its tasks (``SystemExit`` naming the mismatch)."""
     try:
-        if args.model_config_name_or_path:
-            model = model_from_config(args.model_config_name_or_path)
+        if config_path:
+            model = model_from_config(config_path)
         else:
-            model = model_from_preset(args.preset, data.resolution, data.num_channels, data.num_classes)
+            model = model_from_preset(preset, data.resolution, data.num_channels, data.num_classes)
         if num_classes_of(model) is None:
             raise ValueError(
                 f"the model config has no class embedding (num_class_embeds: null); this method "
                 f"trains a label-conditioned model: set num_class_embeds (a DiT: num_embeds_ada_norm) "
                 f"to at least {data.num_classes}"
             )
-        parse_tasks(
-            args.tasks,
-            None if args.tasks else args.classes_per_task,
-            sorted({c for t in data.tasks for c in t}),
-            num_classes_of(model),
-        )
+        parse_tasks(None, 1, sorted({c for t in data.tasks for c in t}), num_classes_of(model))  # in the embedding
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if model.config.sample_size != data.resolution:
@@ -208,6 +202,6 @@ def build_model(args, data: TaskData) -> ModelMixin:
         raise SystemExit(
             f"error: the model takes {model.config.in_channels} channels but the images have {data.num_channels}"
         )
-    if args.gradient_checkpointing:
+    if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .evaluate import PAIRED_METRICS, aggregate, format_mean_se, paired_differences
+from .comparison import PAIRED_METRICS, aggregate, format_mean_se, paired_differences
 from .metrics import matrix_from_json, run_summary_table
 from .plots import plot_afid_curves, plot_loss_curves, plot_task_matrix
 

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from accelerate.logging import get_logger
@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from . import __version__
 from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name
 from .integrity import OutputLock, checkpoint_problem, manifest_differences, write_checkpoint_digests
-from .metrics import matrix_from_json
+from .metrics import class_distribution_kl, matrix_from_json
 from .models import MODEL_SUBFOLDERS
 
 
@@ -100,6 +100,14 @@ class RunState:
     manifest: dict | None = None  # the run_manifest.json to write once every check has passed (None: unchanged)
     tasks: list = field(default_factory=list)  # the classes of each training task, in order
 
+    def record(self, scores: dict, task_index: int) -> None:
+        """Row k = ``task_index`` of the FID and accuracy matrices from ``scores`` (task i -> ``TaskScore``), and
+        the class-distribution KL of m_k."""
+        self.matrix[task_index] = {i: s.fid for i, s in scores.items()}
+        self.accuracy[task_index] = {i: s.accuracy for i, s in scores.items() if s.accuracy is not None}
+        if (kl := class_distribution_kl(scores.values())) is not None:
+            self.class_kl[task_index] = kl
+
 
 # ------------------------------------------------------------------------------------------ lock and manifest
 
@@ -142,7 +150,7 @@ def check_manifest(
     *,
     recovery_settings: tuple[str, ...],
     may_change: tuple[str, ...],
-    added_settings: dict | None = None,
+    added_settings: Callable[[dict], dict] | None = None,
     adopt: bool = False,
 ) -> dict | None:
     """Compare ``OUTPUT_DIR/run_manifest.json`` with ``current`` (``{"settings", "dataset", "tasks"}``) and refuse
@@ -152,8 +160,9 @@ def check_manifest(
     nothing changes), for the caller to write once every other check has passed. Every process reads the file
     before one barrier that every process reaches, so none reads what the main process writes afterwards. A
     folder that holds checkpoints or task folders but no readable manifest is refused unless ``adopt``: nothing
-    would say what settings its work was trained with. ``added_settings`` maps settings introduced after a folder
-    was recorded to the value that reproduces its runs; a manifest without them is read as having that value.
+    would say what settings its work was trained with. ``added_settings`` gives, for a recorded folder's settings, the
+    values of settings introduced after it was recorded that reproduce its run; a manifest without them is read as
+    having those values.
     """
     path = output_dir / MANIFEST
     fix = (
@@ -176,7 +185,7 @@ def check_manifest(
             raise ValueError("it lacks the settings, dataset, tasks or changes of a run")
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {path} cannot be read ({type(err).__name__}: {err}): {fix}") from None
-    recorded_settings = {**(added_settings or {}), **recorded["settings"]}
+    recorded_settings = {**(added_settings(recorded["settings"]) if added_settings else {}), **recorded["settings"]}
     differences = {f"--{k}": d for k, d in manifest_differences(recorded_settings, current["settings"]).items()}
     differences |= {
         f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()
@@ -349,6 +358,31 @@ def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
     )
 
 
+METHODS_STATE = "continual_methods.safetensors"
+
+
+def register_methods(accelerator, learner) -> None:
+    """Checkpoints hold the state of the learner's methods that changes during a task (``changes_during_task``) as
+    ``continual_methods.safetensors`` (nothing pickled); the rest comes from the last task folder. A checkpoint
+    without the file (no such method, or written before it existed) leaves the methods as they are."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        state = learner.state_dict(changing_only=True)
+        if accelerator.is_main_process and state:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(output_dir, METHODS_STATE)
+            )
+
+    def load_hook(models, input_dir):
+        path = os.path.join(input_dir, METHODS_STATE)
+        if os.path.exists(path):
+            learner.load_state_dict(load_file(path))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
 def register_ema(accelerator, ema) -> None:
     """Checkpoints hold the EMA as ``unet_ema/`` (diffusers' ``save_pretrained`` layout, safetensors: nothing
     pickled), written and read through Accelerate's save/load state hooks, as diffusers' training examples do."""
@@ -381,13 +415,12 @@ def resume_run(
     checkpoint_spec: str | None,
     task_source: str | None,
     must_match: dict,
-    ewc_lambda: float,
 ) -> RunState:
     """Where to start: after the newest of (a finished task folder of OUTPUT_DIR, ``task_source``, a checkpoint).
 
-    The task folder continued from restores the weights, the penalty (at ``ewc_lambda``) and the EMA's warm-up
-    position, after its files are checked against their SHA-256; its recorded ``run_config`` must agree with
-    ``must_match`` and its tasks with ``training_tasks``. The checkpoint itself is loaded by ``load_checkpoint``
+    The task folder continued from restores the weights, what the learner's methods keep there (the EWC penalty, at
+    the run's lambda) and the EMA's warm-up position, after its files are checked against their SHA-256; its recorded
+    ``run_config`` must agree with ``must_match`` (keys it records) and its tasks with ``training_tasks``. The checkpoint itself is loaded by ``load_checkpoint``
     when its task starts.
     """
     state = RunState(start_task=1, matrix={}, accuracy={})
@@ -432,9 +465,8 @@ def resume_run(
             state.resume_dir, state.resume_position = checkpoint, position
             state.start_task, state.global_step = position.task, position.global_step
     if saved is not None:
-        conflicts = {
-            k: (saved["run_config"].get(k), v) for k, v in must_match.items() if saved["run_config"].get(k) != v
-        }
+        recorded = saved["run_config"]
+        conflicts = {k: (recorded[k], v) for k, v in must_match.items() if k in recorded and recorded[k] != v}
         if conflicts:
             raise SystemExit(
                 f"error: {previous} was trained with other settings "
@@ -447,7 +479,7 @@ def resume_run(
             )
         if state.resume_position is None:
             state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
-        restore_task_folder(previous, denoiser, learner, ema, saved, resolution, ewc_lambda)
+        restore_task_folder(previous, denoiser, learner, ema, saved, resolution)
     results_path = output_dir / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
@@ -459,8 +491,9 @@ def resume_run(
     return state
 
 
-def restore_task_folder(folder: Path, denoiser, learner, ema, saved: dict, resolution: int, ewc_lambda: float) -> None:
-    """Weights, EWC penalty (at ``ewc_lambda``) and EMA position of a verified task folder."""
+def restore_task_folder(folder: Path, denoiser, learner, ema, saved: dict, resolution: int) -> None:
+    """Weights, the learner's methods (``load_task_folder``: the EWC penalty, ...) and EMA position of a verified
+    task folder."""
     loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
     if loaded.config.sample_size != resolution:
         raise SystemExit(
@@ -468,21 +501,10 @@ def restore_task_folder(folder: Path, denoiser, learner, ema, saved: dict, resol
             f"model but --resolution is {resolution}; match it or use another --output_dir"
         )
     denoiser.load_state_dict(loaded.state_dict())
-    if learner.penalty is not None:
-        path = folder / "ewc_penalty.safetensors"
-        if not path.exists():
-            raise SystemExit(
-                f"error: {folder} has no ewc_penalty.safetensors, the EWC penalty over tasks 1..."
-                f"{saved['task_index']} that a {learner.penalty.kind} run continues from; copy the whole folder "
-                f"again (or pull it from the Hub)"
-            )
-        from safetensors.torch import load_file
-
-        try:
-            learner.penalty.load_state_dict(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise SystemExit(f"error: {path} cannot be used ({err}); copy the folder again") from None
-        learner.penalty.ewc_lambda = ewc_lambda
+    try:
+        learner.load_task_folder(folder, saved["task_index"])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if ema is not None:
         ema.shadow_params = [p.detach().clone() for p in denoiser.parameters()]
         ema.optimization_step = saved.get("ema_optimization_step", 0)

@@ -15,11 +15,20 @@ from diffusers import DDPMScheduler
 
 from hf_r1ewc.continual import ContinualLearner, NonFiniteLossError, fisher_loader, step_generator
 from hf_r1ewc.fisher import FisherStatistics, FisherSums, estimate_fisher, subset_indices
+from hf_r1ewc.methods import EWC, GenerativeDistillation, TaskStart
+from hf_r1ewc.methods.generative_distillation import Replay
 from hf_r1ewc.penalty import EWCPenalty
 
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
+
+
+def ewc_learner(penalty: EWCPenalty, ewc_mode: str = "loss", *more) -> ContinualLearner:
+    """A learner whose EWC method holds ``penalty`` (already consolidated tasks)."""
+    method = EWC(SCHEDULER, penalty.kind, penalty.ewc_lambda, ewc_mode)
+    method.penalty_module = penalty
+    return ContinualLearner(SCHEDULER, [method, *more])
 
 
 def _batches(n=32, seed=0):
@@ -43,10 +52,9 @@ def test_accumulation_micro_batches_draw_different_noise(tmp_path, monkeypatch):
     import hf_r1ewc.continual as continual
 
     seen = []
-    real_loss = continual.continual_loss
+    real_forward = continual.ContinualLearner._forward
 
-    def recording(*args, **kwargs):
-        generator = args[8] if len(args) > 8 else kwargs["generator"]
+    def recording(self, model, images, labels, generator):
         seen.append(
             torch.rand(
                 4,
@@ -55,9 +63,9 @@ def test_accumulation_micro_batches_draw_different_noise(tmp_path, monkeypatch):
                 else torch.Generator().manual_seed(generator.initial_seed()),
             ).tolist()
         )
-        return real_loss(*args, **kwargs)
+        return real_forward(self, model, images, labels, generator)
 
-    monkeypatch.setattr(continual, "continual_loss", recording)
+    monkeypatch.setattr(continual.ContinualLearner, "_forward", recording)
     sys.path.insert(0, str(ROOT))
     import train_continual_ddpm
 
@@ -101,7 +109,7 @@ def test_no_proximal_step_or_ema_update_after_a_skipped_optimizer_step():
     penalty = EWCPenalty("rank1", 1e6)
     mu = {n: torch.randn_like(p) for n, p in unet.named_parameters()}
     penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 0.1 for n, p in unet.named_parameters()})
-    learner = ContinualLearner(SCHEDULER, penalty, ewc_mode="decoupled")
+    learner = ewc_learner(penalty, "decoupled")
     ema = EMAModel(unet.parameters(), decay=0.5)
     model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters(), lr=1e-2))
     before = [p.detach().clone() for p in model.parameters()]
@@ -121,7 +129,7 @@ def test_non_finite_term_is_named():
     model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters()))
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(NonFiniteLossError) as err:
-        ContinualLearner(SCHEDULER, penalty).training_step(
+        ewc_learner(penalty).training_step(
             accelerator, model, optimizer, *_batches(4), torch.Generator().manual_seed(0)
         )
     assert err.value.term == "ewc"
@@ -229,15 +237,13 @@ def test_penalty_gradient_ratio_against_separate_backward_passes():
     penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 0.01 for n, p in unet.named_parameters()})
     x, y = _batches(4)
     params = list(unet.parameters())
-    from hf_r1ewc.distill import continual_loss
-
     rest = torch.autograd.grad(
-        continual_loss(unet, SCHEDULER, x, y, generator=torch.Generator().manual_seed(0))["loss"], params
+        ContinualLearner(SCHEDULER).loss(unet, x, y, torch.Generator().manual_seed(0))["loss"], params
     )
     pen = torch.autograd.grad(penalty(unet), params)
     norm = lambda gs: sum(float(t.double().pow(2).sum()) for t in gs) ** 0.5  # noqa: E731
     model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=0.0))
-    out = ContinualLearner(SCHEDULER, penalty).training_step(
+    out = ewc_learner(penalty).training_step(
         accelerator, model, optimizer, x, y, torch.Generator().manual_seed(0), measure_penalty=True
     )
     assert out.penalty_gradient_ratio == pytest.approx(norm(pen) / norm(rest), rel=1e-4)
@@ -253,7 +259,7 @@ def test_penalty_gradient_ratio_is_not_reported_under_a_gradient_scaler():
     mu = {n: torch.ones_like(p) for n, p in unet.named_parameters()}
     penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 0.01 for n, p in unet.named_parameters()})
     model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=0.0))
-    out = ContinualLearner(SCHEDULER, penalty).training_step(
+    out = ewc_learner(penalty).training_step(
         accelerator, model, optimizer, *_batches(4), torch.Generator().manual_seed(0), measure_penalty=True
     )
     assert out.penalty_gradient_ratio is None
@@ -264,7 +270,7 @@ def _learner_with_a_task(unet, ewc_mode: str, lam: float = 1e3) -> ContinualLear
     g = torch.Generator().manual_seed(3)
     mu = {n: torch.randn(p.shape, generator=g) * 1e-2 for n, p in unet.named_parameters()}
     penalty.add_task(FisherStatistics(mu, None, 2.0, 8), {n: p.detach() + 0.01 for n, p in unet.named_parameters()})
-    return ContinualLearner(SCHEDULER, penalty, ewc_mode=ewc_mode)
+    return ewc_learner(penalty, ewc_mode)
 
 
 @pytest.mark.parametrize("ewc_mode", ["loss", "decoupled"])
@@ -304,7 +310,7 @@ def test_own_loop_with_an_lr_scheduler_matches_training_step(ewc_mode):
 
 def test_learner_state_round_trips_through_an_accelerate_checkpoint(tmp_path):
     """``accelerator.register_for_checkpointing(learner)`` keeps the penalty: a fresh learner loaded from the
-    checkpoint has the same penalty value and gradient; another ewc_mode is refused."""
+    checkpoint has the same penalty value and gradient; a learner without that method refuses the state."""
     accelerator = Accelerator(cpu=True)
     unet = make_tiny_unet()
     learner = _learner_with_a_task(unet, "loss")
@@ -313,15 +319,14 @@ def test_learner_state_round_trips_through_an_accelerate_checkpoint(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
 
     accelerator = Accelerator(cpu=True)
-    fresh = ContinualLearner(SCHEDULER, EWCPenalty("rank1", 1.0), ewc_mode="loss")
+    fresh = ContinualLearner(SCHEDULER, [EWC(SCHEDULER, "rank1", 1.0)])
     accelerator.register_for_checkpointing(fresh)
     accelerator.load_state(str(tmp_path / "ckpt"))
-    assert fresh.penalty.num_tasks == 1 and fresh.penalty.ewc_lambda == 1e3
-    assert torch.equal(fresh.penalty(unet).detach(), learner.penalty(unet).detach())
-    with pytest.raises(ValueError, match="ewc_mode 'loss'.*this learner has ewc_mode 'decoupled'"):
-        ContinualLearner(SCHEDULER, EWCPenalty("rank1", 1.0), ewc_mode="decoupled").load_state_dict(
-            learner.state_dict()
-        )
+    restored, saved = fresh.method("rank1").penalty_module, learner.method("rank1").penalty_module
+    assert restored.num_tasks == 1 and restored.ewc_lambda == 1e3
+    assert torch.equal(restored(unet).detach(), saved(unet).detach())
+    with pytest.raises(ValueError, match=r"holds methods \['rank1'\] that this learner \(\['diag'\]\) does not"):
+        ContinualLearner(SCHEDULER, [EWC(SCHEDULER, "diag", 1.0)]).load_state_dict(learner.state_dict())
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -334,7 +339,7 @@ def test_the_first_non_finite_term_in_the_loss_order_is_named():
     penalty.add_task(FisherStatistics(mu, None, 1.0, 8), {n: p.detach() + 1 for n, p in unet.named_parameters()})
     model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters()))
     images, labels = _batches(4)
-    learner = ContinualLearner(SCHEDULER, penalty)
+    learner = ewc_learner(penalty)
     with pytest.raises(NonFiniteLossError) as err:
         learner.loss(model, images * float("nan"), labels, torch.Generator().manual_seed(0))
     assert err.value.term == "denoise"
@@ -347,7 +352,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make):
     from conftest import make_tiny_dit
 
     images, labels = _batches(8)
-    learner = ContinualLearner(SCHEDULER, None)
+    learner = ContinualLearner(SCHEDULER)
     results = []
     for checkpointed in (False, True):
         model = (make_tiny_unet() if make == "unet" else make_tiny_dit()).train()
@@ -360,28 +365,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make):
     assert torch.equal(loss, plain_loss)
     for name, g in plain.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
-
-
-def test_an_accumulated_pool_samples_only_the_new_classes_and_keeps_the_old_images(tmp_path):
-    """--replay_pool accumulate: classes with kept images are not sampled again (their images come back unchanged,
-    each class as many as before), the others are generated by the new teacher."""
-    from hf_r1ewc.distill import ReplayPool
-    from hf_r1ewc.pipeline import sampling_scheduler
-
-    sampler = sampling_scheduler("ddim", SCHEDULER.config)
-    old_teacher, teacher = make_tiny_unet(seed=1), make_tiny_unet(seed=2)
-    kept = ReplayPool.generate(old_teacher, sampler, [0], 6, tmp_path / "kept", 2, seed=5, show_progress=False)
-    learner = ContinualLearner(SCHEDULER, None)
-    common = dict(per_class=6, num_inference_steps=2, seed=7, show_progress=False)
-    learner.start_task(teacher, sampler, [0, 1], directory=tmp_path / "new", kept=kept, **common)
-    pool = learner.replay.pool
-    assert sorted(pool.labels.tolist()) == [0] * 6 + [1] * 6
-    assert torch.equal(pool.images[pool.labels == 0], kept.images)
-    assert ReplayPool.load(tmp_path / "new").classes == [1]  # only the new class was sampled
-    regenerated = ContinualLearner(SCHEDULER, None)
-    regenerated.start_task(teacher, sampler, [0, 1], directory=tmp_path / "all", **common)
-    other = regenerated.replay.pool
-    assert not torch.equal(pool.images[pool.labels == 0], other.images[other.labels == 0])  # the old teacher's
 
 
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
@@ -422,15 +405,15 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def _gd_rank1_learner(unet):
-    from hf_r1ewc.continual import Replay
+def _gd_rank1_learner(unet, max_grad_norm=None):
     from hf_r1ewc.distill import ReplayPool, frozen_teacher
 
     learner = _learner_with_a_task(unet, "loss")
     g = torch.Generator().manual_seed(5)
     pool = ReplayPool((torch.rand(16, 1, 8, 8, generator=g) * 2 - 1).half(), torch.arange(16) % 2)
-    learner.replay = Replay(frozen_teacher(unet), [0, 1], pool)
-    return learner
+    gd = GenerativeDistillation(per_class=8)
+    gd.replay = Replay(frozen_teacher(unet), [0, 1], pool)
+    return ContinualLearner(SCHEDULER, [*learner.methods, gd], max_grad_norm)
 
 
 def test_the_training_step_never_reads_a_value_back_to_the_host():
@@ -441,8 +424,7 @@ def test_the_training_step_never_reads_a_value_back_to_the_host():
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     unet = make_tiny_unet()
-    learner = _gd_rank1_learner(unet)
-    learner.max_grad_norm = 1.0
+    learner = _gd_rank1_learner(unet, max_grad_norm=1.0)
     ema = EMAModel(unet.parameters(), decay=0.9)
     model, optimizer = accelerator.prepare(unet, torch.optim.Adam(unet.parameters(), lr=1e-3, foreach=True))
     x, y = _batches(4)
@@ -480,7 +462,7 @@ def test_the_loss_log_reads_many_steps_at_once_and_names_the_first_non_finite_on
 def test_a_device_generator_draws_the_step_where_the_model_is():
     """The step's noise, timesteps and replay indices come from the generator's device (no host copy); on the CPU
     a generator made for the device draws exactly what the host generator draws, so CPU runs are unchanged."""
-    from hf_r1ewc.distill import ReplayPool, continual_loss
+    from hf_r1ewc.distill import ReplayPool
 
     unet = make_tiny_unet()
     x, y = _batches(4)
@@ -488,9 +470,10 @@ def test_a_device_generator_draws_the_step_where_the_model_is():
     host = step_generator(0, 1, 2, device="cpu")
     on_device = step_generator(0, 1, 2, device=torch.device("cpu"))
     assert on_device.device == torch.device("cpu")
-    a = continual_loss(unet, SCHEDULER, x, y, pool.sample(4, host), generator=host)["loss"]
-    b = continual_loss(unet, SCHEDULER, x, y, pool.sample(4, on_device), generator=on_device)["loss"]
-    assert torch.equal(a, b)
+    gd = GenerativeDistillation(per_class=8)
+    gd.replay = Replay(unet, [0, 1], pool)
+    learner = ContinualLearner(SCHEDULER, [gd])
+    assert torch.equal(learner.loss(unet, x, y, host)["loss"], learner.loss(unet, x, y, on_device)["loss"])
     moved = pool.to("meta")
     assert moved.images.device.type == "meta" and pool.images.device.type == "cpu"
 
@@ -503,7 +486,7 @@ def test_a_compiled_student_and_teacher_match_eager_and_compile_once(tmp_path):
     from accelerate.utils import TorchDynamoPlugin
     from torch._dynamo.utils import counters
 
-    from hf_r1ewc.continual import compile_options
+    from hf_r1ewc.methods import compile_like_student
     from hf_r1ewc.pipeline import sampling_scheduler
 
     torch._dynamo.reset()
@@ -511,20 +494,14 @@ def test_a_compiled_student_and_teacher_match_eager_and_compile_once(tmp_path):
     results = {}
     for backend in ("no", "aot_eager"):
         accelerator = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend=backend, dynamic=False))
-        assert (compile_options(accelerator) is None) == (backend == "no")
+        probe = torch.nn.Linear(1, 1)
+        assert (compile_like_student(probe, accelerator) is probe) == (backend == "no")
         unet = make_tiny_unet()
-        learner = _learner_with_a_task(unet, "loss")
-        learner.start_task(
-            unet,
-            sampling_scheduler("ddim", SCHEDULER.config),
-            [0, 1],
-            per_class=4,
-            directory=tmp_path / backend,
-            num_inference_steps=2,
-            accelerator=accelerator,
-            show_progress=False,
-        )
-        assert isinstance(learner.replay.teacher, torch._dynamo.eval_frame.OptimizedModule) == (backend != "no")
+        gd = GenerativeDistillation(per_class=4, num_inference_steps=2)
+        learner = ContinualLearner(SCHEDULER, [*_learner_with_a_task(unet, "loss").methods, gd])
+        sampler = sampling_scheduler("ddim", SCHEDULER.config)
+        learner.start_task(TaskStart(2, unet, [0, 1], [2, 3], sampler, tmp_path / backend, 0, accelerator, False))
+        assert isinstance(gd.replay.teacher, torch._dynamo.eval_frame.OptimizedModule) == (backend != "no")
         model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=0.05))
         x, y = _batches(4)
         terms, graphs = [], []

@@ -30,7 +30,8 @@ import hf_r1ewc.hub as hub  # noqa: E402
 import hf_r1ewc.metrics as metrics  # noqa: E402
 import train_continual_ddpm as script  # noqa: E402
 from hf_r1ewc.config import parse_args  # noqa: E402
-from hf_r1ewc.continual import ContinualLearner, make_optimizer  # noqa: E402
+from hf_r1ewc.continual import ContinualLearner  # noqa: E402
+from hf_r1ewc.recipe import optimizer_for  # noqa: E402
 from hf_r1ewc.integrity import write_checkpoint_digests  # noqa: E402
 from hf_r1ewc.run import checkpoint_dirs  # noqa: E402
 
@@ -89,7 +90,7 @@ PHASES = {
     "replay pool": (ContinualLearner, "start_task", 2),  # task 2's teacher and pool
     "training": (ContinualLearner, "training_step", 9),  # mid task 2, after checkpoint-8
     "FID": (metrics.TaskFID, "__call__", 2),  # FID_1(m_2): task 1 scored one task, task 2 starts with task 1
-    "Fisher": (ContinualLearner, "consolidate", 2),
+    "Fisher": (ContinualLearner, "end_task", 2),
     "folder write": (hub, "write_training_state", 2),  # task_02 is half written (.partial)
 }
 
@@ -634,10 +635,10 @@ def test_adam_flags_reach_the_optimizer():
     from conftest import make_tiny_unet
 
     base = ["--dataset_name", "digits", "--output_dir", "unused", "--learning_rate", "1e-3"]
-    plain = make_optimizer(parse_args(base), make_tiny_unet())
+    plain = optimizer_for(parse_args(base), make_tiny_unet())
     assert type(plain) is torch.optim.Adam and plain.defaults["betas"] == (0.9, 0.999)
     flags = ["--adam_weight_decay", "0.01", "--adam_beta1", "0.8", "--adam_epsilon", "1e-6"]
-    decayed = make_optimizer(parse_args([*base, *flags]), make_tiny_unet())
+    decayed = optimizer_for(parse_args([*base, *flags]), make_tiny_unet())
     assert type(decayed) is torch.optim.AdamW
     assert (decayed.defaults["weight_decay"], decayed.defaults["betas"], decayed.defaults["eps"]) == (
         0.01,

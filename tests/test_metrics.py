@@ -271,7 +271,7 @@ def test_labeled_grid_has_one_image_per_cell(tmp_path):
 def test_paired_differences_by_hand():
     """Three seeds; the method is better than GD by 1, 2 and 3 AFID points: mean -2, SE 1/sqrt(3),
     t = -2 / (1/sqrt(3)) = -3.464 on 2 degrees of freedom; exact Wilcoxon with all signs alike: p = 2 / 2^3."""
-    from hf_r1ewc.evaluate import paired_differences, paired_markdown
+    from hf_r1ewc.comparison import paired_differences, paired_markdown
 
     def results(method, seed, afid, f, p):
         return {
@@ -318,7 +318,8 @@ def test_class_distribution_kl_by_hand():
 def test_class_kl_is_aggregated_and_paired_over_seeds(tmp_path):
     """The final model's class KL (results.json ``class_kl`` at T) goes into the summary (mean ± SE) and the paired
     table like AFID: GD 0.1, 0.2, 0.3 against ours 0.0, 0.1, 0.1 -> differences -0.1, -0.1, -0.2."""
-    from hf_r1ewc.evaluate import aggregate, paired_differences, write_summary
+    from hf_r1ewc.comparison import aggregate, paired_differences
+    from hf_r1ewc.evaluate import write_summary
 
     def results(method, seed, kl):
         return {"method": method, "seed": seed, "tasks": [[0, 1], [2, 3]], "afid": {"2": 1.0}, "fid_backend": "classifier",

@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_readme_library_example_runs_and_consolidates(tmp_path, monkeypatch):
     text = README.read_text()
     code = re.search(r"<!-- library-example -->\s*```python\n(.*?)```", text, re.S).group(1)
-    assert len(code.strip().splitlines()) <= 32  # short: imports, a loop with an LR scheduler, consolidation
+    assert len(code.strip().splitlines()) <= 34  # short: imports, a loop with an LR scheduler and the hooks
     namespace: dict = {}
     exec(compile(code, "README example", "exec"), namespace)
     monkeypatch.chdir(tmp_path)  # the example writes its replay pools under ./replay
@@ -26,7 +26,8 @@ def test_readme_library_example_runs_and_consolidates(tmp_path, monkeypatch):
     ]
     before = [p.detach().clone() for p in make_tiny_unet().parameters()]
     unet, learner = namespace["train_continually"](make_tiny_unet(), tasks, replay_per_class=8)
-    assert learner.penalty.num_tasks == 2  # both tasks consolidated
-    assert learner.replay is not None and learner.replay.classes == [0, 1] and len(learner.replay.pool) == 16
+    ewc, gd = learner.methods
+    assert ewc.penalty_module.num_tasks == 2  # both tasks consolidated
+    assert gd.replay is not None and gd.replay.classes == [0, 1] and len(gd.replay.pool) == 16
     assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters()))  # it trained
-    assert float(learner.penalty(unet)) >= 0
+    assert float(ewc.penalty(unet)) >= 0

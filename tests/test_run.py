@@ -151,7 +151,7 @@ def test_a_setting_added_later_reads_as_its_old_behaviour(accelerator, tmp_path)
             current,
             recovery_settings=(),
             may_change=(),
-            added_settings={"lr_scheduler": "constant"},
+            added_settings=lambda recorded: {"lr_scheduler": "constant"},
         )
 
     assert check_with_added(newer) is None

@@ -1,0 +1,32 @@
+"""Continual methods as components: one file each, on the interface of ``base`` (hooks with typed inputs and
+outputs), composed by ``hf_r1ewc.continual.ContinualLearner``. A method file imports ``base`` and the layers below
+(fisher, penalty, distill, pipeline), never another method."""
+
+from .base import (
+    ContinualMethod,
+    ExtraBatch,
+    SafetensorsFile,
+    StepForward,
+    TaskEnd,
+    TaskStart,
+    Term,
+    compile_like_student,
+    task_folder_name,
+)
+from .ewc import EWC
+from .generative_distillation import GenerativeDistillation
+
+
+__all__ = [
+    "EWC",
+    "ContinualMethod",
+    "ExtraBatch",
+    "GenerativeDistillation",
+    "SafetensorsFile",
+    "StepForward",
+    "TaskEnd",
+    "TaskStart",
+    "Term",
+    "compile_like_student",
+    "task_folder_name",
+]

@@ -1,0 +1,190 @@
+"""The interface of a continual method: a few hooks with typed inputs and outputs, composed by ``ContinualLearner``.
+
+A training loop with a list of methods runs, per task::
+
+    start_task(TaskStart)                  teacher, buffers, adapters
+    per micro-batch:
+        extra_batch(...)                   examples that join the step's one forward (replay, exemplars)
+        loss_terms(StepForward)            terms computed from that forward (distillation)
+        penalty(model)                     a penalty on the weights, in the loss when ``penalty_in_loss``
+        after_backward(model)              the gradient, all-reduced, before the optimizer step (gradient surgery)
+        after_optimizer_step(model, lr)    after each optimizer step that happened (a proximal step, a path integral)
+    end_task(TaskEnd)                      Fisher, importances, buffer update
+    task_files() / load_task_folder(dir)   what the task folder keeps of the method (safetensors + JSON only)
+    state_dict() / load_state_dict(s)      all of its state (``changes_during_task``: checkpoints keep it too)
+
+Every hook has a default that does nothing, so a method implements only what it needs. The step's loss is
+``denoise(real ∪ joined extra batches) + Σ loss_terms + Σ penalties in the loss`` (docs/method.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+
+import torch
+from accelerate.utils import DynamoBackend
+from torch import nn
+
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import SchedulerMixin
+
+
+def compile_like_student(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
+    """``model`` compiled as the ``accelerator`` compiles the model it prepares (``--compile``, ``accelerate launch
+    --dynamo_backend``), e.g. a teacher; itself when it compiles nothing."""
+    if accelerator is None or accelerator.state.dynamo_plugin.backend == DynamoBackend.NO:
+        return model
+    return torch.compile(model, **accelerator.state.dynamo_plugin.to_kwargs())
+
+
+def task_folder_name(task_index: int) -> str:
+    """``task_XX`` (two digits, 1-based): task folders and the methods' per-task scratch folders."""
+    return f"task_{task_index:02d}"
+
+
+@dataclass
+class TaskStart:
+    """What a method may use as task ``task_index`` (1-based) starts.
+
+    ``model``: the whole fp32 weights theta*_{k-1} the task starts from (gathered under FSDP; copy it to keep it);
+    ``old_classes``: the classes of tasks 1..k-1; ``classes``: this task's; ``sampler``: the sampling scheduler of
+    replay and samples; ``scratch_dir``: a folder of the run the method may write to (None: keep things in memory);
+    ``seed``: the run's seed; ``accelerator``: the distributed context (None: one process)."""
+
+    task_index: int
+    model: nn.Module
+    old_classes: list[int]
+    classes: list[int]
+    sampler: SchedulerMixin | None = None
+    scratch_dir: Path | None = None
+    seed: int = 0
+    accelerator: Accelerator | None = None
+    show_progress: bool = True
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+
+@dataclass
+class TaskEnd:
+    """What a method may use as task ``task_index`` ends: ``model`` = theta*_k (whole fp32 weights, unwrapped);
+    ``batches``: the task's data for statistics, ``(images [B, C, H, W], labels [B], global index [B])`` in a fixed
+    order, this process's share; ``num_samples``: how many of them to use (None: all the loader yields); ``seed``:
+    the run's seed."""
+
+    task_index: int
+    model: nn.Module
+    batches: Iterable
+    classes: list[int]
+    seed: int = 0
+    num_samples: int | None = None
+    accelerator: Accelerator | None = None
+    show_progress: bool = True
+
+    def reduce_sum(self):
+        """The all-reduce of partial sums across processes, or None on one process."""
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return None
+        return lambda t: self.accelerator.reduce(t, "sum")
+
+
+class ExtraBatch(NamedTuple):
+    """Examples a method adds to the step's forward: ``images`` float32 ``[R, C, H, W]`` in [-1, 1] and ``labels``
+    ``[R]`` on the step's device; ``in_denoise``: whether they join the denoising loss (else they are only forward)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    in_denoise: bool = True
+
+
+@dataclass
+class StepForward:
+    """The step's one student forward over real ∪ extra batches, all ``[B']`` along dim 0: ``noisy`` x_t, the
+    ``timesteps``, ``labels``, the ``noise`` eps and the student's ``prediction``; ``slices`` says which rows are
+    whose (``"real"``, and each method's name)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    labels: torch.Tensor
+    noise: torch.Tensor
+    prediction: torch.Tensor
+    slices: dict[str, slice] = field(default_factory=dict)
+
+
+class Term(NamedTuple):
+    """A loss term: ``added`` to the loss as it is (the method's weight applied) and ``logged`` (its value)."""
+
+    added: torch.Tensor
+    logged: torch.Tensor
+
+
+class SafetensorsFile(NamedTuple):
+    """A task-folder file: tensors and string metadata (safetensors: nothing pickled)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] | None = None
+
+
+class ContinualMethod:
+    """Base of the continual methods: every hook does nothing. Subclasses set ``name`` (the ``--method`` word) and
+    override the hooks they need; ``term`` is the name of the loss term they log (if any)."""
+
+    name: str = "method"
+    term: str | None = None
+    penalty_in_loss: bool = True  # penalty() joins the loss; False: it acts elsewhere (a proximal step)
+    changes_during_task: bool = False  # state_dict() changes between optimizer steps: checkpoints must keep it
+
+    def label(self) -> str:
+        """What ran, with its weights, for results, cards and ``evaluate``'s grouping."""
+        return self.name
+
+    def settings(self) -> dict[str, Any]:
+        """The method's settings (JSON values) for the manifest and the model card."""
+        return {}
+
+    def start_task(self, task: TaskStart) -> None:
+        pass
+
+    def extra_batch(self, batch_size: int, generator: torch.Generator, device: torch.device) -> ExtraBatch | None:
+        return None
+
+    def loss_terms(self, step: StepForward) -> dict[str, Term]:
+        return {}
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """The weighted penalty on the weights of ``model`` (bare, unwrapped), 0-dim; None when there is none."""
+        return None
+
+    def after_backward(self, model: nn.Module) -> None:
+        pass
+
+    def after_optimizer_step(self, model: nn.Module, lr: float) -> None:
+        pass
+
+    def end_task(self, task: TaskEnd) -> dict[str, Any]:
+        """Consolidate the finished task; returns numbers (JSON) for the task's ``metrics.json``."""
+        return {}
+
+    def task_files(self, task_index: int, classes: list[int]) -> dict[str, SafetensorsFile | dict]:
+        """Files for the task folder after ``end_task``: name -> safetensors payload or JSON dict."""
+        return {}
+
+    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
+        """Restore what ``task_files`` wrote (to continue after that task); raise ``ValueError`` naming the file."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"the {self.name} method keeps no state, got {sorted(state)[:3]}")
