@@ -121,3 +121,25 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     for key, value, note in rows:
         print(f"{key:<{width}}  {value:>10}  {note}")
+
+
+OPTIMIZER = {"lr": 1e-5, "betas": (0.9, 0.999), "eps": 1e-8}  # continual.make_optimizer's arguments in the benchmarks
+
+
+def learner_with(scheduler, teacher=None, pool=None, classes=8, penalty=None, replay_batch_size=None):
+    """A ``ContinualLearner`` as the script composes one: EWC holding ``penalty`` (in the loss) and generative
+    distillation replaying ``pool`` (already on the device you want) from ``teacher``; either may be left out."""
+    from hf_r1ewc.continual import ContinualLearner
+    from hf_r1ewc.methods import EWC, GenerativeDistillation
+    from hf_r1ewc.methods.generative_distillation import Replay
+
+    methods = []
+    if penalty is not None:
+        ewc = EWC(scheduler, penalty.kind, penalty.ewc_lambda, "loss")
+        ewc.penalty_module = penalty
+        methods.append(ewc)
+    if pool is not None:
+        gd = GenerativeDistillation(per_class=1, batch_size=replay_batch_size)
+        gd.replay = Replay(teacher, list(range(classes)), pool)
+        methods.append(gd)
+    return ContinualLearner(scheduler, methods)

@@ -10,7 +10,7 @@ Keys written to benchmarks/results/bench_sampling.json (``--quick``: bench_sampl
 * handwritten_vs_scheduler_step: the same sampler with the DDIM update written out by hand (what hf_r1ewc used
   before) over ``DDIMScheduler.step``, both under the pool's default precision: the hand-written update is kept
   only if this is >= 1.05 at equal outputs (``max_abs_diff_handwritten``).
-* gd_step_vs_arithmetic: one training step with generative distillation (``continual_loss``: student forward +
+* gd_step_vs_arithmetic: one training step with generative distillation (``ContinualLearner.loss``: student forward +
   backward on real + replay, teacher forward on replay, Adam) over the sum of those parts timed alone.
 """
 
@@ -25,9 +25,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians, print_table, unet, write_results  # noqa: E402
+from _common import interleaved_medians, learner_with, print_table, unet, write_results  # noqa: E402
 
-from hf_r1ewc.distill import continual_loss, frozen_teacher  # noqa: E402
+from hf_r1ewc.distill import ReplayPool, frozen_teacher  # noqa: E402
 from hf_r1ewc.pipeline import default_autocast_dtype, sample, sampling_scheduler  # noqa: E402
 
 
@@ -159,8 +159,10 @@ def main() -> None:
     both = (torch.cat([real[0], replay[0]]), torch.cat([real[1], replay[1]]))
     t_all = torch.randint(0, 1000, (2 * train_batch,), device=device)
 
+    learner = learner_with(scheduler, teacher, ReplayPool(replay[0].half(), replay[1]), classes=10)
+
     def full_step():
-        loss = continual_loss(student, scheduler, *real, replay=replay, teacher=teacher)["loss"]
+        loss = learner.loss(student, *real, torch.Generator(device).manual_seed(0), check_finite=False)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

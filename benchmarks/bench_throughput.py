@@ -34,7 +34,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -43,9 +42,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, interleaved_medians, machine, print_table, sync, unet, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    OPTIMIZER,
+    RESULTS,
+    interleaved_medians,
+    learner_with,
+    machine,
+    print_table,
+    sync,
+    unet,
+    write_results,
+)
 
-from hf_r1ewc.continual import ContinualLearner, Replay, fisher_loader, make_optimizer, step_generator  # noqa: E402
+from hf_r1ewc.continual import ContinualLearner, fisher_loader, make_optimizer, step_generator  # noqa: E402
 from hf_r1ewc.data import InMemoryTask, whole_batch  # noqa: E402
 from hf_r1ewc.distill import ReplayPool, frozen_teacher  # noqa: E402
 from hf_r1ewc.fisher import FisherStatistics, estimate_fisher  # noqa: E402
@@ -83,9 +92,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: in
     return 2 * size**3 / best
 
 
-OPTIMIZER_ARGS = SimpleNamespace(
-    learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=0.0
-)
 VARIANTS = {  # the GD step with each optimisation alone and all together; base = the step before them
     "base": {},
     "adam": {"adam": True},
@@ -118,12 +124,11 @@ def gd_step_variant(
     model = unet(channels, sample_size=resolution).to(device)
     teacher = frozen_teacher(model)
     optimizer = (
-        make_optimizer(OPTIMIZER_ARGS, model, device) if adam else torch.optim.Adam(model.parameters(), lr=1e-5)
+        make_optimizer(model, **OPTIMIZER, device=device) if adam else torch.optim.Adam(model.parameters(), lr=1e-5)
     )
     if compiled:
         model, teacher = torch.compile(model, dynamic=False), torch.compile(teacher, dynamic=False)
-    learner = ContinualLearner(scheduler)
-    learner.replay = Replay(teacher, list(range(8)), pool.to(device) if device_noise else pool)
+    learner = learner_with(scheduler, teacher, pool.to(device) if device_noise else pool)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     counter = {"step": 0}
 
@@ -205,16 +210,13 @@ def main() -> None:
         )
     penalty.to(device)
 
+    teacher = frozen_teacher(model)
     learners = {
         "plain step": ContinualLearner(scheduler),
-        "GD step": ContinualLearner(scheduler),
-        f"rank-1 step (K={args.num_tasks})": ContinualLearner(scheduler, penalty, ewc_mode="loss"),
+        "GD step": learner_with(scheduler, teacher, pool.to(device)),
+        f"rank-1 step (K={args.num_tasks})": learner_with(scheduler, teacher, pool.to(device), penalty=penalty),
     }
-    teacher = frozen_teacher(model)
-    for name, learner in learners.items():
-        if name != "plain step":
-            learner.replay = Replay(teacher, list(range(8)), pool.to(device))
-    prepared, optimizer = accelerator.prepare(model, make_optimizer(OPTIMIZER_ARGS, model, device))
+    prepared, optimizer = accelerator.prepare(model, make_optimizer(model, **OPTIMIZER, device=device))
     counter = {"step": 0}
 
     def step_fn(learner):

@@ -5,7 +5,7 @@
 Keys written to benchmarks/results/bench_train.json (``--quick``: bench_train_quick.json):
 
 * step_vs_plain_loop: our step (Accelerator-prepared model and optimizer, ``accelerator.accumulate``,
-  ``continual_loss`` with a per-step generator; no penalty, no replay) over a minimal loop (randn noise, randint t,
+  ``ContinualLearner.loss`` with a per-step generator; no penalty, no replay) over a minimal loop (randn noise, randint t,
   add_noise, UNet, MSE, backward, Adam) with the same model, batch and optimizer.
 * speedup_bf16_autocast, speedup_channels_last, speedup_compile: each option alone over the plain fp32 loop
   (torch.compile: steady-state step time; its compile time is recorded separately).
@@ -26,7 +26,7 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, print_table, sync, unet, write_results  # noqa: E402
 
-from hf_r1ewc.distill import continual_loss  # noqa: E402
+from hf_r1ewc.continual import ContinualLearner  # noqa: E402
 from hf_r1ewc.models import training_noise_scheduler  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(counter[0])
         counter[0] += 1
         with accelerator.accumulate(ours_model):
-            parts = continual_loss(ours_model, scheduler, x, y, generator=generator)
+            parts = ContinualLearner(scheduler).loss(ours_model, x, y, generator, check_finite=False)
             accelerator.backward(parts["loss"])
             ours_opt.step()
             ours_opt.zero_grad(set_to_none=True)

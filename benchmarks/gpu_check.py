@@ -72,14 +72,14 @@ def batch(n, model, device, seed=0):
 
 
 def check_train_step(args, device) -> dict:
+    from _common import OPTIMIZER, learner_with
     from accelerate import Accelerator
-    from bench_throughput import OPTIMIZER_ARGS
 
     from hf_r1ewc.continual import ContinualLearner, make_optimizer, step_generator
 
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
     model = paper_unet(args).to(device)
-    optimizer = make_optimizer(OPTIMIZER_ARGS, model, device)
+    optimizer = make_optimizer(model, **OPTIMIZER, device=device)
     model, optimizer = accelerator.prepare(model, optimizer)
     n = 8 if args.tiny else 128
     x, y = batch(n, model, device)
@@ -92,7 +92,7 @@ def check_train_step(args, device) -> dict:
             g = torch.Generator().manual_seed(task)
             mu = {name: torch.randn(p.shape, generator=g).mul_(1e-4).to(device) for name, p in params.items()}
             penalty.add_task(FisherStatistics(mu, None, 1.0, 1), params)
-        learners[f"rank1_k{k}"] = ContinualLearner(scheduler, penalty.to(device))
+        learners[f"rank1_k{k}"] = learner_with(scheduler, penalty=penalty.to(device))
 
     def step(learner):
         return lambda: learner.training_step(
@@ -191,10 +191,11 @@ PROTOCOLS = {"Fashion-MNIST / CIFAR-10": (5, 18_750, 2, 5000), "ImageNet 32x32":
 
 
 def check_throughput(args, device) -> dict:
+    from _common import OPTIMIZER, learner_with
     from accelerate import Accelerator
-    from bench_throughput import OPTIMIZER_ARGS, counted_flops, datasheet_peak, matmul_peak
+    from bench_throughput import counted_flops, datasheet_peak, matmul_peak
 
-    from hf_r1ewc.continual import ContinualLearner, Replay, make_optimizer, step_generator
+    from hf_r1ewc.continual import ContinualLearner, make_optimizer, step_generator
     from hf_r1ewc.distill import ReplayPool, frozen_teacher
     from hf_r1ewc.pipeline import sample, sampling_scheduler
 
@@ -207,9 +208,8 @@ def check_throughput(args, device) -> dict:
     g = torch.Generator().manual_seed(1)
     pool = ReplayPool((torch.rand(4 * n, 1, size, size, generator=g) * 2 - 1).half(), torch.arange(4 * n) % 10)
     teacher = frozen_teacher(model)
-    plain, gd = ContinualLearner(scheduler), ContinualLearner(scheduler, replay_batch_size=n)
-    gd.replay = Replay(teacher, list(range(10)), pool.to(device))
-    prepared, optimizer = accelerator.prepare(model, make_optimizer(OPTIMIZER_ARGS, model, device))
+    plain, gd = ContinualLearner(scheduler), learner_with(scheduler, teacher, pool.to(device), 10, replay_batch_size=n)
+    prepared, optimizer = accelerator.prepare(model, make_optimizer(model, **OPTIMIZER, device=device))
     # (name, model, the step as before #26: loss terms read back every step, noise drawn on the host)
     variants = [("eager, host read + host noise", prepared, True), ("eager", prepared, False)]
     if device.type == "cuda":

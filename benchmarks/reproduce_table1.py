@@ -522,9 +522,8 @@ def gd_geometry(out: Path, data_dir: str, sc: dict, seed: int) -> dict:
     import torch
     from diffusers import UNet2DModel
 
-    from hf_r1ewc.continual import fisher_loader
+    from hf_r1ewc.continual import ContinualLearner, fisher_loader
     from hf_r1ewc.data import images_to_model_input, load_labeled_images
-    from hf_r1ewc.distill import continual_loss
     from hf_r1ewc.fisher import estimate_fisher
     from hf_r1ewc.models import training_noise_scheduler
 
@@ -557,7 +556,7 @@ def gd_geometry(out: Path, data_dir: str, sc: dict, seed: int) -> dict:
         images, labels = data[j]
         g = torch.Generator().manual_seed(1000 + j)
         x = images.repeat(8, 1, 1, 1)
-        return float(continual_loss(unet, scheduler, x, labels.repeat(8), generator=g)["denoise"])
+        return float(ContinualLearner(scheduler).loss(unet, x, labels.repeat(8), g)["denoise"])
 
     P = thetas[0].numel()
     cos = [float(torch.nn.functional.cosine_similarity(mus[k], mus[k + 1], dim=0)) for k in range(LONG_TASKS - 1)]

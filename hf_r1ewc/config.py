@@ -24,7 +24,7 @@ from accelerate.utils import (
 from diffusers import SchedulerMixin
 
 from .integrity import sha256_tensors
-from .methods import EWC, ContinualMethod, GenerativeDistillation
+from .methods import EWC, L2, MAS, ContinualMethod, GenerativeDistillation, KnowledgeDistillation, SynapticIntelligence
 from .models import PRESETS
 from .pipeline import SAMPLERS
 
@@ -37,13 +37,14 @@ if TYPE_CHECKING:
 class MethodSpec:
     """A component of ``--method``: its word, a line for ``--help``, how the settings build it (``build(args,
     noise_scheduler)`` -> a ``ContinualMethod``; None: nothing to compose, e.g. naive), its own flags (added to
-    the parser's method group) and whether it must stand alone."""
+    the parser's method group), whether it must stand alone, and its group (one weight regulariser at a time)."""
 
     name: str
     help: str
     build: Callable[[argparse.Namespace, SchedulerMixin], ContinualMethod] | None = None
     add_flags: Callable[[argparse._ArgumentGroup], None] | None = None
     alone: bool = False
+    group: str | None = None  # at most one component of a group in a --method
 
 
 def _ewc(kind: str) -> Callable:
@@ -74,13 +75,50 @@ def register_method(spec: MethodSpec) -> None:
     METHODS[spec.name] = spec
 
 
+def _weight_flag(flag: str, default: float, what: str) -> Callable[[argparse._ArgumentGroup], None]:
+    return lambda g: g.add_argument(f"--{flag}", type=float, default=default, help=what)
+
+
+def _si_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--si_weight", type=float, default=5.0, help="si: the penalty's weight c (CLoG: 5)")
+    g.add_argument("--si_xi", type=float, default=0.01, help="si: the damping xi of Omega's denominator (CLoG: 0.01)")
+
+
+REGULARISER = "a weight regulariser"
 for _spec in (
     MethodSpec("naive", "fine-tuning, nothing protects old tasks", alone=True),
     MethodSpec("joint", "the non-continual upper bound, all classes at once", alone=True),
-    MethodSpec("rank1", "rank-1 EWC, the paper's eq. 6 (--ewc_lambda, --ewc_mode)", _ewc("rank1")),
-    MethodSpec("rank1_unscaled", "rank-1 EWC without c*", _ewc("rank1_unscaled")),
-    MethodSpec("diag", "diagonal EWC", _ewc("diag")),
+    MethodSpec("rank1", "rank-1 EWC, the paper's eq. 6 (--ewc_lambda, --ewc_mode)", _ewc("rank1"), group=REGULARISER),
+    MethodSpec("rank1_unscaled", "rank-1 EWC without c*", _ewc("rank1_unscaled"), group=REGULARISER),
+    MethodSpec("diag", "diagonal EWC", _ewc("diag"), group=REGULARISER),
+    MethodSpec(
+        "l2",
+        "L2 to the previous task's weights (--l2_weight)",
+        lambda args, noise: L2(args.l2_weight),
+        _weight_flag("l2_weight", 500.0, "l2: weight/2 * ||theta - theta*_{k-1}||^2 (CLoG: 500)"),
+        group=REGULARISER,
+    ),
+    MethodSpec(
+        "si",
+        "Synaptic Intelligence (--si_weight, --si_xi)",
+        lambda args, noise: SynapticIntelligence(args.si_weight, args.si_xi),
+        _si_flags,
+        group=REGULARISER,
+    ),
+    MethodSpec(
+        "mas",
+        "Memory Aware Synapses (--mas_weight)",
+        lambda args, noise: MAS(noise, args.mas_weight),
+        _weight_flag("mas_weight", 5.0, "mas: weight * sum_i Omega_i (theta_i - theta*_i)^2 (CLoG: 5)"),
+        group=REGULARISER,
+    ),
     MethodSpec("gd", "generative replay from a frozen teacher + distillation (--distill_weight, --replay_*)", _gd),
+    MethodSpec(
+        "kd",
+        "knowledge distillation / LwF: the previous model on the real noisy batch (--kd_weight)",
+        lambda args, noise: KnowledgeDistillation(args.kd_weight),
+        _weight_flag("kd_weight", 1.0, "kd: the distillation term's weight (CLoG: 1)"),
+    ),
 ):
     register_method(_spec)
 EWC_KINDS = ("rank1", "rank1_unscaled", "diag")
@@ -98,8 +136,10 @@ def canonical_method(spec: str) -> str:
     alone = [p for p in parts if METHODS[p].alone]
     if len(parts) > 1 and alone:
         raise ValueError(f"--method {spec!r}: {' and '.join(alone)} cannot be combined with another component")
-    if sum(p in EWC_KINDS for p in parts) > 1:
-        raise ValueError(f"--method {spec!r}: choose one EWC kind of {', '.join(EWC_KINDS)}")
+    for group in {METHODS[p].group for p in parts} - {None}:
+        members = [p for p in parts if METHODS[p].group == group]
+        if len(members) > 1:
+            raise ValueError(f"--method {spec!r}: {' and '.join(members)} are each {group}; choose one")
     return "+".join(sorted(parts, key=list(METHODS).index))
 
 

@@ -211,7 +211,9 @@ class ContinualLearner:
         elif not any(joined):
             denoise = per_sample[:num_real].mean()
         else:
-            keep = [torch.ones(num_real, dtype=torch.bool)] + [torch.full((len(b.labels),), j) for j in joined]
+            keep = [torch.ones(num_real, dtype=torch.bool)] + [
+                torch.full((len(b.labels),), b.in_denoise) for _, b in extras
+            ]
             denoise = per_sample[torch.cat(keep).to(device)].mean()
         return StepForward(noisy, t, labels, noise, pred, slices), denoise
 

@@ -340,7 +340,7 @@ def sample_noise(
     return t, torch.randn(tuple(shape), generator=generator)
 
 
-def _noised_batches(
+def noised_batches(
     dataloader: Iterable,
     noise_scheduler: SchedulerMixin,
     device: torch.device,
@@ -415,7 +415,7 @@ def estimate_fisher(
     device, dtype = next(iter(params.values())).device, next(iter(params.values())).dtype
 
     def batches(desc: str):
-        stream = _noised_batches(dataloader, noise_scheduler, device, dtype, num_samples, timestep_range, seed)
+        stream = noised_batches(dataloader, noise_scheduler, device, dtype, num_samples, timestep_range, seed)
         try:
             total = len(dataloader) if num_samples is None else None
         except TypeError:  # a one-pass stream

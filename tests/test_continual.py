@@ -517,3 +517,62 @@ def test_a_compiled_student_and_teacher_match_eager_and_compile_once(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert graphs[0] > 0 and graphs[-1] == graphs[0], graphs  # compiled at step 1, never again
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_methods_compose_in_one_forward_and_the_gradient_hook_runs_before_the_step():
+    """Two methods' extra batches join the one forward in method order; the denoising loss is the mean over the
+    real rows and the rows that join it (by hand); a method's term joins the loss and is logged under its name;
+    after_backward runs once per accumulation window, after backward and before the optimizer step (a hook that
+    zeroes the gradients leaves SGD's weights unchanged)."""
+    from hf_r1ewc.methods import ContinualMethod, ExtraBatch, Term
+
+    g = torch.Generator().manual_seed(4)
+    batches = {"a": (torch.rand(3, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([2, 3, 2])), "b": _batches(2, seed=5)}
+
+    class Extra(ContinualMethod):
+        def __init__(self, name, in_denoise, term=None):
+            self.name, self.in_denoise, self.term, self.hook_calls = name, in_denoise, term, 0
+
+        def extra_batch(self, batch_size, generator, device):
+            return ExtraBatch(*batches[self.name], self.in_denoise)
+
+        def loss_terms(self, step):
+            if self.term is None:
+                return {}
+            value = step.prediction[step.slices[self.name]].float().pow(2).mean()
+            return {self.term: Term(2.0 * value, value.detach())}
+
+        def after_backward(self, model):
+            self.hook_calls += 1
+            assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+            for p in model.parameters():
+                p.grad.zero_()
+
+    a, b = Extra("a", in_denoise=False, term="size"), Extra("b", in_denoise=True)
+    learner = ContinualLearner(SCHEDULER, [a, b])
+    assert learner.term_names == ("loss", "denoise", "distill", "ewc", "size")
+    unet = make_tiny_unet().eval()
+    x, y = _batches(4)
+    terms = learner.loss(unet, x, y, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.cat([x, batches["a"][0], batches["b"][0]])
+    labels = torch.cat([y, batches["a"][1], batches["b"][1]])
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, 1000, (9,), generator=gen)
+    with torch.no_grad():
+        pred = unet(SCHEDULER.add_noise(x0, noise, t), t, class_labels=labels).sample
+    per_row = (pred - noise).pow(2).flatten(1).mean(1)
+    joined = torch.cat([per_row[:4], per_row[7:]])
+    assert float(terms["denoise"]) == pytest.approx(float(joined.mean()), rel=1e-6)
+    assert float(terms["size"]) == pytest.approx(float(pred[4:7].pow(2).mean()), rel=1e-6)
+    assert float(terms["loss"]) == pytest.approx(float(joined.mean() + 2 * pred[4:7].pow(2).mean()), rel=1e-6)
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    for i in range(4):
+        out = learner.training_step(accelerator, model, optimizer, x, y, step_generator(0, i), check_finite=False)
+        assert out.terms.shape == (5,)
+    assert a.hook_calls == b.hook_calls == 2  # once per window of 2 micro-batches
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -31,8 +31,8 @@ import hf_r1ewc.metrics as metrics  # noqa: E402
 import train_continual_ddpm as script  # noqa: E402
 from hf_r1ewc.config import parse_args  # noqa: E402
 from hf_r1ewc.continual import ContinualLearner  # noqa: E402
-from hf_r1ewc.recipe import optimizer_for  # noqa: E402
 from hf_r1ewc.integrity import write_checkpoint_digests  # noqa: E402
+from hf_r1ewc.recipe import optimizer_for  # noqa: E402
 from hf_r1ewc.run import checkpoint_dirs  # noqa: E402
 
 
@@ -645,3 +645,18 @@ def test_adam_flags_reach_the_optimizer():
         (0.8, 0.999),
         1e-6,
     )
+
+
+@pytest.mark.parametrize("method", ["si+kd+gd", "mas", "l2"])
+def test_the_fields_methods_resume_bit_for_bit(tmp_path, method):
+    """A run of each method stopped mid task 2 (after SI's path integral has moved, KD's teacher and MAS's and L2's
+    anchors are in place) and re-run ends with the weights of the uninterrupted run, bit for bit: SI's omega comes
+    back from the checkpoint, the rest from task_01."""
+    flags = [*FAST, "--method", method, "--fid_backend", "none", "--checkpointing_steps", "2"]
+    run([*flags, "--output_dir", str(tmp_path / "whole")])
+    run([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "9"])
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-9").exists()
+    has_state = (tmp_path / "resumed" / "checkpoints" / "checkpoint-9" / "continual_methods.safetensors").exists()
+    assert has_state == method.startswith("si")
+    run([*flags, "--output_dir", str(tmp_path / "resumed")])
+    assert max_difference(tmp_path / "whole" / "task_02", tmp_path / "resumed" / "task_02") == 0.0

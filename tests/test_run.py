@@ -158,3 +158,44 @@ def test_a_setting_added_later_reads_as_its_old_behaviour(accelerator, tmp_path)
     newer["settings"]["lr_scheduler"] = "cosine"
     with pytest.raises(SystemExit, match="--lr_scheduler: 'constant' in the folder, 'cosine' now"):
         check_with_added(newer)
+
+
+def test_a_checkpoint_keeps_the_state_that_methods_change_during_a_task(accelerator, tmp_path):
+    """register_methods: a method with changes_during_task (its state moves at every step) is saved into
+    continual_methods.safetensors and loaded back; a method whose state changes only at a task's end is not
+    written (the task folder keeps it); a checkpoint without the file leaves the methods as they are."""
+    from hf_r1ewc.continual import ContinualLearner
+    from hf_r1ewc.methods import EWC, ContinualMethod
+    from hf_r1ewc.run import METHODS_STATE, register_methods
+
+    class Steps(ContinualMethod):
+        name, changes_during_task = "steps", True
+
+        def __init__(self):
+            self.count = torch.zeros(3)
+
+        def after_optimizer_step(self, model, lr):
+            self.count += lr
+
+        def state_dict(self):
+            return {"count": self.count.clone()}
+
+        def load_state_dict(self, state):
+            self.count = state["count"].clone()
+
+    steps = Steps()
+    learner = ContinualLearner(None, [EWC(None, "rank1", 1.0), steps])
+    register_methods(accelerator, learner)
+    model = accelerator.prepare(make_tiny_unet())
+    learner.after_optimizer_step(model, 0.5)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "ckpt" / METHODS_STATE))) == {"steps.count"}  # not the EWC penalty
+    learner.after_optimizer_step(model, 0.5)
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert torch.equal(steps.count, torch.full((3,), 0.5))
+    (tmp_path / "ckpt" / METHODS_STATE).unlink()
+    steps.count += 1
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert torch.equal(steps.count, torch.full((3,), 1.5))

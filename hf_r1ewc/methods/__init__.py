@@ -15,10 +15,18 @@ from .base import (
 )
 from .ewc import EWC
 from .generative_distillation import GenerativeDistillation
+from .knowledge_distillation import KnowledgeDistillation
+from .l2 import L2
+from .mas import MAS
+from .synaptic_intelligence import SynapticIntelligence
 
 
 __all__ = [
     "EWC",
+    "L2",
+    "MAS",
+    "KnowledgeDistillation",
+    "SynapticIntelligence",
     "ContinualMethod",
     "ExtraBatch",
     "GenerativeDistillation",

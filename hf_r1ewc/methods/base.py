@@ -188,3 +188,38 @@ class ContinualMethod:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             raise ValueError(f"the {self.name} method keeps no state, got {sorted(state)[:3]}")
+
+
+def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A float32 CPU copy of ``model``'s trainable parameters, keyed as in ``named_parameters()`` (theta* of a task)."""
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_task_file(folder: str | os.PathLike, name: str, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a method's safetensors file in a task folder; ``ValueError`` naming it (and ``what`` it holds)
+    when it is missing or cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / name
+    if not path.exists():
+        raise ValueError(f"{folder} has no {name} ({what}); copy the whole folder again (or pull it from the Hub)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} cannot be used ({err}); copy the folder again") from None
+
+
+def quadratic_penalty(
+    model: nn.Module, anchor: dict[str, torch.Tensor], importance: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """sum_i Omega_i (theta_i - theta*_i)^2 over the parameters of ``anchor`` (Omega = 1 without ``importance``), in
+    float32 with autocast off, differentiable in ``model``'s parameters (bare module: names as ``named_parameters``)."""
+    named = dict(model.named_parameters())
+    device = named[next(iter(anchor))].device
+    with torch.autocast(device.type, enabled=False):
+        terms = []
+        for name, theta_star in anchor.items():
+            square = (named[name].float() - theta_star.to(device)).pow(2)
+            terms.append((square if importance is None else importance[name].to(device) * square).sum())
+        return torch.stack(terms).sum()

@@ -1,0 +1,52 @@
+"""L2 to the previous task's weights: weight/2 * sum_i (theta_i - theta*_{k-1,i})^2 in the loss (EWC with the
+identity in place of the Fisher; CLoG's default weight 500). theta*_{k-1} are the weights the last task ended with."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .base import ContinualMethod, SafetensorsFile, TaskEnd, load_task_file, quadratic_penalty, trainable_weights
+
+
+ANCHOR_FILE = "l2_anchor.safetensors"
+
+
+class L2(ContinualMethod):
+    """``weight``/2 ||theta - theta*_{k-1}||^2 over the trainable parameters (none before the first task ends)."""
+
+    name = term = "l2"
+
+    def __init__(self, weight: float = 500.0) -> None:
+        if not weight >= 0:
+            raise ValueError(f"the L2 weight must be >= 0, got {weight}")
+        self.weight, self.anchor = float(weight), {}
+
+    def label(self) -> str:
+        return f"L2 to the previous weights (weight {self.weight:g})"
+
+    def settings(self) -> dict:
+        return {"l2_weight": self.weight}
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        if not self.anchor:
+            return None
+        return self.weight / 2 * quadratic_penalty(model, self.anchor)
+
+    def end_task(self, task: TaskEnd) -> dict:
+        self.anchor = trainable_weights(task.model)
+        return {}
+
+    def task_files(self, task_index: int, classes: list[int]) -> dict:
+        return {ANCHOR_FILE: SafetensorsFile(self.anchor)}
+
+    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
+        self.anchor = load_task_file(folder, ANCHOR_FILE, "the weights the L2 penalty pulls towards")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"anchor.{n}": a for n, a in self.anchor.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.anchor = {k.removeprefix("anchor."): v for k, v in state.items() if k.startswith("anchor.")}

@@ -1,0 +1,74 @@
+"""hf_r1ewc.config: --method and the older flags that spell it, the registry of components, and a manifest recorded
+before --method existed."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_r1ewc.config import METHODS, canonical_method, method_from_legacy, parse_args, recorded_defaults
+
+
+BASE = ["--dataset_name", "digits", "--output_dir", "unused"]
+SPELLING = ("method", "ewc_type", "replay", "joint")
+
+
+def spelled(*flags: str) -> tuple:
+    args = parse_args([*BASE, *flags])
+    return tuple(getattr(args, k) for k in SPELLING)
+
+
+@pytest.mark.parametrize(
+    "method, legacy",
+    [
+        (["--method", "rank1+gd"], []),
+        (["--method", "gd+rank1"], ["--ewc_type", "rank1", "--replay", "on"]),
+        (["--method", "gd"], ["--ewc_type", "none"]),
+        (["--method", "diag"], ["--ewc_type", "diag", "--replay", "off"]),
+        (["--method", "naive"], ["--ewc_type", "none", "--replay", "off"]),
+        (["--method", "joint"], ["--joint"]),
+    ],
+)
+def test_every_spelling_of_a_method_records_the_same_settings(method, legacy):
+    """--method and the older flags give the same four settings, so a run resumes whichever spelling it is given
+    (the manifest records all of them)."""
+    assert spelled(*method) == spelled(*legacy)
+
+
+def test_method_parsing_names_the_problem():
+    assert canonical_method(" gd + rank1_unscaled") == "rank1_unscaled+gd"  # composition order, whatever written
+    for spec, message in [
+        ("gd+l9", r"unknown component\(s\) \['l9'\]"),
+        ("gd+gd", "names a component twice"),
+        ("naive+gd", "naive cannot be combined"),
+        ("rank1+diag", "rank1 and diag are each a weight regulariser; choose one"),
+        ("si+l2", "si and l2 are each a weight regulariser"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            canonical_method(spec)
+    for flags, message in [
+        (["--method", "gd", "--ewc_type", "diag"], "--method gd and --ewc_type diag disagree"),
+        (["--method", "rank1", "--replay", "on"], "--method rank1 and --replay on disagree"),
+        (["--method", "gd", "--joint"], "--method gd and --joint disagree"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            parse_args([*BASE, *flags])
+
+
+def test_a_manifest_recorded_before_method_existed_reads_as_its_method():
+    """An old manifest has ewc_type/replay/joint but no method: its method is what those spell, so the same
+    command resumes it; the components' own flags read as their defaults."""
+    assert recorded_defaults({"ewc_type": "rank1", "replay": "off", "joint": False})["method"] == "rank1"
+    assert recorded_defaults({"ewc_type": "none", "replay": "on", "joint": False})["method"] == "gd"
+    assert method_from_legacy("diag", "on", True) == "joint"
+    assert "method" not in recorded_defaults({})
+
+
+def test_help_names_every_component():
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(out.getvalue().split())
+    assert all(f"{name}:" in text for name in METHODS)
