@@ -43,6 +43,7 @@ from hf_r1ewc.continual import ContinualLearner, LossLog, NonFiniteLossError, ba
 from hf_r1ewc.data import TaskData
 from hf_r1ewc.evaluate import sample_grid_across_tasks
 from hf_r1ewc.hub import TaskUploader, task_folder_name, write_json
+from hf_r1ewc.methods import TrainingSplit
 from hf_r1ewc.metrics import TaskFID, evaluate_task, run_summary_table
 from hf_r1ewc.models import training_noise_scheduler
 from hf_r1ewc.pipeline import sampling_scheduler
@@ -62,6 +63,7 @@ from hf_r1ewc.recipe import (
     optimizer_for,
     start_task,
     theta_star,
+    training_split,
     training_tasks,
     write_task_folder,
 )
@@ -105,6 +107,7 @@ class Run:
     state: RunState
     evaluator: TaskFID | None = None
     uploader: TaskUploader | None = None
+    train: TrainingSplit | None = None  # for the methods that keep exemplars of it
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
 
@@ -369,7 +372,7 @@ def run_task(run: Run, denoiser: ModelMixin, task_index: int) -> tuple[ModelMixi
         num_examples,
     )
     with phases("replay pool" if learner.method("gd") else "start of task"):
-        start_task(args, accelerator, learner, denoiser, run.sampler, state.tasks, task_index)
+        start_task(args, accelerator, learner, denoiser, run.sampler, state.tasks, task_index, run.train)
     model, optimizer, lr_scheduler, loader = prepare_task(run, denoiser, loader)
     with phases("training"):
         curves, stopped = train_task(run, model, optimizer, lr_scheduler, loader, task_index)
@@ -384,7 +387,9 @@ def run_task(run: Run, denoiser: ModelMixin, task_index: int) -> tuple[ModelMixi
         scores = evaluate_task(accelerator, run.evaluator, eval_model, run.sampler, eval_tasks, task_index)
     state.record(scores, task_index)
     with phases("Fisher" if any(m.term == "ewc" for m in learner.methods) else "end of task"):
-        method_metrics = end_task(args, accelerator, learner, trained, fisher_batches, state.tasks, task_index)
+        method_metrics = end_task(
+            args, accelerator, learner, trained, fisher_batches, state.tasks, task_index, run.train
+        )
     if accelerator.is_main_process:
         with phases("writing the task folder"):
             curve_lists = [curves.loss, curves.denoise, curves.ratio]
@@ -424,7 +429,9 @@ def main(argv=None) -> None:
     lock = lock_output_dir(accelerator, output_dir)
     with released_on_error(lock):
         state = open_run(args, accelerator, data, denoiser, learner, ema, tasks)
-        run = Run(args, accelerator, data, learner, sampler, ema, state, timer=timer)
+        run = Run(
+            args, accelerator, data, learner, sampler, ema, state, timer=timer, train=training_split(learner, data)
+        )
         with timer("FID classifier and reference statistics"):
             run.evaluator = make_task_evaluator(args, accelerator, data) if state.start_task <= len(tasks) else None
     if state.manifest is not None and accelerator.is_main_process:  # written once every check has passed

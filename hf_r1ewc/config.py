@@ -24,7 +24,16 @@ from accelerate.utils import (
 from diffusers import SchedulerMixin
 
 from .integrity import sha256_tensors
-from .methods import EWC, L2, MAS, ContinualMethod, GenerativeDistillation, KnowledgeDistillation, SynapticIntelligence
+from .methods import (
+    EWC,
+    L2,
+    MAS,
+    ContinualMethod,
+    ExperienceReplay,
+    GenerativeDistillation,
+    KnowledgeDistillation,
+    SynapticIntelligence,
+)
 from .models import PRESETS
 from .pipeline import SAMPLERS
 
@@ -84,6 +93,17 @@ def _si_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--si_xi", type=float, default=0.01, help="si: the damping xi of Omega's denominator (CLoG: 0.01)")
 
 
+def _er_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--er_per_class", type=int, default=20, help="er: real exemplars kept per seen class")
+    g.add_argument(
+        "--er_weight",
+        type=float,
+        default=1.0,
+        help="er: each exemplar row's weight in the denoising loss (1: a real row)",
+    )
+    g.add_argument("--er_batch_size", type=int, default=None, help="er: exemplars per step (default: the real batch)")
+
+
 REGULARISER = "a weight regulariser"
 for _spec in (
     MethodSpec("naive", "fine-tuning, nothing protects old tasks", alone=True),
@@ -113,6 +133,12 @@ for _spec in (
         group=REGULARISER,
     ),
     MethodSpec("gd", "generative replay from a frozen teacher + distillation (--distill_weight, --replay_*)", _gd),
+    MethodSpec(
+        "er",
+        "experience replay: real exemplars of the seen classes join the denoising loss (--er_per_class, --er_weight)",
+        lambda args, noise: ExperienceReplay(args.er_per_class, args.er_weight, args.er_batch_size),
+        _er_flags,
+    ),
     MethodSpec(
         "kd",
         "knowledge distillation / LwF: the previous model on the real noisy batch (--kd_weight)",
@@ -588,6 +614,10 @@ def validate_args(args: argparse.Namespace) -> None:
             "--replay_pool accumulate needs the earlier tasks' pools, which a task folder does not hold: continue "
             "with --replay_pool regenerate, or re-run into the run's own OUTPUT_DIR"
         )
+    if "er" in args.method.split("+") and args.streaming:
+        fail("--method er keeps indices into the training split, which --streaming never holds: drop one of the two")
+    if "er" in args.method.split("+") and (args.er_per_class < 1 or not args.er_weight > 0):
+        fail(f"--er_per_class must be >= 1 and --er_weight > 0, got {args.er_per_class} and {args.er_weight}")
     if args.streaming and args.dataloader_num_workers:
         fail("--dataloader_num_workers is for the in-memory loader; a streamed task reads through `datasets`")
     if args.ema_decay is not None and not 0 <= args.ema_decay <= 1:

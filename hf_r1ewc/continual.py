@@ -187,8 +187,8 @@ class ContinualLearner:
         self, model: nn.Module, images: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[StepForward, torch.Tensor]:
         """The step's one student forward over real ∪ the methods' extra batches, noised once at uniform t, and the
-        denoising loss mean_pixels (eps - eps_theta(x_t, t, y))^2 over the real rows and the extra rows that join
-        it."""
+        denoising loss: the mean over the real rows and the extra rows that join it of mean_pixels (eps -
+        eps_theta(x_t, t, y))^2, an extra row counted with its batch's ``denoise_weight`` (1: as a real one)."""
         device, num_real = images.device, images.shape[0]
         extras = [(m.name, b) for m in self.methods if (b := m.extra_batch(num_real, generator, device)) is not None]
         x0, labels, slices, start = images, class_labels, {"real": slice(0, num_real)}, num_real
@@ -205,16 +205,15 @@ class ContinualLearner:
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         pred = model(noisy, t, class_labels=labels).sample
         per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
-        joined = [b.in_denoise for _, b in extras]
-        if all(joined):
+        weights = [b.denoise_weight for _, b in extras]
+        if all(w == 1 for w in weights):
             denoise = per_sample.mean()
-        elif not any(joined):
+        elif not any(weights):
             denoise = per_sample[:num_real].mean()
-        else:
-            keep = [torch.ones(num_real, dtype=torch.bool)] + [
-                torch.full((len(b.labels),), b.in_denoise) for _, b in extras
-            ]
-            denoise = per_sample[torch.cat(keep).to(device)].mean()
+        else:  # the rows that join, each extra row weighted by its batch's denoise_weight, over their count
+            w = torch.cat([torch.ones(num_real)] + [torch.full((len(b.labels),), b.denoise_weight) for _, b in extras])
+            w = w.to(device)
+            denoise = (per_sample * w).sum() / (w > 0).sum()
         return StepForward(noisy, t, labels, noise, pred, slices), denoise
 
     def after_backward(self, model: nn.Module) -> None:

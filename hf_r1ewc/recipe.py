@@ -23,7 +23,8 @@ from .continual import ContinualLearner, bare_model, make_optimizer
 from .data import TaskData, check_pool_budget, load_task_data, task_loader
 from .distill import frozen_teacher
 from .hub import TaskArtifacts, task_folder_name, write_json, write_task_artifacts
-from .methods import ContinualMethod, TaskEnd, TaskStart
+from .integrity import sha256_tensors
+from .methods import ContinualMethod, TaskEnd, TaskStart, TrainingSplit
 from .metrics import TaskFID, accuracy_summary, make_evaluator, summarize
 from .models import build_model
 from .pipeline import ClassConditionalPipeline, sample
@@ -160,8 +161,22 @@ def make_task_evaluator(args: argparse.Namespace, accelerator, data: TaskData) -
 # -------------------------------------------------------------------------------------------- a task's ends
 
 
+def training_split(learner: ContinualLearner, data: TaskData) -> TrainingSplit | None:
+    """The training split for the methods that keep exemplars of it (None when none does, or the data streams)."""
+    if data.train is None or not any(m.needs_training_split for m in learner.methods):
+        return None
+    return TrainingSplit(data.train_inputs, data.train.labels, sha256_tensors(data.train.images, data.train.labels))
+
+
 def start_task(
-    args: argparse.Namespace, accelerator, learner: ContinualLearner, denoiser, sampler, tasks: list, task_index: int
+    args: argparse.Namespace,
+    accelerator,
+    learner: ContinualLearner,
+    denoiser,
+    sampler,
+    tasks: list,
+    task_index: int,
+    train: TrainingSplit | None = None,
 ) -> None:
     """The methods' start of task ``task_index`` (the teacher and its replay pool in OUTPUT_DIR/replay, written in
     shares by every process), from theta*_{k-1} = ``denoiser``."""
@@ -175,6 +190,7 @@ def start_task(
         args.seed,
         accelerator,
         accelerator.is_local_main_process,
+        train,
     )
     try:
         learner.start_task(task)
@@ -187,7 +203,14 @@ def start_task(
 
 
 def end_task(
-    args: argparse.Namespace, accelerator, learner: ContinualLearner, trained, fisher_batches, tasks: list, index: int
+    args: argparse.Namespace,
+    accelerator,
+    learner: ContinualLearner,
+    trained,
+    fisher_batches,
+    tasks: list,
+    index: int,
+    train: TrainingSplit | None = None,
 ) -> dict:
     """The methods' consolidation of the finished task at theta*_k = ``trained`` (EWC: its Fisher -> a new penalty
     term); returns what they report for ``metrics.json``. A non-finite estimate ends the run, saying how to resume."""
@@ -201,6 +224,7 @@ def end_task(
         streamed_share if args.streaming else None,
         accelerator,
         accelerator.is_local_main_process,
+        train,
     )
     try:
         return learner.end_task(task)

@@ -521,7 +521,7 @@ def test_a_compiled_student_and_teacher_match_eager_and_compile_once(tmp_path):
 
 def test_methods_compose_in_one_forward_and_the_gradient_hook_runs_before_the_step():
     """Two methods' extra batches join the one forward in method order; the denoising loss is the mean over the
-    real rows and the rows that join it (by hand); a method's term joins the loss and is logged under its name;
+    real rows and the rows that join it, weighted (by hand); a method's term joins the loss and is logged under its name;
     after_backward runs once per accumulation window, after backward and before the optimizer step (a hook that
     zeroes the gradients leaves SGD's weights unchanged)."""
     from hf_r1ewc.methods import ContinualMethod, ExtraBatch, Term
@@ -530,11 +530,11 @@ def test_methods_compose_in_one_forward_and_the_gradient_hook_runs_before_the_st
     batches = {"a": (torch.rand(3, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([2, 3, 2])), "b": _batches(2, seed=5)}
 
     class Extra(ContinualMethod):
-        def __init__(self, name, in_denoise, term=None):
-            self.name, self.in_denoise, self.term, self.hook_calls = name, in_denoise, term, 0
+        def __init__(self, name, denoise_weight, term=None):
+            self.name, self.denoise_weight, self.term, self.hook_calls = name, denoise_weight, term, 0
 
         def extra_batch(self, batch_size, generator, device):
-            return ExtraBatch(*batches[self.name], self.in_denoise)
+            return ExtraBatch(*batches[self.name], self.denoise_weight)
 
         def loss_terms(self, step):
             if self.term is None:
@@ -548,7 +548,7 @@ def test_methods_compose_in_one_forward_and_the_gradient_hook_runs_before_the_st
             for p in model.parameters():
                 p.grad.zero_()
 
-    a, b = Extra("a", in_denoise=False, term="size"), Extra("b", in_denoise=True)
+    a, b = Extra("a", denoise_weight=0.0, term="size"), Extra("b", denoise_weight=0.5)
     learner = ContinualLearner(SCHEDULER, [a, b])
     assert learner.term_names == ("loss", "denoise", "distill", "ewc", "size")
     unet = make_tiny_unet().eval()
@@ -562,10 +562,10 @@ def test_methods_compose_in_one_forward_and_the_gradient_hook_runs_before_the_st
     with torch.no_grad():
         pred = unet(SCHEDULER.add_noise(x0, noise, t), t, class_labels=labels).sample
     per_row = (pred - noise).pow(2).flatten(1).mean(1)
-    joined = torch.cat([per_row[:4], per_row[7:]])
-    assert float(terms["denoise"]) == pytest.approx(float(joined.mean()), rel=1e-6)
+    denoise = (per_row[:4].sum() + 0.5 * per_row[7:].sum()) / 6  # b's rows at half weight, a's not at all
+    assert float(terms["denoise"]) == pytest.approx(float(denoise), rel=1e-6)
     assert float(terms["size"]) == pytest.approx(float(pred[4:7].pow(2).mean()), rel=1e-6)
-    assert float(terms["loss"]) == pytest.approx(float(joined.mean() + 2 * pred[4:7].pow(2).mean()), rel=1e-6)
+    assert float(terms["loss"]) == pytest.approx(float(denoise + 2 * pred[4:7].pow(2).mean()), rel=1e-6)
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model, optimizer = accelerator.prepare(unet, torch.optim.SGD(unet.parameters(), lr=1.0))

@@ -647,11 +647,11 @@ def test_adam_flags_reach_the_optimizer():
     )
 
 
-@pytest.mark.parametrize("method", ["si+kd+gd", "mas", "l2"])
+@pytest.mark.parametrize("method", ["si+kd+gd", "mas", "l2+er"])
 def test_the_fields_methods_resume_bit_for_bit(tmp_path, method):
-    """A run of each method stopped mid task 2 (after SI's path integral has moved, KD's teacher and MAS's and L2's
-    anchors are in place) and re-run ends with the weights of the uninterrupted run, bit for bit: SI's omega comes
-    back from the checkpoint, the rest from task_01."""
+    """A run of each method stopped mid task 2 (after SI's path integral has moved, KD's teacher, MAS's and L2's
+    anchors and ER's buffer are in place) and re-run ends with the weights of the uninterrupted run, bit for bit:
+    SI's omega comes back from the checkpoint, the rest from task_01."""
     flags = [*FAST, "--method", method, "--fid_backend", "none", "--checkpointing_steps", "2"]
     run([*flags, "--output_dir", str(tmp_path / "whole")])
     run([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "9"])

@@ -114,7 +114,7 @@ def test_start_task_makes_a_frozen_teacher_and_a_pool_of_the_old_classes(tmp_pat
     assert gd.replay.classes == [0, 1] and len(gd.replay.pool) == 6 and (tmp_path / "task_02" / "pool.json").exists()
     assert not any(p.requires_grad for p in gd.replay.teacher.parameters()) and not gd.replay.teacher.training
     batch = gd.extra_batch(5, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert batch.images.shape == (5, 1, 8, 8) and set(batch.labels.tolist()) <= {0, 1} and batch.in_denoise
+    assert batch.images.shape == (5, 1, 8, 8) and set(batch.labels.tolist()) <= {0, 1} and batch.denoise_weight == 1
     with pytest.raises(ValueError, match="scratch_dir"):
         gd.start_task(TaskStart(2, model, [0, 1], [2, 3], SAMPLER, None, show_progress=False))
 

@@ -757,3 +757,28 @@ def test_accumulated_replay_pools_sample_each_class_once(tmp_path):
     launch([*three, "--output_dir", str(accumulate), "--replay_pool", "accumulate"])  # resumes and finishes
     assert not pools.exists()
     assert "generative replay (accumulated pool)" in json.loads((accumulate / "results.json").read_text())["method"]
+
+
+def test_experience_replay_with_rank1_runs_under_accelerate_launch(tmp_path):
+    """--method er+rank1 through a real `accelerate launch`: task 2 trains on its real batch with exemplars of
+    classes 0 and 1 and the rank-1 penalty; its folder records the buffer as indices (no images) and the penalty."""
+    launch(
+        [
+            *FAST,
+            "--method",
+            "er+rank1",
+            "--er_per_class",
+            "5",
+            "--fid_backend",
+            "none",
+            "--output_dir",
+            str(tmp_path / "er"),
+        ]
+    )
+    folder = tmp_path / "er" / "task_02"
+    buffer = json.loads((folder / "er_buffer.json").read_text())
+    assert len(buffer["indices"]) == 4 * 5 and (folder / "ewc_penalty.safetensors").exists()
+    manifest = json.loads((tmp_path / "er" / "run_manifest.json").read_text())
+    assert buffer["train_sha256"] == manifest["dataset"]["train_sha256"]
+    results = json.loads((tmp_path / "er" / "results.json").read_text())
+    assert results["method"].startswith("rank1 EWC (lambda=15000, decoupled) + experience replay (5 per class)")

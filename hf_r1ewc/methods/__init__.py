@@ -10,10 +10,12 @@ from .base import (
     TaskEnd,
     TaskStart,
     Term,
+    TrainingSplit,
     compile_like_student,
     task_folder_name,
 )
 from .ewc import EWC
+from .experience_replay import ExperienceReplay
 from .generative_distillation import GenerativeDistillation
 from .knowledge_distillation import KnowledgeDistillation
 from .l2 import L2
@@ -23,6 +25,7 @@ from .synaptic_intelligence import SynapticIntelligence
 
 __all__ = [
     "EWC",
+    "ExperienceReplay",
     "L2",
     "MAS",
     "KnowledgeDistillation",
@@ -35,6 +38,7 @@ __all__ = [
     "TaskEnd",
     "TaskStart",
     "Term",
+    "TrainingSplit",
     "compile_like_student",
     "task_folder_name",
 ]

@@ -48,6 +48,17 @@ def task_folder_name(task_index: int) -> str:
 
 
 @dataclass
+class TrainingSplit:
+    """The whole training split in memory as the model sees it: ``images`` ``[N, C, H, W]`` in [-1, 1], ``labels``
+    ``[N]``, and the SHA-256 of the dataset's images and labels (what a method that keeps indices into it checks
+    they still point to)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sha256: str
+
+
+@dataclass
 class TaskStart:
     """What a method may use as task ``task_index`` (1-based) starts.
 
@@ -65,6 +76,7 @@ class TaskStart:
     seed: int = 0
     accelerator: Accelerator | None = None
     show_progress: bool = True
+    train: TrainingSplit | None = None  # given to methods with ``needs_training_split`` (None: streamed data)
 
     @property
     def rank(self) -> int:
@@ -90,6 +102,7 @@ class TaskEnd:
     num_samples: int | None = None
     accelerator: Accelerator | None = None
     show_progress: bool = True
+    train: TrainingSplit | None = None  # given to methods with ``needs_training_split`` (None: streamed data)
 
     def reduce_sum(self):
         """The all-reduce of partial sums across processes, or None on one process."""
@@ -100,11 +113,12 @@ class TaskEnd:
 
 class ExtraBatch(NamedTuple):
     """Examples a method adds to the step's forward: ``images`` float32 ``[R, C, H, W]`` in [-1, 1] and ``labels``
-    ``[R]`` on the step's device; ``in_denoise``: whether they join the denoising loss (else they are only forward)."""
+    ``[R]`` on the step's device; ``denoise_weight``: each row's weight in the denoising loss (1: as a real row; 0:
+    only forward, for the method's own terms)."""
 
     images: torch.Tensor
     labels: torch.Tensor
-    in_denoise: bool = True
+    denoise_weight: float = 1.0
 
 
 @dataclass
@@ -143,6 +157,7 @@ class ContinualMethod:
     term: str | None = None
     penalty_in_loss: bool = True  # penalty() joins the loss; False: it acts elsewhere (a proximal step)
     changes_during_task: bool = False  # state_dict() changes between optimizer steps: checkpoints must keep it
+    needs_training_split: bool = False  # TaskStart/TaskEnd carry the training split in memory (exemplars)
 
     def label(self) -> str:
         """What ran, with its weights, for results, cards and ``evaluate``'s grouping."""

@@ -153,7 +153,7 @@ class GenerativeDistillation(ContinualMethod):
         if self.replay is None:
             return None
         images, labels = self.replay.batch(self.batch_size or batch_size, generator, device)
-        return ExtraBatch(images, labels, self.replay_in_denoise)
+        return ExtraBatch(images, labels, 1.0 if self.replay_in_denoise else 0.0)
 
     def loss_terms(self, step: StepForward) -> dict[str, Term]:
         """The distillation term on the replay rows: the teacher sees the same noised replay batch as the student."""

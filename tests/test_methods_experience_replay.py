@@ -1,0 +1,77 @@
+"""hf_r1ewc.methods.experience_replay: the buffer after two tasks (by hand), its batches, its weight in the denoising
+loss, its task-folder record (indices and the data's digest, no images) and the refusal of other data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_unet
+from diffusers import DDPMScheduler
+
+from hf_r1ewc.continual import ContinualLearner
+from hf_r1ewc.methods import ExperienceReplay, TaskEnd, TaskStart, TrainingSplit
+
+
+SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
+
+
+def _split(sha="abc") -> TrainingSplit:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 3] * 5)
+    return TrainingSplit(torch.rand(20, 1, 8, 8, generator=g) * 2 - 1, labels, sha)
+
+
+def test_the_buffer_after_two_tasks_and_its_batches(tmp_path):
+    train, unet = _split(), make_tiny_unet()
+    er = ExperienceReplay(per_class=2, weight=0.5, batch_size=3)
+    er.start_task(TaskStart(1, unet, [], [0, 1], train=train))
+    assert er.extra_batch(4, torch.Generator(), torch.device("cpu")) is None  # nothing to replay in task 1
+    er.end_task(TaskEnd(1, unet, [], [0, 1], seed=5, train=train))
+    er.end_task(TaskEnd(2, unet, [], [2, 3], seed=5, train=train))
+    expected = []
+    for task, classes in ((1, [0, 1]), (2, [2, 3])):  # by hand: each class's first 2 of a seeded permutation
+        g = torch.Generator().manual_seed(5 + task)
+        for c in classes:
+            members = torch.nonzero(train.labels == c).flatten()
+            expected.append(members[torch.randperm(len(members), generator=g)[:2]].sort().values)
+    assert torch.equal(er.indices, torch.cat(expected))
+    assert train.labels[er.indices].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    er.start_task(TaskStart(3, unet, [0, 1, 2, 3], [4], train=train))
+    batch = er.extra_batch(8, torch.Generator().manual_seed(1), torch.device("cpu"))
+    drawn = torch.randint(0, 8, (3,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(batch.images, train.images[er.indices[drawn]]) and batch.denoise_weight == 0.5
+    record = er.task_files(2, [2, 3])["er_buffer.json"]
+    assert record["indices"] == er.indices.tolist() and record["train_sha256"] == "abc" and "images" not in record
+    (tmp_path / "er_buffer.json").write_text(json.dumps(record))
+    restored = ExperienceReplay(per_class=2)
+    restored.load_task_folder(tmp_path, 2)
+    assert torch.equal(restored.indices, er.indices)
+    with pytest.raises(ValueError, match="indexes a dataset with SHA-256 abc"):
+        restored.start_task(TaskStart(3, unet, [0, 1, 2, 3], [4], train=_split("other")))
+    with pytest.raises(ValueError, match="needs the training split in memory"):
+        ExperienceReplay().start_task(TaskStart(1, unet, [], [0, 1]))
+
+
+def test_exemplar_rows_count_with_their_weight_in_the_denoising_loss():
+    """denoise = (sum of the real rows' losses + weight * sum of the exemplar rows') / (real + exemplar rows)."""
+    train, unet = _split(), make_tiny_unet().eval()
+    er = ExperienceReplay(per_class=1, weight=0.25, batch_size=2)
+    er.end_task(TaskEnd(1, unet, [], [0, 1], train=train))
+    er.start_task(TaskStart(2, unet, [0, 1], [2, 3], train=train))
+    x, y = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([2, 3, 2])
+    terms = ContinualLearner(SCHEDULER, [er]).loss(unet, x, y, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 2, (2,), generator=g)
+    x0 = torch.cat([x, train.images[er.indices[index]]])
+    labels = torch.cat([y, train.labels[er.indices[index]]])
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (5,), generator=g)
+    with torch.no_grad():
+        per_row = (
+            (unet(SCHEDULER.add_noise(x0, noise, t), t, class_labels=labels).sample - noise).pow(2).flatten(1).mean(1)
+        )
+    assert float(terms["denoise"]) == pytest.approx(
+        float((per_row[:3].sum() + 0.25 * per_row[3:].sum()) / 5), rel=1e-6
+    )
