@@ -25,6 +25,7 @@ from diffusers import SchedulerMixin
 
 from .integrity import sha256_tensors
 from .methods import (
+    AGEM,
     EWC,
     L2,
     MAS,
@@ -104,6 +105,11 @@ def _er_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--er_batch_size", type=int, default=None, help="er: exemplars per step (default: the real batch)")
 
 
+def _agem_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--agem_per_class", type=int, default=20, help="agem: real exemplars per seen class in the memory")
+    g.add_argument("--agem_batch_size", type=int, default=64, help="agem: memory images per reference gradient")
+
+
 REGULARISER = "a weight regulariser"
 for _spec in (
     MethodSpec("naive", "fine-tuning, nothing protects old tasks", alone=True),
@@ -138,6 +144,12 @@ for _spec in (
         "experience replay: real exemplars of the seen classes join the denoising loss (--er_per_class, --er_weight)",
         lambda args, noise: ExperienceReplay(args.er_per_class, args.er_weight, args.er_batch_size),
         _er_flags,
+    ),
+    MethodSpec(
+        "agem",
+        "A-GEM: the gradient projected when it would raise the loss on real exemplars (--agem_per_class)",
+        lambda args, noise: AGEM(noise, args.agem_per_class, args.agem_batch_size),
+        _agem_flags,
     ),
     MethodSpec(
         "kd",
@@ -614,10 +626,13 @@ def validate_args(args: argparse.Namespace) -> None:
             "--replay_pool accumulate needs the earlier tasks' pools, which a task folder does not hold: continue "
             "with --replay_pool regenerate, or re-run into the run's own OUTPUT_DIR"
         )
-    if "er" in args.method.split("+") and args.streaming:
-        fail("--method er keeps indices into the training split, which --streaming never holds: drop one of the two")
+    for name in {"er", "agem"} & set(args.method.split("+")):
+        if args.streaming:
+            fail(f"--method {name} keeps indices into the training split, which --streaming never holds: drop one")
     if "er" in args.method.split("+") and (args.er_per_class < 1 or not args.er_weight > 0):
         fail(f"--er_per_class must be >= 1 and --er_weight > 0, got {args.er_per_class} and {args.er_weight}")
+    if "agem" in args.method.split("+") and (args.agem_per_class < 1 or args.agem_batch_size < 1):
+        fail(f"--agem_per_class and --agem_batch_size must be >= 1, got {args.agem_per_class}, {args.agem_batch_size}")
     if args.streaming and args.dataloader_num_workers:
         fail("--dataloader_num_workers is for the in-memory loader; a streamed task reads through `datasets`")
     if args.ema_decay is not None and not 0 <= args.ema_decay <= 1:

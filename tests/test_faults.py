@@ -647,7 +647,7 @@ def test_adam_flags_reach_the_optimizer():
     )
 
 
-@pytest.mark.parametrize("method", ["si+kd+gd", "mas", "l2+er"])
+@pytest.mark.parametrize("method", ["si+kd+gd", "mas", "l2+er", "agem"])
 def test_the_fields_methods_resume_bit_for_bit(tmp_path, method):
     """A run of each method stopped mid task 2 (after SI's path integral has moved, KD's teacher, MAS's and L2's
     anchors and ER's buffer are in place) and re-run ends with the weights of the uninterrupted run, bit for bit:
@@ -657,6 +657,6 @@ def test_the_fields_methods_resume_bit_for_bit(tmp_path, method):
     run([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "9"])
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-9").exists()
     has_state = (tmp_path / "resumed" / "checkpoints" / "checkpoint-9" / "continual_methods.safetensors").exists()
-    assert has_state == method.startswith("si")
+    assert has_state == (method.startswith("si") or method == "agem")  # what changes during a task
     run([*flags, "--output_dir", str(tmp_path / "resumed")])
     assert max_difference(tmp_path / "whole" / "task_02", tmp_path / "resumed" / "task_02") == 0.0

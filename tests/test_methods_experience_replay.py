@@ -36,19 +36,21 @@ def test_the_buffer_after_two_tasks_and_its_batches(tmp_path):
         for c in classes:
             members = torch.nonzero(train.labels == c).flatten()
             expected.append(members[torch.randperm(len(members), generator=g)[:2]].sort().values)
-    assert torch.equal(er.indices, torch.cat(expected))
-    assert train.labels[er.indices].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(er.buffer.indices, torch.cat(expected))
+    assert train.labels[er.buffer.indices].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     er.start_task(TaskStart(3, unet, [0, 1, 2, 3], [4], train=train))
     batch = er.extra_batch(8, torch.Generator().manual_seed(1), torch.device("cpu"))
     drawn = torch.randint(0, 8, (3,), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(batch.images, train.images[er.indices[drawn]]) and batch.denoise_weight == 0.5
+    assert torch.equal(batch.images, train.images[er.buffer.indices[drawn]]) and batch.denoise_weight == 0.5
     record = er.task_files(2, [2, 3])["er_buffer.json"]
-    assert record["indices"] == er.indices.tolist() and record["train_sha256"] == "abc" and "images" not in record
+    assert (
+        record["indices"] == er.buffer.indices.tolist() and record["train_sha256"] == "abc" and "images" not in record
+    )
     (tmp_path / "er_buffer.json").write_text(json.dumps(record))
     restored = ExperienceReplay(per_class=2)
     restored.load_task_folder(tmp_path, 2)
-    assert torch.equal(restored.indices, er.indices)
-    with pytest.raises(ValueError, match="indexes a dataset with SHA-256 abc"):
+    assert torch.equal(restored.buffer.indices, er.buffer.indices)
+    with pytest.raises(ValueError, match="buffer indexes a dataset with SHA-256 abc"):
         restored.start_task(TaskStart(3, unet, [0, 1, 2, 3], [4], train=_split("other")))
     with pytest.raises(ValueError, match="needs the training split in memory"):
         ExperienceReplay().start_task(TaskStart(1, unet, [], [0, 1]))
@@ -64,8 +66,8 @@ def test_exemplar_rows_count_with_their_weight_in_the_denoising_loss():
     terms = ContinualLearner(SCHEDULER, [er]).loss(unet, x, y, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     index = torch.randint(0, 2, (2,), generator=g)
-    x0 = torch.cat([x, train.images[er.indices[index]]])
-    labels = torch.cat([y, train.labels[er.indices[index]]])
+    x0 = torch.cat([x, train.images[er.buffer.indices[index]]])
+    labels = torch.cat([y, train.labels[er.buffer.indices[index]]])
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, 1000, (5,), generator=g)
     with torch.no_grad():

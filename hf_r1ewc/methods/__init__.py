@@ -2,6 +2,7 @@
 outputs), composed by ``hf_r1ewc.continual.ContinualLearner``. A method file imports ``base`` and the layers below
 (fisher, penalty, distill, pipeline), never another method."""
 
+from .agem import AGEM
 from .base import (
     ContinualMethod,
     ExtraBatch,
@@ -24,6 +25,7 @@ from .synaptic_intelligence import SynapticIntelligence
 
 
 __all__ = [
+    "AGEM",
     "EWC",
     "ExperienceReplay",
     "L2",

@@ -1,0 +1,86 @@
+"""A buffer of real exemplars of the classes seen so far (experience replay's and A-GEM's episodic memory).
+
+After task k, ``per_class`` exemplars of each of its classes are drawn (seeded: seed + task index) from the training
+split. The buffer is kept as the exemplars' indices into the training split with the split's SHA-256: a task folder
+(which may go to the Hub) never republishes the dataset's images, and a run on other data is refused. Streamed data
+cannot be read back by index: the buffer needs the training split in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .base import TaskEnd, TaskStart
+
+
+class ExemplarBuffer:
+    """``per_class`` exemplars per seen class; ``images``/``labels`` are gathered next to the model at a task's
+    start."""
+
+    def __init__(self, per_class: int) -> None:
+        if per_class < 1:
+            raise ValueError(f"an exemplar buffer needs per_class >= 1, got {per_class}")
+        self.per_class = per_class
+        self.indices = torch.zeros(0, dtype=torch.long)  # into the training split, in the order added
+        self.dataset_sha256: str | None = None
+        self.images: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    def gather(self, task: TaskStart) -> None:
+        """The exemplars' images from the training split, on the model's device; refuses another dataset."""
+        if task.train is None:
+            raise ValueError(
+                "an exemplar buffer reads its images back by index: it needs the training split in memory"
+            )
+        if self.dataset_sha256 not in (None, task.train.sha256):
+            raise ValueError(
+                f"the exemplar buffer indexes a dataset with SHA-256 {self.dataset_sha256[:12]}..., not this one "
+                f"({task.train.sha256[:12]}...): continue the run on the data it was trained on"
+            )
+        self.dataset_sha256 = task.train.sha256
+        device = next(task.model.parameters()).device
+        self.images = task.train.images[self.indices].to(device) if len(self.indices) else None
+        self.labels = task.train.labels[self.indices].to(device) if len(self.indices) else None
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A uniform draw of ``batch_size`` exemplars (indices drawn on the generator's device): (images, labels)."""
+        draw_on = generator.device if generator is not None else self.images.device
+        index = torch.randint(0, len(self.images), (batch_size,), generator=generator, device=draw_on)
+        index = index.to(self.images.device)
+        return self.images[index].to(device), self.labels[index].to(device)
+
+    def add_task(self, task: TaskEnd) -> None:
+        """``per_class`` exemplars of each class of the finished task (all of a smaller class) join the buffer."""
+        if task.train is None:
+            raise ValueError(
+                "an exemplar buffer reads its images back by index: it needs the training split in memory"
+            )
+        generator = torch.Generator().manual_seed(task.seed + task.task_index)
+        chosen = []
+        for c in task.classes:
+            candidates = torch.nonzero(task.train.labels == c).flatten()
+            pick = torch.randperm(len(candidates), generator=generator)[: self.per_class]
+            chosen.append(candidates[pick.sort().values])
+        self.indices = torch.cat([self.indices, *chosen])
+        self.dataset_sha256 = task.train.sha256
+
+    def record(self) -> dict:
+        """The task-folder JSON: the exemplars' indices into the training split and its SHA-256 (no images)."""
+        return {"indices": self.indices.tolist(), "per_class": self.per_class, "train_sha256": self.dataset_sha256}
+
+    def load(self, folder: str | os.PathLike, name: str) -> None:
+        path = Path(folder) / name
+        try:
+            record = json.loads(path.read_text())
+            self.indices = torch.tensor([int(i) for i in record["indices"]], dtype=torch.long)
+            self.dataset_sha256 = str(record["train_sha256"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path} cannot be read as an exemplar buffer ({err}); copy the whole folder again"
+            ) from None
