@@ -493,8 +493,8 @@ def test_non_finite_penalty_in_a_folder_without_digests_is_refused(reference, tm
 
 
 def test_non_finite_fisher_is_refused_where_estimated_and_where_loaded(reference, tmp_path, monkeypatch):
-    from hf_r1ewc import continual
     from hf_r1ewc.fisher import load_fisher, save_fisher
+    from hf_r1ewc.methods import ewc
 
     stats = load_fisher(str(reference / "task_01" / "fisher.safetensors"))
     name = next(iter(stats.mu))
@@ -502,7 +502,7 @@ def test_non_finite_fisher_is_refused_where_estimated_and_where_loaded(reference
     save_fisher(str(tmp_path / "fisher.safetensors"), stats)
     with pytest.raises(ValueError, match="fisher.safetensors: .* non-finite Fisher values \\(mu "):
         load_fisher(str(tmp_path / "fisher.safetensors"))
-    monkeypatch.setattr(continual, "estimate_fisher", lambda *a, **k: stats)
+    monkeypatch.setattr(ewc, "estimate_fisher", lambda *a, **k: stats)
     with pytest.raises(SystemExit, match="task 1: the finished task's Fisher estimate: .* non-finite Fisher values"):
         run([*COMMON, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "task_01").exists()

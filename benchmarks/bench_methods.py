@@ -1,0 +1,150 @@
+"""What each continual method costs, beside the GD step, on the CPU table-1 model (the (16, 32, 32) UNet at 16x16,
+batch 32 real images, 100 replay images per old class, DDIM-20), measured in one run.
+
+    python benchmarks/bench_methods.py [--quick] [--device cpu|cuda]
+
+Per method (built from its --method word and the script's defaults, as the training script builds it) at task 2 of
+2-class tasks (classes 0, 1 old; 2, 3 new; 200 training images per class): the training step's median time relative
+to the GD step's (interleaved, same run), the memory it holds beyond the model (its tensors, teacher, pool or buffer,
+in parameters' worth: bytes / (4 x parameters)), and the seconds of its start of task 2 (teacher, pool, buffer) and
+of its end of task 1 (Fisher, importances, exemplars). Writes benchmarks/results/methods_cost{,_quick}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, interleaved_medians, machine, write_results  # noqa: E402
+from _runs import UNET_CONFIG  # noqa: E402
+
+from hf_r1ewc.config import parse_args  # noqa: E402
+from hf_r1ewc.continual import fisher_loader, make_optimizer, step_generator  # noqa: E402
+from hf_r1ewc.methods import TaskEnd, TaskStart, TrainingSplit  # noqa: E402
+from hf_r1ewc.models import training_noise_scheduler  # noqa: E402
+from hf_r1ewc.pipeline import sampling_scheduler  # noqa: E402
+from hf_r1ewc.recipe import make_learner  # noqa: E402
+
+
+METHODS = ["naive", "gd", "rank1+gd", "diag+gd", "er", "er+rank1", "er+gd", "agem", "kd", "l2", "si", "mas", "si+gd"]
+
+
+def held_bytes(obj, seen: set, skip: tuple = ()) -> int:
+    """Bytes of the tensors reachable from ``obj`` (attributes, dicts, lists, modules' parameters and buffers), each
+    storage counted once."""
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, torch.nn.Module):
+        return sum(held_bytes(t, seen) for t in [*obj.parameters(), *obj.buffers()])
+    if isinstance(obj, dict):
+        return sum(held_bytes(v, seen, skip) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(v, seen, skip) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, skip):
+        return sum(
+            held_bytes(v, seen, skip) for k, v in vars(obj).items() if k not in ("noise_scheduler", "accelerator")
+        )
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 methods, 20 images per class, 3 repeats (< 1 min)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    methods, per_class, replay, repeats = (
+        (["gd", "rank1+gd", "er"], 20, 10, 3) if args.quick else (METHODS, 200, 100, 15)
+    )
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel.from_config({k: v for k, v in UNET_CONFIG.items() if k != "_class_name"}).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(per_class)
+    train = TrainingSplit(torch.rand(len(labels), 1, 16, 16, generator=g) * 2 - 1, labels, "synthetic")
+    task1 = labels < 2
+    x, y = train.images[~task1][:32].to(device), train.labels[~task1][:32].to(device)
+    noise_scheduler = training_noise_scheduler()
+    sampler = sampling_scheduler("ddim", noise_scheduler.config)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    rows, steps = {}, {}
+    for method in methods:
+        flags = ["--dataset_name", "digits", "--preset", "cpu-small", "--method", method, "--replay_per_class"]
+        settings = parse_args([*flags, str(replay), "--num_inference_steps", "20", "--fisher_num_samples", "200"])
+        learner = make_learner(settings, noise_scheduler)
+        batches = fisher_loader(train.images[task1], train.labels[task1], 200, 64, seed=1)
+        start = time.perf_counter()
+        learner.end_task(TaskEnd(1, model, batches, [0, 1], seed=0, train=train, show_progress=False))
+        end_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as scratch:  # the replay pool's chunks
+            task = TaskStart(2, model, [0, 1], [2, 3], sampler, Path(scratch), 0, show_progress=False, train=train)
+            learner.start_task(task)
+        start_seconds = time.perf_counter() - start
+        extra = held_bytes(learner.methods, {t.untyped_storage().data_ptr() for t in model.parameters()})
+        copy = UNet2DModel.from_config(model.config).to(device)
+        copy.load_state_dict(model.state_dict())
+        prepared, optimizer = accelerator.prepare(copy, make_optimizer(copy, 1e-3, device=device))
+        counter = {"step": 0}
+
+        def step(learner=learner, prepared=prepared, optimizer=optimizer, counter=counter):
+            counter["step"] += 1
+            generator = step_generator(0, 2, 0, counter["step"], device=device)
+            learner.training_step(accelerator, prepared, optimizer, x, y, generator, check_finite=False)
+
+        steps[method] = step
+        rows[method] = {
+            "extra_memory_params_worth": extra / (4 * num_params),
+            "extra_memory_mb": extra / 2**20,
+            "start_of_task_s": start_seconds,
+            "end_of_task_s": end_seconds,
+        }
+        print(f"{method}: set up (end of task 1 {end_seconds:.1f} s, start of task 2 {start_seconds:.1f} s)")
+    medians = interleaved_medians(steps, repeats, device)
+    for method, seconds in medians.items():
+        rows[method] |= {"step_s": seconds, "step_vs_gd": seconds / medians["gd"]}
+    name = "methods_cost_quick" if args.quick else "methods_cost"
+    scale = {"params": num_params, "per_class": per_class, "replay_per_class": replay, "batch": 32, "repeats": repeats}
+    path = write_results(name, {"scale": scale, "methods": rows})
+    lines = [
+        "# What each method costs beside GD (CPU table-1 model)\n",
+        f"`python benchmarks/bench_methods.py{' --quick' if args.quick else ''}` on {machine()['cpu']}, "
+        f"{machine()['cpu_count']} CPU cores, torch {torch.__version__}; the (16, 32, 32) UNet at 16x16 "
+        f"({num_params / 1e6:.2f}M parameters), batch 32, {replay} replay images per old class (DDIM-20), Fisher and "
+        f"MAS on 200 samples, the cpu-small preset's settings (EWC decoupled at λ = 15000), ER/A-GEM defaults (20 "
+        f"exemplars per class, A-GEM reference batch 64). Task 2 of 2-class tasks. Step time: median of {repeats} interleaved steps, relative to the GD step measured in the same run.\n",
+        "| method | step ÷ GD step | extra memory (parameters' worth) | extra memory (MB) | start of task (s) | "
+        "end of task (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, r in rows.items():
+        lines.append(
+            f"| {method} | {r['step_vs_gd']:.2f} | {r['extra_memory_params_worth']:.1f} | {r['extra_memory_mb']:.2f} "
+            f"| {r['start_of_task_s']:.1f} | {r['end_of_task_s']:.1f} |"
+        )
+    lines.append(
+        "\nExtra memory counts every tensor the method holds beyond the model: a teacher (1 parameters' worth), the "
+        "replay pool (float16 images), the exemplar buffer (float32 images), EWC's statistics, SI's and MAS's "
+        "per-parameter state; the optimizer's state and activations are the same for all and are not counted."
+    )
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
