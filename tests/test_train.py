@@ -782,3 +782,18 @@ def test_experience_replay_with_rank1_runs_under_accelerate_launch(tmp_path):
     assert buffer["train_sha256"] == manifest["dataset"]["train_sha256"]
     results = json.loads((tmp_path / "er" / "results.json").read_text())
     assert results["method"].startswith("rank1 EWC (lambda=15000, decoupled) + experience replay (5 per class)")
+
+
+def test_methods_with_state_that_changes_mid_task_resume_bit_for_bit_on_two_processes(tmp_path):
+    """--method si+agem under 2 gloo processes: a run stopped after step 3 (mid task 2: SI's path integral and
+    A-GEM's count have moved; both read all-reduced gradients) and re-run ends with the uninterrupted run's weights."""
+    flags = [*FAST, "--method", "si+agem", "--fid_backend", "none", "--checkpointing_steps", "1"]
+    launch([*flags, "--output_dir", str(tmp_path / "whole")], num_processes=2)
+    launch([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "3"], num_processes=2)
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3" / "continual_methods.safetensors").exists()
+    assert not (tmp_path / "resumed" / "task_02").exists()
+    launch([*flags, "--output_dir", str(tmp_path / "resumed")], num_processes=2)
+    whole, resumed = unet_weights(tmp_path / "whole" / "task_02"), unet_weights(tmp_path / "resumed" / "task_02")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    metrics = json.loads((tmp_path / "whole" / "task_02" / "metrics.json").read_text())
+    assert metrics["agem_memory_size"] == 4 * 20 and metrics["agem_projected_steps"] >= 0
