@@ -631,6 +631,11 @@ def validate_args(args: argparse.Namespace) -> None:
             fail(f"--method {name} keeps indices into the training split, which --streaming never holds: drop one")
     if "er" in args.method.split("+") and (args.er_per_class < 1 or not args.er_weight > 0):
         fail(f"--er_per_class must be >= 1 and --er_weight > 0, got {args.er_per_class} and {args.er_weight}")
+    if "si" in args.method.split("+") and resolve_mixed_precision(args.mixed_precision) == "fp16":
+        fail(
+            "--method si integrates the gradient the optimizer sees, which fp16's gradient scaler still holds scaled "
+            "when the hook runs: train SI in bf16 or fp32 (--mixed_precision bf16 or no)"
+        )
     if "agem" in args.method.split("+") and (args.agem_per_class < 1 or args.agem_batch_size < 1):
         fail(f"--agem_per_class and --agem_batch_size must be >= 1, got {args.agem_per_class}, {args.agem_batch_size}")
     if args.streaming and args.dataloader_num_workers:

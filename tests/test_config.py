@@ -49,6 +49,8 @@ def test_method_parsing_names_the_problem():
         (["--method", "gd", "--ewc_type", "diag"], "--method gd and --ewc_type diag disagree"),
         (["--method", "rank1", "--replay", "on"], "--method rank1 and --replay on disagree"),
         (["--method", "gd", "--joint"], "--method gd and --joint disagree"),
+        (["--method", "si", "--mixed_precision", "fp16"], "fp16's gradient scaler"),
+        (["--method", "er", "--streaming"], "--method er keeps indices into the training split"),
     ]:
         with pytest.raises(SystemExit, match=message):
             parse_args([*BASE, *flags])

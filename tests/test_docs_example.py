@@ -32,7 +32,7 @@ def test_the_docs_method_runs_through_the_script_and_resumes_from_its_task_folde
 
     main = docs_example["train_continual_ddpm"].main
     flags = [
-        *("--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1;2,3", "--num_epochs_per_task", "2"),
+        *("--dataset_name", "digits", "--preset", "demo", "--tasks", "0,1;2,3", "--num_epochs_per_task", "1"),
         *("--max_train_per_class", "16", "--train_batch_size", "16", "--replay_per_class", "4"),
         *("--num_inference_steps", "2", "--fid_backend", "none", "--seed", "3", "--method", "decay+gd"),
         *("--decay_rate", "50"),

@@ -647,16 +647,19 @@ def test_adam_flags_reach_the_optimizer():
     )
 
 
-@pytest.mark.parametrize("method", ["si+kd+gd", "mas", "l2+er", "agem"])
+@pytest.mark.parametrize("method", ["si+kd+gd", "mas+er+agem"])
 def test_the_fields_methods_resume_bit_for_bit(tmp_path, method):
-    """A run of each method stopped mid task 2 (after SI's path integral has moved, KD's teacher, MAS's and L2's
-    anchors and ER's buffer are in place) and re-run ends with the weights of the uninterrupted run, bit for bit:
-    SI's omega comes back from the checkpoint, the rest from task_01."""
-    flags = [*FAST, "--method", method, "--fid_backend", "none", "--checkpointing_steps", "2"]
+    """A run of each method stopped mid task 2 (after SI's path integral and A-GEM's count have moved, with KD's
+    teacher, MAS's anchor and ER's and A-GEM's exemplars in place) and re-run ends with the weights of the
+    uninterrupted run, bit for bit: what changes during a task comes back from the checkpoint, the rest from task_01
+    (L2's task-folder restore is the docs example's, tests/test_docs_example.py)."""
+    flags = [*FAST, "--num_epochs_per_task", "1", "--method", method, "--fid_backend", "none"]
     run([*flags, "--output_dir", str(tmp_path / "whole")])
-    run([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "9"])
-    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-9").exists()
-    has_state = (tmp_path / "resumed" / "checkpoints" / "checkpoint-9" / "continual_methods.safetensors").exists()
-    assert has_state == (method.startswith("si") or method == "agem")  # what changes during a task
+    run([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "5"])
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-5"
+    state = load_file(str(checkpoint / "continual_methods.safetensors"))  # SI's omega, A-GEM's count
+    assert {k.split(".")[0] for k in state} == ({"si"} if method.startswith("si") else {"agem"})
     run([*flags, "--output_dir", str(tmp_path / "resumed")])
     assert max_difference(tmp_path / "whole" / "task_02", tmp_path / "resumed" / "task_02") == 0.0
