@@ -87,6 +87,7 @@ def main() -> None:
         settings = parse_args([*flags, str(replay), "--num_inference_steps", "20", "--fisher_num_samples", "200"])
         learner = make_learner(settings, noise_scheduler)
         batches = fisher_loader(train.images[task1], train.labels[task1], 200, 64, seed=1)
+        learner.start_task(TaskStart(1, model, [], [0, 1], sampler, None, 0, show_progress=False, train=train))
         start = time.perf_counter()
         learner.end_task(TaskEnd(1, model, batches, [0, 1], seed=0, train=train, show_progress=False))
         end_seconds = time.perf_counter() - start

@@ -91,6 +91,8 @@ class SynapticIntelligence(ContinualMethod):
 
     def end_task(self, task: TaskEnd) -> dict:
         """Omega += omega / ((theta*_k - theta*_{k-1})^2 + xi); theta*_k becomes the anchor; omega restarts."""
+        if not self.start:
+            raise ValueError("SI's end_task needs its start_task first: the weights the task started from")
         theta = trainable_weights(task.model)
         for name, w in theta.items():
             part = self.omega[name] / ((w - self.start[name]).pow(2) + self.xi)
