@@ -37,7 +37,7 @@ from hf_r1ewc.recipe import make_learner  # noqa: E402
 METHODS = ["naive", "gd", "rank1+gd", "diag+gd", "er", "er+rank1", "er+gd", "agem", "kd", "l2", "si", "mas", "si+gd"]
 
 
-def held_bytes(obj, seen: set, skip: tuple = ()) -> int:
+def held_bytes(obj, seen: set) -> int:
     """Bytes of the tensors reachable from ``obj`` (attributes, dicts, lists, modules' parameters and buffers), each
     storage counted once."""
     if isinstance(obj, torch.Tensor):
@@ -49,13 +49,11 @@ def held_bytes(obj, seen: set, skip: tuple = ()) -> int:
     if isinstance(obj, torch.nn.Module):
         return sum(held_bytes(t, seen) for t in [*obj.parameters(), *obj.buffers()])
     if isinstance(obj, dict):
-        return sum(held_bytes(v, seen, skip) for v in obj.values())
+        return sum(held_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(held_bytes(v, seen, skip) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, skip):
-        return sum(
-            held_bytes(v, seen, skip) for k, v in vars(obj).items() if k not in ("noise_scheduler", "accelerator")
-        )
+        return sum(held_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(held_bytes(v, seen) for k, v in vars(obj).items() if k not in ("noise_scheduler", "accelerator"))
     return 0
 
 

@@ -133,7 +133,7 @@ class ContinualLearner:
         return next((m for m in self.methods if m.name == name), None)
 
     def label(self) -> str:
-        """What the learner runs, with its weights (penalties first, then replay): e.g. ``rank1 EWC (lambda=100,
+        """What the learner runs, with its weights (in composition order): e.g. ``rank1 EWC (lambda=100,
         decoupled) + generative replay + distillation (weight 1)``."""
         return " + ".join(m.label() for m in self.methods) or "plain fine-tuning"
 

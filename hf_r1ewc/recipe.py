@@ -47,13 +47,9 @@ def make_learner(args: argparse.Namespace, noise_scheduler: SchedulerMixin) -> C
     return ContinualLearner(noise_scheduler, build_methods(args, noise_scheduler), args.max_grad_norm)
 
 
-def method_description(args: argparse.Namespace, learner: ContinualLearner | None = None) -> str:
+def method_description(args: argparse.Namespace, learner: ContinualLearner) -> str:
     """What ran, with its weights: the label in results, cards, reports and ``evaluate``'s grouping."""
-    if args.joint:
-        return "non-continual upper bound (all classes at once)"
-    from .models import training_noise_scheduler
-
-    return (learner or make_learner(args, training_noise_scheduler())).label()
+    return "non-continual upper bound (all classes at once)" if args.joint else learner.label()
 
 
 def training_tasks(args: argparse.Namespace, data: TaskData) -> list[list[int]]:
