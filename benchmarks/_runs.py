@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAPER_LAMBDA = 15000.0
 
-# name -> flags (lambda added where the method has a penalty)
+# name -> flags (lambda added where the method has a penalty); any other name is a --method spec ("er+rank1")
 METHODS = {
     "non-continual": ["--joint", "--ewc_type", "none"],
     "diag w/o GD": ["--ewc_type", "diag", "--ewc_mode", "loss", "--replay", "off"],
@@ -160,7 +160,7 @@ def run_flags(
         "250",
         "--seed",
         str(seed),
-        *METHODS[name],
+        *METHODS.get(name, ["--method", name]),
     ]
     if lam is not None:
         flags += ["--ewc_lambda", str(lam)]
@@ -238,3 +238,75 @@ def train_fid_classifier(work: Path, data_dir: str, size_flags: Sequence[str]) -
         cmd += ["--output_dir", str(folder), *size_flags, "--epochs", "2"]
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
     return folder
+
+
+def drift_geometry(out: Path, data_dir: str, sc: dict, seed: int, tasks: list[list[int]]) -> dict:
+    """Where a run's forgetting goes (GD's, ER's), from its task folders (TASKS: the classes of each task) (cached in OUT/geometry.json): mu_k (the task's mean
+    per-sample gradient, estimated at theta*_k as consolidation would), cos(mu_k, mu_k+1); the share of task k's
+    parameter change theta*_k - theta*_k-1 inside span(mu_1..mu_k-1) (against (k-1)/P for a random direction); and
+    for each old task j the first-order change of its loss that rank-1 EWC constrains, mu_j^T (theta*_T - theta*_j),
+    beside the measured change L_j(theta*_T) - L_j(theta*_j) (fixed noise, 8 draws per image)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from hf_r1ewc.continual import ContinualLearner, fisher_loader
+    from hf_r1ewc.data import images_to_model_input, load_labeled_images
+    from hf_r1ewc.fisher import estimate_fisher
+    from hf_r1ewc.models import training_noise_scheduler
+
+    cache = out / "geometry.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    train = load_labeled_images(data_dir, "train").head_per_class(sc["per_class"])
+    scheduler = training_noise_scheduler()
+    models, mus, thetas, data = [], [], [], []
+    for k, classes in enumerate(tasks, start=1):
+        unet = UNet2DModel.from_pretrained(out / f"task_{k:02d}" / "unet").eval()
+        task = train.subset(classes)
+        images = images_to_model_input(task.images, sc["resolution"], True)
+        loader = fisher_loader(images, task.labels, 2 * len(task.labels), 64, seed + k)
+        stats = estimate_fisher(
+            unet,
+            scheduler,
+            loader,
+            kinds=("rank1",),
+            generator=torch.Generator().manual_seed(seed + k),
+            show_progress=False,
+        )
+        models.append(unet)
+        mus.append(torch.cat([stats.mu[n].double().flatten() for n, _ in unet.named_parameters()]))
+        thetas.append(torch.cat([p.detach().double().flatten() for p in unet.parameters()]))
+        data.append((images, task.labels))
+
+    @torch.no_grad()
+    def loss(unet, j):  # task j's denoising loss under fixed noise: 8 (t, eps) draws per image
+        images, labels = data[j]
+        g = torch.Generator().manual_seed(1000 + j)
+        x = images.repeat(8, 1, 1, 1)
+        return float(ContinualLearner(scheduler).loss(unet, x, labels.repeat(8), g)["denoise"])
+
+    P = thetas[0].numel()
+    cos = [float(torch.nn.functional.cosine_similarity(mus[k], mus[k + 1], dim=0)) for k in range(len(tasks) - 1)]
+    along = []
+    for k in range(1, len(tasks)):
+        q, _ = torch.linalg.qr(torch.stack(mus[:k], dim=1))
+        delta = thetas[k] - thetas[k - 1]
+        along.append({"share": float((q.T @ delta).pow(2).sum() / delta.pow(2).sum()), "random": k / P})
+    last = len(tasks) - 1
+    first_order = [
+        {
+            "task": j + 1,
+            "linear": float(mus[j] @ (thetas[last] - thetas[j])),
+            "measured": loss(models[last], j) - loss(models[j], j),
+        }
+        for j in range(last)
+    ]
+    result = {
+        "parameters": P,
+        "mu_norm": [float(m.norm()) for m in mus],
+        "cos_consecutive_mu": cos,
+        "change_along_old_mu": along,
+        "first_order_vs_measured": first_order,
+    }
+    cache.write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,370 @@
+"""Which method should I use? The field's continual methods on paired seeds, at the CPU table-1 scale (issue 39).
+
+    python benchmarks/compare_methods.py [--jobs 2] [--phase all|sweep|table|report]
+
+The protocol of table1_fmnist_cpu.md (real Fashion-MNIST at 16x16, 5 tasks of 2 classes, the (16, 32, 32) UNet,
+40 epochs per task, 100 training images per class, the classifier FID of the long-horizon study), every method of
+``--method`` as one run per seed:
+
+1. sweep: each method with a weight runs at 3-4 weights that include the peers' default, on seed 100, which is
+   never a comparison seed; the weight with the lowest AFID@5 is chosen;
+2. table: every method at its weight on seeds 0-2, paired against GD seed by seed; every method within reach of GD
+   after 3 seeds (its mean ΔAFID@5 less than two standard errors above 0) and GD itself run seeds 3 and 4 too;
+3. report: ``benchmarks/results/methods.{md,json}`` and the AFID@k plot, rewritten after every finished run.
+
+Every finished run leaves a record in ``benchmarks/results/methods_runs/`` (committed: its results.json, seconds per
+phase and task, the EWC gradient ratio, for GD and the ER runs the drift geometry of ``_runs.drift_geometry``), so
+that seeds run in different sessions pool; the run folders (``runs/methods/``) stay on the machine. Rerunning the
+command skips recorded runs and resumes interrupted ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import RESULTS, ROOT, SCALES, UNET_CONFIG, drift_geometry, finished, launch, provenance  # noqa: E402
+
+
+sys.path.insert(0, str(ROOT))
+from hf_r1ewc.comparison import format_mean_se  # noqa: E402
+
+
+SWEEP_SEED = 100
+SEEDS = (0, 1, 2)
+MORE_SEEDS = (3, 4)
+RECORDS = RESULTS / "methods_runs"
+# the long-horizon study's FID classifier (same data, size and training): one classifier scores every study's runs
+CLASSIFIER = RESULTS / "long_horizon_runs" / "fid_classifier"
+BASELINE = "GD"
+PER_CLASS = SCALES["cpu"]["per_class"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the table: a ``--method`` spec, its fixed flags, and the flag swept with its values."""
+
+    spec: str
+    flags: tuple[str, ...] = ()
+    weight: str | None = None
+    values: tuple[float, ...] = ()
+
+
+ENTRIES = {
+    "naive": Entry("naive"),
+    "GD": Entry("gd"),
+    # lambda as chosen by the table-1 sweep (table1_fmnist_cpu.md, seed 100)
+    "rank-1 + GD": Entry("rank1+gd", ("--ewc_lambda", "100")),
+    "ER 20/class": Entry("er", ("--er_per_class", "20")),
+    # every training image of a class at this scale: the buffer holds the whole data of the seen classes
+    f"ER {PER_CLASS}/class": Entry("er", ("--er_per_class", str(PER_CLASS))),
+    "ER 20/class + rank-1": Entry("er+rank1", ("--er_per_class", "20"), "ewc_lambda", (10.0, 100.0, 1000.0)),
+    "ER 20/class + GD": Entry("er+gd", ("--er_per_class", "20")),
+    "A-GEM 20/class": Entry("agem", ("--agem_per_class", "20")),
+    "KD": Entry("kd", (), "kd_weight", (0.1, 1.0, 10.0)),
+    "L2": Entry("l2", (), "l2_weight", (0.5, 5.0, 50.0, 500.0)),
+    "SI": Entry("si", (), "si_weight", (0.05, 0.5, 5.0, 50.0)),
+    "MAS": Entry("mas", (), "mas_weight", (0.05, 0.5, 5.0, 50.0)),
+    "L2 + GD": Entry("l2+gd", (), "l2_weight", (0.5, 5.0, 50.0, 500.0)),
+    "SI + GD": Entry("si+gd", (), "si_weight", (0.05, 0.5, 5.0, 50.0)),
+    "MAS + GD": Entry("mas+gd", (), "mas_weight", (0.05, 0.5, 5.0, 50.0)),
+    "joint": Entry("joint"),
+}
+GEOMETRY = ("GD", "ER 20/class", "ER 20/class + rank-1")  # the runs whose drift along old tasks' mu is measured
+HYPOTHESIS = ("ER 20/class + rank-1", "ER 20/class")  # does rank-1 EWC complement real replay?
+TASKS = [[2 * k, 2 * k + 1] for k in range(5)]
+
+
+def folder(label: str, value: float | None, seed: int) -> str:
+    slug = label.replace(" + ", "+").replace("/", "per").replace(" ", "_")
+    entry = ENTRIES[label]
+    return f"{slug}{'' if value is None else f'_{entry.weight}{value:g}'}_seed{seed}"
+
+
+def record(label: str, value: float | None, seed: int) -> dict | None:
+    path = RECORDS / f"{folder(label, value, seed)}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def flags(label: str, value: float | None) -> list[str]:
+    entry = ENTRIES[label]
+    return [*entry.flags, *([] if value is None else [f"--{entry.weight}", f"{value:g}"])]
+
+
+def write_record(work: Path, data_dir: str, label: str, value: float | None, seed: int) -> None:
+    """Keep what the report needs of a finished run (RECORDS/FOLDER.json), written atomically."""
+    from _common import machine
+
+    from hf_r1ewc.integrity import sha256_file
+
+    out = work / "runs" / folder(label, value, seed)
+    if not finished(out):
+        return
+    tasks = range(1, 2 if ENTRIES[label].spec == "joint" else 6)
+    metrics = {k: json.loads((out / f"task_{k:02d}" / "metrics.json").read_text()) for k in tasks}
+    rec = {
+        "label": label,
+        "flags": ["--method", ENTRIES[label].spec, *flags(label, value)],
+        "results": json.loads((out / "results.json").read_text()),
+        "seconds_by_phase": {str(k): m["seconds_by_phase"] for k, m in metrics.items()},
+        "ewc_grad_ratio_per_epoch": {str(k): m.get("ewc_grad_ratio_per_epoch", []) for k, m in metrics.items()},
+        "geometry": (
+            drift_geometry(out, data_dir, SCALES["cpu"], seed, TASKS)
+            if label in GEOMETRY and seed != SWEEP_SEED
+            else None
+        ),
+        "fid_classifier_sha256": sha256_file(work / "fid_classifier" / "model.safetensors"),
+        "machine": machine(),
+    }
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    path = RECORDS / f"{folder(label, value, seed)}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1, default=str))
+    tmp.replace(path)
+
+
+def chosen_weights() -> dict[str, float]:
+    """Each swept method's weight with the lowest AFID@5 on SWEEP_SEED, once its whole sweep is recorded."""
+    best = {}
+    for label, entry in ENTRIES.items():
+        scores = {v: r["results"]["afid"]["5"] for v in entry.values if (r := record(label, v, SWEEP_SEED))}
+        if entry.weight and len(scores) == len(entry.values):
+            best[label] = min(scores, key=scores.get)
+    return best
+
+
+def comparison_runs(best: dict[str, float]) -> dict[str, dict]:
+    """results.json of every recorded comparison run (seeds 0-4), labelled by its table row."""
+    runs = {}
+    for label, entry in ENTRIES.items():
+        if entry.weight and label not in best:
+            continue
+        value = best.get(label)
+        for seed in (*SEEDS, *MORE_SEEDS):
+            if rec := record(label, value, seed):
+                runs[folder(label, value, seed)] = {**rec["results"], "label": label}
+    return runs
+
+
+def within_reach(paired: dict) -> list[str]:
+    """Methods whose mean ΔAFID@5 against GD is less than two standard errors above zero after 3 seeds."""
+    return [
+        label
+        for label, row in paired.items()
+        if "afid" in row and len(row["seeds"]) >= 3 and row["afid"]["mean_se"][0] - 2 * row["afid"]["mean_se"][1] < 0
+    ]
+
+
+def train_seconds(label: str, value: float | None, seeds: list[int]) -> float | None:
+    """Mean wall seconds per task of a method's runs, without FID and writing (training, the pool, Fisher)."""
+    totals = []
+    for seed in seeds:
+        if rec := record(label, value, seed):
+            per_task = rec["seconds_by_phase"].values()
+            totals.append(
+                sum(s for phases in per_task for p, s in phases.items() if p not in ("FID", "writing the task folder"))
+                / len(per_task)
+            )
+    return sum(totals) / len(totals) if totals else None
+
+
+def memory(label: str) -> str:
+    """Memory beyond the model from methods_cost.json (MB): the spec's own row, or the sum of its components' rows
+    (ER's buffer scaled to its size)."""
+    path = RESULTS / "methods_cost.json"
+    if not path.exists():
+        return "—"
+    rows = json.loads(path.read_text())["methods"]
+    entry = ENTRIES[label]
+    if entry.spec in ("naive", "joint"):
+        return "0" if entry.spec == "naive" else "the whole data"
+    scale = int(entry.flags[entry.flags.index("--er_per_class") + 1]) / 20 if "--er_per_class" in entry.flags else 1
+    if entry.spec in rows and scale == 1:
+        return f"{rows[entry.spec]['extra_memory_mb']:.2f}"
+    parts = entry.spec.split("+")
+    if any(p not in rows for p in parts):
+        return "—"
+    mb = sum(rows[p]["extra_memory_mb"] * (scale if p == "er" else 1) for p in parts)
+    return f"{mb:.2f} (sum of parts)"
+
+
+def write_report(output: Path) -> None:
+    """methods.md/.json and the AFID@k plot from the recorded runs (the hand-written reading is kept)."""
+    from hf_r1ewc.comparison import aggregate, paired_differences, paired_markdown
+    from hf_r1ewc.plots import plot_afid_curves
+
+    best = chosen_weights()
+    runs = comparison_runs(best)
+    if not runs:
+        return
+    table = aggregate(runs)
+    paired = paired_differences(runs, BASELINE) if BASELINE in table else {}
+    fmt = lambda pair: format_mean_se(pair, ".1f")  # noqa: E731
+    gd_seconds = train_seconds(BASELINE, None, [*SEEDS, *MORE_SEEDS])
+    lines = [
+        "# Which method should I use? The field's methods on paired seeds (issue 39)\n",
+        "Real Fashion-MNIST at 16x16, 5 tasks of 2 classes, the model and budget of table1_fmnist_cpu.md "
+        f"({json.dumps(SCALES['cpu'])}); every method paired against GD on the same seeds (task 1 trains "
+        "identically for every method of a seed). FID features: the long-horizon study's CNN classifier (NOT "
+        "comparable to Inception FID). Weights chosen on seed 100 (sweep below), never on a comparison seed.\n",
+        provenance() + "\n",
+        "\n## The table\n",
+        "ACC: mean sample accuracy over all classes after task 5 (the FID classifier's). Seconds: wall seconds per "
+        "task without FID (training, replay pool, Fisher/importances) relative to GD's in the same queue. Memory: "
+        "beyond the model, from methods_cost.md.\n",
+        "| method | weight | seeds | AFID@5 ↓ | F ↓ | P ↓ | ACC ↑ | BWT ↑ | class KL ↓ | seconds ÷ GD | memory (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, row in table.items():
+        entry, value = ENTRIES[label], best.get(label)
+        weight = "—" if value is None else f"{entry.weight} {value:g}"
+        seconds = train_seconds(label, value, [*SEEDS, *MORE_SEEDS])
+        ratio = "—" if seconds is None or not gd_seconds else f"{seconds / gd_seconds:.2f}"
+        acc = row.get("accuracy")
+        lines.append(
+            f"| {label} | {weight} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
+            f"{fmt(row['plasticity'])} | {'—' if acc is None else fmt(tuple(100 * a for a in acc))} | "
+            f"{fmt(row['bwt'])} | {format_mean_se(row['class_kl'], '.3f')} | {ratio} | {memory(label)} |"
+        )
+    if paired:
+        lines.append(paired_markdown(paired, BASELINE))
+        reach = within_reach(paired)
+        lines.append(f"Within reach of GD after 3 seeds (run on 5): {', '.join(reach) or 'none'}.\n")
+    lines += ["\n## Weight sweeps (seed 100): AFID@5 / F / P\n", "| method | weight | values |", "| --- | --- | --- |"]
+    for label, entry in ENTRIES.items():
+        if entry.weight:
+            cells = [
+                f"{v:g}: {r['results']['afid']['5']:.1f} / {r['results']['forgetting']:.1f} / "
+                f"{r['results']['plasticity']:.1f}" + (" (chosen)" if best.get(label) == v else "")
+                for v in entry.values
+                if (r := record(label, v, SWEEP_SEED))
+            ]
+            lines.append(f"| {label} | {entry.weight} | {'; '.join(cells)} |")
+    hypothesis = (
+        paired_differences({k: r for k, r in runs.items() if r["label"] in HYPOTHESIS}, HYPOTHESIS[1])
+        if all(h in table for h in HYPOTHESIS)
+        else {}
+    )
+    if hypothesis:
+        lines.append(paired_markdown(hypothesis, HYPOTHESIS[1]).replace("## Paired", "## The hypothesis: paired"))
+    lines += geometry_lines(best)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    curves = {label: row["afid_at_k"] for label, row in table.items() if len(row["afid_at_k"]) > 1}
+    if curves:
+        plot_afid_curves(curves, output.with_name(output.stem + "_afid_at_k.png"))
+        lines.append(f"\nAFID@k of every method: `{output.stem}_afid_at_k.png`.")
+    reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
+    output.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
+    output.with_suffix(".json").write_text(
+        json.dumps(
+            {"summary": table, "paired": paired, "hypothesis": hypothesis, "chosen_weights": best},
+            indent=1,
+            default=str,
+        )
+    )
+
+
+def geometry_lines(best: dict[str, float]) -> list[str]:
+    """Per method of GEOMETRY (mean over seeds): the share of each task's parameter change that lies along the
+    earlier tasks' mu, and the first-order loss change of old tasks mu_j^T (theta_5 - theta_j) beside the measured."""
+    lines = [
+        "\n## Where the drift goes (task folders of seeds 0-4)\n",
+        "share: the part of task k's parameter change θ_k − θ_{k−1} inside span(μ_1..μ_{k−1}) (a random direction: "
+        "(k−1)/P); μ_jᵀΔ / measured: old task j's first-order loss change μ_jᵀ(θ_5 − θ_j), which rank-1 EWC "
+        "penalises, beside the measured ΔL_j (mean over seeds, tasks 1-4).\n",
+        "| method | seeds | share along old μ, k = 2..5 | μ_jᵀΔ, j = 1..4 | measured ΔL_j, j = 1..4 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label in GEOMETRY:
+        geos = [
+            rec["geometry"]
+            for seed in (*SEEDS, *MORE_SEEDS)
+            if (rec := record(label, best.get(label), seed)) and rec.get("geometry")
+        ]
+        if not geos:
+            continue
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        share = [mean([g["change_along_old_mu"][i]["share"] for g in geos]) for i in range(4)]
+        linear = [mean([g["first_order_vs_measured"][j]["linear"] for g in geos]) for j in range(4)]
+        measured = [mean([g["first_order_vs_measured"][j]["measured"] for g in geos]) for j in range(4)]
+        lines.append(
+            f"| {label} | {len(geos)} | {' / '.join(f'{s:.4f}' for s in share)} | "
+            f"{' / '.join(f'{v:+.4f}' for v in linear)} | {' / '.join(f'{v:+.4f}' for v in measured)} |"
+        )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
+    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--work_dir", default=str(ROOT / "runs" / "methods"))
+    p.add_argument(
+        "--phase",
+        choices=["all", "sweep", "table", "report"],
+        default="all",
+        help="sweep: the weights on seed 100; table: seeds 0-2, then 3-4 for the methods within reach of GD; "
+        "report: rewrite methods.md from the records only",
+    )
+    args = p.parse_args()
+    if args.phase == "report":
+        write_report(RESULTS / "methods.md")
+        return
+    work, sc = Path(args.work_dir), SCALES["cpu"]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
+    if not (work / "fid_classifier").exists():
+        shutil.copytree(CLASSIFIER, work / "fid_classifier")
+    lock = threading.Lock()
+
+    def run(job: tuple[str, float | None, int]) -> None:
+        label, value, seed = job
+        if record(*job):
+            return
+        extra = flags(label, value)
+        launch(
+            ENTRIES[label].spec,
+            None,
+            seed,
+            work,
+            args.data_dir,
+            sc,
+            work / "runs.log",
+            folder=folder(*job),
+            extra=extra,
+        )
+        with lock:
+            write_record(work, args.data_dir, *job)
+            write_report(RESULTS / "methods.md")
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        if args.phase in ("all", "sweep"):
+            sweep = [(label, v, SWEEP_SEED) for label, e in ENTRIES.items() for v in e.values]
+            list(pool.map(run, sweep))
+        if args.phase in ("all", "table"):
+            best = chosen_weights()
+            jobs = [
+                (label, best.get(label), s)
+                for s in SEEDS
+                for label, e in ENTRIES.items()
+                if not e.weight or label in best
+            ]
+            list(pool.map(run, jobs))
+            from hf_r1ewc.comparison import paired_differences
+
+            runs = comparison_runs(chosen_weights())
+            reach = within_reach(paired_differences(runs, BASELINE))
+            more = [(label, best.get(label), s) for s in MORE_SEEDS for label in (BASELINE, *reach)]
+            list(pool.map(run, more))
+
+
+if __name__ == "__main__":
+    main()
