@@ -109,6 +109,7 @@ class Run:
     uploader: TaskUploader | None = None
     train: TrainingSplit | None = None  # for the methods that keep exemplars of it
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    stop: StopRequest = field(default_factory=StopRequest)  # entered by main for the tasks and the report
 
 
 def open_run(args, accelerator, data: TaskData, denoiser, learner: ContinualLearner, ema, tasks) -> RunState:
@@ -239,8 +240,10 @@ def resume_within_task(run: Run, optimizer, lr_scheduler, task_index: int) -> tu
 
 def train_task(run: Run, model, optimizer, lr_scheduler, loader, task_index: int) -> tuple[TaskCurves, str | None]:
     """The epochs of one task; returns (its curves, why it stopped early: None, "--stop_after_steps" or the signal's
-    name). A SIGTERM/SIGINT finishes the optimizer step and checkpoints it."""
+    name). A SIGTERM/SIGINT finishes the optimizer step and checkpoints it (one after the task's last step's check:
+    a checkpoint at the task's end)."""
     args, accelerator, state = run.args, run.accelerator, run.state
+    run.stop.doing = "the current optimizer step, then saving a checkpoint"
     first_epoch, skip, curves = resume_within_task(run, optimizer, lr_scheduler, task_index)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     progress = progress_bar(
@@ -250,7 +253,7 @@ def train_task(run: Run, model, optimizer, lr_scheduler, loader, task_index: int
         show=accelerator.is_local_main_process,
     )
     loss_log = LossLog(run.learner.term_names)
-    with StopRequest() as stop_request, progress:  # the first SIGTERM/SIGINT: finish the step, checkpoint, stop
+    with progress:
         for epoch in range(first_epoch, args.num_epochs_per_task):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
@@ -287,7 +290,7 @@ def train_task(run: Run, model, optimizer, lr_scheduler, loader, task_index: int
                 if out.penalty_gradient_ratio is not None:
                     curves.ratio.append(out.penalty_gradient_ratio)
                 end_of_epoch = step_in_epoch == len(loader)
-                stop = stop_reason(run, stop_request)
+                stop = stop_reason(run)
                 checkpoint = state.global_step % args.checkpointing_steps == 0 or stop
                 if end_of_epoch or checkpoint or state.global_step % args.logging_steps == 0:
                     log_losses(run, loss_log, curves, lr_scheduler, progress, task_index, epoch)
@@ -301,22 +304,34 @@ def train_task(run: Run, model, optimizer, lr_scheduler, loader, task_index: int
                 if stop:
                     return curves, stop
             curves.close_epoch()
-    return curves, None
+    stop = signalled(run)  # during the last step's log or checkpoint, after its check
+    if stop and state.global_step % args.checkpointing_steps:
+        position = curves.position(task_index, args.num_epochs_per_task, 0, state.global_step)
+        save_checkpoint(accelerator, model, Path(args.output_dir), position, args.checkpoints_total_limit)
+    return curves, stop
 
 
-def stop_reason(run: Run, stop_request: StopRequest) -> str | None:
+def stop_reason(run: Run) -> str | None:
     """Why training stops after this optimizer step: "--stop_after_steps", a signal's name (every process stops
     after the same step), or None."""
-    args, accelerator = run.args, run.accelerator
-    stop = None
+    args = run.args
+    if stop := signalled(run):
+        return stop
     if args.stop_after_steps is not None and run.state.steps_this_process >= args.stop_after_steps:
-        stop = "--stop_after_steps"
-    signalled = stop_request.signal_name is not None
+        return "--stop_after_steps"
+    return None
+
+
+def signalled(run: Run) -> str | None:
+    """The name of the signal that asked the run to stop, agreed by every process (a signal to one stops all at the
+    same point; every process must call this at the same point), or None."""
+    accelerator, name = run.accelerator, run.stop.signal_name
+    asked = name is not None
     if accelerator.num_processes > 1:
-        if signalled:
+        if asked:
             accelerator.set_trigger()
-        signalled = accelerator.check_trigger()
-    return (stop_request.signal_name or "a signal to another process") if signalled else stop
+        asked = accelerator.check_trigger()
+    return (name or "a signal to another process") if asked else None
 
 
 def log_losses(run: Run, loss_log: LossLog, curves: TaskCurves, lr_scheduler, progress, task_index: int, epoch: int):
@@ -371,8 +386,12 @@ def run_task(run: Run, denoiser: ModelMixin, task_index: int) -> tuple[ModelMixi
         state.tasks[task_index - 1],
         num_examples,
     )
+    run.stop.doing = "the start of the task (the replay pool, written to OUTPUT_DIR/replay)"
     with phases("replay pool" if learner.method("gd") else "start of task"):
         start_task(args, accelerator, learner, denoiser, run.sampler, state.tasks, task_index, run.train)
+    if stopped := signalled(run):
+        logger.info("stopped by %s before training task %d; re-run the same command to continue", stopped, task_index)
+        return denoiser, stopped
     model, optimizer, lr_scheduler, loader = prepare_task(run, denoiser, loader)
     with phases("training"):
         curves, stopped = train_task(run, model, optimizer, lr_scheduler, loader, task_index)
@@ -381,6 +400,7 @@ def run_task(run: Run, denoiser: ModelMixin, task_index: int) -> tuple[ModelMixi
         logger.info(message, stopped, state.global_step, state.global_step)
         return denoiser, stopped
 
+    run.stop.doing = f"task {task_index}'s evaluation, consolidation and folder"
     denoiser, trained, pipeline, eval_model = theta_star(accelerator, model, run.ema, run.sampler)
     with phases("FID"):
         eval_tasks = run.data.tasks if args.joint else run.data.tasks[:task_index]
@@ -406,6 +426,9 @@ def run_task(run: Run, denoiser: ModelMixin, task_index: int) -> tuple[ModelMixi
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # the pool served this task only; the task folder is safely written
         shutil.rmtree(Path(args.output_dir) / "replay" / task_folder_name(task_index), ignore_errors=True)
+    if (stopped := signalled(run)) and task_index < len(state.tasks):  # after the last task: the report, then exit
+        logger.info("stopped by %s after task %d; re-run the same command to continue", stopped, task_index)
+        return denoiser, stopped
     return denoiser, None
 
 
@@ -438,6 +461,9 @@ def main(argv=None) -> None:
         write_json(output_dir / MANIFEST, state.manifest)
     if state.start_task > len(tasks):
         logger.info("all %d tasks are finished in %s", len(tasks), output_dir)
+        with released_on_error(lock):
+            if accelerator.is_main_process and not (output_dir / "report.html").exists():  # a kill in the report
+                finish_run(args, data, state)
         if lock is not None:
             lock.release()
         return
@@ -445,24 +471,27 @@ def main(argv=None) -> None:
     denoiser.to(accelerator.device)
     stopped: str | None = None
     try:
-        for task_index in range(state.start_task, len(tasks) + 1):  # train -> evaluate -> consolidate -> write
-            denoiser, stopped = run_task(run, denoiser, task_index)
-            if stopped:
-                break
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
-            raise
-        raise SystemExit(full_disk_message(err, output_dir)) from None
-    finally:  # also when the run ends in an error: the uploads so far are reported, the folder unlocked
-        close_uploader(run.uploader, output_dir)
+        with run.stop:  # the first SIGTERM/SIGINT holds until the step, the pool, the task or the report is done
+            try:
+                for task_index in range(state.start_task, len(tasks) + 1):  # train -> evaluate -> consolidate -> write
+                    denoiser, stopped = run_task(run, denoiser, task_index)
+                    if stopped:
+                        break
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+                    raise
+                raise SystemExit(full_disk_message(err, output_dir)) from None
+            finally:  # also when the run ends in an error: the uploads so far are reported
+                close_uploader(run.uploader, output_dir)
+            accelerator.end_training()
+            if accelerator.is_main_process and not stopped:
+                run.stop.doing = "the run's report"
+                finish_run(args, data, state)
+    finally:  # the folder is unlocked however the run ends
         if lock is not None:
             lock.release()
-
-    accelerator.end_training()
     if stopped and stopped != "--stop_after_steps":
         sys.exit(EXIT_STOPPED)
-    if accelerator.is_main_process and not stopped:
-        finish_run(args, data, state)
     logger.info("wall time in this process by phase: %s", timer.summary())
 
 

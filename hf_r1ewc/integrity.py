@@ -93,16 +93,19 @@ def write_checkpoint_digests(folder: str | os.PathLike) -> None:
 
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """None if a checkpoint folder is intact: its files match ``digests.json`` and ``position.json`` parses; else
-    what is wrong, in one line. A checkpoint written before digests existed is checked for ``position.json`` only."""
+    what is wrong, in one line. One without ``digests.json`` cannot be verified and is refused like a damaged one."""
     folder = Path(folder)
     digest_path = folder / CHECKPOINT_DIGESTS
-    if digest_path.exists():
-        try:
-            digests = json.loads(digest_path.read_text())
-        except (ValueError, OSError) as err:
-            return f"{CHECKPOINT_DIGESTS} cannot be read ({err})"
-        if problems := folder_problems(folder, digests):
-            return "; ".join(problems)
+    if not digest_path.exists():
+        return f"{CHECKPOINT_DIGESTS} is missing, so its files cannot be verified (never finished, or the file was deleted)"
+    try:
+        digests = json.loads(digest_path.read_text())
+    except (ValueError, OSError) as err:
+        return f"{CHECKPOINT_DIGESTS} cannot be read ({err})"
+    if not isinstance(digests, dict):
+        return f"{CHECKPOINT_DIGESTS} is not a mapping of file names to SHA-256"
+    if problems := folder_problems(folder, digests):
+        return "; ".join(problems)
     try:
         position = json.loads((folder / "position.json").read_text())
     except (ValueError, OSError) as err:

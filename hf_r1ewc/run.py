@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -215,12 +216,13 @@ def check_manifest(
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """``OUTPUT_DIR/checkpoints/checkpoint-N`` folders with a position, oldest first."""
+    """``OUTPUT_DIR/checkpoints/checkpoint-N`` folders with a position, oldest first (a ``checkpoint-N.partial`` that a
+    kill left while it was written is not one)."""
     root = output_dir / "checkpoints"
     if not root.exists():
         return []
     return sorted(
-        (d for d in root.iterdir() if d.name.startswith("checkpoint-") and (d / "position.json").exists()),
+        (d for d in root.iterdir() if re.fullmatch(r"checkpoint-\d+", d.name) and (d / "position.json").exists()),
         key=lambda d: int(d.name.split("-")[1]),
     )
 

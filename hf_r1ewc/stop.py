@@ -1,10 +1,10 @@
-"""Stop a training loop cleanly when the scheduler asks: SIGTERM (Slurm, Kubernetes, spot preemption) or SIGINT.
+"""Stop a run cleanly when the scheduler asks: SIGTERM (Slurm, Kubernetes, spot preemption) or SIGINT.
 
-Inside ``with StopRequest() as stop:`` the first signal only sets ``stop.signal_name``: the loop finishes its current
-optimizer step, checkpoints and exits with ``EXIT_STOPPED``. A second signal restores the handlers that were there
-before and re-sends itself, so it acts at once as it would have without us (SIGTERM ends the process, SIGINT raises
-``KeyboardInterrupt``). Outside the block the previous handlers apply: the other phases of a run (replay pool, FID,
-Fisher, folder writes) resume from what they wrote, so stopping them at once loses no finished work.
+Inside ``with StopRequest() as stop:`` the first signal only sets ``stop.signal_name``, and the request holds until
+the process stops: the run finishes what ``stop.doing`` names (the current optimizer step, then a checkpoint; the
+replay pool; the task's evaluation and folder; the report), then exits with ``EXIT_STOPPED``. A second signal restores
+the handlers that were there before and re-sends itself, so it acts at once as it would have without us (SIGTERM ends
+the process, SIGINT raises ``KeyboardInterrupt``); a re-run resumes from what was written.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.doing = "the current optimizer step, then saving a checkpoint"  # what finishes before the stop
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -47,7 +48,6 @@ class StopRequest:
             return
         self.signal_name = signal.Signals(signum).name
         print(
-            f"\n{self.signal_name} received: finishing the current optimizer step, then saving a checkpoint "
-            f"(send it again to stop at once)",
+            f"\n{self.signal_name} received: finishing {self.doing}, then stopping (send it again to stop at once)",
             flush=True,
         )

@@ -664,3 +664,119 @@ def test_the_fields_methods_resume_bit_for_bit(tmp_path, method):
     assert {k.split(".")[0] for k in load_file(str(path))} == changing if changing else not path.exists()
     run([*flags, "--output_dir", str(tmp_path / "resumed")])
     assert max_difference(tmp_path / "whole" / "task_02", tmp_path / "resumed" / "task_02") == 0.0
+
+
+# ------------------------------------------------------------------------------ round three (a jammed checkpoint
+# folder, a signal in every phase, unverifiable checkpoints)
+
+
+def test_a_kill_while_a_checkpoint_is_digested_leaves_a_folder_that_resumes(reference, tmp_path, monkeypatch):
+    """A kill during the digest pass leaves checkpoint-8.partial holding position.json: the re-run, plain or with
+    --resume_from_checkpoint latest, resumes from the newest complete checkpoint and ends where the uninterrupted
+    run did."""
+    import hf_r1ewc.run as run_module
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        crash_on_call(patch, run_module, "write_checkpoint_digests", 4)
+        with pytest.raises(Crash):
+            run([*COMMON, "--output_dir", str(out)])
+    assert (out / "checkpoints" / "checkpoint-8.partial" / "position.json").exists()
+    assert [d.name for d in checkpoint_dirs(out)] == ["checkpoint-4", "checkpoint-6"]
+    run([*COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert max_difference(reference / "task_02", out / "task_02") == 0.0
+    assert [d.name for d in checkpoint_dirs(out)] == [d.name for d in checkpoint_dirs(reference)]
+
+
+def test_a_checkpoint_without_digests_is_not_resumed_unverified(reference, stopped, tmp_path, caplog):
+    """digests.json deleted and a byte of the EMA weights flipped: the checkpoint cannot be verified, so it is refused
+    by name and skipped for the one before, and the run still ends bit for bit where the uninterrupted run did."""
+    out = copy_run(stopped, tmp_path / "out")
+    checkpoint = out / "checkpoints" / "checkpoint-8"
+    (checkpoint / "digests.json").unlink()
+    _flip_tail(checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(SystemExit, match="checkpoint-8 is damaged \\(digests.json is missing"):
+        run([*COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-8"])
+    caplog.set_level(logging.INFO)
+    run([*COMMON, "--output_dir", str(out)])
+    assert "digests.json is missing" in caplog.text and "resuming from the newest, checkpoint-6" in caplog.text
+    assert max_difference(reference / "task_02", out / "task_02") == 0.0
+
+
+def signal_on_call(monkeypatch, owner, name: str, call: int = 1, when=None) -> None:
+    """Make ``owner.name`` send this process SIGTERM on its ``call``-th call (or on the first call for which
+    ``when(*args)`` holds), then go on."""
+    import signal
+
+    original, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if (when(*args) if when else len(calls) == call) and not getattr(wrapper, "sent", False):
+            wrapper.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+# where SIGTERM arrives: (owner, function, call, extra flags, the finished task folders when the run stops)
+SIGNAL_PHASES = {
+    # after task 1's last step was checked, while its log is read; with checkpoints every 4 steps, none was due
+    "the last step's log": (
+        script,
+        "log_losses",
+        lambda run, *a: run.state.global_step == 6,
+        ["--checkpointing_steps", "4"],
+        0,
+    ),
+    "replay pool": (ContinualLearner, "start_task", 2, [], 1),
+    "FID": (metrics.TaskFID, "__call__", 1, [], 1),
+    "Fisher": (ContinualLearner, "end_task", 1, [], 1),
+    "folder write": (hub, "write_training_state", 1, [], 1),
+}
+
+
+@pytest.mark.parametrize("phase", sorted(SIGNAL_PHASES))
+def test_a_signal_in_any_phase_stops_the_run_and_the_rerun_ends_where_the_whole_run_did(
+    reference, tmp_path, monkeypatch, phase
+):
+    """SIGTERM is never lost: in training it checkpoints the step (at the task's end if the last step's check had
+    passed), elsewhere the pool or the task in progress is finished; the run exits with 75 and its re-run ends bit
+    for bit where the uninterrupted run did."""
+    owner, name, call, flags, done = SIGNAL_PHASES[phase]
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        if callable(call):
+            signal_on_call(patch, owner, name, when=call)
+        else:
+            signal_on_call(patch, owner, name, call)
+        with pytest.raises(SystemExit) as stopped:
+            run([*COMMON, *flags, "--output_dir", str(out)])
+    assert stopped.value.code == script.EXIT_STOPPED
+    assert [(out / f"task_{k:02d}").exists() for k in (1, 2)] == [k <= done for k in (1, 2)]
+    if phase == "the last step's log":
+        assert (out / "checkpoints" / "checkpoint-6" / "digests.json").exists()
+    run([*COMMON, *flags, "--output_dir", str(out)])
+    assert max_difference(reference / "task_02", out / "task_02") == 0.0
+    assert (out / "report.html").exists()
+
+
+def test_a_signal_in_the_report_is_held_and_a_kill_there_is_mended_by_the_rerun(reference, tmp_path, monkeypatch):
+    """SIGTERM while the report is written: the report is finished. A kill there (the injected crash): the re-run of
+    the finished run writes the report it lacks."""
+    out = copy_run(reference, tmp_path / "signalled")
+    (out / "report.html").unlink()
+    shutil.rmtree(out / "task_02")
+    with monkeypatch.context() as patch:
+        signal_on_call(patch, script, "write_report", 1)
+        run([*COMMON, "--output_dir", str(out)])
+    assert (out / "report.html").exists()
+    killed = copy_run(reference, tmp_path / "killed")
+    (killed / "report.html").unlink()
+    with monkeypatch.context() as patch:
+        crash_on_call(patch, script, "write_report", 1)
+        with pytest.raises(Crash):
+            run([*COMMON, "--output_dir", str(killed)])
+    run([*COMMON, "--output_dir", str(killed)])
+    assert (killed / "report.html").exists()
