@@ -699,7 +699,18 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 # compared with the run_config of the task folder a run continues from (a key the folder lacks is not compared)
-RESUME_MUST_MATCH = ("preset", "model_config_name_or_path", "ewc_type", "ewc_mode", "joint", "resize")
+# what a run continued from another run's task folder or checkpoint must share with it (the tasks are compared too)
+RESUME_MUST_MATCH = (
+    "dataset_name",
+    "resolution",
+    "resize",
+    "max_train_per_class",
+    "preset",
+    "model_config_name_or_path",
+    "ewc_type",
+    "ewc_mode",
+    "joint",
+)
 
 
 # settings a run may change when it continues (none changes results); every other flag is in run_manifest.json

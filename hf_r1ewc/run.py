@@ -427,6 +427,8 @@ def resume_run(
     """
     state = RunState(start_task=1, matrix={}, accuracy={})
     checkpoint = find_checkpoint(checkpoint_spec, output_dir)
+    if checkpoint is not None and checkpoint.resolve().parent.parent != output_dir.resolve():
+        check_other_runs_checkpoint(checkpoint, must_match)
     done = finished_tasks(output_dir, len(training_tasks))
     previous = output_dir / task_folder_name(done) if done else None
     try:
@@ -493,14 +495,54 @@ def resume_run(
     return state
 
 
+def _plain(value):
+    """A config value as JSON would give it back (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_other_runs_checkpoint(checkpoint: Path, must_match: dict) -> None:
+    """A checkpoint from another output folder resumes only where that run's ``run_manifest.json`` (two levels up)
+    records the settings of ``must_match`` as this run has them."""
+    manifest = checkpoint.parent.parent / MANIFEST
+    try:
+        recorded = json.loads(manifest.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(
+            f"error: --resume_from_checkpoint {checkpoint} belongs to another run whose {MANIFEST} cannot be read "
+            f"({type(err).__name__}), so its settings cannot be compared with this run's. Resume that run in its own "
+            f"folder, or continue from one of its task folders with --resume_from_task."
+        ) from None
+    conflicts = {k: (recorded[k], v) for k, v in must_match.items() if k in recorded and recorded[k] != v}
+    if conflicts:
+        raise SystemExit(
+            f"error: --resume_from_checkpoint {checkpoint} belongs to a run with other settings "
+            f"(setting: (that run, this run)) {conflicts}; match them or start from scratch"
+        )
+
+
+MODEL_KEYS_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
 def restore_task_folder(folder: Path, denoiser, learner, ema, saved: dict, resolution: int) -> None:
     """Weights, the learner's methods (``load_task_folder``: the EWC penalty, ...) and EMA position of a verified
-    task folder."""
+    task folder, whose model must be configured as this run's (classes, channels, size, blocks)."""
     loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
     if loaded.config.sample_size != resolution:
         raise SystemExit(
             f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
             f"model but --resolution is {resolution}; match it or use another --output_dir"
+        )
+    ours, theirs = dict(denoiser.config), dict(loaded.config)
+    differs = {
+        k: (theirs.get(k), ours.get(k))
+        for k in sorted(set(ours) | set(theirs) - set(MODEL_KEYS_IGNORED))
+        if k not in MODEL_KEYS_IGNORED and _plain(theirs.get(k)) != _plain(ours.get(k))
+    }
+    if differs:
+        raise SystemExit(
+            f"error: {folder} holds a model configured otherwise than this run's (setting: (folder, this run)) "
+            f"{differs}: it was trained on other data (class count, channels) or with another model; match the "
+            f"data and --model_config_name_or_path/--preset, or use another --output_dir"
         )
     denoiser.load_state_dict(loaded.state_dict())
     try:

@@ -778,3 +778,44 @@ def test_a_signal_in_the_report_is_held_and_a_kill_there_is_mended_by_the_rerun(
             run([*COMMON, "--output_dir", str(killed)])
     run([*COMMON, "--output_dir", str(killed)])
     assert (killed / "report.html").exists()
+
+
+def test_a_run_on_other_data_is_refused_before_it_continues_from_its_task_folder_or_checkpoint(
+    reference, stopped, tmp_path
+):
+    """--resume_from_task of a run with another --max_train_per_class, or of a model with another class count, and
+    --resume_from_checkpoint of another run's checkpoint at another resolution: each refused by name, not a
+    size-mismatch traceback."""
+    with pytest.raises(SystemExit, match="other settings .*max_train_per_class.*\\(48, 32\\)"):
+        run(
+            [
+                *COMMON,
+                "--max_train_per_class",
+                "32",
+                "--output_dir",
+                str(tmp_path / "a"),
+                "--resume_from_task",
+                str(reference / "task_01"),
+            ]
+        )
+    from diffusers import UNet2DModel
+
+    from hf_r1ewc.run import restore_task_folder
+
+    config = json.loads((reference / "task_01" / "unet" / "config.json").read_text())
+    wider = UNet2DModel.from_config({**config, "num_class_embeds": config["num_class_embeds"] + 6})
+    saved = json.loads((reference / "task_01" / "training_state.json").read_text())
+    with pytest.raises(SystemExit, match="configured otherwise .*num_class_embeds"):
+        restore_task_folder(reference / "task_01", wider, None, None, saved, config["sample_size"])
+    with pytest.raises(SystemExit, match="belongs to a run with other settings .*resolution"):
+        run(
+            [
+                *COMMON,
+                "--resolution",
+                "16",
+                "--output_dir",
+                str(tmp_path / "c"),
+                "--resume_from_checkpoint",
+                str(stopped / "checkpoints" / "checkpoint-8"),
+            ]
+        )
