@@ -24,15 +24,16 @@ from pathlib import Path
 
 import torch
 
-from .comparison import aggregate, final_afid, format_mean_se, paired_differences, paired_markdown
+from .comparison import aggregate, format_mean_se, load_run_results, paired_differences, paired_markdown
 from .data import default_resolution, images_to_model_input, load_labeled_images
 from .distill import frozen_teacher
 from .features import classifier_accuracy, load_feature_extractor, train_classifier
 from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name, write_json
-from .integrity import OutputLock
+from .integrity import OutputLock, sha256_tensors
 from .metrics import TaskFID, accuracy_summary, matrix_from_json, summarize
 from .pipeline import ClassConditionalPipeline
 from .plots import plot_afid_curves, plot_task_fid_curves, save_labeled_grid
+from .run import finished_tasks
 
 
 def train_classifier_main(argv: list[str]) -> None:
@@ -96,15 +97,19 @@ def _complete_run(run_dir: Path, all_tasks: bool, num_samples: int | None) -> di
                 results.setdefault(key, {}).setdefault(k, {})
                 results[key][k] = {**row, **results[key][k]}
     manifest = run_dir / "run_manifest.json"  # (args.json: runs written before the manifest)
-    args = (
-        json.loads(manifest.read_text())["settings"]
-        if manifest.exists()
-        else json.loads((run_dir / "args.json").read_text())
-    )
+    recorded = json.loads(manifest.read_text()) if manifest.exists() else {}
+    args = recorded["settings"] if recorded else json.loads((run_dir / "args.json").read_text())
     source = args["dataset_name"] or args["train_data_dir"]
     test = load_labeled_images(
         source, args.get("eval_split", "test"), args.get("image_column"), args.get("label_column")
     )
+    expected = recorded.get("dataset", {}).get("test_sha256")
+    if expected and sha256_tensors(test.images, test.labels) != expected:
+        raise ValueError(
+            f"{source}'s {args.get('eval_split', 'test')} split is not the data {run_dir} was evaluated on (its SHA-256 "
+            f"differs from the one in {manifest}): FID completed on it would not be comparable. Point the run at the "
+            f"same data, or evaluate a new run"
+        )
     resolution = args.get("resolution") or default_resolution(test.image_size)
     extractor = load_feature_extractor(
         results["fid_backend"],
@@ -323,25 +328,22 @@ def main(argv: list[str] | None = None) -> None:
     runs = {}
     for run in args.run_dir:
         run_dir = Path(run)
-        if not (run_dir / "results.json").exists():
-            raise SystemExit(f"error: {run_dir} has no results.json (is it a train_continual_ddpm.py output_dir?)")
         try:
-            runs[str(run_dir)] = (
-                complete_run(run_dir, args.all_tasks, args.fid_num_samples)
-                if args.complete
-                else json.loads((run_dir / "results.json").read_text())
-            )
-        except ValueError as err:  # a run being trained, an altered task folder, unreadable results
+            results = load_run_results(run_dir)
+            if args.complete:
+                results = {**results, **complete_run(run_dir, args.all_tasks, args.fid_num_samples)}
+        except ValueError as err:  # no or altered results, a run being trained, an altered task folder, other data
             raise SystemExit(f"error: {err}") from None
+        results.setdefault("tasks_done", finished_tasks(run_dir, len(results["tasks"])))
+        runs[str(run_dir)] = results
     for repo in args.hub_repo:
         runs[repo] = results_from_revisions(repo, args.revisions.split(","))
+        runs[repo].setdefault("tasks_done", len(runs[repo].get("afid", {})))
     if not runs:
         raise SystemExit("error: pass --run_dir DIR [DIR ...] and/or --hub_repo REPO_ID")
-    unfinished = {run: r for run, r in runs.items() if final_afid(r) is None}
+    unfinished = {run: r for run, r in runs.items() if r["tasks_done"] < (1 if r.get("joint") else len(r["tasks"]))}
     if unfinished and not args.include_unfinished:
-        listed = "; ".join(
-            f"{run} ({len(r.get('afid', {}))} of {len(r['tasks'])} tasks)" for run, r in unfinished.items()
-        )
+        listed = "; ".join(f"{run} ({r['tasks_done']} of {len(r['tasks'])} tasks)" for run, r in unfinished.items())
         raise SystemExit(
             f"error: runs that have not finished: {listed}. Let them finish (re-run their command), "
             f"leave them out, or pass --include_unfinished to show them apart, marked '[unfinished]'"
@@ -349,7 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in unfinished.values():
         r["label"] = f"{r.get('label') or r['method']} [unfinished]"
     output_dir = Path(args.output_dir or (Path(args.run_dir[0]).parent if args.run_dir else "."))
-    table = aggregate(runs)
+    try:
+        table = aggregate(runs)
+    except ValueError as err:  # runs of different data, task counts, FID backends or resolutions
+        raise SystemExit(f"error: {err}") from None
     write_summary(table, output_dir)
     if args.paired_against:
         try:
@@ -359,10 +364,12 @@ def main(argv: list[str] | None = None) -> None:
         write_json(output_dir / "paired.json", paired)
         with open(output_dir / "summary.md", "a") as f:
             f.write(paired_markdown(paired, args.paired_against))
-    for run, results in runs.items():
+    names = [Path(run).name for run in runs]
+    for run, results in runs.items():  # named by the folder, by its parent too where two folders share a name
+        name = Path(run).name if names.count(Path(run).name) == 1 else "_".join(Path(run).parts[-2:])
         plot_task_fid_curves(
             matrix_from_json(results["fid"]),
-            output_dir / f"fid_curves_{Path(run).name.replace('/', '_')}.png",
+            output_dir / f"fid_curves_{name.replace('/', '_')}.png",
             title=results["method"],
         )
     if args.grid_classes:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .comparison import PAIRED_METRICS, aggregate, format_mean_se, paired_differences
+from .comparison import PAIRED_METRICS, aggregate, format_mean_se, load_run_results, paired_differences
 from .metrics import matrix_from_json, run_summary_table
 from .plots import plot_afid_curves, plot_loss_curves, plot_task_matrix
 
@@ -168,13 +168,12 @@ def comparison_section(runs: dict[str, dict], paired_against: str | None) -> str
 
 def write_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike, paired_against: str | None = None):
     """``output`` (an HTML file) for the runs in ``run_dirs`` (each with ``results.json``); written atomically.
-    Returns its path. Raises ``ValueError`` for a folder without results."""
+    Returns its path. Raises ``ValueError`` for a folder without results, results not as the training script writes
+    them, and runs that cannot be compared."""
     run_dirs = [Path(d) for d in run_dirs]
     runs = {}
     for run_dir in run_dirs:
-        if not (run_dir / "results.json").exists():
-            raise ValueError(f"{run_dir} has no results.json (is it a train_continual_ddpm.py output_dir?)")
-        runs[str(run_dir)] = json.loads((run_dir / "results.json").read_text())
+        runs[str(run_dir)] = load_run_results(run_dir)
     sections = [comparison_section(runs, paired_against)] if len(runs) > 1 else []
     sections += [run_section(d) for d in run_dirs]
     title = "Continual DDPM: " + ", ".join(d.name for d in run_dirs)

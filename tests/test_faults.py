@@ -819,3 +819,17 @@ def test_a_run_on_other_data_is_refused_before_it_continues_from_its_task_folder
                 str(stopped / "checkpoints" / "checkpoint-8"),
             ]
         )
+
+
+def test_evaluate_complete_refuses_data_other_than_the_runs(reference, tmp_path):
+    """--complete loads the test split again: data whose SHA-256 differs from the manifest's is refused before any
+    FID is computed on it."""
+    from hf_r1ewc import evaluate
+
+    out = copy_run(reference, tmp_path / "out")
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    manifest["dataset"]["test_sha256"] = "0" * 64  # as if the data at the same path had changed since
+    (out / "run_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="is not the data .* was evaluated on"):
+        evaluate.main(["--run_dir", str(out), "--complete", "--output_dir", str(tmp_path / "s")])
+    assert not (out / "results_completed.json").exists()
