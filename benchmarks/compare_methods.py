@@ -7,7 +7,8 @@ The protocol of table1_fmnist_cpu.md (real Fashion-MNIST at 16x16, 5 tasks of 2 
 ``--method`` as one run per seed:
 
 1. sweep: each method with a weight runs at 3-4 weights that include the peers' default, on seed 100, which is
-   never a comparison seed; the weight with the lowest AFID@5 is chosen;
+   never a comparison seed; the weight with the lowest AFID@5 is chosen, and where it lies at the edge of the range
+   the range grows by a decade that way (twice at most);
 2. table: every method at its weight on seeds 0-2, paired against GD seed by seed; every method within reach of GD
    after 3 seeds (its mean ΔAFID@5 less than two standard errors above 0) and GD itself run seeds 3 and 4 too;
 3. report: ``benchmarks/results/methods.{md,json}`` and the AFID@k plot, rewritten after every finished run.
@@ -131,14 +132,28 @@ def write_record(work: Path, data_dir: str, label: str, value: float | None, see
     tmp.replace(path)
 
 
+EXTENSIONS = 2  # decades a sweep may grow past its edge
+
+
+def sweep(label: str) -> tuple[list[float], float | None]:
+    """(the weights to run on SWEEP_SEED, the chosen one or None while runs are missing): the entry's values, grown by
+    a decade past the edge where the lowest AFID@5 lies, at most EXTENSIONS times (a best value at the edge of the
+    range is not a tuned one)."""
+    values = sorted(ENTRIES[label].values)
+    for extension in range(EXTENSIONS + 1):
+        scores = {v: r["results"]["afid"]["5"] for v in values if (r := record(label, v, SWEEP_SEED))}
+        if len(scores) < len(values):
+            return values, None
+        best = min(scores, key=scores.get)
+        if extension == EXTENSIONS or values[0] < best < values[-1]:
+            return values, best
+        values = [float(f"{best / 10:g}"), *values] if best == values[0] else [*values, float(f"{best * 10:g}")]
+    raise AssertionError("unreachable")
+
+
 def chosen_weights() -> dict[str, float]:
-    """Each swept method's weight with the lowest AFID@5 on SWEEP_SEED, once its whole sweep is recorded."""
-    best = {}
-    for label, entry in ENTRIES.items():
-        scores = {v: r["results"]["afid"]["5"] for v in entry.values if (r := record(label, v, SWEEP_SEED))}
-        if entry.weight and len(scores) == len(entry.values):
-            best[label] = min(scores, key=scores.get)
-    return best
+    """Each swept method's chosen weight (``sweep``), once its sweep is recorded."""
+    return {label: best for label, e in ENTRIES.items() if e.weight and (best := sweep(label)[1]) is not None}
 
 
 def comparison_runs(best: dict[str, float]) -> dict[str, dict]:
@@ -203,9 +218,7 @@ def write_report(output: Path) -> None:
 
     best = chosen_weights()
     runs = comparison_runs(best)
-    if not runs:
-        return
-    table = aggregate(runs)
+    table = aggregate(runs) if runs else {}
     paired = paired_differences(runs, BASELINE) if BASELINE in table else {}
     fmt = lambda pair: format_mean_se(pair, ".1f")  # noqa: E731
     gd_seconds = train_seconds(BASELINE, None, [*SEEDS, *MORE_SEEDS])
@@ -244,7 +257,7 @@ def write_report(output: Path) -> None:
             cells = [
                 f"{v:g}: {r['results']['afid']['5']:.1f} / {r['results']['forgetting']:.1f} / "
                 f"{r['results']['plasticity']:.1f}" + (" (chosen)" if best.get(label) == v else "")
-                for v in entry.values
+                for v in sweep(label)[0]
                 if (r := record(label, v, SWEEP_SEED))
             ]
             lines.append(f"| {label} | {entry.weight} | {'; '.join(cells)} |")
@@ -346,9 +359,13 @@ def main() -> None:
             write_report(RESULTS / "methods.md")
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        if args.phase in ("all", "sweep"):
-            sweep = [(label, v, SWEEP_SEED) for label, e in ENTRIES.items() for v in e.values]
-            list(pool.map(run, sweep))
+        while args.phase in ("all", "sweep") and (  # rounds: a sweep grows past its edge once its values are in
+            missing := [(label, v, SWEEP_SEED) for label, e in ENTRIES.items() if e.weight for v in sweep(label)[0]]
+        ):
+            missing = [job for job in missing if not record(*job)]
+            if not missing:
+                break
+            list(pool.map(run, missing))
         if args.phase in ("all", "table"):
             best = chosen_weights()
             jobs = [
