@@ -657,6 +657,16 @@ def validate_args(args: argparse.Namespace) -> None:
         fail(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
     if args.lr_warmup_steps < 0:
         fail(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.lr_warmup_steps and args.lr_scheduler == "constant":
+        fail(
+            f"--lr_warmup_steps {args.lr_warmup_steps} has no effect with --lr_scheduler constant (diffusers' constant "
+            f"schedule ignores it): add --lr_scheduler constant_with_warmup (or cosine, linear, ...)"
+        )
+    if args.fid_num_samples is not None and args.fid_num_samples < 2 and args.fid_backend != "none":
+        fail(
+            f"--fid_num_samples {args.fid_num_samples}: FID compares two covariances and needs at least 2 samples "
+            f"per task (the paper's protocol uses the task's test images: leave it out), or pass --fid_backend none"
+        )
     for flag in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, flag) < 1:
             fail(f"--{flag} must be a number in [0, 1), got {getattr(args, flag)}")

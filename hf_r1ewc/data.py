@@ -13,6 +13,7 @@ Model inputs are float tensors in ``[-1, 1]``. Images smaller than ``resolution`
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 import shutil
@@ -122,11 +123,14 @@ def load_labeled_images(
     split: str = "train",
     image_column: str | None = None,
     label_column: str | None = None,
+    resize_to: int | None = None,
 ) -> LabeledImages:
     """Load a whole split into memory.
 
     ``source`` is ``"digits"`` (scikit-learn's 8x8 digits), a local folder (raw IDX files, a ``save_to_disk``
-    folder, an imagefolder or parquet files) or a Hub dataset id. ``split`` is ``"train"`` or ``"test"``.
+    folder, an imagefolder or parquet files) or a Hub dataset id. ``split`` is ``"train"`` or ``"test"``. Images of
+    different sizes are resized to ``resize_to`` x ``resize_to`` where it is given (``--resize``), else refused; a
+    split that mixes grayscale and colour is colour. An image that cannot be decoded is named.
     """
     if source == BUILTIN_DIGITS:
         return _load_digits(split)
@@ -136,13 +140,44 @@ def load_labeled_images(
     dataset = load_hf_dataset(source, split, streaming=False)
     image_column, label_column = resolve_columns(dataset.column_names, image_column, label_column)
     dataset = dataset.select_columns([image_column, label_column])
-    images = [_to_chw_uint8(img) for img in dataset[image_column]]
+    images = [_to_chw_uint8(img) for img in _decoded_images(dataset, image_column, f"{source!r} ({split})")]
     channels = {img.shape[0] for img in images}
     if len(channels) > 1:  # mixed grayscale / colour: promote to RGB
         images = [img.expand(3, -1, -1) if img.shape[0] == 1 else img for img in images]
     if len({img.shape for img in images}) > 1:
-        raise DataError(f"{source!r} ({split}) holds images of different sizes; pass --resize to rescale them.")
+        if resize_to is None:
+            raise DataError(
+                f"{source!r} ({split}) holds images of different sizes; pass --resize (with --resolution R) to "
+                f"rescale them to R x R."
+            )
+        images = [_resized_uint8(img, resize_to) for img in images]
     return LabeledImages(torch.stack(images), torch.as_tensor(dataset[label_column], dtype=torch.int64))
+
+
+def _decoded_images(dataset, image_column: str, where: str) -> list:
+    """The column's images, decoded one by one so that a truncated or corrupt file is named (an Image column), or
+    as stored (arrays)."""
+    import datasets
+    from PIL import Image
+
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        return dataset[image_column]
+    images = []
+    for i, item in enumerate(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]):
+        name = item.get("path") or f"image {i} (embedded bytes)"
+        try:
+            image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+            image.load()
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated, corrupt, not an image
+            raise DataError(f"{where}: {name} cannot be decoded ({err}); remove or replace that file") from None
+        images.append(image)
+    return images
+
+
+def _resized_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[C, H, W]`` -> uint8 ``[C, size, size]`` (bilinear, antialiased as ``images_to_model_input``)."""
+    x = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def load_hf_dataset(source: str, split: str, streaming: bool = False, **config_kwargs) -> "datasets.Dataset":
@@ -554,8 +589,11 @@ def load_task_data(
     of ``classes_per_task`` in label order); ``need_test_classes``: every class must have test images (FID). Every
     data error raises ``SystemExit`` here, before any model is built."""
     try:
-        test = load_labeled_images(source, eval_split, image_column, label_column)
-        train = None if streaming else load_labeled_images(source, "train", image_column, label_column)
+        resize_to = resolution if resize else None
+        test = load_labeled_images(source, eval_split, image_column, label_column, resize_to)
+        train = None if streaming else load_labeled_images(source, "train", image_column, label_column, resize_to)
+        if train is not None and train.num_channels != test.num_channels:  # one split mixes colour in: all colour
+            test, train = (LabeledImages(s.images.expand(-1, 3, -1, -1).contiguous(), s.labels) for s in (test, train))
         if max_train_per_class:
             train = train.head_per_class(max_train_per_class)
         known = test if streaming else train  # streamed: the eval split names the classes and the image shape

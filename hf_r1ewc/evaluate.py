@@ -100,8 +100,9 @@ def _complete_run(run_dir: Path, all_tasks: bool, num_samples: int | None) -> di
     recorded = json.loads(manifest.read_text()) if manifest.exists() else {}
     args = recorded["settings"] if recorded else json.loads((run_dir / "args.json").read_text())
     source = args["dataset_name"] or args["train_data_dir"]
+    resize_to = args.get("resolution") if args.get("resize") else None
     test = load_labeled_images(
-        source, args.get("eval_split", "test"), args.get("image_column"), args.get("label_column")
+        source, args.get("eval_split", "test"), args.get("image_column"), args.get("label_column"), resize_to
     )
     expected = recorded.get("dataset", {}).get("test_sha256")
     if expected and sha256_tensors(test.images, test.labels) != expected:

@@ -288,3 +288,45 @@ def test_in_memory_task_batches_are_the_per_image_loaders_batches(num_workers):
     assert len(batches["gathered"]) == 6 + 2
     for (a, b), (c, d) in zip(batches["per image"], batches["gathered"]):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def _imagefolder(root, images_by_split):
+    """An imagefolder: ROOT/SPLIT/CLASS/i.png from {split: {class: [PIL images]}}."""
+    for split, by_class in images_by_split.items():
+        for name, images in by_class.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, image in enumerate(images):
+                image.save(folder / f"{i}.png")
+
+
+def test_imagefolder_with_a_truncated_png_names_the_file(tmp_path):
+    from PIL import Image
+
+    gray = lambda v: Image.fromarray(np.full((5, 5), v, np.uint8), "L")  # noqa: E731
+    _imagefolder(tmp_path, {"train": {"cat": [gray(10), gray(20)], "dog": [gray(30)]}})
+    broken = tmp_path / "train" / "dog" / "0.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    with pytest.raises(DataError, match="dog/0.png cannot be decoded .*remove or replace that file"):
+        load_labeled_images(str(tmp_path), "train")
+
+
+def test_channels_are_decided_once_for_all_splits_and_mixed_sizes_resize_when_asked(tmp_path):
+    from PIL import Image
+
+    from hf_r1ewc.data import load_task_data
+
+    gray = lambda v, n=5: Image.fromarray(np.full((n, n), v, np.uint8), "L")  # noqa: E731
+    rgb = Image.fromarray(np.full((5, 5, 3), 90, np.uint8), "RGB")
+    _imagefolder(
+        tmp_path,
+        {
+            "train": {"cat": [gray(10), rgb], "dog": [gray(30, 7)]},  # colour and a bigger image in train only
+            "test": {"cat": [gray(40)], "dog": [gray(50)]},
+        },
+    )
+    with pytest.raises(SystemExit, match="different sizes; pass --resize"):
+        load_task_data(str(tmp_path), tasks="0;1")
+    data = load_task_data(str(tmp_path), tasks="0;1", resolution=8, resize=True)
+    assert data.num_channels == 3 and data.test.images.shape[1] == 3 and data.train.images.shape[1:] == (3, 8, 8)
+    assert data.test_inputs.shape == (2, 3, 8, 8)  # what FID compares the 3-channel samples with

@@ -550,6 +550,8 @@ def test_zero_or_negative_counts_are_refused_not_defaulted(flag, value):
         (["--lr_warmup_steps", "-1"], "--lr_warmup_steps must be >= 0, got -1"),
         (["--adam_beta2", "1"], "--adam_beta2 must be a number in \\[0, 1\\), got 1.0"),
         (["--adam_weight_decay", "-0.1"], "--adam_epsilon must be a finite number > 0 and --adam_weight_decay"),
+        (["--lr_warmup_steps", "10"], "has no effect with --lr_scheduler constant .*constant_with_warmup"),
+        (["--fid_num_samples", "1"], "--fid_num_samples 1: FID .* needs at least 2 samples"),
     ],
 )
 def test_invalid_values_are_refused_up_front(flags, message):
