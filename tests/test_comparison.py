@@ -84,7 +84,9 @@ def test_runs_of_different_protocols_are_not_averaged():
     with pytest.raises(ValueError, match="dataset fashion-mnist"):
         aggregate({"a": results(), "b": results(dataset="fashion-mnist")})
     table = aggregate({"a": results(), "b": results(seed=1, shift=2.0)})
-    assert table["GD"]["runs"] == 2 and table["GD"]["afid"][0] == pytest.approx((21.5 + 23.5) / 2)  # AFID@2 = (FID_1 + FID_2) / 2 of m_2
+    assert table["GD"]["runs"] == 2 and table["GD"]["afid"][0] == pytest.approx(
+        (21.5 + 23.5) / 2
+    )  # AFID@2 = (FID_1 + FID_2) / 2 of m_2
 
 
 def test_pairing_refuses_two_runs_of_one_method_and_seed_and_lists_the_unpaired():
