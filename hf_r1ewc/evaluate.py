@@ -247,22 +247,34 @@ def write_summary(table: dict, output_dir: Path) -> None:
 
 
 @torch.no_grad()
-def sample_grid_across_tasks(run_dir: Path, classes: list[int], path: Path, steps: int = 50, seed: int = 0) -> None:
+def sample_grid_across_tasks(
+    run_dir: Path, classes: list[int], path: Path, steps: int = 50, seed: int = 0
+) -> torch.Tensor:
     """Rows: classes; columns: the model after each finished task of ``run_dir`` (paper fig. 5), sampled with its
-    saved scheduler, labelled. Same noise in every column."""
+    saved scheduler, labelled. Same noise in every column; a class the model had not learned yet is washed out.
+    Returns the grid, ``[classes * columns, C, H, W]`` in [-1, 1], row-major."""
+    import warnings
+
     columns, names = [], []
     for folder in sorted(run_dir.glob("task_[0-9][0-9]")):  # the finished ones (a run resumed from another
         if not is_complete_task_folder(folder):  # folder's task holds only the later tasks)
             continue
-        read_training_state(folder)
+        state = read_training_state(folder)
+        learned = set(state["seen_classes"])
         pipe = ClassConditionalPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
-        columns.append(pipe(classes, steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images)
+        with warnings.catch_warnings():  # sampling the classes to come is the point here: they are marked instead
+            warnings.simplefilter("ignore")
+            images = pipe(classes, steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+        not_yet = torch.tensor([c not in learned for c in classes])
+        columns.append(torch.where(not_yet[:, None, None, None], 0.25 * images + 0.6, images))
         names.append(f"task {int(folder.name[5:])}")
     if not columns:
         raise ValueError(f"{run_dir} has no finished task folder")
     grid = torch.stack(columns, dim=1).flatten(0, 1) * 2 - 1  # class-major: row = class, column = task
-    save_labeled_grid(grid, path, [f"class {c}" for c in classes], names, title="the model after each task")
+    title = "the model after each task (washed out: a class not learned yet)"
+    save_labeled_grid(grid, path, [f"class {c}" for c in classes], names, title=title)
+    return grid
 
 
 def report_main(argv: list[str]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -154,7 +155,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
     _optional_components = ["unet", "transformer"]
 
     def __init__(
-        self, unet: torch.nn.Module | None, scheduler: SchedulerMixin, transformer: torch.nn.Module | None = None
+        self,
+        unet: torch.nn.Module | None,
+        scheduler: SchedulerMixin,
+        transformer: torch.nn.Module | None = None,
+        learned_classes: list[int] | None = None,
     ) -> None:
         super().__init__()
         if (unet is None) == (transformer is None):
@@ -163,6 +168,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 "transformer (with unet=None); ClassConditionalPipeline.for_model picks the slot"
             )
         self.register_modules(unet=unet, scheduler=scheduler, transformer=transformer)
+        # the classes trained so far (a task folder records them in model_index.json); None: not recorded
+        self.register_to_config(learned_classes=None if learned_classes is None else sorted(learned_classes))
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, scheduler: SchedulerMixin) -> "ClassConditionalPipeline":
@@ -187,6 +194,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
         bad = sorted({int(c) for c in labels if not 0 <= int(c) < num_classes})
         if bad:
             raise ValueError(f"class labels {bad} are outside this model's classes 0..{num_classes - 1}.")
+        learned = self.config.get("learned_classes")
+        if learned is not None and (unlearned := sorted({int(c) for c in labels} - set(learned))):
+            warnings.warn(
+                f"class labels {unlearned} were never trained into this model (it has learned classes {learned}): "
+                f"their samples come from untrained class embeddings",
+                stacklevel=3,
+            )
         return labels
 
     @torch.no_grad()

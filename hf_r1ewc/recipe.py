@@ -282,6 +282,7 @@ def write_task_folder(
         "precision": evaluator.precision if evaluator else "fp32",
     }
     metrics = task_metrics(args, run, outcome, task_index, classes, sampling)
+    outcome.pipeline.register_to_config(learned_classes=seen)  # the pipeline warns when asked for another class
     grid = sample(
         outcome.eval_model,
         outcome.pipeline.scheduler,

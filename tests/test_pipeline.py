@@ -109,3 +109,27 @@ def test_exactly_one_denoiser():
         ClassConditionalPipeline(make_tiny_unet(), scheduler, transformer=make_tiny_dit())
     with pytest.raises(ValueError, match="pass exactly one denoiser"):
         ClassConditionalPipeline(None, scheduler)
+
+
+def test_a_class_never_learned_is_sampled_with_one_warning_that_names_the_learned_ones(tmp_path):
+    """A task folder's pipeline knows the classes trained so far (model_index.json): asking for another warns once
+    per call, naming them; a pipeline without the record (built by hand, older folders) says nothing."""
+    import warnings
+
+    pipe = ClassConditionalPipeline(make_tiny_unet(), DDIMScheduler(num_train_timesteps=1000), learned_classes=[1, 0])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "task")
+    loaded = ClassConditionalPipeline.from_pretrained(tmp_path / "task")
+    assert loaded.config.learned_classes == [0, 1]
+    loaded.set_progress_bar_config(disable=True)
+    with pytest.warns(UserWarning) as caught:
+        loaded([0, 3, 3, 2], num_inference_steps=2, output_type="pt")
+    messages = [str(w.message) for w in caught if "never trained" in str(w.message)]
+    assert messages == [
+        "class labels [2, 3] were never trained into this model (it has learned classes [0, 1]): "
+        "their samples come from untrained class embeddings"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded([1, 0], num_inference_steps=2, output_type="pt")
+        ClassConditionalPipeline(make_tiny_unet(), DDIMScheduler())([3], num_inference_steps=2, output_type="pt")

@@ -800,3 +800,15 @@ def test_the_fields_methods_resume_bit_for_bit_on_two_processes(tmp_path, method
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     metrics = json.loads((tmp_path / "whole" / "task_02" / "metrics.json").read_text())
     assert metrics.get("agem_memory_size", 80) == 4 * 20 and ("mas_importance_mean" in metrics) == (method == "mas")
+
+
+def test_the_class_by_task_grid_washes_out_the_classes_a_model_had_not_learned(two_task_run, tmp_path):
+    """samples_by_task.png's grid: class 2 (task 2) after task 1 is drawn washed out, within [0.2, 0.7]; the classes
+    learned by then are drawn as sampled."""
+    from hf_r1ewc.evaluate import sample_grid_across_tasks
+
+    grid = sample_grid_across_tasks(two_task_run, [0, 2], tmp_path / "grid.png", steps=2)
+    class0_task1, class0_task2, class2_task1, class2_task2 = grid
+    assert 0.2 - 1e-5 <= float(class2_task1.min()) and float(class2_task1.max()) <= 0.7 + 1e-5
+    for cell in (class0_task1, class0_task2, class2_task2):
+        assert float(cell.min()) < 0.2  # the digits' dark background: not washed
