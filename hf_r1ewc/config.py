@@ -103,6 +103,13 @@ def _er_flags(g: argparse._ArgumentGroup) -> None:
         help="er: each exemplar row's weight in the denoising loss (1: a real row)",
     )
     g.add_argument("--er_batch_size", type=int, default=None, help="er: exemplars per step (default: the real batch)")
+    g.add_argument(
+        "--er_reservoir",
+        type=int,
+        default=None,
+        help="er: keep this many exemplars in all by reservoir sampling (a uniform sample of every training image "
+        "seen; classes share it as their images did) instead of --er_per_class per class",
+    )
 
 
 def _agem_flags(g: argparse._ArgumentGroup) -> None:
@@ -142,7 +149,7 @@ for _spec in (
     MethodSpec(
         "er",
         "experience replay: real exemplars of the seen classes join the denoising loss (--er_per_class, --er_weight)",
-        lambda args, noise: ExperienceReplay(args.er_per_class, args.er_weight, args.er_batch_size),
+        lambda args, noise: ExperienceReplay(args.er_per_class, args.er_weight, args.er_batch_size, args.er_reservoir),
         _er_flags,
     ),
     MethodSpec(
@@ -607,6 +614,7 @@ def validate_args(args: argparse.Namespace) -> None:
         "fisher_num_samples",
         "max_train_per_class",
         "replay_batch_size",
+        "er_reservoir",
         "fid_num_samples",
         "stop_after_steps",
         "resolution",

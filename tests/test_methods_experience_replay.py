@@ -77,3 +77,26 @@ def test_exemplar_rows_count_with_their_weight_in_the_denoising_loss():
     assert float(terms["denoise"]) == pytest.approx(
         float((per_row[:3].sum() + 0.25 * per_row[3:].sum()) / 5), rel=1e-6
     )
+
+
+def test_a_reservoir_buffer_is_a_uniform_sample_of_every_example_seen(tmp_path):
+    """--er_reservoir M: after two tasks the buffer holds M exemplars, each training example of the seen classes
+    equally likely to be among them (M / N, Monte Carlo over 600 seeds); the record keeps the count seen and refuses
+    another buffer kind."""
+    train, unet = _split(), make_tiny_unet()  # 5 examples per class
+    counts = torch.zeros(len(train.labels))
+    for seed in range(600):
+        er = ExperienceReplay(reservoir=4)
+        er.end_task(TaskEnd(1, unet, [], [0, 1], seed=seed, train=train))
+        assert len(er.buffer.indices) == 4 and er.buffer.seen == 10
+        er.end_task(TaskEnd(2, unet, [], [2, 3], seed=seed, train=train))
+        assert len(er.buffer.indices) == 4 and len(set(er.buffer.indices.tolist())) == 4 and er.buffer.seen == 20
+        counts[er.buffer.indices] += 1
+    assert torch.allclose(counts / 600, torch.full((20,), 4 / 20), atol=0.06)  # 3.5 binomial SEs at p = 0.2
+    assert er.label() == "experience replay (reservoir of 4)"
+    (tmp_path / "er_buffer.json").write_text(json.dumps(er.task_files(2, [2, 3])["er_buffer.json"]))
+    restored = ExperienceReplay(reservoir=4)
+    restored.load_task_folder(tmp_path, 2)
+    assert torch.equal(restored.buffer.indices, er.buffer.indices) and restored.buffer.seen == 20
+    with pytest.raises(ValueError, match="kept with reservoir 4, this run asks None"):
+        ExperienceReplay(per_class=2).load_task_folder(tmp_path, 2)

@@ -1,7 +1,9 @@
 """A buffer of real exemplars of the classes seen so far (experience replay's and A-GEM's episodic memory).
 
 After task k, ``per_class`` exemplars of each of its classes are drawn (seeded: seed + task index) from the training
-split. The buffer is kept as the exemplars' indices into the training split with the split's SHA-256: a task folder
+split; or, as a reservoir of ``reservoir`` exemplars in all, the task's training examples stream through reservoir
+sampling (Vitter's algorithm R, in a seeded order), so that the buffer is a uniform sample of every example seen so
+far and the classes share it as their examples did. The buffer is kept as the exemplars' indices into the training split with the split's SHA-256: a task folder
 (which may go to the Hub) never republishes the dataset's images, and a run on other data is refused. Streamed data
 cannot be read back by index: the buffer needs the training split in memory.
 """
@@ -18,13 +20,14 @@ from .base import TaskEnd, TaskStart
 
 
 class ExemplarBuffer:
-    """``per_class`` exemplars per seen class; ``images``/``labels`` are gathered next to the model at a task's
-    start."""
+    """``per_class`` exemplars per seen class, or (``reservoir``) that many in all by reservoir sampling;
+    ``images``/``labels`` are gathered next to the model at a task's start."""
 
-    def __init__(self, per_class: int) -> None:
-        if per_class < 1:
-            raise ValueError(f"an exemplar buffer needs per_class >= 1, got {per_class}")
-        self.per_class = per_class
+    def __init__(self, per_class: int, reservoir: int | None = None) -> None:
+        if per_class < 1 or (reservoir is not None and reservoir < 1):
+            raise ValueError(f"an exemplar buffer needs per_class and reservoir >= 1, got {per_class}, {reservoir}")
+        self.per_class, self.reservoir = per_class, reservoir
+        self.seen = 0  # training examples streamed through the reservoir so far
         self.indices = torch.zeros(0, dtype=torch.long)  # into the training split, in the order added
         self.dataset_sha256: str | None = None
         self.images: torch.Tensor | None = None
@@ -62,6 +65,10 @@ class ExemplarBuffer:
                 "an exemplar buffer reads its images back by index: it needs the training split in memory"
             )
         generator = torch.Generator().manual_seed(task.seed + task.task_index)
+        if self.reservoir is not None:
+            self._stream(torch.nonzero(torch.isin(task.train.labels, torch.tensor(task.classes))).flatten(), generator)
+            self.dataset_sha256 = task.train.sha256
+            return
         chosen = []
         for c in task.classes:
             candidates = torch.nonzero(task.train.labels == c).flatten()
@@ -70,9 +77,27 @@ class ExemplarBuffer:
         self.indices = torch.cat([self.indices, *chosen])
         self.dataset_sha256 = task.train.sha256
 
+    def _stream(self, candidates: torch.Tensor, generator: torch.Generator) -> None:
+        """Algorithm R over ``candidates`` in a seeded order: the n-th example seen takes a uniform slot with
+        probability reservoir / n."""
+        slots = self.indices.tolist()
+        for index in candidates[torch.randperm(len(candidates), generator=generator)].tolist():
+            self.seen += 1
+            if len(slots) < self.reservoir:
+                slots.append(index)
+            elif (j := int(torch.randint(0, self.seen, (1,), generator=generator))) < self.reservoir:
+                slots[j] = index
+        self.indices = torch.tensor(slots, dtype=torch.long)
+
     def record(self) -> dict:
         """The task-folder JSON: the exemplars' indices into the training split and its SHA-256 (no images)."""
-        return {"indices": self.indices.tolist(), "per_class": self.per_class, "train_sha256": self.dataset_sha256}
+        return {
+            "indices": self.indices.tolist(),
+            "per_class": self.per_class,
+            "reservoir": self.reservoir,
+            "seen": self.seen,
+            "train_sha256": self.dataset_sha256,
+        }
 
     def load(self, folder: str | os.PathLike, name: str) -> None:
         path = Path(folder) / name
@@ -80,6 +105,11 @@ class ExemplarBuffer:
             record = json.loads(path.read_text())
             self.indices = torch.tensor([int(i) for i in record["indices"]], dtype=torch.long)
             self.dataset_sha256 = str(record["train_sha256"])
+            self.seen = int(record.get("seen", 0))
+            if record.get("reservoir") != self.reservoir:
+                raise ValueError(
+                    f"it was kept with reservoir {record.get('reservoir')}, this run asks {self.reservoir}"
+                )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"{path} cannot be read as an exemplar buffer ({err}); copy the whole folder again"

@@ -1,7 +1,8 @@
 """Experience replay (ER): real exemplars of the classes seen so far, kept across tasks, join every step's denoising
 loss (Zajac et al. 2023: a strong baseline for DDPMs, with a reduced rehearsal coefficient).
 
-The buffer (``exemplars.ExemplarBuffer``) gains ``per_class`` exemplars of each class after its task and lives in
+The buffer (``exemplars.ExemplarBuffer``) gains ``per_class`` exemplars of each class after its task (or is a
+reservoir of ``reservoir`` exemplars in all, a uniform sample of every training example seen) and lives in
 task folders as indices into the training split with the split's SHA-256, never as images. Each step draws
 ``batch_size`` exemplars uniformly (the step's generator) into the one forward; their rows count ``weight`` each in
 the denoising loss's mean (1: as a real row).
@@ -27,17 +28,29 @@ class ExperienceReplay(ContinualMethod):
     name = "er"
     needs_training_split = True
 
-    def __init__(self, per_class: int = 20, weight: float = 1.0, batch_size: int | None = None) -> None:
+    def __init__(
+        self, per_class: int = 20, weight: float = 1.0, batch_size: int | None = None, reservoir: int | None = None
+    ) -> None:
         if not weight > 0:
             raise ValueError(f"the ER weight must be > 0, got {weight}")
-        self.buffer, self.weight, self.batch_size = ExemplarBuffer(per_class), float(weight), batch_size
+        self.buffer, self.weight, self.batch_size = ExemplarBuffer(per_class, reservoir), float(weight), batch_size
 
     def label(self) -> str:
         weight = f", weight {self.weight:g}" if self.weight != 1 else ""
-        return f"experience replay ({self.buffer.per_class} per class{weight})"
+        size = (
+            f"{self.buffer.per_class} per class"
+            if self.buffer.reservoir is None
+            else (f"reservoir of {self.buffer.reservoir}")
+        )
+        return f"experience replay ({size}{weight})"
 
     def settings(self) -> dict:
-        return {"er_per_class": self.buffer.per_class, "er_weight": self.weight, "er_batch_size": self.batch_size}
+        return {
+            "er_per_class": self.buffer.per_class,
+            "er_reservoir": self.buffer.reservoir,
+            "er_weight": self.weight,
+            "er_batch_size": self.batch_size,
+        }
 
     def start_task(self, task: TaskStart) -> None:
         self.buffer.gather(task)
