@@ -76,9 +76,10 @@ class ConcatPenalty:
         return 0.5 * self.lam * (self.c * (self.U @ theta - self.b).pow(2)).sum()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model and N: under a minute on 2 CPU cores")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long run of every part, for the tests")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--paper_model", action="store_true", help="the paper's 34M-parameter UNet (GPU)")
     parser.add_argument(
@@ -87,9 +88,11 @@ def main() -> None:
         default="unet",
         help="dit: a DiTTransformer2DModel (1.2M parameters; 0.3M with --quick) instead of the UNet",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.backbone == "dit":
+    if args.tiny:
+        model_kw, n, batch, repeats = dict(block_out_channels=(8, 8, 8)), 8, 4, 1
+    elif args.backbone == "dit":
         model_kw, n, batch, repeats = (
             (dict(num_layers=2, width=64), 64, 32, 3) if args.quick else (dict(num_layers=4, width=128), 256, 128, 3)
         )
@@ -191,7 +194,7 @@ def main() -> None:
     name = (
         "bench_fisher"
         + ("_dit" if args.backbone == "dit" else "")
-        + ("_paper_model" if args.paper_model else "_quick" if args.quick else "")
+        + ("_paper_model" if args.paper_model else "_tiny" if args.tiny else "_quick" if args.quick else "")
     )
     print(f"wrote {write_results(name, results)}")
 

@@ -57,14 +57,19 @@ def held_bytes(obj, seen: set) -> int:
     return 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 methods, 20 images per class, 3 repeats (< 1 min)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="2 methods, 4 images per class, 1 repeat (for the tests)")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     methods, per_class, replay, repeats = (
-        (["gd", "rank1+gd", "er"], 20, 10, 3) if args.quick else (METHODS, 200, 100, 15)
+        (["gd", "er+rank1"], 4, 2, 1)
+        if args.tiny
+        else (["gd", "rank1+gd", "er"], 20, 10, 3)
+        if args.quick
+        else (METHODS, 200, 100, 15)
     )
     from diffusers import UNet2DModel
 
@@ -116,7 +121,7 @@ def main() -> None:
     medians = interleaved_medians(steps, repeats, device)
     for method, seconds in medians.items():
         rows[method] |= {"step_s": seconds, "step_vs_gd": seconds / medians["gd"]}
-    name = "methods_cost_quick" if args.quick else "methods_cost"
+    name = "methods_cost_tiny" if args.tiny else "methods_cost_quick" if args.quick else "methods_cost"
     scale = {"params": num_params, "per_class": per_class, "replay_per_class": replay, "batch": 32, "repeats": repeats}
     path = write_results(name, {"scale": scale, "methods": rows})
     lines = [

@@ -58,17 +58,22 @@ def stored_bytes(penalty: EWCPenalty) -> int:
     return sum(v.numel() * v.element_size() for v in penalty.state_dict().values())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--batch", type=int, default=None, help="real images per timed step (default: 4 on CPU, 128 on GPU)"
     )
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument(
+        "--tiny", action="store_true", help="the demo preset instead of the paper's UNet, 1 repeat (for the tests)"
+    )
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     batch = args.batch or (BATCH if device.type == "cuda" else 4)
-    model = unet_from_preset("paper", 32, 3, 1000).to(device)
+    preset = "demo" if args.tiny else "paper"
+    repeats = 1 if args.tiny else args.repeats
+    model = unet_from_preset(preset, 32, 3, 1000).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     scheduler = training_noise_scheduler()
 
@@ -88,7 +93,7 @@ def main() -> None:
     x = torch.randn(2 * batch, 3, 32, 32, generator=g).to(device)  # real + replay
     t = torch.randint(0, 1000, (2 * batch,), generator=g).to(device)
     y = torch.randint(0, 1000, (2 * batch,), generator=g).to(device)
-    teacher = unet_from_preset("paper", 32, 3, 1000).to(device).eval().requires_grad_(False)
+    teacher = unet_from_preset(preset, 32, 3, 1000).to(device).eval().requires_grad_(False)
     penalties = {
         "rank1_fp32": penalty_with_tasks(model, "rank1", 19),
         "rank1_bf16": penalty_with_tasks(model, "rank1", 19, torch.bfloat16),
@@ -115,9 +120,9 @@ def main() -> None:
         return run
 
     # two groups: the step's large activations would otherwise disturb the memory-bound penalty timings
-    times = interleaved_medians({"step": train_step}, args.repeats, device)
+    times = interleaved_medians({"step": train_step}, repeats, device)
     times.update(
-        interleaved_medians({f"penalty_{k}": penalty_only(pen) for k, pen in penalties.items()}, args.repeats, device)
+        interleaved_medians({f"penalty_{k}": penalty_only(pen) for k, pen in penalties.items()}, repeats, device)
     )
 
     sample_batch = 64 if device.type == "cuda" else 8
@@ -134,7 +139,7 @@ def main() -> None:
                 autocast,
             )
         },
-        args.repeats,
+        repeats,
         device,
     )["ddim"]
     image_steps_per_s = sample_batch * 5 / sample_time
@@ -231,7 +236,8 @@ def main() -> None:
         for u, h in zip(ASSUMED_UTILISATION, results["h100_estimate_hours"].values())
     ]
     print_table(rows)
-    path = write_results("bench_scale" + ("" if device.type == "cpu" else f"_{device.type}"), results)
+    suffix = "_tiny" if args.tiny else "" if device.type == "cpu" else f"_{device.type}"
+    path = write_results("bench_scale" + suffix, results)
     print(f"wrote {path}")
 
 

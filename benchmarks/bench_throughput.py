@@ -67,6 +67,7 @@ from hf_r1ewc.pipeline import default_autocast_dtype, sample, sampling_scheduler
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 SIZES = {  # (UNet channels, resolution, batch, sampling batch, sampling steps, Fisher samples, timed repeats)
+    "tiny": ((8, 8, 8), 8, 4, 4, 2, 8, 1),
     "quick": ((16, 32, 32), 16, 32, 64, 10, 64, 3),
     "full": ((32, 64, 64), 32, 64, 128, 20, 256, 5),
 }
@@ -173,7 +174,7 @@ def datasheet_peak(device: torch.device) -> float | None:
     return next((tflops * 1e12 for key, tflops in DATASHEET_BF16_TFLOPS.items() if key in name), None)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 0.28M UNet at 16x16: < 1 min on 2 CPU cores")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,10 +187,11 @@ def main() -> None:
     parser.add_argument(
         "--phases", nargs="*", default=[], metavar="RUN_DIR", help="finished runs whose wall time to break down"
     )
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long run of every part, for the tests")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     channels, resolution, batch, sample_batch, sample_steps, fisher_samples, repeats = SIZES[
-        "quick" if args.quick else "full"
+        "tiny" if args.tiny else "quick" if args.quick else "full"
     ]
     mixed_precision = "bf16" if device.type == "cuda" else "no"
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
@@ -316,7 +318,7 @@ def main() -> None:
         ("measured_peak", f"{measured_peak / 1e12:.3f}", f"TFLOP/s, {matmul_dtype} matmul"),
     ]
     print_table(rows)
-    name = "throughput_quick" if args.quick else "throughput"
+    name = "throughput_tiny" if args.tiny else "throughput_quick" if args.quick else "throughput"
     config = {
         "unet_channels": list(channels),
         "resolution": resolution,

@@ -30,14 +30,17 @@ from hf_r1ewc.continual import ContinualLearner  # noqa: E402
 from hf_r1ewc.models import training_noise_scheduler  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller model and batch: < 60 s on 2 CPU cores")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip_compile", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long run of every part, for the tests")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
-    channels, batch, repeats = ((16, 32, 32), 32, 5) if args.quick else ((32, 64, 64), 128, 5)
+    channels, batch, repeats = (
+        ((8, 8, 8), 4, 1) if args.tiny else ((16, 32, 32), 32, 5) if args.quick else ((32, 64, 64), 128, 5)
+    )
     scheduler = training_noise_scheduler()
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(batch, 1, 32, 32, generator=g) * 2 - 1).to(device)
@@ -113,7 +116,9 @@ def main() -> None:
     print_table(rows)
     if compile_seconds is not None:
         print(f"torch.compile: first step (compilation) {compile_seconds:.1f} s")
-    print(f"wrote {write_results('bench_train' + ('_quick' if args.quick else ''), results)}")
+    print(
+        f"wrote {write_results('bench_train' + ('_tiny' if args.tiny else '_quick' if args.quick else ''), results)}"
+    )
 
 
 if __name__ == "__main__":
