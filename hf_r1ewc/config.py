@@ -718,9 +718,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 # compared with the run_config of the task folder a run continues from (a key the folder lacks is not compared)
 # what a run continued from another run's task folder or checkpoint must share with it (the tasks are compared too)
-RESUME_MUST_MATCH = (
+RESUME_MUST_MATCH = (  # (the resolution: a task folder's model must have this run's size, checked as it loads)
     "dataset_name",
-    "resolution",
     "resize",
     "max_train_per_class",
     "preset",
