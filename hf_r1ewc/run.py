@@ -535,8 +535,8 @@ def restore_task_folder(folder: Path, denoiser, learner, ema, saved: dict, resol
     ours, theirs = dict(denoiser.config), dict(loaded.config)
     differs = {
         k: (theirs.get(k), ours.get(k))
-        for k in sorted(set(ours) | set(theirs) - set(MODEL_KEYS_IGNORED))
-        if k not in MODEL_KEYS_IGNORED and _plain(theirs.get(k)) != _plain(ours.get(k))
+        for k in sorted((set(ours) | set(theirs)) - set(MODEL_KEYS_IGNORED))
+        if _plain(theirs.get(k)) != _plain(ours.get(k))
     }
     if differs:
         raise SystemExit(

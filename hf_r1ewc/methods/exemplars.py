@@ -3,9 +3,10 @@
 After task k, ``per_class`` exemplars of each of its classes are drawn (seeded: seed + task index) from the training
 split; or, as a reservoir of ``reservoir`` exemplars in all, the task's training examples stream through reservoir
 sampling (Vitter's algorithm R, in a seeded order), so that the buffer is a uniform sample of every example seen so
-far and the classes share it as their examples did. The buffer is kept as the exemplars' indices into the training split with the split's SHA-256: a task folder
-(which may go to the Hub) never republishes the dataset's images, and a run on other data is refused. Streamed data
-cannot be read back by index: the buffer needs the training split in memory.
+far and the classes share it as their examples did. The buffer is kept as the exemplars' indices into the training
+split with the split's SHA-256: a task folder (which may go to the Hub) never republishes the dataset's images, and a
+run on other data is refused. Streamed data cannot be read back by index: the buffer needs the training split in
+memory.
 """
 
 from __future__ import annotations

@@ -37,11 +37,8 @@ class ExperienceReplay(ContinualMethod):
 
     def label(self) -> str:
         weight = f", weight {self.weight:g}" if self.weight != 1 else ""
-        size = (
-            f"{self.buffer.per_class} per class"
-            if self.buffer.reservoir is None
-            else (f"reservoir of {self.buffer.reservoir}")
-        )
+        reservoir = self.buffer.reservoir
+        size = f"{self.buffer.per_class} per class" if reservoir is None else f"reservoir of {reservoir}"
         return f"experience replay ({size}{weight})"
 
     def settings(self) -> dict:
