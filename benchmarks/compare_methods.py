@@ -1,6 +1,6 @@
 """Which method should I use? The field's continual methods on paired seeds, at the CPU table-1 scale (issue 39).
 
-    python benchmarks/compare_methods.py [--jobs 2] [--phase all|sweep|table|report]
+    python benchmarks/compare_methods.py [--jobs 2] [--phase all|sweep|table|long|report]
 
 The protocol of table1_fmnist_cpu.md (real Fashion-MNIST at 16x16, 5 tasks of 2 classes, the (16, 32, 32) UNet,
 40 epochs per task, 100 training images per class, the classifier FID of the long-horizon study), every method of
@@ -11,7 +11,10 @@ The protocol of table1_fmnist_cpu.md (real Fashion-MNIST at 16x16, 5 tasks of 2 
    the range grows by a decade that way (twice at most);
 2. table: every method at its weight on seeds 0-2, paired against GD seed by seed; every method within reach of GD
    after 3 seeds (its mean ΔAFID@5 less than two standard errors above 0) and GD itself run seeds 3 and 4 too;
-3. report: ``benchmarks/results/methods.{md,json}`` and the AFID@k plot, rewritten after every finished run.
+3. long: the best method at 5 tasks (ER 20/class, and ER 20/class + rank-1 whose gain over ER the hypothesis asks
+   about) on the long horizon of long_horizon.md (10 one-class tasks at 1x, seeds 0-4), paired against that study's
+   GD records of the same seeds (same flags but the method's, same FID classifier);
+4. report: ``benchmarks/results/methods.{md,json}`` and the AFID@k plot, rewritten after every finished run.
 
 Every finished run leaves a record in ``benchmarks/results/methods_runs/`` (committed: its results.json, seconds per
 phase and task, the EWC gradient ratio, for GD and the ER runs the drift geometry of ``_runs.drift_geometry``), so
@@ -82,6 +85,10 @@ ENTRIES = {
 GEOMETRY = ("GD", "ER 20/class", "ER 20/class + rank-1")  # the runs whose drift along old tasks' mu is measured
 HYPOTHESIS = ("ER 20/class + rank-1", "ER 20/class")  # does rank-1 EWC complement real replay?
 TASKS = [[2 * k, 2 * k + 1] for k in range(5)]
+# the long horizon of long_horizon.md: 10 one-class tasks, 47 epochs of 3 batches each (reproduce_table1.long_extra)
+LONG_METHODS = ("ER 20/class", "ER 20/class + rank-1")
+LONG_RECORDS = RESULTS / "long_horizon_runs"
+LONG_TASKS, LONG_EPOCHS = 10, 47
 
 
 def folder(label: str, value: float | None, seed: int) -> str:
@@ -90,9 +97,22 @@ def folder(label: str, value: float | None, seed: int) -> str:
     return f"{slug}{'' if value is None else f'_{entry.weight}{value:g}'}_seed{seed}"
 
 
-def record(label: str, value: float | None, seed: int) -> dict | None:
-    path = RECORDS / f"{folder(label, value, seed)}.json"
+def record(label: str, value: float | None, seed: int, long: bool = False) -> dict | None:
+    path = record_path(label, value, seed, long)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def record_path(label: str, value: float | None, seed: int, long: bool = False) -> Path:
+    """RECORDS/FOLDER.json; a long-horizon run's beside the long-horizon study's records, as long_FOLDER.json."""
+    return (
+        LONG_RECORDS / f"long_{folder(label, value, seed)}.json"
+        if long
+        else RECORDS / f"{folder(label, value, seed)}.json"
+    )
+
+
+def run_folder(label: str, value: float | None, seed: int, long: bool = False) -> str:
+    return f"{'long_' if long else ''}{folder(label, value, seed)}"
 
 
 def flags(label: str, value: float | None) -> list[str]:
@@ -100,16 +120,17 @@ def flags(label: str, value: float | None) -> list[str]:
     return [*entry.flags, *([] if value is None else [f"--{entry.weight}", f"{value:g}"])]
 
 
-def write_record(work: Path, data_dir: str, label: str, value: float | None, seed: int) -> None:
-    """Keep what the report needs of a finished run (RECORDS/FOLDER.json), written atomically."""
+def write_record(work: Path, data_dir: str, label: str, value: float | None, seed: int, long: bool = False) -> None:
+    """Keep what the report needs of a finished run (``record_path``), written atomically."""
     from _common import machine
 
     from hf_r1ewc.integrity import sha256_file
 
-    out = work / "runs" / folder(label, value, seed)
-    if not finished(out):
+    out = work / "runs" / run_folder(label, value, seed, long)
+    num_tasks = LONG_TASKS if long else len(TASKS)
+    if not finished(out, num_tasks):
         return
-    tasks = range(1, 2 if ENTRIES[label].spec == "joint" else 6)
+    tasks = range(1, 2 if ENTRIES[label].spec == "joint" else num_tasks + 1)
     metrics = {k: json.loads((out / f"task_{k:02d}" / "metrics.json").read_text()) for k in tasks}
     rec = {
         "label": label,
@@ -119,14 +140,14 @@ def write_record(work: Path, data_dir: str, label: str, value: float | None, see
         "ewc_grad_ratio_per_epoch": {str(k): m.get("ewc_grad_ratio_per_epoch", []) for k, m in metrics.items()},
         "geometry": (
             drift_geometry(out, data_dir, SCALES["cpu"], seed, TASKS)
-            if label in GEOMETRY and seed != SWEEP_SEED
+            if label in GEOMETRY and seed != SWEEP_SEED and not long
             else None
         ),
         "fid_classifier_sha256": sha256_file(work / "fid_classifier" / "model.safetensors"),
         "machine": machine(),
     }
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    path = RECORDS / f"{folder(label, value, seed)}.json"
+    path = record_path(label, value, seed, long)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1, default=str))
     tmp.replace(path)
@@ -269,6 +290,8 @@ def write_report(output: Path) -> None:
     if hypothesis:
         lines.append(paired_markdown(hypothesis, HYPOTHESIS[1]).replace("## Paired", "## The hypothesis: paired"))
     lines += geometry_lines(best)
+    long_table, long_paired, long_lines = long_horizon(best, output)
+    lines += long_lines
     output.parent.mkdir(parents=True, exist_ok=True)
     curves = {label: row["afid_at_k"] for label, row in table.items() if len(row["afid_at_k"]) > 1}
     if curves:
@@ -278,7 +301,13 @@ def write_report(output: Path) -> None:
     output.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
     output.with_suffix(".json").write_text(
         json.dumps(
-            {"summary": table, "paired": paired, "hypothesis": hypothesis, "chosen_weights": best},
+            {
+                "summary": table,
+                "paired": paired,
+                "hypothesis": hypothesis,
+                "chosen_weights": best,
+                "long_horizon": {"summary": long_table, "paired": long_paired},
+            },
             indent=1,
             default=str,
         )
@@ -315,6 +344,72 @@ def geometry_lines(best: dict[str, float]) -> list[str]:
     return lines
 
 
+def long_horizon(best: dict[str, float], output: Path) -> tuple[dict, dict, list[str]]:
+    """The long-horizon runs of LONG_METHODS beside the long-horizon study's GD records of the same seeds: (aggregate,
+    paired differences against GD and against ER, the report's lines); the AFID@k plot beside ``output``."""
+    from hf_r1ewc.comparison import aggregate, paired_differences, paired_markdown
+    from hf_r1ewc.plots import plot_afid_curves
+
+    runs, shas = {}, set()
+    for seed in (*SEEDS, *MORE_SEEDS):
+        for label, value, name in [
+            (BASELINE, None, f"long_{BASELINE}_seed{seed}"),
+            *((m, best.get(m), run_folder(m, best.get(m), seed, long=True)) for m in LONG_METHODS),
+        ]:
+            path = LONG_RECORDS / f"{name}.json"
+            if path.exists():
+                rec = json.loads(path.read_text())
+                runs[name] = {**rec["results"], "label": label}
+                shas.add(rec["fid_classifier_sha256"])
+    methods = {r["label"] for r in runs.values()} - {BASELINE}
+    if not methods:
+        return {}, {}, []
+    # the GD records predate results.json's dataset and resolution; they ran the same data and flags
+    known = next(r for r in runs.values() if r["label"] != BASELINE)
+    for r in runs.values():
+        r.setdefault("dataset", known["dataset"])
+        r.setdefault("resolution", known["resolution"])
+    if len(shas) > 1:
+        return {}, {}, ["\n## The long horizon\n", "Records scored by different FID classifiers: not compared.\n"]
+    table = aggregate(runs)
+    paired = paired_differences(runs, BASELINE)
+    hypothesis = (
+        paired_differences({k: r for k, r in runs.items() if r["label"] in HYPOTHESIS}, HYPOTHESIS[1])
+        if all(h in methods for h in HYPOTHESIS)
+        else {}
+    )
+    fmt = lambda pair: format_mean_se(pair, ".1f")  # noqa: E731
+    lines = [
+        f"\n## The long horizon: {LONG_TASKS} one-class tasks at 1x\n",
+        f"The protocol of long_horizon.md ({LONG_EPOCHS} epochs of 3 batches per one-class task, the same FID "
+        "classifier); GD's runs are that study's records of the same seeds, the others differ from them only in "
+        "--method and its flags.\n",
+        f"| method | seeds | AFID@{LONG_TASKS} ↓ | F ↓ | P ↓ | ACC ↑ |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, row in table.items():
+        acc = row.get("accuracy")
+        lines.append(
+            f"| {label} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | {fmt(row['plasticity'])} "
+            f"| {'—' if acc is None else fmt(tuple(100 * a for a in acc))} |"
+        )
+    lines.append(paired_markdown(paired, BASELINE).replace("## Paired", "### Long horizon: paired"))
+    if hypothesis:
+        lines.append(paired_markdown(hypothesis, HYPOTHESIS[1]).replace("## Paired", "### Long horizon: paired"))
+    curves = {label: row["afid_at_k"] for label, row in table.items()}
+    plot_afid_curves(curves, output.with_name(output.stem + "_long_afid_at_k.png"))
+    lines.append(f"\nAFID@k on the long horizon: `{output.stem}_long_afid_at_k.png`.")
+    return table, {"against_gd": paired, "against_er": hypothesis}, lines
+
+
+def beats_baseline(label: str, best: dict[str, float]) -> bool:
+    """Whether a method's AFID@5 is below GD's, paired over seeds 0-4, at p < 0.05 (Student's t)."""
+    from hf_r1ewc.comparison import paired_differences
+
+    row = paired_differences(comparison_runs(best), BASELINE).get(label, {}).get("afid", {})
+    return row.get("mean_se", (0.0, 0.0))[0] < 0 and row.get("t_p", 1.0) < 0.05
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
@@ -322,9 +417,10 @@ def main() -> None:
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "methods"))
     p.add_argument(
         "--phase",
-        choices=["all", "sweep", "table", "report"],
+        choices=["all", "sweep", "table", "long", "report"],
         default="all",
         help="sweep: the weights on seed 100; table: seeds 0-2, then 3-4 for the methods within reach of GD; "
+        "long: ER 20/class and ER + rank-1 on 10 one-class tasks, seeds 0-4 (if they beat GD at 5 tasks); "
         "report: rewrite methods.md from the records only",
     )
     args = p.parse_args()
@@ -338,11 +434,13 @@ def main() -> None:
         shutil.copytree(CLASSIFIER, work / "fid_classifier")
     lock = threading.Lock()
 
-    def run(job: tuple[str, float | None, int]) -> None:
+    def run(job: tuple[str, float | None, int], long: bool = False) -> None:
         label, value, seed = job
-        if record(*job):
+        if record(*job, long=long):
             return
         extra = flags(label, value)
+        if long:
+            extra += ["--classes_per_task", "1", "--num_epochs_per_task", str(LONG_EPOCHS)]
         launch(
             ENTRIES[label].spec,
             None,
@@ -351,11 +449,12 @@ def main() -> None:
             args.data_dir,
             sc,
             work / "runs.log",
-            folder=folder(*job),
+            folder=run_folder(*job, long=long),
             extra=extra,
+            num_tasks=LONG_TASKS if long else len(TASKS),
         )
         with lock:
-            write_record(work, args.data_dir, *job)
+            write_record(work, args.data_dir, *job, long=long)
             write_report(RESULTS / "methods.md")
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -381,6 +480,12 @@ def main() -> None:
             reach = within_reach(paired_differences(runs, BASELINE))
             more = [(label, best.get(label), s) for s in MORE_SEEDS for label in (BASELINE, *reach)]
             list(pool.map(run, more))
+        if args.phase in ("all", "long"):
+            best = chosen_weights()
+            labels = [label for label in LONG_METHODS if beats_baseline(label, best)]
+            print(f"the long horizon for {labels or 'no method'} (beats GD at 5 tasks, p < 0.05)", flush=True)
+            jobs = [(label, best.get(label), s) for s in (*SEEDS, *MORE_SEEDS) for label in labels]
+            list(pool.map(lambda job: run(job, long=True), jobs))
 
 
 if __name__ == "__main__":
