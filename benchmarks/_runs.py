@@ -46,6 +46,7 @@ UNET_CONFIG = {
     "norm_num_groups": 4,
     "num_class_embeds": 10,
 }
+TINY_UNET_CONFIG = {**UNET_CONFIG, "sample_size": 8, "block_out_channels": [8, 8, 8]}
 # a DiT of about the UNet's parameter count (0.30M vs 0.28M): 3 blocks of width 64 over 8x8 patches of 2x2 pixels
 DIT_CONFIG = {
     "_class_name": "DiTTransformer2DModel",
@@ -77,6 +78,20 @@ SCALES = {
         batch=32,
         lr=2e-3,
         stem="table1_fmnist_cpu",
+    ),
+    # every study's --tiny mode (for the tests): scikit-learn's 8x8 digits, which need no download, 4 images per class,
+    # one epoch, a tiny UNet (TINY_UNET_CONFIG); a 5-task run takes seconds
+    "tiny": dict(
+        model="config",
+        resolution=8,
+        per_class=4,
+        epochs=1,
+        replay=2,
+        fid=4,
+        steps=2,
+        batch=8,
+        lr=2e-3,
+        stem="tiny",
     ),
     "smoke": dict(
         model="config",
@@ -126,7 +141,8 @@ SCALES = {
 def run_flags(
     name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, backbone: str = "unet"
 ) -> list[str]:
-    flags = ["--train_data_dir", data_dir, "--classes_per_task", "2", "--resolution", str(sc["resolution"])]
+    source = ["--dataset_name", data_dir] if data_dir == "digits" else ["--train_data_dir", data_dir]
+    flags = [*source, "--classes_per_task", "2", "--resolution", str(sc["resolution"])]
     if sc["model"] == "config":
         flags += [
             "--resize",

@@ -35,7 +35,18 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import RESULTS, ROOT, SCALES, UNET_CONFIG, drift_geometry, finished, launch, provenance  # noqa: E402
+from _runs import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    SCALES,
+    TINY_UNET_CONFIG,
+    UNET_CONFIG,
+    drift_geometry,
+    finished,
+    launch,
+    provenance,
+    train_fid_classifier,
+)
 
 
 sys.path.insert(0, str(ROOT))
@@ -49,7 +60,9 @@ RECORDS = RESULTS / "methods_runs"
 # the long-horizon study's FID classifier (same data, size and training): one classifier scores every study's runs
 CLASSIFIER = RESULTS / "long_horizon_runs" / "fid_classifier"
 BASELINE = "GD"
-PER_CLASS = SCALES["cpu"]["per_class"]
+SCALE = SCALES["cpu"]
+REPORT = RESULTS / "methods.md"
+PER_CLASS = SCALE["per_class"]
 
 
 @dataclass(frozen=True)
@@ -139,7 +152,7 @@ def write_record(work: Path, data_dir: str, label: str, value: float | None, see
         "seconds_by_phase": {str(k): m["seconds_by_phase"] for k, m in metrics.items()},
         "ewc_grad_ratio_per_epoch": {str(k): m.get("ewc_grad_ratio_per_epoch", []) for k, m in metrics.items()},
         "geometry": (
-            drift_geometry(out, data_dir, SCALES["cpu"], seed, TASKS)
+            drift_geometry(out, data_dir, SCALE, seed, TASKS)
             if label in GEOMETRY and seed != SWEEP_SEED and not long
             else None
         ),
@@ -245,8 +258,13 @@ def write_report(output: Path) -> None:
     gd_seconds = train_seconds(BASELINE, None, [*SEEDS, *MORE_SEEDS])
     lines = [
         "# Which method should I use? The field's methods on paired seeds (issue 39)\n",
+        *(
+            ["**A `--tiny` check (8x8 digits, a tiny UNet, one seed): not a result.**\n"]
+            if SCALE is SCALES["tiny"]
+            else []
+        ),
         "Real Fashion-MNIST at 16x16, 5 tasks of 2 classes, the model and budget of table1_fmnist_cpu.md "
-        f"({json.dumps(SCALES['cpu'])}); every method paired against GD on the same seeds (task 1 trains "
+        f"({json.dumps(SCALE)}); every method paired against GD on the same seeds (task 1 trains "
         "identically for every method of a seed). FID features: the long-horizon study's CNN classifier (NOT "
         "comparable to Inception FID). Weights chosen on seed 100 (sweep below), never on a comparison seed.\n",
         provenance() + "\n",
@@ -325,7 +343,7 @@ def geometry_lines(best: dict[str, float]) -> list[str]:
         "| method | seeds | share along old μ, k = 2..5 | μ_jᵀΔ, j = 1..4 | measured ΔL_j, j = 1..4 |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for label in GEOMETRY:
+    for label in (label for label in GEOMETRY if label in ENTRIES):
         geos = [
             rec["geometry"]
             for seed in (*SEEDS, *MORE_SEEDS)
@@ -354,7 +372,7 @@ def long_horizon(best: dict[str, float], output: Path) -> tuple[dict, dict, list
     for seed in (*SEEDS, *MORE_SEEDS):
         for label, value, name in [
             (BASELINE, None, f"long_{BASELINE}_seed{seed}"),
-            *((m, best.get(m), run_folder(m, best.get(m), seed, long=True)) for m in LONG_METHODS),
+            *((m, best.get(m), run_folder(m, best.get(m), seed, long=True)) for m in LONG_METHODS if m in ENTRIES),
         ]:
             path = LONG_RECORDS / f"{name}.json"
             if path.exists():
@@ -410,11 +428,27 @@ def beats_baseline(label: str, best: dict[str, float]) -> bool:
     return row.get("mean_se", (0.0, 0.0))[0] < 0 and row.get("t_p", 1.0) < 0.05
 
 
-def main() -> None:
+def use_tiny_study(work: Path) -> None:
+    """``--tiny``: GD and ER 20/class on seed 0 at the tiny scale (8x8 digits, seconds per run), records and report
+    under WORK/results: one pass through queue, records and report that leaves the study's own files untouched."""
+    global SCALE, REPORT, RECORDS, LONG_RECORDS, SEEDS, MORE_SEEDS, ENTRIES
+    SCALE, SEEDS, MORE_SEEDS = SCALES["tiny"], (0,), ()
+    ENTRIES = {label: ENTRIES[label] for label in (BASELINE, "ER 20/class")}
+    REPORT = work / "results" / "methods.md"
+    RECORDS, LONG_RECORDS = work / "results" / "methods_runs", work / "results" / "long_horizon_runs"
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
-    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--work_dir", default=str(ROOT / "runs" / "methods"))
+    p.add_argument("--data_dir", default=None, help="default: Debian's Fashion-MNIST; with --tiny: digits")
+    p.add_argument("--work_dir", default=None, help="default: runs/methods (with --tiny: runs/methods_tiny)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="GD and ER on seed 0 with 8x8 digits and a tiny UNet, into WORK_DIR/results: a check that the queue, "
+        "the records and the report run (for the tests), not a result",
+    )
     p.add_argument(
         "--phase",
         choices=["all", "sweep", "table", "long", "report"],
@@ -423,14 +457,19 @@ def main() -> None:
         "long: ER 20/class and ER + rank-1 on 10 one-class tasks, seeds 0-4 (if they beat GD at 5 tasks); "
         "report: rewrite methods.md from the records only",
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    work = Path(args.work_dir or ROOT / "runs" / ("methods_tiny" if args.tiny else "methods"))
+    data_dir = args.data_dir or ("digits" if args.tiny else "/usr/share/datasets/fashion-mnist")
+    if args.tiny:
+        use_tiny_study(work)
     if args.phase == "report":
-        write_report(RESULTS / "methods.md")
+        write_report(REPORT)
         return
-    work, sc = Path(args.work_dir), SCALES["cpu"]
     work.mkdir(parents=True, exist_ok=True)
-    (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
-    if not (work / "fid_classifier").exists():
+    (work / "unet_config.json").write_text(json.dumps(TINY_UNET_CONFIG if args.tiny else UNET_CONFIG))
+    if args.tiny:
+        train_fid_classifier(work, data_dir, ["--resolution", str(SCALE["resolution"])])
+    elif not (work / "fid_classifier").exists():
         shutil.copytree(CLASSIFIER, work / "fid_classifier")
     lock = threading.Lock()
 
@@ -446,16 +485,16 @@ def main() -> None:
             None,
             seed,
             work,
-            args.data_dir,
-            sc,
+            data_dir,
+            SCALE,
             work / "runs.log",
             folder=run_folder(*job, long=long),
             extra=extra,
             num_tasks=LONG_TASKS if long else len(TASKS),
         )
         with lock:
-            write_record(work, args.data_dir, *job, long=long)
-            write_report(RESULTS / "methods.md")
+            write_record(work, data_dir, *job, long=long)
+            write_report(REPORT)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         while args.phase in ("all", "sweep") and (  # rounds: a sweep grows past its edge once its values are in
@@ -482,7 +521,7 @@ def main() -> None:
             list(pool.map(run, more))
         if args.phase in ("all", "long"):
             best = chosen_weights()
-            labels = [label for label in LONG_METHODS if beats_baseline(label, best)]
+            labels = [label for label in LONG_METHODS if label in ENTRIES and beats_baseline(label, best)]
             print(f"the long horizon for {labels or 'no method'} (beats GD at 5 tasks, p < 0.05)", flush=True)
             jobs = [(label, best.get(label), s) for s in (*SEEDS, *MORE_SEEDS) for label in labels]
             list(pool.map(lambda job: run(job, long=True), jobs))

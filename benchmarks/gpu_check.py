@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -366,17 +367,19 @@ def check_geometry(args, device) -> dict:
     if args.tiny:
         from _common import unet
 
-        source, resolution, n = "digits", 8, 32
+        source, resolution, n, timesteps = "digits", 8, 16, GEOMETRY_TIMESTEPS[::4]
         models = {"small": unet(block_out_channels=(8, 16), sample_size=8), "large": unet(sample_size=8)}
     else:
-        source, resolution, n = "/usr/share/datasets/fashion-mnist", 32, 1024
+        source, resolution, n, timesteps = "/usr/share/datasets/fashion-mnist", 32, 1024, GEOMETRY_TIMESTEPS
         models = {"cpu-small": unet_from_preset("cpu-small", 32, 1, 10), "paper": unet_from_preset("paper", 32, 1, 10)}
     train = load_labeled_images(source, "train").subset([0, 1])
+    if args.tiny:  # an epoch of a few steps, so that the time budget ends training within seconds
+        train = train.head_per_class(n)
     images, labels = images_to_model_input(train.images, resolution, False), train.labels
-    out = {"timesteps": list(GEOMETRY_TIMESTEPS), "num_samples": n, "models": {}}
+    out = {"timesteps": list(timesteps), "num_samples": n, "models": {}}
     for name, model in models.items():
         model.to(device)
-        budget = 20 if args.tiny else 100
+        budget = 2 if args.tiny else 100
         training = train_to_plateau(model, images, labels, device, budget, 8 if args.tiny else 128, 2e-4)
         g = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(labels), generator=g)[:n]
@@ -384,7 +387,7 @@ def check_geometry(args, device) -> dict:
             model.float().eval(),
             images[pick],
             labels[pick],
-            GEOMETRY_TIMESTEPS,
+            timesteps,
             chunk_size=8 if args.tiny else 64,
             memory_bytes=2e8 if args.tiny else 40e9,
         )
@@ -426,6 +429,13 @@ def write_geometry_markdown(out: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def fresh(folder: Path) -> Path:
+    """A check's run folder, emptied: a folder left by an earlier check would be resumed (or refused, were its
+    settings different) instead of trained."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 def run(cmd, env=None, timeout=400) -> subprocess.CompletedProcess:
     return subprocess.run(
         cmd,
@@ -462,6 +472,21 @@ SCRIPT_FLAGS = [
     "--ewc_type",
     "rank1",
 ]
+# --tiny: the same run at sizes a CPU finishes in seconds (later flags override earlier ones)
+TINY_SCRIPT_FLAGS = [
+    "--num_epochs_per_task",
+    "1",
+    "--max_train_per_class",
+    "16",
+    "--fisher_num_samples",
+    "16",
+    "--replay_per_class",
+    "8",
+    "--fid_num_samples",
+    "16",
+    "--num_inference_steps",
+    "4",
+]
 
 
 def check_script_bf16(args, device, out_dir: Path) -> dict:
@@ -470,7 +495,7 @@ def check_script_bf16(args, device, out_dir: Path) -> dict:
     from hf_r1ewc.fisher import load_fisher
     from hf_r1ewc.pipeline import ClassConditionalPipeline
 
-    run_dir = out_dir / "gpu_check_run"
+    run_dir = fresh(out_dir / "gpu_check_run")
     config = "single_gpu_bf16.yaml" if device.type == "cuda" else "cpu.yaml"
     cmd = [
         sys.executable,
@@ -480,21 +505,28 @@ def check_script_bf16(args, device, out_dir: Path) -> dict:
         f"accelerate_configs/{config}",
         "train_continual_ddpm.py",
         *SCRIPT_FLAGS,
+        *(TINY_SCRIPT_FLAGS if args.tiny else []),
         "--output_dir",
         str(run_dir),
     ]
     if device.type == "cpu":
         cmd[cmd.index("--output_dir") : cmd.index("--output_dir")] = ["--mixed_precision", "bf16"]
     proc = run(cmd)
-    result = {"rc": proc.returncode, "log_tail": (proc.stdout + proc.stderr)[-1500:]}
+    log = proc.stdout + proc.stderr
+    result = {
+        "rc": proc.returncode,
+        "error_lines": [line for line in log.splitlines() if line.startswith("error:")],
+        "log_tail": log[-1500:],
+    }
     if proc.returncode != 0:
         return result
     metrics = json.loads((run_dir / "task_03" / "metrics.json").read_text())
     folder = run_dir / "task_01"
     pipe = ClassConditionalPipeline.from_pretrained(folder).to(device)
     saved = load_fisher(str(folder / "fisher.safetensors"), model=pipe.unet)
-    data = load_labeled_images("digits", "train").head_per_class(64).subset([0, 1])
-    loader = fisher_loader(images_to_model_input(data.images), data.labels, 64, 64, seed=0 + 1)
+    n = 16 if args.tiny else 64  # --max_train_per_class and --fisher_num_samples of the run
+    data = load_labeled_images("digits", "train").head_per_class(n).subset([0, 1])
+    loader = fisher_loader(images_to_model_input(data.images), data.labels, n, n, seed=0 + 1)
     fp32 = estimate_fisher(
         pipe.unet,
         training_noise_scheduler(),
@@ -538,7 +570,7 @@ def check_fsdp(args, device, out_dir: Path) -> dict:
         "--fid_backend",
         "none",
         "--output_dir",
-        str(out_dir / "gpu_check_fsdp"),
+        str(fresh(out_dir / "gpu_check_fsdp")),
     ]
     proc = run(cmd)
     folder = out_dir / "gpu_check_fsdp" / "task_03"
@@ -605,14 +637,14 @@ def write_markdown(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes: a dry run of every section on CPU")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--work_dir", default="/tmp/hf_r1ewc_gpu_check", help="where the script runs write their folders")
     p.add_argument("--only", default=None, help="comma-separated sections to run")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

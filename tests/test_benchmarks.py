@@ -48,3 +48,37 @@ def test_each_benchmark_runs_its_tiny_mode_to_the_end(tmp_path, monkeypatch, scr
             monkeypatch.setattr(owner, "RESULTS", tmp_path)
     module.main(argv)
     assert json.loads((tmp_path / written).read_text())["machine"]["cpu"]
+
+
+def test_compare_methods_tiny_runs_the_queue_records_and_report(tmp_path):
+    """The field's table (issue 39) at the tiny scale: GD and ER through train_continual_ddpm.py, their records, the
+    paired table; nothing of the study's own records is touched."""
+    import compare_methods
+
+    gd_record = compare_methods.RECORDS / "GD_seed0.json"
+    before = gd_record.read_bytes()
+    compare_methods.main(["--tiny", "--work_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "results" / "methods.json").read_text())
+    assert set(report["summary"]) == {"GD", "ER 20/class"}
+    assert report["paired"]["ER 20/class"]["seeds"] == [0]
+    assert (tmp_path / "results" / "methods_runs" / "GD_seed0.json").exists()
+    assert "not a result" in (tmp_path / "results" / "methods.md").read_text()
+    assert gd_record.read_bytes() == before
+
+
+def test_gpu_check_tiny_runs_every_section_on_cpu_even_over_an_earlier_checks_folder(tmp_path):
+    """gpu_check.py is the one run a GPU session gets: its dry run must reach every section without an error. A run
+    folder left by an earlier check (here a damaged one) used to be resumed or refused instead of trained afresh."""
+    import subprocess
+
+    stale = tmp_path / "work" / "gpu_check_run" / "task_01"
+    stale.mkdir(parents=True)
+    (stale / "model_index.json").write_text("{")
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path / "out")]
+    subprocess.run([*cmd, "--work_dir", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True)
+    results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert results["errors"] == {}
+    sections = {"train_step", "fisher", "sampling", "script_bf16", "fsdp", "geometry", "throughput"}
+    assert sections <= set(results["section_seconds"])
+    assert results["script_bf16"]["rc"] == 0 and results["script_bf16"]["fisher_matches_fp32"]
+    assert set(results["geometry"]["models"]) == {"small", "large"}
