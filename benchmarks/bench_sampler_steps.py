@@ -28,8 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT))
 from _common import RESULTS, machine  # noqa: E402
-from _runs import SCALES, UNET_CONFIG, run_flags, train_fid_classifier  # noqa: E402
+from _runs import SCALES, TINY_UNET_CONFIG, UNET_CONFIG, run_flags, train_fid_classifier  # noqa: E402
 
 from hf_r1ewc.data import images_to_model_input, load_labeled_images  # noqa: E402
 from hf_r1ewc.distill import frozen_teacher  # noqa: E402
@@ -40,18 +41,19 @@ from hf_r1ewc.pipeline import SAMPLERS, ClassConditionalPipeline, sampling_sched
 
 STEPS = (10, 15, 20, 25, 50)
 SEEDS = (0, 1, 2)
+SCALE, MODEL_CONFIG = SCALES["cpu"], UNET_CONFIG
 MEASURED = ("ddim", "dpmsolver++", "unipc")  # the deterministic ODE samplers; ancestral DDPM/Euler are not candidates
 
 
 def teacher_folder(work: Path, data_dir: str, epochs: int) -> Path:
     """Train (once) the task-1 model of a GD run at the cpu scale for ``epochs`` epochs; returns its task folder."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
-    train_fid_classifier(work, data_dir, ["--resolution", "16", "--resize"])
-    run = "gd_seed0" if epochs == SCALES["cpu"]["epochs"] else f"gd_seed0_{epochs}ep"
+    (work / "unet_config.json").write_text(json.dumps(MODEL_CONFIG))
+    train_fid_classifier(work, data_dir, ["--resolution", str(SCALE["resolution"]), "--resize"])
+    run = "gd_seed0" if epochs == SCALE["epochs"] else f"gd_seed0_{epochs}ep"
     folder = work / run / "task_01"
     if not (folder / "model_index.json").exists():
-        flags = [*run_flags("GD", None, 0, work, data_dir, SCALES["cpu"]), "--num_epochs_per_task", str(epochs)]
+        flags = [*run_flags("GD", None, 0, work, data_dir, SCALE), "--num_epochs_per_task", str(epochs)]
         subprocess.run(
             [
                 sys.executable,
@@ -71,17 +73,39 @@ def teacher_folder(work: Path, data_dir: str, epochs: int) -> Path:
     return folder
 
 
-def main() -> None:
+def use_tiny_study(work: Path) -> None:
+    """``--tiny``: the tiny scale's teacher (8x8 digits, a tiny UNet), 2 and 4 steps (DDIM-4 the reference) on 2 seeds, the results under
+    WORK/results: one pass through training, scoring and writing that leaves the study's own files untouched."""
+    global SCALE, MODEL_CONFIG, STEPS, SEEDS, RESULTS
+    SCALE, MODEL_CONFIG, STEPS, SEEDS, RESULTS = SCALES["tiny"], TINY_UNET_CONFIG, (2, 4), (0, 1), work / "results"
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--work_dir", default=str(ROOT / "runs" / "sampler_steps"))
-    p.add_argument("--num_samples", type=int, default=1000)
+    p.add_argument("--data_dir", default=None, help="default: Debian's Fashion-MNIST (digits with --tiny)")
+    p.add_argument(
+        "--work_dir", default=None, help="default: runs/sampler_steps (runs/sampler_steps_tiny with --tiny)"
+    )
+    p.add_argument("--num_samples", type=int, default=None, help="images per seed and setting (default 1000; 8 tiny)")
     p.add_argument("--samplers", default=",".join(MEASURED), help=f"comma-separated, from {sorted(SAMPLERS)}")
-    p.add_argument("--epochs", type=int, default=360, help="the teacher's training epochs (the first study: 40)")
-    args = p.parse_args()
-    work = Path(args.work_dir)
+    p.add_argument(
+        "--epochs", type=int, default=None, help="the teacher's training epochs (default 360; the first study: 40)"
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a 2-epoch teacher on 8x8 digits, 2 and 4 steps, 8 images on 2 seeds, results under WORK_DIR/results: "
+        "a check that the study runs (for the tests), not a result",
+    )
+    args = p.parse_args(argv)
+    work = Path(args.work_dir or ROOT / "runs" / ("sampler_steps_tiny" if args.tiny else "sampler_steps"))
+    args.data_dir = args.data_dir or ("digits" if args.tiny else "/usr/share/datasets/fashion-mnist")
+    args.num_samples = args.num_samples or (8 if args.tiny else 1000)
+    args.epochs = args.epochs or (2 if args.tiny else 360)
+    if args.tiny:
+        use_tiny_study(work)
     test = load_labeled_images(args.data_dir, "test")
-    inputs = images_to_model_input(test.images, 16, resize=True)
+    inputs = images_to_model_input(test.images, SCALE["resolution"], resize=True)
     extractor = None
 
     def score(folder: Path, name: str, steps: int) -> tuple[list[float], float]:
@@ -108,15 +132,15 @@ def main() -> None:
         return fids, seconds
 
     folder = teacher_folder(work, args.data_dir, args.epochs)
-    stem = "sampler_steps" if args.epochs == SCALES["cpu"]["epochs"] else f"sampler_steps_{args.epochs}ep"
+    stem = "sampler_steps" if args.epochs == SCALE["epochs"] else f"sampler_steps_{args.epochs}ep"
     cache = work / f"{stem}_rows.json"  # finished settings: rerunning the command resumes
     rows = json.loads(cache.read_text()) if cache.exists() else []
     plateau = None
-    if args.epochs != SCALES["cpu"]["epochs"]:  # has the teacher's FID stopped falling?
+    if args.epochs != SCALE["epochs"]:  # has the teacher's FID stopped falling?
         half = teacher_folder(work, args.data_dir, args.epochs // 2)
         plateau_file = work / f"{stem}_plateau.json"
         if not plateau_file.exists():
-            plateau_file.write_text(json.dumps({"half": score(half, "ddim", 50)[0]}))
+            plateau_file.write_text(json.dumps({"half": score(half, "ddim", max(STEPS))[0]}))
         plateau = json.loads(plateau_file.read_text())
         losses = json.loads((folder / "metrics.json").read_text())["loss_per_epoch"]
         quarter = max(1, len(losses) // 4)
@@ -144,7 +168,7 @@ def main() -> None:
                 flush=True,
             )
             cache.write_text(json.dumps(rows))
-    reference = next(r for r in rows if r["sampler"] == "ddim" and r["steps"] == 50)
+    reference = next(r for r in rows if r["sampler"] == "ddim" and r["steps"] == max(STEPS))  # DDIM-50
     spread = reference["fid_sd"]
     for r in rows:
         r["within_ddim50_spread"] = abs(r["fid_mean"] - reference["fid_mean"]) <= spread
@@ -167,6 +191,7 @@ def write(rows: list[dict], reference: dict, args, stem: str, plateau: dict | No
     lines = [
         f"# Replay sampler and step count (teacher trained {args.epochs} epochs)",
         "",
+        *(["**A `--tiny` check (8x8 digits, a tiny UNet): not a result.**", ""] if args.tiny else []),
         f"FID (classifier features, N = {args.num_samples} per seed, seeds {list(SEEDS)}) of the task-1 teacher's "
         "samples of classes 0 and 1 at the CPU table-1 scale, per diffusers scheduler and step count. DDIM-50 "
         f"(the paper's pool sampler): {reference['fid_mean']:.2f}, seed-to-seed SD {reference['fid_sd']:.2f}. "

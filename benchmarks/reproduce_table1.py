@@ -39,6 +39,7 @@ from _runs import (  # noqa: E402
     RESULTS,
     ROOT,
     SCALES,
+    TINY_UNET_CONFIG,
     UNET_CONFIG,
     drift_geometry,
     finished,
@@ -243,6 +244,11 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
     scale = "CPU scale" if sc["model"] == "config" else "GPU scale (the paper's UNet)"
     lines = [
         f"# Table 1 at {scale}: Fashion-MNIST, 5 tasks of 2 classes\n",
+        *(
+            ["**A `--scale tiny` check (8x8 digits, a tiny UNet, one seed): not a result.**\n"]
+            if sc is SCALES["tiny"]
+            else []
+        ),
         f"Scale: {json.dumps(sc)} (per_class = training images per class, epochs per task, replay images "
         f"per class, fid = generated images per task, DDIM steps). FID features: a CNN classifier trained on "
         f"the Fashion-MNIST training split — NOT comparable to the paper's Inception FID. Mean ± standard "
@@ -763,7 +769,7 @@ def run_long_horizon(work: Path, data_dir: str, sc: dict, log: Path, jobs: int, 
             )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--scale",
@@ -771,7 +777,8 @@ def main() -> None:
         default="cpu",
         help="cpu: the CPU table (97 min on 2 cores); smoke: a 3-minute check; gpu: the paper's model and protocol; "
         "gpu-reduced: GD, diag + GD, rank-1 + GD, decoupled rank-1 + GD on one seed, ~9 minutes on one "
-        "GPU with --jobs 4",
+        "GPU with --jobs 4; tiny: GD and rank-1 + GD on one seed with 8x8 digits, the table written to "
+        "WORK_DIR/results (a check that the study runs, for the tests; not a result)",
     )
     p.add_argument(
         "--jobs",
@@ -779,7 +786,7 @@ def main() -> None:
         default=None,
         help="runs in parallel (default: 2 on CPU, one thread each; 1 for the GPU scales)",
     )
-    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--data_dir", default=None, help="default: Debian's Fashion-MNIST (digits with --scale tiny)")
     p.add_argument("--work_dir", default=None, help="default: runs/table1 (cpu) or runs/table1_SCALE")
     p.add_argument(
         "--phase",
@@ -794,16 +801,20 @@ def main() -> None:
         "0-4 (~1 h on 2 cores) -> replay_pool.md",
     )
     p.add_argument("--lengths", default="1x,3x", help="with --phase long: training lengths (1x, 3x)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    tiny = args.scale == "tiny"
+    if tiny and args.phase not in ("all", "table"):
+        p.error("--scale tiny checks the table only: drop --phase or pass --phase table")
+    args.data_dir = args.data_dir or ("digits" if tiny else "/usr/share/datasets/fashion-mnist")
     sc = SCALES[args.scale]
     on_gpu = sc["model"] == "paper"
     jobs = args.jobs or (1 if on_gpu else 2)
     work = Path(args.work_dir or ROOT / "runs" / ("table1" if args.scale == "cpu" else f"table1_{args.scale}"))
     work.mkdir(parents=True, exist_ok=True)
-    (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
+    (work / "unet_config.json").write_text(json.dumps(TINY_UNET_CONFIG if tiny else UNET_CONFIG))
     (work / "dit_config.json").write_text(json.dumps(DIT_CONFIG))
     log = work / "runs.log"
-    size = ["--resolution", "16", "--resize"] if sc["model"] == "config" else ["--resolution", "32"]
+    size = ["--resolution", "32"] if sc["model"] == "paper" else ["--resolution", str(sc["resolution"]), "--resize"]
     kept = LONG_RECORDS / "fid_classifier"  # the long horizon's runs pool across sessions: one classifier scores all
     if args.phase == "long" and kept.exists() and not (work / "fid_classifier").exists():
         shutil.copytree(kept, work / "fid_classifier")
@@ -816,6 +827,8 @@ def main() -> None:
         sweep, seeds = [("rank-1 + GD", lam, SWEEP_SEED) for lam in (100.0, 15000.0)], SEEDS[:1]
     if args.scale == "gpu-reduced":
         sweep, seeds, methods = [], SEEDS[:1], ["GD", "diag + GD", "rank-1 + GD", "decoupled rank-1 + GD"]
+    if tiny:
+        sweep, seeds, methods = [], SEEDS[:1], ["GD", "rank-1 + GD"]
     if args.phase == "dit":
         jobs_dit = [(m, lam, s, "dit") for s in SEEDS for m, lam in DIT_METHODS]
         with ThreadPoolExecutor(jobs) as pool:
@@ -860,7 +873,7 @@ def main() -> None:
             table_jobs = [(m, PAPER_LAMBDA if m in HAS_PENALTY else None, s) for s in seeds for m in methods]
             table_jobs += [(m, best[m], s) for s in seeds for m in best if best[m] != PAPER_LAMBDA]
             list(pool.map(lambda job: launch(*job, work, args.data_dir, sc, log, on_gpu), table_jobs))
-    aggregate(work, sc, best_lambdas(work), RESULTS)
+    aggregate(work, sc, best_lambdas(work), work / "results" if tiny else RESULTS)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from _runs import (  # noqa: E402
     RESULTS,
     ROOT,
     SCALES,
+    TINY_UNET_CONFIG,
     UNET_CONFIG,
     finished,
     launch,
@@ -70,7 +71,8 @@ SWEEP_BEST_LAMBDA = 100.0  # in-loss rank-1 + GD, table1_fmnist_cpu.md's sweep (
 def final_loss(metrics: dict) -> float:
     """The denoising loss over the last quarter of a task's epochs (one epoch's loss is noisy: 32-image batches)."""
     losses = metrics["denoise_loss_per_epoch"]
-    return sum(losses[-(len(losses) // 4) :]) / (len(losses) // 4)
+    quarter = max(1, len(losses) // 4)  # (a run of fewer than 4 epochs: its last epoch)
+    return sum(losses[-quarter:]) / quarter
 
 
 def rule_lambda(loss: float) -> float:
@@ -174,7 +176,7 @@ def run_all(work: Path, data_dir: str, jobs: int, lengths: list[int], seeds: lis
         )
 
 
-def fisher_signal(work: Path, folder: str, per_class: int = BASE["per_class"]) -> dict:
+def fisher_signal(work: Path, folder: str, per_class: int | None = None) -> dict:
     """Is the task-1 Fisher's mu signal or estimation noise? A re-estimate (mu and the diagonal, one (t, eps) per
     image) on the run's task-1 training images: ||mu||^2 against its sampling-noise floor (tr F - ||mu||^2) / N
     (the expected ||mu_hat||^2 when the true mean gradient is 0), and tr F. Cached in work/fisher_signal.json."""
@@ -189,7 +191,8 @@ def fisher_signal(work: Path, folder: str, per_class: int = BASE["per_class"]) -
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     if folder not in cache:
         state = json.loads((work / "runs" / folder / "task_01" / "training_state.json").read_text())
-        train = load_labeled_images(state["run_config"]["train_data_dir"], "train").subset([0, 1])
+        config, per_class = state["run_config"], per_class or BASE["per_class"]
+        train = load_labeled_images(config["train_data_dir"] or config["dataset_name"], "train").subset([0, 1])
         idx = torch.cat([torch.nonzero(train.labels == c).flatten()[:per_class] for c in (0, 1)])
         x0, y = images_to_model_input(train.images[idx], BASE["resolution"], True), train.labels[idx]
         model = ClassConditionalPipeline.from_pretrained(work / "runs" / folder / "task_01").denoiser.eval()
@@ -323,6 +326,11 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     fmt = lambda p, d=1: format_mean_se(p, f".{d}f")  # noqa: E731
     lines = [
         "# Training length at the CPU table-1 scale (issue 18)\n",
+        *(
+            ["**A `--tiny` check (8x8 digits, a tiny UNet, one seed): not a result.**\n"]
+            if BASE is SCALES["tiny"]
+            else []
+        ),
         "The CPU scale of table1_fmnist_cpu.md (280 optimizer steps per task at 1x) at longer training: the "
         "epochs per task times 1, 3, 9 (27 for task 1 alone). FID features: a CNN classifier (NOT comparable "
         "to Inception FID). Mean ± standard error over the seeds listed.\n",
@@ -428,7 +436,16 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
+def use_tiny_study(work: Path) -> None:
+    """``--tiny``: task 1 alone at 1x and GD and rank-1 + GD at 1x on seed 0, at the tiny scale (8x8 digits), the
+    report under WORK/results: one pass through queue and report that leaves the study's own files untouched."""
+    global BASE, STEPS_PER_TASK, PIXELS, TASK1_LENGTHS, RULE_SEEDS, RESULTS
+    BASE, TASK1_LENGTHS, RULE_SEEDS, RESULTS = SCALES["tiny"], (1,), (0,), work / "results"
+    STEPS_PER_TASK = BASE["epochs"] * -(-2 * BASE["per_class"] // BASE["batch"])
+    PIXELS = BASE["resolution"] ** 2
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--lengths", default="1,3,9", help="multiples of the CPU scale's 280 steps per task")
@@ -438,20 +455,30 @@ def main() -> None:
         default=",".join(m for m, _ in METHODS),
         help="the five-task methods to queue, comma-separated (default: all four)",
     )
-    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--work_dir", default=str(ROOT / "runs" / "table1"))
+    p.add_argument("--data_dir", default=None, help="default: Debian's Fashion-MNIST (digits with --tiny)")
+    p.add_argument("--work_dir", default=None, help="default: runs/table1 (runs/training_length_tiny with --tiny)")
     p.add_argument("--report_only", action="store_true", help="write the results from the finished runs")
-    args = p.parse_args()
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="task 1 alone, GD and rank-1 + GD at 1x on seed 0 with 8x8 digits and a tiny UNet, the report under "
+        "WORK_DIR/results: a check that the study runs (for the tests), not a result",
+    )
+    args = p.parse_args(argv)
+    work = Path(args.work_dir or ROOT / "runs" / ("training_length_tiny" if args.tiny else "table1"))
+    data_dir = args.data_dir or ("digits" if args.tiny else "/usr/share/datasets/fashion-mnist")
+    if args.tiny:
+        use_tiny_study(work)
+        args.lengths, args.seeds, args.methods = "1", "0", "GD,rank-1 + GD"
     lengths, seeds = [int(k) for k in args.lengths.split(",")], [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     if unknown := set(methods) - {m for m, _ in METHODS}:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {[m for m, _ in METHODS]}")
-    work = Path(args.work_dir)
     if not args.report_only:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "unet_config.json").write_text(json.dumps(UNET_CONFIG))
-        train_fid_classifier(work, args.data_dir, ["--resolution", "16", "--resize"])
-        run_all(work, args.data_dir, args.jobs, lengths, seeds, methods)
+        (work / "unet_config.json").write_text(json.dumps(TINY_UNET_CONFIG if args.tiny else UNET_CONFIG))
+        train_fid_classifier(work, data_dir, ["--resolution", str(BASE["resolution"]), "--resize"])
+        run_all(work, data_dir, args.jobs, lengths, seeds, methods)
     report(work, lengths, seeds)
 
 

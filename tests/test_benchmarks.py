@@ -50,14 +50,20 @@ def test_each_benchmark_runs_its_tiny_mode_to_the_end(tmp_path, monkeypatch, scr
     assert json.loads((tmp_path / written).read_text())["machine"]["cpu"]
 
 
+def run_script(*argv: str) -> None:
+    """A study script in its own process (its --tiny mode rebinds module globals; they must not leak into others)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_compare_methods_tiny_runs_the_queue_records_and_report(tmp_path):
     """The field's table (issue 39) at the tiny scale: GD and ER through train_continual_ddpm.py, their records, the
-    paired table; nothing of the study's own records is touched."""
-    import compare_methods
-
-    gd_record = compare_methods.RECORDS / "GD_seed0.json"
+    paired table; the study's own records are untouched."""
+    gd_record = ROOT / "benchmarks" / "results" / "methods_runs" / "GD_seed0.json"
     before = gd_record.read_bytes()
-    compare_methods.main(["--tiny", "--work_dir", str(tmp_path)])
+    run_script("benchmarks/compare_methods.py", "--tiny", "--work_dir", str(tmp_path))
     report = json.loads((tmp_path / "results" / "methods.json").read_text())
     assert set(report["summary"]) == {"GD", "ER 20/class"}
     assert report["paired"]["ER 20/class"]["seeds"] == [0]
@@ -66,16 +72,49 @@ def test_compare_methods_tiny_runs_the_queue_records_and_report(tmp_path):
     assert gd_record.read_bytes() == before
 
 
+def test_reproduce_table1_tiny_scale_writes_its_table(tmp_path):
+    run_script("benchmarks/reproduce_table1.py", "--scale", "tiny", "--work_dir", str(tmp_path))
+    table = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert set(table["paper_lambda"]) == {"GD", "rank-1 + GD"}
+    assert table["paper_lambda"]["GD"]["seeds"] == 1
+
+
+def test_training_length_tiny_writes_every_part(tmp_path):
+    """Task 1 alone and the 5-task runs of one length: a run of fewer than 4 epochs used to divide by zero in the
+    last-quarter loss."""
+    run_script("benchmarks/training_length.py", "--tiny", "--work_dir", str(tmp_path))
+    assert "not a result" in (tmp_path / "results" / "training_length.md").read_text()
+    results = json.loads((tmp_path / "results" / "training_length.json").read_text())
+    assert list(results["task1_alone"]) == ["1"]
+    assert {m: list(by_length) for m, by_length in results["study"].items()} == {"GD": ["1"], "rank-1 + GD": ["1"]}
+    assert (tmp_path / "results" / "training_length_mu.png").exists()
+
+
+def test_bench_sampler_steps_tiny_scores_every_sampler_and_the_plateau(tmp_path):
+    run_script("benchmarks/bench_sampler_steps.py", "--tiny", "--work_dir", str(tmp_path))
+    results = json.loads((tmp_path / "results" / "sampler_steps_2ep.json").read_text())
+    assert {(r["sampler"], r["steps"]) for r in results["rows"]} == {
+        (name, steps) for name in ("ddim", "dpmsolver++", "unipc") for steps in (2, 4)
+    }
+    assert len(results["plateau"]["half"]) == 2
+
+
 def test_gpu_check_tiny_runs_every_section_on_cpu_even_over_an_earlier_checks_folder(tmp_path):
     """gpu_check.py is the one run a GPU session gets: its dry run must reach every section without an error. A run
     folder left by an earlier check (here a damaged one) used to be resumed or refused instead of trained afresh."""
-    import subprocess
-
     stale = tmp_path / "work" / "gpu_check_run" / "task_01"
     stale.mkdir(parents=True)
     (stale / "model_index.json").write_text("{")
-    cmd = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path / "out")]
-    subprocess.run([*cmd, "--work_dir", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True)
+    run_script(
+        "benchmarks/gpu_check.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--out",
+        str(tmp_path / "out"),
+        "--work_dir",
+        str(tmp_path / "work"),
+    )
     results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert results["errors"] == {}
     sections = {"train_step", "fisher", "sampling", "script_bf16", "fsdp", "geometry", "throughput"}
