@@ -11,8 +11,8 @@ The protocol of table1_fmnist_cpu.md (real Fashion-MNIST at 16x16, 5 tasks of 2 
    the range grows by a decade that way (twice at most);
 2. table: every method at its weight on seeds 0-2, paired against GD seed by seed; every method within reach of GD
    after 3 seeds (its mean ΔAFID@5 less than two standard errors above 0) and GD itself run seeds 3 and 4 too;
-3. long: the best method at 5 tasks (ER 20/class, and ER 20/class + rank-1 whose gain over ER the hypothesis asks
-   about) on the long horizon of long_horizon.md (10 one-class tasks at 1x, seeds 0-4), paired against that study's
+3. long: the best methods at 5 tasks (ER 20/class, and ER 20/class + rank-1 whose gain over ER the hypothesis asks
+   about), each where it beats GD at 5 tasks (paired t, p < 0.05), on the long horizon of long_horizon.md (10 one-class tasks at 1x, seeds 0-4), paired against that study's
    GD records of the same seeds (same flags but the method's, same FID classifier);
 4. report: ``benchmarks/results/methods.{md,json}`` and the AFID@k plot, rewritten after every finished run.
 
