@@ -308,6 +308,7 @@ def write_report(output: Path) -> None:
     if hypothesis:
         lines.append(paired_markdown(hypothesis, HYPOTHESIS[1]).replace("## Paired", "## The hypothesis: paired"))
     lines += geometry_lines(best)
+    lines += ratio_lines(best)
     long_table, long_paired, long_lines = long_horizon(best, output)
     lines += long_lines
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +331,36 @@ def write_report(output: Path) -> None:
             default=str,
         )
     )
+
+
+def ratio_lines(best: dict[str, float]) -> list[str]:
+    """How strongly the penalty of HYPOTHESIS[0] pulls: ||grad of the penalty|| / ||grad of the rest of the loss|| at the
+    first step of each task's first and last epoch (mean over the seeds recorded)."""
+    from hf_r1ewc.metrics import mean_and_standard_error
+
+    label = HYPOTHESIS[0]
+    if label not in ENTRIES:
+        return []
+    per_task: dict[str, list[tuple[float, float]]] = {}
+    for seed in (*SEEDS, *MORE_SEEDS):
+        if rec := record(label, best.get(label), seed):
+            for task, ratios in rec["ewc_grad_ratio_per_epoch"].items():
+                if ratios:
+                    per_task.setdefault(task, []).append((ratios[0], ratios[-1]))
+    if not per_task:
+        return []
+    ms = lambda xs: format_mean_se(mean_and_standard_error(xs), ".2f")  # noqa: E731
+    lines = [
+        f"\n## How strongly the penalty pulls: {label}\n",
+        "‖∇ λ·EWC‖ / ‖∇ rest of the loss‖ at the first optimizer step of a task's first and last epoch (mean ± SE "
+        "over seeds; task 2 starts at θ*_1 itself, so its penalty's gradient is 0 there; later tasks start away from the "
+        "earlier anchors).\n",
+        "| task | seeds | first epoch | last epoch |",
+        "| --- | --- | --- | --- |",
+    ]
+    for task, pairs in sorted(per_task.items(), key=lambda item: int(item[0])):
+        lines.append(f"| {task} | {len(pairs)} | {ms([a for a, _ in pairs])} | {ms([b for _, b in pairs])} |")
+    return lines
 
 
 def geometry_lines(best: dict[str, float]) -> list[str]:
