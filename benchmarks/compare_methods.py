@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "unet_config.json").write_text(json.dumps(TINY_UNET_CONFIG if args.tiny else UNET_CONFIG))
     if args.tiny:
-        train_fid_classifier(work, data_dir, ["--resolution", str(SCALE["resolution"])])
+        train_fid_classifier(work, data_dir, ["--resolution", str(SCALE["resolution"]), "--resize"])
     elif not (work / "fid_classifier").exists():
         shutil.copytree(CLASSIFIER, work / "fid_classifier")
     lock = threading.Lock()

@@ -50,6 +50,22 @@ def test_each_benchmark_runs_its_tiny_mode_to_the_end(tmp_path, monkeypatch, scr
     assert json.loads((tmp_path / written).read_text())["machine"]["cpu"]
 
 
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """The FID classifier every study's tiny mode trains first (``_runs.train_fid_classifier`` on 8x8 digits), trained
+    once here; each test copies it into its work folder, where the study finds it and skips the training."""
+    from _runs import train_fid_classifier
+
+    return train_fid_classifier(tmp_path_factory.mktemp("classifier"), "digits", ["--resolution", "8", "--resize"])
+
+
+def study_folder(tmp_path: Path, classifier: Path) -> Path:
+    import shutil
+
+    shutil.copytree(classifier, tmp_path / "fid_classifier")
+    return tmp_path
+
+
 def run_script(*argv: str) -> None:
     """A study script in its own process (its --tiny mode rebinds module globals; they must not leak into others)."""
     import subprocess
@@ -58,12 +74,12 @@ def run_script(*argv: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_compare_methods_tiny_runs_the_queue_records_and_report(tmp_path):
+def test_compare_methods_tiny_runs_the_queue_records_and_report(tmp_path, tiny_classifier):
     """The field's table (issue 39) at the tiny scale: GD and ER through train_continual_ddpm.py, their records, the
     paired table; the study's own records are untouched."""
     gd_record = ROOT / "benchmarks" / "results" / "methods_runs" / "GD_seed0.json"
     before = gd_record.read_bytes()
-    run_script("benchmarks/compare_methods.py", "--tiny", "--work_dir", str(tmp_path))
+    run_script("benchmarks/compare_methods.py", "--tiny", "--work_dir", str(study_folder(tmp_path, tiny_classifier)))
     report = json.loads((tmp_path / "results" / "methods.json").read_text())
     assert set(report["summary"]) == {"GD", "ER 20/class"}
     assert report["paired"]["ER 20/class"]["seeds"] == [0]
@@ -72,17 +88,18 @@ def test_compare_methods_tiny_runs_the_queue_records_and_report(tmp_path):
     assert gd_record.read_bytes() == before
 
 
-def test_reproduce_table1_tiny_scale_writes_its_table(tmp_path):
-    run_script("benchmarks/reproduce_table1.py", "--scale", "tiny", "--work_dir", str(tmp_path))
+def test_reproduce_table1_tiny_scale_writes_its_table(tmp_path, tiny_classifier):
+    work = study_folder(tmp_path, tiny_classifier)
+    run_script("benchmarks/reproduce_table1.py", "--scale", "tiny", "--work_dir", str(work))
     table = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert set(table["paper_lambda"]) == {"GD", "rank-1 + GD"}
     assert table["paper_lambda"]["GD"]["seeds"] == 1
 
 
-def test_training_length_tiny_writes_every_part(tmp_path):
+def test_training_length_tiny_writes_every_part(tmp_path, tiny_classifier):
     """Task 1 alone and the 5-task runs of one length: a run of fewer than 4 epochs used to divide by zero in the
     last-quarter loss."""
-    run_script("benchmarks/training_length.py", "--tiny", "--work_dir", str(tmp_path))
+    run_script("benchmarks/training_length.py", "--tiny", "--work_dir", str(study_folder(tmp_path, tiny_classifier)))
     assert "not a result" in (tmp_path / "results" / "training_length.md").read_text()
     results = json.loads((tmp_path / "results" / "training_length.json").read_text())
     assert list(results["task1_alone"]) == ["1"]
@@ -90,8 +107,10 @@ def test_training_length_tiny_writes_every_part(tmp_path):
     assert (tmp_path / "results" / "training_length_mu.png").exists()
 
 
-def test_bench_sampler_steps_tiny_scores_every_sampler_and_the_plateau(tmp_path):
-    run_script("benchmarks/bench_sampler_steps.py", "--tiny", "--work_dir", str(tmp_path))
+def test_bench_sampler_steps_tiny_scores_every_sampler_and_the_plateau(tmp_path, tiny_classifier):
+    run_script(
+        "benchmarks/bench_sampler_steps.py", "--tiny", "--work_dir", str(study_folder(tmp_path, tiny_classifier))
+    )
     results = json.loads((tmp_path / "results" / "sampler_steps_2ep.json").read_text())
     assert {(r["sampler"], r["steps"]) for r in results["rows"]} == {
         (name, steps) for name in ("ddim", "dpmsolver++", "unipc") for steps in (2, 4)
