@@ -138,6 +138,11 @@ SCALES = {
 }
 
 
+def tiny_banner(sc: dict) -> list[str]:
+    """The first line of a results file written at the tiny scale (none at any other scale)."""
+    return ["**A tiny check (8x8 digits, a tiny UNet): not a result.**\n"] if sc is SCALES["tiny"] else []
+
+
 def run_flags(
     name: str, lam: float | None, seed: int, work: Path, data_dir: str, sc: dict, backbone: str = "unet"
 ) -> list[str]:

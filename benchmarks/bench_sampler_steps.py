@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT))
 from _common import RESULTS, machine  # noqa: E402
-from _runs import SCALES, TINY_UNET_CONFIG, UNET_CONFIG, run_flags, train_fid_classifier  # noqa: E402
+from _runs import SCALES, TINY_UNET_CONFIG, UNET_CONFIG, run_flags, tiny_banner, train_fid_classifier  # noqa: E402
 
 from hf_r1ewc.data import images_to_model_input, load_labeled_images  # noqa: E402
 from hf_r1ewc.distill import frozen_teacher  # noqa: E402
@@ -191,7 +191,7 @@ def write(rows: list[dict], reference: dict, args, stem: str, plateau: dict | No
     lines = [
         f"# Replay sampler and step count (teacher trained {args.epochs} epochs)",
         "",
-        *(["**A `--tiny` check (8x8 digits, a tiny UNet): not a result.**", ""] if args.tiny else []),
+        *tiny_banner(SCALE),
         f"FID (classifier features, N = {args.num_samples} per seed, seeds {list(SEEDS)}) of the task-1 teacher's "
         "samples of classes 0 and 1 at the CPU table-1 scale, per diffusers scheduler and step count. DDIM-50 "
         f"(the paper's pool sampler): {reference['fid_mean']:.2f}, seed-to-seed SD {reference['fid_sd']:.2f}. "

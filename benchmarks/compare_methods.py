@@ -45,6 +45,7 @@ from _runs import (  # noqa: E402
     finished,
     launch,
     provenance,
+    tiny_banner,
     train_fid_classifier,
 )
 
@@ -258,11 +259,7 @@ def write_report(output: Path) -> None:
     gd_seconds = train_seconds(BASELINE, None, [*SEEDS, *MORE_SEEDS])
     lines = [
         "# Which method should I use? The field's methods on paired seeds (issue 39)\n",
-        *(
-            ["**A `--tiny` check (8x8 digits, a tiny UNet, one seed): not a result.**\n"]
-            if SCALE is SCALES["tiny"]
-            else []
-        ),
+        *tiny_banner(SCALE),
         "Real Fashion-MNIST at 16x16, 5 tasks of 2 classes, the model and budget of table1_fmnist_cpu.md "
         f"({json.dumps(SCALE)}); every method paired against GD on the same seeds (task 1 trains "
         "identically for every method of a seed). FID features: the long-horizon study's CNN classifier (NOT "

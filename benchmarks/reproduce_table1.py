@@ -46,6 +46,7 @@ from _runs import (  # noqa: E402
     launch,
     provenance,
     run_dir_name,
+    tiny_banner,
     train_fid_classifier,
 )
 
@@ -244,11 +245,7 @@ def aggregate(work: Path, sc: dict, best: dict[str, float], output: Path) -> Non
     scale = "CPU scale" if sc["model"] == "config" else "GPU scale (the paper's UNet)"
     lines = [
         f"# Table 1 at {scale}: Fashion-MNIST, 5 tasks of 2 classes\n",
-        *(
-            ["**A `--scale tiny` check (8x8 digits, a tiny UNet, one seed): not a result.**\n"]
-            if sc is SCALES["tiny"]
-            else []
-        ),
+        *tiny_banner(sc),
         f"Scale: {json.dumps(sc)} (per_class = training images per class, epochs per task, replay images "
         f"per class, fid = generated images per task, DDIM steps). FID features: a CNN classifier trained on "
         f"the Fashion-MNIST training split — NOT comparable to the paper's Inception FID. Mean ± standard "

@@ -46,6 +46,7 @@ from _runs import (  # noqa: E402
     launch,
     provenance,
     run_dir_name,
+    tiny_banner,
     train_fid_classifier,
 )
 
@@ -326,11 +327,7 @@ def report(work: Path, lengths: list[int], seeds: list[int]) -> None:
     fmt = lambda p, d=1: format_mean_se(p, f".{d}f")  # noqa: E731
     lines = [
         "# Training length at the CPU table-1 scale (issue 18)\n",
-        *(
-            ["**A `--tiny` check (8x8 digits, a tiny UNet, one seed): not a result.**\n"]
-            if BASE is SCALES["tiny"]
-            else []
-        ),
+        *tiny_banner(BASE),
         "The CPU scale of table1_fmnist_cpu.md (280 optimizer steps per task at 1x) at longer training: the "
         "epochs per task times 1, 3, 9 (27 for task 1 alone). FID features: a CNN classifier (NOT comparable "
         "to Inception FID). Mean ± standard error over the seeds listed.\n",
