@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +15,27 @@ import torch
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# CPU capabilities, the same on every machine CI may get: native bf16 reported absent (AVX2 CPUs such as AMD EPYC lack
+# it; an Intel Xeon with AVX512-BF16 has it) in this process and, through cpu_capabilities/sitecustomize.py on
+# PYTHONPATH, in every process a test starts. A test of the bf16 branch asks for the `native_bf16` fixture.
+CAPABILITIES = Path(__file__).resolve().parent / "cpu_capabilities"
+os.environ["HF_R1EWC_TEST_NATIVE_BF16"] = "0"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CAPABILITIES), os.environ.get("PYTHONPATH")]))
+_capabilities = importlib.util.spec_from_file_location("cpu_capabilities", CAPABILITIES / "sitecustomize.py")
+_force_native_bf16 = importlib.util.module_from_spec(_capabilities)
+_capabilities.loader.exec_module(_force_native_bf16)
+_force_native_bf16 = _force_native_bf16._force_native_bf16
+_force_native_bf16(False)
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Native bf16 reported present, here and in the processes the test starts (emulated where the CPU lacks it)."""
+    monkeypatch.setenv("HF_R1EWC_TEST_NATIVE_BF16", "1")
+    _force_native_bf16(True)
+    yield
+    _force_native_bf16(False)
 
 
 @pytest.fixture

@@ -27,6 +27,26 @@ def test_bench_sampling_tiny_reaches_its_table_on_a_cpu_without_native_bf16(tmp_
     assert "speedup_ours_bf16" not in results and results["sampling_speedup_vs_reference"] > 0
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["without_native_bf16", "with_native_bf16"])
+def test_gpu_check_sampling_summary_names_only_the_variants_it_measured(tmp_path, request, native):
+    """gpu_check's summary looked up the bf16 rows a CPU without native bf16 never measures: KeyError after all the
+    timing, on AMD EPYC (AVX2) only. Both branches run on every CPU (native bf16 forced on is emulated there)."""
+    import argparse
+
+    import gpu_check
+    import torch
+
+    if native:
+        request.getfixturevalue("native_bf16")
+    results = {
+        "machine": {"torch": "x"},
+        "sampling": gpu_check.check_sampling(argparse.Namespace(tiny=True), torch.device("cpu")),
+    }
+    gpu_check.write_markdown(results, tmp_path / "gpu_check.md")
+    line = next(x for x in (tmp_path / "gpu_check.md").read_text().splitlines() if "DDIM-50 sampling" in x)
+    assert ("bf16" in line) == native and "fp32 channels_last" in line and "plain fp32 DDIMScheduler loop" in line
+
+
 @pytest.mark.parametrize(
     "script, argv, written",
     [

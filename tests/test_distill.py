@@ -89,3 +89,23 @@ def test_online_replay_batch():
         teacher, SAMPLER, [1, 2], 7, num_inference_steps=2, generator=torch.Generator().manual_seed(0)
     )
     assert images.shape == (7, 1, 8, 8) and set(labels.tolist()) <= {1, 2} and images.requires_grad is False
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["without_native_bf16", "with_native_bf16"])
+def test_pool_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(tmp_path, request, native):
+    """``autocast_dtype="auto"`` branches on the CPU's native bf16 (AVX512-BF16 or AMX): both branches, on any CPU."""
+    from hf_r1ewc.pipeline import default_autocast_dtype
+
+    if native:
+        request.getfixturevalue("native_bf16")
+    assert default_autocast_dtype("cpu") == (torch.bfloat16 if native else None)
+    teacher = frozen_teacher(make_tiny_unet())
+    args = dict(num_inference_steps=3, seed=1, show_progress=False)
+    auto = ReplayPool.generate(teacher, SAMPLER, [1], 4, tmp_path / "auto", **args)
+    expected = ReplayPool.generate(
+        teacher, SAMPLER, [1], 4, tmp_path / "explicit", autocast_dtype=torch.bfloat16 if native else None, **args
+    )
+    other = ReplayPool.generate(
+        teacher, SAMPLER, [1], 4, tmp_path / "other", autocast_dtype=None if native else torch.bfloat16, **args
+    )
+    assert torch.equal(auto.images, expected.images) and not torch.equal(auto.images, other.images)

@@ -86,7 +86,8 @@ def test_one_fid_path_script_and_evaluate_agree(two_task_run, tmp_path):
         assert completed["fid"]["2"][i] == pytest.approx(written["fid"]["2"][i], rel=1e-6)
         assert completed["accuracy"]["2"][i] == pytest.approx(written["accuracy"]["2"][i])
     metrics = json.loads((two_task_run / "task_02" / "metrics.json").read_text())
-    assert metrics["sampling"]["sampler"] == "ddim" and metrics["sampling"]["precision"] in ("fp32", "bf16")
+    # (native bf16 is reported absent throughout the suite: conftest)
+    assert metrics["sampling"]["sampler"] == "ddim" and metrics["sampling"]["precision"] == "fp32"
     assert 0 <= metrics["accuracy"]["1"] <= 1 and set(metrics["accuracy_per_class"]) == {"0", "1", "2", "3"}
 
 
