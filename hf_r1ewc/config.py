@@ -43,16 +43,40 @@ if TYPE_CHECKING:
     from .data import TaskData
 
 
+@dataclass(frozen=True)
+class MethodFlag:
+    """A flag of one ``--method`` component: ``--name``, its type, default and help, and the values it takes (checked
+    before anything is loaded): finite, and at least ``minimum`` (above it when ``above``)."""
+
+    name: str
+    type: type
+    default: int | float | None
+    help: str
+    minimum: float = 0
+    above: bool = False
+
+    def problem(self, value: int | float | None) -> str | None:
+        """Why ``value`` is refused, or None (a default of None means "derived": leaving it out is fine)."""
+        if value is None and self.default is None:
+            return None
+        bound = f"> {self.minimum:g}" if self.above else f">= {self.minimum:g}"
+        kind = "an integer" if self.type is int else "a finite number"
+        if not math.isfinite(value) or (value <= self.minimum if self.above else value < self.minimum):
+            return f"--{self.name} must be {kind} {bound}, got {value}"
+        return None
+
+
 @dataclass
 class MethodSpec:
     """A component of ``--method``: its word, a line for ``--help``, how the settings build it (``build(args,
     noise_scheduler)`` -> a ``ContinualMethod``; None: nothing to compose, e.g. naive), its own flags (added to
-    the parser's method group), whether it must stand alone, and its group (one weight regulariser at a time)."""
+    the parser's method group; refused when the component is not in ``--method``), whether it must stand alone, and
+    its group (one weight regulariser at a time)."""
 
     name: str
     help: str
     build: Callable[[argparse.Namespace, SchedulerMixin], ContinualMethod] | None = None
-    add_flags: Callable[[argparse._ArgumentGroup], None] | None = None
+    flags: tuple[MethodFlag, ...] = ()
     alone: bool = False
     group: str | None = None  # at most one component of a group in a --method
 
@@ -85,38 +109,6 @@ def register_method(spec: MethodSpec) -> None:
     METHODS[spec.name] = spec
 
 
-def _weight_flag(flag: str, default: float, what: str) -> Callable[[argparse._ArgumentGroup], None]:
-    return lambda g: g.add_argument(f"--{flag}", type=float, default=default, help=what)
-
-
-def _si_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--si_weight", type=float, default=5.0, help="si: the penalty's weight c (CLoG: 5)")
-    g.add_argument("--si_xi", type=float, default=0.01, help="si: the damping xi of Omega's denominator (CLoG: 0.01)")
-
-
-def _er_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--er_per_class", type=int, default=20, help="er: real exemplars kept per seen class")
-    g.add_argument(
-        "--er_weight",
-        type=float,
-        default=1.0,
-        help="er: each exemplar row's weight in the denoising loss (1: a real row)",
-    )
-    g.add_argument("--er_batch_size", type=int, default=None, help="er: exemplars per step (default: the real batch)")
-    g.add_argument(
-        "--er_reservoir",
-        type=int,
-        default=None,
-        help="er: keep this many exemplars in all by reservoir sampling (a uniform sample of every training image "
-        "seen; classes share it as their images did) instead of --er_per_class per class",
-    )
-
-
-def _agem_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--agem_per_class", type=int, default=20, help="agem: real exemplars per seen class in the memory")
-    g.add_argument("--agem_batch_size", type=int, default=64, help="agem: memory images per reference gradient")
-
-
 REGULARISER = "a weight regulariser"
 for _spec in (
     MethodSpec("naive", "fine-tuning, nothing protects old tasks", alone=True),
@@ -128,21 +120,24 @@ for _spec in (
         "l2",
         "L2 to the previous task's weights (--l2_weight)",
         lambda args, noise: L2(args.l2_weight),
-        _weight_flag("l2_weight", 500.0, "l2: weight/2 * ||theta - theta*_{k-1}||^2 (CLoG: 500)"),
+        (MethodFlag("l2_weight", float, 500.0, "l2: weight/2 * ||theta - theta*_{k-1}||^2 (CLoG: 500)"),),
         group=REGULARISER,
     ),
     MethodSpec(
         "si",
         "Synaptic Intelligence (--si_weight, --si_xi)",
         lambda args, noise: SynapticIntelligence(args.si_weight, args.si_xi),
-        _si_flags,
+        (
+            MethodFlag("si_weight", float, 5.0, "si: the penalty's weight c (CLoG: 5)"),
+            MethodFlag("si_xi", float, 0.01, "si: the damping xi of Omega's denominator (CLoG: 0.01)", above=True),
+        ),
         group=REGULARISER,
     ),
     MethodSpec(
         "mas",
         "Memory Aware Synapses (--mas_weight)",
         lambda args, noise: MAS(noise, args.mas_weight),
-        _weight_flag("mas_weight", 5.0, "mas: weight * sum_i Omega_i (theta_i - theta*_i)^2 (CLoG: 5)"),
+        (MethodFlag("mas_weight", float, 5.0, "mas: weight * sum_i Omega_i (theta_i - theta*_i)^2 (CLoG: 5)"),),
         group=REGULARISER,
     ),
     MethodSpec("gd", "generative replay from a frozen teacher + distillation (--distill_weight, --replay_*)", _gd),
@@ -150,23 +145,45 @@ for _spec in (
         "er",
         "experience replay: real exemplars of the seen classes join the denoising loss (--er_per_class, --er_weight)",
         lambda args, noise: ExperienceReplay(args.er_per_class, args.er_weight, args.er_batch_size, args.er_reservoir),
-        _er_flags,
+        (
+            MethodFlag("er_per_class", int, 20, "er: real exemplars kept per seen class", minimum=1),
+            MethodFlag(
+                "er_weight",
+                float,
+                1.0,
+                "er: each exemplar row's weight in the denoising loss (1: a real row)",
+                above=True,
+            ),
+            MethodFlag("er_batch_size", int, None, "er: exemplars per step (default: the real batch)", minimum=1),
+            MethodFlag(
+                "er_reservoir",
+                int,
+                None,
+                "er: keep this many exemplars in all by reservoir sampling (a uniform sample of every training image "
+                "seen; classes share it as their images did) instead of --er_per_class per class",
+                minimum=1,
+            ),
+        ),
     ),
     MethodSpec(
         "agem",
         "A-GEM: the gradient projected when it would raise the loss on real exemplars (--agem_per_class)",
         lambda args, noise: AGEM(noise, args.agem_per_class, args.agem_batch_size),
-        _agem_flags,
+        (
+            MethodFlag("agem_per_class", int, 20, "agem: real exemplars per seen class in the memory", minimum=1),
+            MethodFlag("agem_batch_size", int, 64, "agem: memory images per reference gradient", minimum=1),
+        ),
     ),
     MethodSpec(
         "kd",
         "knowledge distillation / LwF: the previous model on the real noisy batch (--kd_weight)",
         lambda args, noise: KnowledgeDistillation(args.kd_weight),
-        _weight_flag("kd_weight", 1.0, "kd: the distillation term's weight (CLoG: 1)"),
+        (MethodFlag("kd_weight", float, 1.0, "kd: the distillation term's weight (CLoG: 1)"),),
     ),
 ):
     register_method(_spec)
 EWC_KINDS = ("rank1", "rank1_unscaled", "diag")
+EWC_LAMBDA_DEFAULT = 15000.0  # the paper's
 
 
 def canonical_method(spec: str) -> str:
@@ -244,11 +261,7 @@ def recorded_defaults(settings: dict) -> dict:
     """The values of the settings that a recorded manifest lacks (added after it was written) which reproduce its
     run: ``ADDED_SETTINGS``, and ``method`` as its ``--ewc_type``, ``--replay`` and ``--joint`` spell it."""
     defaults = dict(ADDED_SETTINGS)
-    for spec in METHODS.values():
-        if spec.add_flags is not None:
-            flags = argparse.ArgumentParser(add_help=False)
-            spec.add_flags(flags)
-            defaults |= vars(flags.parse_args([]))
+    defaults |= {flag.name: flag.default for spec in METHODS.values() for flag in spec.flags}
     if {"ewc_type", "replay", "joint"} <= set(settings):
         defaults["method"] = method_from_legacy(settings["ewc_type"], settings["replay"], settings["joint"])
     return defaults
@@ -345,7 +358,7 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         help="the EWC component of --method (older spelling; default rank1): rank1 = paper eq. 6 (with c*), "
         "rank1_unscaled = without c*, diag = diagonal, none",
     )
-    g.add_argument("--ewc_lambda", type=float, default=15000.0, help="EWC weight lambda (paper: 15000)")
+    g.add_argument("--ewc_lambda", type=float, default=EWC_LAMBDA_DEFAULT, help="EWC weight lambda (paper: 15000)")
     g.add_argument(
         "--ewc_mode",
         choices=["loss", "decoupled"],
@@ -408,8 +421,8 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         "--joint", action="store_true", help="non-continual upper bound: all classes at once (--method joint)"
     )
     for spec in METHODS.values():
-        if spec.add_flags is not None:
-            spec.add_flags(g)
+        for flag in spec.flags:
+            g.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, help=flag.help)
 
 
 def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
@@ -590,6 +603,27 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     return args
 
 
+def check_method_flags(args: argparse.Namespace) -> None:
+    """The components' own flags: each in its range, and none set for a component that ``--method`` leaves out
+    (it would be ignored without a word); ``--ewc_lambda`` likewise needs an EWC component."""
+    components = set(args.method.split("+"))
+    for name, spec in METHODS.items():
+        for flag in spec.flags:
+            value = getattr(args, flag.name)
+            if name not in components and value != flag.default:
+                raise SystemExit(
+                    f"error: --{flag.name} {value} is a setting of the {name} component, which --method "
+                    f"{args.method} does not include: add {name} to --method or drop --{flag.name}"
+                )
+            if name in components and (problem := flag.problem(value)):
+                raise SystemExit(f"error: {problem}")
+    if not components & set(EWC_KINDS) and args.ewc_lambda != EWC_LAMBDA_DEFAULT:
+        raise SystemExit(
+            f"error: --ewc_lambda {args.ewc_lambda} weighs an EWC penalty, and --method {args.method} has none "
+            f"({', '.join(EWC_KINDS)}): add one to --method or drop --ewc_lambda"
+        )
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading data or models."""
 
@@ -614,7 +648,6 @@ def validate_args(args: argparse.Namespace) -> None:
         "fisher_num_samples",
         "max_train_per_class",
         "replay_batch_size",
-        "er_reservoir",
         "fid_num_samples",
         "stop_after_steps",
         "resolution",
@@ -634,18 +667,15 @@ def validate_args(args: argparse.Namespace) -> None:
             "--replay_pool accumulate needs the earlier tasks' pools, which a task folder does not hold: continue "
             "with --replay_pool regenerate, or re-run into the run's own OUTPUT_DIR"
         )
+    check_method_flags(args)
     for name in {"er", "agem"} & set(args.method.split("+")):
         if args.streaming:
             fail(f"--method {name} keeps indices into the training split, which --streaming never holds: drop one")
-    if "er" in args.method.split("+") and (args.er_per_class < 1 or not args.er_weight > 0):
-        fail(f"--er_per_class must be >= 1 and --er_weight > 0, got {args.er_per_class} and {args.er_weight}")
     if "si" in args.method.split("+") and resolve_mixed_precision(args.mixed_precision) == "fp16":
         fail(
             "--method si integrates the gradient the optimizer sees, which fp16's gradient scaler still holds scaled "
             "when the hook runs: train SI in bf16 or fp32 (--mixed_precision bf16 or no)"
         )
-    if "agem" in args.method.split("+") and (args.agem_per_class < 1 or args.agem_batch_size < 1):
-        fail(f"--agem_per_class and --agem_batch_size must be >= 1, got {args.agem_per_class}, {args.agem_batch_size}")
     if args.streaming and args.dataloader_num_workers:
         fail("--dataloader_num_workers is for the in-memory loader; a streamed task reads through `datasets`")
     if args.ema_decay is not None and not 0 <= args.ema_decay <= 1:

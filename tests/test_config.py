@@ -74,3 +74,45 @@ def test_help_names_every_component():
         parse_args(["--help"])
     text = " ".join(out.getvalue().split())
     assert all(f"{name}:" in text for name in METHODS)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "si+gd", "--si_weight", "nan"], "--si_weight must be a finite number >= 0, got nan"),
+        (["--method", "si+gd", "--si_weight", "inf"], "--si_weight must be a finite number >= 0, got inf"),
+        (["--method", "si", "--si_xi", "0"], r"--si_xi must be a finite number > 0, got 0.0"),
+        (["--method", "l2", "--l2_weight", "-5"], "--l2_weight must be a finite number >= 0, got -5.0"),
+        (["--method", "mas", "--mas_weight", "nan"], "--mas_weight must be a finite number >= 0"),
+        (["--method", "kd", "--kd_weight", "-1"], "--kd_weight must be a finite number >= 0"),
+        (["--method", "er", "--er_weight", "inf"], "--er_weight must be a finite number > 0, got inf"),
+        (["--method", "er", "--er_weight", "0"], "--er_weight must be a finite number > 0"),
+        (["--method", "er", "--er_batch_size", "-3"], "--er_batch_size must be an integer >= 1, got -3"),
+        (["--method", "er", "--er_batch_size", "0"], "--er_batch_size must be an integer >= 1, got 0"),
+        (["--method", "er", "--er_per_class", "0"], "--er_per_class must be an integer >= 1"),
+        (["--method", "er", "--er_reservoir", "0"], "--er_reservoir must be an integer >= 1"),
+        (["--method", "agem", "--agem_batch_size", "0"], "--agem_batch_size must be an integer >= 1"),
+        (
+            ["--method", "er", "--si_weight", "3"],
+            "--si_weight 3.0 is a setting of the si component, which --method er",
+        ),
+        (["--method", "gd", "--er_per_class", "5"], "add er to --method or drop --er_per_class"),
+        (
+            ["--method", "gd", "--ewc_lambda", "100"],
+            "--ewc_lambda 100.0 weighs an EWC penalty, and --method gd has none",
+        ),
+    ],
+)
+def test_every_method_flag_is_checked_before_anything_is_loaded(flags, message, capsys):
+    """Each used to pass: a constructor's ValueError traceback at start-up, an inf weight that trained task 1 and
+    stopped at task 2, a negative batch that crashed after task 1, 0 read as the default, or a flag of a component
+    that --method leaves out ignored without a word. Now: an `error:` line from the parser."""
+    with pytest.raises(SystemExit, match=message) as raised:
+        parse_args([*BASE, *flags])
+    assert str(raised.value).startswith("error: ")
+
+
+def test_method_flags_in_range_and_of_the_selected_components_pass():
+    args = parse_args([*BASE, "--method", "er+rank1", "--er_per_class", "5", "--er_batch_size", "8"])
+    assert (args.er_per_class, args.er_batch_size, args.si_weight) == (5, 8, 5.0)
+    assert parse_args([*BASE, "--method", "si+gd", "--si_weight", "0", "--si_xi", "1e-3"]).si_xi == 1e-3

@@ -31,8 +31,10 @@ class ExperienceReplay(ContinualMethod):
     def __init__(
         self, per_class: int = 20, weight: float = 1.0, batch_size: int | None = None, reservoir: int | None = None
     ) -> None:
-        if not weight > 0:
-            raise ValueError(f"the ER weight must be > 0, got {weight}")
+        if not 0 < weight < float("inf"):
+            raise ValueError(f"the ER weight must be finite and > 0, got {weight}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"the ER batch size must be >= 1 (None: the real batch's), got {batch_size}")
         self.buffer, self.weight, self.batch_size = ExemplarBuffer(per_class, reservoir), float(weight), batch_size
 
     def label(self) -> str:

@@ -18,8 +18,8 @@ class KnowledgeDistillation(ContinualMethod):
     name = term = "kd"
 
     def __init__(self, weight: float = 1.0) -> None:
-        if not weight >= 0:
-            raise ValueError(f"the KD weight must be >= 0, got {weight}")
+        if not 0 <= weight < float("inf"):
+            raise ValueError(f"the KD weight must be finite and >= 0, got {weight}")
         self.weight = float(weight)
         self.teacher: nn.Module | None = None
 

@@ -20,8 +20,8 @@ class L2(ContinualMethod):
     name = term = "l2"
 
     def __init__(self, weight: float = 500.0) -> None:
-        if not weight >= 0:
-            raise ValueError(f"the L2 weight must be >= 0, got {weight}")
+        if not 0 <= weight < float("inf"):
+            raise ValueError(f"the L2 weight must be finite and >= 0, got {weight}")
         self.weight, self.anchor = float(weight), {}
 
     def label(self) -> str:

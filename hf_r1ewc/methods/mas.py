@@ -75,8 +75,8 @@ class MAS(ContinualMethod):
     name = term = "mas"
 
     def __init__(self, noise_scheduler: SchedulerMixin, weight: float = 5.0) -> None:
-        if not weight >= 0:
-            raise ValueError(f"the MAS weight must be >= 0, got {weight}")
+        if not 0 <= weight < float("inf"):
+            raise ValueError(f"the MAS weight must be finite and >= 0, got {weight}")
         self.noise_scheduler, self.weight = noise_scheduler, float(weight)
         self.importance: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}

@@ -36,8 +36,8 @@ class SynapticIntelligence(ContinualMethod):
     changes_during_task = True
 
     def __init__(self, weight: float = 5.0, xi: float = 0.01) -> None:
-        if not weight >= 0 or not xi > 0:
-            raise ValueError(f"SI needs weight >= 0 and xi > 0, got {weight} and {xi}")
+        if not 0 <= weight < float("inf") or not 0 < xi < float("inf"):
+            raise ValueError(f"SI needs a finite weight >= 0 and xi > 0, got {weight} and {xi}")
         self.weight, self.xi = float(weight), float(xi)
         self.importance: dict[str, torch.Tensor] = {}  # Omega, summed over the finished tasks
         self.anchor: dict[str, torch.Tensor] = {}  # theta*_k of the last finished task
