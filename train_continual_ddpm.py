@@ -112,9 +112,12 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)  # entered by main for the tasks and the report
 
 
-def open_run(args, accelerator, data: TaskData, denoiser, learner: ContinualLearner, ema, tasks) -> RunState:
-    """Where this run starts in OUTPUT_DIR (restoring what it continues from) and its manifest checked; the
-    manifest to write, if any, is ``run.manifest``."""
+def open_run(
+    args, accelerator, data: TaskData, denoiser, learner: ContinualLearner, ema, tasks, train: TrainingSplit | None
+) -> RunState:
+    """Where this run starts in OUTPUT_DIR (restoring what it continues from, the methods' state checked against the
+    model and the training split ``train``) and its manifest checked; the manifest to write, if any, is
+    ``run.manifest``."""
     run = resume_run(
         accelerator,
         Path(args.output_dir),
@@ -126,6 +129,7 @@ def open_run(args, accelerator, data: TaskData, denoiser, learner: ContinualLear
         checkpoint_spec=args.resume_from_checkpoint,
         task_source=args.resume_from_task,
         must_match={k: v for k, v in run_config(args).items() if k in RESUME_MUST_MATCH},
+        train=train,
     )
     run.manifest = check_manifest(
         accelerator,
@@ -147,7 +151,7 @@ def start_outputs(run: Run) -> None:
     if run.ema is not None:
         run.ema.to(accelerator.device)
         register_ema(accelerator, run.ema)
-    register_methods(accelerator, run.learner)
+    register_methods(accelerator, run.learner, run.state.checkpoint_expected)
     if accelerator.is_main_process and args.report_to:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("continual-ddpm", config=config)
@@ -451,10 +455,9 @@ def main(argv=None) -> None:
     logger.info("method: %s; %d tasks", method_description(args, learner), len(tasks))
     lock = lock_output_dir(accelerator, output_dir)
     with released_on_error(lock):
-        state = open_run(args, accelerator, data, denoiser, learner, ema, tasks)
-        run = Run(
-            args, accelerator, data, learner, sampler, ema, state, timer=timer, train=training_split(learner, data)
-        )
+        train = training_split(learner, data)
+        state = open_run(args, accelerator, data, denoiser, learner, ema, tasks, train)
+        run = Run(args, accelerator, data, learner, sampler, ema, state, timer=timer, train=train)
         with timer("FID classifier and reference statistics"):
             run.evaluator = make_task_evaluator(args, accelerator, data) if state.start_task <= len(tasks) else None
     if state.manifest is not None and accelerator.is_main_process:  # written once every check has passed

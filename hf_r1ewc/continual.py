@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .fisher import subset_indices
-from .methods.base import ContinualMethod, StepForward, TaskEnd, TaskStart
+from .methods.base import ContinualMethod, Expected, StepForward, TaskEnd, TaskStart
 from .sharding import local_tensor
 
 
@@ -309,15 +309,16 @@ class ContinualLearner:
             files |= method.task_files(task_index, classes)
         return files
 
-    def load_task_folder(self, folder, task_index: int) -> None:
-        """Every method restores what it wrote into task folder ``task_index`` (``ValueError`` naming the file)."""
+    def load_task_folder(self, folder, expected: Expected) -> None:
+        """Every method restores what it wrote into task folder ``expected.finished``, checked against ``expected``
+        (``ValueError`` naming the file and the problem)."""
         for method in self.methods:
-            method.load_task_folder(folder, task_index)
+            method.load_task_folder(folder, expected)
 
     def state_dict(self, changing_only: bool = False) -> dict[str, torch.Tensor]:
-        """Every method's state under ``<name>.`` (safetensors-ready), e.g. for
-        ``accelerator.register_for_checkpointing(learner)``; ``changing_only``: only the methods whose state changes
-        during a task (what a mid-task checkpoint must add to the last task folder)."""
+        """Every method's state under ``<name>.`` (safetensors-ready: ``hf_r1ewc.run.register_methods`` keeps it in
+        checkpoints); ``changing_only``: only the methods whose state changes during a task (what a mid-task
+        checkpoint must add to the last task folder)."""
         return {
             f"{m.name}.{k}": v
             for m in self.methods
@@ -325,17 +326,22 @@ class ContinualLearner:
             for k, v in m.state_dict().items()
         }
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore ``state_dict`` (whole, or ``changing_only``); refuses the state of a method it does not compose."""
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected, changing_only: bool = False) -> None:
+        """Restore ``state_dict(changing_only)``, every method's part checked against ``expected``: refuses the state
+        of a method it does not compose, and a state without the part of a method that ``state_dict`` writes."""
         names = {m.name for m in self.methods}
         unknown = sorted({k.split(".", 1)[0] for k in state} - names)
         if unknown:
             raise ValueError(f"the state holds methods {unknown} that this learner ({sorted(names)}) does not compose")
         for method in self.methods:
+            if changing_only and not method.changes_during_task:
+                continue
             prefix = method.name + "."
             part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-            if part:
-                method.load_state_dict(part)
+            try:
+                method.load_state_dict(part, expected)
+            except ValueError as err:
+                raise ValueError(f"{method.name}: {err}") from None
 
 
 def fisher_loader(

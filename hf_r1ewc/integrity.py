@@ -9,6 +9,7 @@ re-run (``manifest_differences``). ``OutputLock`` keeps a second run off a folde
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -91,10 +92,14 @@ def write_checkpoint_digests(folder: str | os.PathLike) -> None:
     (Path(folder) / CHECKPOINT_DIGESTS).write_text(json.dumps(digests, indent=1))
 
 
-def checkpoint_problem(folder: str | os.PathLike) -> str | None:
-    """None if a checkpoint folder is intact: its files match ``digests.json`` and ``position.json`` parses; else
-    what is wrong, in one line. One without ``digests.json`` cannot be verified and is refused like a damaged one."""
+def checkpoint_problem(folder: str | os.PathLike, required: dict[str, str] | None = None) -> str | None:
+    """None if a checkpoint folder is intact: its files match ``digests.json``, ``position.json`` parses and every
+    file of ``required`` (name -> what it holds) is there; else what is wrong, in one line. One without
+    ``digests.json`` cannot be verified and is refused like a damaged one."""
     folder = Path(folder)
+    for name, holds in (required or {}).items():
+        if not (folder / name).exists():
+            return f"{name} is missing: it holds {holds}, which this run needs to resume within a task"
     digest_path = folder / CHECKPOINT_DIGESTS
     if not digest_path.exists():
         return f"{CHECKPOINT_DIGESTS} is missing, so its files cannot be verified (never finished, or the file was deleted)"
@@ -131,11 +136,14 @@ class OutputLock:
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir) / ".lock"
         self._fd: int | None = None
+        self._created: list[Path] = []  # what acquire made (the lock file, folders), newest first
 
     def acquire(self) -> bool:
         """True if this process now holds the lock; False if another process does."""
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._created = missing
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -153,8 +161,15 @@ class OutputLock:
         except OSError:
             return "unknown"
 
-    def release(self) -> None:
+    def release(self, undo: bool = False) -> None:
+        """Unlock; ``undo`` (a run refused before it wrote anything): also remove the lock file and the folders that
+        ``acquire`` made, where nothing else was written into them, leaving OUTPUT_DIR as it was found."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            if undo:
+                for path in self._created:
+                    with contextlib.suppress(OSError):  # a folder something else was written into stays
+                        path.rmdir() if path.is_dir() else path.unlink()
+            self._created = []

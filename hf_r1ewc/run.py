@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from . import __version__
 from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name
 from .integrity import OutputLock, checkpoint_problem, manifest_differences, write_checkpoint_digests
+from .methods import Expected, TrainingSplit
 from .metrics import class_distribution_kl, matrix_from_json
 from .models import MODEL_SUBFOLDERS
 
@@ -99,6 +100,7 @@ class RunState:
     resume_dir: Path | None = None
     resume_position: RunPosition | None = None
     manifest: dict | None = None  # the run_manifest.json to write once every check has passed (None: unchanged)
+    checkpoint_expected: Expected | None = None  # what the resumed checkpoint's method state must fit
     tasks: list = field(default_factory=list)  # the classes of each training task, in order
 
     def record(self, scores: dict, task_index: int) -> None:
@@ -135,12 +137,13 @@ def lock_output_dir(accelerator, output_dir: Path) -> OutputLock | None:
 @contextlib.contextmanager
 def released_on_error(lock: OutputLock | None) -> Iterator[None]:
     """Release OUTPUT_DIR's lock if the block fails (a refusal before the task loop), so that the same process (a
-    test, a notebook) can run again; the OS releases it when a process dies."""
+    test, a notebook) can run again (the OS releases it when a process dies), and remove the lock file and the
+    folders the lock made where nothing else was written: a refused run leaves OUTPUT_DIR as it found it."""
     try:
         yield
     except BaseException:
         if lock is not None:
-            lock.release()
+            lock.release(undo=True)
         raise
 
 
@@ -318,14 +321,14 @@ def resume_advice(output_dir: Path) -> str:
     )
 
 
-def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
+def find_checkpoint(spec: str | None, output_dir: Path, required: dict[str, str] | None = None) -> Path | None:
     """The checkpoint to resume from: a path, a name under OUTPUT_DIR/checkpoints (``checkpoint-26``, the diffusers
     form), or the newest intact one for ``latest`` and for a re-run into a folder that holds checkpoints (a damaged
-    one, whose files differ from its digests, is skipped with a warning)."""
+    one, whose files differ from its digests or which lacks a file of ``required``, is skipped with a warning)."""
     available = checkpoint_dirs(output_dir)
     if spec is None or spec == "latest":
         for candidate in reversed(available):
-            problem = checkpoint_problem(candidate)
+            problem = checkpoint_problem(candidate, required)
             if problem is None:
                 if spec is None:
                     logger.info(
@@ -345,9 +348,9 @@ def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
         return None
     for candidate in (Path(spec), output_dir / "checkpoints" / spec, output_dir / spec):
         if (candidate / "position.json").exists():
-            problem = checkpoint_problem(candidate)
+            problem = checkpoint_problem(candidate, required)
             if problem is not None:
-                intact = [d.name for d in available if d != candidate and checkpoint_problem(d) is None]
+                intact = [d.name for d in available if d != candidate and checkpoint_problem(d, required) is None]
                 raise SystemExit(
                     f"error: --resume_from_checkpoint {spec}: {candidate} is damaged ({problem}). "
                     f"Resume from an intact one ({intact[-1] if intact else 'none left'}; "
@@ -363,11 +366,19 @@ def find_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
 METHODS_STATE = "continual_methods.safetensors"
 
 
-def register_methods(accelerator, learner) -> None:
+def methods_state_required(learner) -> dict[str, str]:
+    """``{METHODS_STATE: what it holds}`` when a method of ``learner`` changes its state during a task (a checkpoint
+    without the file cannot resume it), else {}."""
+    changing = [m.name for m in learner.methods if m.changes_during_task]
+    return {METHODS_STATE: f"the state that {', '.join(changing)} changes at every step"} if changing else {}
+
+
+def register_methods(accelerator, learner, expected: Expected | None) -> None:
     """Checkpoints hold the state of the learner's methods that changes during a task (``changes_during_task``) as
-    ``continual_methods.safetensors`` (nothing pickled); the rest comes from the last task folder. A checkpoint
-    without the file (no such method, or written before it existed) leaves the methods as they are."""
-    from safetensors.torch import load_file, save_file
+    ``continual_methods.safetensors`` (nothing pickled), loaded back checked against ``expected`` (the resumed
+    checkpoint's: ``RunState.checkpoint_expected``); the rest comes from the last task folder. A checkpoint without
+    the file is refused when a method needs it."""
+    from safetensors.torch import save_file
 
     def save_hook(models, weights, output_dir):
         state = learner.state_dict(changing_only=True)
@@ -378,11 +389,27 @@ def register_methods(accelerator, learner) -> None:
 
     def load_hook(models, input_dir):
         path = os.path.join(input_dir, METHODS_STATE)
-        if os.path.exists(path):
-            learner.load_state_dict(load_file(path))
+        if methods_state_required(learner):
+            load_methods_state(learner, Path(input_dir), expected)
+        elif os.path.exists(path):
+            raise ValueError(f"{path} holds state of methods this run does not compose ({learner.label()})")
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_methods_state(learner, checkpoint: Path, expected: Expected | None) -> None:
+    """The methods' changing state from ``checkpoint``, checked against ``expected`` (``ValueError`` naming the file
+    and the problem, nothing taken by a method that refuses)."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / METHODS_STATE
+    if expected is None:
+        raise ValueError(f"{path}: no run position to check it against (resume through resume_run)")
+    try:
+        learner.load_state_dict(load_file(str(path)), expected, changing_only=True)
+    except (OSError, SafetensorError, ValueError) as err:
+        raise ValueError(f"{path} cannot be used: {err}") from None
 
 
 def register_ema(accelerator, ema) -> None:
@@ -417,16 +444,18 @@ def resume_run(
     checkpoint_spec: str | None,
     task_source: str | None,
     must_match: dict,
+    train: TrainingSplit | None = None,
 ) -> RunState:
     """Where to start: after the newest of (a finished task folder of OUTPUT_DIR, ``task_source``, a checkpoint).
 
     The task folder continued from restores the weights, what the learner's methods keep there (the EWC penalty, at
-    the run's lambda) and the EMA's warm-up position, after its files are checked against their SHA-256; its recorded
-    ``run_config`` must agree with ``must_match`` (keys it records) and its tasks with ``training_tasks``. The checkpoint itself is loaded by ``load_checkpoint``
-    when its task starts.
+    the run's lambda) and the EMA's warm-up position, after its files are checked against their SHA-256 and the
+    methods' state against the model and the training split ``train`` (``Expected``); its recorded ``run_config``
+    must agree with ``must_match`` (keys it records) and its tasks with ``training_tasks``. A checkpoint's method
+    state is checked here too; the checkpoint itself is loaded by ``load_checkpoint`` when its task starts.
     """
     state = RunState(start_task=1, matrix={}, accuracy={})
-    checkpoint = find_checkpoint(checkpoint_spec, output_dir)
+    checkpoint = find_checkpoint(checkpoint_spec, output_dir, methods_state_required(learner))
     if checkpoint is not None and checkpoint.resolve().parent.parent != output_dir.resolve():
         check_other_runs_checkpoint(checkpoint, must_match)
     done = finished_tasks(output_dir, len(training_tasks))
@@ -483,7 +512,15 @@ def resume_run(
             )
         if state.resume_position is None:
             state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
-        restore_task_folder(previous, denoiser, learner, ema, saved, resolution)
+        restore_task_folder(previous, denoiser, learner, ema, saved, resolution, train)
+    if state.resume_dir is not None and methods_state_required(learner):
+        state.checkpoint_expected = Expected.of(denoiser, training_tasks, state.start_task - 1, train, True)
+        try:  # before any work; the load hook takes the same file again when the task starts
+            load_methods_state(learner, state.resume_dir, state.checkpoint_expected)
+        except ValueError as err:
+            raise SystemExit(
+                f"error: {err}. Delete {state.resume_dir} to resume from the checkpoint or task folder before it"
+            ) from None
     results_path = output_dir / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
@@ -523,9 +560,12 @@ def check_other_runs_checkpoint(checkpoint: Path, must_match: dict) -> None:
 MODEL_KEYS_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
-def restore_task_folder(folder: Path, denoiser, learner, ema, saved: dict, resolution: int) -> None:
-    """Weights, the learner's methods (``load_task_folder``: the EWC penalty, ...) and EMA position of a verified
-    task folder, whose model must be configured as this run's (classes, channels, size, blocks)."""
+def restore_task_folder(
+    folder: Path, denoiser, learner, ema, saved: dict, resolution: int, train: TrainingSplit | None = None
+) -> None:
+    """Weights, the learner's methods (``load_task_folder``: the EWC penalty, ... checked against the model and the
+    training split ``train``) and EMA position of a verified task folder, whose model must be configured as this
+    run's (classes, channels, size, blocks)."""
     loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
     if loaded.config.sample_size != resolution:
         raise SystemExit(
@@ -546,7 +586,7 @@ def restore_task_folder(folder: Path, denoiser, learner, ema, saved: dict, resol
         )
     denoiser.load_state_dict(loaded.state_dict())
     try:
-        learner.load_task_folder(folder, saved["task_index"])
+        learner.load_task_folder(folder, Expected.of(denoiser, saved["tasks"], saved["task_index"], train))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if ema is not None:

@@ -308,26 +308,26 @@ def test_own_loop_with_an_lr_scheduler_matches_training_step(ewc_mode):
     assert any(not torch.equal(a, b) for a, b in zip(weights[0], untouched.parameters()))
 
 
-def test_learner_state_round_trips_through_an_accelerate_checkpoint(tmp_path):
-    """``accelerator.register_for_checkpointing(learner)`` keeps the penalty: a fresh learner loaded from the
-    checkpoint has the same penalty value and gradient; a learner without that method refuses the state."""
-    accelerator = Accelerator(cpu=True)
+def test_learner_state_round_trips_through_safetensors_checked_against_the_model(tmp_path):
+    """``state_dict`` is safetensors-ready: a fresh learner loaded from the file has the same penalty value; a learner
+    without that method refuses the state, and so does a model of other shapes."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_r1ewc.methods import Expected
+
     unet = make_tiny_unet()
     learner = _learner_with_a_task(unet, "loss")
-    accelerator.register_for_checkpointing(learner)
-    accelerator.save_state(str(tmp_path / "ckpt"))
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-    accelerator = Accelerator(cpu=True)
+    save_file(learner.state_dict(), str(tmp_path / "state.safetensors"))
+    state = load_file(str(tmp_path / "state.safetensors"))
     fresh = ContinualLearner(SCHEDULER, [EWC(SCHEDULER, "rank1", 1.0)])
-    accelerator.register_for_checkpointing(fresh)
-    accelerator.load_state(str(tmp_path / "ckpt"))
+    fresh.load_state_dict(state, Expected.of(unet, [[0, 1]], 1))
     restored, saved = fresh.method("rank1").penalty_module, learner.method("rank1").penalty_module
     assert restored.num_tasks == 1 and restored.ewc_lambda == 1e3
     assert torch.equal(restored(unet).detach(), saved(unet).detach())
     with pytest.raises(ValueError, match=r"holds methods \['rank1'\] that this learner \(\['diag'\]\) does not"):
-        ContinualLearner(SCHEDULER, [EWC(SCHEDULER, "diag", 1.0)]).load_state_dict(learner.state_dict())
-    AcceleratorState._reset_state(reset_partial_state=True)
+        ContinualLearner(SCHEDULER, [EWC(SCHEDULER, "diag", 1.0)]).load_state_dict(state, Expected.of(unet, [[0]], 1))
+    with pytest.raises(ValueError, match=r"rank1: .*shape"):
+        fresh.load_state_dict(state, Expected.of(make_tiny_unet(num_classes=6), [[0, 1]], 1))
 
 
 def test_the_first_non_finite_term_in_the_loss_order_is_named():

@@ -838,3 +838,125 @@ def test_evaluate_complete_refuses_data_other_than_the_runs(reference, tmp_path)
     with pytest.raises(SystemExit, match="is not the data .* was evaluated on"):
         evaluate.main(["--run_dir", str(out), "--complete", "--output_dir", str(tmp_path / "s")])
     assert not (out / "results_completed.json").exists()
+
+
+# ------------------------------------------------------------------------------ round four (method state from outside)
+
+SI_ER = [
+    *FAST,
+    "--num_epochs_per_task",
+    "1",
+    "--method",
+    "si+er",
+    "--fid_backend",
+    "none",
+    "--checkpointing_steps",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def si_er_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """An SI + ER run of two tasks (3 steps each), and the same run stopped at step 5 (checkpoints 2, 4 and 5)."""
+    base = tmp_path_factory.mktemp("si_er")
+    run([*SI_ER, "--output_dir", str(base / "whole")])
+    run([*SI_ER, "--output_dir", str(base / "stopped"), "--stop_after_steps", "5"])
+    return base / "whole", base / "stopped"
+
+
+def rewrite_task_digests(folder: Path) -> None:
+    """What anyone who alters a task folder and republishes it can do: record the altered files' SHA-256."""
+    from hf_r1ewc.hub import write_training_state
+
+    state = json.loads((folder / "training_state.json").read_text())
+    write_training_state(folder, {k: v for k, v in state.items() if k != "sha256"})
+
+
+@pytest.mark.parametrize(
+    "name, tamper, message",
+    [
+        ("er_buffer.json", lambda r: r["indices"].__setitem__(0, 10**6), r"indices must lie in \[0, 480\)"),
+        ("er_buffer.json", lambda r: r["indices"].__setitem__(0, -3), r"indices must lie in \[0, 480\)"),
+        (
+            "er_buffer.json",
+            lambda r: r.__setitem__("indices", list(range(96))),
+            r"exemplars of classes \[2, 3, 4, 5, 6\], which the 1 finished tasks",
+        ),
+        ("er_buffer.json", lambda r: r.__setitem__("train_sha256", "0" * 64), "indexes a dataset with SHA-256 0000"),
+        ("si.safetensors", "nan", "importance.conv_in.weight holds non-finite values"),
+        ("si.safetensors", "shape", r"importance.conv_in.weight has shape \[1\]"),
+    ],
+    ids=["er_out_of_range", "er_negative", "er_unseen_classes", "er_other_data", "si_nan", "si_shape"],
+)
+def test_a_task_folder_with_valid_digests_but_invalid_method_state_is_refused_before_any_work(
+    si_er_runs, tmp_path, name, tamper, message
+):
+    """A task folder from the Hub brings its own digests: rewritten to match the altered file, each of these used to
+    train (silently, or until an IndexError, or until task 2 stopped on NaN). Now an error: line naming the file,
+    and the new output folder is left as it was found: not there."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(si_er_runs[0] / "task_01", tmp_path / "task_01")
+    if name.endswith(".json"):
+        record = json.loads((folder / name).read_text())
+        tamper(record)
+        (folder / name).write_text(json.dumps(record))
+    else:
+        tensors = load_file(str(folder / name))
+        key = "importance.conv_in.weight"
+        tensors[key] = torch.zeros(1) if tamper == "shape" else tensors[key].fill_(float("nan"))
+        save_file(tensors, str(folder / name))
+    rewrite_task_digests(folder)
+    out = tmp_path / "next"
+    with pytest.raises(SystemExit, match=message) as raised:
+        run([*SI_ER, "--output_dir", str(out), "--resume_from_task", str(folder)])
+    assert str(raised.value).startswith("error: ") and f"{folder / name} cannot be used" in str(raised.value)
+    assert not out.exists()
+
+
+def test_a_checkpoint_without_the_method_state_is_skipped_for_an_older_one(si_er_runs, tmp_path, caplog):
+    """continual_methods.safetensors deleted from the newest checkpoint and its digests rewritten: the run used to
+    resume from it with SI's path integral reset (task_02's si.safetensors off by up to 0.1). Now the checkpoint is
+    refused as damaged, the one before it resumes, and the run ends where the uninterrupted one did, SI included."""
+    from safetensors.torch import load_file
+
+    whole, stopped = si_er_runs
+    out = copy_run(stopped, tmp_path / "out")
+    newest = out / "checkpoints" / "checkpoint-5"
+    (newest / "continual_methods.safetensors").unlink()
+    write_checkpoint_digests(newest)
+    with caplog.at_level("WARNING"):
+        run([*SI_ER, "--output_dir", str(out)])
+    assert "checkpoint-5 is damaged (continual_methods.safetensors is missing" in caplog.text
+    assert max_difference(whole / "task_02", out / "task_02") == 0.0
+    ours, theirs = (
+        load_file(str(out / "task_02" / "si.safetensors")),
+        load_file(str(whole / "task_02" / "si.safetensors")),
+    )
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    with pytest.raises(SystemExit, match="checkpoint-5 is damaged \\(continual_methods.safetensors is missing"):
+        run(
+            [
+                *SI_ER,
+                "--output_dir",
+                str(copy_run(stopped, tmp_path / "named")),
+                "--resume_from_checkpoint",
+                str(newest),
+            ]
+        )
+
+
+def test_a_checkpoint_whose_method_state_does_not_fit_is_refused_before_any_work(si_er_runs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = copy_run(si_er_runs[1], tmp_path / "out")
+    newest = out / "checkpoints" / "checkpoint-5"
+    state = load_file(str(newest / "continual_methods.safetensors"))
+    state["si.omega.conv_in.weight"] = state["si.omega.conv_in.weight"].fill_(float("inf"))
+    save_file(state, str(newest / "continual_methods.safetensors"))
+    write_checkpoint_digests(newest)
+    with pytest.raises(
+        SystemExit, match="continual_methods.safetensors cannot be used: si: omega.conv_in.weight holds"
+    ):
+        run([*SI_ER, "--output_dir", str(out)])
+    assert not (out / "replay").exists() and not (out / "task_02").exists()

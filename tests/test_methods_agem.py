@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
-from hf_r1ewc.methods import AGEM, TaskEnd, TaskStart, TrainingSplit
+from hf_r1ewc.methods import AGEM, Expected, TaskEnd, TaskStart, TrainingSplit
 
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
@@ -68,3 +68,28 @@ def test_the_gradient_is_projected_only_when_it_conflicts(sign):
     else:
         assert torch.equal(after, grad)
         assert agem.projected == 0
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"indices": [0, 1], "count": 3, "projected": 4}, r"projected is 4, outside \[0, 3\]"),
+        ({"indices": [0, 1], "count": -1, "projected": 0}, r"count is -1"),
+        ({"indices": [0, 5], "count": 3, "projected": 1}, r"exemplars of classes \[2\]"),
+        ({"indices": [0, 1], "count": 3}, "not 'indices', 'count' and 'projected'"),
+    ],
+)
+def test_a_checkpoints_agem_state_is_checked_before_it_is_taken(state, message):
+    """A-GEM's state within a task (its memory and the counts that seed the next reference batch) comes from a
+    checkpoint: checked against the finished tasks and the training split like a task folder's buffer."""
+    train = TrainingSplit(torch.rand(12, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2] * 4), "sha")
+    agem = AGEM(SCHEDULER, per_class=1)
+    expected = Expected.of(make_tiny_unet(), [[0, 1], [2]], 1, train, within_task=True)
+    tensors = {k: torch.tensor(v) for k, v in state.items()}
+    with pytest.raises(ValueError, match=message):
+        agem.load_state_dict(tensors, expected)
+    assert len(agem.memory.indices) == 0 and agem.count == 0
+    agem.load_state_dict(
+        {"indices": torch.tensor([0, 1]), "count": torch.tensor(3), "projected": torch.tensor(1)}, expected
+    )
+    assert agem.memory.indices.tolist() == [0, 1] and (agem.count, agem.projected) == (3, 1)

@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 
 from hf_r1ewc.continual import ContinualLearner, fisher_loader
 from hf_r1ewc.fisher import estimate_fisher
-from hf_r1ewc.methods import EWC, SafetensorsFile, TaskEnd
+from hf_r1ewc.methods import EWC, Expected, SafetensorsFile, TaskEnd
 from hf_r1ewc.penalty import EWCPenalty
 
 
@@ -93,7 +93,7 @@ def test_task_files_restore_the_penalty_at_the_runs_lambda(tmp_path):
         save_file(payload.tensors, str(tmp_path / name), payload.metadata)
     assert load_fisher(str(tmp_path / "fisher.safetensors")).metadata["classes"] == "[0, 1]"
     restored = EWC(SCHEDULER, "rank1", 10.0)
-    restored.load_task_folder(tmp_path, 1)
+    restored.load_task_folder(tmp_path, Expected.of(unet, [[0, 1]], 1))
     assert restored.ewc_lambda == 10.0 and restored.penalty_module.num_tasks == 1
     with torch.no_grad():
         for p in unet.parameters():
@@ -101,10 +101,10 @@ def test_task_files_restore_the_penalty_at_the_runs_lambda(tmp_path):
     assert float(restored.penalty(unet)) == pytest.approx(float(method.penalty(unet)) / 10, rel=1e-6)
     (tmp_path / "ewc_penalty.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="ewc_penalty.safetensors cannot be used"):
-        EWC(SCHEDULER, "rank1", 10.0).load_task_folder(tmp_path, 1)
+        EWC(SCHEDULER, "rank1", 10.0).load_task_folder(tmp_path, Expected.of(unet, [[0, 1]], 1))
     (tmp_path / "ewc_penalty.safetensors").unlink()
     with pytest.raises(ValueError, match="has no ewc_penalty.safetensors"):
-        EWC(SCHEDULER, "rank1", 10.0).load_task_folder(tmp_path, 1)
+        EWC(SCHEDULER, "rank1", 10.0).load_task_folder(tmp_path, Expected.of(unet, [[0, 1]], 1))
 
 
 def test_bad_settings_are_refused():
@@ -113,3 +113,36 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="unknown EWC kind"):
         EWC(SCHEDULER, "rank2", 1.0)
     assert EWC(SCHEDULER, "diag", 1000.0, "decoupled").label() == "diag EWC (lambda=1000, decoupled)"
+
+
+@pytest.mark.parametrize(
+    "kind, tamper, message",
+    [
+        ("rank1", lambda t: t.__setitem__("num_tasks", torch.tensor(2)), r"num_tasks is 2, outside \[1, 1\]"),
+        ("rank1", lambda t: t.__setitem__("num_tasks", torch.tensor(1.0)), "num_tasks must be an integer scalar"),
+        ("rank1", lambda t: t.__setitem__("c", -t["c"]), "c holds negative values"),
+        (
+            "rank1",
+            lambda t: t.__setitem__("mu.conv_in.weight", t["mu.conv_in.weight"][:, :2]),
+            "mu.conv_in.weight has",
+        ),
+        ("rank1", lambda t: t.pop("gram"), r"missing \['gram'\]"),
+        ("rank1", lambda t: t.__setitem__("ewc_lambda", torch.tensor(float("inf"))), "non-finite"),
+        ("diag", lambda t: t["precision.conv_in.weight"].view(-1).__setitem__(0, -1.0), "negative values"),
+        ("diag", lambda t: t.pop("anchor.conv_in.bias"), r"missing \['anchor.conv_in.bias'\]"),
+    ],
+    ids=["k_too_many", "k_float", "c_negative", "mu_shape", "no_gram", "lambda_inf", "diag_negative", "diag_missing"],
+)
+def test_a_tampered_penalty_is_refused_naming_the_file_and_taking_nothing(tmp_path, kind, tamper, message):
+    """ewc_penalty.safetensors with its digest rewritten: shapes, the task count, c* >= 0 and the diagonal Fisher
+    >= 0 are checked against the model and the finished tasks before the penalty takes any of it."""
+    from safetensors.torch import save_file
+
+    method, unet, _ = _consolidated(kind, "loss")
+    tensors = {k: v.clone() for k, v in method.penalty_module.state_dict().items()}
+    tamper(tensors)
+    save_file(tensors, str(tmp_path / "ewc_penalty.safetensors"))
+    fresh = EWC(SCHEDULER, kind, 10.0)
+    with pytest.raises(ValueError, match=message) as raised:
+        fresh.load_task_folder(tmp_path, Expected.of(unet, [[0, 1]], 1))
+    assert "ewc_penalty.safetensors cannot be used" in str(raised.value) and fresh.penalty_module.num_tasks == 0

@@ -11,7 +11,7 @@ from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
 from hf_r1ewc.continual import ContinualLearner
-from hf_r1ewc.methods import ExperienceReplay, TaskEnd, TaskStart, TrainingSplit
+from hf_r1ewc.methods import Expected, ExperienceReplay, TaskEnd, TaskStart, TrainingSplit
 
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
@@ -48,7 +48,7 @@ def test_the_buffer_after_two_tasks_and_its_batches(tmp_path):
     )
     (tmp_path / "er_buffer.json").write_text(json.dumps(record))
     restored = ExperienceReplay(per_class=2)
-    restored.load_task_folder(tmp_path, 2)
+    restored.load_task_folder(tmp_path, Expected.of(unet, [[0, 1], [2, 3]], 2, train))
     assert torch.equal(restored.buffer.indices, er.buffer.indices)
     with pytest.raises(ValueError, match="buffer indexes a dataset with SHA-256 abc"):
         restored.start_task(TaskStart(3, unet, [0, 1, 2, 3], [4], train=_split("other")))
@@ -96,7 +96,62 @@ def test_a_reservoir_buffer_is_a_uniform_sample_of_every_example_seen(tmp_path):
     assert er.label() == "experience replay (reservoir of 4)"
     (tmp_path / "er_buffer.json").write_text(json.dumps(er.task_files(2, [2, 3])["er_buffer.json"]))
     restored = ExperienceReplay(reservoir=4)
-    restored.load_task_folder(tmp_path, 2)
+    restored.load_task_folder(tmp_path, Expected.of(unet, [[0, 1], [2, 3]], 2, train))
     assert torch.equal(restored.buffer.indices, er.buffer.indices) and restored.buffer.seen == 20
     with pytest.raises(ValueError, match="kept with reservoir 4, this run asks None"):
-        ExperienceReplay(per_class=2).load_task_folder(tmp_path, 2)
+        ExperienceReplay(per_class=2).load_task_folder(tmp_path, Expected.of(unet, [[0, 1], [2, 3]], 2, train))
+
+
+def _two_task_buffer(tmp_path):
+    """An ER after tasks {0, 1} and {2, 3} (2 per class) with its er_buffer.json in ``tmp_path``."""
+    train, unet = _split(), make_tiny_unet()
+    er = ExperienceReplay(per_class=2)
+    er.end_task(TaskEnd(1, unet, [], [0, 1], seed=5, train=train))
+    er.end_task(TaskEnd(2, unet, [], [2, 3], seed=5, train=train))
+    record = er.task_files(2, [2, 3])["er_buffer.json"]
+    return record, Expected.of(unet, [[0, 1], [2, 3]], 2, train)
+
+
+NO_CHANGE = dict.get  # (a tamper that leaves the record as written)
+
+
+@pytest.mark.parametrize(
+    "tamper, tasks, message",
+    [
+        (lambda r, _: r["indices"].__setitem__(0, 20), None, r"indices must lie in \[0, 20\)"),
+        (lambda r, _: r["indices"].__setitem__(0, -1), None, r"indices must lie in \[0, 20\)"),
+        (NO_CHANGE, [[0, 1], [2]], r"exemplars of classes \[3\], which the 2 finished tasks"),
+        (lambda r, _: r["indices"].__setitem__(0, 0.0), None, "'indices' must be a list of integers"),
+        (lambda r, _: r["indices"].__setitem__(0, True), None, "'indices' must be a list of integers"),
+        (lambda r, _: r.__setitem__("indices", list(range(20)) * 10_000), None, "appears twice"),
+        (lambda r, _: r.__setitem__("indices", r["indices"][:-1]), None, r"exemplars per class .*3: \(1, 2\)"),
+        (lambda r, _: r.__setitem__("train_sha256", "f" * 64), None, "indexes a dataset with SHA-256 ffffffffffff"),
+        (lambda r, _: r.__setitem__("seen", 2.5), None, "'seen' must be an integer"),
+        (lambda r, _: r.pop("indices"), None, "not a mapping with 'indices'"),
+    ],
+    ids=[
+        "out_of_range",
+        "negative",
+        "class_not_seen",
+        "float",
+        "bool",
+        "200000_indices",
+        "one_short",
+        "other_data",
+        "float_seen",
+        "no_indices",
+    ],
+)
+def test_a_tampered_buffer_is_refused_naming_the_file_and_taking_nothing(tmp_path, tamper, tasks, message):
+    """A task folder from the Hub brings its own digests, so a matching digest says nothing about the values. Out of
+    range used to be an IndexError at the task's start; negative, unseen-class, 200,000 or float indices were taken
+    silently."""
+    record, expected = _two_task_buffer(tmp_path)
+    tamper(record, None)
+    if tasks is not None:
+        expected = Expected.of(make_tiny_unet(), tasks, 2, expected.train)
+    (tmp_path / "er_buffer.json").write_text(json.dumps(record))
+    er = ExperienceReplay(per_class=2)
+    with pytest.raises(ValueError, match=message) as raised:
+        er.load_task_folder(tmp_path, expected)
+    assert "er_buffer.json" in str(raised.value) and len(er.buffer.indices) == 0

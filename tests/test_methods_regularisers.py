@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from hf_r1ewc.continual import ContinualLearner, fisher_loader
 from hf_r1ewc.distill import distillation_loss
 from hf_r1ewc.fisher import sample_noise
-from hf_r1ewc.methods import L2, MAS, KnowledgeDistillation, SynapticIntelligence, TaskEnd, TaskStart
+from hf_r1ewc.methods import L2, MAS, Expected, KnowledgeDistillation, SynapticIntelligence, TaskEnd, TaskStart
 from hf_r1ewc.methods.mas import output_norm_sensitivity
 
 
@@ -88,7 +88,7 @@ def test_si_state_round_trips_with_its_path_integral():
     si.start_task(TaskStart(1, model, [], [0]))
     si.omega["a"] += 3.0
     restored = SynapticIntelligence()
-    restored.load_state_dict(si.state_dict())
+    restored.load_state_dict(si.state_dict(), Expected.of(model, [[0]], 0, within_task=True))
     assert torch.equal(restored.omega["a"], si.omega["a"]) and torch.equal(restored.start["b"], si.start["b"])
 
 
@@ -138,3 +138,62 @@ def test_kd_is_the_teacher_on_the_real_rows():
         by_hand = distillation_loss(student(noisy, t, class_labels=y).sample, old(noisy, t, class_labels=y).sample)
     assert float(terms["kd"]) == pytest.approx(float(by_hand), rel=1e-6) and float(by_hand) > 0
     assert float(terms["loss"]) == pytest.approx(float(terms["denoise"]) + 0.5 * float(by_hand), rel=1e-6)
+
+
+def _finished_one_task(name: str, unet):
+    """L2, SI or MAS after one task on ``unet`` (classes 0, 1), as its task folder would restore it."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1, 0, 1])
+    method = {"l2": lambda: L2(), "si": lambda: SynapticIntelligence(), "mas": lambda: MAS(SCHEDULER)}[name]()
+    method.start_task(TaskStart(1, unet, [], [0, 1]))
+    method.end_task(TaskEnd(1, unet, fisher_loader(images, labels, None, 2, seed=0), [0, 1]))
+    return method
+
+
+FIRST = "conv_in.weight"
+
+
+@pytest.mark.parametrize(
+    "name, tamper, message",
+    [
+        ("si", lambda t, k: t.__setitem__(k, t[k][:1]), r"importance.conv_in.weight has shape \[1, 1, 3, 3\], the model's needs \[4, 1, 3, 3\]"),
+        ("si", lambda t, k: t.pop(k), "missing"),
+        ("si", lambda t, k: t[k].view(-1).__setitem__(0, float("nan")), "non-finite"),
+        ("si", lambda t, k: t[k].view(-1).__setitem__(0, float("inf")), "non-finite"),
+        ("si", lambda t, k: t.__setitem__(k, t[k].long()), "not a floating-point tensor"),
+        ("si", lambda t, k: t.__setitem__("importance.extra", torch.zeros(1)), r"unexpected \['importance.extra'\]"),
+        ("mas", lambda t, k: t[k].view(-1).__setitem__(0, -1.0), "negative values"),
+        ("l2", lambda t, k: t.__setitem__(k, torch.zeros(3)), "has shape"),
+    ],
+    ids=["si_shape", "si_missing", "si_nan", "si_inf", "si_int", "si_extra", "mas_negative", "l2_shape"],
+)
+def test_a_tampered_method_file_is_refused_naming_the_file_and_taking_nothing(tmp_path, name, tamper, message):
+    """Digests rewritten to match: a wrong shape or a missing key used to be a traceback (size mismatch, KeyError),
+    NaN/inf trained on until task 2 stopped with advice to lower the learning rate."""
+    from safetensors.torch import save_file
+
+    unet = make_tiny_unet()
+    ((filename, payload),) = _finished_one_task(name, unet).task_files(1, [0, 1]).items()
+    tensors = {k: v.clone() for k, v in payload.tensors.items()}
+    key = next(k for k in tensors if k in (FIRST, f"importance.{FIRST}"))  # (L2 keeps the anchor alone)
+    tamper(tensors, key)
+    save_file(tensors, str(tmp_path / filename))
+    fresh = {"l2": lambda: L2(), "si": lambda: SynapticIntelligence(), "mas": lambda: MAS(SCHEDULER)}[name]()
+    with pytest.raises(ValueError, match=message) as raised:
+        fresh.load_task_folder(tmp_path, Expected.of(unet, [[0, 1]], 1))
+    assert filename in str(raised.value)
+    assert fresh.penalty(unet) is None  # nothing taken
+
+
+@pytest.mark.parametrize("name", ["l2", "si", "mas"])
+def test_an_intact_method_file_restores_the_penalty(tmp_path, name):
+    from safetensors.torch import save_file
+
+    unet = make_tiny_unet()
+    method = _finished_one_task(name, unet)
+    for filename, payload in method.task_files(1, [0, 1]).items():
+        save_file(payload.tensors, str(tmp_path / filename))
+    fresh = {"l2": lambda: L2(), "si": lambda: SynapticIntelligence(), "mas": lambda: MAS(SCHEDULER)}[name]()
+    fresh.load_task_folder(tmp_path, Expected.of(unet, [[0, 1]], 1))
+    moved = make_tiny_unet(seed=1)
+    assert float(fresh.penalty(moved)) == pytest.approx(float(method.penalty(moved)), rel=1e-6)

@@ -162,10 +162,11 @@ def test_a_setting_added_later_reads_as_its_old_behaviour(accelerator, tmp_path)
 
 def test_a_checkpoint_keeps_the_state_that_methods_change_during_a_task(accelerator, tmp_path):
     """register_methods: a method with changes_during_task (its state moves at every step) is saved into
-    continual_methods.safetensors and loaded back; a method whose state changes only at a task's end is not
-    written (the task folder keeps it); a checkpoint without the file leaves the methods as they are."""
+    continual_methods.safetensors and loaded back, checked; a method whose state changes only at a task's end is not
+    written (the task folder keeps it); a checkpoint without the file is refused (it used to leave the methods as
+    they were: SI's path integral silently reset), and so is one whose values do not fit."""
     from hf_r1ewc.continual import ContinualLearner
-    from hf_r1ewc.methods import EWC, ContinualMethod
+    from hf_r1ewc.methods import EWC, ContinualMethod, Expected
     from hf_r1ewc.run import METHODS_STATE, register_methods
 
     class Steps(ContinualMethod):
@@ -180,12 +181,14 @@ def test_a_checkpoint_keeps_the_state_that_methods_change_during_a_task(accelera
         def state_dict(self):
             return {"count": self.count.clone()}
 
-        def load_state_dict(self, state):
+        def load_state_dict(self, state, expected):
+            if state["count"].shape != (3,):
+                raise ValueError(f"count has shape {list(state['count'].shape)}")
             self.count = state["count"].clone()
 
     steps = Steps()
     learner = ContinualLearner(None, [EWC(None, "rank1", 1.0), steps])
-    register_methods(accelerator, learner)
+    register_methods(accelerator, learner, Expected({}, 0, [], within_task=True))
     model = accelerator.prepare(make_tiny_unet())
     learner.after_optimizer_step(model, 0.5)
     accelerator.save_state(str(tmp_path / "ckpt"))
@@ -195,7 +198,12 @@ def test_a_checkpoint_keeps_the_state_that_methods_change_during_a_task(accelera
     learner.after_optimizer_step(model, 0.5)
     accelerator.load_state(str(tmp_path / "ckpt"))
     assert torch.equal(steps.count, torch.full((3,), 0.5))
+    from safetensors.torch import save_file
+
+    save_file({"steps.count": torch.zeros(4)}, str(tmp_path / "ckpt" / METHODS_STATE))
+    with pytest.raises(ValueError, match=f"{METHODS_STATE} cannot be used: steps: count has shape \\[4\\]"):
+        accelerator.load_state(str(tmp_path / "ckpt"))
     (tmp_path / "ckpt" / METHODS_STATE).unlink()
-    steps.count += 1
-    accelerator.load_state(str(tmp_path / "ckpt"))
-    assert torch.equal(steps.count, torch.full((3,), 1.5))
+    with pytest.raises(ValueError, match="No such file"):
+        accelerator.load_state(str(tmp_path / "ckpt"))
+    assert torch.equal(steps.count, torch.full((3,), 0.5))

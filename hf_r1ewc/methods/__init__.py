@@ -5,6 +5,7 @@ outputs), composed by ``hf_r1ewc.continual.ContinualLearner``. A method file imp
 from .agem import AGEM
 from .base import (
     ContinualMethod,
+    Expected,
     ExtraBatch,
     SafetensorsFile,
     StepForward,
@@ -33,6 +34,7 @@ __all__ = [
     "KnowledgeDistillation",
     "SynapticIntelligence",
     "ContinualMethod",
+    "Expected",
     "ExtraBatch",
     "GenerativeDistillation",
     "SafetensorsFile",

@@ -19,7 +19,7 @@ import torch
 from diffusers import SchedulerMixin
 from torch import nn
 
-from .base import ContinualMethod, TaskEnd, TaskStart
+from .base import ContinualMethod, Expected, TaskEnd, TaskStart, check_count
 from .exemplars import ExemplarBuffer
 
 
@@ -95,8 +95,8 @@ class AGEM(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         return {MEMORY_FILE: self.memory.record()}
 
-    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
-        self.memory.load(folder, MEMORY_FILE)
+    def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        self.memory.load(folder, MEMORY_FILE, expected)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
@@ -105,6 +105,11 @@ class AGEM(ContinualMethod):
             "projected": torch.tensor(self.projected),
         }
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.memory.indices = state["indices"].clone().long()
-        self.count, self.projected = int(state["count"]), int(state["projected"])
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        """The memory's indices (checked as a task folder's) and this task's counts (projected <= count)."""
+        if set(state) != {"indices", "count", "projected"}:
+            raise ValueError(f"A-GEM's state holds {sorted(state)}, not 'indices', 'count' and 'projected'")
+        count = check_count(state, "count")
+        projected = check_count(state, "projected", 0, count)
+        self.memory.restore(state["indices"], 0, expected.train.sha256 if expected.train else None, expected)
+        self.count, self.projected = count, projected

@@ -10,8 +10,15 @@ A training loop with a list of methods runs, per task::
         after_backward(model)              the gradient, all-reduced, before the optimizer step (gradient surgery)
         after_optimizer_step(model, lr)    after each optimizer step that happened (a proximal step, a path integral)
     end_task(TaskEnd)                      Fisher, importances, buffer update
-    task_files() / load_task_folder(dir)   what the task folder keeps of the method (safetensors + JSON only)
-    state_dict() / load_state_dict(s)      all of its state (``changes_during_task``: checkpoints keep it too)
+    task_files() / load_task_folder(dir, expected)
+                                           what the task folder keeps of the method (safetensors + JSON only)
+    state_dict() / load_state_dict(s, expected)
+                                           all of its state (``changes_during_task``: checkpoints keep it too)
+
+State read from outside (a task folder, perhaps pulled from the Hub with its own digests; a checkpoint) is checked
+against ``Expected`` (the model's parameter shapes, the tasks finished, their classes, the training split) and
+refused with a ``ValueError`` that names the problem before the method takes any of it: a digest says a file is the
+one written, never that its values are valid.
 
 Every hook has a default that does nothing, so a method implements only what it needs. The step's loss is
 ``denoise(real ∪ joined extra batches) + Σ loss_terms + Σ penalties in the loss`` (docs/method.md).
@@ -111,6 +118,87 @@ class TaskEnd:
         return lambda t: self.accelerator.reduce(t, "sum")
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What state read from outside must fit before a method takes it: ``shapes`` of the model's trainable
+    parameters (name -> shape), how many tasks are ``finished`` (consolidated: k for task folder k, k - 1 for a
+    checkpoint within task k), the classes they taught (``seen_classes``, sorted) and the training split in memory
+    (None: streamed data)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    finished: int
+    seen_classes: list[int]
+    train: TrainingSplit | None = None
+    within_task: bool = False  # a checkpoint's: what changes during a task must be there too
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        tasks: list[list[int]],
+        finished: int,
+        train: TrainingSplit | None = None,
+        within_task: bool = False,
+    ) -> Expected:
+        """For ``model`` (whole, unwrapped) after the first ``finished`` of ``tasks`` (``within_task``: a checkpoint
+        of task ``finished + 1``)."""
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        return cls(shapes, finished, sorted({c for t in tasks[:finished] for c in t}), train, within_task)
+
+    def prefixed(self, *parts: str) -> dict[str, tuple[int, ...]]:
+        """``{part.name: shape}`` for each parameter and part (e.g. ``anchor.<name>``)."""
+        return {f"{part}.{n}": shape for part in parts for n, shape in self.shapes.items()}
+
+
+def check_tensors(
+    state: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    nonnegative: Iterable[str] = (),
+) -> None:
+    """Refuses (``ValueError``) ``state`` unless it holds exactly the keys of ``shapes``, each a floating-point tensor
+    of that shape with finite values (and no negative one for the keys in ``nonnegative``)."""
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise ValueError(
+            f"it holds other tensors than this model's parameters need (missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+            f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}): it was written for another model or is damaged"
+        )
+    nonnegative = set(nonnegative)
+    for key, shape in shapes.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{key} has shape {list(value.shape)}, the model's needs {list(shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{key} is {value.dtype}, not a floating-point tensor")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{key} holds non-finite values (NaN or inf)")
+        if key in nonnegative and bool((value < 0).any()):
+            raise ValueError(f"{key} holds negative values, which it never has when estimated")
+
+
+def parameter_parts(
+    state: dict[str, torch.Tensor], expected: Expected, parts: Iterable[str], nonnegative: Iterable[str] = ()
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``state`` (keys ``<part>.<parameter name>``) as ``{part: {name: float32 tensor}}``, after ``check_tensors``:
+    exactly those keys, the model's shapes, finite (and >= 0 for the ``nonnegative`` parts)."""
+    parts = tuple(parts)
+    check_tensors(state, expected.prefixed(*parts), nonnegative=expected.prefixed(*nonnegative))
+    return {part: {n: state[f"{part}.{n}"].float().clone() for n in expected.shapes} for part in parts}
+
+
+def check_count(state: dict[str, torch.Tensor], key: str, low: int = 0, high: int | None = None) -> int:
+    """The integer scalar ``state[key]``, refused (``ValueError``) unless it is one, in [low, high]."""
+    value = state.get(key)
+    if value is None or value.is_floating_point() or value.is_complex() or value.numel() != 1 or value.dim() > 1:
+        raise ValueError(
+            f"{key} must be an integer scalar, got {None if value is None else (value.dtype, list(value.shape))}"
+        )
+    count = int(value)
+    if count < low or (high is not None and count > high):
+        raise ValueError(f"{key} is {count}, outside [{low}, {high if high is not None else 'inf'}]")
+    return count
+
+
 class ExtraBatch(NamedTuple):
     """Examples a method adds to the step's forward: ``images`` float32 ``[R, C, H, W]`` in [-1, 1] and ``labels``
     ``[R]`` on the step's device; ``denoise_weight``: each row's weight in the denoising loss (1: as a real row; 0:
@@ -194,13 +282,16 @@ class ContinualMethod:
         """Files for the task folder after ``end_task``: name -> safetensors payload or JSON dict."""
         return {}
 
-    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
-        """Restore what ``task_files`` wrote (to continue after that task); raise ``ValueError`` naming the file."""
+    def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        """Restore what ``task_files`` wrote into task folder ``expected.finished`` (to continue after it), checked
+        against ``expected`` first; raise ``ValueError`` naming the file and the problem, taking nothing."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        """Restore ``state_dict()``, checked against ``expected`` first (``ValueError`` naming the problem, nothing
+        taken)."""
         if state:
             raise ValueError(f"the {self.name} method keeps no state, got {sorted(state)[:3]}")
 
@@ -223,6 +314,14 @@ def load_task_file(folder: str | os.PathLike, name: str, what: str) -> dict[str,
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} cannot be used ({err}); copy the folder again") from None
+
+
+def refused(folder: str | os.PathLike, name: str, err: ValueError) -> ValueError:
+    """The ``ValueError`` for a task-folder file whose values do not fit the run: names the file and the problem."""
+    return ValueError(
+        f"{Path(folder) / name} cannot be used: {err}. It does not fit this run (another model, data or "
+        f"settings), or it was altered: continue from a task folder this run wrote"
+    )
 
 
 def quadratic_penalty(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 from diffusers import SchedulerMixin
@@ -18,7 +17,16 @@ from torch import nn
 
 from ..fisher import FisherStatistics, estimate_fisher, fisher_payload
 from ..penalty import PENALTY_KINDS, EWCPenalty
-from .base import ContinualMethod, SafetensorsFile, TaskEnd
+from .base import (
+    ContinualMethod,
+    Expected,
+    SafetensorsFile,
+    TaskEnd,
+    check_count,
+    check_tensors,
+    load_task_file,
+    refused,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -95,26 +103,32 @@ class EWC(ContinualMethod):
             files[FISHER_FILE] = SafetensorsFile(*fisher_payload(self.last_statistics, task_index, classes))
         return files
 
-    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
-        """The penalty over tasks 1..``task_index`` from the folder, at this method's lambda."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = Path(folder) / PENALTY_FILE
-        if not path.exists():
-            raise ValueError(
-                f"{folder} has no {PENALTY_FILE}, the EWC penalty over tasks 1...{task_index} that a {self.name} run "
-                f"continues from; copy the whole folder again (or pull it from the Hub)"
-            )
+    def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        """The penalty over tasks 1..``expected.finished`` from the folder, checked, at this method's lambda."""
+        what = f"the EWC penalty over tasks 1...{expected.finished} that a {self.name} run continues from"
         ewc_lambda = self.ewc_lambda
         try:
-            self.penalty_module.load_state_dict(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path} cannot be used ({err}); copy the folder again") from None
+            self.load_state_dict(load_task_file(folder, PENALTY_FILE, what), expected)
+        except ValueError as err:
+            raise refused(folder, PENALTY_FILE, err) from None
         self.penalty_module.ewc_lambda = ewc_lambda
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.penalty_module.state_dict()
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        """The penalty's tensors (``EWCPenalty.state_dict``) of this kind, one term per finished task, the model's
+        shapes, finite; c*, lambda and the diagonal Fisher >= 0."""
+        k = check_count(state, "num_tasks", expected.finished, expected.finished)
+        shapes: dict[str, tuple[int, ...]] = {"ewc_lambda": ()}
+        if self.name == "diag":
+            shapes |= {"constant": (), **(expected.prefixed("precision", "anchor") if k else {})}
+            nonnegative = {"ewc_lambda", *expected.prefixed("precision")}
+        else:
+            shapes |= {"b": (k,), "c": (k,), "gram": (k, k)}
+            shapes |= {f"mu.{n}": (k, *shape) for n, shape in expected.shapes.items()} if k else {}
+            if any(key.startswith("theta_star.") for key in state):  # (files written before it was stored lack it)
+                shapes |= expected.prefixed("theta_star")
+            nonnegative = {"ewc_lambda", "c"}
+        check_tensors({key: v for key, v in state.items() if key != "num_tasks"}, shapes, nonnegative)
         self.penalty_module.load_state_dict(state)

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .base import ContinualMethod, ExtraBatch, TaskEnd, TaskStart
+from .base import ContinualMethod, Expected, ExtraBatch, TaskEnd, TaskStart, check_count
 from .exemplars import ExemplarBuffer
 
 
@@ -66,11 +66,14 @@ class ExperienceReplay(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         return {BUFFER_FILE: self.buffer.record()}
 
-    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
-        self.buffer.load(folder, BUFFER_FILE)
+    def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        self.buffer.load(folder, BUFFER_FILE, expected)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"indices": self.buffer.indices.clone()}
+        return {"indices": self.buffer.indices.clone(), "seen": torch.tensor(self.buffer.seen)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.buffer.indices = state["indices"].clone().long()
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        if set(state) != {"indices", "seen"}:
+            raise ValueError(f"ER's state holds {sorted(state)}, not its buffer's 'indices' and 'seen'")
+        seen = check_count(state, "seen")
+        self.buffer.restore(state["indices"], seen, expected.train.sha256 if expected.train else None, expected)

@@ -8,7 +8,17 @@ import os
 import torch
 from torch import nn
 
-from .base import ContinualMethod, SafetensorsFile, TaskEnd, load_task_file, quadratic_penalty, trainable_weights
+from .base import (
+    ContinualMethod,
+    Expected,
+    SafetensorsFile,
+    TaskEnd,
+    load_task_file,
+    parameter_parts,
+    quadratic_penalty,
+    refused,
+    trainable_weights,
+)
 
 
 ANCHOR_FILE = "l2_anchor.safetensors"
@@ -42,11 +52,16 @@ class L2(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         return {ANCHOR_FILE: SafetensorsFile(self.anchor)}
 
-    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
-        self.anchor = load_task_file(folder, ANCHOR_FILE, "the weights the L2 penalty pulls towards")
+    def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        anchor = load_task_file(folder, ANCHOR_FILE, "the weights the L2 penalty pulls towards")
+        try:
+            self.load_state_dict({f"anchor.{n}": v for n, v in anchor.items()}, expected)
+        except ValueError as err:
+            raise refused(folder, ANCHOR_FILE, err) from None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"anchor.{n}": a for n, a in self.anchor.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.anchor = {k.removeprefix("anchor."): v for k, v in state.items() if k.startswith("anchor.")}
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        """theta*_{k-1} (``anchor.<name>``, the model's shapes, finite) once a task is finished; nothing before."""
+        self.anchor = parameter_parts(state, expected, ["anchor"] if expected.finished else []).get("anchor", {})

@@ -18,7 +18,17 @@ from torch.func import functional_call, grad, vmap
 
 from ..fisher import forward_ad_safe, noised_batches, trainable_parameters
 from ..progress import progress_bar
-from .base import ContinualMethod, SafetensorsFile, TaskEnd, load_task_file, quadratic_penalty, trainable_weights
+from .base import (
+    ContinualMethod,
+    Expected,
+    SafetensorsFile,
+    TaskEnd,
+    load_task_file,
+    parameter_parts,
+    quadratic_penalty,
+    refused,
+    trainable_weights,
+)
 
 
 MAS_FILE = "mas.safetensors"  # Omega (summed over tasks 1..k) and theta*_k
@@ -110,12 +120,18 @@ class MAS(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         return {MAS_FILE: SafetensorsFile(self.state_dict())}
 
-    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
-        self.load_state_dict(load_task_file(folder, MAS_FILE, "MAS's importances and anchor"))
+    def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        try:
+            self.load_state_dict(load_task_file(folder, MAS_FILE, "MAS's importances and anchor"), expected)
+        except ValueError as err:
+            raise refused(folder, MAS_FILE, err) from None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{part}.{n}": v for part in ("importance", "anchor") for n, v in getattr(self, part).items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.importance = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("importance.")}
-        self.anchor = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("anchor.")}
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        """Omega (>= 0: a mean of absolute gradients) and theta*, the model's shapes, finite; nothing before the
+        first task ends."""
+        parts = ["importance", "anchor"] if expected.finished else []
+        loaded = parameter_parts(state, expected, parts, nonnegative=["importance"])
+        self.importance, self.anchor = loaded.get("importance", {}), loaded.get("anchor", {})

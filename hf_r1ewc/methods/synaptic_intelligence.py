@@ -17,11 +17,14 @@ from torch import nn
 
 from .base import (
     ContinualMethod,
+    Expected,
     SafetensorsFile,
     TaskEnd,
     TaskStart,
     load_task_file,
+    parameter_parts,
     quadratic_penalty,
+    refused,
     trainable_weights,
 )
 
@@ -104,18 +107,24 @@ class SynapticIntelligence(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         return {SI_FILE: SafetensorsFile(self._prefixed("importance", "anchor"))}
 
-    def load_task_folder(self, folder: str | os.PathLike, task_index: int) -> None:
-        self.load_state_dict(load_task_file(folder, SI_FILE, "SI's importances and anchor"))
+    def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        try:
+            self.load_state_dict(load_task_file(folder, SI_FILE, "SI's importances and anchor"), expected)
+        except ValueError as err:
+            raise refused(folder, SI_FILE, err) from None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._prefixed("importance", "anchor", "omega", "start")
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        """Omega and theta*_k once a task is finished; within a task (a checkpoint's state) also omega and the
+        weights it started from. Each the model's shapes and finite (Omega may be negative: a path integral)."""
+        parts = (["importance", "anchor"] if expected.finished else []) + (
+            ["omega", "start"] if expected.within_task else []
+        )
+        loaded = parameter_parts(state, expected, parts)
         for part in ("importance", "anchor", "omega", "start"):
-            if any(k.startswith(part + ".") for k in state):
-                setattr(
-                    self, part, {k.split(".", 1)[1]: v.clone() for k, v in state.items() if k.startswith(part + ".")}
-                )
+            setattr(self, part, loaded.get(part, {}))
 
     def _prefixed(self, *parts: str) -> dict[str, torch.Tensor]:
         return {f"{part}.{n}": v.contiguous() for part in parts for n, v in getattr(self, part).items()}
