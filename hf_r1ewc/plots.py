@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -40,6 +41,21 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     os.replace(tmp, path)
 
 
+def _plain_text(plot: Callable) -> Callable:
+    """``plot`` with every text drawn as written: text from users (folder names, labels, method names) is never
+    parsed as mathtext or TeX (a '$' in a folder name used to end the report in a ParseFatalException)."""
+
+    @functools.wraps(plot)
+    def drawn_as_written(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return plot(*args, **kwargs)
+
+    return drawn_as_written
+
+
+@_plain_text
 def save_labeled_grid(
     images: torch.Tensor, path: str | os.PathLike, row_labels: list[str], column_labels: list[str], title: str = ""
 ) -> None:
@@ -77,6 +93,7 @@ def _pyplot():
     return plt
 
 
+@_plain_text
 def plot_afid_curves(
     curves: dict[str, dict[int, tuple[float, float]]], path: str | os.PathLike, backend: str = "classifier"
 ) -> None:
@@ -99,6 +116,7 @@ def plot_afid_curves(
     plt.close(fig)
 
 
+@_plain_text
 def plot_task_fid_curves(matrix: dict[int, dict[int, float]], path: str | os.PathLike, title: str = "") -> None:
     """FID_i(m_k) against k for every task i (paper figs. 7-14)."""
     plt = _pyplot()
@@ -117,6 +135,7 @@ def plot_task_fid_curves(matrix: dict[int, dict[int, float]], path: str | os.Pat
     plt.close(fig)
 
 
+@_plain_text
 def plot_loss_curves(
     curves: dict[str, dict[int, list[float]]],
     path: str | os.PathLike | io.BytesIO,
@@ -143,6 +162,7 @@ def plot_loss_curves(
     plt.close(fig)
 
 
+@_plain_text
 def plot_against(
     panels: dict[str, dict[str, dict[float, tuple[float, float]]]],
     path: str | os.PathLike,
@@ -177,6 +197,7 @@ def plot_against(
     plt.close(fig)
 
 
+@_plain_text
 def plot_task_matrix(
     matrix: Mapping[int, Mapping[int, float]], path: str | os.PathLike | io.BytesIO, title: str, percent: bool = False
 ) -> None:

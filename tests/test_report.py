@@ -110,3 +110,18 @@ def test_the_report_renders_in_headless_chromium(two_task_run, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (2400, 1200)
     assert (pixels < 200).mean() > 0.02 and pixels.std() > 20  # text, figures and samples, not a blank page
+
+
+def test_a_folder_name_with_mathtext_in_it_is_drawn_as_written(two_task_run, tmp_path):
+    """--output_dir 'run$\\bad$': the loss-curve panel's title (the folder's name) used to be parsed as mathtext,
+    ParseFatalException, and no report.html; `evaluate report` failed the same way. A method name with '$' too."""
+    import shutil
+
+    from hf_r1ewc.plots import plot_afid_curves
+    from hf_r1ewc.report import write_report
+
+    folder = shutil.copytree(two_task_run, tmp_path / "run$\\bad$", ignore=shutil.ignore_patterns(".lock"))
+    page = write_report([folder], tmp_path / "report.html").read_text()
+    assert "run$\\bad$" in page and len(_image_sources(page)) == 8
+    plot_afid_curves({"$\\sqrt{x$": {1: (1.0, 0.1), 2: (2.0, 0.2)}}, tmp_path / "afid.png")
+    assert (tmp_path / "afid.png").stat().st_size > 0
