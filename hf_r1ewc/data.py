@@ -95,8 +95,13 @@ class LabeledImages:
 def images_to_model_input(images: torch.Tensor, resolution: int | None = None, resize: bool = False) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` -> float32 ``[N, C, R, R]`` in ``[-1, 1]``; zero-padded up to ``R`` (or resized if asked)."""
     x = images.float().div_(127.5).sub_(1.0)
-    size = images.shape[-1]
-    if resolution is None or resolution == size:
+    height, size = images.shape[-2], images.shape[-1]
+    if height != size and not resize:
+        raise DataError(
+            f"images are {height}x{size} (height x width), not square, and the model samples square images: pass "
+            f"--resize (with --resolution R) to rescale them to R x R"
+        )
+    if resolution is None or (resolution == size and height == size):
         return x
     if resize:
         return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)

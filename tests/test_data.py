@@ -330,3 +330,22 @@ def test_channels_are_decided_once_for_all_splits_and_mixed_sizes_resize_when_as
     data = load_task_data(str(tmp_path), tasks="0;1", resolution=8, resize=True)
     assert data.num_channels == 3 and data.test.images.shape[1] == 3 and data.train.images.shape[1:] == (3, 8, 8)
     assert data.test_inputs.shape == (2, 3, 8, 8)  # what FID compares the 3-channel samples with
+
+
+def test_non_square_images_are_refused_up_front_unless_resized(tmp_path):
+    """An imagefolder of 8x6 images used to be accepted without --resize: task 1 trained and was written, then task
+    2's first step crashed (`Sizes of tensors must match`: the replay was sampled square)."""
+    from PIL import Image
+
+    from hf_r1ewc.data import load_task_data
+
+    gray = lambda v: Image.fromarray(np.full((8, 6), v, np.uint8), "L")  # noqa: E731  (8 high, 6 wide)
+    _imagefolder(
+        tmp_path,
+        {"train": {"cat": [gray(10), gray(20)], "dog": [gray(30)]}, "test": {"cat": [gray(40)], "dog": [gray(50)]}},
+    )
+    with pytest.raises(SystemExit, match=r"error: images are 8x6 \(height x width\), not square.*pass --resize"):
+        load_task_data(str(tmp_path), tasks="0;1")
+    data = load_task_data(str(tmp_path), tasks="0;1", resolution=8, resize=True)
+    assert data.train_inputs.shape == (3, 1, 8, 8) and data.test_inputs.shape == (2, 1, 8, 8)
+    assert load_task_data(str(tmp_path), tasks="0;1", resize=True).train_inputs.shape == (3, 1, 6, 6)
