@@ -13,7 +13,9 @@ from .base import (
     TaskStart,
     Term,
     TrainingSplit,
+    check_tensors,
     compile_like_student,
+    parameter_parts,
     task_folder_name,
 )
 from .ewc import EWC
@@ -43,6 +45,8 @@ __all__ = [
     "TaskStart",
     "Term",
     "TrainingSplit",
+    "check_tensors",
     "compile_like_student",
+    "parameter_parts",
     "task_folder_name",
 ]
