@@ -156,7 +156,9 @@ def start_outputs(run: Run) -> None:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("continual-ddpm", config=config)
     if args.push_to_hub and accelerator.is_main_process:
-        run.uploader = TaskUploader(args.hub_model_id, private=args.hub_private or None)
+        run.uploader = TaskUploader(
+            args.hub_model_id, private=args.hub_private or None, push_exemplars=args.push_exemplars
+        )
 
 
 def prepare_task(run: Run, denoiser: ModelMixin, loader) -> tuple:

@@ -57,6 +57,18 @@ def held_bytes(obj, seen: set) -> int:
     return 0
 
 
+def imagenet32_buffer_note(per_class: int = 20, classes: int = 1000, pixels: int = 3 * 32 * 32) -> str:
+    """What ER's buffer holds on the ImageNet-32 protocol (arithmetic, not a measurement)."""
+    exemplars = per_class * classes
+    return (
+        f"On the ImageNet-32 protocol (20 tasks of 50 classes, `--streaming`) ER's default buffer ends with {per_class} "
+        f"per class x {classes} classes = {exemplars:,} exemplars: {exemplars} x 3x32x32 B = "
+        f"{exemplars * pixels / 1e6:.1f} MB as stored (uint8, in each task folder's `er_buffer.safetensors`; A-GEM's "
+        f"also in its checkpoints) and {4 * exemplars * pixels / 1e6:.1f} MB as float32 model inputs next to the "
+        f"model while it trains (arithmetic, not measured)."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 methods, 20 images per class, 3 repeats (< 1 min)")
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         "replay pool (float16 images), the exemplar buffer (float32 images), EWC's statistics, SI's and MAS's "
         "per-parameter state; the optimizer's state and activations are the same for all and are not counted."
     )
+    lines.append("\n" + imagenet32_buffer_note())
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {path}")

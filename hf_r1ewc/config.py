@@ -81,6 +81,11 @@ class MethodSpec:
     group: str | None = None  # at most one component of a group in a --method
 
 
+def streamed_source(args: argparse.Namespace) -> str | None:
+    """The dataset a streamed run reads (what its exemplar images record as their source); None in memory."""
+    return (args.dataset_name or args.train_data_dir) if args.streaming else None
+
+
 def _ewc(kind: str) -> Callable:
     return lambda args, noise: EWC(noise, kind, args.ewc_lambda, args.ewc_mode)
 
@@ -144,7 +149,9 @@ for _spec in (
     MethodSpec(
         "er",
         "experience replay: real exemplars of the seen classes join the denoising loss (--er_per_class, --er_weight)",
-        lambda args, noise: ExperienceReplay(args.er_per_class, args.er_weight, args.er_batch_size, args.er_reservoir),
+        lambda args, noise: ExperienceReplay(
+            args.er_per_class, args.er_weight, args.er_batch_size, args.er_reservoir, streamed_source(args)
+        ),
         (
             MethodFlag("er_per_class", int, 20, "er: real exemplars kept per seen class", minimum=1),
             MethodFlag(
@@ -168,7 +175,7 @@ for _spec in (
     MethodSpec(
         "agem",
         "A-GEM: the gradient projected when it would raise the loss on real exemplars (--agem_per_class)",
-        lambda args, noise: AGEM(noise, args.agem_per_class, args.agem_batch_size),
+        lambda args, noise: AGEM(noise, args.agem_per_class, args.agem_batch_size, streamed_source(args)),
         (
             MethodFlag("agem_per_class", int, 20, "agem: real exemplars per seen class in the memory", minimum=1),
             MethodFlag("agem_batch_size", int, 64, "agem: memory images per reference gradient", minimum=1),
@@ -583,6 +590,12 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--push_to_hub", action="store_true", help="push each task folder to main and branch task-XX")
     g.add_argument("--hub_model_id", default=None, help="the Hub model repo, USER/NAME")
     g.add_argument("--hub_private", action="store_true")
+    g.add_argument(
+        "--push_exemplars",
+        action="store_true",
+        help="with --push_to_hub, also upload the exemplar images a streamed --method er/agem run keeps in its task "
+        "folders (left out by default: a dataset's licence may not allow republishing its images)",
+    )
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
@@ -668,9 +681,8 @@ def validate_args(args: argparse.Namespace) -> None:
             "with --replay_pool regenerate, or re-run into the run's own OUTPUT_DIR"
         )
     check_method_flags(args)
-    for name in {"er", "agem"} & set(args.method.split("+")):
-        if args.streaming:
-            fail(f"--method {name} keeps indices into the training split, which --streaming never holds: drop one")
+    if args.push_exemplars and not ({"er", "agem"} & set(args.method.split("+")) and args.streaming):
+        fail("--push_exemplars uploads the exemplar images of a streamed --method er or agem run; this run keeps none")
     if "si" in args.method.split("+") and resolve_mixed_precision(args.mixed_precision) == "fp16":
         fail(
             "--method si integrates the gradient the optimizer sees, which fp16's gradient scaler still holds scaled "
@@ -773,6 +785,7 @@ MAY_CHANGE = (
     "push_to_hub",
     "hub_model_id",
     "hub_private",
+    "push_exemplars",
     "fid_reference_dir",
     "fisher_batch_size",
     "logging_dir",

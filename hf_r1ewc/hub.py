@@ -21,6 +21,7 @@ from typing import Callable
 
 from .integrity import DIGESTS_KEY, IntegrityError, folder_digests, verify_folder
 from .methods.base import SafetensorsFile, task_folder_name
+from .methods.exemplars import IMAGE_FILES
 
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ def read_training_state(folder: str | os.PathLike) -> dict:
         state = json.loads((folder / "training_state.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise IntegrityError(f"{folder}/training_state.json cannot be read ({err}); copy the folder again") from err
-    if DIGESTS_KEY in state:
-        verify_folder(folder, state[DIGESTS_KEY])
+    if DIGESTS_KEY in state:  # exemplar images left out of a Hub upload are verified only where present
+        verify_folder(
+            folder, {k: v for k, v in state[DIGESTS_KEY].items() if k not in IMAGE_FILES or (folder / k).exists()}
+        )
     else:
         logger.warning(
             "%s records no SHA-256 digests (written by an older hf-r1ewc): its files are not verified", folder
@@ -188,12 +191,14 @@ def write_model_card(
     hub_model_id: str | None = None,
     transfer: dict | None = None,
     class_kl: float | None = None,
+    exemplar_files: dict[str, bool] | None = None,
 ) -> None:
     """``README.md`` from ``model_cards/task_card.md`` through ``ModelCard.from_template`` with ``eval_results``.
 
     ``fid_num_samples``: generated images per task i (or one number for all); ``sampling``: the sampler, steps and
     precision the FID samples used; ``accuracy``: ACC_i of this model per task i (classifier backend); ``transfer``:
-    ``metrics.accuracy_summary`` (ACC, BWT) over the tasks so far; ``class_kl``: this model's class-distribution KL."""
+    ``metrics.accuracy_summary`` (ACC, BWT) over the tasks so far; ``class_kl``: this model's class-distribution KL;
+    ``exemplar_files``: the files of real training images the folder keeps -> whether they go to the Hub."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     row = matrix.get(task_index, {})
@@ -278,6 +283,8 @@ def write_model_card(
         load_target=load_target,
         custom_target=f'"{hub_model_id}"' if hub_model_id else '"path/to/' + task_folder_name(task_index) + '"',
         example_labels=seen_classes[:4],
+        exemplar_files=exemplar_files or {},
+        dataset_name=dataset_name,
     )
     card.save(str(Path(folder) / "README.md"))
 
@@ -321,15 +328,23 @@ class TaskUploader:
     """Pushes task folders to branches of one Hub model repo from a background thread, with retries.
 
     ``submit(folder, task_index)`` returns at once; ``close()`` waits for the queue. A failed upload is retried
-    ``retries`` times, then logged and recorded in ``failures`` — local results are never touched.
+    ``retries`` times, then logged and recorded in ``failures`` — local results are never touched. The exemplar
+    images a streamed run keeps (``IMAGE_FILES``) stay local unless ``push_exemplars``.
     """
 
     def __init__(
-        self, repo_id: str, api=None, retries: int = 3, backoff_seconds: float = 5.0, private: bool | None = None
+        self,
+        repo_id: str,
+        api=None,
+        retries: int = 3,
+        backoff_seconds: float = 5.0,
+        private: bool | None = None,
+        push_exemplars: bool = False,
     ) -> None:
         from huggingface_hub import HfApi
 
         self.repo_id = repo_id
+        self.ignored = [] if push_exemplars else list(IMAGE_FILES)  # a dataset's images: not republished unless asked
         self.api = api or HfApi()
         self.retries = retries
         self.backoff_seconds = backoff_seconds
@@ -363,6 +378,7 @@ class TaskUploader:
             revision="main",
             commit_message=f"hf-r1ewc: model after task {task_index}",
             allow_patterns=SAFE_PATTERNS,
+            ignore_patterns=self.ignored or None,
             delete_patterns=["*"],
         )
         refs = self.api.list_repo_refs(self.repo_id)

@@ -25,6 +25,7 @@ from .distill import frozen_teacher
 from .hub import TaskArtifacts, task_folder_name, write_json, write_task_artifacts
 from .integrity import sha256_tensors
 from .methods import ContinualMethod, TaskEnd, TaskStart, TrainingSplit
+from .methods.exemplars import IMAGE_FILES
 from .metrics import TaskFID, accuracy_summary, make_evaluator, summarize
 from .models import build_model
 from .pipeline import ClassConditionalPipeline, sample
@@ -327,7 +328,9 @@ def write_task_folder(
         class_kl=run.class_kl.get(task_index),
     )
     card["hyperparameters"]["mixed_precision"] = accelerator.mixed_precision
-    artifacts = TaskArtifacts(outcome.pipeline, metrics, grid, card, state, learner.task_files(task_index, classes))
+    files = learner.task_files(task_index, classes)
+    card["exemplar_files"] = {name: args.push_exemplars for name in files if name in IMAGE_FILES}
+    artifacts = TaskArtifacts(outcome.pipeline, metrics, grid, card, state, files)
     folder = write_task_artifacts(output_dir / task_folder_name(task_index), artifacts)
     results = {
         "method": label,

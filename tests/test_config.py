@@ -50,7 +50,7 @@ def test_method_parsing_names_the_problem():
         (["--method", "rank1", "--replay", "on"], "--method rank1 and --replay on disagree"),
         (["--method", "gd", "--joint"], "--method gd and --joint disagree"),
         (["--method", "si", "--mixed_precision", "fp16"], "fp16's gradient scaler"),
-        (["--method", "er", "--streaming"], "--method er keeps indices into the training split"),
+        (["--method", "er", "--push_exemplars"], "--push_exemplars uploads the exemplar images of a streamed"),
     ]:
         with pytest.raises(SystemExit, match=message):
             parse_args([*BASE, *flags])

@@ -960,3 +960,121 @@ def test_a_checkpoint_whose_method_state_does_not_fit_is_refused_before_any_work
     ):
         run([*SI_ER, "--output_dir", str(out)])
     assert not (out / "replay").exists() and not (out / "task_02").exists()
+
+
+# ------------------------------------------------------------------------------ experience replay on streamed data
+
+
+def streamed_er_flags(source: Path, config: Path) -> list[str]:
+    return [
+        *("--train_data_dir", str(source), "--streaming", "--eval_split", "validation", "--classes_per_task", "5"),
+        *("--resolution", "8", "--model_config_name_or_path", str(config), "--num_epochs_per_task", "1"),
+        *("--train_batch_size", "8", "--method", "er", "--er_per_class", "3", "--num_inference_steps", "2"),
+        *("--fid_backend", "none", "--checkpointing_steps", "2", "--fisher_batch_size", "8"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def streamed_er(tmp_path_factory) -> tuple[list[str], Path]:
+    """A local parquet stand-in of ImageNet-32 (10 classes, 8 training images each, 8x8 RGB, the train split in 2
+    files), a 3-channel tiny UNet config, and a whole 2-task streamed ER run on it."""
+    from test_train import _imagenet32_like_parquet
+
+    base = tmp_path_factory.mktemp("streamed_er")
+    source = _imagenet32_like_parquet(base / "data", num_classes=10, train_per_class=8)
+    config = base / "unet.json"
+    config.write_text(
+        json.dumps(
+            {
+                "_class_name": "UNet2DModel",
+                "sample_size": 8,
+                "in_channels": 3,
+                "out_channels": 3,
+                "block_out_channels": [4, 4],
+                "layers_per_block": 1,
+                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+                "norm_num_groups": 2,
+                "attention_head_dim": 4,
+                "num_class_embeds": 10,
+            }
+        )
+    )
+    flags = streamed_er_flags(source, config)
+    run([*flags, "--output_dir", str(base / "whole")])
+    return flags, base / "whole"
+
+
+def test_streamed_er_keeps_each_classes_images_with_their_provenance(streamed_er):
+    """--method er with --streaming (refused before: it kept indices into a split that streaming never holds): each
+    task folder keeps er_buffer.safetensors, min(per class, its examples) uint8 images of every seen class as the
+    model sees them, with the dataset's name and each exemplar's SHA-256; the next task replays them."""
+    from safetensors import safe_open
+
+    from hf_r1ewc.methods.exemplars import exemplar_sha256
+
+    flags, whole = streamed_er
+    for k, seen in ((1, range(5)), (2, range(10))):
+        with safe_open(str(whole / f"task_{k:02d}" / "er_buffer.safetensors"), "pt") as file:
+            metadata, images, labels = file.metadata(), file.get_tensor("images"), file.get_tensor("labels")
+        assert images.dtype == torch.uint8 and images.shape == (3 * len(seen), 3, 8, 8)
+        assert sorted(labels.tolist()) == sorted(c for c in seen for _ in range(3))
+        assert metadata["source"] == flags[1] and metadata["split"] == "train"
+        assert json.loads(metadata["sha256"]) == [exemplar_sha256(x) for x in images]
+        assert json.loads(metadata["counts"]) == {str(c): 8 for c in seen}
+        assert not (whole / f"task_{k:02d}" / "er_buffer.json").exists()
+    card = (whole / "task_02" / "README.md").read_text()
+    assert "`er_buffer.safetensors` holds real training images" in card and "not uploaded to the Hub" in card
+    metrics = json.loads((whole / "task_02" / "metrics.json").read_text())
+    assert metrics["er_buffer_size"] == 30
+
+
+def test_a_kill_mid_stream_resumes_to_the_same_weights_and_buffer(streamed_er, tmp_path, monkeypatch):
+    """Killed halfway through task 2's pass over its stream (filling the buffer): the re-run redoes the task's end
+    from its last checkpoint and ends with the weights and the exemplar images of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    import hf_r1ewc.methods.exemplars as exemplars
+
+    flags, whole = streamed_er
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        crash_on_call(patch, exemplars, "to_uint8", 8)  # task 1's pass reads 5 batches; this is task 2's third
+        with pytest.raises(Crash):
+            run([*flags, "--output_dir", str(out)])
+    assert (out / "task_01").exists() and not (out / "task_02").exists()
+    run([*flags, "--output_dir", str(out)])
+    assert max_difference(whole / "task_02", out / "task_02") == 0.0
+    ours, theirs = (load_file(str(d / "task_02" / "er_buffer.safetensors")) for d in (out, whole))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_exemplars_of_another_dataset_are_refused_before_any_work(streamed_er, tmp_path):
+    """A continued run streams another dataset than the one its task folder's exemplars came from: an error: line
+    naming the file and both datasets, and the new output folder is not made."""
+    from test_train import _imagenet32_like_parquet
+
+    flags, whole = streamed_er
+    other = _imagenet32_like_parquet(tmp_path / "other", num_classes=10, train_per_class=8)
+    changed = [str(other) if f == flags[1] else f for f in flags]
+    out = tmp_path / "next"
+    with pytest.raises(
+        SystemExit, match="er_buffer.safetensors cannot be used.*its exemplars come from dataset"
+    ) as err:
+        run([*changed, "--output_dir", str(out), "--resume_from_task", str(whole / "task_01")])
+    assert str(other) in str(err.value) and not out.exists()
+
+
+def test_streamed_agem_resumes_bit_for_bit_with_its_memory_in_the_checkpoint(streamed_er, tmp_path):
+    """A-GEM on streamed data uses the same image buffer; its state within a task (the memory and the projection
+    count) is in the checkpoint, checked as it loads: stopped mid task 2 and re-run, it ends where the whole run did."""
+    from safetensors.torch import load_file
+
+    flags = [f if f != "er" else "agem" for f in streamed_er[0] if f not in ("--er_per_class", "3")]
+    flags += ["--agem_per_class", "2", "--agem_batch_size", "4"]
+    run([*flags, "--output_dir", str(tmp_path / "whole")])
+    run([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "7"])
+    state = load_file(str(tmp_path / "resumed" / "checkpoints" / "checkpoint-7" / "continual_methods.safetensors"))
+    assert state["agem.images"].shape == (10, 3, 8, 8) and state["agem.images"].dtype == torch.uint8
+    run([*flags, "--output_dir", str(tmp_path / "resumed")])
+    assert max_difference(tmp_path / "whole" / "task_02", tmp_path / "resumed" / "task_02") == 0.0

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_unet
 from diffusers import DDIMScheduler
 
@@ -114,7 +115,16 @@ class RecordingHfApi:
         assert branch not in self.branches
         self.branches[branch] = revision
 
-    def upload_folder(self, repo_id, folder_path, revision, commit_message, allow_patterns=None, delete_patterns=None):
+    def upload_folder(
+        self,
+        repo_id,
+        folder_path,
+        revision,
+        commit_message,
+        allow_patterns=None,
+        ignore_patterns=None,
+        delete_patterns=None,
+    ):
         if self.fail_uploads:
             self.fail_uploads -= 1
             raise ConnectionError("simulated network failure")
@@ -124,7 +134,9 @@ class RecordingHfApi:
         files = sorted(
             str(p.relative_to(folder_path))
             for p in Path(folder_path).rglob("*")
-            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns)
+            if p.is_file()
+            and any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns)
+            and not any(fnmatch.fnmatch(p.name, pat) for pat in ignore_patterns or ())
         )
         self.calls.append(("upload_folder", repo_id, revision, files, delete_patterns))
         self.branches[revision] = f"{len(self.calls):040d}"
@@ -218,3 +230,30 @@ def test_write_json_writes_valid_json_for_nan(tmp_path):
     write_json(tmp_path / "s.json", {"afid": (12.5, float("nan")), "rows": {1: float("inf")}})
     loaded = json.loads((tmp_path / "s.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert loaded == {"afid": [12.5, None], "rows": {"1": None}}
+
+
+@pytest.mark.parametrize("push_exemplars", [False, True])
+def test_exemplar_images_are_uploaded_only_when_asked(tmp_path, push_exemplars):
+    """A streamed ER run keeps real training images in er_buffer.safetensors: the upload leaves them out unless
+    --push_exemplars (a dataset's licence may not allow republishing them); a folder pulled without them still
+    verifies, and continuing from it names the missing file and why."""
+    from safetensors.torch import save_file
+
+    from hf_r1ewc.hub import read_training_state, write_training_state
+    from hf_r1ewc.methods import Expected
+    from hf_r1ewc.methods.exemplars import StreamedExemplarBuffer
+
+    folder = _task_folder(tmp_path / "task_01")
+    save_file({"images": torch.zeros(1, 1, 8, 8, dtype=torch.uint8)}, str(folder / "er_buffer.safetensors"))
+    write_training_state(folder, json.loads((folder / "training_state.json").read_text()))
+    api = RecordingHfApi()
+    uploader = TaskUploader(REPO, api=api, backoff_seconds=0, push_exemplars=push_exemplars)
+    uploader.submit(folder, 1)
+    assert uploader.close() == []
+    uploaded = next(c for c in api.calls if c[0] == "upload_folder")[3]
+    assert ("er_buffer.safetensors" in uploaded) == push_exemplars and "model_index.json" in uploaded
+    pulled = shutil.copytree(folder, tmp_path / "pulled", ignore=shutil.ignore_patterns("er_buffer.safetensors"))
+    assert read_training_state(pulled)["task_index"] == 1  # verified where present
+    buffer = StreamedExemplarBuffer(3, source="someone/data")
+    with pytest.raises(ValueError, match="has no er_buffer.safetensors.*--push_exemplars"):
+        buffer.load(pulled, "er_buffer.safetensors", Expected.of(make_tiny_unet(), [[0, 1]], 1))

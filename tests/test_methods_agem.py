@@ -76,7 +76,8 @@ def test_the_gradient_is_projected_only_when_it_conflicts(sign):
         ({"indices": [0, 1], "count": 3, "projected": 4}, r"projected is 4, outside \[0, 3\]"),
         ({"indices": [0, 1], "count": -1, "projected": 0}, r"count is -1"),
         ({"indices": [0, 5], "count": 3, "projected": 1}, r"exemplars of classes \[2\]"),
-        ({"indices": [0, 1], "count": 3}, "not 'indices', 'count' and 'projected'"),
+        ({"indices": [0, 1], "count": 3}, "without 'count' and 'projected'"),
+        ({"count": 3, "projected": 1}, r"the buffer's state holds \[\], not \['indices'\]"),
     ],
 )
 def test_a_checkpoints_agem_state_is_checked_before_it_is_taken(state, message):

@@ -155,3 +155,93 @@ def test_a_tampered_buffer_is_refused_naming_the_file_and_taking_nothing(tmp_pat
     with pytest.raises(ValueError, match=message) as raised:
         er.load_task_folder(tmp_path, expected)
     assert "er_buffer.json" in str(raised.value) and len(er.buffer.indices) == 0
+
+
+# ------------------------------------------------------------------ streamed data: a buffer of the images themselves
+
+CLASS_SIZES = {0: 10, 1: 4, 2: 7}  # examples per class in the synthetic stream; ids 0..20 in stream order
+MODEL = __import__("types").SimpleNamespace(config=__import__("types").SimpleNamespace(in_channels=1, sample_size=2))
+
+
+def stream_of(sizes: dict[int, int], rank: int = 0, world: int = 1, batch: int = 4) -> list:
+    """A task's one-pass stream (this process's shard: every world-th example): batches of (model inputs [B, 1, 2, 2]
+    in [-1, 1] whose pixels encode each example's id, labels, global index), as the end-of-task loader yields them."""
+    labels = [c for c, n in sizes.items() for _ in range(n)]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(7)).tolist()  # classes interleaved
+    mine = order[rank::world]
+    pixels = torch.zeros(len(labels), 1, 2, 2, dtype=torch.uint8)
+    pixels[:, 0, 0, 0] = torch.arange(len(labels)) % 256
+    pixels[:, 0, 0, 1] = torch.arange(len(labels)) // 256
+    images = pixels.float() / 127.5 - 1.0
+    return [
+        (images[mine[i : i + batch]], torch.tensor(labels)[mine[i : i + batch]], torch.tensor(mine[i : i + batch]))
+        for i in range(0, len(mine), batch)
+    ]
+
+
+def ids_of(stored: torch.Tensor) -> list[int]:
+    return (stored[:, 0, 0, 0].long() + 256 * stored[:, 0, 0, 1].long()).tolist()
+
+
+def test_a_streamed_buffer_is_a_uniform_sample_of_each_class_in_one_pass():
+    """Each class's reservoir over one pass of the stream: after the task every class holds min(per_class, its
+    examples), each example kept with probability per_class / n_c (Monte Carlo over 1000 seeds, within 4 SEs: a
+    false alarm for one of the 21 examples has probability ~0.1 %)."""
+    from hf_r1ewc.methods.exemplars import StreamedExemplarBuffer
+
+    labels = torch.tensor([c for c, n in CLASS_SIZES.items() for _ in range(n)])
+    kept = torch.zeros(len(labels))
+    for seed in range(1000):
+        buffer = StreamedExemplarBuffer(per_class=3, source="synthetic")
+        buffer.add_task(TaskEnd(1, MODEL, stream_of(CLASS_SIZES), list(CLASS_SIZES), seed, show_progress=False))
+        ids = ids_of(buffer.stored)
+        assert len(set(ids)) == 9 and buffer.stored_labels.tolist() == labels[ids].tolist()
+        assert sorted(buffer.stored_labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert buffer.counts == CLASS_SIZES
+        kept[ids] += 1
+    expected = torch.tensor([3 / CLASS_SIZES[int(c)] for c in labels])
+    se = (expected * (1 - expected) / 1000).sqrt()
+    assert ((kept / 1000 - expected).abs() <= 4 * se + 1e-9).all()
+
+
+def test_a_streamed_reservoir_is_a_uniform_sample_of_everything_seen_across_tasks():
+    """--er_reservoir on streamed data keeps its meaning: after two tasks, M exemplars, each example of both tasks
+    kept with probability M / N (the old buffer is one part of the merge, weighted by its count)."""
+    from hf_r1ewc.methods.exemplars import StreamedExemplarBuffer
+
+    first = {0: 6, 1: 6}
+    kept = torch.zeros(20)
+    for seed in range(600):
+        buffer = StreamedExemplarBuffer(per_class=1, reservoir=5, source="synthetic")
+        buffer.add_task(TaskEnd(1, MODEL, stream_of(first), [0, 1], seed, show_progress=False))
+        ids_first = ids_of(buffer.stored)
+        task_two = [(x, y, i) for x, y, i in stream_of({0: 0, 1: 0, 2: 8})]  # ids 0..7 of task 2: shift by 12
+        task_two = [
+            (((x + 1) * 127.5 + torch.tensor([12.0, 0, 0, 0]).view(1, 2, 2)) / 127.5 - 1, y, i) for x, y, i in task_two
+        ]
+        buffer.add_task(TaskEnd(2, MODEL, task_two, [2], seed, show_progress=False))
+        assert len(ids_first) == 5 and len(buffer) == 5 and buffer.counts == {-1: 20}
+        kept[ids_of(buffer.stored)] += 1
+    assert torch.allclose(kept / 600, torch.full((20,), 5 / 20), atol=4 * (0.25 * 0.75 / 600) ** 0.5)
+
+
+def test_two_processes_hold_the_same_uniform_buffer(tmp_path):
+    """2 gloo processes, each streaming its half: after the merge both hold the same exemplars, and each example
+    is kept with probability per_class / n_c (400 seeds, within 4 SEs)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "kept.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).resolve().parent / "exemplar_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    proc = subprocess.run([*cmd, str(out), "400"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["differ"] == 0
+    labels = [c for c, n in CLASS_SIZES.items() for _ in range(n)]
+    expected = torch.tensor([3 / CLASS_SIZES[c] for c in labels])
+    se = (expected * (1 - expected) / 400).sqrt()
+    assert ((torch.tensor(result["kept"]) / 400 - expected).abs() <= 4 * se + 1e-9).all()

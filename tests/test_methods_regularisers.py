@@ -156,7 +156,11 @@ FIRST = "conv_in.weight"
 @pytest.mark.parametrize(
     "name, tamper, message",
     [
-        ("si", lambda t, k: t.__setitem__(k, t[k][:1]), r"importance.conv_in.weight has shape \[1, 1, 3, 3\], the model's needs \[4, 1, 3, 3\]"),
+        (
+            "si",
+            lambda t, k: t.__setitem__(k, t[k][:1]),
+            r"importance.conv_in.weight has shape \[1, 1, 3, 3\], the model's needs \[4, 1, 3, 3\]",
+        ),
         ("si", lambda t, k: t.pop(k), "missing"),
         ("si", lambda t, k: t[k].view(-1).__setitem__(0, float("nan")), "non-finite"),
         ("si", lambda t, k: t[k].view(-1).__setitem__(0, float("inf")), "non-finite"),

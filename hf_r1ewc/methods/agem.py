@@ -1,8 +1,8 @@
 """Averaged GEM (Chaudhry et al. 2019) for a diffusion model.
 
 Once the window's gradient g is all-reduced (and before clipping and the optimizer step), a reference gradient g_ref
-of the denoising loss on a batch of the episodic memory (``exemplars.ExemplarBuffer``: real exemplars of the classes
-seen so far, kept as indices into the training split) is taken at the same weights; when g^T g_ref < 0, g is
+of the denoising loss on a batch of the episodic memory (``exemplars``: real exemplars of the classes seen so far,
+kept as indices into the training split, or for streamed data as images) is taken at the same weights; when g^T g_ref < 0, g is
 projected: g <- g - (g^T g_ref / g_ref^T g_ref) g_ref, so the step does not increase the memory's loss to first order.
 Under DDP every process draws its own memory batch and g_ref is all-reduced (mean) before the projection. The memory
 batch's noise and timesteps come from a generator seeded by (seed, task, process, the count of projections so far);
@@ -14,13 +14,14 @@ mind.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from diffusers import SchedulerMixin
 from torch import nn
 
 from .base import ContinualMethod, Expected, TaskEnd, TaskStart, check_count
-from .exemplars import ExemplarBuffer
+from .exemplars import exemplar_buffer
 
 
 MEMORY_FILE = "agem_memory.json"
@@ -34,10 +35,18 @@ class AGEM(ContinualMethod):
     needs_training_split = True
     changes_during_task = True  # the count of projections seeds the next memory batch
 
-    def __init__(self, noise_scheduler: SchedulerMixin, per_class: int = 20, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        noise_scheduler: SchedulerMixin,
+        per_class: int = 20,
+        batch_size: int = 64,
+        stream_source: str | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"A-GEM's reference batch needs batch_size >= 1, got {batch_size}")
-        self.noise_scheduler, self.memory, self.batch_size = noise_scheduler, ExemplarBuffer(per_class), batch_size
+        self.noise_scheduler, self.batch_size = noise_scheduler, batch_size
+        self.memory = exemplar_buffer(per_class, None, stream_source)
+        self.file = Path(MEMORY_FILE).with_suffix(self.memory.suffix).name
         self.count, self.seed, self.task_index, self.accelerator = 0, 0, 0, None
         self.projected = 0  # steps whose gradient was projected, this task (reported in metrics.json)
 
@@ -90,26 +99,27 @@ class AGEM(ContinualMethod):
     def end_task(self, task: TaskEnd) -> dict:
         projected = self.projected
         self.memory.add_task(task)
-        return {"agem_projected_steps": projected, "agem_memory_size": int(len(self.memory.indices))}
+        return {"agem_projected_steps": projected, "agem_memory_size": len(self.memory)}
 
     def task_files(self, task_index: int, classes: list[int]) -> dict:
-        return {MEMORY_FILE: self.memory.record()}
+        return {self.file: self.memory.record()}
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
-        self.memory.load(folder, MEMORY_FILE, expected)
+        self.memory.load(folder, self.file, expected)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
-            "indices": self.memory.indices.clone(),
+            **self.memory.state_dict(),
             "count": torch.tensor(self.count),
             "projected": torch.tensor(self.projected),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
-        """The memory's indices (checked as a task folder's) and this task's counts (projected <= count)."""
-        if set(state) != {"indices", "count", "projected"}:
-            raise ValueError(f"A-GEM's state holds {sorted(state)}, not 'indices', 'count' and 'projected'")
-        count = check_count(state, "count")
-        projected = check_count(state, "projected", 0, count)
-        self.memory.restore(state["indices"], 0, expected.train.sha256 if expected.train else None, expected)
+        """The memory (checked as a task folder's) and this task's counts (projected <= count)."""
+        counts = {k: state[k] for k in ("count", "projected") if k in state}
+        if len(counts) != 2:
+            raise ValueError(f"A-GEM's state holds {sorted(state)}, without 'count' and 'projected'")
+        count = check_count(counts, "count")
+        projected = check_count(counts, "projected", 0, count)
+        self.memory.load_state_dict({k: v for k, v in state.items() if k not in counts}, expected)
         self.count, self.projected = count, projected

@@ -130,6 +130,7 @@ class Expected:
     seen_classes: list[int]
     train: TrainingSplit | None = None
     within_task: bool = False  # a checkpoint's: what changes during a task must be there too
+    sample_shape: tuple[int, int, int] | None = None  # (C, R, R) of the model's images, where its config says
 
     @classmethod
     def of(
@@ -143,11 +144,23 @@ class Expected:
         """For ``model`` (whole, unwrapped) after the first ``finished`` of ``tasks`` (``within_task``: a checkpoint
         of task ``finished + 1``)."""
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-        return cls(shapes, finished, sorted({c for t in tasks[:finished] for c in t}), train, within_task)
+        seen = sorted({c for t in tasks[:finished] for c in t})
+        return cls(shapes, finished, seen, train, within_task, sample_shape(model))
 
     def prefixed(self, *parts: str) -> dict[str, tuple[int, ...]]:
         """``{part.name: shape}`` for each parameter and part (e.g. ``anchor.<name>``)."""
         return {f"{part}.{n}": shape for part in parts for n, shape in self.shapes.items()}
+
+
+def sample_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, R, R) of the images ``model`` denoises, from its diffusers config (``in_channels``, ``sample_size``);
+    None for a model without one."""
+    config = getattr(model, "config", None)
+    channels, size = getattr(config, "in_channels", None), getattr(config, "sample_size", None)
+    if channels is None or size is None:
+        return None
+    size = size if isinstance(size, int) else size[0]
+    return int(channels), int(size), int(size)
 
 
 def check_tensors(

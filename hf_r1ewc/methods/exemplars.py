@@ -3,26 +3,34 @@
 After task k, ``per_class`` exemplars of each of its classes are drawn (seeded: seed + task index) from the training
 split; or, as a reservoir of ``reservoir`` exemplars in all, the task's training examples stream through reservoir
 sampling (Vitter's algorithm R, in a seeded order), so that the buffer is a uniform sample of every example seen so
-far and the classes share it as their examples did. The buffer is kept as the exemplars' indices into the training
-split with the split's SHA-256: a task folder (which may go to the Hub) never republishes the dataset's images, and a
-run on other data is refused. Streamed data cannot be read back by index: the buffer needs the training split in
-memory.
+far and the classes share it as their examples did.
+
+In-memory data (``ExemplarBuffer``): the buffer is kept as the exemplars' indices into the training split with the
+split's SHA-256: a task folder (which may go to the Hub) never republishes the dataset's images, and a run on other
+data is refused. Streamed data cannot be read back by index (``StreamedExemplarBuffer``): the buffer keeps the images
+themselves, 8-bit, with their provenance, filled by one pass over the finished task's stream; a task folder keeps
+them in a file the Hub upload leaves out unless asked (``IMAGE_FILES``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from .base import Expected, TaskEnd, TaskStart, TrainingSplit
+from ..progress import progress_bar
+from .base import Expected, SafetensorsFile, TaskEnd, TaskStart, TrainingSplit, check_count
 
 
 class ExemplarBuffer:
-    """``per_class`` exemplars per seen class, or (``reservoir``) that many in all by reservoir sampling;
-    ``images``/``labels`` are gathered next to the model at a task's start."""
+    """``per_class`` exemplars per seen class, or (``reservoir``) that many in all by reservoir sampling, kept as
+    indices into the training split in memory; ``images``/``labels`` are gathered next to the model at a task's
+    start. ``suffix``: the task-folder file's (``record``: JSON)."""
+
+    suffix = ".json"
 
     def __init__(self, per_class: int, reservoir: int | None = None) -> None:
         if per_class < 1 or (reservoir is not None and reservoir < 1):
@@ -41,6 +49,9 @@ class ExemplarBuffer:
         device = next(task.model.parameters()).device
         self.images = task.train.images[self.indices].to(device) if len(self.indices) else None
         self.labels = task.train.labels[self.indices].to(device) if len(self.indices) else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
     def sample(
         self, batch_size: int, generator: torch.Generator | None, device: torch.device
@@ -88,6 +99,19 @@ class ExemplarBuffer:
             "seen": self.seen,
             "train_sha256": self.dataset_sha256,
         }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The indices (and, for a reservoir, the count seen) as tensors."""
+        seen = {"seen": torch.tensor(self.seen)} if self.reservoir is not None else {}
+        return {"indices": self.indices.clone(), **seen}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        """``state_dict()`` back, checked as a task folder's record (into this run's training split)."""
+        keys = {"indices", "seen"} if self.reservoir is not None else {"indices"}
+        if set(state) != keys:
+            raise ValueError(f"the buffer's state holds {sorted(state)}, not {sorted(keys)}")
+        seen = check_count(state, "seen") if self.reservoir is not None else 0
+        self.restore(state["indices"], seen, expected.train.sha256 if expected.train else None, expected)
 
     def load(self, folder: str | os.PathLike, name: str, expected: Expected) -> None:
         """The buffer kept in a task folder (``record``), checked against ``expected`` (``restore``)."""
@@ -169,3 +193,250 @@ def _check_dataset(dataset_sha256: str | None, train: TrainingSplit | None) -> N
             f"the exemplar buffer indexes a dataset with SHA-256 {dataset_sha256[:12]}..., not this one "
             f"({train.sha256[:12]}...): continue the run on the data it was trained on"
         )
+
+
+def exemplar_buffer(per_class: int, reservoir: int | None = None, stream_source: str | None = None) -> ExemplarBuffer:
+    """The buffer for the data at hand: indices into the split in memory, or (``stream_source``, the streamed
+    dataset's name) the images themselves."""
+    if stream_source is None:
+        return ExemplarBuffer(per_class, reservoir)
+    return StreamedExemplarBuffer(per_class, reservoir, stream_source)
+
+
+RESERVOIR_KEY = -1  # the one group of a reservoir buffer (classes are >= 0)
+IMAGE_FILES = ("er_buffer.safetensors", "agem_memory.safetensors")  # dataset images: not uploaded unless asked
+
+
+class StreamedExemplarBuffer(ExemplarBuffer):
+    """The buffer of streamed data: the exemplars' images themselves, ``[N, C, R, R]`` uint8 as the model sees them
+    at its resolution (exactly the dataset's pixels without ``--resize``), their labels, and per group (a class, or
+    ``RESERVOIR_KEY`` for a reservoir) how many examples have been seen; recorded with their provenance (``source``:
+    the dataset's name; the split; each exemplar's SHA-256).
+
+    ``add_task`` reads the finished task's stream once (the end-of-task loader: this process's shard, in the
+    stream's order). Each process keeps per group a reservoir (algorithm R, seeded by the run's seed, the task and
+    the process), so each is a uniform sample of what its shard held; the processes then merge them
+    (``merge_counts``: how many of the slots each part fills, multivariate hypergeometric over the parts' counts,
+    then a uniform subset of that size from each part), seeded alike on every process, so that every process holds
+    the same buffer: a uniform sample of each class (or of everything seen). A kill during the pass re-runs the
+    task's end, and with it the same pass and the same draws."""
+
+    suffix = ".safetensors"
+
+    def __init__(self, per_class: int, reservoir: int | None = None, source: str = "") -> None:
+        super().__init__(per_class, reservoir)
+        self.source = source
+        self.stored = torch.zeros(0, 0, 0, 0, dtype=torch.uint8)  # [N, C, R, R]
+        self.stored_labels = torch.zeros(0, dtype=torch.long)
+        self.counts: dict[int, int] = {}  # group -> examples seen
+
+    def __len__(self) -> int:
+        return len(self.stored_labels)
+
+    def gather(self, task: TaskStart) -> None:
+        """The exemplars as model inputs (float32 in [-1, 1]) on the model's device."""
+        device = next(task.model.parameters()).device
+        held = len(self.stored_labels) > 0
+        self.images = (self.stored.float() / 127.5 - 1.0).to(device) if held else None
+        self.labels = self.stored_labels.to(device) if held else None
+
+    def add_task(self, task: TaskEnd) -> None:
+        """One pass over the finished task's stream (``task.batches``, this process's shard) into per-group
+        reservoirs, merged across processes with what the buffer held."""
+        groups = sorted(task.classes) if self.reservoir is None else [RESERVOIR_KEY]
+        capacity = self.per_class if self.reservoir is None else self.reservoir
+        rank = task.accelerator.process_index if task.accelerator is not None else 0
+        generator = torch.Generator().manual_seed(((task.seed * 1_000_003 + task.task_index) * 10_007 + rank))
+        kept: dict[int, list] = {g: [] for g in groups}
+        seen = dict.fromkeys(groups, 0)
+        batches = progress_bar(task.batches, show=task.show_progress, desc="exemplars from the stream", unit="batch")
+        for batch in batches:
+            for x, y in zip(to_uint8(batch[0]), batch[1].tolist()):
+                group = y if self.reservoir is None else RESERVOIR_KEY
+                if group not in seen:
+                    continue
+                seen[group] += 1
+                slots = kept[group]
+                if len(slots) < capacity:
+                    slots.append((x, y))
+                elif (j := int(torch.randint(0, seen[group], (1,), generator=generator))) < capacity:
+                    slots[j] = (x, y)
+        shape = sample_shape_of(task.model, self.stored)
+        parts = gathered_parts(kept, seen, groups, capacity, shape, task.accelerator)
+        merging = torch.Generator().manual_seed(task.seed * 1_000_003 + task.task_index)  # alike on every process
+        in_groups = (
+            torch.isin(self.stored_labels, torch.tensor(groups))
+            if self.reservoir is None
+            else torch.ones_like(self.stored_labels, dtype=torch.bool)  # a reservoir merges everything it held
+        )
+        images, labels = [self.stored[~in_groups].reshape(-1, *shape)], [self.stored_labels[~in_groups]]
+        for group in groups:
+            held = self.stored_labels == group if self.reservoir is None else in_groups
+            sources = [(self.stored[held], self.stored_labels[held], self.counts.get(group, 0))]
+            sources += [part[group] for part in parts]
+            total = sum(n for _, _, n in sources)
+            takes = merge_counts([n for _, _, n in sources], min(capacity, total), merging)
+            for (part_images, part_labels, _), take in zip(sources, takes):
+                pick = torch.randperm(len(part_labels), generator=merging)[:take].sort().values
+                images.append(part_images[pick].reshape(-1, *shape))
+                labels.append(part_labels[pick])
+            self.counts[group] = total
+        self.stored, self.stored_labels = torch.cat(images), torch.cat(labels)
+        self.seen = sum(self.counts.values())
+
+    def record(self) -> SafetensorsFile:
+        """The task-folder file: the images and labels, with the provenance and every exemplar's SHA-256."""
+        metadata = {
+            "source": self.source,
+            "split": "train",
+            "per_class": str(self.per_class),
+            "reservoir": json.dumps(self.reservoir),
+            "counts": json.dumps({str(g): n for g, n in sorted(self.counts.items())}),
+            "sha256": json.dumps([exemplar_sha256(x) for x in self.stored]),
+        }
+        return SafetensorsFile(self.state_dict(), metadata)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        counts = torch.tensor(sorted(self.counts.items()), dtype=torch.long).reshape(-1, 2)
+        return {"images": self.stored.contiguous(), "labels": self.stored_labels.clone(), "counts": counts}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
+        if set(state) != {"images", "labels", "counts"}:
+            raise ValueError(f"the buffer's state holds {sorted(state)}, not 'images', 'labels' and 'counts'")
+        self.restore_images(state["images"], state["labels"], state["counts"], expected)
+
+    def load(self, folder: str | os.PathLike, name: str, expected: Expected) -> None:
+        """The images kept in a task folder (``record``), checked against ``expected`` and their provenance."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(folder) / name
+        if not path.exists():
+            raise ValueError(
+                f"{folder} has no {name}, the exemplar images of a streamed run: they stay in the run's own task "
+                f"folders unless it was pushed with --push_exemplars. Continue from the run's local folder"
+            )
+        try:
+            with safe_open(str(path), "pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {k: file.get_tensor(k) for k in file.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{path} cannot be read as exemplar images ({err}); copy the whole folder again"
+            ) from None
+        try:
+            missing = sorted({"source", "reservoir", "sha256"} - set(metadata))
+            if missing:
+                raise ValueError(f"its metadata lacks {missing}")
+            if metadata["source"] != self.source:
+                raise ValueError(
+                    f"its exemplars come from dataset {metadata['source']!r}, and this run streams {self.source!r}: "
+                    f"continue the run on the data it was trained on"
+                )
+            if json.loads(metadata["reservoir"]) != self.reservoir:
+                raise ValueError(f"it was kept with reservoir {metadata['reservoir']}, this run asks {self.reservoir}")
+            images = tensors.get("images")
+            if images is not None and images.dtype == torch.uint8 and images.dim() == 4:
+                if json.loads(metadata["sha256"]) != [exemplar_sha256(x) for x in images]:
+                    raise ValueError("its images differ from the SHA-256 recorded for each exemplar")
+            self.load_state_dict(tensors, expected)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path} cannot be used as this run's exemplar buffer: {err}") from None
+
+    def restore_images(
+        self, images: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, expected: Expected
+    ) -> None:
+        """Take images, labels and the counts seen per group once they fit: uint8 ``[N, C, R, R]`` of the model's
+        shape, labels of the finished tasks' classes, at most per_class of a class (or reservoir in all) and never
+        more than its count seen. Raises ``ValueError`` naming the problem, taking nothing."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, R, R], got {images.dtype} of shape {list(images.shape)}")
+        if len(images) and expected.sample_shape is not None and tuple(images.shape[1:]) != expected.sample_shape:
+            raise ValueError(f"images are {list(images.shape[1:])}, the model's are {list(expected.sample_shape)}")
+        if labels.dtype != torch.long or labels.shape != (len(images),):
+            raise ValueError(f"labels must be int64 [{len(images)}], got {labels.dtype} of shape {list(labels.shape)}")
+        if counts.dtype != torch.long or counts.dim() != 2 or counts.shape[1] != 2:
+            raise ValueError(f"counts must be int64 [groups, 2], got {counts.dtype} of shape {list(counts.shape)}")
+        seen_counts = {int(g): int(n) for g, n in counts.tolist()}
+        unseen = sorted(set(labels.tolist()) - set(expected.seen_classes))
+        if unseen:
+            raise ValueError(
+                f"it holds exemplars of classes {unseen[:5]}, which the {expected.finished} finished tasks (classes "
+                f"{expected.seen_classes}) never showed"
+            )
+        groups = (
+            sorted(expected.seen_classes) if self.reservoir is None else ([RESERVOIR_KEY] if expected.finished else [])
+        )
+        if sorted(seen_counts) != groups or any(n < 0 for n in seen_counts.values()):
+            raise ValueError(f"it counts examples seen for groups {sorted(seen_counts)}, this run's are {groups}")
+        held = (
+            {g: int((labels == g).sum()) for g in groups}
+            if self.reservoir is None
+            else {RESERVOIR_KEY: len(labels)}
+            if groups
+            else {}
+        )
+        capacity = self.per_class if self.reservoir is None else self.reservoir
+        wrong = {g: (held[g], min(capacity, n)) for g, n in seen_counts.items() if held[g] != min(capacity, n)}
+        if wrong:
+            raise ValueError(f"exemplars per group (held, min(capacity {capacity}, examples seen)): {wrong}")
+        self.stored, self.stored_labels, self.counts = images.clone(), labels.clone(), seen_counts
+        self.seen = sum(seen_counts.values())
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Model inputs in [-1, 1] -> uint8 on the CPU, the nearest 8-bit value (exact for inputs made from 8-bit
+    pixels without resizing)."""
+    return ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def exemplar_sha256(image: torch.Tensor) -> str:
+    """The SHA-256 of one uint8 exemplar's bytes (C, H, W order)."""
+    return hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()
+
+
+def sample_shape_of(model, stored: torch.Tensor) -> tuple[int, int, int]:
+    """(C, R, R) of the model's images (its config), else of the images stored."""
+    from .base import sample_shape
+
+    shape = sample_shape(model)
+    if shape is None:
+        if not len(stored):
+            raise ValueError("the model's config names no in_channels/sample_size and no exemplar is stored")
+        shape = tuple(stored.shape[1:])
+    return shape
+
+
+def merge_counts(counts: list[int], size: int, generator: torch.Generator) -> list[int]:
+    """How many of ``size`` draws without replacement from the union of parts of ``counts`` examples fall into each
+    part: the multivariate hypergeometric distribution, drawn as a uniform ``size``-subset of the union's positions."""
+    chosen = torch.randperm(sum(counts), generator=generator)[:size]
+    bounds = torch.tensor([0, *counts]).cumsum(0)
+    return [int(((chosen >= lo) & (chosen < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def gathered_parts(
+    kept: dict[int, list], seen: dict[int, int], groups: list[int], capacity: int, shape: tuple, accelerator
+) -> list[dict[int, tuple[torch.Tensor, torch.Tensor, int]]]:
+    """Every process's reservoirs, on every process: a list over processes of ``{group: (images [s, C, R, R] uint8,
+    labels [s], examples seen)}`` (one all-gather of padded tensors)."""
+    images = torch.zeros(len(groups), capacity, *shape, dtype=torch.uint8)
+    labels = torch.zeros(len(groups), capacity, dtype=torch.long)
+    sizes = torch.zeros(len(groups), 2, dtype=torch.long)  # (held, seen)
+    for i, group in enumerate(groups):
+        for j, (x, y) in enumerate(kept[group]):
+            images[i, j], labels[i, j] = x, y
+        sizes[i] = torch.tensor([len(kept[group]), seen[group]])
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather
+
+        device = accelerator.device
+        images, labels, sizes = (gather(t[None].to(device)).cpu() for t in (images, labels, sizes))
+    else:
+        images, labels, sizes = images[None], labels[None], sizes[None]
+    return [
+        {
+            g: (images[p, i, : sizes[p, i, 0]], labels[p, i, : sizes[p, i, 0]], int(sizes[p, i, 1]))
+            for i, g in enumerate(groups)
+        }
+        for p in range(len(sizes))
+    ]

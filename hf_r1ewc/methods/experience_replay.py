@@ -1,9 +1,11 @@
 """Experience replay (ER): real exemplars of the classes seen so far, kept across tasks, join every step's denoising
 loss (Zajac et al. 2023: a strong baseline for DDPMs, with a reduced rehearsal coefficient).
 
-The buffer (``exemplars.ExemplarBuffer``) gains ``per_class`` exemplars of each class after its task (or is a
-reservoir of ``reservoir`` exemplars in all, a uniform sample of every training example seen) and lives in
-task folders as indices into the training split with the split's SHA-256, never as images. Each step draws
+The buffer (``exemplars``) gains ``per_class`` exemplars of each class after its task (or is a reservoir of
+``reservoir`` exemplars in all, a uniform sample of every training example seen). In-memory data: it lives in task
+folders as indices into the training split with the split's SHA-256 (``er_buffer.json``), never as images. Streamed
+data (``stream_source``, the dataset's name): it keeps the images, filled by one pass over each finished task's
+stream, in ``er_buffer.safetensors`` with their provenance (left out of Hub uploads unless asked). Each step draws
 ``batch_size`` exemplars uniformly (the step's generator) into the one forward; their rows count ``weight`` each in
 the denoising loss's mean (1: as a real row).
 """
@@ -11,11 +13,12 @@ the denoising loss's mean (1: as a real row).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from .base import ContinualMethod, Expected, ExtraBatch, TaskEnd, TaskStart, check_count
-from .exemplars import ExemplarBuffer
+from .base import ContinualMethod, Expected, ExtraBatch, TaskEnd, TaskStart
+from .exemplars import exemplar_buffer
 
 
 BUFFER_FILE = "er_buffer.json"
@@ -23,19 +26,27 @@ BUFFER_FILE = "er_buffer.json"
 
 class ExperienceReplay(ContinualMethod):
     """A buffer of ``per_class`` real exemplars per seen class; ``batch_size`` buffer images per step (None: the
-    real batch's size), each counted ``weight`` in the denoising loss."""
+    real batch's size), each counted ``weight`` in the denoising loss; ``stream_source``: the streamed dataset's
+    name (None: the training split is in memory)."""
 
     name = "er"
     needs_training_split = True
 
     def __init__(
-        self, per_class: int = 20, weight: float = 1.0, batch_size: int | None = None, reservoir: int | None = None
+        self,
+        per_class: int = 20,
+        weight: float = 1.0,
+        batch_size: int | None = None,
+        reservoir: int | None = None,
+        stream_source: str | None = None,
     ) -> None:
         if not 0 < weight < float("inf"):
             raise ValueError(f"the ER weight must be finite and > 0, got {weight}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"the ER batch size must be >= 1 (None: the real batch's), got {batch_size}")
-        self.buffer, self.weight, self.batch_size = ExemplarBuffer(per_class, reservoir), float(weight), batch_size
+        self.buffer = exemplar_buffer(per_class, reservoir, stream_source)
+        self.weight, self.batch_size = float(weight), batch_size
+        self.file = Path(BUFFER_FILE).with_suffix(self.buffer.suffix).name
 
     def label(self) -> str:
         weight = f", weight {self.weight:g}" if self.weight != 1 else ""
@@ -61,19 +72,16 @@ class ExperienceReplay(ContinualMethod):
 
     def end_task(self, task: TaskEnd) -> dict:
         self.buffer.add_task(task)
-        return {"er_buffer_size": int(len(self.buffer.indices))}
+        return {"er_buffer_size": len(self.buffer)}
 
     def task_files(self, task_index: int, classes: list[int]) -> dict:
-        return {BUFFER_FILE: self.buffer.record()}
+        return {self.file: self.buffer.record()}
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
-        self.buffer.load(folder, BUFFER_FILE, expected)
+        self.buffer.load(folder, self.file, expected)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"indices": self.buffer.indices.clone(), "seen": torch.tensor(self.buffer.seen)}
+        return self.buffer.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], expected: Expected) -> None:
-        if set(state) != {"indices", "seen"}:
-            raise ValueError(f"ER's state holds {sorted(state)}, not its buffer's 'indices' and 'seen'")
-        seen = check_count(state, "seen")
-        self.buffer.restore(state["indices"], seen, expected.train.sha256 if expected.train else None, expected)
+        self.buffer.load_state_dict(state, expected)
