@@ -512,7 +512,8 @@ def _imagenet32_like_parquet(root: Path, num_classes: int = 100, train_per_class
 
 def test_streamed_imagenet32_protocol_end_to_end(tmp_path):
     """--streaming on an ImageNet-32-schema parquet dataset (100 classes, 50 per task) with 2 processes (gloo):
-    label-filtered streamed tasks, equal step counts on both processes, Fisher from the stream, task folders."""
+    label-filtered streamed tasks, equal step counts on both processes, Fisher from the stream, ER's buffer merged
+    from both processes' shards, task folders."""
     from hf_r1ewc.fisher import load_fisher
 
     source = _imagenet32_like_parquet(tmp_path / "imagenet32")
@@ -552,8 +553,10 @@ def test_streamed_imagenet32_protocol_end_to_end(tmp_path):
             "1",
             "--train_batch_size",
             "8",
-            "--ewc_type",
-            "rank1",
+            "--method",
+            "rank1+gd+er",  # ER streamed too: each process's reservoirs merged into one buffer
+            "--er_per_class",
+            "2",
             "--replay_per_class",
             "1",
             "--num_inference_steps",
@@ -575,6 +578,11 @@ def test_streamed_imagenet32_protocol_end_to_end(tmp_path):
         stats = load_fisher(str(out / f"task_{k:02d}" / "fisher.safetensors"))
         assert stats.num_samples == 40 and stats.c_star > 0
     assert json.loads((out / "task_02" / "metrics.json").read_text())["classes"] == list(range(50, 100))
+    from safetensors.torch import load_file
+
+    buffer = load_file(str(out / "task_02" / "er_buffer.safetensors"))  # 2 of each class's 4 images, both shards
+    assert sorted(buffer["labels"].tolist()) == [c for c in range(100) for _ in range(2)]
+    assert buffer["counts"].tolist() == [[c, 4] for c in range(100)]
     from PIL import Image
 
     grid = Image.open(out / "task_02" / "samples.png")  # 100 seen classes, at most 10 rows of 8
