@@ -34,7 +34,25 @@ from hf_r1ewc.pipeline import sampling_scheduler  # noqa: E402
 from hf_r1ewc.recipe import make_learner  # noqa: E402
 
 
-METHODS = ["naive", "gd", "rank1+gd", "diag+gd", "er", "er+rank1", "er+gd", "agem", "kd", "l2", "si", "mas", "si+gd"]
+METHODS = [
+    *(
+        "naive",
+        "gd",
+        "rank1+gd",
+        "diag+gd",
+        "er",
+        "er+rank1",
+        "er+gd",
+        "der",
+        "er+der",
+        "agem",
+        "kd",
+        "l2",
+        "si",
+        "mas",
+    ),
+    "si+gd",
+]
 
 
 def held_bytes(obj, seen: set) -> int:
@@ -154,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     lines.append(
         "\nExtra memory counts every tensor the method holds beyond the model: a teacher (1 parameters' worth), the "
-        "replay pool (float16 images), the exemplar buffer (float32 images), EWC's statistics, SI's and MAS's "
-        "per-parameter state; the optimizer's state and activations are the same for all and are not counted."
+        "replay pool (float16 images), the exemplar buffer (float32 images), DER's kept noise and predictions "
+        "(float32, 4 draws per exemplar), EWC's statistics, SI's and MAS's per-parameter state; the optimizer's state and activations are the same for all and are not counted."
     )
     lines.append("\n" + imagenet32_buffer_note())
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -30,6 +30,7 @@ from .methods import (
     L2,
     MAS,
     ContinualMethod,
+    DarkExperienceReplay,
     ExperienceReplay,
     GenerativeDistillation,
     KnowledgeDistillation,
@@ -168,6 +169,28 @@ for _spec in (
                 None,
                 "er: keep this many exemplars in all by reservoir sampling (a uniform sample of every training image "
                 "seen; classes share it as their images did) instead of --er_per_class per class",
+                minimum=1,
+            ),
+        ),
+    ),
+    MethodSpec(
+        "der",
+        "dark experience replay: exemplars with the model's eps-predictions at fixed (t, eps) when they were stored, "
+        "matched later (--der_weight; der+er is DER++)",
+        lambda args, noise: DarkExperienceReplay(
+            noise, args.der_per_class, args.der_weight, args.der_draws, args.der_batch_size, streamed_source(args)
+        ),
+        (
+            MethodFlag("der_per_class", int, 20, "der: real exemplars kept per seen class", minimum=1),
+            MethodFlag("der_weight", float, 1.0, "der: the weight of the kept-prediction matching term"),
+            MethodFlag(
+                "der_draws", int, 4, "der: (t, eps) draws kept per exemplar, each with its prediction", minimum=1
+            ),
+            MethodFlag(
+                "der_batch_size",
+                int,
+                None,
+                "der: (exemplar, draw) pairs per step (default: the real batch)",
                 minimum=1,
             ),
         ),

@@ -202,6 +202,10 @@ class ContinualLearner:
         t = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=draw_on
         ).to(device)
+        for name, b in extras:  # rows with fixed draws (drawn above all the same: the other rows' draws never change)
+            if b.noise is not None:
+                noise[slices[name]] = b.noise.to(device, noise.dtype)
+                t[slices[name]] = b.timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         pred = model(noisy, t, class_labels=labels).sample
         per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)

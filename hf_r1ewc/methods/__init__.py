@@ -18,6 +18,7 @@ from .base import (
     parameter_parts,
     task_folder_name,
 )
+from .dark_experience_replay import DarkExperienceReplay
 from .ewc import EWC
 from .experience_replay import ExperienceReplay
 from .generative_distillation import GenerativeDistillation
@@ -29,6 +30,7 @@ from .synaptic_intelligence import SynapticIntelligence
 
 __all__ = [
     "AGEM",
+    "DarkExperienceReplay",
     "EWC",
     "ExperienceReplay",
     "L2",

@@ -215,11 +215,14 @@ def check_count(state: dict[str, torch.Tensor], key: str, low: int = 0, high: in
 class ExtraBatch(NamedTuple):
     """Examples a method adds to the step's forward: ``images`` float32 ``[R, C, H, W]`` in [-1, 1] and ``labels``
     ``[R]`` on the step's device; ``denoise_weight``: each row's weight in the denoising loss (1: as a real row; 0:
-    only forward, for the method's own terms)."""
+    only forward, for the method's own terms); ``noise`` ``[R, C, H, W]`` and ``timesteps`` ``[R]``: fixed draws for
+    these rows (None: the step's own uniform draws)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     denoise_weight: float = 1.0
+    noise: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
 
 
 @dataclass

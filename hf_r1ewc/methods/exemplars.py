@@ -100,6 +100,13 @@ class ExemplarBuffer:
             "train_sha256": self.dataset_sha256,
         }
 
+    def exemplars(self, start: int, train: TrainingSplit | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exemplars from buffer position ``start`` on: (float32 images ``[n, C, H, W]`` in [-1, 1], labels
+        ``[n]``) on the CPU (a per-class buffer appends each task's exemplars: they follow the earlier ones)."""
+        _check_dataset(self.dataset_sha256, train)
+        index = self.indices[start:]
+        return train.images[index].float().cpu(), train.labels[index].cpu()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The indices (and, for a reservoir, the count seen) as tensors."""
         seen = {"seen": torch.tensor(self.seen)} if self.reservoir is not None else {}
@@ -283,6 +290,11 @@ class StreamedExemplarBuffer(ExemplarBuffer):
             self.counts[group] = total
         self.stored, self.stored_labels = torch.cat(images), torch.cat(labels)
         self.seen = sum(self.counts.values())
+
+    def exemplars(self, start: int, train: TrainingSplit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``ExemplarBuffer.exemplars``, from the images held (a new class's exemplars follow the earlier ones:
+        tasks never share a class)."""
+        return self.stored[start:].float() / 127.5 - 1.0, self.stored_labels[start:].clone()
 
     def record(self) -> SafetensorsFile:
         """The task-folder file: the images and labels, with the provenance and every exemplar's SHA-256."""
