@@ -48,23 +48,28 @@ def fashion_mnist_dir() -> Path:
     return FASHION_MNIST_DIR
 
 
+def tiny_unet_config(channels: int = 1, num_classes: int = 4, sample_size: int = 8) -> dict:
+    """The tiny UNet's config (JSON values): as ``--model_config_name_or_path`` with ``_class_name`` added."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": [4, 4],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 2,
+        "attention_head_dim": 4,
+        "num_class_embeds": num_classes,
+    }
+
+
 def make_tiny_unet(channels: int = 1, num_classes: int = 4, sample_size: int = 8, seed: int = 0):
     """A ~5k-parameter class-conditional UNet2DModel with an attention block in each direction."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(4, 4),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=2,
-        attention_head_dim=4,
-        num_class_embeds=num_classes,
-    )
+    return UNet2DModel(**tiny_unet_config(channels, num_classes, sample_size))
 
 
 def make_tiny_dit(channels: int = 1, num_classes: int = 4, sample_size: int = 8, seed: int = 0):

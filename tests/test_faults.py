@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conftest import FAST, unet_weights  # noqa: E402
+from conftest import FAST, tiny_unet_config, unet_weights  # noqa: E402
 
 import hf_r1ewc.hub as hub  # noqa: E402
 import hf_r1ewc.metrics as metrics  # noqa: E402
@@ -983,23 +983,7 @@ def streamed_er(tmp_path_factory) -> tuple[list[str], Path]:
     base = tmp_path_factory.mktemp("streamed_er")
     source = _imagenet32_like_parquet(base / "data", num_classes=10, train_per_class=8)
     config = base / "unet.json"
-    config.write_text(
-        json.dumps(
-            {
-                "_class_name": "UNet2DModel",
-                "sample_size": 8,
-                "in_channels": 3,
-                "out_channels": 3,
-                "block_out_channels": [4, 4],
-                "layers_per_block": 1,
-                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-                "norm_num_groups": 2,
-                "attention_head_dim": 4,
-                "num_class_embeds": 10,
-            }
-        )
-    )
+    config.write_text(json.dumps({"_class_name": "UNet2DModel", **tiny_unet_config(3, 10)}))
     flags = streamed_er_flags(source, config)
     run([*flags, "--output_dir", str(base / "whole")])
     return flags, base / "whole"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, SCRIPT, launch, unet_weights
+from conftest import FAST, ROOT, SCRIPT, launch, tiny_unet_config, unet_weights
 
 
 def test_layout_fisher_pipeline_and_results(two_task_run):
@@ -518,23 +518,7 @@ def test_streamed_imagenet32_protocol_end_to_end(tmp_path):
 
     source = _imagenet32_like_parquet(tmp_path / "imagenet32")
     config = tmp_path / "unet.json"
-    config.write_text(
-        json.dumps(
-            {
-                "_class_name": "UNet2DModel",
-                "sample_size": 8,
-                "in_channels": 3,
-                "out_channels": 3,
-                "block_out_channels": [4, 4],
-                "layers_per_block": 1,
-                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-                "norm_num_groups": 2,
-                "attention_head_dim": 4,
-                "num_class_embeds": 100,
-            }
-        )
-    )
+    config.write_text(json.dumps({"_class_name": "UNet2DModel", **tiny_unet_config(3, 100)}))
     out = tmp_path / "out"
     launch(
         [
