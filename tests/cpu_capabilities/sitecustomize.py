@@ -10,8 +10,10 @@ import os
 
 
 def _force_native_bf16(native: bool) -> None:
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # a Python without torch (a tool's interpreter): nothing to force
+        return
     torch.cpu._is_avx512_bf16_supported = lambda: native
     torch.cpu._is_amx_tile_supported = lambda: native
 
