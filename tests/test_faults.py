@@ -298,7 +298,7 @@ def test_non_finite_loss_names_the_term_and_what_a_resume_does(tmp_path):
 
 def test_upload_failures_are_recorded_when_the_run_ends_in_an_error(tmp_path, monkeypatch):
     class FailingUploader:
-        def __init__(self, repo_id, private=None):
+        def __init__(self, repo_id, private=None, push_exemplars=False):
             self.submitted = []
 
         def submit(self, folder, task_index):
