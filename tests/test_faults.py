@@ -969,7 +969,8 @@ def streamed_er_flags(source: Path, config: Path) -> list[str]:
     return [
         *("--train_data_dir", str(source), "--streaming", "--eval_split", "validation", "--classes_per_task", "5"),
         *("--resolution", "8", "--model_config_name_or_path", str(config), "--num_epochs_per_task", "1"),
-        *("--train_batch_size", "8", "--method", "er", "--er_per_class", "3", "--num_inference_steps", "2"),
+        *("--train_batch_size", "8", "--method", "er+agem", "--er_per_class", "3", "--num_inference_steps", "2"),
+        *("--agem_per_class", "2", "--agem_batch_size", "4"),
         *("--fid_backend", "none", "--checkpointing_steps", "2", "--fisher_batch_size", "8"),
     ]
 
@@ -977,7 +978,7 @@ def streamed_er_flags(source: Path, config: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def streamed_er(tmp_path_factory) -> tuple[list[str], Path]:
     """A local parquet stand-in of ImageNet-32 (10 classes, 8 training images each, 8x8 RGB, the train split in 2
-    files), a 3-channel tiny UNet config, and a whole 2-task streamed ER run on it."""
+    files), a 3-channel tiny UNet config, and a whole 2-task streamed ER + A-GEM run on it (each its own buffer)."""
     from test_train import _imagenet32_like_parquet
 
     base = tmp_path_factory.mktemp("streamed_er")
@@ -1007,15 +1008,19 @@ def test_streamed_er_keeps_each_classes_images_with_their_provenance(streamed_er
         assert json.loads(metadata["sha256"]) == [exemplar_sha256(x) for x in images]
         assert json.loads(metadata["counts"]) == {str(c): 8 for c in seen}
         assert not (whole / f"task_{k:02d}" / "er_buffer.json").exists()
+        with safe_open(str(whole / f"task_{k:02d}" / "agem_memory.safetensors"), "pt") as file:
+            assert sorted(file.get_tensor("labels").tolist()) == sorted(c for c in seen for _ in range(2))
     card = (whole / "task_02" / "README.md").read_text()
     assert "`er_buffer.safetensors` holds real training images" in card and "not uploaded to the Hub" in card
+    assert "`agem_memory.safetensors` holds real training images" in card
     metrics = json.loads((whole / "task_02" / "metrics.json").read_text())
     assert metrics["er_buffer_size"] == 30
 
 
 def test_a_kill_mid_stream_resumes_to_the_same_weights_and_buffer(streamed_er, tmp_path, monkeypatch):
-    """Killed halfway through task 2's pass over its stream (filling the buffer): the re-run redoes the task's end
-    from its last checkpoint and ends with the weights and the exemplar images of the uninterrupted run."""
+    """Killed halfway through task 2's pass over its stream (filling ER's buffer): the re-run resumes from the
+    checkpoint at task 2's last step (A-GEM's memory images and counts in it, checked as they load), redoes the task's
+    end and ends with the weights and the exemplar images of the uninterrupted run."""
     from safetensors.torch import load_file
 
     import hf_r1ewc.methods.exemplars as exemplars
@@ -1023,10 +1028,12 @@ def test_a_kill_mid_stream_resumes_to_the_same_weights_and_buffer(streamed_er, t
     flags, whole = streamed_er
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        crash_on_call(patch, exemplars, "to_uint8", 8)  # task 1's pass reads 5 batches; this is task 2's third
+        crash_on_call(patch, exemplars, "to_uint8", 13)  # 5 batches per pass, ER's then A-GEM's: task 2's ER, 3rd
         with pytest.raises(Crash):
             run([*flags, "--output_dir", str(out)])
     assert (out / "task_01").exists() and not (out / "task_02").exists()
+    state = load_file(str(out / "checkpoints" / "checkpoint-10" / "continual_methods.safetensors"))
+    assert state["agem.images"].shape == (10, 3, 8, 8) and state["agem.images"].dtype == torch.uint8
     run([*flags, "--output_dir", str(out)])
     assert max_difference(whole / "task_02", out / "task_02") == 0.0
     ours, theirs = (load_file(str(d / "task_02" / "er_buffer.safetensors")) for d in (out, whole))
@@ -1047,18 +1054,3 @@ def test_exemplars_of_another_dataset_are_refused_before_any_work(streamed_er, t
     ) as err:
         run([*changed, "--output_dir", str(out), "--resume_from_task", str(whole / "task_01")])
     assert str(other) in str(err.value) and not out.exists()
-
-
-def test_streamed_agem_resumes_bit_for_bit_with_its_memory_in_the_checkpoint(streamed_er, tmp_path):
-    """A-GEM on streamed data uses the same image buffer; its state within a task (the memory and the projection
-    count) is in the checkpoint, checked as it loads: stopped mid task 2 and re-run, it ends where the whole run did."""
-    from safetensors.torch import load_file
-
-    flags = [f if f != "er" else "agem" for f in streamed_er[0] if f not in ("--er_per_class", "3")]
-    flags += ["--agem_per_class", "2", "--agem_batch_size", "4"]
-    run([*flags, "--output_dir", str(tmp_path / "whole")])
-    run([*flags, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "7"])
-    state = load_file(str(tmp_path / "resumed" / "checkpoints" / "checkpoint-7" / "continual_methods.safetensors"))
-    assert state["agem.images"].shape == (10, 3, 8, 8) and state["agem.images"].dtype == torch.uint8
-    run([*flags, "--output_dir", str(tmp_path / "resumed")])
-    assert max_difference(tmp_path / "whole" / "task_02", tmp_path / "resumed" / "task_02") == 0.0
