@@ -616,7 +616,7 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--push_exemplars",
         action="store_true",
-        help="with --push_to_hub, also upload the exemplar images a streamed --method er/agem run keeps in its task "
+        help="with --push_to_hub, also upload the exemplar images a streamed --method er/der/agem run keeps in its task "
         "folders (left out by default: a dataset's licence may not allow republishing its images)",
     )
 
@@ -704,8 +704,10 @@ def validate_args(args: argparse.Namespace) -> None:
             "with --replay_pool regenerate, or re-run into the run's own OUTPUT_DIR"
         )
     check_method_flags(args)
-    if args.push_exemplars and not ({"er", "agem"} & set(args.method.split("+")) and args.streaming):
-        fail("--push_exemplars uploads the exemplar images of a streamed --method er or agem run; this run keeps none")
+    if args.push_exemplars and not ({"er", "der", "agem"} & set(args.method.split("+")) and args.streaming):
+        fail(
+            "--push_exemplars uploads the exemplar images of a streamed --method er, der or agem run; this one keeps none"
+        )
     if "si" in args.method.split("+") and resolve_mixed_precision(args.mixed_precision) == "fp16":
         fail(
             "--method si integrates the gradient the optimizer sees, which fp16's gradient scaler still holds scaled "

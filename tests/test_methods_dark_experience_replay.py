@@ -99,3 +99,11 @@ def test_task_files_restore_the_buffer_and_draws_and_refuse_what_does_not_fit(tm
     save_file({**draws, "timesteps": draws["timesteps"] + 1000}, str(tmp_path / "der_draws.safetensors"))
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\)"):
         DarkExperienceReplay(SCHEDULER, per_class=2, draws=3).load_task_folder(tmp_path, expected)
+
+
+def test_a_streamed_der_keeps_its_exemplar_images_among_the_files_not_uploaded_unless_asked():
+    from hf_r1ewc.methods.exemplars import IMAGE_FILES
+
+    der = DarkExperienceReplay(SCHEDULER, stream_source="someone/data")
+    assert der.file == "der_buffer.safetensors" and der.file in IMAGE_FILES
+    assert DarkExperienceReplay(SCHEDULER).file == "der_buffer.json"

@@ -211,7 +211,8 @@ def exemplar_buffer(per_class: int, reservoir: int | None = None, stream_source:
 
 
 RESERVOIR_KEY = -1  # the one group of a reservoir buffer (classes are >= 0)
-IMAGE_FILES = ("er_buffer.safetensors", "agem_memory.safetensors")  # dataset images: not uploaded unless asked
+# the files of a streamed run's exemplar images (a dataset's images: not uploaded unless asked)
+IMAGE_FILES = ("er_buffer.safetensors", "der_buffer.safetensors", "agem_memory.safetensors")
 
 
 class StreamedExemplarBuffer(ExemplarBuffer):
