@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..progress import progress_bar
-from .base import Expected, SafetensorsFile, TaskEnd, TaskStart, TrainingSplit, check_count
+from .base import Expected, SafetensorsFile, TaskEnd, TaskStart, TrainingSplit, check_count, sample_shape
 
 
 class ExemplarBuffer:
@@ -166,12 +166,7 @@ class ExemplarBuffer:
         if len(torch.unique(indices)) != len(indices):
             raise ValueError("an exemplar appears twice, which sampling without replacement never gives")
         labels = train.labels[indices]
-        unseen = sorted(set(labels.tolist()) - set(expected.seen_classes))
-        if unseen:
-            raise ValueError(
-                f"it holds exemplars of classes {unseen[:5]}, which the {expected.finished} finished tasks (classes "
-                f"{expected.seen_classes}) never showed"
-            )
+        _check_seen(labels, expected)
         available = {c: int((train.labels == c).sum()) for c in expected.seen_classes}
         if self.reservoir is None:
             wrong = {
@@ -189,6 +184,16 @@ class ExemplarBuffer:
                 f"{min(self.reservoir, sum(available.values()))}; this one counts {seen} seen and holds {len(indices)}"
             )
         self.indices, self.seen, self.dataset_sha256 = indices, seen, dataset_sha256
+
+
+def _check_seen(labels: torch.Tensor, expected: Expected) -> None:
+    """Refuses exemplars of a class the finished tasks never showed."""
+    unseen = sorted(set(labels.tolist()) - set(expected.seen_classes))
+    if unseen:
+        raise ValueError(
+            f"it holds exemplars of classes {unseen[:5]}, which the {expected.finished} finished tasks (classes "
+            f"{expected.seen_classes}) never showed"
+        )
 
 
 def _check_dataset(dataset_sha256: str | None, train: TrainingSplit | None) -> None:
@@ -370,12 +375,7 @@ class StreamedExemplarBuffer(ExemplarBuffer):
         if counts.dtype != torch.long or counts.dim() != 2 or counts.shape[1] != 2:
             raise ValueError(f"counts must be int64 [groups, 2], got {counts.dtype} of shape {list(counts.shape)}")
         seen_counts = {int(g): int(n) for g, n in counts.tolist()}
-        unseen = sorted(set(labels.tolist()) - set(expected.seen_classes))
-        if unseen:
-            raise ValueError(
-                f"it holds exemplars of classes {unseen[:5]}, which the {expected.finished} finished tasks (classes "
-                f"{expected.seen_classes}) never showed"
-            )
+        _check_seen(labels, expected)
         groups = (
             sorted(expected.seen_classes) if self.reservoir is None else ([RESERVOIR_KEY] if expected.finished else [])
         )
@@ -409,8 +409,6 @@ def exemplar_sha256(image: torch.Tensor) -> str:
 
 def sample_shape_of(model, stored: torch.Tensor) -> tuple[int, int, int]:
     """(C, R, R) of the model's images (its config), else of the images stored."""
-    from .base import sample_shape
-
     shape = sample_shape(model)
     if shape is None:
         if not len(stored):
