@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import threading
@@ -103,6 +104,13 @@ TASKS = [[2 * k, 2 * k + 1] for k in range(5)]
 LONG_METHODS = ("ER 20/class", "ER 20/class + rank-1")
 LONG_RECORDS = RESULTS / "long_horizon_runs"
 LONG_TASKS, LONG_EPOCHS = 10, 47
+TITLE = "Which method should I use? The field's methods on paired seeds (issue 39)"
+SECOND_BASELINE: str | None = None  # the buffer study pairs every row against ER 20/class too
+
+# The buffer study (issue 48, ``--study buffer``): how small may ER's buffer be, and can DER++ or parameter isolation
+# beat it, at two data sizes of equal compute (training images per class -> epochs per task: the same optimizer steps)
+BUFFER_SIZES = (1, 2, 5, 20)
+DATA_SIZES = {100: 40, 1000: 4}
 
 
 def folder(label: str, value: float | None, seed: int) -> str:
@@ -258,7 +266,7 @@ def write_report(output: Path) -> None:
     fmt = lambda pair: format_mean_se(pair, ".1f")  # noqa: E731
     gd_seconds = train_seconds(BASELINE, None, [*SEEDS, *MORE_SEEDS])
     lines = [
-        "# Which method should I use? The field's methods on paired seeds (issue 39)\n",
+        f"# {TITLE}\n",
         *tiny_banner(SCALE),
         "Real Fashion-MNIST at 16x16, 5 tasks of 2 classes, the model and budget of table1_fmnist_cpu.md "
         f"({json.dumps(SCALE)}); every method paired against GD on the same seeds (task 1 trains "
@@ -269,8 +277,9 @@ def write_report(output: Path) -> None:
         "ACC: mean sample accuracy over all classes after task 5 (the FID classifier's). Seconds: wall seconds per "
         "task without FID (training, replay pool, Fisher/importances) relative to GD's in the same queue. Memory: "
         "beyond the model, from methods_cost.md.\n",
-        "| method | weight | seeds | AFID@5 ↓ | F ↓ | P ↓ | ACC ↑ | BWT ↑ | class KL ↓ | seconds ÷ GD | memory (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | weight | seeds | AFID@5 ↓ | F ↓ | P ↓ | ACC ↑ | BWT ↑ | class KL ↓ | seconds ÷ GD | memory (MB) "
+        "| data kept |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, row in table.items():
         entry, value = ENTRIES[label], best.get(label)
@@ -281,7 +290,8 @@ def write_report(output: Path) -> None:
         lines.append(
             f"| {label} | {weight} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
             f"{fmt(row['plasticity'])} | {'—' if acc is None else fmt(tuple(100 * a for a in acc))} | "
-            f"{fmt(row['bwt'])} | {format_mean_se(row['class_kl'], '.3f')} | {ratio} | {memory(label)} |"
+            f"{fmt(row['bwt'])} | {format_mean_se(row['class_kl'], '.3f')} | {ratio} | {memory(label)} "
+            f"| {data_kept(label)} |"
         )
     if paired:
         lines.append(paired_markdown(paired, BASELINE))
@@ -304,6 +314,10 @@ def write_report(output: Path) -> None:
     )
     if hypothesis:
         lines.append(paired_markdown(hypothesis, HYPOTHESIS[1]).replace("## Paired", "## The hypothesis: paired"))
+    against_er = paired_differences(runs, SECOND_BASELINE) if SECOND_BASELINE in table else {}
+    if against_er:
+        lines.append(paired_markdown(against_er, SECOND_BASELINE))
+        lines += buffer_curve(table, output)
     lines += geometry_lines(best)
     lines += ratio_lines(best)
     long_table, long_paired, long_lines = long_horizon(best, output)
@@ -322,12 +336,60 @@ def write_report(output: Path) -> None:
                 "paired": paired,
                 "hypothesis": hypothesis,
                 "chosen_weights": best,
+                "paired_against_" + (SECOND_BASELINE or "none"): against_er if SECOND_BASELINE else {},
                 "long_horizon": {"summary": long_table, "paired": long_paired},
             },
             indent=1,
             default=str,
         )
     )
+
+
+def data_kept(label: str) -> str:
+    """The share of each class's training images that a row keeps as exemplars (ER's and DER's buffers)."""
+    entry = ENTRIES[label]
+    if entry.spec == "joint":
+        return "100 %"
+    sizes = [int(entry.flags[i + 1]) for i, f in enumerate(entry.flags) if f in ("--er_per_class", "--der_per_class")]
+    if not sizes and entry.spec in ("er", "agem"):
+        sizes = [20]
+    return f"{100 * max(sizes, default=0) / SCALE['per_class']:g} %"
+
+
+def buffer_curve(table: dict, output: Path) -> list[str]:
+    """AFID@5 (mean ± SE) against exemplars per class for ER, ER + GD and DER++, GD and the rows without exemplars as
+    horizontal lines: OUTPUT_buffer.png, and the line that names it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families: dict[str, list[tuple[int, float, float]]] = {}
+    flat = {}
+    for label, row in table.items():
+        if size := re.search(r" (\d+)/class", label):
+            families.setdefault(label.replace(size.group(0), ""), []).append((int(size.group(1)), *row["afid"]))
+        else:
+            flat[label] = row["afid"]
+    with plt.rc_context({"text.parse_math": False}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for family, points in families.items():
+            points.sort()
+            xs, ys, ses = zip(*points)
+            ax.errorbar(xs, ys, yerr=ses, marker="o", capsize=3, label=family)
+        for i, (label, (mean, se)) in enumerate(flat.items()):
+            ax.axhline(mean, color=f"C{len(families) + i}", linestyle="--", label=f"{label} ({mean:.1f} ± {se:.1f})")
+        ax.set_xscale("log")
+        ax.set_xticks(BUFFER_SIZES, [str(n) for n in BUFFER_SIZES])
+        ax.set_xlabel("exemplars per class")
+        ax.set_ylabel("AFID@5 (lower is better)")
+        ax.set_title(f"{SCALE['per_class']} training images per class, {SCALE['epochs']} epochs per task")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = output.with_name(output.stem + "_buffer.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return [f"\nAFID@5 against exemplars per class: `{path.name}`."]
 
 
 def ratio_lines(best: dict[str, float]) -> list[str]:
@@ -371,6 +433,8 @@ def geometry_lines(best: dict[str, float]) -> list[str]:
         "| method | seeds | share along old μ, k = 2..5 | μ_jᵀΔ, j = 1..4 | measured ΔL_j, j = 1..4 |",
         "| --- | --- | --- | --- | --- |",
     ]
+    if not any(label in ENTRIES for label in GEOMETRY):
+        return []
     for label in (label for label in GEOMETRY if label in ENTRIES):
         geos = [
             rec["geometry"]
@@ -456,13 +520,65 @@ def beats_baseline(label: str, best: dict[str, float]) -> bool:
     return row.get("mean_se", (0.0, 0.0))[0] < 0 and row.get("t_p", 1.0) < 0.05
 
 
+def buffer_entries() -> dict[str, Entry]:
+    """The buffer study's rows: GD; ER at each of BUFFER_SIZES exemplars per class; ER + GD at the two smallest;
+    DER++ (``er+der``, both buffers of one size) at 20 per class with its weight swept."""
+    entries = {BASELINE: Entry("gd")}
+    for n in BUFFER_SIZES:
+        entries[f"ER {n}/class"] = Entry("er", ("--er_per_class", str(n)))
+    for n in BUFFER_SIZES[:2]:
+        entries[f"ER {n}/class + GD"] = Entry("er+gd", ("--er_per_class", str(n)))
+    der = ("--er_per_class", "20", "--der_per_class", "20")
+    entries["DER++ 20/class"] = Entry("er+der", der, "der_weight", (0.1, 1.0, 10.0))
+    return entries
+
+
+def smallest_der_entry() -> dict[str, Entry]:
+    """DER++ at the smallest buffer where ER beats GD (paired t over 3 seeds or more, p < 0.05) at DER++ 20/class's
+    chosen weight: one row once both are known (none while they are not, or when that smallest buffer is 20)."""
+    from hf_r1ewc.comparison import paired_differences
+
+    best = chosen_weights()
+    runs = comparison_runs(best)
+    if "DER++ 20/class" not in best or BASELINE not in {r["label"] for r in runs.values()}:
+        return {}
+    paired = paired_differences(runs, BASELINE)
+    beating = [
+        n
+        for n in BUFFER_SIZES
+        if len((row := paired.get(f"ER {n}/class", {})).get("seeds", ())) >= 3
+        and row["afid"]["mean_se"][0] < 0
+        and row["afid"]["t_p"] < 0.05
+    ]
+    if not beating or beating[0] == BUFFER_SIZES[-1]:
+        return {}
+    n, weight = str(beating[0]), f"{best['DER++ 20/class']:g}"
+    return {f"DER++ {n}/class": Entry("er+der", ("--er_per_class", n, "--der_per_class", n, "--der_weight", weight))}
+
+
+def use_buffer_study(per_class: int) -> None:
+    """``--study buffer --per_class N``: the buffer study's rows at N training images per class (DATA_SIZES[N] epochs),
+    records in methods_runs/ at 100 per class (the table's own protocol: its GD and ER 20/class records pool) and in
+    methods_runs_Npc/ otherwise; report buffer_study_Npc.md."""
+    global SCALE, REPORT, RECORDS, ENTRIES, GEOMETRY, LONG_METHODS, TITLE, SECOND_BASELINE
+    SCALE = {**SCALES["cpu"], "per_class": per_class, "epochs": DATA_SIZES[per_class]}
+    if per_class != SCALES["cpu"]["per_class"]:
+        RECORDS = RESULTS / f"methods_runs_{per_class}pc"
+    REPORT = RESULTS / f"buffer_study_{per_class}pc.md"
+    GEOMETRY, LONG_METHODS, SECOND_BASELINE = (), (), "ER 20/class"
+    TITLE = f"How little replay is enough? ER's buffer, DER++ and GD at {per_class} images per class (issue 48)"
+    ENTRIES = buffer_entries()
+    ENTRIES.update(smallest_der_entry())
+
+
 def use_tiny_study(work: Path) -> None:
-    """``--tiny``: GD and ER 20/class on seed 0 at the tiny scale (8x8 digits, seconds per run), records and report
-    under WORK/results: one pass through queue, records and report that leaves the study's own files untouched."""
+    """``--tiny``: GD and ER 20/class (the buffer study: and ER 1/class) on seed 0 at the tiny scale (8x8 digits,
+    seconds per run), records and report under WORK/results: one pass through queue, records and report that leaves
+    the study's own files untouched."""
     global SCALE, REPORT, RECORDS, LONG_RECORDS, SEEDS, MORE_SEEDS, ENTRIES
     SCALE, SEEDS, MORE_SEEDS = SCALES["tiny"], (0,), ()
-    ENTRIES = {label: ENTRIES[label] for label in (BASELINE, "ER 20/class")}
-    REPORT = work / "results" / "methods.md"
+    ENTRIES = {label: e for label, e in ENTRIES.items() if label in (BASELINE, "ER 1/class", "ER 20/class")}
+    REPORT = work / "results" / REPORT.name
     RECORDS, LONG_RECORDS = work / "results" / "methods_runs", work / "results" / "long_horizon_runs"
 
 
@@ -485,8 +601,31 @@ def main(argv: list[str] | None = None) -> None:
         "long: ER 20/class and ER + rank-1 on 10 one-class tasks, seeds 0-4 (if they beat GD at 5 tasks); "
         "report: rewrite methods.md from the records only",
     )
+    p.add_argument(
+        "--study",
+        choices=["methods", "buffer"],
+        default="methods",
+        help="methods: the field's table (methods.md); buffer: ER's buffer sizes, ER + GD and DER++ against GD and ER "
+        "20/class (issue 48; buffer_study_Npc.md)",
+    )
+    p.add_argument(
+        "--per_class",
+        type=int,
+        choices=sorted(DATA_SIZES),
+        default=SCALES["cpu"]["per_class"],
+        help="--study buffer: training images per class; epochs per task follow (100: 40, 1000: 4, the same steps)",
+    )
     args = p.parse_args(argv)
-    work = Path(args.work_dir or ROOT / "runs" / ("methods_tiny" if args.tiny else "methods"))
+    if args.per_class != SCALES["cpu"]["per_class"] and args.study != "buffer":
+        p.error("--per_class is the buffer study's (--study buffer); the methods table runs 100 images per class")
+    if args.study == "buffer":
+        use_buffer_study(args.per_class)
+    work = Path(
+        args.work_dir
+        or ROOT
+        / "runs"
+        / ("methods_tiny" if args.tiny else "methods" if args.per_class == 100 else f"methods_{args.per_class}pc")
+    )
     data_dir = args.data_dir or ("digits" if args.tiny else "/usr/share/datasets/fashion-mnist")
     if args.tiny:
         use_tiny_study(work)
@@ -543,9 +682,15 @@ def main(argv: list[str] | None = None) -> None:
             list(pool.map(run, jobs))
             from hf_r1ewc.comparison import paired_differences
 
+            if args.study == "buffer" and (late := smallest_der_entry().items() - ENTRIES.items()):
+                ENTRIES.update(late)  # DER++ at the smallest buffer where ER beats GD, now that ER's rows are in
+                list(pool.map(run, [(label, None, s) for s in SEEDS for label, _ in late]))
             runs = comparison_runs(chosen_weights())
             reach = within_reach(paired_differences(runs, BASELINE))
-            more = [(label, best.get(label), s) for s in MORE_SEEDS for label in (BASELINE, *reach)]
+            if SECOND_BASELINE in {r["label"] for r in runs.values()}:
+                reach += [r for r in within_reach(paired_differences(runs, SECOND_BASELINE)) if r not in reach]
+            baselines = (BASELINE, *(() if SECOND_BASELINE is None else (SECOND_BASELINE,)))
+            more = [(label, best.get(label), s) for s in MORE_SEEDS for label in dict.fromkeys((*baselines, *reach))]
             list(pool.map(run, more))
         if args.phase in ("all", "long"):
             best = chosen_weights()
