@@ -368,7 +368,13 @@ def log_validation_grid(run: Run, model, task_index: int) -> None:
     args, accelerator = run.args, run.accelerator
     seen = sorted({c for t in run.state.tasks[:task_index] for c in t})
     grid = sample_grid(
-        bare_model(accelerator, model), run.sampler, evenly_chosen(seen), args.num_inference_steps, args.seed, run.ema
+        bare_model(accelerator, model),
+        run.sampler,
+        evenly_chosen(seen),
+        args.num_inference_steps,
+        args.seed,
+        run.ema,
+        serve=run.learner.serve,
     )
     log_images(accelerator, {"validation": grid}, run.state.global_step)
 
@@ -408,6 +414,7 @@ def run_task(run: Run, denoiser: ModelMixin, task_index: int) -> tuple[ModelMixi
 
     run.stop.doing = f"task {task_index}'s evaluation, consolidation and folder"
     denoiser, trained, pipeline, eval_model = theta_star(accelerator, model, run.ema, run.sampler)
+    eval_model = learner.serve(eval_model)  # with a model or adapter per task: every class by its own, routed by label
     with phases("FID"):
         eval_tasks = run.data.tasks if args.joint else run.data.tasks[:task_index]
         scores = evaluate_task(accelerator, run.evaluator, eval_model, run.sampler, eval_tasks, task_index)

@@ -31,6 +31,7 @@ from .methods import (
     MAS,
     ContinualMethod,
     DarkExperienceReplay,
+    Ensemble,
     ExperienceReplay,
     GenerativeDistillation,
     KnowledgeDistillation,
@@ -57,8 +58,9 @@ class MethodFlag:
     above: bool = False
 
     def problem(self, value: int | float | None) -> str | None:
-        """Why ``value`` is refused, or None (a default of None means "derived": leaving it out is fine)."""
-        if value is None and self.default is None:
+        """Why ``value`` is refused, or None (a default of None means "derived": leaving it out is fine; a bool
+        flag is a switch)."""
+        if (value is None and self.default is None) or self.type is bool:
             return None
         bound = f"> {self.minimum:g}" if self.above else f">= {self.minimum:g}"
         kind = "an integer" if self.type is int else "a finite number"
@@ -80,6 +82,7 @@ class MethodSpec:
     flags: tuple[MethodFlag, ...] = ()
     alone: bool = False
     group: str | None = None  # at most one component of a group in a --method
+    why_alone: str = ""  # what a component that must stand alone says when composed
 
 
 def streamed_source(args: argparse.Namespace) -> str | None:
@@ -210,9 +213,25 @@ for _spec in (
         lambda args, noise: KnowledgeDistillation(args.kd_weight),
         (MethodFlag("kd_weight", float, 1.0, "kd: the distillation term's weight (CLoG: 1)"),),
     ),
+    MethodSpec(
+        "ensemble",
+        "an ensemble: each task trains its own copy of the model, which serves that task's classes (routed by label)",
+        lambda args, noise: Ensemble(args.ensemble_from_scratch),
+        (
+            MethodFlag(
+                "ensemble_from_scratch",
+                bool,
+                False,
+                "ensemble: each task's model starts from a fresh initialisation (default: from the previous task's)",
+            ),
+        ),
+        alone=True,
+        why_alone="each task trains its own model, so no other method has an old task to protect in it",
+    ),
 ):
     register_method(_spec)
 EWC_KINDS = ("rank1", "rank1_unscaled", "diag")
+PARAMETER_ISOLATION = ("ensemble",)  # a model or adapter per task, routed by class label
 EWC_LAMBDA_DEFAULT = 15000.0  # the paper's
 
 
@@ -227,7 +246,8 @@ def canonical_method(spec: str) -> str:
         raise ValueError(f"--method {spec!r} names a component twice")
     alone = [p for p in parts if METHODS[p].alone]
     if len(parts) > 1 and alone:
-        raise ValueError(f"--method {spec!r}: {' and '.join(alone)} cannot be combined with another component")
+        why = "".join(f"; {METHODS[p].why_alone}" for p in alone if METHODS[p].why_alone)
+        raise ValueError(f"--method {spec!r}: {' and '.join(alone)} cannot be combined with another component{why}")
     for group in {METHODS[p].group for p in parts} - {None}:
         members = [p for p in parts if METHODS[p].group == group]
         if len(members) > 1:
@@ -452,7 +472,10 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     )
     for spec in METHODS.values():
         for flag in spec.flags:
-            g.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, help=flag.help)
+            if flag.type is bool:
+                g.add_argument(f"--{flag.name}", action="store_true", help=flag.help)
+            else:
+                g.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, help=flag.help)
 
 
 def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
@@ -648,11 +671,17 @@ def check_method_flags(args: argparse.Namespace) -> None:
             value = getattr(args, flag.name)
             if name not in components and value != flag.default:
                 raise SystemExit(
-                    f"error: --{flag.name} {value} is a setting of the {name} component, which --method "
+                    f"error: --{flag.name}{'' if flag.type is bool else f' {value}'} is a setting of the {name} "
+                    f"component, which --method "
                     f"{args.method} does not include: add {name} to --method or drop --{flag.name}"
                 )
             if name in components and (problem := flag.problem(value)):
                 raise SystemExit(f"error: {problem}")
+    if getattr(args, "ensemble_from_scratch", False) and args.use_ema:
+        raise SystemExit(
+            "error: --ensemble_from_scratch restarts each task's model, and --use_ema would average it with the "
+            "previous task's weights: drop one of them"
+        )
     if not components & set(EWC_KINDS) and args.ewc_lambda != EWC_LAMBDA_DEFAULT:
         raise SystemExit(
             f"error: --ewc_lambda {args.ewc_lambda} weighs an EWC penalty, and --method {args.method} has none "
@@ -899,6 +928,12 @@ def make_accelerator(args) -> Accelerator:
         raise SystemExit(
             "error: the EWC penalty works on FSDP2's DTensor shards; set fsdp_version: 2 in the "
             "accelerate config (accelerate_configs/fsdp.yaml)"
+        )
+    isolating = [p for p in args.method.split("+") if p in PARAMETER_ISOLATION]
+    if accelerator.distributed_type == DistributedType.FSDP and isolating:
+        raise SystemExit(
+            f"error: --method {isolating[0]} keeps every finished task's model (or adapter) whole on each process, "
+            "which FSDP is meant to avoid; run it under DDP (accelerate_configs/multi_gpu_ddp.yaml) or on one device"
         )
     if accelerator.distributed_type == DistributedType.FSDP and args.use_ema:
         raise SystemExit(

@@ -144,6 +144,17 @@ class ContinualLearner:
         for method in self.methods:
             method.start_task(task)
 
+    def serve(self, model: nn.Module) -> nn.Module:
+        """The model that samples every class learned so far, around ``model`` (the current task's, bare): itself,
+        or, with a parameter-isolation method, a ``pipeline.RoutedDenoiser`` that routes each label."""
+        for method in self.methods:
+            model = method.serve(model)
+        return model
+
+    def routes(self, task_index: int) -> dict[int, str] | None:
+        """The routing table of task folder ``task_index`` (class -> route), or None when one model serves all."""
+        return next((r for m in self.methods if (r := m.routes(task_index)) is not None), None)
+
     # ------------------------------------------------------------------------------------------------- a step
 
     def loss(

@@ -156,6 +156,7 @@ def write_task_artifacts(folder: str | os.PathLike, artifacts: TaskArtifacts) ->
     def fill(tmp: Path) -> None:
         artifacts.pipeline.save_pretrained(tmp)
         for name, payload in artifacts.method_files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. an ensemble's routes/task_01/
             if isinstance(payload, SafetensorsFile):
                 save_file(
                     {k: v.cpu().contiguous() for k, v in payload.tensors.items()}, str(tmp / name), payload.metadata

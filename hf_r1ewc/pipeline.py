@@ -16,9 +16,12 @@ loads anywhere with::
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -32,6 +35,7 @@ from diffusers import (
     SchedulerMixin,
     UniPCMultistepScheduler,
 )
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -144,11 +148,77 @@ def num_classes_of(model: torch.nn.Module) -> int | None:
     return getattr(model.config, "num_class_embeds", None) or getattr(model.config, "num_embeds_ada_norm", None)
 
 
+OWN_ROUTE = "denoiser"  # the route a pipeline's own unet/transformer serves
+ROUTES_FOLDER = "routes"  # a task folder's other routes: routes/<name>/ (a diffusers model folder each)
+ROUTED_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")  # the model classes a route folder may hold
+
+
+@dataclass
+class RoutedOutput(BaseOutput):
+    """A routed forward's prediction ``sample`` ``[N, C, H, W]``, rows in the order of the batch."""
+
+    sample: torch.Tensor
+
+
+class RoutedDenoiser(torch.nn.Module):
+    """Serves each class label with the denoiser of its route (parameter isolation: a model per task).
+
+    ``models``: route name -> denoiser (one architecture); ``routes``: class -> route name. A batch of mixed labels
+    is split by route, each group goes through its own model (one forward per route in the batch) and the rows are
+    put back in the batch's order; a label without a route goes to ``default`` (None: refused). ``config``: the
+    first model's."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], routes: dict[int, str], default: str | None = None) -> None:
+        super().__init__()
+        missing = sorted((set(routes.values()) | ({default} if default else set())) - set(models))
+        if missing:
+            raise ValueError(f"routes name models {missing} that are not given (have {sorted(models)})")
+        self.models = torch.nn.ModuleDict(models)
+        self.routes, self.default = {int(c): r for c, r in routes.items()}, default
+
+    @property
+    def config(self):
+        return next(iter(self.models.values())).config
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels: torch.Tensor, return_dict: bool = True
+    ) -> RoutedOutput | tuple:
+        labels = class_labels.flatten()
+        names = [self.routes.get(c, self.default) for c in labels.tolist()]
+        if None in names:
+            unrouted = sorted({c for c, n in zip(labels.tolist(), names) if n is None})
+            raise ValueError(f"class labels {unrouted} have no route (routed classes: {sorted(self.routes)})")
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(sample.shape[0]) if t.dim() == 0 else t
+        out = None
+        for name in dict.fromkeys(names):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=sample.device)
+            pred = self.models[name](sample[rows], t[rows], class_labels=labels[rows]).sample
+            out = pred.new_empty((sample.shape[0], *pred.shape[1:])) if out is None else out
+            out[rows] = pred
+        return RoutedOutput(sample=out) if return_dict else (out,)
+
+
+def load_route_model(folder: str | os.PathLike) -> torch.nn.Module:
+    """The diffusers model of a route folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), only of
+    ``ROUTED_CLASSES`` (a folder cannot name another class to import)."""
+    import diffusers
+
+    folder = Path(folder)
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if name not in ROUTED_CLASSES:
+        raise ValueError(f"{folder}/config.json names the model class {name!r}; a route holds one of {ROUTED_CLASSES}")
+    return getattr(diffusers, name).from_pretrained(folder)
+
+
 class ClassConditionalPipeline(DiffusionPipeline):
     """``pipe(class_labels=[0, 0, 3])`` -> one image per label (default: DDIM, 50 steps, eta 0; any scheduler).
 
     The denoiser is a ``unet`` (``UNet2DModel``) or a ``transformer`` (``DiTTransformer2DModel``, saved in
     ``transformer/`` as diffusers' DiT pipeline names it): any model called as ``model(x_t, t, class_labels=y)``.
+    ``routes`` (class -> route name; a task folder of a parameter-isolation method): each class is served by its
+    route's model, ``OWN_ROUTE`` by the pipeline's own denoiser and the others from ``ROUTES_FOLDER/<name>/`` of the
+    folder it was loaded from (``RoutedDenoiser``).
     """
 
     model_cpu_offload_seq = "unet->transformer"
@@ -160,6 +230,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         transformer: torch.nn.Module | None = None,
         learned_classes: list[int] | None = None,
+        routes: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if (unet is None) == (transformer is None):
@@ -170,6 +241,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, transformer=transformer)
         # the classes trained so far (a task folder records them in model_index.json); None: not recorded
         self.register_to_config(learned_classes=None if learned_classes is None else sorted(learned_classes))
+        self.register_to_config(routes=None if routes is None else {str(c): r for c, r in routes.items()})
+        self._route_models: dict[str, torch.nn.Module] | None = None
+
+    def set_routes(self, routes: dict[int, str] | None, models: dict[str, torch.nn.Module] | None = None) -> None:
+        """Serve class c with ``models[routes[c]]`` (``OWN_ROUTE``: this pipeline's denoiser); ``models`` None: read
+        them from the folder the pipeline is loaded from when first needed. Recorded in ``model_index.json``."""
+        self.register_to_config(routes=None if routes is None else {str(c): r for c, r in sorted(routes.items())})
+        self._route_models = models
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, scheduler: SchedulerMixin) -> "ClassConditionalPipeline":
@@ -179,9 +258,31 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return cls(model, scheduler)
 
     @property
-    def denoiser(self) -> torch.nn.Module:
+    def own_denoiser(self) -> torch.nn.Module:
         """The ``unet`` or the ``transformer``, whichever this pipeline holds."""
         return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The model that serves every class: ``own_denoiser``, or a ``RoutedDenoiser`` over the routes."""
+        own, routes = self.own_denoiser, self.config.get("routes")
+        if not routes:
+            return own
+        if self._route_models is None:
+            folder = Path(self.config.get("_name_or_path") or "")
+            names = sorted(set(routes.values()) - {OWN_ROUTE})
+            if names and not (folder / ROUTES_FOLDER).is_dir():
+                raise ValueError(
+                    f"this pipeline routes classes to the models {names} in {ROUTES_FOLDER}/ of its folder, and "
+                    f"{folder} has none: load it from the whole task folder (huggingface_hub.snapshot_download)"
+                )
+            self._route_models = {name: load_route_model(folder / ROUTES_FOLDER / name) for name in names}
+        param = next(own.parameters())
+        for m in self._route_models.values():  # follow the pipeline's .to() (diffusers warns on a no-op dtype cast)
+            if (p := next(m.parameters())).device != param.device or p.dtype != param.dtype:
+                m.to(param.device, param.dtype)
+        models = self._route_models
+        return RoutedDenoiser({**models, OWN_ROUTE: own}, {int(c): r for c, r in routes.items()}, OWN_ROUTE)
 
     def check_class_labels(self, class_labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``[N]`` int64 labels, validated against the model's class embedding."""

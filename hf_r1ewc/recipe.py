@@ -284,6 +284,7 @@ def write_task_folder(
     }
     metrics = task_metrics(args, run, outcome, task_index, classes, sampling)
     outcome.pipeline.register_to_config(learned_classes=seen)  # the pipeline warns when asked for another class
+    outcome.pipeline.set_routes(learner.routes(task_index))  # with a model or adapter per task: which serves a class
     grid = sample(
         outcome.eval_model,
         outcome.pipeline.scheduler,

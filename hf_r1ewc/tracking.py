@@ -4,7 +4,7 @@ Accelerate's trackers, so that one call serves every tracker Accelerate knows.""
 from __future__ import annotations
 
 import io
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -71,9 +71,11 @@ def sample_grid(
     num_inference_steps: int,
     seed: int,
     ema=None,
+    serve: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> np.ndarray:
     """8 samples of each of ``classes`` (a row per class) from ``model`` in eval mode, the same noise for the same
-    seed, as a uint8 ``[H, W, 3]`` grid; with a diffusers ``EMAModel`` from its averaged weights. The model's mode and
+    seed, as a uint8 ``[H, W, 3]`` grid; with a diffusers ``EMAModel`` from its averaged weights (of ``model``);
+    ``serve``: what samples, around ``model`` (``ContinualLearner.serve``: routed by label). The model's mode and
     weights are restored after."""
     params = list(model.parameters())
     if ema is not None:
@@ -83,7 +85,8 @@ def sample_grid(
     model.eval()
     try:
         labels = torch.tensor(classes).repeat_interleave(8)
-        images = sample(model, scheduler, labels, num_inference_steps, torch.Generator().manual_seed(seed))
+        sampled = serve(model) if serve is not None else model
+        images = sample(sampled, scheduler, labels, num_inference_steps, torch.Generator().manual_seed(seed))
     finally:
         model.train(was_training)
         if ema is not None:

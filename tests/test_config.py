@@ -42,6 +42,8 @@ def test_method_parsing_names_the_problem():
         ("naive+gd", "naive cannot be combined"),
         ("rank1+diag", "rank1 and diag are each a weight regulariser; choose one"),
         ("si+l2", "si and l2 are each a weight regulariser"),
+        ("ensemble+er", "ensemble cannot be combined with another component; each task trains its own model"),
+        ("rank1+ensemble", "so no other method has an old task to protect in it"),
     ]:
         with pytest.raises(ValueError, match=message):
             canonical_method(spec)
@@ -51,6 +53,11 @@ def test_method_parsing_names_the_problem():
         (["--method", "gd", "--joint"], "--method gd and --joint disagree"),
         (["--method", "si", "--mixed_precision", "fp16"], "fp16's gradient scaler"),
         (["--method", "er", "--push_exemplars"], "--push_exemplars uploads the exemplar images of a streamed"),
+        (["--method", "gd", "--ensemble_from_scratch"], "add ensemble to --method or drop --ensemble_from_scratch"),
+        (
+            ["--method", "ensemble", "--ensemble_from_scratch", "--use_ema"],
+            "--use_ema would average it with the previous task's weights",
+        ),
     ]:
         with pytest.raises(SystemExit, match=message):
             parse_args([*BASE, *flags])

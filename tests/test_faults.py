@@ -652,7 +652,7 @@ def test_adam_flags_reach_the_optimizer():
     )
 
 
-@pytest.mark.parametrize("method", ["si+kd+gd", "mas+er+agem", "l2", "er+der"])
+@pytest.mark.parametrize("method", ["si+kd+gd", "mas+er+agem", "l2", "er+der", "ensemble"])
 def test_the_fields_methods_resume_bit_for_bit(tmp_path, method):
     """A run of each method stopped mid task 2 (after SI's path integral and A-GEM's count have moved, with KD's
     teacher, MAS's anchor, ER's and A-GEM's exemplars and DER's kept predictions in place) and re-run ends with the weights of the
@@ -665,7 +665,7 @@ def test_the_fields_methods_resume_bit_for_bit(tmp_path, method):
 
     checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-5"
     path = checkpoint / "continual_methods.safetensors"
-    changing = {"si+kd+gd": {"si"}, "mas+er+agem": {"agem"}, "l2": set(), "er+der": set()}[method]
+    changing = {"si+kd+gd": {"si"}, "mas+er+agem": {"agem"}, "l2": set(), "er+der": set(), "ensemble": set()}[method]
     assert {k.split(".")[0] for k in load_file(str(path))} == changing if changing else not path.exists()
     run([*flags, "--output_dir", str(tmp_path / "resumed")])
     assert max_difference(tmp_path / "whole" / "task_02", tmp_path / "resumed" / "task_02") == 0.0

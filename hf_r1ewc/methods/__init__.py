@@ -19,6 +19,7 @@ from .base import (
     task_folder_name,
 )
 from .dark_experience_replay import DarkExperienceReplay
+from .ensemble import Ensemble
 from .ewc import EWC
 from .experience_replay import ExperienceReplay
 from .generative_distillation import GenerativeDistillation
@@ -31,6 +32,7 @@ from .synaptic_intelligence import SynapticIntelligence
 __all__ = [
     "AGEM",
     "DarkExperienceReplay",
+    "Ensemble",
     "EWC",
     "ExperienceReplay",
     "L2",

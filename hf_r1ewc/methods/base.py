@@ -2,7 +2,7 @@
 
 A training loop with a list of methods runs, per task::
 
-    start_task(TaskStart)                  teacher, buffers, adapters
+    start_task(TaskStart)                  teacher, buffers, adapters (a method may re-initialise task.model)
     per micro-batch:
         extra_batch(...)                   examples that join the step's one forward (replay, exemplars)
         loss_terms(StepForward)            terms computed from that forward (distillation)
@@ -14,6 +14,8 @@ A training loop with a list of methods runs, per task::
                                            what the task folder keeps of the method (safetensors + JSON only)
     state_dict() / load_state_dict(s, expected)
                                            all of its state (``changes_during_task``: checkpoints keep it too)
+    serve(model) / routes(task_index)      parameter isolation: the model that serves every class (routed by
+                                           label) around the current task's, and the task folder's routing table
 
 State read from outside (a task folder, perhaps pulled from the Hub with its own digests; a checkpoint) is checked
 against ``Expected`` (the model's parameter shapes, the tasks finished, their classes, the training split) and
@@ -262,6 +264,7 @@ class ContinualMethod:
     penalty_in_loss: bool = True  # penalty() joins the loss; False: it acts elsewhere (a proximal step)
     changes_during_task: bool = False  # state_dict() changes between optimizer steps: checkpoints must keep it
     needs_training_split: bool = False  # TaskStart/TaskEnd carry the training split in memory (exemplars)
+    isolates_parameters: bool = False  # a model or adapter per task, routed by label: composes with no other method
 
     def label(self) -> str:
         """What ran, with its weights, for results, cards and ``evaluate``'s grouping."""
@@ -301,6 +304,16 @@ class ContinualMethod:
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         """Restore what ``task_files`` wrote into task folder ``expected.finished`` (to continue after it), checked
         against ``expected`` first; raise ``ValueError`` naming the file and the problem, taking nothing."""
+
+    def serve(self, model: nn.Module) -> nn.Module:
+        """The model that samples every class learned so far, given ``model``, the current task's (in training, or
+        theta*_k before ``end_task``): e.g. a ``pipeline.RoutedDenoiser``. Default: ``model`` serves every class."""
+        return model
+
+    def routes(self, task_index: int) -> dict[int, str] | None:
+        """After ``end_task``: the task folder's routing table, class -> route (``pipeline.OWN_ROUTE``: the folder's
+        own model; another name: ``routes/<name>/``, written by ``task_files``); None: one model serves all."""
+        return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
