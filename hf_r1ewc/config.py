@@ -35,8 +35,10 @@ from .methods import (
     ExperienceReplay,
     GenerativeDistillation,
     KnowledgeDistillation,
+    LoRA,
     SynapticIntelligence,
 )
+from .methods.lora import DEFAULT_TARGETS
 from .models import PRESETS
 from .pipeline import SAMPLERS
 
@@ -60,7 +62,7 @@ class MethodFlag:
     def problem(self, value: int | float | None) -> str | None:
         """Why ``value`` is refused, or None (a default of None means "derived": leaving it out is fine; a bool
         flag is a switch)."""
-        if (value is None and self.default is None) or self.type is bool:
+        if (value is None and self.default is None) or self.type in (bool, str):
             return None
         bound = f"> {self.minimum:g}" if self.above else f">= {self.minimum:g}"
         kind = "an integer" if self.type is int else "a finite number"
@@ -228,10 +230,33 @@ for _spec in (
         alone=True,
         why_alone="each task trains its own model, so no other method has an old task to protect in it",
     ),
+    MethodSpec(
+        "lora",
+        "a LoRA adapter per task after the first (peft), over shared weights frozen after task 1; routed by label",
+        lambda args, noise: LoRA(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules),
+        (
+            MethodFlag("lora_rank", int, 8, "lora: the rank r of each task's adapter", minimum=1),
+            MethodFlag(
+                "lora_alpha", float, None, "lora: the adapter's scale is alpha / r (default: alpha = r)", above=True
+            ),
+            MethodFlag("lora_dropout", float, 0.0, "lora: dropout on the adapter's input"),
+            MethodFlag(
+                "lora_target_modules",
+                str,
+                DEFAULT_TARGETS,
+                "lora: the layers that get an adapter, by the end of their names (comma-separated; default: the "
+                "UNet's resnet convolutions, time projections and attention, the DiT's attention, feed-forward and "
+                "adaLN)",
+            ),
+        ),
+        alone=True,
+        why_alone="the shared weights are frozen after task 1 and old classes are served by their own adapters, so "
+        "a penalty or replay has nothing of old tasks to protect",
+    ),
 ):
     register_method(_spec)
 EWC_KINDS = ("rank1", "rank1_unscaled", "diag")
-PARAMETER_ISOLATION = ("ensemble",)  # a model or adapter per task, routed by class label
+PARAMETER_ISOLATION = ("ensemble", "lora")  # a model or adapter per task, routed by class label
 EWC_LAMBDA_DEFAULT = 15000.0  # the paper's
 
 
@@ -677,10 +702,25 @@ def check_method_flags(args: argparse.Namespace) -> None:
                 )
             if name in components and (problem := flag.problem(value)):
                 raise SystemExit(f"error: {problem}")
+    if "lora" in components:
+        if args.use_ema:
+            raise SystemExit(
+                "error: --use_ema averages the trained parameters, and with --method lora they change from task to "
+                "task (a new adapter each): pass --no-use_ema (the demo preset turns the EMA on)"
+            )
+        if args.lora_dropout >= 1:
+            raise SystemExit(f"error: --lora_dropout must be in [0, 1), got {args.lora_dropout}")
+        try:
+            import peft.functional  # noqa: F401
+        except ImportError:
+            raise SystemExit(
+                "error: --method lora makes its adapters with peft, which is not installed: pip install "
+                "'hf-r1ewc[lora]' (or pip install peft)"
+            ) from None
     if getattr(args, "ensemble_from_scratch", False) and args.use_ema:
         raise SystemExit(
             "error: --ensemble_from_scratch restarts each task's model, and --use_ema would average it with the "
-            "previous task's weights: drop one of them"
+            "previous task's weights: drop one of them (--no-use_ema; the demo preset turns the EMA on)"
         )
     if not components & set(EWC_KINDS) and args.ewc_lambda != EWC_LAMBDA_DEFAULT:
         raise SystemExit(

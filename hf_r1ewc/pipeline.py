@@ -15,6 +15,7 @@ loads anywhere with::
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -199,6 +200,61 @@ class RoutedDenoiser(torch.nn.Module):
         return RoutedOutput(sample=out) if return_dict else (out,)
 
 
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's own files
+PEFT_PREFIX = "base_model.model."  # how a PeftModel's saved adapter names the wrapped model's modules
+
+
+class AdapterRoute(torch.nn.Module):
+    """One route of a model shared by several LoRA adapters (injected with ``peft``): its forward makes ``adapter``
+    the active one and runs the shared model."""
+
+    def __init__(self, shared: torch.nn.Module, adapter: str) -> None:
+        super().__init__()
+        self.shared, self.adapter = shared, adapter
+
+    @property
+    def config(self):
+        return self.shared.config
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, return_dict=True):
+        from peft.functional import set_adapter
+
+        set_adapter(self.shared, self.adapter, inference_mode=True)
+        return self.shared(sample, timestep, class_labels=class_labels, return_dict=return_dict)
+
+
+def inject_lora_adapters(model: torch.nn.Module, adapters: dict[str, tuple]) -> torch.nn.Module:
+    """``model`` (in place) with each adapter of ``adapters`` (name -> (``peft.LoraConfig``, its weights keyed as
+    ``get_peft_model_state_dict`` gives them)) injected by ``peft`` and loaded exactly; refuses weights that do not
+    fit the injected layers. The global random stream is left as it was (injection draws an initialisation)."""
+    from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+
+    for name, (config, state) in adapters.items():
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Already found a `peft_config`")  # several adapters are the point
+            inject_adapter_in_model(config, model, adapter_name=name)
+        result = set_peft_model_state_dict(model, state, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                f"adapter {name}'s weights do not fit its configuration (unexpected {result.unexpected_keys[:3]}, "
+                f"missing {missing[:3]})"
+            )
+    return model
+
+
+def read_lora_adapter(folder: str | os.PathLike) -> tuple:
+    """(``peft.LoraConfig``, weights) of an adapter folder in peft's own format (``adapter_config.json`` +
+    ``adapter_model.safetensors``: JSON and safetensors, nothing pickled)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = LoraConfig.from_pretrained(str(folder))
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    return config, {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
+
+
 def load_route_model(folder: str | os.PathLike) -> torch.nn.Module:
     """The diffusers model of a route folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), only of
     ``ROUTED_CLASSES`` (a folder cannot name another class to import)."""
@@ -218,7 +274,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
     ``transformer/`` as diffusers' DiT pipeline names it): any model called as ``model(x_t, t, class_labels=y)``.
     ``routes`` (class -> route name; a task folder of a parameter-isolation method): each class is served by its
     route's model, ``OWN_ROUTE`` by the pipeline's own denoiser and the others from ``ROUTES_FOLDER/<name>/`` of the
-    folder it was loaded from (``RoutedDenoiser``).
+    folder it was loaded from (``RoutedDenoiser``): a diffusers model folder (an ensemble's) or a LoRA adapter in
+    peft's format, injected into a copy of the own denoiser (needs ``peft``).
     """
 
     model_cpu_offload_seq = "unet->transformer"
@@ -276,7 +333,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     f"this pipeline routes classes to the models {names} in {ROUTES_FOLDER}/ of its folder, and "
                     f"{folder} has none: load it from the whole task folder (huggingface_hub.snapshot_download)"
                 )
-            self._route_models = {name: load_route_model(folder / ROUTES_FOLDER / name) for name in names}
+            adapters = {
+                n: folder / ROUTES_FOLDER / n for n in names if (folder / ROUTES_FOLDER / n / ADAPTER_CONFIG).exists()
+            }
+            self._route_models = {n: load_route_model(folder / ROUTES_FOLDER / n) for n in names if n not in adapters}
+            if adapters:  # one copy of the denoiser holds every adapter; each route activates its own
+                shared = inject_lora_adapters(
+                    copy.deepcopy(own), {n: read_lora_adapter(f) for n, f in adapters.items()}
+                )
+                self._route_models |= {n: AdapterRoute(shared, n) for n in adapters}
         param = next(own.parameters())
         for m in self._route_models.values():  # follow the pipeline's .to() (diffusers warns on a no-op dtype cast)
             if (p := next(m.parameters())).device != param.device or p.dtype != param.dtype:

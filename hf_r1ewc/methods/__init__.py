@@ -25,6 +25,7 @@ from .experience_replay import ExperienceReplay
 from .generative_distillation import GenerativeDistillation
 from .knowledge_distillation import KnowledgeDistillation
 from .l2 import L2
+from .lora import LoRA
 from .mas import MAS
 from .synaptic_intelligence import SynapticIntelligence
 
@@ -36,6 +37,7 @@ __all__ = [
     "EWC",
     "ExperienceReplay",
     "L2",
+    "LoRA",
     "MAS",
     "KnowledgeDistillation",
     "SynapticIntelligence",

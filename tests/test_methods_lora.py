@@ -1,0 +1,156 @@
+"""hf_r1ewc.methods.lora: a 3-task run forgets nothing (earlier classes sample bit-identically from every later task
+folder, the FID of an old task never moves, old classes' embedding rows and the shared weights stay as task 1 left
+them), its adapters load with peft alone, plain diffusers samples classes of task 1 and task 3 row by row as each
+route alone, a step trains only the adapter and the new classes' rows, and adapters that do not fit are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, make_tiny_unet
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from safetensors.torch import load_file, save_file
+from test_faults import run
+
+from hf_r1ewc.methods import Expected, LoRA, TaskEnd, TaskStart
+from hf_r1ewc.pipeline import ClassConditionalPipeline, sample
+
+
+TASKS = [[0, 1], [2, 3], [4, 5]]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "out"
+    flags = [*FAST, "--tasks", "0,1;2,3;4,5", "--num_epochs_per_task", "1", "--fid_num_samples", "16"]
+    run([*flags, "--method", "lora", "--lora_rank", "2", "--no-use_ema", "--output_dir", str(out)])
+    return out
+
+
+def _generators(seeds) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _pipeline(folder: Path) -> ClassConditionalPipeline:
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _unet(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_every_earlier_class_samples_bit_identically_and_old_rows_never_move(lora_run):
+    for k in (2, 3):
+        old = [c for t in TASKS[: k - 1] for c in t]
+        before = _pipeline(lora_run / f"task_0{k - 1}")(old, 3, generator=_generators(old), output_type="pt")
+        after = _pipeline(lora_run / f"task_0{k}")(old, 3, generator=_generators(old), output_type="pt")
+        assert torch.equal(before.images, after.images)
+    fid = json.loads((lora_run / "results.json").read_text())["fid"]
+    assert all(fid[str(k)][str(i)] == fid[str(i)][str(i)] for k in (2, 3) for i in range(1, k))
+    first, second, third = (_unet(lora_run / f"task_0{k}") for k in (1, 2, 3))
+    table = "class_embedding.weight"
+    assert torch.equal(first[table][[0, 1]], third[table][[0, 1]]) and torch.equal(
+        second[table][2:4], third[table][2:4]
+    )
+    assert not torch.equal(first[table][2:4], second[table][2:4])  # task 2 trained its classes' rows
+    assert all(torch.equal(first[k], third[k]) for k in first if k != table)  # the shared weights are frozen
+    assert json.loads((lora_run / "task_03" / "metrics.json").read_text())["lora_parameters"] > 0
+
+
+def test_the_adapters_load_with_peft_alone(lora_run):
+    """``PeftModel.from_pretrained(shared model, routes/task_02)``: peft's own loader reads our files; its forward on
+    a class of task 2 matches the pipeline's route for that class."""
+    from peft import PeftModel
+
+    folder = lora_run / "task_03"
+    model = PeftModel.from_pretrained(UNet2DModel.from_pretrained(folder / "unet"), folder / "routes" / "task_02")
+    routed = _pipeline(folder).denoiser
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, class_labels=y).sample, routed(x, t, class_labels=y).sample)
+        plain = UNet2DModel.from_pretrained(folder / "unet")(x, t, class_labels=y).sample
+        assert not torch.allclose(plain, routed(x, t, class_labels=y).sample)  # the adapter does something
+
+
+def test_plain_diffusers_samples_classes_of_task_1_and_3_row_by_row_as_each_route_alone(lora_run):
+    folder = lora_run / "task_03"
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    labels = [0, 5, 1, 4]
+    mixed = pipe(labels, 3, generator=_generators(range(4)), output_type="pt").images
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    routes = pipe.denoiser.models
+    for route, rows in [("denoiser", [0, 2]), ("task_03", [1, 3])]:
+        alone = sample(routes[route], scheduler, torch.tensor([labels[r] for r in rows]), 3, _generators(rows))
+        assert torch.equal(mixed[rows], (alone / 2 + 0.5).clamp(0, 1))
+
+
+def test_a_step_trains_only_the_adapter_and_the_new_classes_rows():
+    """With AdamW's weight decay every row would move; the old rows are put back after the step, and the shared
+    weights have no gradient at all."""
+    model, lora = make_tiny_unet(), LoRA(rank=2)
+    lora.start_task(TaskStart(1, model, [], [0, 1]))
+    lora.end_task(TaskEnd(1, model, [], [0, 1]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lora.start_task(TaskStart(2, model, [0, 1], [2, 3]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"class_embedding.weight"} | {n for n in trainable if ".lora_" in n} and len(trainable) > 1
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.5)
+    out = model(torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), class_labels=torch.tensor([2, 3, 2, 3])).sample
+    out.pow(2).mean().backward()
+    optimizer.step()
+    lora.after_optimizer_step(model, 0.1)
+    rows = model.class_embedding.weight.detach()
+    old = before["class_embedding.weight"]
+    assert torch.equal(rows[[0, 1]], old[[0, 1]]) and not torch.equal(rows[[2, 3]], old[[2, 3]])
+    lora.end_task(TaskEnd(2, model, [], [2, 3]))
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()  # the adapter's layers are out of the model again
+    assert all(torch.equal(after[n], before[n]) for n in before if n != "class_embedding.weight")
+
+
+def _set_weight(folder: Path, change) -> None:
+    path = folder / "routes" / "task_02" / "adapter_model.safetensors"
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+
+
+def _first_a(state: dict) -> str:
+    return next(k for k in state if "lora_A" in k)
+
+
+def _set_config(folder: Path, **changes) -> None:
+    path = folder / "routes" / "task_02" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda f: _set_weight(f, lambda s: s[_first_a(s)].fill_(float("nan"))), "not a finite"),
+        (lambda f: _set_weight(f, lambda s: s.update({_first_a(s): torch.zeros(3, 1)})), "rank 2 on this layer"),
+        (
+            lambda f: _set_weight(f, lambda s: s.update({"base_model.model.nope.lora_A.weight": torch.zeros(2, 2)})),
+            "not a LoRA weight",
+        ),
+        (lambda f: _set_config(f, r=4), "rank 4 on this layer"),
+        (lambda f: shutil.rmtree(f / "routes" / "task_02"), "routes/task_02 cannot be used"),
+        (lambda f: _set_config(f, peft_type="IA3"), "not LoRA"),
+    ],
+)
+def test_an_adapter_that_does_not_fit_is_refused_before_anything_is_taken(lora_run, tmp_path, tamper, message):
+    folder = shutil.copytree(lora_run / "task_02", tmp_path / "task_02")
+    expected = Expected.of(UNet2DModel.from_pretrained(folder / "unet"), TASKS, 2)
+    LoRA(rank=2).load_task_folder(folder, expected)  # the folder as written loads
+    tamper(folder)
+    method = LoRA(rank=2)
+    with pytest.raises(ValueError, match=message):
+        method.load_task_folder(folder, expected)
+    assert not method.adapters and not method.class_routes
