@@ -193,13 +193,15 @@ def write_model_card(
     transfer: dict | None = None,
     class_kl: float | None = None,
     exemplar_files: dict[str, bool] | None = None,
+    routes: dict[int, str] | None = None,
 ) -> None:
     """``README.md`` from ``model_cards/task_card.md`` through ``ModelCard.from_template`` with ``eval_results``.
 
     ``fid_num_samples``: generated images per task i (or one number for all); ``sampling``: the sampler, steps and
     precision the FID samples used; ``accuracy``: ACC_i of this model per task i (classifier backend); ``transfer``:
     ``metrics.accuracy_summary`` (ACC, BWT) over the tasks so far; ``class_kl``: this model's class-distribution KL;
-    ``exemplar_files``: the files of real training images the folder keeps -> whether they go to the Hub."""
+    ``exemplar_files``: the files of real training images the folder keeps -> whether they go to the Hub;
+    ``routes``: class -> route of a parameter-isolation method (the card lists which model or adapter serves what)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     row = matrix.get(task_index, {})
@@ -286,6 +288,9 @@ def write_model_card(
         example_labels=seen_classes[:4],
         exemplar_files=exemplar_files or {},
         dataset_name=dataset_name,
+        routes={r: sorted(c for c, q in routes.items() if q == r) for r in sorted(set(routes.values()))}
+        if routes
+        else {},
     )
     card.save(str(Path(folder) / "README.md"))
 

@@ -331,6 +331,7 @@ def write_task_folder(
     card["hyperparameters"]["mixed_precision"] = accelerator.mixed_precision
     files = learner.task_files(task_index, classes)
     card["exemplar_files"] = {name: args.push_exemplars for name in files if name in IMAGE_FILES}
+    card["routes"] = learner.routes(task_index)
     artifacts = TaskArtifacts(outcome.pipeline, metrics, grid, card, state, files)
     folder = write_task_artifacts(output_dir / task_folder_name(task_index), artifacts)
     results = {

@@ -61,6 +61,8 @@ def test_every_earlier_class_samples_bit_identically_and_old_rows_never_move(lor
     assert not torch.equal(first[table][2:4], second[table][2:4])  # task 2 trained its classes' rows
     assert all(torch.equal(first[k], third[k]) for k in first if k != table)  # the shared weights are frozen
     assert json.loads((lora_run / "task_03" / "metrics.json").read_text())["lora_parameters"] > 0
+    card = (lora_run / "task_03" / "README.md").read_text()
+    assert "the pipeline's own model serves classes 0, 1; `routes/task_02/` serves classes 2, 3" in card
 
 
 def test_the_adapters_load_with_peft_alone(lora_run):
@@ -154,3 +156,64 @@ def test_an_adapter_that_does_not_fit_is_refused_before_anything_is_taken(lora_r
     with pytest.raises(ValueError, match=message):
         method.load_task_folder(folder, expected)
     assert not method.adapters and not method.class_routes
+
+
+def test_a_dit_gets_adapters_on_its_blocks_and_keeps_its_old_label_rows():
+    """The DiT's attention, feed-forward and adaLN get adapters; its label table (one per block, with the null
+    class of classifier-free guidance last) trains only the new classes' rows; the routed model serves a mixed batch."""
+    from conftest import make_tiny_dit
+
+    model, lora = make_tiny_dit(), LoRA(rank=2)
+    lora.start_task(TaskStart(1, model, [], [0, 1]))
+    lora.end_task(TaskEnd(1, model, [], [0, 1]))
+    table = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+    old = dict(model.named_parameters())[table].detach().clone()
+    lora.start_task(TaskStart(2, model, [0, 1], [2, 3]))
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
+    assert {
+        "transformer_blocks.0.attn1.to_q",
+        "transformer_blocks.0.ff.net.2",
+        "transformer_blocks.0.norm1.linear",
+    } <= adapted
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.5)
+    out = model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), class_labels=torch.tensor([2, 3])).sample
+    out.pow(2).mean().backward()
+    optimizer.step()
+    lora.after_optimizer_step(model, 0.1)
+    rows = dict(model.named_parameters())[table].detach()
+    assert torch.equal(rows[[0, 1, 4]], old[[0, 1, 4]]) and not torch.equal(rows[[2, 3]], old[[2, 3]])
+    routed = lora.serve(model.eval())
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([7, 7, 7])
+    with torch.no_grad():
+        mixed = routed(x, t, class_labels=torch.tensor([0, 2, 1])).sample
+        alone = routed(x[[1]], t[[1]], class_labels=torch.tensor([2])).sample
+    assert torch.equal(mixed[[1]], alone)
+
+
+def test_a_step_under_bf16_autocast_trains_the_adapter_in_fp32_and_keeps_old_rows():
+    """A model prepared by Accelerate with bf16 (autocast on the CPU): the adapter's weights and the class table stay
+    float32 and move; the old classes' rows do not."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from hf_r1ewc.continual import ContinualLearner, make_optimizer
+
+    model, lora = make_tiny_unet(), LoRA(rank=2)
+    learner = ContinualLearner(DDIMScheduler(num_train_timesteps=1000), [lora])
+    learner.start_task(TaskStart(1, model, [], [0, 1]))
+    learner.end_task(TaskEnd(1, model, [], [0, 1]))
+    learner.start_task(TaskStart(2, model, [0, 1], [2, 3]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        prepared, optimizer = accelerator.prepare(model, make_optimizer(model, 1e-2))
+        x, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([2, 3, 2, 3])
+        learner.training_step(accelerator, prepared, optimizer, x, y, torch.Generator().manual_seed(0))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    after = dict(model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(".lora_" in n or n == "class_embedding.weight" for n in moved)
+    assert all(after[n].dtype == torch.float32 for n in moved)
+    assert torch.equal(after["class_embedding.weight"][[0, 1]], before["class_embedding.weight"][[0, 1]])

@@ -805,3 +805,28 @@ def test_the_class_by_task_grid_washes_out_the_classes_a_model_had_not_learned(t
     assert 0.2 - 1e-5 <= float(class2_task1.min()) and float(class2_task1.max()) <= 0.7 + 1e-5
     for cell in (class0_task1, class0_task2, class2_task2):
         assert float(cell.min()) < 0.2  # the digits' dark background: not washed
+
+
+@pytest.mark.parametrize("method", ["lora"])  # (the ensemble passed too: 65 s more of CI for a simpler case)
+def test_parameter_isolation_resumes_bit_for_bit_under_two_processes(tmp_path, method):
+    """--method lora (or ensemble) on 2 gloo processes, stopped mid task 2 and re-run: the shared model, every route
+    (LoRA's adapter, the ensemble's task-1 model) and the routing table end as in the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = [*FAST, "--num_epochs_per_task", "1", "--fid_backend", "none", "--method", method, "--no-use_ema"]
+    common += ["--train_batch_size", "8"]  # 6 steps per task on 2 processes
+    launch([*common, "--output_dir", str(tmp_path / "whole")], num_processes=2)
+    launch([*common, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "8"], num_processes=2)
+    assert not (tmp_path / "cut" / "task_02").exists()
+    launch([*common, "--output_dir", str(tmp_path / "cut")], num_processes=2)
+    whole, cut = tmp_path / "whole" / "task_02", tmp_path / "cut" / "task_02"
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*.safetensors"))
+    assert any(p.parts[0] == "routes" for p in files)
+    for path in files:
+        a, b = load_file(str(whole / path)), load_file(str(cut / path))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    index = lambda folder: json.loads((folder / "model_index.json").read_text())["routes"]  # noqa: E731
+    assert index(whole) == index(cut) == {"0": "task_01", "1": "task_01", "2": "denoiser", "3": "denoiser"} or (
+        method == "lora"
+        and index(whole) == index(cut) == {"0": "denoiser", "1": "denoiser", "2": "task_02", "3": "task_02"}
+    )
