@@ -13,6 +13,7 @@ of its end of task 1 (Fisher, importances, exemplars). Writes benchmarks/results
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -52,7 +53,10 @@ METHODS = [
         "mas",
     ),
     "si+gd",
+    "lora",
+    "ensemble",
 ]
+ISOLATION_TASKS = 5  # parameter isolation's memory and sampling are measured after this many tasks
 
 
 def held_bytes(obj, seen: set) -> int:
@@ -64,6 +68,9 @@ def held_bytes(obj, seen: set) -> int:
             return 0
         seen.add(key)
         return obj.untyped_storage().nbytes()
+    if id(obj) in seen:  # an object reached twice (or a cycle: a peft config refers to itself)
+        return 0
+    seen.add(id(obj))
     if isinstance(obj, torch.nn.Module):
         return sum(held_bytes(t, seen) for t in [*obj.parameters(), *obj.buffers()])
     if isinstance(obj, dict):
@@ -87,6 +94,64 @@ def imagenet32_buffer_note(per_class: int = 20, classes: int = 1000, pixels: int
     )
 
 
+def isolation_costs(method: str, model, noise_scheduler, sampler, repeats: int, device) -> dict:
+    """A parameter-isolation method after ISOLATION_TASKS 2-class tasks (no training: the structure is what costs):
+    the memory beyond one model, per task and in all, and sampling a batch of every class (10 each, DDIM-20) through
+    its routes against the one model, median of ``repeats`` interleaved runs."""
+    from hf_r1ewc.pipeline import sample
+
+    model = copy.deepcopy(model)
+    flags = ["--dataset_name", "digits", "--preset", "cpu-small", "--method", method]
+    learner = make_learner(parse_args(flags), noise_scheduler)
+    for k in range(1, ISOLATION_TASKS + 1):
+        classes = [2 * k - 2, 2 * k - 1]
+        learner.start_task(TaskStart(k, model, list(range(2 * k - 2)), classes, sampler, None, 0, show_progress=False))
+        learner.end_task(TaskEnd(k, model, [], classes, seed=0, show_progress=False))
+    seen = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    kept = held_bytes(learner.methods, seen)
+    isolating = learner.methods[0]
+    stored = len(getattr(isolating, "models", None) or getattr(isolating, "adapters", {}))  # models or adapters kept
+    routed = learner.serve(model.eval())
+    labels = torch.arange(2 * ISOLATION_TASKS).repeat_interleave(10)
+
+    def one(m):
+        return lambda: sample(m, sampler, labels, 20, torch.Generator().manual_seed(0))
+
+    medians = interleaved_medians({"one model": one(model), "routed": one(routed)}, repeats, device)
+    return {
+        "tasks": ISOLATION_TASKS,
+        "memory_beyond_one_model_mb": kept / 2**20,
+        "stored": stored,
+        "memory_per_task_mb": kept / 2**20 / stored,
+        "sampling_vs_one_model": medians["routed"] / medians["one model"],
+        "forwards_per_sampler_step": ISOLATION_TASKS,
+    }
+
+
+def isolation_lines(isolation: dict, num_params: int) -> list[str]:
+    if not isolation:
+        return []
+    lines = [
+        f"\n## Parameter isolation after {ISOLATION_TASKS} tasks\n",
+        f"Memory the method keeps beyond the one model ({num_params / 1e6:.2f}M parameters = "
+        f"{4 * num_params / 2**20:.2f} MB): LoRA's adapters (one per task after the first), the ensemble's frozen "
+        "models (one per finished task; a task folder keeps one fewer, its own model being the pipeline's). LoRA at its "
+        "default rank 8 on this small UNet adapts 3x3 convolutions of 16-32 channels, where r = 8 is a quarter of a "
+        "full layer. Sampling: 100 images, 10 of each of the "
+        f"{2 * ISOLATION_TASKS} classes, DDIM-20, routed by label ({ISOLATION_TASKS} forwards per sampler step, one "
+        "per route) against the one model's single forward, medians of interleaved runs in this process.\n",
+        "| method | trained per task (parameters) | memory per task (MB) | kept after 5 tasks | memory after 5 tasks "
+        "beyond one model (MB) | sampling ÷ one model |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, r in isolation.items():
+        lines.append(
+            f"| {method} | {r['trained_params']:,} | {r['memory_per_task_mb']:.3f} | {r['stored']} | "
+            f"{r['memory_beyond_one_model_mb']:.3f} | {r['sampling_vs_one_model']:.2f} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 methods, 20 images per class, 3 repeats (< 1 min)")
@@ -95,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     methods, per_class, replay, repeats = (
-        (["gd", "er+rank1"], 4, 2, 1)
+        (["gd", "er+rank1", "lora"], 4, 2, 1)
         if args.tiny
         else (["gd", "rank1+gd", "er"], 20, 10, 3)
         if args.quick
@@ -115,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     sampler = sampling_scheduler("ddim", noise_scheduler.config)
     accelerator = Accelerator(cpu=device.type == "cpu")
     rows, steps = {}, {}
+    base_model = model
     for method in methods:
+        model = copy.deepcopy(base_model)  # a method may change the model (LoRA injects its adapter)
         flags = ["--dataset_name", "digits", "--preset", "cpu-small", "--method", method, "--replay_per_class"]
         settings = parse_args([*flags, str(replay), "--num_inference_steps", "20", "--fisher_num_samples", "200"])
         learner = make_learner(settings, noise_scheduler)
@@ -130,9 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             learner.start_task(task)
         start_seconds = time.perf_counter() - start
         extra = held_bytes(learner.methods, {t.untyped_storage().data_ptr() for t in model.parameters()})
-        copy = UNet2DModel.from_config(model.config).to(device)
-        copy.load_state_dict(model.state_dict())
-        prepared, optimizer = accelerator.prepare(copy, make_optimizer(copy, 1e-3, device=device))
+        trained = copy.deepcopy(model)  # as the task starts: LoRA's adapter in, the shared weights frozen
+        prepared, optimizer = accelerator.prepare(trained, make_optimizer(trained, 1e-3, device=device))
         counter = {"step": 0}
 
         def step(learner=learner, prepared=prepared, optimizer=optimizer, counter=counter):
@@ -146,14 +212,20 @@ def main(argv: list[str] | None = None) -> None:
             "extra_memory_mb": extra / 2**20,
             "start_of_task_s": start_seconds,
             "end_of_task_s": end_seconds,
+            "trained_params": sum(p.numel() for p in trained.parameters() if p.requires_grad),
         }
         print(f"{method}: set up (end of task 1 {end_seconds:.1f} s, start of task 2 {start_seconds:.1f} s)")
     medians = interleaved_medians(steps, repeats, device)
     for method, seconds in medians.items():
         rows[method] |= {"step_s": seconds, "step_vs_gd": seconds / medians["gd"]}
+    isolation = {
+        m: isolation_costs(m, base_model, noise_scheduler, sampler, max(1, repeats // 5), device)
+        for m in methods
+        if m in ("lora", "ensemble")
+    }
     name = "methods_cost_tiny" if args.tiny else "methods_cost_quick" if args.quick else "methods_cost"
     scale = {"params": num_params, "per_class": per_class, "replay_per_class": replay, "batch": 32, "repeats": repeats}
-    path = write_results(name, {"scale": scale, "methods": rows})
+    path = write_results(name, {"scale": scale, "methods": rows, "parameter_isolation": isolation})
     lines = [
         "# What each method costs beside GD (CPU table-1 model)\n",
         f"`python benchmarks/bench_methods.py{' --quick' if args.quick else ''}` on {machine()['cpu']}, "
@@ -165,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         "end of task (s) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    for method in isolation:
+        isolation[method]["trained_params"] = rows[method]["trained_params"]
     for method, r in rows.items():
         lines.append(
             f"| {method} | {r['step_vs_gd']:.2f} | {r['extra_memory_params_worth']:.1f} | {r['extra_memory_mb']:.2f} "
@@ -175,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         "replay pool (float16 images), the exemplar buffer (float32 images), DER's kept noise and predictions "
         "(float32, 4 draws per exemplar), EWC's statistics, SI's and MAS's per-parameter state; the optimizer's state and activations are the same for all and are not counted."
     )
+    lines += isolation_lines(isolation, num_params)
     lines.append("\n" + imagenet32_buffer_note())
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -110,6 +110,7 @@ SECOND_BASELINE: str | None = None  # the buffer study pairs every row against E
 # The buffer study (issue 48, ``--study buffer``): how small may ER's buffer be, and can DER++ or parameter isolation
 # beat it, at two data sizes of equal compute (training images per class -> epochs per task: the same optimizer steps)
 BUFFER_SIZES = (1, 2, 5, 20)
+LORA_RANKS = (2, 8)
 DATA_SIZES = {100: 40, 1000: 4}
 
 
@@ -276,10 +277,12 @@ def write_report(output: Path) -> None:
         "\n## The table\n",
         "ACC: mean sample accuracy over all classes after task 5 (the FID classifier's). Seconds: wall seconds per "
         "task without FID (training, replay pool, Fisher/importances) relative to GD's in the same queue. Memory: "
-        "beyond the model, from methods_cost.md.\n",
+        "beyond the model at task 2, from methods_cost.md. Data kept: exemplars per class over training images per "
+        "class. Memory after 5 tasks: exemplars as float32 model inputs (DER's with their 4 kept draws), GD's teacher "
+        "and float16 pool, the kept models and adapters (methods_cost.md), arithmetic from those sizes.\n",
         "| method | weight | seeds | AFID@5 ↓ | F ↓ | P ↓ | ACC ↑ | BWT ↑ | class KL ↓ | seconds ÷ GD | memory (MB) "
-        "| data kept |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| data kept | memory after 5 tasks (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, row in table.items():
         entry, value = ENTRIES[label], best.get(label)
@@ -291,7 +294,7 @@ def write_report(output: Path) -> None:
             f"| {label} | {weight} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
             f"{fmt(row['plasticity'])} | {'—' if acc is None else fmt(tuple(100 * a for a in acc))} | "
             f"{fmt(row['bwt'])} | {format_mean_se(row['class_kl'], '.3f')} | {ratio} | {memory(label)} "
-            f"| {data_kept(label)} |"
+            f"| {data_kept(label)} | {memory_after_tasks(label)} |"
         )
     if paired:
         lines.append(paired_markdown(paired, BASELINE))
@@ -343,6 +346,34 @@ def write_report(output: Path) -> None:
             default=str,
         )
     )
+
+
+def memory_after_tasks(label: str, tasks: int = 5, classes: int = 10) -> str:
+    """What a row keeps beyond the model after the last task, in MB: exemplars (float32 images as the model sees
+    them; DER's with 2 * 4 kept draws' images each), GD's teacher and pool (float16 images of the old classes), EWC's
+    statistics, and the parameter-isolation methods' kept models and adapters (methods_cost.json's measurement after 5
+    tasks; another LoRA rank scaled linearly from rank 8's)."""
+    path = RESULTS / "methods_cost.json"
+    cost = json.loads(path.read_text()) if path.exists() else {}
+    entry = ENTRIES[label]
+    image = 4 * SCALE["resolution"] ** 2  # bytes of a float32 16x16 image
+    flags = dict(zip(entry.flags[::2], entry.flags[1::2]))
+    mb = 0.0
+    parts = entry.spec.split("+")
+    if "er" in parts:
+        mb += int(flags.get("--er_per_class", 20)) * classes * image / 2**20
+    if "der" in parts:
+        mb += int(flags.get("--der_per_class", 20)) * classes * image * (1 + 2 * 4) / 2**20
+    if "gd" in parts:
+        model_mb = 4 * cost.get("scale", {}).get("params", 0) / 2**20
+        mb += model_mb + SCALE["replay"] * (classes - 2) * image / 2 / 2**20
+    isolation = cost.get("parameter_isolation", {}).get(entry.spec)
+    if entry.spec in ("lora", "ensemble"):
+        if not isolation:
+            return "—"
+        scale = int(flags.get("--lora_rank", 8)) / 8 if entry.spec == "lora" else 1
+        mb += isolation["memory_beyond_one_model_mb"] * scale
+    return f"{mb:.2f}"
 
 
 def data_kept(label: str) -> str:
@@ -530,6 +561,9 @@ def buffer_entries() -> dict[str, Entry]:
         entries[f"ER {n}/class + GD"] = Entry("er+gd", ("--er_per_class", str(n)))
     der = ("--er_per_class", "20", "--der_per_class", "20")
     entries["DER++ 20/class"] = Entry("er+der", der, "der_weight", (0.1, 1.0, 10.0))
+    for rank in LORA_RANKS:  # parameter isolation: no exemplars, memory instead
+        entries[f"LoRA r{rank}"] = Entry("lora", ("--lora_rank", str(rank)))
+    entries["ensemble"] = Entry("ensemble")
     return entries
 
 

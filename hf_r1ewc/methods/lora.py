@@ -56,6 +56,7 @@ def without_adapters(model: nn.Module) -> nn.Module:
 
     plain = copy.deepcopy(model)
     recurse_remove_peft_layers(plain)
+    vars(plain).pop("peft_config", None)
     return plain
 
 
@@ -135,6 +136,7 @@ class LoRA(ContinualMethod):
                 {k: v.detach().float().cpu() for k, v in weights.items()},
             )
             recurse_remove_peft_layers(task.model)
+            vars(task.model).pop("peft_config", None)  # peft's record of the injected adapter goes with its layers
             task.model.requires_grad_(True)
         self.class_routes.update({int(c): name for c in task.classes})
         self._kept_rows = {}
