@@ -257,3 +257,34 @@ def test_exemplar_images_are_uploaded_only_when_asked(tmp_path, push_exemplars):
     buffer = StreamedExemplarBuffer(3, source="someone/data")
     with pytest.raises(ValueError, match="has no er_buffer.safetensors.*--push_exemplars"):
         buffer.load(pulled, "er_buffer.safetensors", Expected.of(make_tiny_unet(), [[0, 1]], 1))
+
+
+def test_a_routed_task_folder_pulled_from_the_hub_samples_every_class_from_the_snapshot(tmp_path):
+    """An ensemble's task folder (the own model serves classes 2, 3; routes/task_01/ classes 0, 1) pulled offline:
+    resolve_task_source's snapshot holds routes/ and samples both routes; a pipeline loaded by repo id, whose
+    download diffusers restricts to the components it knows, says how to get the routes instead of sampling wrong."""
+    folder = _task_folder(tmp_path / "task_02", 2)
+    make_tiny_unet(seed=3).save_pretrained(folder / "routes" / "task_01")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["routes"] = {"0": "task_01", "1": "task_01", "2": "denoiser", "3": "denoiser"}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    _populate_cache(tmp_path / "cache", folder, "task-02")
+    code = f"""
+import torch
+from hf_r1ewc.hub import resolve_task_source
+from hf_r1ewc.pipeline import ClassConditionalPipeline
+folder = resolve_task_source("{REPO}@task-02")
+pipe = ClassConditionalPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+print("ROUTES", sorted(pipe.denoiser.models))
+print("SHAPE", tuple(pipe([0, 3], num_inference_steps=2, output_type="pt").images.shape))
+by_id = ClassConditionalPipeline.from_pretrained("{REPO}", revision="task-02")
+try:
+    by_id([0, 3], num_inference_steps=2)
+except ValueError as err:
+    print("REFUSED", err)
+"""
+    proc = _offline_python(code, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ROUTES ['denoiser', 'task_01']" in proc.stdout and "SHAPE (2, 1, 8, 8)" in proc.stdout
+    assert "REFUSED" in proc.stdout and "snapshot_download" in proc.stdout
