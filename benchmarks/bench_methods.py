@@ -94,10 +94,12 @@ def imagenet32_buffer_note(per_class: int = 20, classes: int = 1000, pixels: int
     )
 
 
-def isolation_costs(method: str, model, noise_scheduler, sampler, repeats: int, device) -> dict:
+def isolation_costs(
+    method: str, model, noise_scheduler, sampler, repeats: int, device, per_class: int = 10, steps: int = 20
+) -> dict:
     """A parameter-isolation method after ISOLATION_TASKS 2-class tasks (no training: the structure is what costs):
-    the memory beyond one model, per task and in all, and sampling a batch of every class (10 each, DDIM-20) through
-    its routes against the one model, median of ``repeats`` interleaved runs."""
+    the memory beyond one model, per task and in all, and sampling a batch of every class (``per_class`` each,
+    DDIM with ``steps``) through its routes against the one model, median of ``repeats`` interleaved runs."""
     from hf_r1ewc.pipeline import sample
 
     model = copy.deepcopy(model)
@@ -112,10 +114,10 @@ def isolation_costs(method: str, model, noise_scheduler, sampler, repeats: int, 
     isolating = learner.methods[0]
     stored = len(getattr(isolating, "models", None) or getattr(isolating, "adapters", {}))  # models or adapters kept
     routed = learner.serve(model.eval())
-    labels = torch.arange(2 * ISOLATION_TASKS).repeat_interleave(10)
+    labels = torch.arange(2 * ISOLATION_TASKS).repeat_interleave(per_class)
 
     def one(m):
-        return lambda: sample(m, sampler, labels, 20, torch.Generator().manual_seed(0))
+        return lambda: sample(m, sampler, labels, steps, torch.Generator().manual_seed(0))
 
     medians = interleaved_medians({"one model": one(model), "routed": one(routed)}, repeats, device)
     return {
@@ -218,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     medians = interleaved_medians(steps, repeats, device)
     for method, seconds in medians.items():
         rows[method] |= {"step_s": seconds, "step_vs_gd": seconds / medians["gd"]}
+    sampling = (1, 2) if args.tiny else (10, 20)  # images per class, sampler steps
     isolation = {
-        m: isolation_costs(m, base_model, noise_scheduler, sampler, max(1, repeats // 5), device)
+        m: isolation_costs(m, base_model, noise_scheduler, sampler, max(1, repeats // 5), device, *sampling)
         for m in methods
         if m in ("lora", "ensemble")
     }
