@@ -207,3 +207,76 @@ def two_task_run(tmp_path_factory):
     ]
     launch([*FAST, "--output_dir", str(out), *flags])
     return out
+
+
+def run(argv: list[str]) -> None:
+    """The training script's ``main(argv)`` in this process, with Accelerate's process-wide state reset afterwards (as
+    between two launches)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import train_continual_ddpm
+
+    try:
+        train_continual_ddpm.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+# ------------------------------------------------------------------------- parameter isolation (ensemble, lora)
+
+ISOLATION_TASKS = [[0, 1], [2, 3], [4, 5]]
+
+
+def isolation_run(out: Path, *method_flags: str) -> Path:
+    """A 3-task run (ISOLATION_TASKS, one epoch each) of a parameter-isolation method into ``out``."""
+    flags = [*FAST, "--tasks", "0,1;2,3;4,5", "--num_epochs_per_task", "1", "--fid_num_samples", "16"]
+    run([*flags, *method_flags, "--output_dir", str(out)])
+    return out
+
+
+def row_generators(seeds) -> list[torch.Generator]:
+    """One generator per row: a row's noise does not depend on the rows beside it."""
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def quiet_pipeline(folder: Path):
+    from hf_r1ewc.pipeline import ClassConditionalPipeline
+
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assert_nothing_forgotten(run_dir: Path) -> None:
+    """Task folder k samples the classes of tasks 1..k-1 bit-identically to task folder k-1 (same noise), and every
+    FID_i(m_k) equals FID_i(m_i)."""
+    import json
+
+    for k in (2, 3):
+        old = [c for t in ISOLATION_TASKS[: k - 1] for c in t]
+        before = quiet_pipeline(run_dir / f"task_0{k - 1}")(old, 3, generator=row_generators(old), output_type="pt")
+        after = quiet_pipeline(run_dir / f"task_0{k}")(old, 3, generator=row_generators(old), output_type="pt")
+        assert torch.equal(before.images, after.images)
+    fid = json.loads((run_dir / "results.json").read_text())["fid"]
+    assert all(fid[str(k)][str(i)] == fid[str(i)][str(i)] for k in (2, 3) for i in range(1, k))
+
+
+def assert_plain_diffusers_samples_each_route_alone(folder: Path, routes: dict[str, list[int]]) -> None:
+    """``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder)`` on a mixed batch of classes 0, 5, 1, 4
+    equals, row by row, what each route's model (``routes``: route name -> the batch rows it serves) samples alone."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from hf_r1ewc.pipeline import sample
+
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    labels = [0, 5, 1, 4]
+    mixed = pipe(labels, 3, generator=row_generators(range(4)), output_type="pt").images
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for route, rows in routes.items():
+        model = pipe.denoiser.models[route]
+        alone = sample(model, scheduler, torch.tensor([labels[r] for r in rows]), 3, row_generators(rows))
+        assert torch.equal(mixed[rows], (alone / 2 + 0.5).clamp(0, 1))

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conftest import FAST, tiny_unet_config, unet_weights  # noqa: E402
+from conftest import FAST, run, tiny_unet_config, unet_weights  # noqa: E402
 
 import hf_r1ewc.hub as hub  # noqa: E402
 import hf_r1ewc.metrics as metrics  # noqa: E402
@@ -41,17 +41,6 @@ COMMON = [*FAST, "--fid_num_samples", "16", "--checkpointing_steps", "2", "--ewc
 
 class Crash(Exception):
     """Stands in for a kill at an injected point."""
-
-
-def run(argv: list[str]) -> None:
-    """``main(argv)`` with Accelerate's process-wide state reset afterwards (as between two launches)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        script.main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def max_difference(a: Path, b: Path) -> float:

@@ -12,46 +12,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, make_tiny_unet
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from conftest import (
+    ISOLATION_TASKS,
+    assert_nothing_forgotten,
+    assert_plain_diffusers_samples_each_route_alone,
+    isolation_run,
+    make_tiny_unet,
+    quiet_pipeline,
+)
+from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
-from test_faults import run
 
 from hf_r1ewc.methods import Ensemble, Expected, TaskStart
-from hf_r1ewc.pipeline import ClassConditionalPipeline, RoutedDenoiser, sample
-
-
-TASKS = [[0, 1], [2, 3], [4, 5]]
+from hf_r1ewc.pipeline import RoutedDenoiser
 
 
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ensemble") / "out"
-    flags = [*FAST, "--tasks", "0,1;2,3;4,5", "--num_epochs_per_task", "1", "--fid_num_samples", "16"]
-    run([*flags, "--method", "ensemble", "--output_dir", str(out)])
-    return out
-
-
-def _generators(seeds) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def _pipeline(folder: Path) -> ClassConditionalPipeline:
-    pipe = ClassConditionalPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return isolation_run(tmp_path_factory.mktemp("ensemble") / "out", "--method", "ensemble")  # with the demo's EMA
 
 
 def test_every_earlier_class_samples_bit_identically_after_every_later_task(ensemble_run):
-    """Zero forgetting asserted: task folder k samples the classes of tasks 1..k-1 exactly as task folder k-1 did
-    (same noise), each FID_i(m_k) equals FID_i(m_i), and task k's folder keeps task 1's weights unchanged."""
-    for k in (2, 3):
-        old = [c for t in TASKS[: k - 1] for c in t]
-        before = _pipeline(ensemble_run / f"task_0{k - 1}")(old, 3, generator=_generators(old), output_type="pt")
-        after = _pipeline(ensemble_run / f"task_0{k}")(old, 3, generator=_generators(old), output_type="pt")
-        assert torch.equal(before.images, after.images)
-    fid = json.loads((ensemble_run / "results.json").read_text())["fid"]
-    assert all(fid[str(k)][str(i)] == fid[str(i)][str(i)] for k in (2, 3) for i in range(1, k))
+    """Zero forgetting asserted (with --use_ema on): task folder k samples the classes of tasks 1..k-1 exactly as
+    task folder k-1 did, each FID_i(m_k) equals FID_i(m_i), and task k's folder keeps task 1's weights unchanged."""
+    assert_nothing_forgotten(ensemble_run)
     first = load_file(str(ensemble_run / "task_01" / "unet" / "diffusion_pytorch_model.safetensors"))
     kept = load_file(str(ensemble_run / "task_03" / "routes" / "task_01" / "diffusion_pytorch_model.safetensors"))
     assert first.keys() == kept.keys() and all(torch.equal(first[k], kept[k]) for k in first)
@@ -60,18 +44,8 @@ def test_every_earlier_class_samples_bit_identically_after_every_later_task(ense
 
 
 def test_plain_diffusers_samples_classes_of_task_1_and_3_row_by_row_as_each_route_alone(ensemble_run):
-    """``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder)`` on task 3's folder: a batch that mixes
-    classes of task 1 and task 3 equals, row by row, the rows each task's own model samples alone (one generator
-    per row, so a row's noise does not depend on the batch)."""
-    folder = ensemble_run / "task_03"
-    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    labels = [0, 5, 1, 4]
-    mixed = pipe(labels, 3, generator=_generators(range(4)), output_type="pt").images
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    for model, rows in [(UNet2DModel.from_pretrained(folder / "routes" / "task_01"), [0, 2]), (pipe.unet, [1, 3])]:
-        alone = sample(model, scheduler, torch.tensor([labels[r] for r in rows]), 3, _generators(rows))
-        assert torch.equal(mixed[rows], (alone / 2 + 0.5).clamp(0, 1))
+    """Task 3's folder through diffusers alone: classes of task 1 (routes/task_01/) and task 3 (the own model)."""
+    assert_plain_diffusers_samples_each_route_alone(ensemble_run / "task_03", {"task_01": [0, 2], "denoiser": [1, 3]})
 
 
 def test_a_routed_denoiser_splits_by_route_and_refuses_a_class_without_one():
@@ -145,7 +119,7 @@ def _tamper_class(folder: Path) -> None:
 def test_a_task_folder_that_does_not_fit_is_refused_before_anything_is_taken(ensemble_run, tmp_path, tamper, message):
     folder = shutil.copytree(ensemble_run / "task_02", tmp_path / "task_02")
     model = UNet2DModel.from_pretrained(folder / "unet")
-    expected = Expected.of(model, TASKS, 2)
+    expected = Expected.of(model, ISOLATION_TASKS, 2)
     Ensemble().load_task_folder(folder, expected)  # the folder as written loads
     tamper(folder)
     method = Ensemble()
@@ -157,6 +131,6 @@ def test_a_task_folder_that_does_not_fit_is_refused_before_anything_is_taken(ens
 def test_a_pipeline_loaded_without_its_route_folders_says_how_to_get_them(ensemble_run, tmp_path):
     folder = shutil.copytree(ensemble_run / "task_02", tmp_path / "task_02")
     shutil.rmtree(folder / "routes")
-    pipe = _pipeline(folder)
+    pipe = quiet_pipeline(folder)
     with warnings.catch_warnings(), pytest.raises(ValueError, match="load it from the whole task folder"):
         pipe([0, 2], 2)

@@ -11,34 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, make_tiny_unet
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from conftest import (
+    ISOLATION_TASKS,
+    assert_nothing_forgotten,
+    assert_plain_diffusers_samples_each_route_alone,
+    isolation_run,
+    make_tiny_unet,
+    quiet_pipeline,
+)
+from diffusers import DDIMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
-from test_faults import run
 
 from hf_r1ewc.methods import Expected, LoRA, TaskEnd, TaskStart
-from hf_r1ewc.pipeline import ClassConditionalPipeline, sample
-
-
-TASKS = [[0, 1], [2, 3], [4, 5]]
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lora") / "out"
-    flags = [*FAST, "--tasks", "0,1;2,3;4,5", "--num_epochs_per_task", "1", "--fid_num_samples", "16"]
-    run([*flags, "--method", "lora", "--lora_rank", "2", "--no-use_ema", "--output_dir", str(out)])
-    return out
-
-
-def _generators(seeds) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def _pipeline(folder: Path) -> ClassConditionalPipeline:
-    pipe = ClassConditionalPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return isolation_run(
+        tmp_path_factory.mktemp("lora") / "out", "--method", "lora", "--lora_rank", "2", "--no-use_ema"
+    )
 
 
 def _unet(folder: Path) -> dict[str, torch.Tensor]:
@@ -46,13 +37,7 @@ def _unet(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_every_earlier_class_samples_bit_identically_and_old_rows_never_move(lora_run):
-    for k in (2, 3):
-        old = [c for t in TASKS[: k - 1] for c in t]
-        before = _pipeline(lora_run / f"task_0{k - 1}")(old, 3, generator=_generators(old), output_type="pt")
-        after = _pipeline(lora_run / f"task_0{k}")(old, 3, generator=_generators(old), output_type="pt")
-        assert torch.equal(before.images, after.images)
-    fid = json.loads((lora_run / "results.json").read_text())["fid"]
-    assert all(fid[str(k)][str(i)] == fid[str(i)][str(i)] for k in (2, 3) for i in range(1, k))
+    assert_nothing_forgotten(lora_run)
     first, second, third = (_unet(lora_run / f"task_0{k}") for k in (1, 2, 3))
     table = "class_embedding.weight"
     assert torch.equal(first[table][[0, 1]], third[table][[0, 1]]) and torch.equal(
@@ -72,7 +57,7 @@ def test_the_adapters_load_with_peft_alone(lora_run):
 
     folder = lora_run / "task_03"
     model = PeftModel.from_pretrained(UNet2DModel.from_pretrained(folder / "unet"), folder / "routes" / "task_02")
-    routed = _pipeline(folder).denoiser
+    routed = quiet_pipeline(folder).denoiser
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([2, 3])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, class_labels=y).sample, routed(x, t, class_labels=y).sample)
@@ -81,16 +66,8 @@ def test_the_adapters_load_with_peft_alone(lora_run):
 
 
 def test_plain_diffusers_samples_classes_of_task_1_and_3_row_by_row_as_each_route_alone(lora_run):
-    folder = lora_run / "task_03"
-    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    labels = [0, 5, 1, 4]
-    mixed = pipe(labels, 3, generator=_generators(range(4)), output_type="pt").images
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    routes = pipe.denoiser.models
-    for route, rows in [("denoiser", [0, 2]), ("task_03", [1, 3])]:
-        alone = sample(routes[route], scheduler, torch.tensor([labels[r] for r in rows]), 3, _generators(rows))
-        assert torch.equal(mixed[rows], (alone / 2 + 0.5).clamp(0, 1))
+    """Task 3's folder through diffusers alone: task 1's classes (the shared weights) and task 3's (its adapter)."""
+    assert_plain_diffusers_samples_each_route_alone(lora_run / "task_03", {"denoiser": [0, 2], "task_03": [1, 3]})
 
 
 def test_a_step_trains_only_the_adapter_and_the_new_classes_rows():
@@ -149,7 +126,7 @@ def _set_config(folder: Path, **changes) -> None:
 )
 def test_an_adapter_that_does_not_fit_is_refused_before_anything_is_taken(lora_run, tmp_path, tamper, message):
     folder = shutil.copytree(lora_run / "task_02", tmp_path / "task_02")
-    expected = Expected.of(UNet2DModel.from_pretrained(folder / "unet"), TASKS, 2)
+    expected = Expected.of(UNet2DModel.from_pretrained(folder / "unet"), ISOLATION_TASKS, 2)
     LoRA(rank=2).load_task_folder(folder, expected)  # the folder as written loads
     tamper(folder)
     method = LoRA(rank=2)
