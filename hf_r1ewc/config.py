@@ -224,7 +224,7 @@ for _spec in (
                 "ensemble_from_scratch",
                 bool,
                 False,
-                "ensemble: each task's model starts from a fresh initialisation (default: from the previous task's)",
+                "ensemble: each task's model starts from a fresh initialisation (off: from the previous task's)",
             ),
         ),
         alone=True,
@@ -237,16 +237,15 @@ for _spec in (
         (
             MethodFlag("lora_rank", int, 8, "lora: the rank r of each task's adapter", minimum=1),
             MethodFlag(
-                "lora_alpha", float, None, "lora: the adapter's scale is alpha / r (default: alpha = r)", above=True
+                "lora_alpha", float, None, "lora: the adapter's scale is alpha / r (None: alpha = r)", above=True
             ),
             MethodFlag("lora_dropout", float, 0.0, "lora: dropout on the adapter's input"),
             MethodFlag(
                 "lora_target_modules",
                 str,
                 DEFAULT_TARGETS,
-                "lora: the layers that get an adapter, by the end of their names (comma-separated; default: the "
-                "UNet's resnet convolutions, time projections and attention, the DiT's attention, feed-forward and "
-                "adaLN)",
+                "lora: the layers that get an adapter, by the end of their names, comma-separated (these: the UNet's "
+                "resnet convolutions, time projections and attention, the DiT's attention, feed-forward and adaLN)",
             ),
         ),
         alone=True,
