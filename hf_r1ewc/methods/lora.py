@@ -82,7 +82,9 @@ class LoRA(ContinualMethod):
         self.class_routes: dict[int, str] = {}  # class -> task_XX (task_01: the shared model alone)
         self.classes: list[int] = []
         self.task_index = 0
-        self._kept_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # table -> (rows, their values)
+        self._kept_rows: dict[
+            str, tuple[nn.Embedding, torch.Tensor, torch.Tensor]
+        ] = {}  # name -> (table, rows, values)
 
     def label(self) -> str:
         return f"LoRA per task (rank {self.config.r}, alpha {self.config.lora_alpha:g})"
@@ -111,17 +113,16 @@ class LoRA(ContinualMethod):
             inject_adapter_in_model(self.config, model, adapter_name=name)
         for n, p in model.named_parameters():
             p.requires_grad_(f".{name}." in n)
-        for n, table in class_tables(model).items():
+        for n, table in class_tables(model).items():  # found once here, not on every optimizer step
             table.weight.requires_grad_(True)
-            others = torch.tensor([c for c in range(table.num_embeddings) if c not in self.classes])
-            self._kept_rows[n] = (others, table.weight.detach()[others.to(table.weight.device)].clone())
+            others = [c for c in range(table.num_embeddings) if c not in self.classes]
+            rows = torch.tensor(others, device=table.weight.device)
+            self._kept_rows[n] = (table, rows, table.weight.detach()[rows].clone())
 
     def after_optimizer_step(self, model: nn.Module, lr: float) -> None:
-        tables = class_tables(model)
         with torch.no_grad():
-            for n, (rows, values) in self._kept_rows.items():
-                weight = tables[n].weight
-                weight[rows.to(weight.device)] = values.to(weight.device, weight.dtype)
+            for table, rows, values in self._kept_rows.values():
+                table.weight[rows] = values.to(table.weight.dtype)
 
     def end_task(self, task: TaskEnd) -> dict:
         """Keep adapter k's weights and take its layers out of the model, which goes on as the shared weights."""
