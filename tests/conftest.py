@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -223,6 +225,19 @@ def run(argv: list[str]) -> None:
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def refusal(argv: list[str]) -> str:
+    """The message with which the training script's ``main(argv)``, run in this process, refuses to start: what the
+    argument check prints before its SystemExit, or the exception a later check (data, model, resume folder) raises."""
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        try:
+            run(argv)
+        except SystemExit as exc:
+            return f"{stderr.getvalue()}{exc.code}"
+        except Exception as exc:  # the message is what the caller checks
+            return f"{type(exc).__name__}: {exc}"
+    raise AssertionError(f"main() started a run instead of refusing: {argv}")
 
 
 # ------------------------------------------------------------------------- parameter isolation (ensemble, lora)
