@@ -281,10 +281,13 @@ def write_report(output: Path) -> None:
         "class. Memory after 5 tasks: exemplars as float32 model inputs (DER's with their 4 kept draws), GD's teacher "
         "and float16 pool, the kept models and adapters (methods_cost.md), arithmetic from those sizes."
         + (
-            " Seconds here: the new rows ran two at a time beside other work, GD's records in another session's "
+            "\n"
+            if not SECOND_BASELINE
+            else " Seconds here: the new rows ran two at a time beside other work, GD's records in another session's "
             "queue, so the ratio is indicative only (methods_cost.md times steps in one process).\n"
-            if SECOND_BASELINE
-            else "\n"
+            if RECORDS == RESULTS / "methods_runs"
+            else " Seconds here: every row ran two at a time in one queue (methods_cost.md times steps in one "
+            "process).\n"
         ),
         "| method | weight | seeds | AFID@5 ↓ | F ↓ | P ↓ | ACC ↑ | BWT ↑ | class KL ↓ | seconds ÷ GD | memory (MB) "
         "| data kept | memory after 5 tasks (MB) |",
