@@ -419,6 +419,7 @@ def buffer_curve(table: dict, output: Path) -> list[str]:
             ax.errorbar(xs, ys, yerr=ses, marker="o", capsize=3, label=family)
         for i, (label, (mean, se)) in enumerate(flat.items()):
             ax.axhline(mean, color=f"C{len(families) + i}", linestyle="--", label=f"{label} ({mean:.1f} ± {se:.1f})")
+        ax.margins(y=0.08)  # the highest horizontal line clear of the frame
         ax.set_xscale("log")
         ax.set_xticks(BUFFER_SIZES, [str(n) for n in BUFFER_SIZES])
         ax.set_xlabel("exemplars per class")
