@@ -276,6 +276,13 @@ def write_report(output: Path) -> None:
         seconds_note = (
             " Seconds here: every row ran two at a time in one queue (methods_cost.md times steps in one process)."
         )
+    buffer_note = (  # the buffer study's two columns
+        " Data kept: exemplars per class over training images per class. Memory after 5 tasks: exemplars as float32 "
+        "model inputs (DER's with their 4 kept draws), GD's teacher and float16 pool, the kept models and adapters "
+        "(methods_cost.md), arithmetic from those sizes."
+        if SECOND_BASELINE
+        else ""
+    )
     lines = [
         f"# {TITLE}\n",
         *tiny_banner(SCALE),
@@ -287,14 +294,10 @@ def write_report(output: Path) -> None:
         "\n## The table\n",
         "ACC: mean sample accuracy over all classes after task 5 (the FID classifier's). Seconds: wall seconds per "
         "task without FID (training, replay pool, Fisher/importances) relative to GD's in the same queue. Memory: "
-        "beyond the model at task 2, from methods_cost.md. Data kept: exemplars per class over training images per "
-        "class. Memory after 5 tasks: exemplars as float32 model inputs (DER's with their 4 kept draws), GD's teacher "
-        "and float16 pool, the kept models and adapters (methods_cost.md), arithmetic from those sizes."
-        + seconds_note
-        + "\n",
-        "| method | weight | seeds | AFID@5 ↓ | F ↓ | P ↓ | ACC ↑ | BWT ↑ | class KL ↓ | seconds ÷ GD | memory (MB) "
-        "| data kept | memory after 5 tasks (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "beyond the model at task 2, from methods_cost.md." + buffer_note + seconds_note + "\n",
+        "| method | weight | seeds | AFID@5 ↓ | F ↓ | P ↓ | ACC ↑ | BWT ↑ | class KL ↓ | seconds ÷ GD | memory (MB) |"
+        + (" data kept | memory after 5 tasks (MB) |" if SECOND_BASELINE else ""),
+        "| --- " * (13 if SECOND_BASELINE else 11) + "|",
     ]
     for label, row in table.items():
         entry, value = ENTRIES[label], best.get(label)
@@ -305,8 +308,8 @@ def write_report(output: Path) -> None:
         lines.append(
             f"| {label} | {weight} | {row['runs']} | {fmt(row['afid'])} | {fmt(row['forgetting'])} | "
             f"{fmt(row['plasticity'])} | {'—' if acc is None else fmt(tuple(100 * a for a in acc))} | "
-            f"{fmt(row['bwt'])} | {format_mean_se(row['class_kl'], '.3f')} | {ratio} | {memory(label)} "
-            f"| {data_kept(label)} | {memory_after_tasks(label)} |"
+            f"{fmt(row['bwt'])} | {format_mean_se(row['class_kl'], '.3f')} | {ratio} | {memory(label)} |"
+            + (f" {data_kept(label)} | {memory_after_tasks(label)} |" if SECOND_BASELINE else "")
         )
     if paired:
         lines.append(paired_markdown(paired, BASELINE))
@@ -341,7 +344,7 @@ def write_report(output: Path) -> None:
     curves = {label: row["afid_at_k"] for label, row in table.items() if len(row["afid_at_k"]) > 1}
     if curves:
         plot_afid_curves(curves, output.with_name(output.stem + "_afid_at_k.png"))
-        lines.append(f"\nAFID@k of every method: `{output.stem}_afid_at_k.png`.")
+        lines.append(f"\n![AFID@k of every method]({output.stem}_afid_at_k.png)")
     reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
     output.write_text("\n".join(lines) + "\n" + (f"\n## Reading{reading}" if reading else ""))
     output.with_suffix(".json").write_text(
@@ -351,7 +354,7 @@ def write_report(output: Path) -> None:
                 "paired": paired,
                 "hypothesis": hypothesis,
                 "chosen_weights": best,
-                "paired_against_" + (SECOND_BASELINE or "none"): against_er if SECOND_BASELINE else {},
+                **({f"paired_against_{SECOND_BASELINE}": against_er} if SECOND_BASELINE else {}),
                 "long_horizon": {"summary": long_table, "paired": long_paired},
             },
             indent=1,
@@ -362,9 +365,10 @@ def write_report(output: Path) -> None:
 
 def memory_after_tasks(label: str, tasks: int = 5, classes: int = 10) -> str:
     """What a row keeps beyond the model after the last task, in MB: exemplars (float32 images as the model sees
-    them; DER's with 2 * 4 kept draws' images each), GD's teacher and pool (float16 images of the old classes), EWC's
-    statistics, and the parameter-isolation methods' kept models and adapters (methods_cost.json's measurement after 5
-    tasks; another LoRA rank scaled linearly from rank 8's)."""
+    them, at most a class's training images; DER's with 2 * 4 kept draws' images each), GD's teacher and pool
+    (float16 images of the old classes), and the parameter-isolation methods' kept models and adapters
+    (methods_cost.json's measurement after 5 tasks; another LoRA rank scaled linearly from rank 8's); "—" for a
+    method that keeps anything else (a penalty's statistics, a teacher without a pool, the whole data)."""
     path = RESULTS / "methods_cost.json"
     cost = json.loads(path.read_text()) if path.exists() else {}
     entry = ENTRIES[label]
@@ -372,10 +376,12 @@ def memory_after_tasks(label: str, tasks: int = 5, classes: int = 10) -> str:
     flags = dict(zip(entry.flags[::2], entry.flags[1::2]))
     mb = 0.0
     parts = entry.spec.split("+")
+    if not set(parts) <= {"er", "der", "gd", "lora", "ensemble"}:
+        return "—"
     if "er" in parts:
-        mb += int(flags.get("--er_per_class", 20)) * classes * image / 2**20
+        mb += kept_per_class(flags.get("--er_per_class", "20")) * classes * image / 2**20
     if "der" in parts:
-        mb += int(flags.get("--der_per_class", 20)) * classes * image * (1 + 2 * 4) / 2**20
+        mb += kept_per_class(flags.get("--der_per_class", "20")) * classes * image * (1 + 2 * 4) / 2**20
     if "gd" in parts:
         model_mb = 4 * cost.get("scale", {}).get("params", 0) / 2**20
         mb += model_mb + SCALE["replay"] * (classes - 2) * image / 2 / 2**20
@@ -396,7 +402,12 @@ def data_kept(label: str) -> str:
     sizes = [int(entry.flags[i + 1]) for i, f in enumerate(entry.flags) if f in ("--er_per_class", "--der_per_class")]
     if not sizes and entry.spec in ("er", "agem"):
         sizes = [20]
-    return f"{100 * max(sizes, default=0) / SCALE['per_class']:g} %"
+    return f"{100 * kept_per_class(max(sizes, default=0)) / SCALE['per_class']:g} %"
+
+
+def kept_per_class(exemplars_per_class: int | str) -> int:
+    """Exemplars a buffer of that size keeps of each class: all of a class with fewer training images."""
+    return min(int(exemplars_per_class), SCALE["per_class"])
 
 
 def buffer_curve(table: dict, output: Path) -> list[str]:
@@ -433,7 +444,7 @@ def buffer_curve(table: dict, output: Path) -> list[str]:
         path = output.with_name(output.stem + "_buffer.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
-    return [f"\nAFID@5 against exemplars per class: `{path.name}`."]
+    return [f"\n![AFID@5 against exemplars per class]({path.name})"]
 
 
 def ratio_lines(best: dict[str, float]) -> list[str]:
@@ -552,7 +563,7 @@ def long_horizon(best: dict[str, float], output: Path) -> tuple[dict, dict, list
         lines.append(paired_markdown(hypothesis, HYPOTHESIS[1]).replace("## Paired", "### Long horizon: paired"))
     curves = {label: row["afid_at_k"] for label, row in table.items()}
     plot_afid_curves(curves, output.with_name(output.stem + "_long_afid_at_k.png"))
-    lines.append(f"\nAFID@k on the long horizon: `{output.stem}_long_afid_at_k.png`.")
+    lines.append(f"\n![AFID@k on the long horizon]({output.stem}_long_afid_at_k.png)")
     return table, {"against_gd": paired, "against_er": hypothesis}, lines
 
 

@@ -96,7 +96,7 @@ def run_script(*argv: str) -> None:
 
 def test_compare_methods_tiny_runs_the_queue_records_and_report(tmp_path, tiny_classifier):
     """The field's table (issue 39) at the tiny scale: GD and ER through train_continual_ddpm.py, their records, the
-    paired table; the study's own records are untouched."""
+    paired table (without the buffer study's columns); the study's own records are untouched."""
     gd_record = ROOT / "benchmarks" / "results" / "methods_runs" / "GD_seed0.json"
     before = gd_record.read_bytes()
     run_script("benchmarks/compare_methods.py", "--tiny", "--work_dir", str(study_folder(tmp_path, tiny_classifier)))
@@ -104,8 +104,38 @@ def test_compare_methods_tiny_runs_the_queue_records_and_report(tmp_path, tiny_c
     assert set(report["summary"]) == {"GD", "ER 20/class"}
     assert report["paired"]["ER 20/class"]["seeds"] == [0]
     assert (tmp_path / "results" / "methods_runs" / "GD_seed0.json").exists()
-    assert "not a result" in (tmp_path / "results" / "methods.md").read_text()
+    methods_md = (tmp_path / "results" / "methods.md").read_text()
+    assert "not a result" in methods_md
+    assert "data kept" not in methods_md  # the buffer study's columns, whose arithmetic counts buffers only
+    assert not any(key.startswith("paired_against") for key in report)  # no second baseline here
     assert gd_record.read_bytes() == before
+
+
+def test_compare_methods_buffer_study_tiny_pairs_against_er20_and_embeds_its_plot(tmp_path, tiny_classifier):
+    """The buffer study (issue 48) at the tiny scale: GD, ER 1/class and ER 20/class, each paired against GD and
+    against ER 20/class, the buffer plot shown in the report, and the data kept capped at a class's training images
+    (the tiny scale has 4 per class, so ER 20/class keeps them all: 100 %, not 500 %)."""
+    run_script(
+        "benchmarks/compare_methods.py",
+        "--tiny",
+        "--study",
+        "buffer",
+        "--work_dir",
+        str(study_folder(tmp_path, tiny_classifier)),
+    )
+    results = tmp_path / "results"
+    report = json.loads((results / "buffer_study_100pc.json").read_text())
+    assert set(report["summary"]) == {"GD", "ER 1/class", "ER 20/class"}
+    assert set(report["paired_against_ER 20/class"]) == {"GD", "ER 1/class"}
+    markdown = (results / "buffer_study_100pc.md").read_text()
+    assert "![AFID@5 against exemplars per class](buffer_study_100pc_buffer.png)" in markdown
+    assert (results / "buffer_study_100pc_buffer.png").exists()
+    table = markdown.partition("## The table")[2].partition("\n## ")[0]
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")
+    }
+    assert rows["ER 20/class"][-2:] == ["100 %", "0.01 |"]
+    assert rows["ER 1/class"][-2] == "25 %"
 
 
 def test_reproduce_table1_tiny_scale_writes_its_table(tmp_path, tiny_classifier):
