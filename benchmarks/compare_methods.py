@@ -363,7 +363,7 @@ def write_report(output: Path) -> None:
     )
 
 
-def memory_after_tasks(label: str, tasks: int = 5, classes: int = 10) -> str:
+def memory_after_tasks(label: str, classes: int = 10) -> str:
     """What a row keeps beyond the model after the last task, in MB: exemplars (float32 images as the model sees
     them, at most a class's training images; DER's with 2 * 4 kept draws' images each), GD's teacher and pool
     (float16 images of the old classes), and the parameter-isolation methods' kept models and adapters
