@@ -33,6 +33,7 @@ from hf_r1ewc.config import (
     MAY_CHANGE,
     RECOVERY_SETTINGS,
     RESUME_MUST_MATCH,
+    TASK_LIST_SETTINGS,
     make_accelerator,
     parse_args,
     recorded_defaults,
@@ -139,6 +140,7 @@ def open_run(
         may_change=MAY_CHANGE,
         added_settings=recorded_defaults,
         adopt=args.adopt_manifest,
+        task_list_settings=TASK_LIST_SETTINGS,
     )
     run.tasks = tasks
     return run
@@ -529,7 +531,7 @@ def finish_run(args, data: TaskData, run: RunState) -> None:
     rows = evenly_chosen(sorted({c for t in data.tasks for c in t}))
     sample_grid_across_tasks(output_dir, rows, output_dir / "samples_by_task.png", args.num_inference_steps, args.seed)
     if run.matrix and not args.joint:
-        print("\n" + run_summary_table(run.matrix, run.accuracy, data.tasks, run.class_kl))
+        print("\n" + run_summary_table(run.matrix, run.accuracy, data.tasks, run.class_kl, data.id2label))
     print(
         f"\nDone. Task folders: {output_dir}/task_XX (pipeline, the methods' files, samples.png, README.md); "
         f"classes x tasks: {output_dir / 'samples_by_task.png'}"

@@ -360,7 +360,18 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--image_column", default=None, help="image column (detected when omitted)")
     g.add_argument("--label_column", default=None, help="label column (detected when omitted)")
-    g.add_argument("--tasks", default=None, help="explicit class-incremental tasks, e.g. '0,1;2,3;4,5;6,7;8,9'")
+    g.add_argument(
+        "--tasks",
+        default=None,
+        help="explicit class-incremental tasks by class id or name, e.g. '0,1;2,3;4,5' or 'Sneaker,Bag;3,4'. A "
+        "finished run continues with the tasks appended to its own; --resume_from_task also takes the new tasks alone",
+    )
+    g.add_argument(
+        "--class_names",
+        default=None,
+        help="a name per class id, comma-separated in id order (default: the dataset's ClassLabel names, an "
+        "imagefolder's subfolders, Fashion-MNIST's ten, else the ids); task folders record them as id2label",
+    )
     g.add_argument(
         "--classes_per_task",
         type=int,
@@ -625,7 +636,8 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resume_from_task",
         default=None,
-        help="start after a finished task: a task folder or REPO_ID@REVISION (e.g. user/model@task-03)",
+        help="start after a finished task: a task folder or REPO_ID@REVISION (e.g. user/model@task-03); --tasks "
+        "lists its tasks first and appends new ones, or gives the new tasks alone",
     )
     g.add_argument(
         "--stop_after_steps",
@@ -888,6 +900,10 @@ MAY_CHANGE = (
     "gradient_checkpointing",
     "dataloader_num_workers",
 )
+
+
+# the flags that spell the task list: the manifest compares the list they give (a longer one continues the run)
+TASK_LIST_SETTINGS = ("tasks", "classes_per_task")
 
 
 # the recovery from a diverged run: these may change on resume, and run_manifest.json records each change

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -36,6 +36,19 @@ IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "picture")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "class", "class_label", "fine_label", "target", "y")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
+# Fashion-MNIST's IDX files carry no names; these are its standard ten, by id
+FASHION_MNIST_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 class DataError(ValueError):
@@ -44,10 +57,12 @@ class DataError(ValueError):
 
 @dataclass
 class LabeledImages:
-    """An in-memory split: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``."""
+    """An in-memory split: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``, and the source's class
+    ``names`` by id where it has them (a ``ClassLabel``'s names, an imagefolder's subfolders; None: it has none)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
@@ -76,7 +91,7 @@ class LabeledImages:
     def subset(self, classes: Iterable[int]) -> "LabeledImages":
         """The examples whose label is in ``classes``, in their original order."""
         mask = torch.isin(self.labels, torch.as_tensor(list(classes), dtype=self.labels.dtype))
-        return LabeledImages(self.images[mask], self.labels[mask])
+        return LabeledImages(self.images[mask], self.labels[mask], self.names)
 
     def head_per_class(self, n: int | None) -> "LabeledImages":
         """The first ``n`` examples of every class (all when ``n`` is None): smaller, still balanced, deterministic."""
@@ -85,7 +100,7 @@ class LabeledImages:
         keep = torch.zeros_like(self.labels, dtype=torch.bool)
         for c in self.classes:
             keep[torch.nonzero(self.labels == c).flatten()[:n]] = True
-        return LabeledImages(self.images[keep], self.labels[keep])
+        return LabeledImages(self.images[keep], self.labels[keep], self.names)
 
     def to_model_input(self, resolution: int | None = None, resize: bool = False) -> torch.utils.data.TensorDataset:
         """A ``TensorDataset`` of ``(pixel_values float [C, R, R] in [-1, 1], label)`` pairs."""
@@ -156,7 +171,16 @@ def load_labeled_images(
                 f"rescale them to R x R."
             )
         images = [_resized_uint8(img, resize_to) for img in images]
-    return LabeledImages(torch.stack(images), torch.as_tensor(dataset[label_column], dtype=torch.int64))
+    labels = torch.as_tensor(dataset[label_column], dtype=torch.int64)
+    return LabeledImages(torch.stack(images), labels, label_names(dataset.features[label_column]))
+
+
+def label_names(feature) -> tuple[str, ...] | None:
+    """The class names of a ``datasets`` label feature: a ``ClassLabel``'s ``names`` (an imagefolder's are its
+    subfolders, sorted), else None."""
+    import datasets
+
+    return tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
 def _decoded_images(dataset, image_column: str, where: str) -> list:
@@ -286,7 +310,7 @@ def _load_digits(split: str) -> LabeledImages:
         rank_in_class[idx] = torch.arange(len(idx))
     held_out = rank_in_class % 5 == 4
     keep = held_out if split == "test" else ~held_out
-    return LabeledImages(images[keep].contiguous(), labels[keep].contiguous())
+    return LabeledImages(images[keep].contiguous(), labels[keep].contiguous(), tuple(map(str, range(10))))
 
 
 def _idx_files(folder: Path, split: str) -> tuple[Path, Path] | None:
@@ -330,7 +354,8 @@ def _load_idx(folder: Path, split: str) -> LabeledImages:
         raise DataError(
             f"{image_path.name} has {images.shape[0]} images but {label_path.name} {labels.shape[0]} labels."
         )
-    return LabeledImages(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
+    names = FASHION_MNIST_NAMES if "fashion" in folder.resolve().name.lower() else None
+    return LabeledImages(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)), names)
 
 
 # ------------------------------------------------------------------------------------------------ task splits
@@ -341,19 +366,20 @@ def parse_tasks(
     classes_per_task: int | None,
     available_classes: Sequence[int],
     num_class_embeds: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """The class-incremental task list.
 
-    ``tasks`` like ``"0,1;2,3;4,5"`` wins; otherwise contiguous groups of ``classes_per_task`` labels in label order
-    (the paper's splits). Validates: no empty or overlapping tasks, every label present in the data, every label
-    inside the model's class embedding (``0 <= label < num_class_embeds``).
+    ``tasks`` like ``"0,1;2,3;4,5"`` (or by name: ``"Sneaker,Bag;3,4"``, ``class_names`` giving each id's name) wins;
+    otherwise contiguous groups of ``classes_per_task`` labels in label order (the paper's splits). Validates: no
+    empty or overlapping tasks, every label present in the data, every label inside the model's class embedding
+    (``0 <= label < num_class_embeds``).
     """
     available = sorted(int(c) for c in available_classes)
     if tasks:
-        try:
-            parsed = [[int(c) for c in group.split(",") if c.strip()] for group in tasks.split(";")]
-        except ValueError as err:
-            raise DataError(f"cannot parse --tasks {tasks!r}: use integers like '0,1;2,3;4,5'.") from err
+        parsed = [
+            [class_id(c.strip(), class_names) for c in group.split(",") if c.strip()] for group in tasks.split(";")
+        ]
         if any(len(group) == 0 for group in parsed):
             raise DataError(f"--tasks {tasks!r} has an empty task; every task needs at least one class.")
     else:
@@ -385,6 +411,63 @@ def parse_tasks(
                 f"use a model config with num_class_embeds > {max(outside)}."
             )
     return parsed
+
+
+def class_id(token: str, class_names: Sequence[str] | None = None) -> int:
+    """The id of one entry of --tasks: a class name (its index in ``class_names``) or an integer id."""
+    if class_names is not None and token in class_names:
+        return list(class_names).index(token)
+    try:
+        return int(token)
+    except ValueError:
+        names = f"the classes are {list(class_names)}" if class_names else "this data names no classes"
+        raise DataError(
+            f"--tasks names class {token!r}, which does not exist: {names}; use a name or an id."
+        ) from None
+
+
+def resolve_class_names(source_names: Sequence[str] | None, num_classes: int, flag: str | None = None) -> list[str]:
+    """The name of every id ``0 .. num_classes - 1``: ``--class_names`` (comma-separated, one per id), else the
+    source's (``LabeledImages.names``), else the id itself. Names are unique and non-empty, and a name that reads as
+    an integer is its own id (``--tasks`` takes both)."""
+    if flag is not None:
+        names = [n.strip() for n in flag.split(",")]
+        if len(names) != num_classes:
+            raise DataError(
+                f"--class_names gives {len(names)} names but the data has {num_classes} class ids (0..{num_classes - 1}): "
+                f"give one name per id, in id order, separated by commas"
+            )
+    else:
+        names = [*(source_names or ())][:num_classes]
+        names += [str(i) for i in range(len(names), num_classes)]
+    if "" in names:
+        raise DataError(f"class id {names.index('')} has an empty name; name every class (--class_names)")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(
+            f"class names {twice} are given to several ids; every class needs its own name (--class_names)"
+        )
+    for i, name in enumerate(names):
+        if name.lstrip("-").isdigit() and int(name) != i:
+            raise DataError(
+                f"class id {i} is named {name!r}, another id's number: --tasks could not tell them apart; rename it"
+            )
+    return names
+
+
+def continued_tasks(learned: list[list[int]], planned: list[list[int]]) -> list[list[int]]:
+    """The task list of a run that continues a model trained on the tasks ``learned``: ``planned`` itself when it
+    starts with them, or ``learned`` followed by ``planned`` when ``planned`` holds none of their classes (the new
+    tasks alone). Anything else is refused (``DataError``, showing both)."""
+    if planned[: len(learned)] == learned:
+        return planned
+    old = {c for t in learned for c in t}
+    if not old & {c for t in planned for c in t}:
+        return learned + planned
+    raise DataError(
+        f"the model was trained on the tasks {learned}, and --tasks gives {planned}: list them first and append the "
+        f"new tasks, or give the new tasks alone (classes not learned yet)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ streaming
@@ -563,7 +646,8 @@ def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
 
 @dataclass
 class TaskData:
-    """The data of a run: the eval split in memory, the training split in memory (None when streaming), tasks."""
+    """The data of a run: the eval split in memory, the training split in memory (None when streaming), tasks, and
+    the name of every class id (``resolve_class_names``)."""
 
     source: str
     test: object
@@ -574,6 +658,12 @@ class TaskData:
     num_channels: int
     num_classes: int
     tasks: list[list[int]]
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id -> name (diffusers' ``id2label``), for every id of the label space."""
+        return dict(enumerate(self.class_names or map(str, range(self.num_classes))))
 
 
 def load_task_data(
@@ -589,16 +679,21 @@ def load_task_data(
     tasks: str | None = None,
     classes_per_task: int = 2,
     need_test_classes: bool = True,
+    class_names: str | None = None,
+    learned_tasks: list[list[int]] | None = None,
 ) -> TaskData:
-    """Read and check the data of ``source`` and its class-incremental tasks (``tasks`` as '0,1;2,3', else groups
-    of ``classes_per_task`` in label order); ``need_test_classes``: every class must have test images (FID). Every
-    data error raises ``SystemExit`` here, before any model is built."""
+    """Read and check the data of ``source`` and its class-incremental tasks (``tasks`` as '0,1;2,3' or by name,
+    else groups of ``classes_per_task`` in label order; after ``learned_tasks``, the tasks a continued model has
+    learned, as ``continued_tasks`` reads them); ``class_names``: --class_names; ``need_test_classes``: every class
+    must have test images (FID). Every data error raises ``SystemExit`` here, before any model is built."""
     try:
         resize_to = resolution if resize else None
         test = load_labeled_images(source, eval_split, image_column, label_column, resize_to)
         train = None if streaming else load_labeled_images(source, "train", image_column, label_column, resize_to)
         if train is not None and train.num_channels != test.num_channels:  # one split mixes colour in: all colour
-            test, train = (LabeledImages(s.images.expand(-1, 3, -1, -1).contiguous(), s.labels) for s in (test, train))
+            test, train = (
+                LabeledImages(s.images.expand(-1, 3, -1, -1).contiguous(), s.labels, s.names) for s in (test, train)
+            )
         if max_train_per_class:
             train = train.head_per_class(max_train_per_class)
         known = test if streaming else train  # streamed: the eval split names the classes and the image shape
@@ -612,6 +707,8 @@ def load_task_data(
                 f"{memory_bytes() / 2**30:.3g} GiB; lower --resolution (or use --streaming)"
             )
         num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
+        names = resolve_class_names(test.names or known.names, num_classes, class_names)
+        planned = parse_tasks(tasks, None if tasks else classes_per_task, known.classes, class_names=names)
         data = TaskData(
             source,
             test,
@@ -621,7 +718,8 @@ def load_task_data(
             resolution,
             known.num_channels,
             num_classes,
-            parse_tasks(tasks, None if tasks else classes_per_task, known.classes),
+            continued_tasks(learned_tasks, planned) if learned_tasks else planned,
+            names,
         )
     except ValueError as err:  # DataError: stop before any training
         raise SystemExit(f"error: {err}") from None

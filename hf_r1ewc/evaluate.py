@@ -273,7 +273,9 @@ def sample_grid_across_tasks(
         raise ValueError(f"{run_dir} has no finished task folder")
     grid = torch.stack(columns, dim=1).flatten(0, 1) * 2 - 1  # class-major: row = class, column = task
     title = "the model after each task (washed out: a class not learned yet)"
-    save_labeled_grid(grid, path, [f"class {c}" for c in classes], names, title=title)
+    id2label = pipe.config.get("id2label") or {}  # the newest folder's names
+    rows = [f"{c}: {id2label[str(c)]}" if id2label.get(str(c), str(c)) != str(c) else f"class {c}" for c in classes]
+    save_labeled_grid(grid, path, rows, names, title=title)
     return grid
 
 

@@ -194,6 +194,7 @@ def write_model_card(
     class_kl: float | None = None,
     exemplar_files: dict[str, bool] | None = None,
     routes: dict[int, str] | None = None,
+    class_names: dict[int, str] | None = None,
 ) -> None:
     """``README.md`` from ``model_cards/task_card.md`` through ``ModelCard.from_template`` with ``eval_results``.
 
@@ -201,7 +202,8 @@ def write_model_card(
     precision the FID samples used; ``accuracy``: ACC_i of this model per task i (classifier backend); ``transfer``:
     ``metrics.accuracy_summary`` (ACC, BWT) over the tasks so far; ``class_kl``: this model's class-distribution KL;
     ``exemplar_files``: the files of real training images the folder keeps -> whether they go to the Hub;
-    ``routes``: class -> route of a parameter-isolation method (the card lists which model or adapter serves what)."""
+    ``routes``: class -> route of a parameter-isolation method (the card lists which model or adapter serves what);
+    ``class_names``: class id -> name (the card names the classes and samples by name)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     row = matrix.get(task_index, {})
@@ -268,7 +270,7 @@ def write_model_card(
         method_description=method_description,
         task_index=task_index,
         num_tasks=num_tasks,
-        seen_classes=", ".join(map(str, seen_classes)),
+        seen_classes=named_classes(seen_classes, class_names or {}),
         fid_backend=fid_backend,
         fid_comparable=fid_comparable,
         fid_num_samples=", ".join(f"task {i}: {n}" for i, n in sorted(per_task_n.items())) or "n/a",
@@ -285,7 +287,7 @@ def write_model_card(
         command=command,
         load_target=load_target,
         custom_target=f'"{hub_model_id}"' if hub_model_id else '"path/to/' + task_folder_name(task_index) + '"',
-        example_labels=seen_classes[:4],
+        example_labels=[n if (n := (class_names or {}).get(c, str(c))) != str(c) else c for c in seen_classes[:4]],
         exemplar_files=exemplar_files or {},
         dataset_name=dataset_name,
         routes={r: sorted(c for c, q in routes.items() if q == r) for r in sorted(set(routes.values()))}
@@ -293,6 +295,11 @@ def write_model_card(
         else {},
     )
     card.save(str(Path(folder) / "README.md"))
+
+
+def named_classes(classes: list[int], names: dict[int, str]) -> str:
+    """``"0 (T-shirt/top), 1 (Trouser)"``: each id with its name where it has one other than its number."""
+    return ", ".join(f"{c} ({names[c]})" if names.get(c, str(c)) != str(c) else str(c) for c in classes)
 
 
 def resolve_task_source(spec: str) -> Path:
@@ -328,6 +335,18 @@ def resolve_task_source(spec: str) -> Path:
     if not is_complete_task_folder(folder):
         raise ValueError(f"{repo_id}@{revision} is not an hf-r1ewc task folder (missing files)")
     return folder
+
+
+def read_learned_tasks(spec: str) -> list[list[int]]:
+    """The tasks that the model of the task source ``spec`` (``resolve_task_source``) has learned, in order: the
+    first ``task_index`` of its ``training_state.json``'s tasks. Read before any work to plan a continued run; the
+    folder's digests are checked when the run restores it."""
+    folder = resolve_task_source(spec)
+    try:
+        state = json.loads((folder / "training_state.json").read_text())
+        return [[int(c) for c in task] for task in state["tasks"][: int(state["task_index"])]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{folder}/training_state.json does not say which tasks it learned ({err})") from None
 
 
 class TaskUploader:

@@ -268,24 +268,27 @@ def run_summary_table(
     accuracy: Mapping[int, Mapping[int, float]],
     tasks: Sequence[Sequence[int]],
     class_kl: Mapping[int, float] | None = None,
+    class_names: Mapping[int, str] | None = None,
 ) -> str:
-    """The end-of-run table: per task k, FID_k(m_k) (when learned), FID_k(m_T) and ACC_k(m_T) (after the last task
-    T), then AFID@T, F, P, ACC, BWT and the class-distribution KL of m_T. ``accuracy`` is keyed like ``matrix``,
-    ``class_kl`` by k."""
+    """The end-of-run table: per task k, its classes (by name where ``class_names`` has them), FID_k(m_k) (when
+    learned), FID_k(m_T) and ACC_k(m_T) (after the last task T), then AFID@T, F, P, ACC, BWT and the
+    class-distribution KL of m_T. ``accuracy`` is keyed like ``matrix``, ``class_kl`` by k."""
     last = max(matrix)
     acc = accuracy.get(last, {})
+    named = [",".join((class_names or {}).get(c, str(c)) for c in classes) for classes in tasks]
+    width = min(max(13, *map(len, named)), 40)
     lines = [
-        "task  classes        FID when learned  FID after last  accuracy after last",
-        "----  -------------  ----------------  --------------  -------------------",
+        f"task  {'classes':{width}s}  FID when learned  FID after last  accuracy after last",
+        f"----  {'-' * width}  ----------------  --------------  -------------------",
     ]
-    for k, classes in enumerate(tasks, start=1):
+    for k, label in enumerate(named, start=1):
         own, final = matrix.get(k, {}).get(k), matrix[last].get(k)
         cells = [
             f"{own:16.2f}" if own is not None else f"{'-':>16}",
             f"{final:14.2f}" if final is not None else f"{'-':>14}",
             f"{100 * acc[k]:18.1f}%" if k in acc else f"{'-':>19}",
         ]
-        lines.append(f"{k:4d}  {','.join(map(str, classes))[:13]:13s}  " + "  ".join(cells))
+        lines.append(f"{k:4d}  {label[:width]:{width}s}  " + "  ".join(cells))
     summary = summarize(matrix)
     parts = [f"AFID@{last} = {summary['afid'][last]:.2f}"] if last in summary.get("afid", {}) else []
     if "forgetting" in summary:

@@ -268,7 +268,9 @@ def load_route_model(folder: str | os.PathLike) -> torch.nn.Module:
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
-    """``pipe(class_labels=[0, 0, 3])`` -> one image per label (default: DDIM, 50 steps, eta 0; any scheduler).
+    """``pipe(class_labels=[0, 0, 3])`` or ``pipe(class_labels=["Sneaker", 3])`` -> one image per label (default: DDIM,
+    50 steps, eta 0; any scheduler). ``id2label`` (class id -> name, as diffusers' ``DiTPipeline`` takes it; a name
+    may list synonyms separated by commas) lets labels be given by name: ``pipe.labels`` maps each name to its id.
 
     The denoiser is a ``unet`` (``UNet2DModel``) or a ``transformer`` (``DiTTransformer2DModel``, saved in
     ``transformer/`` as diffusers' DiT pipeline names it): any model called as ``model(x_t, t, class_labels=y)``.
@@ -288,6 +290,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         transformer: torch.nn.Module | None = None,
         learned_classes: list[int] | None = None,
         routes: dict[str, str] | None = None,
+        id2label: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if (unet is None) == (transformer is None):
@@ -299,7 +302,34 @@ class ClassConditionalPipeline(DiffusionPipeline):
         # the classes trained so far (a task folder records them in model_index.json); None: not recorded
         self.register_to_config(learned_classes=None if learned_classes is None else sorted(learned_classes))
         self.register_to_config(routes=None if routes is None else {str(c): r for c, r in routes.items()})
+        self.set_class_names(id2label)
         self._route_models: dict[str, torch.nn.Module] | None = None
+
+    def set_class_names(self, id2label: dict[int, str] | None) -> None:
+        """Name the classes: ``id2label`` (class id -> name), recorded in ``model_index.json``."""
+        self.register_to_config(
+            id2label=None
+            if id2label is None
+            else {str(c): n for c, n in sorted(id2label.items(), key=lambda x: int(x[0]))}
+        )
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> id, every synonym of ``id2label`` a name of its own (empty when the classes have no names)."""
+        return {
+            name.strip(): int(c)
+            for c, names in (self.config.get("id2label") or {}).items()
+            for name in names.split(",")
+        }
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """The ids of class names (as ``DiTPipeline.get_label_ids``); an unknown name raises, listing the names."""
+        names, labels = [label] if isinstance(label, str) else list(label), self.labels
+        unknown = [n for n in names if n not in labels]
+        if unknown:
+            known = f"its classes are {sorted(labels, key=labels.get)}" if labels else "this model names no classes"
+            raise ValueError(f"no class named {unknown[0]!r} in this model: {known}; pass a name or an id")
+        return [labels[n] for n in names]
 
     def set_routes(self, routes: dict[int, str] | None, models: dict[str, torch.nn.Module] | None = None) -> None:
         """Serve class c with ``models[routes[c]]`` (``OWN_ROUTE``: this pipeline's denoiser); ``models`` None: read
@@ -349,8 +379,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
         models = self._route_models
         return RoutedDenoiser({**models, OWN_ROUTE: own}, {int(c): r for c, r in routes.items()}, OWN_ROUTE)
 
-    def check_class_labels(self, class_labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """``[N]`` int64 labels, validated against the model's class embedding."""
+    def check_class_labels(self, class_labels: Sequence[int | str] | torch.Tensor) -> torch.Tensor:
+        """``[N]`` int64 labels from ids or names (``get_label_ids``), validated against the model's class
+        embedding."""
+        if isinstance(class_labels, str):
+            class_labels = [class_labels]
+        if not isinstance(class_labels, torch.Tensor):
+            class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: pass at least one class label, e.g. class_labels=[0, 1].")
@@ -372,7 +407,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: Sequence[int] | torch.Tensor,
+        class_labels: Sequence[int | str] | torch.Tensor,
         num_inference_steps: int = 50,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -380,7 +415,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return_dict: bool = True,
         autocast_dtype: torch.dtype | None = None,
     ) -> ImagePipelineOutput | tuple:
-        """Sample one image per entry of ``class_labels``.
+        """Sample one image per entry of ``class_labels`` (ids, or names of ``id2label``).
 
         ``output_type``: ``"pil"`` (list of PIL images), ``"np"`` (float ``[N, H, W, C]`` in [0, 1]) or ``"pt"``
         (float ``[N, C, H, W]`` in [0, 1]). ``autocast_dtype=torch.bfloat16`` runs the model under bf16 autocast

@@ -22,7 +22,7 @@ from .config import METHODS, run_config
 from .continual import ContinualLearner, bare_model, make_optimizer
 from .data import TaskData, check_pool_budget, load_task_data, task_loader
 from .distill import frozen_teacher
-from .hub import TaskArtifacts, task_folder_name, write_json, write_task_artifacts
+from .hub import TaskArtifacts, read_learned_tasks, task_folder_name, write_json, write_task_artifacts
 from .integrity import sha256_tensors
 from .methods import ContinualMethod, TaskEnd, TaskStart, TrainingSplit
 from .methods.exemplars import IMAGE_FILES
@@ -62,7 +62,12 @@ def training_tasks(args: argparse.Namespace, data: TaskData) -> list[list[int]]:
 
 
 def load_data(args: argparse.Namespace) -> TaskData:
-    """The data and tasks of the flags, with the replay pool's disk and memory budget checked before any work."""
+    """The data and tasks of the flags (after the tasks that --resume_from_task's model learned, as
+    ``data.continued_tasks`` reads --tasks), with the replay pool's disk and memory budget checked before any work."""
+    try:
+        learned = read_learned_tasks(args.resume_from_task) if args.resume_from_task else None
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     data = load_task_data(
         args.dataset_name or args.train_data_dir,
         eval_split=args.eval_split,
@@ -75,6 +80,8 @@ def load_data(args: argparse.Namespace) -> TaskData:
         tasks=args.tasks,
         classes_per_task=args.classes_per_task,
         need_test_classes=args.fid_backend != "none",
+        class_names=args.class_names,
+        learned_tasks=learned,
     )
     if "gd" in args.method.split("+") and args.replay_mode == "pool":
         check_pool_budget(data, args.replay_per_class, args.output_dir)
@@ -284,6 +291,7 @@ def write_task_folder(
     }
     metrics = task_metrics(args, run, outcome, task_index, classes, sampling)
     outcome.pipeline.register_to_config(learned_classes=seen)  # the pipeline warns when asked for another class
+    outcome.pipeline.set_class_names(data.id2label)  # samples by name: pipe(class_labels=["Sneaker", 3])
     outcome.pipeline.set_routes(learner.routes(task_index))  # with a model or adapter per task: which serves a class
     grid = sample(
         outcome.eval_model,
@@ -327,6 +335,7 @@ def write_task_folder(
         hub_model_id=args.hub_model_id,
         transfer=accuracy_summary(run.accuracy),
         class_kl=run.class_kl.get(task_index),
+        class_names=data.id2label,
     )
     card["hyperparameters"]["mixed_precision"] = accelerator.mixed_precision
     files = learner.task_files(task_index, classes)
@@ -339,6 +348,7 @@ def write_task_folder(
         "fid_backend": args.fid_backend,
         "fid_comparable_to_inception": comparable,
         "tasks": data.tasks,
+        "class_names": data.id2label,
         "tasks_done": task_index,
         "dataset": data.source,
         "resolution": data.resolution,

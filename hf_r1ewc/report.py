@@ -78,7 +78,8 @@ def run_section(run_dir: Path) -> str:
     parts = [f"<h2>{html.escape(title)}</h2>"]
     if matrix:
         class_kl = {int(k): v for k, v in results.get("class_kl", {}).items()}
-        summary = run_summary_table(matrix, accuracy, results["tasks"], class_kl)
+        names = {int(k): v for k, v in results.get("class_names", {}).items()}
+        summary = run_summary_table(matrix, accuracy, results["tasks"], class_kl, names)
         parts.append(f"<pre>{html.escape(summary)}</pre>")
     if (run_dir / "samples_by_task.png").exists():
         parts.append(_figure(_file_png(run_dir / "samples_by_task.png"), "classes (rows) x the model after each task"))

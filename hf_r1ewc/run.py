@@ -156,9 +156,12 @@ def check_manifest(
     may_change: tuple[str, ...],
     added_settings: Callable[[dict], dict] | None = None,
     adopt: bool = False,
+    task_list_settings: tuple[str, ...] = (),
 ) -> dict | None:
     """Compare ``OUTPUT_DIR/run_manifest.json`` with ``current`` (``{"settings", "dataset", "tasks"}``) and refuse
-    any difference except in ``recovery_settings``, whose changes are logged and recorded.
+    any difference except in ``recovery_settings``, whose changes are logged and recorded, and a task list that
+    starts with the recorded one (the run continues with the appended tasks: recorded as a change of ``tasks``).
+    The flags of ``task_list_settings`` only spell the task list, which is compared instead of them.
 
     Returns the manifest to write (a new run's, or the folder's with the recovery changes appended; None when
     nothing changes), for the caller to write once every other check has passed. Every process reads the file
@@ -190,29 +193,44 @@ def check_manifest(
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {path} cannot be read ({type(err).__name__}: {err}): {fix}") from None
     recorded_settings = {**(added_settings(recorded["settings"]) if added_settings else {}), **recorded["settings"]}
-    differences = {f"--{k}": d for k, d in manifest_differences(recorded_settings, current["settings"]).items()}
+    spelled = {k: v for k, v in recorded_settings.items() if k not in task_list_settings}
+    now = {k: v for k, v in current["settings"].items() if k not in task_list_settings}
+    differences = {f"--{k}": d for k, d in manifest_differences(spelled, now).items()}
     differences |= {
         f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()
     }
-    if recorded["tasks"] != current["tasks"]:
-        differences["tasks"] = (recorded["tasks"], current["tasks"])
+    old_tasks, new_tasks = recorded["tasks"], current["tasks"]
+    extended = len(new_tasks) > len(old_tasks) and new_tasks[: len(old_tasks)] == old_tasks
+    if old_tasks != new_tasks and not extended:
+        differences["tasks"] = (old_tasks, new_tasks)
     recovery = {k: d for k, d in differences.items() if k[2:] in recovery_settings}
     refused = {k: d for k, d in differences.items() if k not in recovery}
     if refused:
         lines = "\n".join(f"  {k}: {old!r} in the folder, {new!r} now" for k, (old, new) in refused.items())
+        tasks = " (more tasks: --tasks lists the run's tasks first, then the new ones)" if "tasks" in refused else ""
         raise SystemExit(
             f"error: {output_dir} holds a run with other settings ({MANIFEST}):\n{lines}\n"
-            f"Continue it with the recorded settings, or start the new run in another --output_dir. "
+            f"Continue it with the recorded settings{tasks}, or start the new run in another --output_dir. "
             f"Settings that may change when a run continues: "
             f"{', '.join('--' + k for k in may_change + recovery_settings)}."
         )
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for key, (old, new) in recovery.items():
         logger.warning("%s changes from %r to %r from here on (recorded in %s)", key, old, new, MANIFEST)
         recorded["settings"][key[2:]] = new
-        at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         recorded["changes"].append({"setting": key[2:], "from": old, "to": new, "at": at})
+    if extended:
+        logger.info(
+            "the run's %d tasks are extended by %s (recorded in %s)",
+            len(old_tasks),
+            new_tasks[len(old_tasks) :],
+            MANIFEST,
+        )
+        recorded["tasks"] = new_tasks
+        recorded["settings"] |= {k: v for k, v in current["settings"].items() if k in task_list_settings}
+        recorded["changes"].append({"setting": "tasks", "from": old_tasks, "to": new_tasks, "at": at})
     accelerator.wait_for_everyone()
-    return recorded if recovery else None
+    return recorded if recovery or extended else None
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -505,10 +523,11 @@ def resume_run(
                 f"error: {previous} was trained with other settings "
                 f"(setting: (folder, this run)) {conflicts}; match them or use another --output_dir"
             )
-        if saved["tasks"] != training_tasks:
+        learned = saved["tasks"][:finished]
+        if training_tasks[:finished] != learned:
             raise SystemExit(
-                f"error: {previous} was trained on tasks {saved['tasks']}, not {training_tasks}; match "
-                f"them or use another --output_dir"
+                f"error: {previous} learned the tasks {learned}, and this run's tasks are {training_tasks}: list "
+                f"its tasks first (then any new ones), or use another --output_dir"
             )
         if state.resume_position is None:
             state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)

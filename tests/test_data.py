@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 
 import numpy as np
@@ -108,6 +109,56 @@ def test_imagefolder(tmp_path):
                 Image.fromarray(np.full((5, 5), 40 * i, np.uint8), "L").save(folder / f"{i}.png")
     loaded = load_labeled_images(str(tmp_path), "train")
     assert loaded.images.shape == (6, 1, 5, 5) and loaded.classes == [0, 1]
+    assert loaded.names == ("cat", "dog")  # an imagefolder's subfolders name its classes
+
+
+def test_class_names_come_from_the_flag_the_source_or_the_ids(fashion_mnist_dir, tmp_path):
+    """digits are named 0-9, Fashion-MNIST's IDX files its standard ten, a ClassLabel by its names, a plain integer
+    label by its ids; --class_names wins, one name per id, unique, and a number only as its own id."""
+    from hf_r1ewc.data import FASHION_MNIST_NAMES, load_task_data, resolve_class_names
+
+    assert load_labeled_images("digits", "test").names == tuple("0123456789")
+    assert load_labeled_images(str(fashion_mnist_dir), "test").names == FASHION_MNIST_NAMES
+    plain = tmp_path / "IDX"  # the same files in a folder not named for Fashion-MNIST: no names
+    shutil.copytree(fashion_mnist_dir, plain)
+    assert load_labeled_images(str(plain), "test").names is None
+    assert resolve_class_names(None, 3) == ["0", "1", "2"]
+    assert resolve_class_names(("a", "b", "c", "d"), 3) == ["a", "b", "c"]  # the label space is the data's
+    assert resolve_class_names(("a",), 3, "x, y,z") == ["x", "y", "z"]
+    for flag, problem in (
+        ("x,y", "gives 2 names but the data has 3 class ids"),
+        ("x,x,z", "class names ['x'] are given to several ids"),
+        ("x,,z", "class id 1 has an empty name"),
+        ("x,2,z", "class id 1 is named '2', another id's number"),
+    ):
+        with pytest.raises(DataError, match=re.escape(problem)):
+            resolve_class_names(None, 3, flag)
+    data = load_task_data("digits", tasks="3,4;five", class_names="0,1,2,3,4,five,6,7,8,9", resolution=8)
+    assert data.tasks == [[3, 4], [5]] and data.id2label[5] == "five"
+
+
+def test_tasks_take_class_names_and_ids():
+    from hf_r1ewc.data import FASHION_MNIST_NAMES
+
+    assert parse_tasks("Sneaker,Bag;3, 4", None, range(10), class_names=FASHION_MNIST_NAMES) == [[7, 8], [3, 4]]
+    with pytest.raises(DataError, match=r"class 'Snekaer', which does not exist: the classes are \['T-shirt/top'"):
+        parse_tasks("Snekaer,Bag", None, range(10), class_names=FASHION_MNIST_NAMES)
+    with pytest.raises(DataError, match="this data names no classes"):
+        parse_tasks("cat", None, range(10))
+
+
+def test_a_continued_run_appends_new_tasks_to_the_learned_ones():
+    """--tasks after a model that learned [[0,1],[2,3]]: the whole list (learned first) or the new tasks alone;
+    anything else is refused, showing both lists."""
+    from hf_r1ewc.data import continued_tasks
+
+    learned = [[0, 1], [2, 3]]
+    assert continued_tasks(learned, [[0, 1], [2, 3], [4, 5]]) == [[0, 1], [2, 3], [4, 5]]
+    assert continued_tasks(learned, [[4, 5], [6]]) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert continued_tasks(learned, learned) == learned
+    for planned in ([[0, 1], [4, 5]], [[2, 3], [4, 5]], [[0, 1]], [[3, 4]]):
+        with pytest.raises(DataError, match=re.escape(f"trained on the tasks {learned}, and --tasks gives {planned}")):
+            continued_tasks(learned, planned)
 
 
 def test_missing_column_lists_available_columns(tmp_path):
@@ -184,7 +235,7 @@ def test_paper_splits_and_explicit_tasks():
         ("0,1;1,2", None, None, "class 1 appears in task 1 and task 2"),
         ("0,1;11", None, None, r"absent from the data"),
         ("0,1;;2", None, None, "empty task"),
-        ("0,a", None, None, "cannot parse"),
+        ("0,a", None, None, "class 'a', which does not exist"),
         (None, 3, None, "do not split into tasks of 3"),
         (None, None, None, "--classes_per_task"),
         ("0,1;8,9", None, 5, r"classes \[8, 9\] lie outside the model's class embedding"),

@@ -193,8 +193,11 @@ def test_model_card_parses_and_metadata_round_trips(tmp_path):
         fid_comparable=False,
         fid_num_samples=2000,
         hub_model_id=REPO,
+        class_names={0: "T-shirt/top", 1: "Trouser", 2: "2", 3: "Dress"},
     )
     card = ModelCard.load(tmp_path / "README.md")
+    assert "classes seen so far: 0 (T-shirt/top), 1 (Trouser), 2, 3 (Dress)" in card.text
+    assert "class_labels=['T-shirt/top', 'Trouser', 2, 'Dress']" in card.text  # the use example samples by name
     data = card.data
     assert data.library_name == "diffusers" and "continual-learning" in data.tags and "ewc" in data.tags
     assert data.datasets == ["zalando-datasets/fashion_mnist"]

@@ -133,3 +133,22 @@ def test_a_class_never_learned_is_sampled_with_one_warning_that_names_the_learne
         warnings.simplefilter("error")
         loaded([1, 0], num_inference_steps=2, output_type="pt")
         ClassConditionalPipeline(make_tiny_unet(), DDIMScheduler())([3], num_inference_steps=2, output_type="pt")
+
+
+def test_classes_are_asked_for_by_name_or_id_and_the_names_are_saved(pipe, tmp_path):
+    """id2label (as diffusers' DiTPipeline takes it, synonyms after commas) names the classes: a name samples what
+    its id samples, names and ids mix, an unknown name lists the names, and model_index.json keeps them."""
+    pipe.set_class_names({0: "T-shirt/top", 1: "Trouser", 2: "Sneaker, trainer", 3: "3"})
+    assert pipe.get_label_ids(["trainer", "Sneaker", "Trouser"]) == [2, 2, 1]
+    by_name = pipe(["Sneaker", 3], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt")
+    by_id = pipe([2, 3], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(by_name.images, by_id.images)
+    with pytest.raises(ValueError, match=r"no class named 'Sneakers' in this model: its classes are \['T-shirt/top'"):
+        pipe(["Sneakers"], num_inference_steps=2)
+    pipe.save_pretrained(tmp_path / "f")
+    loaded = ClassConditionalPipeline.from_pretrained(tmp_path / "f")
+    assert loaded.config.id2label == {"0": "T-shirt/top", "1": "Trouser", "2": "Sneaker, trainer", "3": "3"}
+    assert loaded.get_label_ids("trainer") == [2]
+    unnamed = ClassConditionalPipeline(make_tiny_unet(), sampling_scheduler("ddim", DDPMScheduler().config))
+    with pytest.raises(ValueError, match="this model names no classes"):
+        unnamed.check_class_labels(["Trouser"])

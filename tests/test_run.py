@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,35 @@ def test_manifest_refuses_a_result_setting_and_names_it(accelerator, tmp_path):
     write_json(tmp_path / MANIFEST, check(accelerator, tmp_path, manifest(1e-3)))
     with pytest.raises(SystemExit, match=r"--ewc_lambda: 15000.0 in the folder, 100.0 now(.|\n)*--output_dir"):
         check(accelerator, tmp_path, manifest(1e-3, ewc_lambda=100.0))
+
+
+def test_a_longer_task_list_continues_the_run_and_is_recorded(accelerator, tmp_path):
+    """The recorded tasks first, then new ones: the run goes on, the manifest's tasks grow (a change recorded) and
+    the flags that spell the list follow it; any other list is refused, showing both."""
+    recorded = manifest(1e-3)
+    recorded["settings"]["tasks"] = "0,1;2,3"
+    write_json(tmp_path / MANIFEST, check(accelerator, tmp_path, recorded))
+    longer = manifest(1e-3)
+    longer["settings"]["tasks"], longer["tasks"] = "0,1;2,3;4,5", [[0, 1], [2, 3], [4, 5]]
+    written = check_manifest(
+        accelerator,
+        tmp_path,
+        longer,
+        recovery_settings=(),
+        may_change=(),
+        task_list_settings=("tasks",),
+    )
+    assert written["tasks"] == [[0, 1], [2, 3], [4, 5]] and written["settings"]["tasks"] == "0,1;2,3;4,5"
+    assert [(c["setting"], c["from"], c["to"]) for c in written["changes"]] == [
+        ("tasks", [[0, 1], [2, 3]], [[0, 1], [2, 3], [4, 5]])
+    ]
+    for tasks in ([[0, 1], [4, 5]], [[0, 1]]):
+        other = manifest(1e-3)
+        other["settings"]["tasks"], other["tasks"] = "", tasks
+        with pytest.raises(SystemExit, match=re.escape(f"tasks: [[0, 1], [2, 3]] in the folder, {tasks!r} now")):
+            check_manifest(
+                accelerator, tmp_path, other, recovery_settings=(), may_change=(), task_list_settings=("tasks",)
+            )
 
 
 def test_work_without_a_manifest_is_refused_unless_adopted(accelerator, tmp_path):
