@@ -295,3 +295,36 @@ def assert_plain_diffusers_samples_each_route_alone(folder: Path, routes: dict[s
         model = pipe.denoiser.models[route]
         alone = sample(model, scheduler, torch.tensor([labels[r] for r in rows]), 3, row_generators(rows))
         assert torch.equal(mixed[rows], (alone / 2 + 0.5).clamp(0, 1))
+
+
+# ------------------------------------------------------------------------------------------ continued runs
+
+
+def assert_same_task_folder(a: Path, b: Path) -> None:
+    """Two task folders hold the same files with the same content: safetensors tensor for tensor (difference 0.0)
+    with the same metadata, JSON as values (metrics.json less its wall seconds, training_state.json less the digests
+    of files compared here), the card with each run's folder path read as the same."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for path in files:
+        x, y = a / path, b / path
+        if path.suffix == ".safetensors":
+            tx, ty = load_file(str(x)), load_file(str(y))
+            assert tx.keys() == ty.keys() and all(torch.equal(tx[k], ty[k]) for k in tx), path
+            with safe_open(str(x), "pt") as fx, safe_open(str(y), "pt") as fy:
+                assert fx.metadata() == fy.metadata(), path
+        elif path.suffix == ".json":
+            jx, jy = json.loads(x.read_text()), json.loads(y.read_text())
+            for record in (jx, jy):
+                record.pop("seconds_by_phase", None)
+                record.pop("sha256", None)
+            assert jx == jy, path
+        elif path.name == "README.md":
+            assert x.read_text().replace(str(a.parent), "RUN") == y.read_text().replace(str(b.parent), "RUN"), path
+        else:
+            assert x.read_bytes() == y.read_bytes(), path

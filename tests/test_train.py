@@ -14,7 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, SCRIPT, launch, refusal, run, tiny_unet_config, unet_weights
+from conftest import (
+    FAST,
+    ROOT,
+    SCRIPT,
+    assert_same_task_folder,
+    launch,
+    quiet_pipeline,
+    refusal,
+    row_generators,
+    run,
+    tiny_unet_config,
+    unet_weights,
+)
 
 
 def test_layout_fisher_pipeline_and_results(two_task_run):
@@ -839,3 +851,80 @@ def test_parameter_isolation_resumes_bit_for_bit_under_two_processes(tmp_path, m
         method == "lora"
         and index(whole) == index(cut) == {"0": "denoiser", "1": "denoiser", "2": "task_02", "3": "task_02"}
     )
+
+
+# ------------------------------------------------------------------------------------------ continued runs
+
+EXTEND_FLAGS = [*FAST, "--num_epochs_per_task", "1", "--fid_num_samples", "16"]
+
+
+def with_tasks(flags: list[str], tasks: str) -> list[str]:
+    flags = list(flags)
+    flags[flags.index("--tasks") + 1] = tasks
+    return flags
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["gd", "er", "rank1+gd", "lora --no-use_ema", "ensemble"],
+    ids=["gd", "er", "rank1+gd", "lora", "ensemble"],
+)
+def test_a_finished_run_extended_by_a_task_equals_the_run_planned_with_it(tmp_path, method):
+    """The promise of open-ended learning: a 2-task run re-run into its folder with a third task appended ends with
+    the task_03 folder (weights, method files, card, pipeline) and the FID matrix of the run planned with 3 tasks,
+    and its manifest records the longer task list as a change."""
+    flags = [*EXTEND_FLAGS, "--method", *method.split()]
+    run([*with_tasks(flags, "0,1;2,3;4,5"), "--output_dir", str(tmp_path / "planned")])
+    run([*flags, "--output_dir", str(tmp_path / "extended")])
+    assert not (tmp_path / "extended" / "task_03").exists()
+    run([*with_tasks(flags, "0,1;2,3;4,5"), "--output_dir", str(tmp_path / "extended")])
+    assert_same_task_folder(tmp_path / "planned" / "task_03", tmp_path / "extended" / "task_03")
+    planned, extended = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("planned", "extended"))
+    assert planned["fid"] == extended["fid"] and set(planned["fid"]) == {"1", "2", "3"}
+    manifest = json.loads((tmp_path / "extended" / "run_manifest.json").read_text())
+    assert manifest["tasks"] == [[0, 1], [2, 3], [4, 5]] and [c["setting"] for c in manifest["changes"]] == ["tasks"]
+
+
+@pytest.mark.parametrize("method", ["rank1+gd+er", "lora", "ensemble"])
+def test_a_run_extended_on_two_processes_equals_the_run_planned_with_it(tmp_path, method):
+    """The same promise on 2 gloo processes (the Fisher, the replay pool, the exemplars and the routes sharded and
+    gathered): task_03 of an extended 2-task run is the planned 3-task run's, bit for bit."""
+    flags = [*EXTEND_FLAGS, "--method", method, "--train_batch_size", "8", "--no-use_ema"]
+    launch([*with_tasks(flags, "0,1;2,3;4,5"), "--output_dir", str(tmp_path / "planned")], num_processes=2)
+    launch([*flags, "--output_dir", str(tmp_path / "extended")], num_processes=2)
+    launch([*with_tasks(flags, "0,1;2,3;4,5"), "--output_dir", str(tmp_path / "extended")], num_processes=2)
+    assert_same_task_folder(tmp_path / "planned" / "task_03", tmp_path / "extended" / "task_03")
+    planned, extended = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("planned", "extended"))
+    assert planned["fid"] == extended["fid"]
+
+
+def test_a_task_folder_learns_new_tasks_given_alone_by_name(tmp_path):
+    """--resume_from_task FOLDER --tasks with only the new tasks, by name: the new run's tasks are the folder's
+    learned ones followed by the new ones, its task_03 has the weights of the run planned with them, and its pipeline
+    samples by name; a --tasks list that repeats a learned class after other tasks is refused, showing both lists."""
+    from safetensors.torch import load_file
+
+    flags = [*EXTEND_FLAGS, "--method", "er", "--class_names", "zero,one,two,three,four,five,six,seven,eight,nine"]
+    run([*with_tasks(flags, "0,1;2,3;4,5"), "--output_dir", str(tmp_path / "planned")])
+    source = str(tmp_path / "planned" / "task_02")
+    run([*with_tasks(flags, "four,five"), "--output_dir", str(tmp_path / "next"), "--resume_from_task", source])
+    results = json.loads((tmp_path / "next" / "results.json").read_text())
+    assert results["tasks"] == [[0, 1], [2, 3], [4, 5]] and set(results["fid"]) == {"3"}
+    assert results["class_names"]["4"] == "four"
+    for name in ("unet/diffusion_pytorch_model.safetensors", "er_buffer.json"):
+        a, b = tmp_path / "planned" / "task_03" / name, tmp_path / "next" / "task_03" / name
+        if name.endswith(".json"):
+            assert json.loads(a.read_text()) == json.loads(b.read_text())
+        else:
+            x, y = load_file(str(a)), load_file(str(b))
+            assert all(torch.equal(x[k], y[k]) for k in x)
+    index = json.loads((tmp_path / "next" / "task_03" / "model_index.json").read_text())
+    assert index["id2label"]["5"] == "five" and index["learned_classes"] == [0, 1, 2, 3, 4, 5]
+    pipe = quiet_pipeline(tmp_path / "next" / "task_03")
+    named = pipe(["five", "one"], 2, generator=row_generators([0, 1]), output_type="pt").images
+    assert torch.equal(named, pipe([5, 1], 2, generator=row_generators([0, 1]), output_type="pt").images)
+    message = refusal(
+        [*with_tasks(flags, "4,5;two"), "--output_dir", str(tmp_path / "x"), "--resume_from_task", source]
+    )
+    assert "trained on the tasks [[0, 1], [2, 3]], and --tasks gives [[4, 5], [2]]" in message
+    assert not (tmp_path / "x").exists()
