@@ -470,7 +470,9 @@ def main(argv=None) -> None:
         state = open_run(args, accelerator, data, denoiser, learner, ema, tasks, train)
         run = Run(args, accelerator, data, learner, sampler, ema, state, timer=timer, train=train)
         with timer("FID classifier and reference statistics"):
-            run.evaluator = make_task_evaluator(args, accelerator, data) if state.start_task <= len(tasks) else None
+            run.evaluator = (
+                make_task_evaluator(args, accelerator, data, state) if state.start_task <= len(tasks) else None
+            )
     if state.manifest is not None and accelerator.is_main_process:  # written once every check has passed
         write_json(output_dir / MANIFEST, state.manifest)
     if state.start_task > len(tasks):

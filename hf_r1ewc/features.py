@@ -321,6 +321,19 @@ def load_feature_extractor(
     raise ValueError(f"unknown FID backend {backend!r}; choose from {BACKENDS}")
 
 
+def extractor_identity(extractor: FeatureExtractor) -> str:
+    """``backend:sha256`` of the extractor's weights (names, dtypes, shapes and bytes): the same identity gives the
+    same features, so real statistics carried from another run compare only under it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(extractor.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return f"{extractor.name}:{digest.hexdigest()}"
+
+
 def reference_cache_path(
     cache_dir: str | os.PathLike, extractor: FeatureExtractor, classes: Sequence[int], images: torch.Tensor
 ) -> Path:

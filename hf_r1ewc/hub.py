@@ -135,7 +135,7 @@ class TaskArtifacts:
     """What a task folder holds: the pipeline (saved with ``save_pretrained``), ``metrics.json``, the sample grid
     ``samples`` (``[N, C, H, W]`` in [-1, 1], 8 per row), the model card (``write_model_card``'s keyword arguments),
     ``training_state.json``, and the continual methods' files (``ContinualLearner.task_files``: name -> safetensors
-    payload or JSON dict)."""
+    payload, JSON dict, or the path of a file to link: one that an earlier task folder holds already)."""
 
     pipeline: object
     metrics: dict
@@ -161,6 +161,8 @@ def write_task_artifacts(folder: str | os.PathLike, artifacts: TaskArtifacts) ->
                 save_file(
                     {k: v.cpu().contiguous() for k, v in payload.tensors.items()}, str(tmp / name), payload.metadata
                 )
+            elif isinstance(payload, Path):  # a file an earlier task folder holds already: the same bytes
+                link_or_copy(payload, tmp / name)
             else:
                 write_json(tmp / name, payload)
         write_json(tmp / "metrics.json", artifacts.metrics)
@@ -170,6 +172,15 @@ def write_task_artifacts(folder: str | os.PathLike, artifacts: TaskArtifacts) ->
 
     write_folder_atomically(folder, fill)
     return Path(folder)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (task folders are replaced whole, never edited: they may share a
+    file's bytes), or a copy where the file system cannot link."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def write_model_card(

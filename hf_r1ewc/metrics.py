@@ -20,6 +20,7 @@ and, from the sample-accuracy matrix ACC_i(m_k) (classifier features; Lopez-Paz 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -33,12 +34,15 @@ from accelerate.utils import gather_object
 from .features import (
     FeatureExtractor,
     FeatureStatistics,
+    extractor_identity,
     fid_from_statistics,
     load_feature_extractor,
     real_statistics,
     reference_cache_path,
     train_classifier,
 )
+from .integrity import sha256_tensors
+from .methods.base import SafetensorsFile
 from .pipeline import default_autocast_dtype, precision_name, sample
 from .progress import progress_bar
 
@@ -61,6 +65,80 @@ def labels_in_test_proportions(test_labels: torch.Tensor, num_samples: int) -> t
     return classes.repeat_interleave(base)
 
 
+REFERENCE_FOLDER = "fid_reference"  # a task folder's carried real statistics: fid_reference/task_XX.safetensors
+
+
+@dataclass
+class CarriedReference:
+    """What FID_i needs of task i's test split, carried in every later task folder so that the task is scored
+    without its data: the real feature statistics, the test labels ``[N]`` (generated labels follow their
+    proportions), the task's classes, the extractor's identity (``features.extractor_identity``) and the SHA-256 of
+    the test images and labels they came from. Size: D floats of mean + D x D of covariance (float64) + N labels."""
+
+    stats: FeatureStatistics
+    test_labels: torch.Tensor
+    classes: list[int]
+    extractor: str
+    test_sha256: str
+
+    def payload(self) -> SafetensorsFile:
+        meta = {"extractor": self.extractor, "test_sha256": self.test_sha256, "classes": json.dumps(self.classes)}
+        tensors = {"mu": self.stats.mu, "sigma": self.stats.sigma, "test_labels": self.test_labels}
+        return SafetensorsFile(tensors, {**meta, "backend": self.stats.backend})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CarriedReference:
+        """Read what ``payload`` wrote, checked: a [D] mean and [D, D] symmetric covariance, finite; labels of the
+        task's classes (``ValueError`` naming the file and the problem)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            classes = [int(c) for c in json.loads(meta["classes"])]
+            mu, sigma, labels = tensors["mu"], tensors["sigma"], tensors["test_labels"]
+            extractor, sha, backend = meta["extractor"], meta["test_sha256"], meta["backend"]
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path} is not a task's carried FID statistics ({type(err).__name__}: {err})") from None
+        problem = carried_problem(mu, sigma, labels, classes)
+        if problem:
+            raise ValueError(f"{path} holds {problem}: it was altered; copy the task folder again")
+        stats = FeatureStatistics(mu.double(), sigma.double(), int(labels.numel()), backend)
+        return cls(stats, labels.long(), classes, extractor, sha)
+
+
+def carried_problem(mu: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> str | None:
+    """What is wrong with carried statistics (a [D] mean, a [D, D] symmetric covariance, both finite, at least two
+    labels, all of ``classes``), or None."""
+    dim = mu.shape[0] if mu.dim() == 1 else 0
+    if not dim or tuple(sigma.shape) != (dim, dim):
+        return "a mean that is not [D] or a covariance that is not [D, D]"
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        return "non-finite statistics"
+    if not torch.allclose(sigma, sigma.T):
+        return "an asymmetric covariance"
+    if labels.dim() != 1 or labels.numel() < 2 or not torch.isin(labels, torch.tensor(classes)).all():
+        return "test labels outside its classes"
+    return None
+
+
+def read_carried_references(folder: str | os.PathLike, tasks: Sequence[Sequence[int]]) -> dict[int, CarriedReference]:
+    """The carried statistics of task folder ``folder`` (``REFERENCE_FOLDER``), by task, for the tasks it learned
+    (``tasks``: their classes, in order); tasks without a file (folders written before they were carried) are
+    left out. A file whose classes are not its task's is refused (``ValueError``)."""
+    carried = {}
+    for i, classes in enumerate(tasks, start=1):
+        path = Path(folder) / REFERENCE_FOLDER / f"task_{i:02d}.safetensors"
+        if path.exists():
+            reference = CarriedReference.load(path)
+            if sorted(reference.classes) != sorted(classes):
+                raise ValueError(
+                    f"{path} holds the statistics of classes {reference.classes}, not task {i}'s {classes}"
+                )
+            carried[i] = reference
+    return carried
+
+
 @dataclass
 class TaskScore:
     """FID_i(m) with its sample count and, for classifier features, the sample accuracy ACC_i(m): the share of
@@ -81,7 +159,9 @@ class TaskFID:
     ``test_labels`` ``[N]``), cached in ``cache_dir``. Generated labels follow the test set's class proportions
     (``num_samples`` of them; None = as many as test images); they are sampled through ``hf_r1ewc.pipeline.sample``
     in chunks of ``FID_CHUNK`` whose noise depends on (seed, i, chunk) only, so every model m_k sees the same noise
-    for task i, and processes can share the chunks (``rank``/``world_size``, features merged by ``gather``)."""
+    for task i, and processes can share the chunks (``rank``/``world_size``, features merged by ``gather``). A task
+    whose classes have no test images here (a run continued on other data) is scored from its ``carried``
+    statistics, which must come from this extractor (``reference`` gives them, to carry on)."""
 
     def __init__(
         self,
@@ -95,11 +175,35 @@ class TaskFID:
         seed: int = 0,
         autocast_dtype: torch.dtype | None = None,
         cache_dir: str | os.PathLike | None = None,
+        carried: Mapping[int, CarriedReference] | None = None,
     ) -> None:
         self.extractor, self.test_images, self.test_labels = extractor, test_images, test_labels
         self.tasks = [list(t) for t in tasks]
         self.num_samples, self.num_inference_steps, self.seed = num_samples, num_inference_steps, seed
         self.autocast_dtype, self.cache_dir = autocast_dtype, cache_dir
+        self._identity: str | None = None
+        lacking = [i for i in range(1, len(self.tasks) + 1) if not bool(self._mask(i).any())]
+        self.carried = {i: r for i, r in (carried or {}).items() if i in lacking}  # the others: from their images
+        for i in lacking:
+            if i not in self.carried:
+                raise ValueError(
+                    f"task {i} (classes {self.tasks[i - 1]}) has no test images in this data and no carried FID "
+                    f"statistics: continue from a task folder that carries them ({REFERENCE_FOLDER}/), or with the "
+                    f"data that task was learned on, or pass --fid_backend none"
+                )
+        if self.carried and (others := {r.extractor for r in self.carried.values()} - {self.identity}):
+            raise ValueError(
+                f"the carried FID statistics were computed with the feature extractor {sorted(others)[0]}, and this "
+                f"run's is {self.identity}: FIDs under two extractors do not compare. Use the run's own extractor "
+                f"(--fid_classifier RUN/fid_classifier, or the same --fid_backend and weights), or --fid_backend none"
+            )
+
+    @property
+    def identity(self) -> str:
+        """``features.extractor_identity`` of the extractor (computed once)."""
+        if self._identity is None:
+            self._identity = extractor_identity(self.extractor)
+        return self._identity
 
     @property
     def precision(self) -> str:
@@ -110,7 +214,9 @@ class TaskFID:
         return torch.isin(self.test_labels, torch.tensor(self.tasks[task - 1]))
 
     def real(self, task: int) -> FeatureStatistics:
-        """Feature statistics of task ``task``'s test images (cached)."""
+        """Feature statistics of task ``task``'s test images (cached), or the carried ones without its images."""
+        if not bool(self._mask(task).any()):
+            return self.carried[task].stats
         images = self.test_images[self._mask(task)]
         cache = (
             None
@@ -121,8 +227,17 @@ class TaskFID:
 
     def labels(self, task: int) -> torch.Tensor:
         """``[N]`` the labels generated for task ``task``, in its test set's class proportions."""
-        test = self.test_labels[self._mask(task)]
+        mask = self._mask(task)
+        test = self.test_labels[mask] if bool(mask.any()) else self.carried[task].test_labels
         return labels_in_test_proportions(test, self.num_samples or int(test.shape[0]))
+
+    def reference(self, task: int) -> CarriedReference:
+        """What task ``task``'s FID needs of its test split, to carry in the task folders after it."""
+        mask = self._mask(task)
+        if not bool(mask.any()):
+            return self.carried[task]
+        sha = sha256_tensors(self.test_images[mask], self.test_labels[mask])
+        return CarriedReference(self.real(task), self.test_labels[mask], self.tasks[task - 1], self.identity, sha)
 
     def __call__(
         self,
@@ -339,10 +454,11 @@ def make_evaluator(
     seed: int,
     fid_weights: str | None = None,
     dinov2_model: str = "facebook/dinov2-base",
+    carried: Mapping[int, CarriedReference] | None = None,
 ) -> TaskFID | None:
     """The FID scorer of every task (None for ``backend="none"``): with the classifier backend the main process first
     trains the feature classifier into ``classifier_dir`` unless it holds one; real statistics are cached in
-    ``reference_dir``."""
+    ``reference_dir``; ``carried``: the statistics of tasks whose test images the data lacks (``TaskFID``)."""
     if backend == "none":
         return None
     if backend == "classifier" and not (Path(classifier_dir) / "model.safetensors").exists():
@@ -373,6 +489,7 @@ def make_evaluator(
         seed=seed,
         autocast_dtype=default_autocast_dtype(accelerator.device),
         cache_dir=reference_dir,
+        carried=carried,
     )
 
 

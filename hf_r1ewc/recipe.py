@@ -26,7 +26,7 @@ from .hub import TaskArtifacts, read_learned_tasks, task_folder_name, write_json
 from .integrity import sha256_tensors
 from .methods import ContinualMethod, TaskEnd, TaskStart, TrainingSplit
 from .methods.exemplars import IMAGE_FILES
-from .metrics import TaskFID, accuracy_summary, make_evaluator, summarize
+from .metrics import REFERENCE_FOLDER, TaskFID, accuracy_summary, make_evaluator, read_carried_references, summarize
 from .models import build_model
 from .pipeline import ClassConditionalPipeline, sample
 from .plots import evenly_chosen
@@ -146,20 +146,45 @@ def make_lr_scheduler(args: argparse.Namespace, accelerator, optimizer, batches_
     return accelerator.prepare(schedule)
 
 
-def make_task_evaluator(args: argparse.Namespace, accelerator, data: TaskData) -> TaskFID | None:
+def make_task_evaluator(args: argparse.Namespace, accelerator, data: TaskData, run: RunState) -> TaskFID | None:
+    """The FID scorer of the run; the tasks learned before it continued are scored from the statistics that the
+    task folder it continues from carries, where the data lacks their test images."""
     output_dir = Path(args.output_dir)
-    return make_evaluator(
-        args.fid_backend,
-        accelerator,
-        data,
-        classifier_dir=args.fid_classifier or output_dir / "fid_classifier",
-        reference_dir=args.fid_reference_dir or output_dir / "fid_reference",
-        num_samples=args.fid_num_samples,
-        num_inference_steps=args.num_inference_steps,
-        seed=args.seed,
-        fid_weights=args.fid_weights,
-        dinov2_model=args.dinov2_model,
-    )
+    carried = {}
+    if run.continued_from is not None and args.fid_backend != "none":
+        try:
+            carried = read_carried_references(run.continued_from, run.tasks[: run.start_task - 1])
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+    try:
+        return make_evaluator(
+            args.fid_backend,
+            accelerator,
+            data,
+            classifier_dir=args.fid_classifier or output_dir / "fid_classifier",
+            reference_dir=args.fid_reference_dir or output_dir / "fid_reference",
+            num_samples=args.fid_num_samples,
+            num_inference_steps=args.num_inference_steps,
+            seed=args.seed,
+            fid_weights=args.fid_weights,
+            dinov2_model=args.dinov2_model,
+            carried=carried,
+        )
+    except ValueError as err:  # tasks without test images or carried statistics, or another extractor
+        raise SystemExit(f"error: {err}") from None
+
+
+def carried_reference_files(evaluator: TaskFID, task_index: int, earlier: Path | None) -> dict[str, object]:
+    """``fid_reference/task_XX.safetensors`` of every task so far (``metrics.CarriedReference``), linked from the
+    ``earlier`` task folder where it holds the file already (the same bytes in every folder), else written."""
+    files = {}
+    for i in range(1, task_index + 1):
+        name = f"{REFERENCE_FOLDER}/{task_folder_name(i)}.safetensors"
+        there = earlier / name if earlier is not None else None
+        files[name] = (
+            there if i < task_index and there is not None and there.exists() else evaluator.reference(i).payload()
+        )
+    return files
 
 
 # -------------------------------------------------------------------------------------------- a task's ends
@@ -339,6 +364,9 @@ def write_task_folder(
     )
     card["hyperparameters"]["mixed_precision"] = accelerator.mixed_precision
     files = learner.task_files(task_index, classes)
+    if evaluator is not None and not args.joint:  # a later run scores these tasks without their data
+        earlier = output_dir / task_folder_name(task_index - 1)
+        files |= carried_reference_files(evaluator, task_index, earlier if earlier.exists() else run.continued_from)
     card["exemplar_files"] = {name: args.push_exemplars for name in files if name in IMAGE_FILES}
     card["routes"] = learner.routes(task_index)
     artifacts = TaskArtifacts(outcome.pipeline, metrics, grid, card, state, files)

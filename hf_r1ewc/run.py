@@ -102,6 +102,7 @@ class RunState:
     manifest: dict | None = None  # the run_manifest.json to write once every check has passed (None: unchanged)
     checkpoint_expected: Expected | None = None  # what the resumed checkpoint's method state must fit
     tasks: list = field(default_factory=list)  # the classes of each training task, in order
+    continued_from: Path | None = None  # the task folder the run continues after (its own or --resume_from_task's)
 
     def record(self, scores: dict, task_index: int) -> None:
         """Row k = ``task_index`` of the FID and accuracy matrices from ``scores`` (task i -> ``TaskScore``), and
@@ -532,6 +533,7 @@ def resume_run(
         if state.resume_position is None:
             state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
         restore_task_folder(previous, denoiser, learner, ema, saved, resolution, train)
+        state.continued_from = previous
     if state.resume_dir is not None and methods_state_required(learner):
         state.checkpoint_expected = Expected.of(denoiser, training_tasks, state.start_task - 1, train, True)
         try:  # before any work; the load hook takes the same file again when the task starts

@@ -242,6 +242,48 @@ def test_task_fid_shared_by_processes_equals_one_process():
     assert whole.accuracy == pytest.approx(float((predicted == labels).float().mean()))
 
 
+def test_a_task_without_its_test_images_is_scored_from_its_carried_statistics(tmp_path):
+    """Task 1's statistics and test labels written by one TaskFID and read back (a later task folder's
+    fid_reference/) score it in a TaskFID whose data holds only task 2: the same FID and accuracy. Without them,
+    with another extractor's, or with a value altered, it is refused by name."""
+    from conftest import make_tiny_unet
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file, save_file
+
+    from hf_r1ewc.features import ClassifierFeatures
+    from hf_r1ewc.metrics import CarriedReference, TaskFID
+    from hf_r1ewc.pipeline import sampling_scheduler
+
+    torch.manual_seed(0)
+    extractor = ClassifierFeatures(1, 4, 8, feature_dim=8).eval()
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.rand(60, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1, 1, 2] * 15)
+    kwargs = dict(num_samples=24, num_inference_steps=2, seed=3)
+    whole = TaskFID(extractor, images, labels, [[0, 1], [2]], **kwargs)
+    path = tmp_path / "task_01.safetensors"
+    save_file(whole.reference(1).payload().tensors, str(path), whole.reference(1).payload().metadata)
+    carried = CarriedReference.load(path)
+    assert carried.test_sha256 == whole.reference(1).test_sha256 and carried.classes == [0, 1]
+    later = labels == 2  # the data of a run continued elsewhere: task 1's images are gone
+    alone = TaskFID(extractor, images[later], labels[later], [[0, 1], [2]], carried={1: carried}, **kwargs)
+    model, sampler = make_tiny_unet().eval(), sampling_scheduler("ddim", DDPMScheduler().config)
+    assert torch.equal(alone.labels(1), whole.labels(1))
+    a, b = whole(model, sampler, 1), alone(model, sampler, 1)
+    assert a.fid == b.fid and a.accuracy == b.accuracy and a.accuracy_per_class == b.accuracy_per_class
+    with pytest.raises(
+        ValueError, match=r"task 1 \(classes \[0, 1\]\) has no test images in this data and no carried"
+    ):
+        TaskFID(extractor, images[later], labels[later], [[0, 1], [2]], **kwargs)
+    other = ClassifierFeatures(1, 4, 8, feature_dim=8).eval()
+    with pytest.raises(ValueError, match="computed with the feature extractor classifier:.* and this run's is"):
+        TaskFID(other, images[later], labels[later], [[0, 1], [2]], carried={1: carried}, **kwargs)
+    tensors = load_file(str(path))
+    tensors["sigma"][0, 0] = float("nan")
+    save_file(tensors, str(path), whole.reference(1).payload().metadata)
+    with pytest.raises(ValueError, match="holds non-finite statistics: it was altered"):
+        CarriedReference.load(path)
+
+
 def test_run_summary_table_by_hand():
     from hf_r1ewc.metrics import run_summary_table
 
