@@ -30,6 +30,7 @@ from diffusers import ModelMixin, SchedulerMixin
 from diffusers.training_utils import EMAModel
 
 from hf_r1ewc.config import (
+    DATA_SETTINGS,
     MAY_CHANGE,
     RECOVERY_SETTINGS,
     RESUME_MUST_MATCH,
@@ -141,6 +142,7 @@ def open_run(
         added_settings=recorded_defaults,
         adopt=args.adopt_manifest,
         task_list_settings=TASK_LIST_SETTINGS,
+        data_settings=DATA_SETTINGS,
     )
     run.tasks = tasks
     return run

@@ -866,9 +866,6 @@ def validate_args(args: argparse.Namespace) -> None:
 # compared with the run_config of the task folder a run continues from (a key the folder lacks is not compared)
 # what a run continued from another run's task folder or checkpoint must share with it (the tasks are compared too)
 RESUME_MUST_MATCH = (  # (the resolution: a task folder's model must have this run's size, checked as it loads)
-    "dataset_name",
-    "resize",
-    "max_train_per_class",
     "preset",
     "model_config_name_or_path",
     "ewc_type",
@@ -899,6 +896,19 @@ MAY_CHANGE = (
     "validation_epochs",
     "gradient_checkpointing",
     "dataloader_num_workers",
+)
+
+
+# the flags that say which data the tasks come from: tasks appended to a run may come from other data
+DATA_SETTINGS = (
+    "dataset_name",
+    "train_data_dir",
+    "image_column",
+    "label_column",
+    "eval_split",
+    "max_train_per_class",
+    "resize",
+    "class_names",
 )
 
 
@@ -942,7 +952,12 @@ def run_manifest(args: argparse.Namespace, accelerator, data: TaskData) -> dict:
     }
     if data.train is not None:
         dataset |= {"num_train": len(data.train), "train_sha256": sha256_tensors(data.train.images, data.train.labels)}
-    return {"settings": settings, "dataset": dataset, "tasks": data.tasks}
+    return {
+        "settings": settings,
+        "dataset": dataset,
+        "tasks": data.tasks,
+        "task_sources": [data.source] * len(data.tasks),
+    }
 
 
 def resolve_mixed_precision(flag: str | None) -> str:

@@ -455,19 +455,33 @@ def resolve_class_names(source_names: Sequence[str] | None, num_classes: int, fl
     return names
 
 
-def continued_tasks(learned: list[list[int]], planned: list[list[int]]) -> list[list[int]]:
+def continued_tasks(
+    learned: list[list[int]], planned: list[list[int]], class_names: Sequence[str] | None = None
+) -> list[list[int]]:
     """The task list of a run that continues a model trained on the tasks ``learned``: ``planned`` itself when it
-    starts with them, or ``learned`` followed by ``planned`` when ``planned`` holds none of their classes (the new
-    tasks alone). Anything else is refused (``DataError``, showing both)."""
-    if planned[: len(learned)] == learned:
-        return planned
-    old = {c for t in learned for c in t}
-    if not old & {c for t in planned for c in t}:
-        return learned + planned
-    raise DataError(
-        f"the model was trained on the tasks {learned}, and --tasks gives {planned}: list them first and append the "
-        f"new tasks, or give the new tasks alone (classes not learned yet)"
-    )
+    starts with them, or ``learned`` followed by ``planned`` (the new tasks alone). A new task may not hold a learned
+    class: class-incremental learning never returns to a class (``DataError``, showing both lists)."""
+    new = planned[len(learned) :] if planned[: len(learned)] == learned else planned
+    again = sorted({c for t in new for c in t} & {c for t in learned for c in t})
+    if again:
+        named = [class_names[c] if class_names and c < len(class_names) else c for c in again]
+        raise DataError(
+            f"the model was trained on the tasks {learned}, and --tasks gives {planned}: classes {named} were learned "
+            f"already, and a class-incremental run never returns to a class (that is another protocol). List the "
+            f"learned tasks first and append new ones, or give the new tasks alone"
+        )
+    return planned if new is not planned else learned + planned
+
+
+def label_space(model_names: Sequence[str], data_names: Sequence[str]) -> tuple[list[str], list[int]]:
+    """(the names of the continued model's label space, the id there of each of the data's class ids): a class keeps
+    the id of the model's class of its name; a new name takes the next free id, in the data's id order."""
+    names, ids = list(model_names), []
+    for name in data_names:
+        if name not in names:
+            names.append(name)
+        ids.append(names.index(name))
+    return names, ids
 
 
 # ------------------------------------------------------------------------------------------------ streaming
@@ -681,11 +695,15 @@ def load_task_data(
     need_test_classes: bool = True,
     class_names: str | None = None,
     learned_tasks: list[list[int]] | None = None,
+    model_names: Sequence[str] | None = None,
 ) -> TaskData:
     """Read and check the data of ``source`` and its class-incremental tasks (``tasks`` as '0,1;2,3' or by name,
     else groups of ``classes_per_task`` in label order; after ``learned_tasks``, the tasks a continued model has
-    learned, as ``continued_tasks`` reads them); ``class_names``: --class_names; ``need_test_classes``: every class
-    must have test images (FID). Every data error raises ``SystemExit`` here, before any model is built."""
+    learned, as ``continued_tasks`` reads them); ``model_names``: that model's class names by id, onto which the
+    data's classes are mapped by name (``label_space``: new names take new ids; its labels are relabelled);
+    ``class_names``: --class_names; ``need_test_classes``: every class must have test images (FID), but those a
+    continued model learned (their statistics are carried). Every data error raises ``SystemExit`` here, before any
+    model is built."""
     try:
         resize_to = resolution if resize else None
         test = load_labeled_images(source, eval_split, image_column, label_column, resize_to)
@@ -708,7 +726,29 @@ def load_task_data(
             )
         num_classes = max(known.classes) + 1  # the class embedding covers every label of the dataset
         names = resolve_class_names(test.names or known.names, num_classes, class_names)
-        planned = parse_tasks(tasks, None if tasks else classes_per_task, known.classes, class_names=names)
+        learned = [c for t in learned_tasks or [] for c in t]
+        if model_names is not None:  # a continued model: its label space, grown by the data's new names
+            names, ids = label_space(model_names, names)
+            moved = [n for i, n in enumerate(ids) if i != n]
+            if moved and streaming:
+                raise DataError(
+                    "a streamed dataset cannot yet bring new classes to a continued model (its labels are read as "
+                    "they are stored): save the new data to disk and continue without --streaming"
+                )
+            test, train = (None if s is None else relabelled(s, ids) for s in (test, train))
+            known = test if streaming else train
+            num_classes = len(names)
+            again = sorted(set(ids) & set(learned))
+            if moved and again and not tasks:
+                raise DataError(
+                    f"the new data holds classes {[names[c] for c in again]} that the model learned already: give "
+                    f"--tasks with the new classes to learn (a class-incremental run never returns to a class)"
+                )
+        if learned and not tasks:  # by default the classes not learned yet, in groups
+            available = [c for c in known.classes if c not in learned]
+        else:  # --tasks may list the learned tasks first (they need not be in the new data)
+            available = sorted(set(known.classes) | set(learned))
+        planned = parse_tasks(tasks, None if tasks else classes_per_task, available, class_names=names)
         data = TaskData(
             source,
             test,
@@ -718,17 +758,23 @@ def load_task_data(
             resolution,
             known.num_channels,
             num_classes,
-            continued_tasks(learned_tasks, planned) if learned_tasks else planned,
+            continued_tasks(learned_tasks, planned, names) if learned_tasks else planned,
             names,
         )
     except ValueError as err:  # DataError: stop before any training
         raise SystemExit(f"error: {err}") from None
-    missing = [c for t in data.tasks for c in t if c not in test.classes]
+    missing = [c for t in data.tasks for c in t if c not in test.classes and c not in learned]  # learned: carried
     if missing and need_test_classes:
         raise SystemExit(
             f"error: the test split has no images of classes {missing}: FID needs them (or pass --fid_backend none)"
         )
     return data
+
+
+def relabelled(split: LabeledImages, ids: Sequence[int]) -> LabeledImages:
+    """``split`` with each label ``c`` replaced by ``ids[c]`` (the data's classes in a continued model's label
+    space)."""
+    return LabeledImages(split.images, torch.as_tensor(ids, dtype=torch.int64)[split.labels], split.names)
 
 
 def memory_bytes() -> int:

@@ -31,7 +31,7 @@ from .features import classifier_accuracy, load_feature_extractor, train_classif
 from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name, write_json
 from .integrity import OutputLock, sha256_tensors
 from .metrics import TaskFID, accuracy_summary, matrix_from_json, summarize
-from .pipeline import ClassConditionalPipeline
+from .pipeline import ClassConditionalPipeline, num_classes_of
 from .plots import plot_afid_curves, plot_task_fid_curves, save_labeled_grid
 from .run import finished_tasks
 
@@ -263,9 +263,12 @@ def sample_grid_across_tasks(
         learned = set(state["seen_classes"])
         pipe = ClassConditionalPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
+        in_table = torch.tensor(classes) < num_classes_of(pipe.own_denoiser)  # later classes may grow the table
         with warnings.catch_warnings():  # sampling the classes to come is the point here: they are marked instead
             warnings.simplefilter("ignore")
-            images = pipe(classes, steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+            drawn = [c if ok else 0 for c, ok in zip(classes, in_table.tolist())]
+            images = pipe(drawn, steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+        images = torch.where(in_table[:, None, None, None], images, torch.full_like(images, 0.5))
         not_yet = torch.tensor([c not in learned for c in classes])
         columns.append(torch.where(not_yet[:, None, None, None], 0.25 * images + 0.6, images))
         names.append(f"task {int(folder.name[5:])}")

@@ -119,6 +119,10 @@ class FeatureExtractor(nn.Module):
         """``[N]`` predicted classes from ``features`` where the backend is a classifier of the dataset, else None."""
         return None
 
+    def can_name(self, labels: torch.Tensor) -> bool:
+        """Whether ``predict_from_features`` can name each of ``labels`` (a classifier: ids below its class count)."""
+        return False
+
 
 class ClassifierFeatures(FeatureExtractor):
     """A small CNN classifier trained on the dataset's own training split; its penultimate layer is the feature.
@@ -164,6 +168,11 @@ class ClassifierFeatures(FeatureExtractor):
     def predict_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """``[N]`` argmax of the classifier head on ``features``."""
         return self.head(features.to(self.head.weight.device)).argmax(1).cpu()
+
+    def can_name(self, labels: torch.Tensor) -> bool:
+        """Whether every label is one of the classes it was trained on (a run continued onto new classes keeps its
+        classifier: it cannot tell their samples' classes)."""
+        return bool((labels < self.config["num_classes"]).all())
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """``model.safetensors`` + ``config.json`` in ``directory``."""

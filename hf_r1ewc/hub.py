@@ -348,16 +348,29 @@ def resolve_task_source(spec: str) -> Path:
     return folder
 
 
-def read_learned_tasks(spec: str) -> list[list[int]]:
-    """The tasks that the model of the task source ``spec`` (``resolve_task_source``) has learned, in order: the
-    first ``task_index`` of its ``training_state.json``'s tasks. Read before any work to plan a continued run; the
-    folder's digests are checked when the run restores it."""
-    folder = resolve_task_source(spec)
+def read_learned(folder: str | os.PathLike) -> tuple[list[list[int]], list[str] | None]:
+    """(the tasks that the model of task folder ``folder`` learned, in order: the first ``task_index`` of its
+    ``training_state.json``'s tasks; its class names by id: ``model_index.json``'s ``id2label``, None where the folder
+    records none). Read before any work to plan a continued run; the folder's digests are checked when the run
+    restores it. Names that do not cover ids 0..N-1 are refused (``ValueError``)."""
+    folder = Path(folder)
     try:
         state = json.loads((folder / "training_state.json").read_text())
-        return [[int(c) for c in task] for task in state["tasks"][: int(state["task_index"])]]
+        tasks = [[int(c) for c in task] for task in state["tasks"][: int(state["task_index"])]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{folder}/training_state.json does not say which tasks it learned ({err})") from None
+    try:
+        id2label = json.loads((folder / "model_index.json").read_text()).get("id2label")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{folder}/model_index.json cannot be read ({err}); copy the folder again") from None
+    if id2label is None:
+        return tasks, None
+    if not isinstance(id2label, dict) or sorted(id2label) != sorted(map(str, range(len(id2label)))):
+        raise ValueError(f"{folder}/model_index.json's id2label does not name ids 0..N-1 once each: it was altered")
+    names = [str(id2label[str(i)]) for i in range(len(id2label))]
+    if outside := sorted({c for t in tasks for c in t if not 0 <= c < len(names)}):
+        raise ValueError(f"{folder} learned classes {outside}, which its id2label ({len(names)} names) does not name")
+    return tasks, names
 
 
 class TaskUploader:

@@ -283,7 +283,7 @@ class TaskFID:
         parts = sorted(gather(mine) if gather is not None else mine, key=lambda part: part[0])
         features = torch.cat([f for _, f in parts])
         fid = fid_from_statistics(self.real(task), FeatureStatistics.from_features(features, self.extractor.name))
-        predicted = self.extractor.predict_from_features(features)
+        predicted = self.extractor.predict_from_features(features) if self.extractor.can_name(labels) else None
         if predicted is None:
             return TaskScore(fid, int(labels.shape[0]), None, None)
         correct = (predicted == labels).float()

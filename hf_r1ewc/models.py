@@ -18,9 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, ModelMixin, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
 
 from .data import parse_tasks
+from .methods import Growth
 from .pipeline import num_classes_of
 
 
@@ -205,3 +208,40 @@ def build_model(
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+def label_tables(model: ModelMixin) -> dict[str, torch.nn.Embedding]:
+    """The class-label embedding tables of ``model`` by parameter name (without ``.weight``): a UNet2DModel's
+    ``class_embedding``, a DiT's ``embedding_table`` in every block (``num_classes`` rows, plus a null row last when
+    the model was built with label dropout). Empty for a model without a learned class table."""
+    if isinstance(model, UNet2DModel):
+        table = model.class_embedding
+        return {"class_embedding": table} if isinstance(table, torch.nn.Embedding) else {}
+    return {n: m.embedding_table for n, m in model.named_modules() if isinstance(m, LabelEmbedding)}
+
+
+def grow_class_embedding(model: ModelMixin, num_classes: int, learned: list[int]) -> tuple[Growth, ...]:
+    """Give ``model`` (in place) a label space of ``num_classes`` ids: every label table gains rows for the new ids,
+    inserted before a DiT's null row, so that every old id keeps its row bit for bit; the config follows
+    (``num_class_embeds`` / ``num_embeds_ada_norm``). The new rows start as the mean of the ``learned`` classes'
+    rows (an average learned class; no random draw). Returns what grew, for the methods' state (``Expected``)."""
+    old = num_classes_of(model)
+    tables = label_tables(model)
+    if old is None or not tables:
+        raise ValueError(f"{type(model).__name__} has no class-label table to grow (num_class_embeds: {old})")
+    if num_classes <= old:
+        return ()
+    grown = []
+    for name, table in tables.items():
+        rows = table.weight.data
+        start = rows[learned].mean(0, keepdim=True) if learned else rows.new_zeros((1, rows.shape[1]))
+        new = torch.cat([rows[:old], start.expand(num_classes - old, -1), rows[old:]])  # rows[old:]: the null row
+        table.weight = torch.nn.Parameter(new, requires_grad=table.weight.requires_grad)
+        table.num_embeddings = new.shape[0]
+        grown.append(Growth(f"{name}.weight", rows.shape[0], new.shape[0], old))
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.num_classes = num_classes
+    key = "num_class_embeds" if isinstance(model, UNet2DModel) else "num_embeds_ada_norm"
+    model.register_to_config(**{key: num_classes})
+    return tuple(grown)

@@ -22,7 +22,14 @@ from .config import METHODS, run_config
 from .continual import ContinualLearner, bare_model, make_optimizer
 from .data import TaskData, check_pool_budget, load_task_data, task_loader
 from .distill import frozen_teacher
-from .hub import TaskArtifacts, read_learned_tasks, task_folder_name, write_json, write_task_artifacts
+from .hub import (
+    TaskArtifacts,
+    read_learned,
+    resolve_task_source,
+    task_folder_name,
+    write_json,
+    write_task_artifacts,
+)
 from .integrity import sha256_tensors
 from .methods import ContinualMethod, TaskEnd, TaskStart, TrainingSplit
 from .methods.exemplars import IMAGE_FILES
@@ -30,7 +37,7 @@ from .metrics import REFERENCE_FOLDER, TaskFID, accuracy_summary, make_evaluator
 from .models import build_model
 from .pipeline import ClassConditionalPipeline, sample
 from .plots import evenly_chosen
-from .run import RunState, resume_advice
+from .run import RunState, finished_tasks, resume_advice
 from .sharding import full_model_copy
 
 
@@ -62,10 +69,14 @@ def training_tasks(args: argparse.Namespace, data: TaskData) -> list[list[int]]:
 
 
 def load_data(args: argparse.Namespace) -> TaskData:
-    """The data and tasks of the flags (after the tasks that --resume_from_task's model learned, as
-    ``data.continued_tasks`` reads --tasks), with the replay pool's disk and memory budget checked before any work."""
+    """The data and tasks of the flags, with the replay pool's disk and memory budget checked before any work. A run
+    that continues a model (--resume_from_task, or OUTPUT_DIR's newest task folder) maps the data's classes onto the
+    model's by name and plans its tasks after the learned ones (``data.label_space``, ``data.continued_tasks``)."""
+    done = finished_tasks(Path(args.output_dir))
     try:
-        learned = read_learned_tasks(args.resume_from_task) if args.resume_from_task else None
+        source = resolve_task_source(args.resume_from_task) if args.resume_from_task else None
+        source = source or (Path(args.output_dir) / task_folder_name(done) if done else None)
+        learned, names = read_learned(source) if source is not None else (None, None)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     data = load_task_data(
@@ -82,6 +93,7 @@ def load_data(args: argparse.Namespace) -> TaskData:
         need_test_classes=args.fid_backend != "none",
         class_names=args.class_names,
         learned_tasks=learned,
+        model_names=names,
     )
     if "gd" in args.method.split("+") and args.replay_mode == "pool":
         check_pool_budget(data, args.replay_per_class, args.output_dir)

@@ -28,9 +28,10 @@ from safetensors import SafetensorError
 from . import __version__
 from .hub import is_complete_task_folder, read_training_state, resolve_task_source, task_folder_name
 from .integrity import OutputLock, checkpoint_problem, manifest_differences, write_checkpoint_digests
-from .methods import Expected, TrainingSplit
+from .methods import Expected, Growth, TrainingSplit
 from .metrics import class_distribution_kl, matrix_from_json
-from .models import MODEL_SUBFOLDERS
+from .models import MODEL_SUBFOLDERS, grow_class_embedding
+from .pipeline import num_classes_of
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -158,11 +159,14 @@ def check_manifest(
     added_settings: Callable[[dict], dict] | None = None,
     adopt: bool = False,
     task_list_settings: tuple[str, ...] = (),
+    data_settings: tuple[str, ...] = (),
 ) -> dict | None:
     """Compare ``OUTPUT_DIR/run_manifest.json`` with ``current`` (``{"settings", "dataset", "tasks"}``) and refuse
     any difference except in ``recovery_settings``, whose changes are logged and recorded, and a task list that
     starts with the recorded one (the run continues with the appended tasks: recorded as a change of ``tasks``).
-    The flags of ``task_list_settings`` only spell the task list, which is compared instead of them.
+    The flags of ``task_list_settings`` only spell the task list, which is compared instead of them. The appended
+    tasks may come from other data: then the dataset and the flags of ``data_settings`` change with them, recorded,
+    and ``task_sources`` names each task's data.
 
     Returns the manifest to write (a new run's, or the folder's with the recovery changes appended; None when
     nothing changes), for the caller to write once every other check has passed. Every process reads the file
@@ -201,11 +205,15 @@ def check_manifest(
         f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()
     }
     old_tasks, new_tasks = recorded["tasks"], current["tasks"]
+    recorded_source = recorded["dataset"].get("source")
     extended = len(new_tasks) > len(old_tasks) and new_tasks[: len(old_tasks)] == old_tasks
     if old_tasks != new_tasks and not extended:
         differences["tasks"] = (old_tasks, new_tasks)
     recovery = {k: d for k, d in differences.items() if k[2:] in recovery_settings}
-    refused = {k: d for k, d in differences.items() if k not in recovery}
+    new_data = {
+        k: d for k, d in differences.items() if extended and (k[2:] in data_settings or k.startswith("dataset"))
+    }
+    refused = {k: d for k, d in differences.items() if k not in recovery and k not in new_data}
     if refused:
         lines = "\n".join(f"  {k}: {old!r} in the folder, {new!r} now" for k, (old, new) in refused.items())
         tasks = " (more tasks: --tasks lists the run's tasks first, then the new ones)" if "tasks" in refused else ""
@@ -220,7 +228,15 @@ def check_manifest(
         logger.warning("%s changes from %r to %r from here on (recorded in %s)", key, old, new, MANIFEST)
         recorded["settings"][key[2:]] = new
         recorded["changes"].append({"setting": key[2:], "from": old, "to": new, "at": at})
+    if new_data:
+        logger.info("the appended tasks come from other data: %s", ", ".join(sorted(new_data)))
+        recorded["settings"] |= {k[2:]: new for k, (_, new) in new_data.items() if k.startswith("--")}
+        recorded["dataset"] = current["dataset"]
+        changes = {k.removeprefix("--"): {"from": old, "to": new} for k, (old, new) in new_data.items()}
+        recorded["changes"].append({"setting": "data", "from_task": len(old_tasks) + 1, **changes, "at": at})
     if extended:
+        sources = recorded.get("task_sources") or [recorded_source] * len(old_tasks)
+        recorded["task_sources"] = sources + [current["dataset"]["source"]] * (len(new_tasks) - len(old_tasks))
         logger.info(
             "the run's %d tasks are extended by %s (recorded in %s)",
             len(old_tasks),
@@ -581,6 +597,29 @@ def check_other_runs_checkpoint(checkpoint: Path, must_match: dict) -> None:
 MODEL_KEYS_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
+def grown_label_space(folder: Path, model, num_classes: int | None, learned: list[int]) -> tuple[Growth, ...]:
+    """The label tables of ``model`` (task folder ``folder``'s) grown to ``num_classes`` ids when the run brings new
+    classes (``models.grow_class_embedding``: every old id keeps its row); its ``id2label`` must name exactly its ids.
+    Returns what grew (nothing when the label space is the model's)."""
+    id2label = json.loads((folder / "model_index.json").read_text()).get("id2label")
+    size = num_classes_of(model)
+    if id2label is not None and len(id2label) != size:
+        raise SystemExit(
+            f"error: {folder}/model_index.json names {len(id2label)} classes but its model's label table has {size} "
+            f"ids: the folder was altered; copy it again"
+        )
+    if num_classes is None or size is None or num_classes <= size:
+        return ()
+    try:
+        growth = grow_class_embedding(model, num_classes, learned)
+    except ValueError as err:
+        raise SystemExit(f"error: {folder}: {err}, so it cannot learn new classes") from None
+    logger.info(
+        "the model's label space grows from %d to %d classes (new rows: the mean learned row)", size, num_classes
+    )
+    return growth
+
+
 def restore_task_folder(
     folder: Path, denoiser, learner, ema, saved: dict, resolution: int, train: TrainingSplit | None = None
 ) -> None:
@@ -589,10 +628,13 @@ def restore_task_folder(
     run's (classes, channels, size, blocks)."""
     loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
     if loaded.config.sample_size != resolution:
+        size = loaded.config.sample_size
         raise SystemExit(
-            f"error: {folder} holds a {loaded.config.sample_size}x{loaded.config.sample_size} "
-            f"model but --resolution is {resolution}; match it or use another --output_dir"
+            f"error: {folder} holds a {size}x{size} model but --resolution is {resolution}; match it (with --resize "
+            f"to rescale other data's images to {size}x{size}) or use another --output_dir"
         )
+    learned = sorted({c for t in saved["tasks"][: saved["task_index"]] for c in t})
+    growth = grown_label_space(folder, loaded, num_classes_of(denoiser), learned)
     ours, theirs = dict(denoiser.config), dict(loaded.config)
     differs = {
         k: (theirs.get(k), ours.get(k))
@@ -607,7 +649,9 @@ def restore_task_folder(
         )
     denoiser.load_state_dict(loaded.state_dict())
     try:
-        learner.load_task_folder(folder, Expected.of(denoiser, saved["tasks"], saved["task_index"], train))
+        learner.load_task_folder(
+            folder, Expected.of(denoiser, saved["tasks"], saved["task_index"], train, growth=growth)
+        )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if ema is not None:

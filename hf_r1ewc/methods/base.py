@@ -121,6 +121,28 @@ class TaskEnd:
 
 
 @dataclass(frozen=True)
+class Growth:
+    """A label table that grew as the model learned new classes: parameter ``name``'s first axis went from ``old``
+    to ``new`` rows, the new rows inserted at row ``at`` (before a null row that stays last, as a DiT's)."""
+
+    name: str
+    old: int
+    new: int
+    at: int
+
+    def grow(self, tensor: torch.Tensor, param_dims: int) -> torch.Tensor:
+        """``tensor`` of the parameter's old shape (its last ``param_dims`` axes; leading axes, e.g. a rank-1
+        penalty's one per task, kept) with ``new - old`` rows of zeros inserted at ``at``: no Fisher mass,
+        importance or drift for rows that no task has trained."""
+        axis = tensor.dim() - param_dims
+        if tensor.shape[axis] != self.old:
+            return tensor
+        zeros = tensor.new_zeros((*tensor.shape[:axis], self.new - self.old, *tensor.shape[axis + 1 :]))
+        head, tail = tensor.narrow(axis, 0, self.at), tensor.narrow(axis, self.at, self.old - self.at)
+        return torch.cat([head, zeros, tail], dim=axis)
+
+
+@dataclass(frozen=True)
 class Expected:
     """What state read from outside must fit before a method takes it: ``shapes`` of the model's trainable
     parameters (name -> shape), how many tasks are ``finished`` (consolidated: k for task folder k, k - 1 for a
@@ -133,6 +155,7 @@ class Expected:
     train: TrainingSplit | None = None
     within_task: bool = False  # a checkpoint's: what changes during a task must be there too
     sample_shape: tuple[int, int, int] | None = None  # (C, R, R) of the model's images, where its config says
+    growth: tuple[Growth, ...] = ()  # label tables grown since the state was written (new classes)
 
     @classmethod
     def of(
@@ -142,12 +165,26 @@ class Expected:
         finished: int,
         train: TrainingSplit | None = None,
         within_task: bool = False,
+        growth: tuple[Growth, ...] = (),
     ) -> Expected:
         """For ``model`` (whole, unwrapped) after the first ``finished`` of ``tasks`` (``within_task``: a checkpoint
-        of task ``finished + 1``)."""
+        of task ``finished + 1``; ``growth``: the label tables grown since the state was written)."""
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
         seen = sorted({c for t in tasks[:finished] for c in t})
-        return cls(shapes, finished, seen, train, within_task, sample_shape(model))
+        return cls(shapes, finished, seen, train, within_task, sample_shape(model), tuple(growth))
+
+    def grown(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (keys ``<part>.<parameter name>``) written before the label tables grew, with the new rows
+        (zeros: ``Growth.grow``) where a tensor holds a grown parameter at its old size."""
+        if not self.growth:
+            return state
+        out = dict(state)
+        for g in self.growth:
+            dims = len(self.shapes[g.name])
+            for key, value in state.items():
+                if key == g.name or key.endswith("." + g.name):
+                    out[key] = g.grow(value, dims)
+        return out
 
     def prefixed(self, *parts: str) -> dict[str, tuple[int, ...]]:
         """``{part.name: shape}`` for each parameter and part (e.g. ``anchor.<name>``)."""
@@ -330,9 +367,11 @@ def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_task_file(folder: str | os.PathLike, name: str, what: str) -> dict[str, torch.Tensor]:
-    """The tensors of a method's safetensors file in a task folder; ``ValueError`` naming it (and ``what`` it holds)
-    when it is missing or cannot be read."""
+def load_task_file(
+    folder: str | os.PathLike, name: str, what: str, expected: Expected | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a method's safetensors file in a task folder (grown with ``expected.grown`` where given: a
+    state keyed by parameter); ``ValueError`` naming it (and ``what`` it holds) when it is missing or unreadable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -340,9 +379,17 @@ def load_task_file(folder: str | os.PathLike, name: str, what: str) -> dict[str,
     if not path.exists():
         raise ValueError(f"{folder} has no {name} ({what}); copy the whole folder again (or pull it from the Hub)")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} cannot be used ({err}); copy the folder again") from None
+    return expected.grown(state) if expected is not None else state
+
+
+def refuse_growth(expected: Expected, method: str, why: str) -> None:
+    """``ValueError`` when the model's label tables grew (new classes from new data) and ``method`` cannot carry
+    its state across that: ``why``."""
+    if expected.growth:
+        raise ValueError(f"--method {method} cannot continue onto new classes that grow the model: {why}")
 
 
 def refused(folder: str | os.PathLike, name: str, err: ValueError) -> ValueError:

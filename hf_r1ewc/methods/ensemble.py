@@ -31,6 +31,7 @@ from .base import (
     TaskStart,
     check_tensors,
     load_task_file,
+    refuse_growth,
     refused,
     task_folder_name,
 )
@@ -97,6 +98,7 @@ class Ensemble(ContinualMethod):
         return files
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        refuse_growth(expected, self.name, "its finished tasks' models keep the smaller label table (not yet carried)")
         folder, k = Path(folder), expected.finished
         index = folder / "model_index.json"
         try:

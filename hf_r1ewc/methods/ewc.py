@@ -108,7 +108,7 @@ class EWC(ContinualMethod):
         what = f"the EWC penalty over tasks 1...{expected.finished} that a {self.name} run continues from"
         ewc_lambda = self.ewc_lambda
         try:
-            self.load_state_dict(load_task_file(folder, PENALTY_FILE, what), expected)
+            self.load_state_dict(load_task_file(folder, PENALTY_FILE, what, expected), expected)
         except ValueError as err:
             raise refused(folder, PENALTY_FILE, err) from None
         self.penalty_module.ewc_lambda = ewc_lambda

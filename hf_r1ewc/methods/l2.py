@@ -16,6 +16,7 @@ from .base import (
     load_task_file,
     parameter_parts,
     quadratic_penalty,
+    refuse_growth,
     refused,
     trainable_weights,
 )
@@ -53,6 +54,8 @@ class L2(ContinualMethod):
         return {ANCHOR_FILE: SafetensorsFile(self.anchor)}
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        why = "it pulls every weight towards the last task's with one weight, new classes' rows included"
+        refuse_growth(expected, self.name, why)
         anchor = load_task_file(folder, ANCHOR_FILE, "the weights the L2 penalty pulls towards")
         try:
             self.load_state_dict({f"anchor.{n}": v for n, v in anchor.items()}, expected)

@@ -36,7 +36,16 @@ from ..pipeline import (
     inject_lora_adapters,
     read_lora_adapter,
 )
-from .base import ContinualMethod, Expected, SafetensorsFile, TaskEnd, TaskStart, refused, task_folder_name
+from .base import (
+    ContinualMethod,
+    Expected,
+    SafetensorsFile,
+    TaskEnd,
+    TaskStart,
+    refuse_growth,
+    refused,
+    task_folder_name,
+)
 
 
 # the UNet's resnet convolutions, time projections and attention, and the DiT's attention, feed-forward and adaLN
@@ -180,6 +189,7 @@ class LoRA(ContinualMethod):
         return files
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
+        refuse_growth(expected, self.name, "its adapters' label tables keep the smaller size (not yet carried)")
         folder, k = Path(folder), expected.finished
         index = folder / "model_index.json"
         try:

@@ -122,7 +122,7 @@ class MAS(ContinualMethod):
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         try:
-            self.load_state_dict(load_task_file(folder, MAS_FILE, "MAS's importances and anchor"), expected)
+            self.load_state_dict(load_task_file(folder, MAS_FILE, "MAS's importances and anchor", expected), expected)
         except ValueError as err:
             raise refused(folder, MAS_FILE, err) from None
 

@@ -109,7 +109,7 @@ class SynapticIntelligence(ContinualMethod):
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         try:
-            self.load_state_dict(load_task_file(folder, SI_FILE, "SI's importances and anchor"), expected)
+            self.load_state_dict(load_task_file(folder, SI_FILE, "SI's importances and anchor", expected), expected)
         except ValueError as err:
             raise refused(folder, SI_FILE, err) from None
 
