@@ -428,8 +428,8 @@ def class_id(token: str, class_names: Sequence[str] | None = None) -> int:
 
 def resolve_class_names(source_names: Sequence[str] | None, num_classes: int, flag: str | None = None) -> list[str]:
     """The name of every id ``0 .. num_classes - 1``: ``--class_names`` (comma-separated, one per id), else the
-    source's (``LabeledImages.names``), else the id itself. Names are unique and non-empty, and a name that reads as
-    an integer is its own id (``--tasks`` takes both)."""
+    source's (``LabeledImages.names``), else the id itself; none empty (``check_class_names`` checks the label space
+    they end up in)."""
     if flag is not None:
         names = [n.strip() for n in flag.split(",")]
         if len(names) != num_classes:
@@ -442,6 +442,11 @@ def resolve_class_names(source_names: Sequence[str] | None, num_classes: int, fl
         names += [str(i) for i in range(len(names), num_classes)]
     if "" in names:
         raise DataError(f"class id {names.index('')} has an empty name; name every class (--class_names)")
+    return names
+
+
+def check_class_names(names: Sequence[str]) -> None:
+    """Refuses (``DataError``) a label space where two ids share a name, or a name reads as another id's number."""
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise DataError(
@@ -452,7 +457,6 @@ def resolve_class_names(source_names: Sequence[str] | None, num_classes: int, fl
             raise DataError(
                 f"class id {i} is named {name!r}, another id's number: --tasks could not tell them apart; rename it"
             )
-    return names
 
 
 def continued_tasks(
@@ -744,6 +748,7 @@ def load_task_data(
                     f"the new data holds classes {[names[c] for c in again]} that the model learned already: give "
                     f"--tasks with the new classes to learn (a class-incremental run never returns to a class)"
                 )
+        check_class_names(names)
         if learned and not tasks:  # by default the classes not learned yet, in groups
             available = [c for c in known.classes if c not in learned]
         else:  # --tasks may list the learned tasks first (they need not be in the new data)

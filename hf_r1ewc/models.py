@@ -217,7 +217,9 @@ def label_tables(model: ModelMixin) -> dict[str, torch.nn.Embedding]:
     if isinstance(model, UNet2DModel):
         table = model.class_embedding
         return {"class_embedding": table} if isinstance(table, torch.nn.Embedding) else {}
-    return {n: m.embedding_table for n, m in model.named_modules() if isinstance(m, LabelEmbedding)}
+    return {
+        f"{n}.embedding_table": m.embedding_table for n, m in model.named_modules() if isinstance(m, LabelEmbedding)
+    }
 
 
 def grow_class_embedding(model: ModelMixin, num_classes: int, learned: list[int]) -> tuple[Growth, ...]:

@@ -162,18 +162,27 @@ def make_task_evaluator(args: argparse.Namespace, accelerator, data: TaskData, r
     """The FID scorer of the run; the tasks learned before it continued are scored from the statistics that the
     task folder it continues from carries, where the data lacks their test images."""
     output_dir = Path(args.output_dir)
+    classifier_dir = Path(args.fid_classifier or output_dir / "fid_classifier")
     carried = {}
     if run.continued_from is not None and args.fid_backend != "none":
         try:
             carried = read_carried_references(run.continued_from, run.tasks[: run.start_task - 1])
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
+        tested = set(data.test.labels.tolist())
+        lacking = [i for i, t in enumerate(run.tasks[: run.start_task - 1], 1) if not tested & set(t)]
+        if lacking and args.fid_backend == "classifier" and not (classifier_dir / "model.safetensors").exists():
+            raise SystemExit(
+                f"error: tasks {lacking} are scored from the FID statistics {run.continued_from} carries, which "
+                f"the FID classifier of the run that learned them computed; a classifier trained here on other data "
+                f"would not compare. Pass that run's --fid_classifier RUN/fid_classifier (or --fid_backend none)"
+            )
     try:
         return make_evaluator(
             args.fid_backend,
             accelerator,
             data,
-            classifier_dir=args.fid_classifier or output_dir / "fid_classifier",
+            classifier_dir=classifier_dir,
             reference_dir=args.fid_reference_dir or output_dir / "fid_reference",
             num_samples=args.fid_num_samples,
             num_inference_steps=args.num_inference_steps,
@@ -430,6 +439,8 @@ def task_metrics(
         "denoise_loss_per_epoch": curves[1],
         "ewc_grad_ratio_per_epoch": curves[2],
         "seconds_by_phase": dict(outcome.seconds),  # this task's wall time in this process (writing not included)
+        "history": {"fid": run.matrix, "accuracy": run.accuracy, "class_kl": run.class_kl},  # rows 1..k: a run
+        # continued from this folder alone reports from task 1
         **outcome.method_metrics,
         **(summarize(run.matrix) if not args.joint else {}),
     }

@@ -559,13 +559,22 @@ def resume_run(
                 f"error: {err}. Delete {state.resume_dir} to resume from the checkpoint or task folder before it"
             ) from None
     results_path = output_dir / "results.json"
-    if results_path.exists():
-        results = json.loads(results_path.read_text())
-        state.matrix = {k: r for k, r in matrix_from_json(results["fid"]).items() if k < state.start_task}
-        state.accuracy = {
-            k: r for k, r in matrix_from_json(results.get("accuracy", {})).items() if k < state.start_task
-        }
-        state.class_kl = {int(k): v for k, v in results.get("class_kl", {}).items() if int(k) < state.start_task}
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    if results is None and state.continued_from is not None:  # another run's folder: the history it recorded
+        results = json.loads((state.continued_from / "metrics.json").read_text()).get("history")
+    try:
+        if results:
+            state.matrix = {k: r for k, r in matrix_from_json(results["fid"]).items() if k < state.start_task}
+            state.accuracy = {
+                k: r for k, r in matrix_from_json(results.get("accuracy", {})).items() if k < state.start_task
+            }
+            state.class_kl = {
+                int(k): float(v) for k, v in results.get("class_kl", {}).items() if int(k) < state.start_task
+            }
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise SystemExit(
+            f"error: the FID history of {results_path} or the task folder cannot be read ({err!r})"
+        ) from None
     return state
 
 
@@ -632,6 +641,12 @@ def restore_task_folder(
         raise SystemExit(
             f"error: {folder} holds a {size}x{size} model but --resolution is {resolution}; match it (with --resize "
             f"to rescale other data's images to {size}x{size}) or use another --output_dir"
+        )
+    if loaded.config.in_channels != denoiser.config.in_channels:
+        raise SystemExit(
+            f"error: {folder} holds a model that takes {loaded.config.in_channels}-channel images and the data's are "
+            f"{denoiser.config.in_channels}-channel: continue it on data of its channel count, or use another "
+            f"--output_dir"
         )
     learned = sorted({c for t in saved["tasks"][: saved["task_index"]] for c in t})
     growth = grown_label_space(folder, loaded, num_classes_of(denoiser), learned)

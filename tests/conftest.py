@@ -328,3 +328,28 @@ def assert_same_task_folder(a: Path, b: Path) -> None:
             assert x.read_text().replace(str(a.parent), "RUN") == y.read_text().replace(str(b.parent), "RUN"), path
         else:
             assert x.read_bytes() == y.read_bytes(), path
+
+
+def named_shapes_parquet(root: Path, names=("circle", "square"), size: int = 8, channels: int = 1) -> Path:
+    """A local parquet dataset with named classes (label: ClassLabel): a bright disc or square on a dark ground with
+    noise, 24 training and 12 test images per class."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(names))})
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+
+    def image(c: int):
+        shape = (x**2 + y**2 < (size / 3) ** 2) if c % 2 == 0 else (np.maximum(abs(x), abs(y)) < size / 3)
+        pixels = np.clip(shape * 200 + rng.normal(20, 15, (size, size)), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels if channels == 1 else np.repeat(pixels[..., None], 3, -1))
+
+    data = root / "data"
+    data.mkdir(parents=True)
+    for split, per_class in (("train", 24), ("test", 12)):
+        labels = [c for _ in range(per_class) for c in range(len(names))]
+        dataset = datasets.Dataset.from_dict({"image": [image(c) for c in labels], "label": labels}, features=features)
+        dataset.to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    return root

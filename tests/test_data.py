@@ -115,7 +115,7 @@ def test_imagefolder(tmp_path):
 def test_class_names_come_from_the_flag_the_source_or_the_ids(fashion_mnist_dir, tmp_path):
     """digits are named 0-9, Fashion-MNIST's IDX files its standard ten, a ClassLabel by its names, a plain integer
     label by its ids; --class_names wins, one name per id, unique, and a number only as its own id."""
-    from hf_r1ewc.data import FASHION_MNIST_NAMES, load_task_data, resolve_class_names
+    from hf_r1ewc.data import FASHION_MNIST_NAMES, check_class_names, load_task_data, resolve_class_names
 
     assert load_labeled_images("digits", "test").names == tuple("0123456789")
     assert load_labeled_images(str(fashion_mnist_dir), "test").names == FASHION_MNIST_NAMES
@@ -132,7 +132,7 @@ def test_class_names_come_from_the_flag_the_source_or_the_ids(fashion_mnist_dir,
         ("x,2,z", "class id 1 is named '2', another id's number"),
     ):
         with pytest.raises(DataError, match=re.escape(problem)):
-            resolve_class_names(None, 3, flag)
+            check_class_names(resolve_class_names(None, 3, flag))
     data = load_task_data("digits", tasks="3,4;five", class_names="0,1,2,3,4,five,6,7,8,9", resolution=8)
     assert data.tasks == [[3, 4], [5]] and data.id2label[5] == "five"
 

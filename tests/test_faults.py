@@ -180,8 +180,7 @@ def test_load_fisher_verifies_the_recorded_digest(reference, tmp_path):
         (["--ewc_lambda", "10"], "--ewc_lambda: 15000.0 in the folder, 10.0 now"),
         (["--seed", "1"], "--seed: 0 in the folder, 1 now"),
         (["--resolution", "16"], "model but --resolution is 16"),
-        (["--tasks", "0,1;2,3;4,5"], "was trained on tasks [[0, 1], [2, 3]], not [[0, 1], [2, 3], [4, 5]]"),
-        (["--max_train_per_class", "40"], "'max_train_per_class': (48, 40)"),  # same source, other images
+        (["--max_train_per_class", "40"], "--max_train_per_class: 48 in the folder, 40 now"),  # other images
         (["--replay", "off"], "--replay: 'on' in the folder, 'off' now"),
     ],
 )
@@ -198,6 +197,64 @@ def test_changed_result_settings_are_refused(reference, tmp_path, flags, named):
         run([*argv, "--output_dir", str(out)])
     assert named in str(err.value) and "another --output_dir" in str(err.value)
     assert (out / "run_manifest.json").read_bytes() == before  # the record is not overwritten
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "other prefix",
+        "learned class again",
+        "learned name in new data",
+        "resolution",
+        "channels",
+        "method",
+        "id2label",
+    ],
+)
+def test_a_continuation_that_cannot_be_is_refused_before_any_work(reference, tmp_path, case):
+    """Each way of continuing a finished run that cannot work is refused with an error that names it, before any
+    work, the folder left as it was: tasks that do not start with the run's, a learned class asked for again (by
+    --tasks, or by new data that holds its name), new data of another size (without --resize) or channel count,
+    another method, a task folder whose id2label does not fit its model."""
+    from conftest import named_shapes_parquet
+
+    out = copy_run(reference, tmp_path / "out")
+    argv, data = list(COMMON), {"resolution": 8, "channels": 1, "names": ("circle", "square")}
+    if case == "learned name in new data":
+        data["names"] = ("circle", "3")
+    data["resolution"] = 10 if case == "resolution" else 8
+    data["channels"] = 3 if case == "channels" else 1
+    shapes = named_shapes_parquet(tmp_path / "shapes", data["names"], data["resolution"], data["channels"])
+    tasks = {"other prefix": "0,1;4,5", "learned class again": "circle,3"}.get(case, "0,1;2,3;circle,square")
+    argv[argv.index("--tasks") + 1] = tasks
+    if case != "other prefix":
+        argv[argv.index("--dataset_name") + 1] = str(shapes)
+    if case == "learned name in new data":
+        del argv[argv.index("--tasks") : argv.index("--tasks") + 2]
+    if case == "method":
+        del argv[argv.index("--ewc_type") : argv.index("--ewc_type") + 2]
+        argv += ["--method", "gd"]
+    if case == "id2label":  # an altered folder, its digests rewritten to match
+        index = out / "task_02" / "model_index.json"
+        config = json.loads(index.read_text())
+        config["id2label"].pop("9")
+        index.write_text(json.dumps(config))
+        state = json.loads((out / "task_02" / "training_state.json").read_text())
+        hub.write_training_state(out / "task_02", {k: v for k, v in state.items() if k != "sha256"})
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SystemExit) as err:
+        run([*argv, "--output_dir", str(out)])
+    expected = {
+        "other prefix": "trained on the tasks [[0, 1], [2, 3]], and --tasks gives [[0, 1], [4, 5]]: classes ['0', '1']",
+        "learned class again": "classes ['3'] were learned already, and a class-incremental run never returns",
+        "learned name in new data": "the new data holds classes ['3'] that the model learned already",
+        "resolution": "holds a 8x8 model but --resolution is 10; match it (with --resize",
+        "channels": "holds a model that takes 1-channel images and the data's are 3-channel",
+        "method": "was trained with other settings (setting: (folder, this run)) {'ewc_type': ('rank1', 'none')}",
+        "id2label": "model_index.json names 9 classes but its model's label table has 10 ids",
+    }[case]
+    assert expected in str(err.value)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
 def test_settings_that_may_change_do_not_refuse(reference, tmp_path):

@@ -20,6 +20,7 @@ from conftest import (
     SCRIPT,
     assert_same_task_folder,
     launch,
+    named_shapes_parquet,
     quiet_pipeline,
     refusal,
     row_generators,
@@ -909,7 +910,8 @@ def test_a_task_folder_learns_new_tasks_given_alone_by_name(tmp_path):
     source = str(tmp_path / "planned" / "task_02")
     run([*with_tasks(flags, "four,five"), "--output_dir", str(tmp_path / "next"), "--resume_from_task", source])
     results = json.loads((tmp_path / "next" / "results.json").read_text())
-    assert results["tasks"] == [[0, 1], [2, 3], [4, 5]] and set(results["fid"]) == {"3"}
+    planned = json.loads((tmp_path / "planned" / "results.json").read_text())
+    assert results["tasks"] == [[0, 1], [2, 3], [4, 5]] and results["fid"] == planned["fid"]  # history from task 1
     assert results["class_names"]["4"] == "four"
     for name in ("unet/diffusion_pytorch_model.safetensors", "er_buffer.json"):
         a, b = tmp_path / "planned" / "task_03" / name, tmp_path / "next" / "task_03" / name
@@ -928,3 +930,48 @@ def test_a_task_folder_learns_new_tasks_given_alone_by_name(tmp_path):
     )
     assert "trained on the tasks [[0, 1], [2, 3]], and --tasks gives [[4, 5], [2]]" in message
     assert not (tmp_path / "x").exists()
+
+
+def test_a_digits_run_learns_named_classes_from_new_data_and_grows_its_label_table(tmp_path):
+    """A finished digits run (classes 0-3 of 10) re-run with a parquet dataset of two named classes appended: the
+    label table grows to 12 ids (circle, square = 10, 11), the pipeline samples by name, the EWC penalty's old terms
+    carry no Fisher mass on the new rows, the manifest names each task's data, and the digits tasks' FIDs come from
+    the statistics the task folder carried (equal to a recomputation on the digits)."""
+    from safetensors.torch import load_file
+
+    from hf_r1ewc.features import ClassifierFeatures
+    from hf_r1ewc.metrics import TaskFID
+    from hf_r1ewc.pipeline import sampling_scheduler
+
+    shapes = named_shapes_parquet(tmp_path / "shapes")
+    flags, out = [*EXTEND_FLAGS, "--method", "rank1+gd"], tmp_path / "run"
+    run([*flags, "--output_dir", str(out)])
+    new = with_tasks(flags, "0,1;2,3;circle,square")
+    new[new.index("--dataset_name") + 1] = str(shapes)
+    run([*new, "--output_dir", str(out)])
+    folder = out / "task_03"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["id2label"] == {**{str(i): str(i) for i in range(10)}, "10": "circle", "11": "square"}
+    assert index["learned_classes"] == [0, 1, 2, 3, 10, 11]
+    assert json.loads((folder / "unet" / "config.json").read_text())["num_class_embeds"] == 12
+    mu = load_file(str(folder / "ewc_penalty.safetensors"))["mu.class_embedding.weight"]
+    assert mu.shape[:2] == (3, 12) and not mu[:2, 10:].any() and mu[:2, :4].any() and mu[2, 10:].any()
+    pipe = quiet_pipeline(folder)
+    named = pipe(["circle", "3"], 2, generator=row_generators([0, 1]), output_type="pt").images
+    assert torch.equal(named, pipe([10, 3], 2, generator=row_generators([0, 1]), output_type="pt").images)
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    assert manifest["task_sources"] == ["digits", "digits", str(shapes)]
+    assert manifest["changes"][0]["setting"] == "data" and manifest["changes"][0]["from_task"] == 3
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["fid"]["3"]) == {"1", "2", "3"} and results["class_names"]["11"] == "square"
+    # FID_1(m_3) from the carried statistics equals FID_1(m_3) recomputed on the digits' own test images
+    from hf_r1ewc.data import load_task_data
+
+    digits = load_task_data("digits", tasks="0,1;2,3", resolution=8, max_train_per_class=48)
+    extractor = ClassifierFeatures.from_pretrained(str(out / "fid_classifier"))
+    evaluator = TaskFID(
+        extractor, digits.test_inputs, digits.test.labels, digits.tasks, num_samples=16, num_inference_steps=4
+    )
+    score = evaluator(pipe.denoiser, sampling_scheduler("ddim", pipe.scheduler.config), 1)
+    assert score.fid == pytest.approx(results["fid"]["3"]["1"], rel=1e-6)  # (the saved copy: other rounding)
+    assert (out / "samples_by_task.png").exists()
