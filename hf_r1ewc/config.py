@@ -382,7 +382,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "--resolution",
         type=int,
         default=None,
-        help="model resolution; default: 28x28 zero-padded to 32 (paper), otherwise the native size",
+        help="model resolution; default: a continued model's (--resume_from_task, or OUTPUT_DIR's task folders), "
+        "else 28x28 zero-padded to 32 (paper), otherwise the native size",
     )
     g.add_argument("--resize", action="store_true", help="resize images to --resolution instead of padding")
     g.add_argument(

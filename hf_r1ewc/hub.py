@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .integrity import DIGESTS_KEY, IntegrityError, folder_digests, verify_folder
 from .methods.base import SafetensorsFile, task_folder_name
@@ -348,11 +348,20 @@ def resolve_task_source(spec: str) -> Path:
     return folder
 
 
-def read_learned(folder: str | os.PathLike) -> tuple[list[list[int]], list[str] | None]:
-    """(the tasks that the model of task folder ``folder`` learned, in order: the first ``task_index`` of its
-    ``training_state.json``'s tasks; its class names by id: ``model_index.json``'s ``id2label``, None where the folder
-    records none). Read before any work to plan a continued run; the folder's digests are checked when the run
-    restores it. Names that do not cover ids 0..N-1 are refused (``ValueError``)."""
+class Learned(NamedTuple):
+    """What a task folder's model has learned: its ``tasks`` in order, its class ``names`` by id (None where the
+    folder records none) and the ``sample_size`` of its images."""
+
+    tasks: list[list[int]]
+    names: list[str] | None
+    sample_size: int | None
+
+
+def read_learned(folder: str | os.PathLike) -> Learned:
+    """What the model of task folder ``folder`` learned: the first ``task_index`` of its ``training_state.json``'s
+    tasks, ``model_index.json``'s ``id2label`` and its denoiser's ``sample_size``. Read before any work to plan a
+    continued run; the folder's digests are checked when the run restores it. Names that do not cover ids 0..N-1
+    are refused (``ValueError``)."""
     folder = Path(folder)
     try:
         state = json.loads((folder / "training_state.json").read_text())
@@ -363,14 +372,17 @@ def read_learned(folder: str | os.PathLike) -> tuple[list[list[int]], list[str] 
         id2label = json.loads((folder / "model_index.json").read_text()).get("id2label")
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{folder}/model_index.json cannot be read ({err}); copy the folder again") from None
+    config = next((folder / c for c in DENOISER_CONFIGS if (folder / c).exists()), None)
+    size = json.loads(config.read_text()).get("sample_size") if config is not None else None
+    size = size if isinstance(size, int) else None
     if id2label is None:
-        return tasks, None
+        return Learned(tasks, None, size)
     if not isinstance(id2label, dict) or sorted(id2label) != sorted(map(str, range(len(id2label)))):
         raise ValueError(f"{folder}/model_index.json's id2label does not name ids 0..N-1 once each: it was altered")
     names = [str(id2label[str(i)]) for i in range(len(id2label))]
     if outside := sorted({c for t in tasks for c in t if not 0 <= c < len(names)}):
         raise ValueError(f"{folder} learned classes {outside}, which its id2label ({len(names)} names) does not name")
-    return tasks, names
+    return Learned(tasks, names, size)
 
 
 class TaskUploader:

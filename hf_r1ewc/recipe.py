@@ -76,7 +76,7 @@ def load_data(args: argparse.Namespace) -> TaskData:
     try:
         source = resolve_task_source(args.resume_from_task) if args.resume_from_task else None
         source = source or (Path(args.output_dir) / task_folder_name(done) if done else None)
-        learned, names = read_learned(source) if source is not None else (None, None)
+        learned = read_learned(source) if source is not None else None
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     data = load_task_data(
@@ -86,14 +86,14 @@ def load_data(args: argparse.Namespace) -> TaskData:
         label_column=args.label_column,
         streaming=args.streaming,
         max_train_per_class=args.max_train_per_class,
-        resolution=args.resolution,
+        resolution=args.resolution or (learned.sample_size if learned else None),  # a continued model's size
         resize=args.resize,
         tasks=args.tasks,
         classes_per_task=args.classes_per_task,
         need_test_classes=args.fid_backend != "none",
         class_names=args.class_names,
-        learned_tasks=learned,
-        model_names=names,
+        learned_tasks=learned.tasks if learned else None,
+        model_names=learned.names if learned else None,
     )
     if "gd" in args.method.split("+") and args.replay_mode == "pool":
         check_pool_budget(data, args.replay_per_class, args.output_dir)

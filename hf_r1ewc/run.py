@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from safetensors import SafetensorError
 
 from . import __version__
@@ -548,7 +548,12 @@ def resume_run(
             )
         if state.resume_position is None:
             state.start_task, state.global_step = finished + 1, saved.get("global_step", 0)
-        restore_task_folder(previous, denoiser, learner, ema, saved, resolution, train)
+        grew = restore_task_folder(previous, denoiser, learner, ema, saved, resolution, train)
+        if grew and accelerator.distributed_type == DistributedType.FSDP:
+            raise SystemExit(
+                "error: growing the model's label table for new classes is not tested under FSDP: continue onto new "
+                "classes under DDP (accelerate_configs/multi_gpu_ddp.yaml) or on one device"
+            )
         state.continued_from = previous
     if state.resume_dir is not None and methods_state_required(learner):
         state.checkpoint_expected = Expected.of(denoiser, training_tasks, state.start_task - 1, train, True)
@@ -631,10 +636,10 @@ def grown_label_space(folder: Path, model, num_classes: int | None, learned: lis
 
 def restore_task_folder(
     folder: Path, denoiser, learner, ema, saved: dict, resolution: int, train: TrainingSplit | None = None
-) -> None:
+) -> tuple[Growth, ...]:
     """Weights, the learner's methods (``load_task_folder``: the EWC penalty, ... checked against the model and the
     training split ``train``) and EMA position of a verified task folder, whose model must be configured as this
-    run's (classes, channels, size, blocks)."""
+    run's (channels, size, blocks; a smaller label table grows: ``grown_label_space``). Returns what grew."""
     loaded = type(denoiser).from_pretrained(folder / MODEL_SUBFOLDERS[type(denoiser).__name__])
     if loaded.config.sample_size != resolution:
         size = loaded.config.sample_size
@@ -672,3 +677,4 @@ def restore_task_folder(
     if ema is not None:
         ema.shadow_params = [p.detach().clone() for p in denoiser.parameters()]
         ema.optimization_step = saved.get("ema_optimization_step", 0)
+    return growth

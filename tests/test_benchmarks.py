@@ -55,6 +55,7 @@ def test_gpu_check_sampling_summary_names_only_the_variants_it_measured(tmp_path
         ("bench_methods", ["--tiny", "--device", "cpu"], "methods_cost_tiny.json"),
         ("bench_throughput", ["--tiny", "--device", "cpu"], "throughput_tiny.json"),
         ("bench_scale", ["--tiny", "--device", "cpu"], "bench_scale_tiny.json"),
+        ("bench_extension", ["--tiny", "--repeats", "1"], "bench_extension_tiny.json"),
     ],
 )
 def test_each_benchmark_runs_its_tiny_mode_to_the_end(tmp_path, monkeypatch, script, argv, written):

@@ -248,7 +248,7 @@ def test_a_continuation_that_cannot_be_is_refused_before_any_work(reference, tmp
         "other prefix": "trained on the tasks [[0, 1], [2, 3]], and --tasks gives [[0, 1], [4, 5]]: classes ['0', '1']",
         "learned class again": "classes ['3'] were learned already, and a class-incremental run never returns",
         "learned name in new data": "the new data holds classes ['3'] that the model learned already",
-        "resolution": "holds a 8x8 model but --resolution is 10; match it (with --resize",
+        "resolution": "images are 10x10 but --resolution is 8: padding cannot shrink images",  # the model's size
         "channels": "holds a model that takes 1-channel images and the data's are 3-channel",
         "method": "was trained with other settings (setting: (folder, this run)) {'ewc_type': ('rank1', 'none')}",
         "id2label": "model_index.json names 9 classes but its model's label table has 10 ids",

@@ -975,3 +975,18 @@ def test_a_digits_run_learns_named_classes_from_new_data_and_grows_its_label_tab
     score = evaluator(pipe.denoiser, sampling_scheduler("ddim", pipe.scheduler.config), 1)
     assert score.fid == pytest.approx(results["fid"]["3"]["1"], rel=1e-6)  # (the saved copy: other rounding)
     assert (out / "samples_by_task.png").exists()
+
+
+def test_new_classes_grow_the_model_on_two_processes(tmp_path):
+    """The same growth under 2 gloo processes, the new tasks given alone (each process grows its copy before
+    Accelerate prepares it): the run goes through the replay pool, training, FID and Fisher sharded over both, and
+    the grown folder names all 12 classes with a 12-row label table."""
+    shapes = named_shapes_parquet(tmp_path / "shapes")
+    flags, out = [*EXTEND_FLAGS, "--method", "rank1+gd", "--train_batch_size", "8"], tmp_path / "run"
+    launch([*flags, "--output_dir", str(out)], num_processes=2)
+    new = with_tasks(flags, "circle,square")
+    new[new.index("--dataset_name") + 1] = str(shapes)
+    launch([*new, "--output_dir", str(out)], num_processes=2)
+    index = json.loads((out / "task_03" / "model_index.json").read_text())
+    assert index["learned_classes"] == [0, 1, 2, 3, 10, 11] and len(index["id2label"]) == 12
+    assert unet_weights(out / "task_03")["class_embedding.weight"].shape[0] == 12
