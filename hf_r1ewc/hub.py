@@ -365,9 +365,12 @@ def read_learned(folder: str | os.PathLike) -> Learned:
     folder = Path(folder)
     try:
         state = json.loads((folder / "training_state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise IntegrityError(f"{folder}/training_state.json cannot be read ({err}); copy the folder again") from err
+    try:
         tasks = [[int(c) for c in task] for task in state["tasks"][: int(state["task_index"])]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{folder}/training_state.json does not say which tasks it learned ({err})") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{folder}/training_state.json does not say which tasks it learned ({err!r})") from None
     try:
         id2label = json.loads((folder / "model_index.json").read_text()).get("id2label")
     except (OSError, ValueError, AttributeError) as err:

@@ -291,3 +291,47 @@ except ValueError as err:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ROUTES ['denoiser', 'task_01']" in proc.stdout and "SHAPE (2, 1, 8, 8)" in proc.stdout
     assert "REFUSED" in proc.stdout and "snapshot_download" in proc.stdout
+
+
+def test_a_pulled_task_revision_learns_a_new_task_and_continues_the_revision_sequence(tmp_path):
+    """A finished 2-task run's task_02 in the Hub cache as REPO@task-02 (offline, through huggingface_hub's own
+    cache) continues into a new folder with a third task given alone and --push_to_hub to the same repo: the
+    stand-in records task_03 uploaded to main, branch task-03 made at that commit (the revision sequence goes on),
+    the carried FID statistics among the files, and the card's FID table holding every row from task 1."""
+    from conftest import FAST, run
+
+    flags = [*FAST, "--num_epochs_per_task", "1", "--fid_num_samples", "16", "--method", "gd"]
+    run([*flags, "--output_dir", str(tmp_path / "run")])
+    _populate_cache(tmp_path / "cache", tmp_path / "run" / "task_02", "task-02")
+    argv = [*flags, "--tasks", "4,5", "--resume_from_task", f"{REPO}@task-02", "--push_to_hub", "--hub_model_id"]
+    argv += [
+        REPO,
+        "--fid_classifier",
+        str(tmp_path / "run" / "fid_classifier"),
+        "--output_dir",
+        str(tmp_path / "next"),
+    ]
+    code = f"""
+import json, sys
+import huggingface_hub
+from test_hub import RecordingHfApi
+made = []
+class Api(RecordingHfApi):
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        made.append(self)
+huggingface_hub.HfApi = Api
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+import train_continual_ddpm
+train_continual_ddpm.main({argv!r})
+print("CALLS", json.dumps(made[0].calls))
+"""
+    proc = _offline_python(code, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = json.loads(proc.stdout.split("CALLS", 1)[1].strip().splitlines()[0])
+    uploads = [c for c in calls if c[0] == "upload_folder"]
+    branches = [c[2] for c in calls if c[0] == "create_branch"]
+    assert len(uploads) == 1 and uploads[0][2] == "main" and branches == ["task-03"]
+    assert {f"fid_reference/task_0{i}.safetensors" for i in (1, 2, 3)} <= set(uploads[0][3])
+    card = (tmp_path / "next" / "task_03" / "README.md").read_text()
+    assert all(f"| task {k} |" in card for k in (1, 2, 3)) and 'revision="task-03"' in card

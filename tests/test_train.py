@@ -990,3 +990,31 @@ def test_new_classes_grow_the_model_on_two_processes(tmp_path):
     index = json.loads((out / "task_03" / "model_index.json").read_text())
     assert index["learned_classes"] == [0, 1, 2, 3, 10, 11] and len(index["id2label"]) == 12
     assert unet_weights(out / "task_03")["class_embedding.weight"].shape[0] == 12
+
+
+def test_real_exemplars_carry_onto_new_data_as_images(tmp_path):
+    """DER++ (der+er) on digits, continued with the shapes data: both buffers replay the digits' exemplars from the
+    8-bit images the task folder keeps (bit-identical to the digits' pixels) and add the new classes' from the new
+    data; a folder without those images (as pulled from the Hub) continues on its own data only, refused by name."""
+    from safetensors.torch import load_file
+
+    from hf_r1ewc.data import load_task_data
+
+    shapes = named_shapes_parquet(tmp_path / "shapes")
+    flags = [*EXTEND_FLAGS, "--method", "der+er", "--er_per_class", "3", "--der_per_class", "2"]
+    run([*flags, "--output_dir", str(tmp_path / "run")])
+    new = with_tasks(flags, "circle,square")
+    new[new.index("--dataset_name") + 1] = str(shapes)
+    source = ["--resume_from_task", str(tmp_path / "run" / "task_02"), "--fid_backend", "none"]
+    run([*new, *source, "--output_dir", str(tmp_path / "next")])
+    digits = load_task_data("digits", tasks="0,1;2,3", resolution=8, max_train_per_class=48).train
+    for stem, per_class in (("er_buffer", 3), ("der_buffer", 2)):
+        record = json.loads((tmp_path / "next" / "task_03" / f"{stem}.json").read_text())
+        kept = load_file(str(tmp_path / "next" / "task_03" / f"{stem}_images.safetensors"))
+        assert record["carried"] == 4 * per_class and len(record["indices"]) == 2 * per_class
+        assert kept["labels"].tolist() == [c for c in (0, 1, 2, 3, 10, 11) for _ in range(per_class)]
+        old = json.loads((tmp_path / "run" / "task_02" / f"{stem}.json").read_text())["indices"]
+        assert torch.equal(kept["images"][: 4 * per_class], digits.images[old])  # the digits' own pixels
+    (tmp_path / "run" / "task_02" / "er_buffer_images.safetensors").unlink()
+    message = refusal([*new, *source, "--output_dir", str(tmp_path / "x")])
+    assert "er_buffer_images.safetensors) are not in" in message and "--push_exemplars" in message

@@ -102,7 +102,7 @@ class AGEM(ContinualMethod):
         return {"agem_projected_steps": projected, "agem_memory_size": len(self.memory)}
 
     def task_files(self, task_index: int, classes: list[int]) -> dict:
-        return {self.file: self.memory.record()}
+        return self.memory.files(self.file)
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         self.memory.load(folder, self.file, expected)

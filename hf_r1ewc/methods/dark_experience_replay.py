@@ -133,7 +133,7 @@ class DarkExperienceReplay(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         draws = {"noise": self.noise, "timesteps": self.timesteps, "targets": self.targets}
         return {
-            self.file: self.buffer.record(),
+            **self.buffer.files(self.file),
             DRAWS_FILE: SafetensorsFile({k: v.contiguous() for k, v in draws.items()}),
         }
 

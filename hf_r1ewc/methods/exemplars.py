@@ -6,8 +6,9 @@ sampling (Vitter's algorithm R, in a seeded order), so that the buffer is a unif
 far and the classes share it as their examples did.
 
 In-memory data (``ExemplarBuffer``): the buffer is kept as the exemplars' indices into the training split with the
-split's SHA-256: a task folder (which may go to the Hub) never republishes the dataset's images, and a run on other
-data is refused. Streamed data cannot be read back by index (``StreamedExemplarBuffer``): the buffer keeps the images
+split's SHA-256, and, in a second file that Hub uploads leave out unless asked (``IMAGE_FILES``), as 8-bit images:
+a run continued on other data replays the earlier exemplars from those images (``carried``) and indexes the new
+data for the new ones; a folder without the images continues only on its own data. Streamed data cannot be read back by index (``StreamedExemplarBuffer``): the buffer keeps the images
 themselves, 8-bit, with their provenance, filled by one pass over the finished task's stream; a task folder keeps
 them in a file the Hub upload leaves out unless asked (``IMAGE_FILES``).
 """
@@ -41,17 +42,24 @@ class ExemplarBuffer:
         self.dataset_sha256: str | None = None
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        # exemplars of data the run no longer reads (a run continued on other data), 8-bit, before the indexed ones
+        self.carried = torch.zeros(0, 0, 0, 0, dtype=torch.uint8)
+        self.carried_labels = torch.zeros(0, dtype=torch.long)
+        self.indexed = torch.zeros(0, 0, 0, 0, dtype=torch.uint8)  # the indexed exemplars' 8-bit images
+        self.indexed_labels = torch.zeros(0, dtype=torch.long)
 
     def gather(self, task: TaskStart) -> None:
-        """The exemplars' images from the training split, on the model's device; refuses another dataset."""
-        _check_dataset(self.dataset_sha256, task.train)
+        """The exemplars' images (the carried ones, then the indexed ones from the training split) on the model's
+        device; refuses indices into another dataset."""
+        _check_dataset(self.dataset_sha256 if len(self.indices) else None, task.train)
         self.dataset_sha256 = task.train.sha256
         device = next(task.model.parameters()).device
-        self.images = task.train.images[self.indices].to(device) if len(self.indices) else None
-        self.labels = task.train.labels[self.indices].to(device) if len(self.indices) else None
+        images, labels = self.exemplars(0, task.train)
+        self.images = images.to(device) if len(labels) else None
+        self.labels = labels.to(device) if len(labels) else None
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.carried_labels) + len(self.indices)
 
     def sample(
         self, batch_size: int, generator: torch.Generator | None, device: torch.device
@@ -69,6 +77,7 @@ class ExemplarBuffer:
         if self.reservoir is not None:
             self._stream(torch.nonzero(torch.isin(task.train.labels, torch.tensor(task.classes))).flatten(), generator)
             self.dataset_sha256 = task.train.sha256
+            self.keep_images(task.train)
             return
         chosen = []
         for c in task.classes:
@@ -77,6 +86,7 @@ class ExemplarBuffer:
             chosen.append(candidates[pick.sort().values])
         self.indices = torch.cat([self.indices, *chosen])
         self.dataset_sha256 = task.train.sha256
+        self.keep_images(task.train)
 
     def _stream(self, candidates: torch.Tensor, generator: torch.Generator) -> None:
         """Algorithm R over ``candidates`` in a seeded order: the n-th example seen takes a uniform slot with
@@ -91,21 +101,48 @@ class ExemplarBuffer:
         self.indices = torch.tensor(slots, dtype=torch.long)
 
     def record(self) -> dict:
-        """The task-folder JSON: the exemplars' indices into the training split and its SHA-256 (no images)."""
+        """The task-folder JSON: the exemplars' indices into the training split and its SHA-256, and how many
+        exemplars before them are carried from earlier data (their images: ``images_record``)."""
         return {
             "indices": self.indices.tolist(),
             "per_class": self.per_class,
             "reservoir": self.reservoir,
             "seen": self.seen,
             "train_sha256": self.dataset_sha256,
+            "carried": len(self.carried_labels),
+        }
+
+    def keep_images(self, train: TrainingSplit) -> None:
+        """The indexed exemplars' 8-bit images and labels, for the task folder (``files``)."""
+        self.indexed, self.indexed_labels = to_uint8(train.images[self.indices]), train.labels[self.indices].cpu()
+
+    def files(self, name: str) -> dict[str, dict | SafetensorsFile]:
+        """The task folder's files of the buffer kept as ``name``: the JSON record and every exemplar as an 8-bit
+        image (``images_name``: carried ones first, then the indexed ones), with each one's SHA-256."""
+        parts = [p for p in (self.carried, self.indexed) if len(p)]
+        images = torch.cat(parts) if parts else torch.zeros(0, 0, 0, 0, dtype=torch.uint8)
+        labels = torch.cat([self.carried_labels, self.indexed_labels])
+        metadata = {"sha256": json.dumps([exemplar_sha256(x) for x in images])}
+        return {
+            name: self.record(),
+            images_name(name): SafetensorsFile({"images": images, "labels": labels}, metadata),
         }
 
     def exemplars(self, start: int, train: TrainingSplit | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The exemplars from buffer position ``start`` on: (float32 images ``[n, C, H, W]`` in [-1, 1], labels
-        ``[n]``) on the CPU (a per-class buffer appends each task's exemplars: they follow the earlier ones)."""
-        _check_dataset(self.dataset_sha256, train)
-        index = self.indices[start:]
-        return train.images[index].float().cpu(), train.labels[index].cpu()
+        ``[n]``) on the CPU (a per-class buffer appends each task's exemplars: they follow the earlier ones; the
+        carried ones come first)."""
+        carried = len(self.carried_labels)
+        images = [self.carried[start:].float() / 127.5 - 1.0] if start < carried else []
+        labels = [self.carried_labels[start:]] if start < carried else []
+        if len(self.indices):
+            _check_dataset(self.dataset_sha256, train)
+            index = self.indices[max(0, start - carried) :]
+            images.append(train.images[index].float().cpu())
+            labels.append(train.labels[index].cpu())
+        if not labels:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        return torch.cat(images), torch.cat(labels)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The indices (and, for a reservoir, the count seen) as tensors."""
@@ -141,9 +178,71 @@ class ExemplarBuffer:
                 raise ValueError(
                     f"it was kept with reservoir {record.get('reservoir')}, this run asks {self.reservoir}"
                 )
-            self.restore(torch.tensor(indices, dtype=torch.long), seen, str(record["train_sha256"]), expected)
+            carried, sha = record.get("carried", 0), str(record["train_sha256"])
+            if type(carried) is not int or not 0 <= carried:
+                raise ValueError(f"'carried' must be a count, got {carried!r}")
+            same_data = expected.train is not None and expected.train.sha256 == sha
+            images = labels = None
+            if carried or not same_data:
+                images, labels = self.read_images(Path(folder), name, sha)
+                if len(labels) != carried + len(indices):
+                    raise ValueError(
+                        f"{images_name(name)} holds {len(labels)} exemplars, not {carried + len(indices)}"
+                    )
+            if not same_data:  # another dataset: every exemplar replays from its image
+                self.restore_carried(images, labels, expected)
+                return
+            if carried:
+                self.carried, self.carried_labels = images[:carried].clone(), labels[:carried].clone()
+            self.restore(torch.tensor(indices, dtype=torch.long), seen, sha, expected)
         except ValueError as err:
+            self.carried, self.carried_labels = torch.zeros(0, 0, 0, 0, dtype=torch.uint8), torch.zeros(0).long()
             raise ValueError(f"{path} cannot be used as this run's exemplar buffer: {err}") from None
+
+    def read_images(self, folder: Path, name: str, dataset_sha256: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images ``[N, C, R, R]``, labels ``[N]``) of ``images_name(name)``, each image checked against
+        the SHA-256 recorded for it; a folder without the file (a Hub upload leaves it out unless asked) is
+        refused, naming the fix."""
+        from safetensors import SafetensorError, safe_open
+
+        path = folder / images_name(name)
+        if not path.exists():
+            raise ValueError(
+                f"it indexes a dataset with SHA-256 {dataset_sha256[:12]}..., not this run's, and its exemplars' "
+                f"images ({path.name}) are not in {folder}: Hub uploads leave them out unless --push_exemplars. "
+                f"Continue on the data it was trained on, or from the run's own local task folder"
+            )
+        try:
+            with safe_open(str(path), "pt") as file:
+                digests = json.loads((file.metadata() or {})["sha256"])
+                images, labels = file.get_tensor("images"), file.get_tensor("labels")
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            raise ValueError(f"{path} cannot be read as exemplar images ({err}); copy the folder again") from None
+        if (
+            images.dtype != torch.uint8
+            or images.dim() != 4
+            or labels.dtype != torch.long
+            or labels.shape != (len(images),)
+        ):
+            raise ValueError(f"{path.name} must hold uint8 images [N, C, R, R] and int64 labels [N]")
+        if digests != [exemplar_sha256(x) for x in images]:
+            raise ValueError(f"{path.name}'s images differ from the SHA-256 recorded for each exemplar")
+        return images, labels
+
+    def restore_carried(self, images: torch.Tensor, labels: torch.Tensor, expected: Expected) -> None:
+        """Take a buffer drawn from other data as carried images once they fit: the model's image shape, only seen
+        classes, 1..per_class exemplars of each (a reservoir buffer cannot yet move to other data)."""
+        if self.reservoir is not None:
+            raise ValueError("a reservoir buffer cannot yet continue on other data; continue on the data it came from")
+        if len(images) and expected.sample_shape is not None and tuple(images.shape[1:]) != expected.sample_shape:
+            raise ValueError(f"its images are {list(images.shape[1:])}, the model's are {list(expected.sample_shape)}")
+        _check_seen(labels, expected)
+        counts = {c: int((labels == c).sum()) for c in expected.seen_classes}
+        if any(not 0 < n <= self.per_class for n in counts.values()):
+            raise ValueError(f"exemplars per class {counts}, not 1 to per_class {self.per_class} of each")
+        self.carried, self.carried_labels = images.clone(), labels.clone()
+        self.indices, self.seen, self.dataset_sha256 = torch.zeros(0, dtype=torch.long), 0, None
+        self.indexed, self.indexed_labels = torch.zeros(0, 0, 0, 0, dtype=torch.uint8), torch.zeros(0).long()
 
     def restore(self, indices: torch.Tensor, seen: int, dataset_sha256: str, expected: Expected) -> None:
         """Take ``indices`` into the training split (and the reservoir's count ``seen``) once they are what this
@@ -167,7 +266,8 @@ class ExemplarBuffer:
             raise ValueError("an exemplar appears twice, which sampling without replacement never gives")
         labels = train.labels[indices]
         _check_seen(labels, expected)
-        available = {c: int((train.labels == c).sum()) for c in expected.seen_classes}
+        carried = set(self.carried_labels.tolist())  # classes of earlier data, replayed from their images
+        available = {c: int((train.labels == c).sum()) for c in expected.seen_classes if c not in carried}
         if self.reservoir is None:
             wrong = {
                 c: (int((labels == c).sum()), min(self.per_class, n))
@@ -184,6 +284,13 @@ class ExemplarBuffer:
                 f"{min(self.reservoir, sum(available.values()))}; this one counts {seen} seen and holds {len(indices)}"
             )
         self.indices, self.seen, self.dataset_sha256 = indices, seen, dataset_sha256
+        self.keep_images(train)
+
+
+def images_name(name: str) -> str:
+    """The file of an in-memory buffer's 8-bit images beside its record ``name``: ``er_buffer.json`` ->
+    ``er_buffer_images.safetensors``."""
+    return f"{Path(name).stem}_images.safetensors"
 
 
 def _check_seen(labels: torch.Tensor, expected: Expected) -> None:
@@ -217,7 +324,9 @@ def exemplar_buffer(per_class: int, reservoir: int | None = None, stream_source:
 
 RESERVOIR_KEY = -1  # the one group of a reservoir buffer (classes are >= 0)
 # the files of a streamed run's exemplar images (a dataset's images: not uploaded unless asked)
-IMAGE_FILES = ("er_buffer.safetensors", "der_buffer.safetensors", "agem_memory.safetensors")
+IMAGE_FILES = ("er_buffer.safetensors", "der_buffer.safetensors", "agem_memory.safetensors") + tuple(
+    f"{stem}_images.safetensors" for stem in ("er_buffer", "der_buffer", "agem_memory")
+)
 
 
 class StreamedExemplarBuffer(ExemplarBuffer):
@@ -301,6 +410,10 @@ class StreamedExemplarBuffer(ExemplarBuffer):
         """As ``ExemplarBuffer.exemplars``, from the images held (a new class's exemplars follow the earlier ones:
         tasks never share a class)."""
         return self.stored[start:].float() / 127.5 - 1.0, self.stored_labels[start:].clone()
+
+    def files(self, name: str) -> dict[str, SafetensorsFile]:
+        """The task folder's file of the buffer: ``record``."""
+        return {name: self.record()}
 
     def record(self) -> SafetensorsFile:
         """The task-folder file: the images and labels, with the provenance and every exemplar's SHA-256."""

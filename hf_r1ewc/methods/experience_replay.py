@@ -3,7 +3,9 @@ loss (Zajac et al. 2023: a strong baseline for DDPMs, with a reduced rehearsal c
 
 The buffer (``exemplars``) gains ``per_class`` exemplars of each class after its task (or is a reservoir of
 ``reservoir`` exemplars in all, a uniform sample of every training example seen). In-memory data: it lives in task
-folders as indices into the training split with the split's SHA-256 (``er_buffer.json``), never as images. Streamed
+folders as indices into the training split with the split's SHA-256 (``er_buffer.json``) and as 8-bit images
+(``er_buffer_images.safetensors``, left out of Hub uploads unless asked), which a run continued on other data replays.
+Streamed
 data (``stream_source``, the dataset's name): it keeps the images, filled by one pass over each finished task's
 stream, in ``er_buffer.safetensors`` with their provenance (left out of Hub uploads unless asked). Each step draws
 ``batch_size`` exemplars uniformly (the step's generator) into the one forward; their rows count ``weight`` each in
@@ -75,7 +77,7 @@ class ExperienceReplay(ContinualMethod):
         return {"er_buffer_size": len(self.buffer)}
 
     def task_files(self, task_index: int, classes: list[int]) -> dict:
-        return {self.file: self.buffer.record()}
+        return self.buffer.files(self.file)
 
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         self.buffer.load(folder, self.file, expected)
