@@ -167,7 +167,7 @@ class RoutedDenoiser(torch.nn.Module):
     ``models``: route name -> denoiser (one architecture); ``routes``: class -> route name. A batch of mixed labels
     is split by route, each group goes through its own model (one forward per route in the batch) and the rows are
     put back in the batch's order; a label without a route goes to ``default`` (None: refused). ``config``: the
-    first model's."""
+    default model's (the newest: after new classes, the one with the whole label table), else the first's."""
 
     def __init__(self, models: dict[str, torch.nn.Module], routes: dict[int, str], default: str | None = None) -> None:
         super().__init__()
@@ -179,7 +179,7 @@ class RoutedDenoiser(torch.nn.Module):
 
     @property
     def config(self):
-        return next(iter(self.models.values())).config
+        return (self.models[self.default] if self.default else next(iter(self.models.values()))).config
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels: torch.Tensor, return_dict: bool = True

@@ -75,7 +75,7 @@ def load_data(args: argparse.Namespace) -> TaskData:
     done = finished_tasks(Path(args.output_dir))
     try:
         source = resolve_task_source(args.resume_from_task) if args.resume_from_task else None
-        source = source or (Path(args.output_dir) / task_folder_name(done) if done else None)
+        source = source or (Path(args.output_dir) / task_folder_name(done) if done and not args.joint else None)
         learned = read_learned(source) if source is not None else None
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None

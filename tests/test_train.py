@@ -348,35 +348,23 @@ def test_two_processes(tmp_path):
     ],
 )
 def test_every_method_runs(tmp_path, ewc_type, replay, ewc_mode):
-    """Each penalty (in the loss and decoupled) with distillation on and off: a short in-process run of main()."""
-    sys.path.insert(0, str(ROOT))
-    import train_continual_ddpm
-
+    """Each penalty (in the loss and decoupled) with distillation on and off: a short in-process run of main(), then
+    the finished run extended by a third task (its penalty gains a term)."""
     out = tmp_path / "m"
-    train_continual_ddpm.main(
-        [
-            *FAST,
-            "--num_epochs_per_task",
-            "1",
-            "--fid_backend",
-            "none",
-            "--ewc_type",
-            ewc_type,
-            "--replay",
-            replay,
-            "--ewc_mode",
-            ewc_mode,
-            "--gradient_accumulation_steps",
-            "2",
-            "--output_dir",
-            str(out),
-        ]
-    )
+    flags = [*FAST, "--num_epochs_per_task", "1", "--fid_backend", "none", "--ewc_type", ewc_type, "--replay"]
+    flags += [replay, "--ewc_mode", ewc_mode, "--gradient_accumulation_steps", "2", "--output_dir", str(out)]
+    run(flags)
     assert (out / "task_02" / "model_index.json").exists()
     assert (out / "task_02" / "fisher.safetensors").exists() == (ewc_type != "none")
     # the penalty's gradient ratio is measured on the epoch's first optimizer step, also under accumulation
     ratios = json.loads((out / "task_02" / "metrics.json").read_text())["ewc_grad_ratio_per_epoch"]
     assert len(ratios) == (ewc_type != "none") and all(math.isfinite(r) for r in ratios)
+    run(with_tasks(flags, "0,1;2,3;4,5"))
+    assert json.loads((out / "task_03" / "training_state.json").read_text())["seen_classes"] == [0, 1, 2, 3, 4, 5]
+    if ewc_type != "none":
+        from safetensors.torch import load_file
+
+        assert int(load_file(str(out / "task_03" / "ewc_penalty.safetensors"))["num_tasks"]) == 3
 
 
 def test_bad_input_fails_before_training(tmp_path):
@@ -867,8 +855,8 @@ def with_tasks(flags: list[str], tasks: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "method",
-    ["gd", "er", "rank1+gd", "lora --no-use_ema", "ensemble"],
-    ids=["gd", "er", "rank1+gd", "lora", "ensemble"],
+    ["gd", "er", "rank1+gd", "lora --no-use_ema", "ensemble", "si+er+agem+kd", "mas+der", "l2"],
+    ids=["gd", "er", "rank1+gd", "lora", "ensemble", "si+er+agem+kd", "mas+der", "l2"],
 )
 def test_a_finished_run_extended_by_a_task_equals_the_run_planned_with_it(tmp_path, method):
     """The promise of open-ended learning: a 2-task run re-run into its folder with a third task appended ends with
@@ -1018,3 +1006,24 @@ def test_real_exemplars_carry_onto_new_data_as_images(tmp_path):
     (tmp_path / "run" / "task_02" / "er_buffer_images.safetensors").unlink()
     message = refusal([*new, *source, "--output_dir", str(tmp_path / "x")])
     assert "er_buffer_images.safetensors) are not in" in message and "--push_exemplars" in message
+
+
+@pytest.mark.parametrize("method", ["lora", "ensemble"])
+def test_parameter_isolation_learns_new_classes_from_new_data_forgetting_nothing(tmp_path, method):
+    """LoRA and the ensemble continued onto new classes of new data: the shared (or newest) model's label table
+    grows, a finished task's route keeps its own model, the routing table gains the new classes, the pipeline samples
+    an old and a new class in one batch, and the old tasks' FIDs are exactly what they were."""
+    shapes = named_shapes_parquet(tmp_path / "shapes")
+    flags, out = [*EXTEND_FLAGS, "--method", method, "--no-use_ema"], tmp_path / "run"
+    run([*flags, "--output_dir", str(out)])
+    new = with_tasks(flags, "circle,square")
+    new[new.index("--dataset_name") + 1] = str(shapes)
+    run([*new, "--output_dir", str(out)])
+    routes = json.loads((out / "task_03" / "model_index.json").read_text())["routes"]
+    assert {c: routes[c] for c in ("10", "11")} == (
+        {"10": "task_03", "11": "task_03"} if method == "lora" else {"10": "denoiser", "11": "denoiser"}
+    )
+    pipe = quiet_pipeline(out / "task_03")
+    assert pipe(["circle", 0], 2, generator=row_generators([0, 1]), output_type="pt").images.shape == (2, 1, 8, 8)
+    fid = json.loads((out / "results.json").read_text())["fid"]
+    assert fid["3"]["1"] == fid["1"]["1"] and fid["3"]["2"] == fid["2"]["2"]

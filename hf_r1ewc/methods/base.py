@@ -173,6 +173,10 @@ class Expected:
         seen = sorted({c for t in tasks[:finished] for c in t})
         return cls(shapes, finished, seen, train, within_task, sample_shape(model), tuple(growth))
 
+    def before_growth(self) -> dict[str, tuple[int, ...]]:
+        """``shapes`` as they were before the label tables grew (a finished task's own model keeps them)."""
+        return {**self.shapes, **{g.name: (g.old, *self.shapes[g.name][1:]) for g in self.growth}}
+
     def grown(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state`` (keys ``<part>.<parameter name>``) written before the label tables grew, with the new rows
         (zeros: ``Growth.grow``) where a tensor holds a grown parameter at its old size."""
