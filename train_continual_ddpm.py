@@ -132,6 +132,7 @@ def open_run(
         task_source=args.resume_from_task,
         must_match={k: v for k, v in run_config(args).items() if k in RESUME_MUST_MATCH},
         train=train,
+        checkpoint_must_match={k: v for k, v in run_config(args).items() if k in RESUME_MUST_MATCH + DATA_SETTINGS},
     )
     run.manifest = check_manifest(
         accelerator,

@@ -480,19 +480,22 @@ def resume_run(
     task_source: str | None,
     must_match: dict,
     train: TrainingSplit | None = None,
+    checkpoint_must_match: dict | None = None,
 ) -> RunState:
     """Where to start: after the newest of (a finished task folder of OUTPUT_DIR, ``task_source``, a checkpoint).
 
     The task folder continued from restores the weights, what the learner's methods keep there (the EWC penalty, at
     the run's lambda) and the EMA's warm-up position, after its files are checked against their SHA-256 and the
     methods' state against the model and the training split ``train`` (``Expected``); its recorded ``run_config``
-    must agree with ``must_match`` (keys it records) and its tasks with ``training_tasks``. A checkpoint's method
-    state is checked here too; the checkpoint itself is loaded by ``load_checkpoint`` when its task starts.
+    must agree with ``must_match`` (keys it records) and its learned tasks must begin ``training_tasks``. Another
+    run's checkpoint must agree with ``checkpoint_must_match`` (default ``must_match``): a checkpoint stops inside
+    a task, in that task's data. A checkpoint's method state is checked here too; the checkpoint itself is loaded
+    by ``load_checkpoint`` when its task starts.
     """
     state = RunState(start_task=1, matrix={}, accuracy={})
     checkpoint = find_checkpoint(checkpoint_spec, output_dir, methods_state_required(learner))
     if checkpoint is not None and checkpoint.resolve().parent.parent != output_dir.resolve():
-        check_other_runs_checkpoint(checkpoint, must_match)
+        check_other_runs_checkpoint(checkpoint, must_match if checkpoint_must_match is None else checkpoint_must_match)
     done = finished_tasks(output_dir, len(training_tasks))
     previous = output_dir / task_folder_name(done) if done else None
     try:
