@@ -201,3 +201,22 @@ def test_an_intact_method_file_restores_the_penalty(tmp_path, name):
     fresh.load_task_folder(tmp_path, Expected.of(unet, [[0, 1]], 1))
     moved = make_tiny_unet(seed=1)
     assert float(fresh.penalty(moved)) == pytest.approx(float(method.penalty(moved)), rel=1e-6)
+
+
+def test_l2_anchor_grows_with_the_model_new_rows_from_the_model_it_starts_from(tmp_path):
+    """An L2 anchor written at 4 classes, read by a model grown to 6: the old rows are theta*_{k-1}'s, the new rows
+    the grown model's own (its start), so the penalty is 0 where the task starts and the new rows are free of it."""
+    from safetensors.torch import save_file
+
+    from hf_r1ewc.methods.l2 import ANCHOR_FILE
+    from hf_r1ewc.models import grow_class_embedding
+
+    trained = make_tiny_unet(seed=2)
+    save_file({n: p.detach().contiguous() for n, p in trained.named_parameters()}, str(tmp_path / ANCHOR_FILE))
+    grown = make_tiny_unet(seed=2)
+    growth = grow_class_embedding(grown, 6, learned=[0, 1])
+    method = L2(3.0)
+    method.load_task_folder(tmp_path, Expected.of(grown, [[0, 1]], 1, growth=growth))
+    method.start_task(TaskStart(2, grown, [0, 1], [4, 5]))
+    assert torch.equal(method.anchor["class_embedding.weight"], grown.class_embedding.weight.detach())
+    assert float(method.penalty(grown)) == 0.0

@@ -389,13 +389,6 @@ def load_task_file(
     return expected.grown(state) if expected is not None else state
 
 
-def refuse_growth(expected: Expected, method: str, why: str) -> None:
-    """``ValueError`` when the model's label tables grew (new classes from new data) and ``method`` cannot carry
-    its state across that: ``why``."""
-    if expected.growth:
-        raise ValueError(f"--method {method} cannot continue onto new classes that grow the model: {why}")
-
-
 def refused(folder: str | os.PathLike, name: str, err: ValueError) -> ValueError:
     """The ``ValueError`` for a task-folder file whose values do not fit the run: names the file and the problem."""
     return ValueError(

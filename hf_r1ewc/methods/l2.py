@@ -11,12 +11,13 @@ from torch import nn
 from .base import (
     ContinualMethod,
     Expected,
+    Growth,
     SafetensorsFile,
     TaskEnd,
+    TaskStart,
     load_task_file,
     parameter_parts,
     quadratic_penalty,
-    refuse_growth,
     refused,
     trainable_weights,
 )
@@ -34,6 +35,7 @@ class L2(ContinualMethod):
         if not 0 <= weight < float("inf"):
             raise ValueError(f"the L2 weight must be finite and >= 0, got {weight}")
         self.weight, self.anchor = float(weight), {}
+        self.growth: tuple[Growth, ...] = ()
 
     def label(self) -> str:
         return f"L2 to the previous weights (weight {self.weight:g})"
@@ -53,14 +55,24 @@ class L2(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         return {ANCHOR_FILE: SafetensorsFile(self.anchor)}
 
+    def start_task(self, task: TaskStart) -> None:
+        """After the label tables grew (new classes): the new rows of theta*_{k-1} are the model's own (their start),
+        so that the anchor is the grown model the task starts from."""
+        params = dict(task.model.named_parameters())
+        for g in self.growth:
+            rows = params[g.name].detach().float().cpu()[g.at : g.at + g.new - g.old]
+            self.anchor[g.name] = torch.cat(
+                [self.anchor[g.name][: g.at], rows, self.anchor[g.name][g.at + g.new - g.old :]]
+            )
+        self.growth = ()
+
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
-        why = "it pulls every weight towards the last task's with one weight, new classes' rows included"
-        refuse_growth(expected, self.name, why)
         anchor = load_task_file(folder, ANCHOR_FILE, "the weights the L2 penalty pulls towards")
         try:
-            self.load_state_dict({f"anchor.{n}": v for n, v in anchor.items()}, expected)
+            self.load_state_dict(expected.grown({f"anchor.{n}": v for n, v in anchor.items()}), expected)
         except ValueError as err:
             raise refused(folder, ANCHOR_FILE, err) from None
+        self.growth = expected.growth  # the new rows' anchor comes from the model as the next task starts
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"anchor.{n}": a for n, a in self.anchor.items()}
