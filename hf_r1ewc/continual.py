@@ -324,11 +324,17 @@ class ContinualLearner:
             files |= method.task_files(task_index, classes)
         return files
 
-    def load_task_folder(self, folder, expected: Expected) -> None:
+    def load_task_folder(self, folder, expected: Expected, joining: Sequence[str] = ()) -> dict[str, str]:
         """Every method restores what it wrote into task folder ``expected.finished``, checked against ``expected``
-        (``ValueError`` naming the file and the problem)."""
+        (``ValueError`` naming the file and the problem); a method named in ``joining`` (the folder's run did not
+        use it) starts empty instead (``join``). Returns what each joining method starts with."""
+        joined = {}
         for method in self.methods:
-            method.load_task_folder(folder, expected)
+            if method.name in joining:
+                joined[method.name] = method.join(expected)
+            else:
+                method.load_task_folder(folder, expected)
+        return joined
 
     def state_dict(self, changing_only: bool = False) -> dict[str, torch.Tensor]:
         """Every method's state under ``<name>.`` (safetensors-ready: ``hf_r1ewc.run.register_methods`` keeps it in

@@ -326,11 +326,14 @@ def load_checkpoint(accelerator, checkpoint: Path) -> None:
 
 
 def finished_tasks(output_dir: Path, num_tasks: int | None = None) -> int:
-    """How many tasks of OUTPUT_DIR are finished: the length of the unbroken run of complete task_XX folders."""
-    k = 0
-    while (num_tasks is None or k < num_tasks) and is_complete_task_folder(output_dir / task_folder_name(k + 1)):
+    """How many tasks of OUTPUT_DIR are finished (at most ``num_tasks``): the newest of the unbroken run of complete
+    task_XX folders from the first one present (task_01; a later one in a run continued from another run's task
+    folder, which holds the tasks after it)."""
+    done = {int(p.name[5:]) for p in output_dir.glob("task_[0-9][0-9]") if is_complete_task_folder(p)}
+    k = min(done, default=0)
+    while k + 1 in done and (num_tasks is None or k < num_tasks):
         k += 1
-    return k
+    return k if num_tasks is None else min(k, num_tasks)
 
 
 def resume_advice(output_dir: Path) -> str:
@@ -671,10 +674,12 @@ def restore_task_folder(
             f"data and --model_config_name_or_path/--preset, or use another --output_dir"
         )
     denoiser.load_state_dict(loaded.state_dict())
+    used = saved["run_config"].get("method")  # (folders of older versions do not say)
+    joining = sorted({m.name for m in learner.methods} - set(used.split("+"))) if used else []
+    expected = Expected.of(denoiser, saved["tasks"], saved["task_index"], train, growth=growth)
     try:
-        learner.load_task_folder(
-            folder, Expected.of(denoiser, saved["tasks"], saved["task_index"], train, growth=growth)
-        )
+        for name, start in learner.load_task_folder(folder, expected, joining).items():
+            logger.info("--method adds %s, which %s's run did not use: %s", name, folder, start)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if ema is not None:

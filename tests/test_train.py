@@ -1027,3 +1027,27 @@ def test_parameter_isolation_learns_new_classes_from_new_data_forgetting_nothing
     assert pipe(["circle", 0], 2, generator=row_generators([0, 1]), output_type="pt").images.shape == (2, 1, 8, 8)
     fid = json.loads((out / "results.json").read_text())["fid"]
     assert fid["3"]["1"] == fid["1"]["1"] and fid["3"]["2"] == fid["2"]["2"]
+
+
+def test_a_gd_task_folder_continues_with_er_added_its_buffer_starting_empty(tmp_path, caplog):
+    """--resume_from_task of a GD run's folder with --method gd+er: ER joins with an empty buffer (said in the log),
+    keeps exemplars of the new classes only, and the new run resumes and extends from its own folders (the classes
+    learned before ER joined stay absent); a method that keeps something of every finished task (si) cannot join."""
+    flags = [*EXTEND_FLAGS, "--method", "gd"]
+    run([*flags, "--output_dir", str(tmp_path / "run")])
+    added = with_tasks(flags, "4,5")
+    added[added.index("--method") + 1] = "gd+er"
+    source = ["--resume_from_task", str(tmp_path / "run" / "task_02"), "--output_dir", str(tmp_path / "next")]
+    with caplog.at_level(logging.INFO):
+        run([*added, *source])
+    assert "--method adds er, which" in caplog.text and "its buffer starts empty" in caplog.text
+    record = json.loads((tmp_path / "next" / "task_03" / "er_buffer.json").read_text())
+    assert record["absent"] == [0, 1, 2, 3] and len(record["indices"]) == 2 * 20
+    task_03 = (tmp_path / "next" / "task_03" / "training_state.json").read_bytes()
+    run([*with_tasks(added, "6,7"), "--output_dir", str(tmp_path / "next")])  # its own folder, one more task
+    assert (tmp_path / "next" / "task_03" / "training_state.json").read_bytes() == task_03  # not redone
+    record = json.loads((tmp_path / "next" / "task_04" / "er_buffer.json").read_text())
+    assert record["absent"] == [0, 1, 2, 3] and len(record["indices"]) == 4 * 20
+    added[added.index("--method") + 1] = "gd+si"
+    message = refusal([*added, *source[:2], "--output_dir", str(tmp_path / "si")])
+    assert "--method si keeps something of every finished task, which that run did not make" in message

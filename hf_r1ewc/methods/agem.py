@@ -104,6 +104,10 @@ class AGEM(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         return self.memory.files(self.file)
 
+    def join(self, expected: Expected) -> str:
+        self.memory.join(expected)
+        return "its buffer starts empty: no exemplars of the classes learned so far"
+
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         self.memory.load(folder, self.file, expected)
 

@@ -12,6 +12,7 @@ A training loop with a list of methods runs, per task::
     end_task(TaskEnd)                      Fisher, importances, buffer update
     task_files() / load_task_folder(dir, expected)
                                            what the task folder keeps of the method (safetensors + JSON only)
+    join(expected)                         instead of load_task_folder, for a method the folder's run did not use
     state_dict() / load_state_dict(s, expected)
                                            all of its state (``changes_during_task``: checkpoints keep it too)
     serve(model) / routes(task_index)      parameter isolation: the model that serves every class (routed by
@@ -345,6 +346,16 @@ class ContinualMethod:
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         """Restore what ``task_files`` wrote into task folder ``expected.finished`` (to continue after it), checked
         against ``expected`` first; raise ``ValueError`` naming the file and the problem, taking nothing."""
+
+    def join(self, expected: Expected) -> str:
+        """Start after ``expected.finished`` tasks that this method did not see (a run continued from a task folder
+        adds it): returns what it starts with, for the log; raises ``ValueError`` where it cannot. Default: it
+        keeps something of every finished task (a penalty term, an anchor), which the folder's run did not make."""
+        raise ValueError(
+            f"--method {self.name} keeps something of every finished task, which that run did not make, so it cannot "
+            f"join after {expected.finished} tasks: continue with the folder's method (or add only gd, kd, er, agem "
+            f"or der)"
+        )
 
     def serve(self, model: nn.Module) -> nn.Module:
         """The model that samples every class learned so far, given ``model``, the current task's (in training, or

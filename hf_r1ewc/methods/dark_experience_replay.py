@@ -137,6 +137,10 @@ class DarkExperienceReplay(ContinualMethod):
             DRAWS_FILE: SafetensorsFile({k: v.contiguous() for k, v in draws.items()}),
         }
 
+    def join(self, expected: Expected) -> str:
+        self.buffer.join(expected)
+        return "its buffer starts empty: no exemplars of the classes learned so far"
+
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         self.buffer.load(folder, self.file, expected)
         draws = load_task_file(folder, DRAWS_FILE, "DER's kept draws and predictions")

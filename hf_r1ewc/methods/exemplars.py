@@ -47,6 +47,13 @@ class ExemplarBuffer:
         self.carried_labels = torch.zeros(0, dtype=torch.long)
         self.indexed = torch.zeros(0, 0, 0, 0, dtype=torch.uint8)  # the indexed exemplars' 8-bit images
         self.indexed_labels = torch.zeros(0, dtype=torch.long)
+        self.absent: list[int] = []  # classes learned before the buffer joined the run: none of their exemplars
+
+    def join(self, expected: Expected) -> None:
+        """Start empty after ``expected.finished`` tasks this buffer did not see: their classes stay absent."""
+        if self.reservoir is not None:
+            raise ValueError("a reservoir buffer cannot join a run after its first task yet")
+        self.absent = list(expected.seen_classes)
 
     def gather(self, task: TaskStart) -> None:
         """The exemplars' images (the carried ones, then the indexed ones from the training split) on the model's
@@ -110,6 +117,7 @@ class ExemplarBuffer:
             "seen": self.seen,
             "train_sha256": self.dataset_sha256,
             "carried": len(self.carried_labels),
+            "absent": self.absent,
         }
 
     def keep_images(self, train: TrainingSplit) -> None:
@@ -178,9 +186,12 @@ class ExemplarBuffer:
                 raise ValueError(
                     f"it was kept with reservoir {record.get('reservoir')}, this run asks {self.reservoir}"
                 )
-            carried, sha = record.get("carried", 0), str(record["train_sha256"])
+            carried, sha, absent = record.get("carried", 0), str(record["train_sha256"]), record.get("absent", [])
             if type(carried) is not int or not 0 <= carried:
                 raise ValueError(f"'carried' must be a count, got {carried!r}")
+            if not isinstance(absent, list) or not set(absent) <= set(expected.seen_classes):
+                raise ValueError(f"'absent' must list classes learned so far, got {absent!r}")
+            self.absent = absent
             same_data = expected.train is not None and expected.train.sha256 == sha
             images = labels = None
             if carried or not same_data:
@@ -237,7 +248,7 @@ class ExemplarBuffer:
         if len(images) and expected.sample_shape is not None and tuple(images.shape[1:]) != expected.sample_shape:
             raise ValueError(f"its images are {list(images.shape[1:])}, the model's are {list(expected.sample_shape)}")
         _check_seen(labels, expected)
-        counts = {c: int((labels == c).sum()) for c in expected.seen_classes}
+        counts = {c: int((labels == c).sum()) for c in expected.seen_classes if c not in self.absent}
         if any(not 0 < n <= self.per_class for n in counts.values()):
             raise ValueError(f"exemplars per class {counts}, not 1 to per_class {self.per_class} of each")
         self.carried, self.carried_labels = images.clone(), labels.clone()
@@ -266,8 +277,8 @@ class ExemplarBuffer:
             raise ValueError("an exemplar appears twice, which sampling without replacement never gives")
         labels = train.labels[indices]
         _check_seen(labels, expected)
-        carried = set(self.carried_labels.tolist())  # classes of earlier data, replayed from their images
-        available = {c: int((train.labels == c).sum()) for c in expected.seen_classes if c not in carried}
+        skipped = set(self.carried_labels.tolist()) | set(self.absent)  # from their images, or before it joined
+        available = {c: int((train.labels == c).sum()) for c in expected.seen_classes if c not in skipped}
         if self.reservoir is None:
             wrong = {
                 c: (int((labels == c).sum()), min(self.per_class, n))
@@ -410,6 +421,9 @@ class StreamedExemplarBuffer(ExemplarBuffer):
         """As ``ExemplarBuffer.exemplars``, from the images held (a new class's exemplars follow the earlier ones:
         tasks never share a class)."""
         return self.stored[start:].float() / 127.5 - 1.0, self.stored_labels[start:].clone()
+
+    def join(self, expected: Expected) -> None:
+        raise ValueError("a streamed buffer cannot join a run after its first task yet")
 
     def files(self, name: str) -> dict[str, SafetensorsFile]:
         """The task folder's file of the buffer: ``record``."""

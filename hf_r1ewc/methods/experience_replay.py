@@ -79,6 +79,10 @@ class ExperienceReplay(ContinualMethod):
     def task_files(self, task_index: int, classes: list[int]) -> dict:
         return self.buffer.files(self.file)
 
+    def join(self, expected: Expected) -> str:
+        self.buffer.join(expected)
+        return "its buffer starts empty: no exemplars of the classes learned so far"
+
     def load_task_folder(self, folder: str | os.PathLike, expected: Expected) -> None:
         self.buffer.load(folder, self.file, expected)
 

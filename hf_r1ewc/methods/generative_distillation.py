@@ -19,7 +19,16 @@ from torch import nn
 
 from ..distill import ReplayPool, distillation_loss, frozen_teacher, online_replay_batch
 from ..sharding import full_model_copy
-from .base import ContinualMethod, ExtraBatch, StepForward, TaskStart, Term, compile_like_student, task_folder_name
+from .base import (
+    ContinualMethod,
+    Expected,
+    ExtraBatch,
+    StepForward,
+    TaskStart,
+    Term,
+    compile_like_student,
+    task_folder_name,
+)
 
 
 POOL_MODES = ("regenerate", "accumulate")
@@ -106,6 +115,9 @@ class GenerativeDistillation(ContinualMethod):
         if self.pool == "accumulate":
             return scratch_dir / "accumulated" / task_folder_name(task_index - 1)
         return scratch_dir / task_folder_name(task_index)
+
+    def join(self, expected: Expected) -> str:
+        return "its teacher is the model each task starts from (it keeps nothing across tasks)"
 
     def start_task(self, task: TaskStart) -> None:
         """The teacher (whole weights: gathered once under FSDP; compiled as the accelerator compiles the student)

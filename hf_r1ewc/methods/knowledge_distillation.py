@@ -9,7 +9,7 @@ from torch import nn
 
 from ..distill import distillation_loss, frozen_teacher
 from ..sharding import full_model_copy
-from .base import ContinualMethod, StepForward, TaskStart, Term, compile_like_student
+from .base import ContinualMethod, Expected, StepForward, TaskStart, Term, compile_like_student
 
 
 class KnowledgeDistillation(ContinualMethod):
@@ -28,6 +28,9 @@ class KnowledgeDistillation(ContinualMethod):
 
     def settings(self) -> dict:
         return {"kd_weight": self.weight}
+
+    def join(self, expected: Expected) -> str:
+        return "its teacher is the model each task starts from (it keeps nothing across tasks)"
 
     def start_task(self, task: TaskStart) -> None:
         """The teacher: a frozen copy of theta*_{k-1} (whole weights; compiled as the student), from task 2 on."""
