@@ -957,7 +957,7 @@ def run_manifest(args: argparse.Namespace, accelerator, data: TaskData) -> dict:
         "settings": settings,
         "dataset": dataset,
         "tasks": data.tasks,
-        "task_sources": [data.source] * len(data.tasks),
+        "task_sources": data.task_sources or [data.source] * len(data.tasks),
     }
 
 

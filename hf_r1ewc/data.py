@@ -677,6 +677,7 @@ class TaskData:
     num_classes: int
     tasks: list[list[int]]
     class_names: list[str] = field(default_factory=list)
+    task_sources: list[str] = field(default_factory=list)  # the data each task comes from (continued runs: several)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -700,12 +701,14 @@ def load_task_data(
     class_names: str | None = None,
     learned_tasks: list[list[int]] | None = None,
     model_names: Sequence[str] | None = None,
+    learned_sources: Sequence[str] | None = None,
 ) -> TaskData:
     """Read and check the data of ``source`` and its class-incremental tasks (``tasks`` as '0,1;2,3' or by name,
     else groups of ``classes_per_task`` in label order; after ``learned_tasks``, the tasks a continued model has
     learned, as ``continued_tasks`` reads them); ``model_names``: that model's class names by id, onto which the
     data's classes are mapped by name (``label_space``: new names take new ids; its labels are relabelled);
-    ``class_names``: --class_names; ``need_test_classes``: every class must have test images (FID), but those a
+    ``learned_sources``: the data each learned task came from (``TaskData.task_sources``); ``class_names``:
+    --class_names; ``need_test_classes``: every class must have test images (FID), but those a
     continued model learned (their statistics are carried). Every data error raises ``SystemExit`` here, before any
     model is built."""
     try:
@@ -766,6 +769,8 @@ def load_task_data(
             continued_tasks(learned_tasks, planned, names) if learned_tasks else planned,
             names,
         )
+        learned_sources = list(learned_sources or [source] * len(learned_tasks or []))
+        data.task_sources = learned_sources + [source] * (len(data.tasks) - len(learned_sources))
     except ValueError as err:  # DataError: stop before any training
         raise SystemExit(f"error: {err}") from None
     missing = [c for t in data.tasks for c in t if c not in test.classes and c not in learned]  # learned: carried

@@ -100,6 +100,12 @@ def _complete_run(run_dir: Path, all_tasks: bool, num_samples: int | None) -> di
     recorded = json.loads(manifest.read_text()) if manifest.exists() else {}
     args = recorded["settings"] if recorded else json.loads((run_dir / "args.json").read_text())
     source = args["dataset_name"] or args["train_data_dir"]
+    sources = sorted(set(recorded.get("task_sources") or results.get("task_sources") or [source]))
+    if len(sources) > 1:
+        raise ValueError(
+            f"{run_dir}'s tasks come from several datasets ({', '.join(sources)}), mapped by name onto one label "
+            f"space: --complete reads one dataset and cannot score them yet. Its FIDs are in results.json"
+        )
     resize_to = args.get("resolution") if args.get("resize") else None
     test = load_labeled_images(
         source, args.get("eval_split", "test"), args.get("image_column"), args.get("label_column"), resize_to

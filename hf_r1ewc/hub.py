@@ -350,11 +350,12 @@ def resolve_task_source(spec: str) -> Path:
 
 class Learned(NamedTuple):
     """What a task folder's model has learned: its ``tasks`` in order, its class ``names`` by id (None where the
-    folder records none) and the ``sample_size`` of its images."""
+    folder records none), the ``sample_size`` of its images and the data each task came from (``sources``)."""
 
     tasks: list[list[int]]
     names: list[str] | None
     sample_size: int | None
+    sources: list[str]
 
 
 def read_learned(folder: str | os.PathLike) -> Learned:
@@ -375,17 +376,21 @@ def read_learned(folder: str | os.PathLike) -> Learned:
         id2label = json.loads((folder / "model_index.json").read_text()).get("id2label")
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{folder}/model_index.json cannot be read ({err}); copy the folder again") from None
+    recorded = state.get("task_sources") or []  # (folders that predate it: their run's one dataset)
+    config_of_run = state.get("run_config") or {}
+    one_source = str(config_of_run.get("dataset_name") or config_of_run.get("train_data_dir") or "")
+    sources = [str(s) for s in recorded[: len(tasks)]] if len(recorded) >= len(tasks) else [one_source] * len(tasks)
     config = next((folder / c for c in DENOISER_CONFIGS if (folder / c).exists()), None)
     size = json.loads(config.read_text()).get("sample_size") if config is not None else None
     size = size if isinstance(size, int) else None
     if id2label is None:
-        return Learned(tasks, None, size)
+        return Learned(tasks, None, size, sources)
     if not isinstance(id2label, dict) or sorted(id2label) != sorted(map(str, range(len(id2label)))):
         raise ValueError(f"{folder}/model_index.json's id2label does not name ids 0..N-1 once each: it was altered")
     names = [str(id2label[str(i)]) for i in range(len(id2label))]
     if outside := sorted({c for t in tasks for c in t if not 0 <= c < len(names)}):
         raise ValueError(f"{folder} learned classes {outside}, which its id2label ({len(names)} names) does not name")
-    return Learned(tasks, names, size)
+    return Learned(tasks, names, size, sources)
 
 
 class TaskUploader:

@@ -94,6 +94,7 @@ def load_data(args: argparse.Namespace) -> TaskData:
         class_names=args.class_names,
         learned_tasks=learned.tasks if learned else None,
         model_names=learned.names if learned else None,
+        learned_sources=learned.sources if learned else None,
     )
     if "gd" in args.method.split("+") and args.replay_mode == "pool":
         check_pool_budget(data, args.replay_per_class, args.output_dir)
@@ -351,6 +352,7 @@ def write_task_folder(
     state = {
         "task_index": task_index,
         "tasks": tasks,
+        "task_sources": data.task_sources,
         "seen_classes": seen,
         "run_config": run_config(args),
         "global_step": run.global_step,
@@ -398,6 +400,7 @@ def write_task_folder(
         "fid_comparable_to_inception": comparable,
         "tasks": data.tasks,
         "class_names": data.id2label,
+        "task_sources": data.task_sources,
         "tasks_done": task_index,
         "dataset": data.source,
         "resolution": data.resolution,

@@ -236,7 +236,10 @@ def check_manifest(
         recorded["changes"].append({"setting": "data", "from_task": len(old_tasks) + 1, **changes, "at": at})
     if extended:
         sources = recorded.get("task_sources") or [recorded_source] * len(old_tasks)
-        recorded["task_sources"] = sources + [current["dataset"]["source"]] * (len(new_tasks) - len(old_tasks))
+        appended = current.get("task_sources", [])[len(old_tasks) :]
+        recorded["task_sources"] = sources + (
+            appended or [current["dataset"]["source"]] * (len(new_tasks) - len(old_tasks))
+        )
         logger.info(
             "the run's %d tasks are extended by %s (recorded in %s)",
             len(old_tasks),

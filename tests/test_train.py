@@ -962,6 +962,11 @@ def test_a_digits_run_learns_named_classes_from_new_data_and_grows_its_label_tab
     )
     score = evaluator(pipe.denoiser, sampling_scheduler("ddim", pipe.scheduler.config), 1)
     assert score.fid == pytest.approx(results["fid"]["3"]["1"], rel=1e-6)  # (the saved copy: other rounding)
+    assert results["task_sources"] == manifest["task_sources"]
+    from hf_r1ewc.evaluate import complete_run
+
+    with pytest.raises(ValueError, match="tasks come from several datasets"):  # it would score digits on shapes
+        complete_run(out, all_tasks=True)
     assert (out / "samples_by_task.png").exists()
 
 
@@ -996,6 +1001,8 @@ def test_real_exemplars_carry_onto_new_data_as_images(tmp_path):
     source = ["--resume_from_task", str(tmp_path / "run" / "task_02"), "--fid_backend", "none"]
     run([*new, *source, "--output_dir", str(tmp_path / "next")])
     digits = load_task_data("digits", tasks="0,1;2,3", resolution=8, max_train_per_class=48).train
+    manifest = json.loads((tmp_path / "next" / "run_manifest.json").read_text())
+    assert manifest["task_sources"] == ["digits", "digits", str(shapes)]  # a new folder knows its tasks' data
     for stem, per_class in (("er_buffer", 3), ("der_buffer", 2)):
         record = json.loads((tmp_path / "next" / "task_03" / f"{stem}.json").read_text())
         kept = load_file(str(tmp_path / "next" / "task_03" / f"{stem}_images.safetensors"))
