@@ -39,6 +39,7 @@ def main(out: str, seeds: int) -> None:
         kept[ids] += 1
     if rank == 0:
         Path(out).write_text(json.dumps({"differ": differ, "kept": kept.tolist(), "world": world}))
+    accelerator.end_training()  # destroys the process group: gloo left alive at exit can abort the interpreter
 
 
 if __name__ == "__main__":
