@@ -1034,6 +1034,9 @@ def test_parameter_isolation_learns_new_classes_from_new_data_forgetting_nothing
     assert pipe(["circle", 0], 2, generator=row_generators([0, 1]), output_type="pt").images.shape == (2, 1, 8, 8)
     fid = json.loads((out / "results.json").read_text())["fid"]
     assert fid["3"]["1"] == fid["1"]["1"] and fid["3"]["2"] == fid["2"]["2"]
+    if method == "lora":  # the shared model's old rows, all ten ids', are the rows before the table grew
+        before, after = (unet_weights(out / f"task_0{k}")["class_embedding.weight"] for k in (2, 3))
+        assert after.shape[0] == 12 and torch.equal(after[:10], before)
 
 
 def test_a_gd_task_folder_continues_with_er_added_its_buffer_starting_empty(tmp_path, caplog):
