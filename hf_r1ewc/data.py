@@ -477,6 +477,43 @@ def continued_tasks(
     return planned if new is not planned else learned + planned
 
 
+def check_mapping(
+    names: Sequence[str], ids: Sequence[int], learned: Sequence[int], streaming: bool, tasks_given: bool
+) -> None:
+    """Refuses (``DataError``) data whose classes ``label_space`` moved to other ids (``ids``: each data id's) when
+    it streams (its labels are read as stored), or when it holds a learned class and no --tasks picks the new ones."""
+    moved = [n for i, n in enumerate(ids) if i != n]
+    if moved and streaming:
+        raise DataError(
+            "a streamed dataset cannot yet bring new classes to a continued model (its labels are read as they are "
+            "stored): save the new data to disk and continue without --streaming"
+        )
+    again = sorted(set(ids) & set(learned))
+    if moved and again and not tasks_given:
+        raise DataError(
+            f"the new data holds classes {[names[c] for c in again]} that the model learned already: give --tasks "
+            f"with the new classes to learn (a class-incremental run never returns to a class)"
+        )
+
+
+def planned_tasks(
+    tasks: str | None,
+    classes_per_task: int,
+    classes: Sequence[int],
+    names: Sequence[str],
+    learned_tasks: list[list[int]] | None,
+) -> list[list[int]]:
+    """The run's tasks from --tasks or groups of ``classes_per_task`` of the data's ``classes``, after the
+    ``learned_tasks`` of a continued model (``continued_tasks``): by default its groups are of the classes not
+    learned yet; --tasks may list the learned tasks first, which the new data need not hold."""
+    learned = {c for t in learned_tasks or [] for c in t}
+    if not learned:
+        return parse_tasks(tasks, None if tasks else classes_per_task, classes, class_names=names)
+    available = sorted(set(classes) | learned) if tasks else [c for c in classes if c not in learned]
+    planned = parse_tasks(tasks, None if tasks else classes_per_task, available, class_names=names)
+    return continued_tasks(learned_tasks, planned, names)
+
+
 def label_space(model_names: Sequence[str], data_names: Sequence[str]) -> tuple[list[str], list[int]]:
     """(the names of the continued model's label space, the id there of each of the data's class ids): a class keeps
     the id of the model's class of its name; a new name takes the next free id, in the data's id order."""
@@ -736,27 +773,11 @@ def load_task_data(
         learned = [c for t in learned_tasks or [] for c in t]
         if model_names is not None:  # a continued model: its label space, grown by the data's new names
             names, ids = label_space(model_names, names)
-            moved = [n for i, n in enumerate(ids) if i != n]
-            if moved and streaming:
-                raise DataError(
-                    "a streamed dataset cannot yet bring new classes to a continued model (its labels are read as "
-                    "they are stored): save the new data to disk and continue without --streaming"
-                )
+            check_mapping(names, ids, learned, streaming, tasks_given=bool(tasks))
             test, train = (None if s is None else relabelled(s, ids) for s in (test, train))
-            known = test if streaming else train
-            num_classes = len(names)
-            again = sorted(set(ids) & set(learned))
-            if moved and again and not tasks:
-                raise DataError(
-                    f"the new data holds classes {[names[c] for c in again]} that the model learned already: give "
-                    f"--tasks with the new classes to learn (a class-incremental run never returns to a class)"
-                )
+            known, num_classes = (test if streaming else train), len(names)
         check_class_names(names)
-        if learned and not tasks:  # by default the classes not learned yet, in groups
-            available = [c for c in known.classes if c not in learned]
-        else:  # --tasks may list the learned tasks first (they need not be in the new data)
-            available = sorted(set(known.classes) | set(learned))
-        planned = parse_tasks(tasks, None if tasks else classes_per_task, available, class_names=names)
+        sources = list(learned_sources or [source] * len(learned_tasks or []))
         data = TaskData(
             source,
             test,
@@ -766,11 +787,10 @@ def load_task_data(
             resolution,
             known.num_channels,
             num_classes,
-            continued_tasks(learned_tasks, planned, names) if learned_tasks else planned,
+            planned := planned_tasks(tasks, classes_per_task, known.classes, names, learned_tasks),
             names,
+            sources + [source] * (len(planned) - len(sources)),
         )
-        learned_sources = list(learned_sources or [source] * len(learned_tasks or []))
-        data.task_sources = learned_sources + [source] * (len(data.tasks) - len(learned_sources))
     except ValueError as err:  # DataError: stop before any training
         raise SystemExit(f"error: {err}") from None
     missing = [c for t in data.tasks for c in t if c not in test.classes and c not in learned]  # learned: carried

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .integrity import sha256_tensors
 from .progress import progress_bar
 
 
@@ -331,16 +332,9 @@ def load_feature_extractor(
 
 
 def extractor_identity(extractor: FeatureExtractor) -> str:
-    """``backend:sha256`` of the extractor's weights (names, dtypes, shapes and bytes): the same identity gives the
-    same features, so real statistics carried from another run compare only under it."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(extractor.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return f"{extractor.name}:{digest.hexdigest()}"
+    """``backend:sha256`` of the extractor's weights (``integrity.sha256_tensors`` in name order): the same identity
+    gives the same features, so real statistics carried from another run compare only under it."""
+    return f"{extractor.name}:{sha256_tensors(*(t for _, t in sorted(extractor.state_dict().items())))}"
 
 
 def reference_cache_path(

@@ -205,7 +205,6 @@ def check_manifest(
         f"dataset {k}": d for k, d in manifest_differences(recorded["dataset"], current["dataset"]).items()
     }
     old_tasks, new_tasks = recorded["tasks"], current["tasks"]
-    recorded_source = recorded["dataset"].get("source")
     extended = len(new_tasks) > len(old_tasks) and new_tasks[: len(old_tasks)] == old_tasks
     if old_tasks != new_tasks and not extended:
         differences["tasks"] = (old_tasks, new_tasks)
@@ -228,29 +227,36 @@ def check_manifest(
         logger.warning("%s changes from %r to %r from here on (recorded in %s)", key, old, new, MANIFEST)
         recorded["settings"][key[2:]] = new
         recorded["changes"].append({"setting": key[2:], "from": old, "to": new, "at": at})
+    if extended:
+        record_extension(recorded, current, new_data, task_list_settings, at)
+    accelerator.wait_for_everyone()
+    return recorded if recovery or extended else None
+
+
+def record_extension(
+    recorded: dict, current: dict, new_data: dict, task_list_settings: tuple[str, ...], at: str
+) -> None:
+    """Into the ``recorded`` manifest: the ``current`` run's longer task list, the flags that spell it, each task's
+    data source, and (``new_data``: ``{"--flag" or "dataset key": (old, new)}``) the data the appended tasks come
+    from, each as a change made ``at``."""
+    old_tasks, new_tasks = recorded["tasks"], current["tasks"]
+    sources = recorded.get("task_sources") or [recorded["dataset"].get("source")] * len(old_tasks)
+    appended = current.get("task_sources", [])[len(old_tasks) :]
     if new_data:
         logger.info("the appended tasks come from other data: %s", ", ".join(sorted(new_data)))
         recorded["settings"] |= {k[2:]: new for k, (_, new) in new_data.items() if k.startswith("--")}
         recorded["dataset"] = current["dataset"]
         changes = {k.removeprefix("--"): {"from": old, "to": new} for k, (old, new) in new_data.items()}
         recorded["changes"].append({"setting": "data", "from_task": len(old_tasks) + 1, **changes, "at": at})
-    if extended:
-        sources = recorded.get("task_sources") or [recorded_source] * len(old_tasks)
-        appended = current.get("task_sources", [])[len(old_tasks) :]
-        recorded["task_sources"] = sources + (
-            appended or [current["dataset"]["source"]] * (len(new_tasks) - len(old_tasks))
-        )
-        logger.info(
-            "the run's %d tasks are extended by %s (recorded in %s)",
-            len(old_tasks),
-            new_tasks[len(old_tasks) :],
-            MANIFEST,
-        )
-        recorded["tasks"] = new_tasks
-        recorded["settings"] |= {k: v for k, v in current["settings"].items() if k in task_list_settings}
-        recorded["changes"].append({"setting": "tasks", "from": old_tasks, "to": new_tasks, "at": at})
-    accelerator.wait_for_everyone()
-    return recorded if recovery or extended else None
+    recorded["task_sources"] = sources + (
+        appended or [current["dataset"]["source"]] * (len(new_tasks) - len(old_tasks))
+    )
+    logger.info(
+        "the run's %d tasks are extended by %s (recorded in %s)", len(old_tasks), new_tasks[len(old_tasks) :], MANIFEST
+    )
+    recorded["tasks"] = new_tasks
+    recorded["settings"] |= {k: v for k, v in current["settings"].items() if k in task_list_settings}
+    recorded["changes"].append({"setting": "tasks", "from": old_tasks, "to": new_tasks, "at": at})
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -572,24 +578,27 @@ def resume_run(
             raise SystemExit(
                 f"error: {err}. Delete {state.resume_dir} to resume from the checkpoint or task folder before it"
             ) from None
-    results_path = output_dir / "results.json"
+    read_history(state, output_dir / "results.json")
+    return state
+
+
+def read_history(state: RunState, results_path: Path) -> None:
+    """The FID and accuracy rows and class KL of the tasks before ``state.start_task``: from the run's
+    ``results_path``, or the ``history`` in the ``metrics.json`` of the task folder it continues from."""
     results = json.loads(results_path.read_text()) if results_path.exists() else None
     if results is None and state.continued_from is not None:  # another run's folder: the history it recorded
         results = json.loads((state.continued_from / "metrics.json").read_text()).get("history")
+    if not results:
+        return
+    earlier = lambda rows: {k: r for k, r in rows.items() if int(k) < state.start_task}  # noqa: E731
     try:
-        if results:
-            state.matrix = {k: r for k, r in matrix_from_json(results["fid"]).items() if k < state.start_task}
-            state.accuracy = {
-                k: r for k, r in matrix_from_json(results.get("accuracy", {})).items() if k < state.start_task
-            }
-            state.class_kl = {
-                int(k): float(v) for k, v in results.get("class_kl", {}).items() if int(k) < state.start_task
-            }
+        state.matrix = earlier(matrix_from_json(results["fid"]))
+        state.accuracy = earlier(matrix_from_json(results.get("accuracy", {})))
+        state.class_kl = {int(k): float(v) for k, v in earlier(results.get("class_kl", {})).items()}
     except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise SystemExit(
             f"error: the FID history of {results_path} or the task folder cannot be read ({err!r})"
         ) from None
-    return state
 
 
 def _plain(value):

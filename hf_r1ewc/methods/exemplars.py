@@ -8,7 +8,8 @@ far and the classes share it as their examples did.
 In-memory data (``ExemplarBuffer``): the buffer is kept as the exemplars' indices into the training split with the
 split's SHA-256, and, in a second file that Hub uploads leave out unless asked (``IMAGE_FILES``), as 8-bit images:
 a run continued on other data replays the earlier exemplars from those images (``carried``) and indexes the new
-data for the new ones; a folder without the images continues only on its own data. Streamed data cannot be read back by index (``StreamedExemplarBuffer``): the buffer keeps the images
+data for the new ones; a folder without the images continues only on its own data. Streamed data cannot be read
+back by index (``StreamedExemplarBuffer``): the buffer keeps the images
 themselves, 8-bit, with their provenance, filled by one pass over the finished task's stream; a task folder keeps
 them in a file the Hub upload leaves out unless asked (``IMAGE_FILES``).
 """
@@ -109,7 +110,7 @@ class ExemplarBuffer:
 
     def record(self) -> dict:
         """The task-folder JSON: the exemplars' indices into the training split and its SHA-256, and how many
-        exemplars before them are carried from earlier data (their images: ``images_record``)."""
+        exemplars before them are carried from earlier data (their images: ``files``)."""
         return {
             "indices": self.indices.tolist(),
             "per_class": self.per_class,
@@ -336,7 +337,7 @@ def exemplar_buffer(per_class: int, reservoir: int | None = None, stream_source:
 RESERVOIR_KEY = -1  # the one group of a reservoir buffer (classes are >= 0)
 # the files of a streamed run's exemplar images (a dataset's images: not uploaded unless asked)
 IMAGE_FILES = ("er_buffer.safetensors", "der_buffer.safetensors", "agem_memory.safetensors") + tuple(
-    f"{stem}_images.safetensors" for stem in ("er_buffer", "der_buffer", "agem_memory")
+    images_name(f"{stem}.json") for stem in ("er_buffer", "der_buffer", "agem_memory")
 )
 
 
